@@ -1,0 +1,1 @@
+//! QEMU-compatible image locking (placeholder).
