@@ -1,0 +1,52 @@
+# Strata developer entry points. `make demo` and `make test` are the quick start.
+#
+# DEPS_FLAGS is passed to scripts/install-deps.sh by every target that needs the
+# system packages. Tests that talk to libvirt will need it set to --libvirt
+# (e.g. `make test DEPS_FLAGS=--libvirt`, or change the default below once they exist).
+
+CARGO      ?= cargo
+DEPS_FLAGS ?=
+STRATA     := target/release/strata
+
+.PHONY: all deps build demo test lint fmt fixtures chains clean
+
+all: build
+
+deps:
+	scripts/install-deps.sh $(DEPS_FLAGS)
+
+build:
+	$(CARGO) build --release --workspace
+
+demo: deps build
+	$(STRATA) demo
+
+# nextest when installed, plain cargo test otherwise; doc tests always run
+# through cargo test (nextest does not run them).
+test: deps
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		echo "$(CARGO) test --workspace --no-fail-fast"; \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(CARGO) test --doc --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+fixtures:
+	testdata/make-fixtures.sh
+
+# Backing-chain shapes for differential tests (not committed): CHAINS_DIR=...
+CHAINS_DIR ?= target/chains
+chains:
+	testdata/make-chains.sh $(CHAINS_DIR)
+
+clean:
+	$(CARGO) clean
