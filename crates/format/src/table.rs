@@ -1,0 +1,386 @@
+//! L1 and L2 table entries and compressed cluster descriptors.
+
+use crate::error::{FormatError, Result};
+use crate::types::{Geometry, HostOffset};
+
+/// Bit 63 of L1 and standard L2 entries: the refcount of the cluster is
+/// exactly one (no snapshot shares it), so it may be written in place.
+pub const OFLAG_COPIED: u64 = 1 << 63;
+/// Bit 62 of an L2 entry: the cluster is compressed.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard L2 entry: the cluster reads as zeros (v3).
+pub const OFLAG_ZERO: u64 = 1;
+/// Host offset bits (9-55) of L1 entries and of standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry.
+pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard (uncompressed) L2 entry.
+pub const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+
+/// An L1 table entry: where an L2 table is, and whether it is COPIED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    /// Decodes big-endian entry bytes.
+    pub fn from_be_bytes(b: [u8; 8]) -> L1Entry {
+        L1Entry(u64::from_be_bytes(b))
+    }
+    /// Offset of the L2 table, or `None` when unallocated.
+    pub fn l2_offset(self) -> Option<HostOffset> {
+        match self.0 & OFFSET_MASK {
+            0 => None,
+            o => Some(HostOffset(o)),
+        }
+    }
+    /// Whether the COPIED flag is set.
+    pub fn copied(self) -> bool {
+        self.0 & OFLAG_COPIED != 0
+    }
+    /// Whether any reserved bit is set.
+    pub fn has_reserved_bits(self) -> bool {
+        self.0 & L1_RESERVED_MASK != 0
+    }
+    /// An entry pointing at `l2` with the COPIED flag as given.
+    pub fn new(l2: HostOffset, copied: bool) -> L1Entry {
+        L1Entry((l2.0 & OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 })
+    }
+}
+
+/// Where a compressed cluster's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressedDescriptor {
+    /// Host offset of the first compressed byte (not necessarily aligned).
+    pub offset: HostOffset,
+    /// Number of bytes to read: the 512-byte sectors the entry names, minus
+    /// the offset into the first sector. The compressed stream may end
+    /// before this.
+    pub len: u64,
+}
+
+impl CompressedDescriptor {
+    /// Decodes the descriptor part (bits 0-61) of a compressed L2 entry.
+    pub fn decode(entry: u64, cluster_bits: u32) -> CompressedDescriptor {
+        // x = 62 - (cluster_bits - 8): bits 0..x-1 offset, x..61 additional
+        // 512-byte sectors.
+        let sector_bits = cluster_bits - 8;
+        let shift = 62 - sector_bits;
+        let offset = entry & ((1u64 << shift) - 1);
+        let sectors = ((entry >> shift) & ((1u64 << sector_bits) - 1)) + 1;
+        CompressedDescriptor {
+            offset: HostOffset(offset),
+            len: sectors * 512 - (offset & 511),
+        }
+    }
+
+    /// Encodes a descriptor for `len` compressed bytes at `offset` (the
+    /// COMPRESSED flag included); `None` when it cannot be represented.
+    pub fn encode(offset: HostOffset, len: u64, cluster_bits: u32) -> Option<u64> {
+        let sector_bits = cluster_bits - 8;
+        let shift = 62 - sector_bits;
+        if offset.0 >> shift != 0 || len == 0 {
+            return None;
+        }
+        let last = offset.0.checked_add(len - 1)?;
+        let sectors = (last >> 9) - (offset.0 >> 9);
+        if sectors >> sector_bits != 0 {
+            return None;
+        }
+        Some(OFLAG_COMPRESSED | (sectors << shift) | offset.0)
+    }
+
+    /// The host clusters the compressed bytes touch (first and last index,
+    /// inclusive), for refcounting.
+    pub fn host_clusters(&self, geometry: Geometry) -> (u64, u64) {
+        let first = self.offset.0 >> geometry.cluster_bits();
+        let last =
+            self.offset.0.saturating_add(self.len.saturating_sub(1)) >> geometry.cluster_bits();
+        (first, last)
+    }
+}
+
+/// What one (sub)cluster of a layer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubclusterState {
+    /// Not allocated in this layer: reads fall through to the backing file.
+    Unallocated,
+    /// Reads as zeros. `host` is the preallocated cluster, if any.
+    Zero {
+        /// The host cluster still allocated to the entry, if any.
+        host: Option<HostOffset>,
+    },
+    /// Data stored uncompressed at `host` (the start of this subcluster).
+    Data {
+        /// Host offset of the subcluster's first byte.
+        host: HostOffset,
+    },
+    /// The whole cluster is compressed.
+    Compressed(CompressedDescriptor),
+}
+
+/// An L2 entry; `bitmap` is the second word of an extended entry (0 for
+/// standard entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L2Entry {
+    /// The first (or only) 64-bit word.
+    pub word: u64,
+    /// Extended L2 only: bits 0-31 "allocated", 32-63 "reads as zeros".
+    pub bitmap: u64,
+}
+
+impl L2Entry {
+    /// Reads entry `index` of an L2 table held in `table`.
+    pub fn read(table: &[u8], geometry: Geometry, index: u64) -> Result<L2Entry> {
+        let size = geometry.l2_entry_size() as usize;
+        let at = usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_mul(size));
+        let get = |off: usize| -> Option<u64> {
+            let b = table.get(off..off.checked_add(8)?)?;
+            Some(u64::from_be_bytes(b.try_into().ok()?))
+        };
+        let word = at.and_then(get);
+        let bitmap = if geometry.extended_l2() {
+            at.and_then(|a| get(a + 8))
+        } else {
+            Some(0)
+        };
+        match (word, bitmap) {
+            (Some(word), Some(bitmap)) => Ok(L2Entry { word, bitmap }),
+            _ => Err(FormatError::new("L2 index outside its table", index)),
+        }
+    }
+
+    /// Writes this entry as entry `index` of `table`.
+    pub fn write(&self, table: &mut [u8], geometry: Geometry, index: u64) -> Result<()> {
+        let size = geometry.l2_entry_size() as usize;
+        let at = usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_mul(size))
+            .ok_or(FormatError::new("L2 index outside its table", index))?;
+        let dst = table
+            .get_mut(at..at + size)
+            .ok_or(FormatError::new("L2 index outside its table", index))?;
+        dst[..8].copy_from_slice(&self.word.to_be_bytes());
+        if geometry.extended_l2() {
+            dst[8..16].copy_from_slice(&self.bitmap.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    /// Whether the cluster is compressed.
+    pub fn compressed(&self) -> bool {
+        self.word & OFLAG_COMPRESSED != 0
+    }
+    /// Whether the COPIED flag is set.
+    pub fn copied(&self) -> bool {
+        self.word & OFLAG_COPIED != 0
+    }
+    /// The host cluster of an uncompressed entry (normal, preallocated
+    /// zero, or an extended entry with some subclusters unallocated).
+    pub fn host_cluster(&self) -> Option<HostOffset> {
+        if self.compressed() {
+            return None;
+        }
+        match self.word & OFFSET_MASK {
+            0 => None,
+            o => Some(HostOffset(o)),
+        }
+    }
+    /// The compressed descriptor of a compressed entry.
+    pub fn compressed_descriptor(&self, geometry: Geometry) -> Option<CompressedDescriptor> {
+        self.compressed().then(|| {
+            CompressedDescriptor::decode(
+                self.word & !(OFLAG_COPIED | OFLAG_COMPRESSED),
+                geometry.cluster_bits(),
+            )
+        })
+    }
+
+    /// The state of subcluster `sc` (always 0 for standard entries).
+    /// Combinations the spec forbids are errors (with `sc` as the offset;
+    /// the caller adds the location).
+    pub fn state(
+        &self,
+        geometry: Geometry,
+        sc: u32,
+    ) -> std::result::Result<SubclusterState, &'static str> {
+        if let Some(d) = self.compressed_descriptor(geometry) {
+            if geometry.extended_l2() && self.bitmap != 0 {
+                return Err("compressed cluster with a nonzero subcluster bitmap");
+            }
+            return Ok(SubclusterState::Compressed(d));
+        }
+        let host = self.host_cluster();
+        if let Some(h) = host {
+            if !geometry.is_aligned(h.0) {
+                return Err("cluster offset not aligned to the cluster size");
+            }
+        }
+        if !geometry.extended_l2() {
+            if self.word & OFLAG_ZERO != 0 {
+                return Ok(SubclusterState::Zero { host });
+            }
+            return Ok(match host {
+                None => SubclusterState::Unallocated,
+                Some(host) => SubclusterState::Data { host },
+            });
+        }
+        if sc >= 32 {
+            return Err("subcluster index out of range");
+        }
+        let alloc = self.bitmap & (1u64 << sc) != 0;
+        let zero = self.bitmap & (1u64 << (32 + sc)) != 0;
+        match (host, alloc, zero) {
+            (_, true, true) => Err("subcluster both allocated and zero"),
+            (None, true, false) => Err("subcluster allocated in an unallocated cluster"),
+            (Some(h), true, false) => Ok(SubclusterState::Data {
+                host: HostOffset(h.0 + u64::from(sc) * geometry.subcluster_size()),
+            }),
+            (host, false, true) => Ok(SubclusterState::Zero { host }),
+            (_, false, false) => Ok(SubclusterState::Unallocated),
+        }
+    }
+}
+
+/// Decodes a big-endian table of u64 entries (an L1 or refcount table).
+pub fn decode_u64_table(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_be_bytes(b)
+        })
+        .collect()
+}
+
+/// Encodes a table of u64 entries big-endian.
+pub fn encode_u64_table(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(bits: u32, ext: bool) -> Geometry {
+        Geometry::new(bits, ext).unwrap()
+    }
+
+    #[test]
+    fn l1_entry_exposes_offset_and_copied() {
+        // 0x8000_0000_0003_0000: COPIED, L2 table at 0x30000.
+        let e = L1Entry(0x8000_0000_0003_0000);
+        assert_eq!(e.l2_offset(), Some(HostOffset(0x30000)));
+        assert!(e.copied());
+        assert!(!e.has_reserved_bits());
+        assert_eq!(L1Entry(0).l2_offset(), None);
+        assert!(L1Entry(0x1).has_reserved_bits());
+    }
+
+    #[test]
+    fn standard_l2_entries_decode_to_states() {
+        let geo = g(16, false);
+        let data = L2Entry {
+            word: OFLAG_COPIED | 0x50000,
+            bitmap: 0,
+        };
+        assert_eq!(
+            data.state(geo, 0),
+            Ok(SubclusterState::Data {
+                host: HostOffset(0x50000)
+            })
+        );
+        assert_eq!(
+            L2Entry::default().state(geo, 0),
+            Ok(SubclusterState::Unallocated)
+        );
+        assert_eq!(
+            L2Entry { word: 1, bitmap: 0 }.state(geo, 0),
+            Ok(SubclusterState::Zero { host: None })
+        );
+        assert_eq!(
+            L2Entry {
+                word: 0x60001,
+                bitmap: 0
+            }
+            .state(geo, 0),
+            Ok(SubclusterState::Zero {
+                host: Some(HostOffset(0x60000))
+            })
+        );
+        assert!(L2Entry {
+            word: 0x60200,
+            bitmap: 0
+        }
+        .state(geo, 0)
+        .is_err());
+    }
+
+    #[test]
+    fn compressed_descriptor_round_trips() {
+        for bits in [9u32, 12, 16, 21] {
+            let off = HostOffset(0x12345);
+            let n = 1000.min(1u64 << bits);
+            let w = CompressedDescriptor::encode(off, n, bits).unwrap();
+            let e = L2Entry { word: w, bitmap: 0 };
+            let d = e.compressed_descriptor(g(bits, false)).unwrap();
+            assert_eq!(d.offset, off);
+            // Sectors cover 0x12345..0x12345+1000: the length read covers it.
+            assert!(d.len >= n && d.len < n + 512, "bits {bits} len {}", d.len);
+        }
+    }
+
+    #[test]
+    fn compressed_descriptor_matches_qemu_layout_for_64k_clusters() {
+        // cluster_bits 16: x = 62 - 8 = 54; 3 additional sectors, offset 0x10200.
+        let word = OFLAG_COMPRESSED | (3u64 << 54) | 0x10200;
+        let d = CompressedDescriptor::decode(word & !OFLAG_COMPRESSED, 16);
+        assert_eq!(d.offset, HostOffset(0x10200));
+        assert_eq!(d.len, 4 * 512);
+    }
+
+    #[test]
+    fn extended_l2_subclusters_decode_from_the_bitmap() {
+        let geo = g(16, true);
+        // Allocated at 0x40000: subcluster 0 data, 1 zero, 2 unallocated.
+        let e = L2Entry {
+            word: 0x40000,
+            bitmap: 0b01 | (0b10 << 32),
+        };
+        assert_eq!(
+            e.state(geo, 0),
+            Ok(SubclusterState::Data {
+                host: HostOffset(0x40000)
+            })
+        );
+        assert_eq!(
+            e.state(geo, 1),
+            Ok(SubclusterState::Zero {
+                host: Some(HostOffset(0x40000))
+            })
+        );
+        assert_eq!(e.state(geo, 2), Ok(SubclusterState::Unallocated));
+        let both = L2Entry {
+            word: 0x40000,
+            bitmap: 1 | (1 << 32),
+        };
+        assert!(both.state(geo, 0).is_err());
+        let orphan = L2Entry { word: 0, bitmap: 1 };
+        assert!(orphan.state(geo, 0).is_err());
+    }
+
+    #[test]
+    fn l2_entries_read_and_write_in_place() {
+        let geo = g(14, true);
+        let mut table = vec![0u8; 16384];
+        let e = L2Entry {
+            word: OFLAG_COPIED | 0x8000,
+            bitmap: 0xffff_0000_0000_ffff,
+        };
+        e.write(&mut table, geo, 5).unwrap();
+        assert_eq!(L2Entry::read(&table, geo, 5).unwrap(), e);
+        assert!(L2Entry::read(&table, geo, 1024).is_err());
+    }
+}

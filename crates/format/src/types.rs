@@ -1,0 +1,179 @@
+//! Typed addresses and the cluster geometry that converts between them.
+
+use crate::error::{FormatError, Result};
+use crate::limits;
+
+/// An offset in the guest's view of the disk (the virtual disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct GuestOffset(pub u64);
+
+/// An offset in an image file (where bytes live on the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct HostOffset(pub u64);
+
+impl GuestOffset {
+    /// `self + n`, or `None` on overflow.
+    pub fn checked_add(self, n: u64) -> Option<GuestOffset> {
+        self.0.checked_add(n).map(GuestOffset)
+    }
+}
+
+impl HostOffset {
+    /// `self + n`, or `None` on overflow.
+    pub fn checked_add(self, n: u64) -> Option<HostOffset> {
+        self.0.checked_add(n).map(HostOffset)
+    }
+}
+
+/// The cluster geometry of one image: cluster size and L2 entry layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    cluster_bits: u32,
+    extended_l2: bool,
+}
+
+impl Geometry {
+    /// 64 KiB clusters with standard L2 entries, qemu-img's default.
+    pub const DEFAULT: Geometry = Geometry {
+        cluster_bits: 16,
+        extended_l2: false,
+    };
+
+    /// A geometry; refuses cluster_bits outside the limits, and extended L2
+    /// entries on clusters smaller than 16 KiB.
+    pub fn new(cluster_bits: u32, extended_l2: bool) -> Result<Geometry> {
+        if !(limits::MIN_CLUSTER_BITS..=limits::MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(FormatError::with_detail(
+                "cluster_bits out of range (9..=21)",
+                20,
+                cluster_bits.to_string(),
+            ));
+        }
+        if extended_l2 && cluster_bits < limits::MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(FormatError::new(
+                "extended L2 entries need clusters of at least 16 KiB",
+                20,
+            ));
+        }
+        Ok(Geometry {
+            cluster_bits,
+            extended_l2,
+        })
+    }
+
+    /// log2 of the cluster size.
+    pub const fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+    /// Cluster size in bytes.
+    pub const fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Whether L2 entries are extended (128 bits, 32 subclusters).
+    pub const fn extended_l2(&self) -> bool {
+        self.extended_l2
+    }
+    /// Size of one L2 entry in bytes (8, or 16 when extended).
+    pub const fn l2_entry_size(&self) -> u64 {
+        if self.extended_l2 {
+            16
+        } else {
+            8
+        }
+    }
+    /// log2 of the number of entries in an L2 table.
+    pub const fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2 { 4 } else { 3 }
+    }
+    /// Number of entries in one L2 table.
+    pub const fn l2_entries(&self) -> u64 {
+        1 << self.l2_bits()
+    }
+    /// Bytes of guest space one L2 table maps.
+    pub const fn l2_span(&self) -> u64 {
+        1 << (self.cluster_bits + self.l2_bits())
+    }
+    /// Subclusters per cluster (32 with extended L2, else 1).
+    pub const fn subclusters(&self) -> u64 {
+        if self.extended_l2 {
+            32
+        } else {
+            1
+        }
+    }
+    /// Subcluster size in bytes (the cluster size without extended L2).
+    pub const fn subcluster_size(&self) -> u64 {
+        self.cluster_size() / self.subclusters()
+    }
+    /// Index in the L1 table of the L2 table mapping `g`.
+    pub const fn l1_index(&self, g: GuestOffset) -> u64 {
+        g.0 >> (self.cluster_bits + self.l2_bits())
+    }
+    /// Index in its L2 table of the entry mapping `g`.
+    pub const fn l2_index(&self, g: GuestOffset) -> u64 {
+        (g.0 >> self.cluster_bits) & (self.l2_entries() - 1)
+    }
+    /// Offset of `g` inside its cluster.
+    pub const fn in_cluster(&self, g: u64) -> u64 {
+        g & (self.cluster_size() - 1)
+    }
+    /// `x` rounded down to a cluster boundary.
+    pub const fn align_down(&self, x: u64) -> u64 {
+        x & !(self.cluster_size() - 1)
+    }
+    /// `x` rounded up to a cluster boundary, or `None` on overflow.
+    pub fn align_up(&self, x: u64) -> Option<u64> {
+        Some(x.checked_add(self.cluster_size() - 1)? & !(self.cluster_size() - 1))
+    }
+    /// Whether `x` is cluster-aligned.
+    pub const fn is_aligned(&self, x: u64) -> bool {
+        self.in_cluster(x) == 0
+    }
+    /// Number of L1 entries needed to map `size` bytes of guest space.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.l2_span())
+    }
+    /// Number of clusters covering `bytes` (rounded up).
+    pub fn clusters_for(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.cluster_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_64k_geometry_maps_512_mib_per_l2_table() {
+        let g = Geometry::new(16, false).unwrap();
+        assert_eq!(g.l2_entries(), 8192);
+        assert_eq!(g.l2_span(), 512 << 20);
+        let off = GuestOffset((512 << 20) * 3 + 65536 * 5 + 7);
+        assert_eq!(g.l1_index(off), 3);
+        assert_eq!(g.l2_index(off), 5);
+        assert_eq!(g.in_cluster(off.0), 7);
+    }
+
+    #[test]
+    fn extended_l2_halves_the_entries_per_table() {
+        let g = Geometry::new(16, true).unwrap();
+        assert_eq!(g.l2_entries(), 4096);
+        assert_eq!(g.subcluster_size(), 2048);
+    }
+
+    #[test]
+    fn cluster_bits_outside_limits_are_refused() {
+        assert!(Geometry::new(8, false).is_err());
+        assert!(Geometry::new(22, false).is_err());
+        assert!(Geometry::new(13, true).is_err());
+        assert!(Geometry::new(9, false).is_ok());
+        assert!(Geometry::new(21, true).is_ok());
+    }
+
+    #[test]
+    fn align_up_reports_overflow() {
+        let g = Geometry::new(16, false).unwrap();
+        assert_eq!(g.align_up(1), Some(65536));
+        assert_eq!(g.align_up(u64::MAX), None);
+    }
+}
