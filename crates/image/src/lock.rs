@@ -105,9 +105,7 @@ impl LockMode {
     /// A qcow2 format layer never lets others write or resize its file.
     fn shared(self) -> u8 {
         match self {
-            LockMode::ReadOnly | LockMode::ReadWrite => {
-                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
-            }
+            LockMode::ReadOnly | LockMode::ReadWrite => PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
             LockMode::ForceShare => {
                 PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
             }
@@ -308,16 +306,18 @@ fn check_bytes(file: &File, path: &Path, mode: LockMode) -> Result<(), LockError
     let shared = mode.shared();
     for i in 0..PERM_COUNT {
         let bit = 1u8 << i;
-        if perm & bit != 0 && is_locked_by_other(file, LOCK_BYTE_SHARED_BASE + i64::from(i))
-            .map_err(|e| io_error(path, e))?
+        if perm & bit != 0
+            && is_locked_by_other(file, LOCK_BYTE_SHARED_BASE + i64::from(i))
+                .map_err(|e| io_error(path, e))?
         {
             return Err(conflict(path, i, false));
         }
     }
     for i in 0..PERM_COUNT {
         let bit = 1u8 << i;
-        if shared & bit == 0 && is_locked_by_other(file, LOCK_BYTE_PERM_BASE + i64::from(i))
-            .map_err(|e| io_error(path, e))?
+        if shared & bit == 0
+            && is_locked_by_other(file, LOCK_BYTE_PERM_BASE + i64::from(i))
+                .map_err(|e| io_error(path, e))?
         {
             return Err(conflict(path, i, true));
         }
@@ -344,8 +344,18 @@ fn io_error(path: &Path, e: Errno) -> LockError {
 
 /// Releases all lock bytes this module may have taken on the description.
 fn unlock_all(file: &File) -> io::Result<()> {
-    set_lock(file, LOCK_BYTE_PERM_BASE, i64::from(PERM_COUNT), libc::F_UNLCK)?;
-    set_lock(file, LOCK_BYTE_SHARED_BASE, i64::from(PERM_COUNT), libc::F_UNLCK)?;
+    set_lock(
+        file,
+        LOCK_BYTE_PERM_BASE,
+        i64::from(PERM_COUNT),
+        libc::F_UNLCK,
+    )?;
+    set_lock(
+        file,
+        LOCK_BYTE_SHARED_BASE,
+        i64::from(PERM_COUNT),
+        libc::F_UNLCK,
+    )?;
     Ok(())
 }
 

@@ -249,7 +249,11 @@ fn strata_writer_blocks_qemu() {
     // Once released, QEMU may write.
     drop(lock);
     let out = run("qemu-io", &["-c", "write 0 512"], &path);
-    assert!(out.status.success(), "qemu-io after unlock: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "qemu-io after unlock: {}",
+        stderr(&out)
+    );
 }
 
 /// (2b) A Strata reader lets `qemu-img info` in but keeps QEMU writers out.
@@ -309,7 +313,9 @@ fn lock_released_on_drop() {
     // lock_file: tied to the open file description, released on close.
     let f = open_rw(&path);
     lock_file(&f, &path, LockMode::ReadWrite).expect("lock");
-    assert!(!run("qemu-io", &["-c", "read 0 512"], &path).status.success());
+    assert!(!run("qemu-io", &["-c", "read 0 512"], &path)
+        .status
+        .success());
     drop(f);
     assert!(locked_bytes(&path).is_empty());
     let out = run("qemu-io", &["-c", "write 0 512"], &path);
@@ -323,7 +329,9 @@ fn lock_released_on_drop() {
     // ...and kept while the guard lives even if the File is closed.
     let lock = ImageLock::acquire(&f, &path, LockMode::ReadWrite).expect("relock");
     drop(f);
-    assert!(!run("qemu-io", &["-c", "read 0 512"], &path).status.success());
+    assert!(!run("qemu-io", &["-c", "read 0 512"], &path)
+        .status
+        .success());
     drop(lock);
     let out = run("qemu-io", &["-c", "read 0 512"], &path);
     assert!(out.status.success(), "{}", stderr(&out));

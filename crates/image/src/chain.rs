@@ -1,0 +1,474 @@
+//! Backing chains: open an image and its backing files, resolve any guest
+//! range down the chain, read the guest view.
+//!
+//! Policy (see docs/backing-policy.md): a backing file's format comes from
+//! the image's backing-format extension (never from probing its contents);
+//! relative names resolve against the directory of the image naming them;
+//! protocol names (`json:`, `nbd:`, ...) are refused; loops and chains
+//! deeper than [`limits::MAX_CHAIN_DEPTH`] are refused before any data is
+//! read.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use strata_format::header::has_qcow2_magic;
+use strata_format::limits;
+
+use crate::error::{Error, Result};
+use crate::lock::{ImageLock, LockMode};
+use crate::mapping::{Extent, Mapping};
+use crate::qcow2::Qcow2Image;
+use crate::raw::RawImage;
+use crate::storage::{FileStorage, Storage};
+
+/// An image format Strata reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// qcow2 (versions 2 and 3).
+    Qcow2,
+    /// A raw disk image.
+    Raw,
+}
+
+impl ImageFormat {
+    /// Parses a format name as qemu-img spells it.
+    pub fn from_name(name: &str) -> Option<ImageFormat> {
+        match name {
+            "qcow2" => Some(ImageFormat::Qcow2),
+            "raw" => Some(ImageFormat::Raw),
+            _ => None,
+        }
+    }
+    /// The name as qemu-img spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An open image of either format.
+#[derive(Debug)]
+pub enum Image {
+    /// A qcow2 image.
+    Qcow2(Qcow2Image),
+    /// A raw image.
+    Raw(RawImage),
+}
+
+impl Image {
+    /// Opens `storage` as `format`.
+    pub fn open(storage: Box<dyn Storage>, path: &Path, format: ImageFormat) -> Result<Image> {
+        Ok(match format {
+            ImageFormat::Qcow2 => Image::Qcow2(Qcow2Image::open(storage, path)?),
+            ImageFormat::Raw => Image::Raw(RawImage::open(storage, path)?),
+        })
+    }
+    /// The image's format.
+    pub fn format(&self) -> ImageFormat {
+        match self {
+            Image::Qcow2(_) => ImageFormat::Qcow2,
+            Image::Raw(_) => ImageFormat::Raw,
+        }
+    }
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Image::Qcow2(q) => q.virtual_size(),
+            Image::Raw(r) => r.virtual_size(),
+        }
+    }
+    /// The storage the image lives on.
+    pub fn storage(&self) -> &dyn Storage {
+        match self {
+            Image::Qcow2(q) => q.storage(),
+            Image::Raw(r) => r.storage(),
+        }
+    }
+    /// The extent of this image alone at `start`.
+    pub fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
+        match self {
+            Image::Qcow2(q) => q.map(start, max_len),
+            Image::Raw(r) => r.map(start, max_len),
+        }
+    }
+    /// Reads bytes this image maps with `m` at `guest`.
+    pub fn read_mapped(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Image::Qcow2(q) => q.read_mapped(m, guest, buf),
+            Image::Raw(r) => match m {
+                Mapping::Data { .. } => r.read(buf, guest),
+                _ => {
+                    buf.fill(0);
+                    Ok(())
+                }
+            },
+        }
+    }
+    /// The backing file name and format recorded in the image.
+    pub fn backing(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Image::Qcow2(q) => (
+                q.header().backing_file.as_deref().filter(|n| !n.is_empty()),
+                q.header().backing_format(),
+            ),
+            Image::Raw(_) => (None, None),
+        }
+    }
+    /// The qcow2 image, if it is one.
+    pub fn as_qcow2(&self) -> Option<&Qcow2Image> {
+        match self {
+            Image::Qcow2(q) => Some(q),
+            Image::Raw(_) => None,
+        }
+    }
+}
+
+/// One image of a chain.
+#[derive(Debug)]
+pub struct Layer {
+    /// Path of the image file (as resolved, not canonicalised).
+    pub path: PathBuf,
+    /// The backing name as the image above recorded it (None for the top).
+    pub named_as: Option<String>,
+    /// The open image.
+    pub image: Image,
+    /// The lock held on the file while it is open.
+    _lock: Option<ImageLock>,
+}
+
+impl Layer {
+    /// A layer from an already open image (no lock is taken).
+    pub fn new(path: PathBuf, named_as: Option<String>, image: Image) -> Layer {
+        Layer {
+            path,
+            named_as,
+            image,
+            _lock: None,
+        }
+    }
+}
+
+/// How to open a chain.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Format of the top image; `None` probes it (the top only: backing
+    /// files are never probed).
+    pub format: Option<ImageFormat>,
+    /// Take no locks and tolerate other users, as `qemu-img -U`.
+    pub force_share: bool,
+    /// Open the top image for writing.
+    pub writable: bool,
+    /// Do not open backing files (the chain is the top image alone).
+    pub no_backing: bool,
+    /// When set, every backing file must lie under this directory.
+    pub confine_to: Option<PathBuf>,
+}
+
+/// Where a guest range is resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    /// The extent, in the layer that answers for it.
+    pub extent: Extent,
+    /// Index of that layer (0 = top). Equal to the number of layers when no
+    /// layer allocates the range (it reads as zeros).
+    pub depth: usize,
+    /// True when the range lies past the end of the layer at `depth` (a
+    /// backing file shorter than the image above it): it reads as zeros.
+    pub past_end: bool,
+}
+
+/// An image and its backing files, top first.
+#[derive(Debug)]
+pub struct Chain {
+    layers: Vec<Layer>,
+}
+
+/// Whether a backing name is a protocol or JSON name rather than a path.
+pub fn is_protocol_name(name: &str) -> bool {
+    match name.find(':') {
+        Some(colon) => !name[..colon].contains('/'),
+        None => false,
+    }
+}
+
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Resolves a backing name recorded in `parent` to a path: absolute names
+/// as they are, relative names against the parent's directory.
+pub fn resolve_backing_path(parent: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        parent.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+impl Chain {
+    /// Opens `path` and its backing chain from files.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+        let open_file = |p: &Path,
+                         writable: bool,
+                         named_as: Option<String>,
+                         fmt: Option<ImageFormat>|
+         -> Result<Layer> {
+            let storage = FileStorage::open(p, writable).map_err(|e| Error::io(p, "open", 0, e))?;
+            let lock = if opts.force_share {
+                None
+            } else {
+                let file = storage
+                    .file()
+                    .ok_or_else(|| Error::InvalidArgument("no file to lock".into()))?;
+                let mode = if writable {
+                    LockMode::ReadWrite
+                } else {
+                    LockMode::ReadOnly
+                };
+                Some(ImageLock::acquire(file, p, mode)?)
+            };
+            let format = match fmt {
+                Some(f) => f,
+                None => {
+                    let mut magic = [0u8; 4];
+                    storage
+                        .read_at(&mut magic, 0)
+                        .map_err(|e| Error::io(p, "read", 0, e))?;
+                    if has_qcow2_magic(&magic) {
+                        ImageFormat::Qcow2
+                    } else {
+                        ImageFormat::Raw
+                    }
+                }
+            };
+            let image = Image::open(Box::new(storage), p, format)?;
+            Ok(Layer {
+                path: p.to_path_buf(),
+                named_as,
+                image,
+                _lock: lock,
+            })
+        };
+        let top = open_file(path, opts.writable, None, opts.format)?;
+        let mut chain = Chain { layers: vec![top] };
+        if opts.no_backing {
+            return Ok(chain);
+        }
+        let mut ids = vec![file_id(path).map_err(|e| Error::io(path, "stat", 0, e))?];
+        let confine = match &opts.confine_to {
+            Some(dir) => Some(
+                std::fs::canonicalize(dir)
+                    .map_err(|e| Error::io(dir, "resolve directory", 0, e))?,
+            ),
+            None => None,
+        };
+        loop {
+            let parent = chain
+                .layers
+                .last()
+                .map(|l| l.path.clone())
+                .unwrap_or_default();
+            let (name, fmt) = match chain.layers.last() {
+                Some(l) => {
+                    let (n, f) = l.image.backing();
+                    (n.map(str::to_string), f.map(str::to_string))
+                }
+                None => (None, None),
+            };
+            let Some(name) = name else { break };
+            let bpath = Self::check_backing(&parent, &name, fmt.as_deref())?;
+            let format = fmt
+                .as_deref()
+                .and_then(ImageFormat::from_name)
+                .ok_or_else(|| Error::Backing {
+                    path: parent.clone(),
+                    backing: name.clone(),
+                    why: "unsupported backing format".into(),
+                })?;
+            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH {
+                return Err(Error::ChainTooDeep {
+                    path: path.to_path_buf(),
+                    limit: limits::MAX_CHAIN_DEPTH,
+                });
+            }
+            let id = file_id(&bpath).map_err(|e| Error::Backing {
+                path: parent.clone(),
+                backing: name.clone(),
+                why: format!("cannot open {}: {e}", bpath.display()),
+            })?;
+            if ids.contains(&id) {
+                return Err(Error::BackingLoop {
+                    path: parent.clone(),
+                    backing: bpath,
+                });
+            }
+            if let Some(dir) = &confine {
+                let canon = std::fs::canonicalize(&bpath)
+                    .map_err(|e| Error::io(&bpath, "resolve path", 0, e))?;
+                if !canon.starts_with(dir) {
+                    return Err(Error::Backing {
+                        path: parent.clone(),
+                        backing: name.clone(),
+                        why: format!(
+                            "{} is outside the allowed directory {}",
+                            canon.display(),
+                            dir.display()
+                        ),
+                    });
+                }
+            }
+            ids.push(id);
+            let layer = open_file(&bpath, false, Some(name), Some(format))?;
+            chain.layers.push(layer);
+        }
+        Ok(chain)
+    }
+
+    /// Checks a recorded backing name and format; returns the path.
+    fn check_backing(parent: &Path, name: &str, fmt: Option<&str>) -> Result<PathBuf> {
+        if is_protocol_name(name) {
+            return Err(Error::Backing {
+                path: parent.to_path_buf(),
+                backing: name.to_string(),
+                why: "protocol and JSON backing names are refused; only plain file paths are followed".into(),
+            });
+        }
+        if fmt.is_none() {
+            return Err(Error::BackingFormatUnknown {
+                path: parent.to_path_buf(),
+                backing: name.to_string(),
+            });
+        }
+        Ok(resolve_backing_path(parent, name))
+    }
+
+    /// A chain of already open layers (top first), e.g. on memory storage.
+    pub fn from_layers(layers: Vec<Layer>) -> Result<Chain> {
+        if layers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a chain needs at least one image".into(),
+            ));
+        }
+        if layers.len() > limits::MAX_CHAIN_DEPTH {
+            let path = layers.first().map(|l| l.path.clone()).unwrap_or_default();
+            return Err(Error::ChainTooDeep {
+                path,
+                limit: limits::MAX_CHAIN_DEPTH,
+            });
+        }
+        Ok(Chain { layers })
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+    /// The layers, mutably (the write path uses the top).
+    pub fn layers_mut(&mut self) -> &mut [Layer] {
+        &mut self.layers
+    }
+    /// The top layer.
+    pub fn top(&self) -> &Layer {
+        // A chain always has at least one layer.
+        &self.layers[0]
+    }
+    /// The guest-visible size (the top's virtual size).
+    pub fn virtual_size(&self) -> u64 {
+        self.top().image.virtual_size()
+    }
+
+    /// Resolves the guest range at `start` (at most `max_len` bytes) down
+    /// the chain, starting at layer `from`: the first layer that allocates
+    /// it, and the longest extent with one answer.
+    pub fn resolve_from(&self, from: usize, start: u64, max_len: u64) -> Result<Resolved> {
+        let mut len = max_len;
+        for (depth, layer) in self.layers.iter().enumerate().skip(from) {
+            let vs = layer.image.virtual_size();
+            if start >= vs {
+                return Ok(Resolved {
+                    extent: Extent {
+                        start,
+                        len,
+                        mapping: Mapping::Zero { host: None },
+                    },
+                    depth,
+                    past_end: true,
+                });
+            }
+            let e = layer.image.map(start, len.min(vs - start))?;
+            if e.mapping.is_allocated() {
+                return Ok(Resolved {
+                    extent: e,
+                    depth,
+                    past_end: false,
+                });
+            }
+            len = e.len;
+        }
+        Ok(Resolved {
+            extent: Extent {
+                start,
+                len,
+                mapping: Mapping::Unallocated,
+            },
+            depth: self.layers.len(),
+            past_end: false,
+        })
+    }
+
+    /// [`Chain::resolve_from`] from the top.
+    pub fn resolve(&self, start: u64, max_len: u64) -> Result<Resolved> {
+        self.resolve_from(0, start, max_len)
+    }
+
+    /// Reads the guest view at `offset` into `buf`, from layer `from`
+    /// downwards (0: the whole chain).
+    pub fn read_from(&self, from: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.layers.get(from).map_or(0, |l| l.image.virtual_size());
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            let path = self
+                .layers
+                .get(from)
+                .map(|l| l.path.clone())
+                .unwrap_or_default();
+            return Err(Error::OutOfRange {
+                path,
+                offset,
+                len,
+                size,
+            });
+        }
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let r = self.resolve_from(from, pos, len - done)?;
+            let n = r.extent.len.min(len - done) as usize;
+            let chunk = &mut buf[done as usize..done as usize + n];
+            match self.layers.get(r.depth) {
+                Some(layer) if !r.past_end && r.extent.mapping.is_allocated() => {
+                    layer.image.read_mapped(r.extent.mapping, pos, chunk)?
+                }
+                _ => chunk.fill(0),
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads the guest view at `offset` into `buf`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_from(0, buf, offset)
+    }
+}

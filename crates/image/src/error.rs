@@ -1,0 +1,147 @@
+//! Errors of the image engine: what went wrong, on which file, where.
+
+use std::io;
+use std::path::PathBuf;
+
+use strata_format::FormatError;
+
+/// Result alias for the image engine.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error of the image engine. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O operation failed.
+    #[error("{}: {op} at offset {offset:#x} failed: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done ("read L2 table", "write data", ...).
+        op: &'static str,
+        /// Host offset of the operation.
+        offset: u64,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The image's header or a table is malformed.
+    #[error("{}: invalid qcow2 image: {source}", .path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the format layer found.
+        source: FormatError,
+    },
+    /// The image's metadata is inconsistent.
+    #[error("{}: corrupt image: {what} (host offset {offset:#x})", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Host offset of the structure found corrupt.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// The image uses something Strata does not support.
+    #[error("{}: {what}", .path.display())]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// An image names a backing file without recording its format.
+    #[error(
+        "{}: the backing file {backing:?} has no recorded format, and Strata never guesses one; \
+         record it with `strata rebase -u -b {backing} -F <qcow2|raw> {}`",
+        .path.display(), .path.display()
+    )]
+    BackingFormatUnknown {
+        /// The image naming the backing file.
+        path: PathBuf,
+        /// The backing file name as recorded.
+        backing: String,
+    },
+    /// A backing file cannot be used (missing, refused by policy, bad name).
+    #[error("{}: backing file {backing:?}: {why}", .path.display())]
+    Backing {
+        /// The image naming the backing file.
+        path: PathBuf,
+        /// The backing file name as recorded.
+        backing: String,
+        /// Why it cannot be used.
+        why: String,
+    },
+    /// The backing chain loops back on itself.
+    #[error("{}: backing chain loops: {} is already in the chain", .path.display(), .backing.display())]
+    BackingLoop {
+        /// The image naming the looping backing file.
+        path: PathBuf,
+        /// The backing file that is already in the chain.
+        backing: PathBuf,
+    },
+    /// The backing chain is deeper than the limit.
+    #[error("{}: backing chain deeper than {limit} images", .path.display())]
+    ChainTooDeep {
+        /// The top image.
+        path: PathBuf,
+        /// The limit.
+        limit: usize,
+    },
+    /// A guest range lies outside the virtual disk.
+    #[error("{}: range {offset:#x}+{len:#x} is outside the virtual disk ({size} bytes)", .path.display())]
+    OutOfRange {
+        /// The image.
+        path: PathBuf,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// The image was opened read-only, or cannot be written.
+    #[error("{}: {why}", .path.display())]
+    ReadOnly {
+        /// The image.
+        path: PathBuf,
+        /// Why it cannot be written.
+        why: String,
+    },
+    /// An earlier I/O error left the image in an unknown state; it refuses
+    /// further writes.
+    #[error("{}: an earlier I/O error left the image unusable for writing; reopen it", .path.display())]
+    Poisoned {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The caller asked for something invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The operation was cancelled by the caller.
+    #[error("cancelled")]
+    Cancelled,
+    /// The image is locked by another process.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+}
+
+impl Error {
+    /// Wraps an I/O error with its file, operation and offset.
+    pub fn io(path: &std::path::Path, op: &'static str, offset: u64, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            op,
+            offset,
+            source,
+        }
+    }
+    /// A corruption found at `offset` of `path`.
+    pub fn corrupt(path: &std::path::Path, offset: u64, what: impl Into<String>) -> Error {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            what: what.into(),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! qcow2 images: open, validate, map and read (the write path builds on
+//! the same structures).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use strata_format::header::peek_cluster_bits;
+use strata_format::snapshot::{self, Snapshot};
+use strata_format::table::decode_u64_table;
+use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
+
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::mapping::{Extent, Mapping};
+use crate::storage::Storage;
+
+/// Bytes of L2 tables kept in the cache of one image.
+pub const L2_CACHE_BYTES: usize = 4 << 20;
+
+/// A bounded cache of L2 tables, keyed by host offset.
+#[derive(Debug, Default)]
+pub(crate) struct L2Cache {
+    tables: HashMap<u64, (Arc<Vec<u8>>, u64)>,
+    tick: u64,
+    bytes: usize,
+}
+
+impl L2Cache {
+    pub(crate) fn get(&mut self, offset: u64) -> Option<Arc<Vec<u8>>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.tables.get_mut(&offset).map(|(t, used)| {
+            *used = tick;
+            t.clone()
+        })
+    }
+
+    pub(crate) fn insert(&mut self, offset: u64, table: Arc<Vec<u8>>) {
+        self.tick += 1;
+        let len = table.len();
+        if let Some((old, _)) = self.tables.insert(offset, (table, self.tick)) {
+            self.bytes -= old.len();
+        }
+        self.bytes += len;
+        // Always keep at least the newest table, even when it alone is over budget.
+        while self.bytes > L2_CACHE_BYTES && self.tables.len() > 1 {
+            let victim = self
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k);
+            match victim.and_then(|k| self.tables.remove(&k)) {
+                Some((t, _)) => self.bytes -= t.len(),
+                None => break,
+            }
+        }
+    }
+
+    #[allow(dead_code)] // used by the write path
+    pub(crate) fn remove(&mut self, offset: u64) {
+        if let Some((t, _)) = self.tables.remove(&offset) {
+            self.bytes -= t.len();
+        }
+    }
+}
+
+/// The most recently decompressed cluster, keyed by its descriptor offset.
+type DecompressedCache = Option<(u64, Arc<Vec<u8>>)>;
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    pub(crate) path: PathBuf,
+    pub(crate) storage: Box<dyn Storage>,
+    pub(crate) header: Header,
+    pub(crate) geometry: Geometry,
+    /// The active L1 table (raw entries), `header.l1_size` long.
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l2_cache: Mutex<L2Cache>,
+    decompressed: Mutex<DecompressedCache>,
+    pub(crate) snapshots: Vec<Snapshot>,
+    /// Length of the file when opened (or after the last growth).
+    pub(crate) file_len: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Qcow2Image {
+    /// Opens and validates a qcow2 image on `storage`. `path` names it in
+    /// errors. Nothing is written.
+    pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
+        let fmt_err = |source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file_len = storage.len().map_err(|e| Error::io(path, "stat", 0, e))?;
+        let mut prefix = [0u8; 24];
+        storage
+            .read_at(&mut prefix, 0)
+            .map_err(|e| Error::io(path, "read header", 0, e))?;
+        let cluster_bits = peek_cluster_bits(&prefix).map_err(fmt_err)?;
+        let c0_len = (1u64 << cluster_bits).min(file_len) as usize;
+        let mut c0 = vec![0u8; c0_len];
+        storage
+            .read_at(&mut c0, 0)
+            .map_err(|e| Error::io(path, "read header", 0, e))?;
+        let header = Header::parse(&c0).map_err(fmt_err)?;
+        let geometry = header.geometry();
+
+        // The L1 table must lie inside the file before we allocate for it.
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let l1_end = header.l1_table_offset.saturating_add(l1_bytes);
+        if header.l1_size > 0 && l1_end > file_len {
+            return Err(Error::corrupt(
+                path,
+                header.l1_table_offset,
+                format!(
+                    "L1 table ({} entries) extends past the end of the file ({file_len} bytes)",
+                    header.l1_size
+                ),
+            ));
+        }
+        let mut raw_l1 = vec![0u8; l1_bytes as usize];
+        storage
+            .read_at(&mut raw_l1, header.l1_table_offset)
+            .map_err(|e| Error::io(path, "read L1 table", header.l1_table_offset, e))?;
+        let l1 = decode_u64_table(&raw_l1);
+        let rt_end = header
+            .refcount_table_offset
+            .saturating_add(u64::from(header.refcount_table_clusters) << cluster_bits);
+        if rt_end > file_len {
+            return Err(Error::corrupt(
+                path,
+                header.refcount_table_offset,
+                "refcount table extends past the end of the file",
+            ));
+        }
+        let snapshots = read_snapshots(storage.as_ref(), path, &header, file_len)?;
+        Ok(Qcow2Image {
+            path: path.to_path_buf(),
+            storage,
+            header,
+            geometry,
+            l1,
+            l2_cache: Mutex::new(L2Cache::default()),
+            decompressed: Mutex::new(None),
+            snapshots,
+            file_len,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    /// The cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+    /// The storage.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+    /// The active L1 table's raw entries.
+    pub fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Reads (through the cache) the L2 table at `offset`.
+    pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(t) = lock(&self.l2_cache).get(offset) {
+            return Ok(t);
+        }
+        let cs = self.geometry.cluster_size();
+        if !self.geometry.is_aligned(offset) {
+            return Err(Error::corrupt(
+                &self.path,
+                offset,
+                "L2 table offset not cluster-aligned",
+            ));
+        }
+        if offset == 0 || offset.saturating_add(cs) > self.file_len.max(self.storage_len()?) {
+            return Err(Error::corrupt(
+                &self.path,
+                offset,
+                "L2 table outside the file",
+            ));
+        }
+        let mut t = vec![0u8; cs as usize];
+        self.storage
+            .read_at(&mut t, offset)
+            .map_err(|e| Error::io(&self.path, "read L2 table", offset, e))?;
+        let t = Arc::new(t);
+        lock(&self.l2_cache).insert(offset, t.clone());
+        Ok(t)
+    }
+
+    fn storage_len(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| Error::io(&self.path, "stat", 0, e))
+    }
+
+    /// The L2 table mapping L1 index `l1i` of the active table, if any.
+    pub fn l2_for(&self, l1i: u64) -> Result<Option<(u64, Arc<Vec<u8>>)>> {
+        let entry = usize::try_from(l1i)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        match L1Entry(entry).l2_offset() {
+            None => Ok(None),
+            Some(off) => Ok(Some((off.0, self.l2_table(off.0)?))),
+        }
+    }
+
+    /// The mapping at guest offset `g` from an L2 table (None: no table).
+    fn mapping_in(&self, table: Option<&(u64, Arc<Vec<u8>>)>, g: u64) -> Result<Mapping> {
+        let Some((toff, table)) = table else {
+            return Ok(Mapping::Unallocated);
+        };
+        let idx = self.geometry.l2_index(GuestOffset(g));
+        let entry = L2Entry::read(table, self.geometry, idx).map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        let sc = (self.geometry.in_cluster(g) / self.geometry.subcluster_size()) as u32;
+        let state = entry.state(self.geometry, sc).map_err(|what| {
+            Error::corrupt(
+                &self.path,
+                toff + idx * self.geometry.l2_entry_size(),
+                format!("L2 entry for guest offset {g:#x}: {what}"),
+            )
+        })?;
+        let m = Mapping::from(state);
+        // Offset of g inside its subcluster.
+        let within = g % self.geometry.subcluster_size();
+        Ok(match m {
+            Mapping::Compressed(_) => m,
+            m => m.advance(within),
+        })
+    }
+
+    /// The longest extent starting at `start` (at most `max_len` bytes)
+    /// whose bytes have one mapping, contiguous on the host.
+    pub fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
+        let size = self.virtual_size();
+        let end = start.saturating_add(max_len).min(size);
+        if start >= end {
+            return Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset: start,
+                len: max_len,
+                size,
+            });
+        }
+        let geo = self.geometry;
+        let step = geo.subcluster_size();
+        let mut pos = start;
+        let mut first: Option<Mapping> = None;
+        while pos < end {
+            let l1i = geo.l1_index(GuestOffset(pos));
+            let table = self.l2_for(l1i)?;
+            let table_end = ((l1i + 1) * geo.l2_span()).min(end);
+            if table.is_none() {
+                match first {
+                    None => first = Some(Mapping::Unallocated),
+                    Some(Mapping::Unallocated) => {}
+                    Some(_) => break,
+                }
+                pos = table_end;
+                continue;
+            }
+            while pos < table_end {
+                let m = self.mapping_in(table.as_ref(), pos)?;
+                let next = (pos / step + 1) * step;
+                match first {
+                    None => {
+                        first = Some(m);
+                        if let Mapping::Compressed(_) = m {
+                            let cend = geo.align_down(pos) + geo.cluster_size();
+                            return Ok(Extent {
+                                start,
+                                len: cend.min(end) - start,
+                                mapping: m,
+                            });
+                        }
+                    }
+                    Some(f) => {
+                        if !f.continues(pos - start, m) {
+                            return Ok(Extent {
+                                start,
+                                len: pos - start,
+                                mapping: f,
+                            });
+                        }
+                    }
+                }
+                pos = next.min(table_end);
+            }
+        }
+        Ok(Extent {
+            start,
+            len: pos.min(end) - start,
+            mapping: first.unwrap_or(Mapping::Unallocated),
+        })
+    }
+
+    /// Reads `buf.len()` guest bytes at `guest` that this image maps with
+    /// `m` (the mapping of `guest` itself, as [`Qcow2Image::map`] returns
+    /// it advanced to `guest`). Unallocated ranges are the caller's.
+    pub fn read_mapped(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
+        match m {
+            Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
+            Mapping::Data { host } => {
+                self.storage
+                    .read_at(buf, host.0)
+                    .map_err(|e| Error::io(&self.path, "read data", host.0, e))?;
+            }
+            Mapping::Compressed(d) => {
+                let cluster = self.decompress(d)?;
+                let at = self.geometry.in_cluster(guest) as usize;
+                let src = cluster.get(at..at + buf.len()).ok_or_else(|| {
+                    Error::InvalidArgument("compressed read crosses a cluster".into())
+                })?;
+                buf.copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompresses the cluster `d` describes (cached: the last one).
+    pub fn decompress(&self, d: strata_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
+        if let Some((off, data)) = lock(&self.decompressed).as_ref() {
+            if *off == d.offset.0 {
+                return Ok(data.clone());
+            }
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        // A descriptor names at most 2^(cluster_bits-8) sectors: bounded.
+        let mut input = vec![0u8; d.len as usize];
+        let n = self
+            .storage
+            .read_at(&mut input, d.offset.0)
+            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.0, e))?;
+        input.truncate(n);
+        let mut out = vec![0u8; cs];
+        compress::decompress(self.header.compression_type, &input, &mut out)
+            .map_err(|what| Error::corrupt(&self.path, d.offset.0, what))?;
+        let out = Arc::new(out);
+        *lock(&self.decompressed) = Some((d.offset.0, out.clone()));
+        Ok(out)
+    }
+}
+
+fn read_snapshots(
+    storage: &dyn Storage,
+    path: &Path,
+    header: &Header,
+    file_len: u64,
+) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    let mut at = header.snapshots_offset;
+    let end_limit = header
+        .snapshots_offset
+        .saturating_add(limits::MAX_SNAPSHOT_TABLE_BYTES);
+    for _ in 0..header.nb_snapshots {
+        let mut fixed = [0u8; snapshot::FIXED_LEN];
+        let n = storage
+            .read_at(&mut fixed, at)
+            .map_err(|e| Error::io(path, "read snapshot table", at, e))?;
+        if n < fixed.len() {
+            return Err(Error::corrupt(
+                path,
+                at,
+                "snapshot table extends past the end of the file",
+            ));
+        }
+        let len = snapshot::entry_len(&fixed, at).map_err(|source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let end = at.saturating_add(len as u64);
+        if end > file_len || end > end_limit {
+            return Err(Error::corrupt(
+                path,
+                at,
+                "snapshot table extends past the end of the file or its size limit",
+            ));
+        }
+        let mut entry = vec![0u8; len];
+        storage
+            .read_at(&mut entry, at)
+            .map_err(|e| Error::io(path, "read snapshot table", at, e))?;
+        out.push(Snapshot::parse(&entry, at).map_err(|source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        })?);
+        at = end;
+    }
+    Ok(out)
+}

@@ -1,0 +1,263 @@
+//! The positioned storage an image lives on: a small trait with a file
+//! backend and an in-memory backend.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Positioned reads and writes on something that holds an image.
+///
+/// Reads past the end of the storage read as zeros (as QEMU's file layer
+/// does); `read_at` says how many bytes really came from the storage so
+/// that metadata reads can insist on all of them.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Fills `buf` from `offset`; bytes past the end are zeros. Returns the
+    /// number of bytes that were inside the storage.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes everything written so far durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Whether `offset` starts a run of data (`true`) or of a hole that
+    /// reads as zeros (`false`), and the run's length, at most `len`.
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let _ = offset;
+        Ok((true, len))
+    }
+    /// Bytes the storage occupies on disk (st_blocks * 512 for a file).
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
+    /// The OS file behind the storage, if any (for locking).
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// A storage backed by a file.
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+}
+
+impl fmt::Debug for FileStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileStorage({})", self.path.display())
+    }
+}
+
+impl FileStorage {
+    /// Opens `path` read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+    /// Creates (or truncates) `path` for reading and writing.
+    pub fn create(path: &Path) -> io::Result<FileStorage> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+    /// Wraps an open file.
+    pub fn from_file(file: File, path: &Path) -> FileStorage {
+        FileStorage {
+            file,
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset
+                .checked_add(done as u64)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflows"))?;
+            match self.file.read_at(&mut buf[done..], pos) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(done)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        use nix::unistd::{lseek, Whence};
+        let size = self.len()?;
+        if offset >= size {
+            return Ok((false, len));
+        }
+        let off =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let fd = &self.file;
+        match lseek(fd, off, Whence::SeekData) {
+            Ok(d) if d as u64 == offset => {
+                let h = lseek(fd, off, Whence::SeekHole)
+                    .map(|h| h as u64)
+                    .unwrap_or(size);
+                Ok((true, (h - offset).min(len).max(1)))
+            }
+            Ok(d) => Ok((false, (d as u64 - offset).min(len))),
+            // ENXIO: no data after offset.
+            Err(nix::errno::Errno::ENXIO) => Ok((false, len)),
+            // Filesystems without SEEK_DATA: everything is data.
+            Err(_) => Ok((true, len)),
+        }
+    }
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// A storage held in memory, cheap to clone (clones share the bytes).
+#[derive(Debug, Clone, Default)]
+pub struct MemStorage {
+    bytes: Arc<Mutex<Vec<u8>>>,
+}
+
+impl MemStorage {
+    /// An empty in-memory storage.
+    pub fn new() -> MemStorage {
+        MemStorage::default()
+    }
+    /// An in-memory storage holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
+        MemStorage {
+            bytes: Arc::new(Mutex::new(bytes)),
+        }
+    }
+    /// A copy of the current bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding the lock cannot leave the Vec invalid.
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Largest size an in-memory storage grows to (guards fuzzers and tests
+/// against hostile offsets).
+pub const MEM_STORAGE_MAX: u64 = 1 << 32;
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let b = self.lock();
+        let len = b.len() as u64;
+        let n = if offset >= len {
+            0
+        } else {
+            (len - offset).min(buf.len() as u64) as usize
+        };
+        if n > 0 {
+            buf[..n].copy_from_slice(&b[offset as usize..offset as usize + n]);
+        }
+        buf[n..].fill(0);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= MEM_STORAGE_MAX)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "write past the memory storage limit",
+                )
+            })?;
+        let mut b = self.lock();
+        if (b.len() as u64) < end {
+            b.resize(end as usize, 0);
+        }
+        b[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > MEM_STORAGE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "length past the memory storage limit",
+            ));
+        }
+        self.lock().resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_the_end_are_zero_filled_and_counted() {
+        let s = MemStorage::from_bytes(vec![1, 2, 3]);
+        let mut buf = [9u8; 5];
+        assert_eq!(s.read_at(&mut buf, 1).unwrap(), 2);
+        assert_eq!(buf, [2, 3, 0, 0, 0]);
+        assert_eq!(s.read_at(&mut buf, 100).unwrap(), 0);
+        assert_eq!(buf, [0; 5]);
+    }
+
+    #[test]
+    fn file_storage_reports_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.set_len(1 << 20).unwrap();
+        s.write_at(&[1u8; 4096], 512 << 10).unwrap();
+        let (data, len) = s.data_run(0, 1 << 20).unwrap();
+        assert!(!data);
+        assert_eq!(len, 512 << 10);
+        let (data, _) = s.data_run(512 << 10, 4096).unwrap();
+        assert!(data);
+    }
+}
