@@ -1,0 +1,165 @@
+//! Chain reads equal `qemu-img convert -O raw` on chains qemu-img made.
+
+mod common_qemu;
+
+use std::path::{Path, PathBuf};
+
+use common_qemu::*;
+use strata_image::{Chain, OpenOptions};
+
+fn strata_raw(img: &Path) -> Vec<u8> {
+    let chain = Chain::open(img, &OpenOptions::default()).unwrap();
+    let mut buf = vec![0u8; chain.virtual_size() as usize];
+    // Read in odd-sized pieces to cross cluster and extent boundaries.
+    let mut off = 0;
+    let step = 100_003;
+    while off < buf.len() {
+        let n = step.min(buf.len() - off);
+        chain.read_at(&mut buf[off..off + n], off as u64).unwrap();
+        off += n;
+    }
+    buf
+}
+
+fn assert_reads_like_qemu(img: &Path, dir: &Path) {
+    let ours = strata_raw(img);
+    let theirs = qemu_raw(img, dir);
+    assert_eq!(ours.len(), theirs.len());
+    if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+        panic!("{}: first difference at guest offset {i:#x}", img.display());
+    }
+}
+
+fn two_layer(dir: &Path, opts: &str, top_opts: &str) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        base.to_str().unwrap(),
+        "4M",
+    ]);
+    qemu_io(
+        &base,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 1536k 100k",
+            "write -z 3M 512k",
+        ],
+    );
+    let o = format!("{top_opts}backing_file=base.qcow2,backing_fmt=qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &o,
+        top.to_str().unwrap(),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x33 4096 8192",
+            "write -z 512k 64k",
+            "write -P 0x44 3100k 300k",
+            "discard 1600k 4k",
+        ],
+    );
+    top
+}
+
+#[test]
+fn two_layer_chains_of_every_cluster_size_read_like_qemu() {
+    if skip() {
+        return;
+    }
+    for cs in ["512", "4k", "64k", "2M"] {
+        let dir = tempfile::tempdir().unwrap();
+        let top = two_layer(
+            dir.path(),
+            &format!("cluster_size={cs}"),
+            &format!("cluster_size={cs},"),
+        );
+        assert_reads_like_qemu(&top, dir.path());
+    }
+}
+
+#[test]
+fn extended_l2_and_v2_chains_read_like_qemu() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = two_layer(
+        dir.path(),
+        "cluster_size=64k,extended_l2=on",
+        "extended_l2=on,",
+    );
+    assert_reads_like_qemu(&top, dir.path());
+    let dir = tempfile::tempdir().unwrap();
+    let top = two_layer(dir.path(), "compat=0.10", "compat=0.10,");
+    assert_reads_like_qemu(&top, dir.path());
+}
+
+#[test]
+fn compressed_images_read_like_qemu() {
+    if skip() {
+        return;
+    }
+    for ct in ["zlib", "zstd"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let raw = d.join("src.raw");
+        let mut data = vec![0u8; 2 << 20];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = ((i / 777) % 251) as u8;
+        }
+        data[1 << 20..(1 << 20) + 65536].fill(0);
+        std::fs::write(&raw, &data).unwrap();
+        let img = d.join("c.qcow2");
+        let o = format!("compression_type={ct}");
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &o,
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        assert_reads_like_qemu(&img, d);
+        assert_eq!(strata_raw(&img), data);
+    }
+}
+
+#[test]
+fn a_backing_file_shorter_than_its_overlay_reads_zeros_past_its_end() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    std::fs::write(&base, vec![0x55u8; 1 << 20]).unwrap();
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "3M",
+    ]);
+    qemu_io(&top, &["write -P 0x66 2M 4k"]);
+    assert_reads_like_qemu(&top, d);
+}
