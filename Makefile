@@ -21,9 +21,11 @@ build:
 demo: deps build
 	$(STRATA) demo
 
-# nextest when installed, plain cargo test otherwise; doc tests always run
-# through cargo test (nextest does not run them).
+# nextest when installed, plain cargo test otherwise. Doc tests run through
+# cargo test (nextest does not run them) and go first, so that the last lines
+# printed are the main test summary.
 test: deps
+	$(CARGO) test --doc --workspace
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		echo "$(CARGO) nextest run --workspace --no-fail-fast"; \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
@@ -31,7 +33,6 @@ test: deps
 		echo "$(CARGO) test --workspace --no-fail-fast"; \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
-	$(CARGO) test --doc --workspace
 
 lint:
 	$(CARGO) fmt --all -- --check
