@@ -751,6 +751,17 @@ impl Header {
         Ok(buf)
     }
 
+    /// Number of meaningful bytes [`Header::encode`] produces: the header,
+    /// its extensions with the end marker, and the backing file name.
+    pub fn encoded_len(&self) -> Result<u64> {
+        let (off, len) = self.layout()?;
+        let mut at = u64::from(self.header_length);
+        for ext in &self.extensions {
+            at += 8 + (ext.encode_data().len() as u64).div_ceil(8) * 8;
+        }
+        Ok((at + 8).max(off + u64::from(len)))
+    }
+
     /// Where [`Header::encode`] places the backing file name: its offset
     /// and length (0, 0 when there is none). Fails when the header, its
     /// extensions and the name do not fit in the first cluster.

@@ -56,6 +56,7 @@ impl fmt::Display for ImageFormat {
 
 /// An open image of either format.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 pub enum Image {
     /// A qcow2 image.
     Qcow2(Qcow2Image),
@@ -252,7 +253,12 @@ impl Chain {
                     }
                 }
             };
-            let image = Image::open(Box::new(storage), p, format)?;
+            let image = match (format, writable) {
+                (ImageFormat::Qcow2, true) => {
+                    Image::Qcow2(Qcow2Image::open_rw(Box::new(storage), p)?)
+                }
+                _ => Image::open(Box::new(storage), p, format)?,
+            };
             Ok(Layer {
                 path: p.to_path_buf(),
                 named_as,
@@ -392,39 +398,9 @@ impl Chain {
     /// the chain, starting at layer `from`: the first layer that allocates
     /// it, and the longest extent with one answer.
     pub fn resolve_from(&self, from: usize, start: u64, max_len: u64) -> Result<Resolved> {
-        let mut len = max_len;
-        for (depth, layer) in self.layers.iter().enumerate().skip(from) {
-            let vs = layer.image.virtual_size();
-            if start >= vs {
-                return Ok(Resolved {
-                    extent: Extent {
-                        start,
-                        len,
-                        mapping: Mapping::Zero { host: None },
-                    },
-                    depth,
-                    past_end: true,
-                });
-            }
-            let e = layer.image.map(start, len.min(vs - start))?;
-            if e.mapping.is_allocated() {
-                return Ok(Resolved {
-                    extent: e,
-                    depth,
-                    past_end: false,
-                });
-            }
-            len = e.len;
-        }
-        Ok(Resolved {
-            extent: Extent {
-                start,
-                len,
-                mapping: Mapping::Unallocated,
-            },
-            depth: self.layers.len(),
-            past_end: false,
-        })
+        let mut r = resolve_in(self.layers.get(from..).unwrap_or(&[]), start, max_len)?;
+        r.depth += from;
+        Ok(r)
     }
 
     /// [`Chain::resolve_from`] from the top.
@@ -433,16 +409,14 @@ impl Chain {
     }
 
     /// Reads the guest view at `offset` into `buf`, from layer `from`
-    /// downwards (0: the whole chain).
+    /// downwards (0: the whole chain). The range must lie inside layer
+    /// `from`'s virtual disk.
     pub fn read_from(&self, from: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.layers.get(from).map_or(0, |l| l.image.virtual_size());
+        let layers = self.layers.get(from..).unwrap_or(&[]);
+        let size = layers.first().map_or(0, |l| l.image.virtual_size());
         let len = buf.len() as u64;
         if offset.checked_add(len).is_none_or(|e| e > size) {
-            let path = self
-                .layers
-                .get(from)
-                .map(|l| l.path.clone())
-                .unwrap_or_default();
+            let path = layers.first().map(|l| l.path.clone()).unwrap_or_default();
             return Err(Error::OutOfRange {
                 path,
                 offset,
@@ -450,25 +424,130 @@ impl Chain {
                 size,
             });
         }
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let r = self.resolve_from(from, pos, len - done)?;
-            let n = r.extent.len.min(len - done) as usize;
-            let chunk = &mut buf[done as usize..done as usize + n];
-            match self.layers.get(r.depth) {
-                Some(layer) if !r.past_end && r.extent.mapping.is_allocated() => {
-                    layer.image.read_mapped(r.extent.mapping, pos, chunk)?
-                }
-                _ => chunk.fill(0),
-            }
-            done += n as u64;
-        }
-        Ok(())
+        read_in(layers, buf, offset)
     }
 
     /// Reads the guest view at `offset` into `buf`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.read_from(0, buf, offset)
     }
+
+    /// The top image for writing, and the layers below it.
+    fn split_top(&mut self) -> Result<(&mut Image, &[Layer])> {
+        let (top, rest) = self
+            .layers
+            .split_first_mut()
+            .ok_or_else(|| Error::InvalidArgument("empty chain".into()))?;
+        Ok((&mut top.image, rest))
+    }
+
+    /// Writes `buf` at guest `offset` into the top image (copy-on-write
+    /// from the layers below for partly written clusters).
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let (top, rest) = self.split_top()?;
+        let below = |b: &mut [u8], off: u64| read_below(rest, b, off);
+        match top {
+            Image::Qcow2(q) => q.write(offset, buf, &below),
+            Image::Raw(r) => r.write(buf, offset),
+        }
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros in the top image.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let (top, rest) = self.split_top()?;
+        let below = |b: &mut [u8], off: u64| read_below(rest, b, off);
+        match top {
+            Image::Qcow2(q) => q.write_zeroes(offset, len, unmap, &below),
+            Image::Raw(r) => r.write_zeroes(offset, len),
+        }
+    }
+
+    /// Discards `[offset, offset+len)` in the top image, as QEMU does.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        let has_backing = self.layers.len() > 1;
+        let (top, _) = self.split_top()?;
+        match top {
+            Image::Qcow2(q) => q.discard(offset, len, has_backing),
+            Image::Raw(r) => r.check_range(offset, len),
+        }
+    }
+
+    /// Makes all writes to the top image durable.
+    pub fn flush(&mut self) -> Result<()> {
+        let (top, _) = self.split_top()?;
+        match top {
+            Image::Qcow2(q) => q.flush(),
+            Image::Raw(r) => r.flush(),
+        }
+    }
+}
+
+/// Resolves a guest range down `layers` (depth relative to the slice).
+pub fn resolve_in(layers: &[Layer], start: u64, max_len: u64) -> Result<Resolved> {
+    let mut len = max_len;
+    for (depth, layer) in layers.iter().enumerate() {
+        let vs = layer.image.virtual_size();
+        if start >= vs {
+            return Ok(Resolved {
+                extent: Extent {
+                    start,
+                    len,
+                    mapping: Mapping::Zero { host: None },
+                },
+                depth,
+                past_end: true,
+            });
+        }
+        let e = layer.image.map(start, len.min(vs - start))?;
+        if e.mapping.is_allocated() {
+            return Ok(Resolved {
+                extent: e,
+                depth,
+                past_end: false,
+            });
+        }
+        len = e.len;
+    }
+    Ok(Resolved {
+        extent: Extent {
+            start,
+            len,
+            mapping: Mapping::Unallocated,
+        },
+        depth: layers.len(),
+        past_end: false,
+    })
+}
+
+/// Reads the guest view of `layers` (top first) at `offset`.
+fn read_in(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
+    let len = buf.len() as u64;
+    let mut done = 0u64;
+    while done < len {
+        let pos = offset + done;
+        let r = resolve_in(layers, pos, len - done)?;
+        let n = r.extent.len.min(len - done) as usize;
+        let chunk = &mut buf[done as usize..done as usize + n];
+        match layers.get(r.depth) {
+            Some(layer) if !r.past_end && r.extent.mapping.is_allocated() => {
+                layer.image.read_mapped(r.extent.mapping, pos, chunk)?
+            }
+            _ => chunk.fill(0),
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads what `layers` show at `offset`, zeros past the end of the first
+/// (the view an image has of its backing chain).
+pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
+    let size = layers.first().map_or(0, |l| l.image.virtual_size());
+    let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(inside);
+    tail.fill(0);
+    if inside > 0 {
+        read_in(layers, head, offset)?;
+    }
+    Ok(())
 }

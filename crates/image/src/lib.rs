@@ -5,14 +5,17 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub(crate) mod alloc;
 pub mod chain;
 pub mod compress;
+pub mod create;
 pub mod error;
 pub mod lock;
 pub mod mapping;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod write;
 
 pub use chain::{Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};

@@ -82,6 +82,10 @@ pub struct Qcow2Image {
     pub(crate) snapshots: Vec<Snapshot>,
     /// Length of the file when opened (or after the last growth).
     pub(crate) file_len: u64,
+    /// Write state, when opened for writing.
+    pub(crate) rw: Option<Box<crate::write::WriteState>>,
+    /// Set by the first I/O error of the write path: no more writes.
+    pub(crate) poisoned: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,7 +153,31 @@ impl Qcow2Image {
             decompressed: Mutex::new(None),
             snapshots,
             file_len,
+            rw: None,
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Opens a qcow2 image for reading and writing (the storage must be
+    /// writable). Nothing is written until the first write.
+    pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
+        let mut img = Qcow2Image::open(storage, path)?;
+        let h = &img.header;
+        let refcounts = crate::alloc::Refcounts::load(
+            img.storage.as_ref(),
+            path,
+            img.file_len,
+            h.cluster_bits,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )?;
+        img.rw = Some(Box::new(crate::write::WriteState {
+            refcounts,
+            pending_frees: Vec::new(),
+            prepared: false,
+        }));
+        Ok(img)
     }
 
     /// The file's path.
@@ -182,6 +210,9 @@ impl Qcow2Image {
     }
 
     /// Reads (through the cache) the L2 table at `offset`.
+    ///
+    /// Tables written by this process are always in the cache, so the
+    /// file-length check below only applies to tables read from disk.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
         if let Some(t) = lock(&self.l2_cache).get(offset) {
             return Ok(t);
@@ -194,7 +225,7 @@ impl Qcow2Image {
                 "L2 table offset not cluster-aligned",
             ));
         }
-        if offset == 0 || offset.saturating_add(cs) > self.file_len.max(self.storage_len()?) {
+        if offset == 0 || offset.saturating_add(cs) > self.storage_len()? {
             return Err(Error::corrupt(
                 &self.path,
                 offset,

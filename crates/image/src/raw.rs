@@ -75,4 +75,56 @@ impl RawImage {
             .map_err(|e| Error::io(&self.path, "read data", offset, e))?;
         Ok(())
     }
+
+    /// Checks that a range lies inside the disk.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+    /// Writes guest bytes.
+    pub fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, "write data", offset, e))
+    }
+    /// Writes zeros over a range (in bounded pieces).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+    /// Grows the image to `size` bytes (the new part reads as zeros).
+    pub fn resize(&mut self, size: u64) -> Result<()> {
+        if size < self.size {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "shrinking an image is not supported".into(),
+            });
+        }
+        self.storage
+            .set_len(size)
+            .map_err(|e| Error::io(&self.path, "resize", size, e))?;
+        self.size = size;
+        Ok(())
+    }
+    /// Makes writes durable.
+    pub fn flush(&mut self) -> Result<()> {
+        self.storage
+            .sync()
+            .map_err(|e| Error::io(&self.path, "sync", 0, e))
+    }
 }

@@ -1,10 +1,10 @@
 //! Chain reads equal `qemu-img convert -O raw` on chains qemu-img made.
 
-mod common_qemu;
+mod common;
 
 use std::path::{Path, PathBuf};
 
-use common_qemu::*;
+use common::*;
 use strata_image::{Chain, OpenOptions};
 
 fn strata_raw(img: &Path) -> Vec<u8> {

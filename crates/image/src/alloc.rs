@@ -1,0 +1,464 @@
+//! Refcounts and cluster allocation for the write path.
+//!
+//! The refcount table and the refcount blocks touched so far are held in
+//! memory; changes are written back by [`Refcounts::write_blocks`] and
+//! [`Refcounts::write_table`] at the points the crash protocol
+//! (docs/crash-consistency.md) puts them: refcount blocks with the data
+//! they describe, before the barrier that precedes any pointer update;
+//! refcount table entries for new blocks after the blocks are durable.
+//!
+//! New refcount blocks are placed at the first cluster of the range they
+//! describe, so they describe themselves and no recursion is needed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
+use strata_format::table::decode_u64_table;
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// Most clusters the allocator hands out in one run.
+pub const MAX_RUN_CLUSTERS: u64 = 1 << 16;
+
+/// In-memory state of an image's refcount structures.
+#[derive(Debug)]
+pub(crate) struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    /// Refcount table entries (raw).
+    pub(crate) table: Vec<u64>,
+    /// Host offset of the refcount table.
+    pub(crate) table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub(crate) table_clusters: u32,
+    /// Refcount blocks read or created, by block index.
+    blocks: HashMap<u64, Vec<u8>>,
+    /// Blocks changed in memory and not yet written.
+    dirty_blocks: BTreeSet<u64>,
+    /// Table entries changed in memory and not yet written.
+    dirty_entries: BTreeSet<u64>,
+    /// A new, larger refcount table waiting to be written and pointed at.
+    pub(crate) table_moved: Option<(u64, u32)>,
+    /// The old table's location, to free once the header points elsewhere.
+    pub(crate) old_table: Option<(u64, u32)>,
+    /// Lowest cluster index that may be free.
+    free_hint: u64,
+    /// First cluster past the file and everything allocated this session.
+    end_hint: u64,
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by the header.
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        path: &Path,
+        file_len: u64,
+        cluster_bits: u32,
+        order: u32,
+        table_offset: u64,
+        table_clusters: u32,
+    ) -> Result<Refcounts> {
+        let bytes = (u64::from(table_clusters) << cluster_bits) as usize;
+        let mut raw = vec![0u8; bytes];
+        let n = storage
+            .read_at(&mut raw, table_offset)
+            .map_err(|e| Error::io(path, "read refcount table", table_offset, e))?;
+        if n < bytes {
+            return Err(Error::corrupt(
+                path,
+                table_offset,
+                "refcount table extends past the end of the file",
+            ));
+        }
+        Ok(Refcounts {
+            cluster_bits,
+            order,
+            table: decode_u64_table(&raw),
+            table_offset,
+            table_clusters,
+            blocks: HashMap::new(),
+            dirty_blocks: BTreeSet::new(),
+            dirty_entries: BTreeSet::new(),
+            table_moved: None,
+            old_table: None,
+            free_hint: 0,
+            end_hint: file_len.div_ceil(1 << cluster_bits),
+        })
+    }
+
+    fn per_block(&self) -> u64 {
+        refcount::entries_per_block(self.cluster_bits, self.order)
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The refcount block covering block index `bi`, loaded if needed;
+    /// `None` when the table has no block there.
+    fn block(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        bi: u64,
+    ) -> Result<Option<&mut Vec<u8>>> {
+        if !self.blocks.contains_key(&bi) {
+            let entry = usize::try_from(bi)
+                .ok()
+                .and_then(|i| self.table.get(i))
+                .copied()
+                .unwrap_or(0);
+            let off = entry & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                return Ok(None);
+            }
+            if off & (self.cluster_size() - 1) != 0 {
+                return Err(Error::corrupt(
+                    path,
+                    off,
+                    "refcount block offset not cluster-aligned",
+                ));
+            }
+            let mut b = vec![0u8; self.cluster_size() as usize];
+            let n = storage
+                .read_at(&mut b, off)
+                .map_err(|e| Error::io(path, "read refcount block", off, e))?;
+            if n < b.len() {
+                return Err(Error::corrupt(
+                    path,
+                    off,
+                    "refcount block extends past the end of the file",
+                ));
+            }
+            self.blocks.insert(bi, b);
+        }
+        Ok(self.blocks.get_mut(&bi))
+    }
+
+    /// The refcount of host cluster `ci`.
+    pub(crate) fn get(&mut self, storage: &dyn Storage, path: &Path, ci: u64) -> Result<u64> {
+        let per = self.per_block();
+        let order = self.order;
+        match self.block(storage, path, ci / per)? {
+            None => Ok(0),
+            Some(b) => Ok(refcount::get(b, order, ci % per).unwrap_or(0)),
+        }
+    }
+
+    /// Sets the refcount of cluster `ci`; the block must exist.
+    fn set_existing(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        ci: u64,
+        value: u64,
+    ) -> Result<()> {
+        let per = self.per_block();
+        let order = self.order;
+        let bi = ci / per;
+        let at = ci << self.cluster_bits;
+        let b = self
+            .block(storage, path, bi)?
+            .ok_or_else(|| Error::corrupt(path, at, "no refcount block for cluster"))?;
+        if !refcount::set(b, order, ci % per, value) {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("refcount {value} does not fit in {} bits", 1u32 << order),
+            });
+        }
+        self.dirty_blocks.insert(bi);
+        Ok(())
+    }
+
+    /// Adds `delta` (±1) to the refcount of cluster `ci`.
+    pub(crate) fn adjust(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        ci: u64,
+        delta: i64,
+    ) -> Result<u64> {
+        let cur = self.get(storage, path, ci)?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64)
+        } else {
+            cur.checked_sub(delta.unsigned_abs())
+        }
+        .ok_or_else(|| {
+            Error::corrupt(
+                path,
+                ci << self.cluster_bits,
+                format!("refcount of cluster {ci} would go below zero"),
+            )
+        })?;
+        if delta >= 0 && new > refcount::max_refcount(self.order) {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "refcount of cluster {ci} would overflow {} bits",
+                    1u32 << self.order
+                ),
+            });
+        }
+        self.set_existing(storage, path, ci, new)?;
+        Ok(new)
+    }
+
+    /// Makes sure a refcount block exists for cluster `ci`, creating one
+    /// at the first cluster of its range (describing itself) if needed.
+    /// Returns the cluster index of a block created, if any.
+    fn ensure_block(&mut self, storage: &dyn Storage, path: &Path, ci: u64) -> Result<Option<u64>> {
+        let per = self.per_block();
+        let bi = ci / per;
+        if self.block(storage, path, bi)?.is_some() {
+            return Ok(None);
+        }
+        self.ensure_table_slot(storage, path, bi)?;
+        let block_ci = bi * per;
+        let mut b = vec![0u8; self.cluster_size() as usize];
+        // The block describes itself: refcount 1 at index 0.
+        refcount::set(&mut b, self.order, 0, 1);
+        self.blocks.insert(bi, b);
+        self.dirty_blocks.insert(bi);
+        if let Some(e) = usize::try_from(bi).ok().and_then(|i| self.table.get_mut(i)) {
+            *e = block_ci << self.cluster_bits;
+        }
+        self.dirty_entries.insert(bi);
+        Ok(Some(block_ci))
+    }
+
+    /// Makes sure the refcount table has an entry for block `bi`, moving
+    /// it (in memory) to a larger table at the end of the file if needed.
+    fn ensure_table_slot(&mut self, storage: &dyn Storage, path: &Path, bi: u64) -> Result<()> {
+        if (bi as usize) < self.table.len() {
+            return Ok(());
+        }
+        self.place_at_end(storage, path, 0, bi + 1)?;
+        Ok(())
+    }
+
+    /// Whether a refcount block exists (or is being created) for `bi`.
+    fn has_block(&self, bi: u64) -> bool {
+        self.blocks.contains_key(&bi)
+            || usize::try_from(bi)
+                .ok()
+                .and_then(|i| self.table.get(i))
+                .is_some_and(|e| e & REFTABLE_OFFSET_MASK != 0)
+    }
+
+    /// Allocates `n` contiguous clusters past everything in use, together
+    /// with the refcount blocks they need (placed just before them) and,
+    /// when the table is too small for `min_entries` or for those blocks,
+    /// a larger refcount table. Returns the first cluster of the run.
+    fn place_at_end(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        n: u64,
+        min_entries: u64,
+    ) -> Result<u64> {
+        let per = self.per_block();
+        let cs = self.cluster_size();
+        // Start past the end of the file and of this session's allocations,
+        // and past any cluster still counted there.
+        let mut start = self.end_hint;
+        while self.get(storage, path, start)? != 0 {
+            start += 1;
+        }
+        let (mut k, mut t) = (0u64, 0u64);
+        let (blocks, entries) = loop {
+            let total = k + t + n;
+            let first_bi = start / per;
+            let last_bi = (start + total.max(1) - 1) / per;
+            let blocks: Vec<u64> = (first_bi..=last_bi)
+                .filter(|bi| !self.has_block(*bi))
+                .collect();
+            let need_entries = (last_bi + 1).max(min_entries);
+            let new_t = if need_entries > self.table.len() as u64 {
+                let mut e = (self.table.len() as u64).max(1);
+                while e < need_entries {
+                    e *= 2;
+                }
+                (e * 8).div_ceil(cs)
+            } else {
+                0
+            };
+            if blocks.len() as u64 == k && new_t == t {
+                break (blocks, t * cs / 8);
+            }
+            k = blocks.len() as u64;
+            t = new_t;
+        };
+        if t * cs > strata_format::limits::MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "refcount table would exceed its size limit".into(),
+            });
+        }
+        if t > 0 {
+            let old_len = self.table.len() as u64;
+            self.table.resize(entries as usize, 0);
+            self.dirty_entries.extend(old_len..entries);
+            if let Some((off, clusters)) = self.table_moved.take() {
+                // A table placed earlier and never pointed at: release it.
+                let first = off >> self.cluster_bits;
+                for ci in first..first + u64::from(clusters) {
+                    self.set_existing(storage, path, ci, 0)?;
+                }
+            } else {
+                self.old_table = Some((self.table_offset, self.table_clusters));
+            }
+            self.table_moved = Some(((start + k) << self.cluster_bits, t as u32));
+        }
+        for (j, bi) in blocks.iter().enumerate() {
+            self.blocks.insert(*bi, vec![0u8; cs as usize]);
+            self.dirty_blocks.insert(*bi);
+            if let Some(e) = usize::try_from(*bi)
+                .ok()
+                .and_then(|i| self.table.get_mut(i))
+            {
+                *e = (start + j as u64) << self.cluster_bits;
+            }
+            self.dirty_entries.insert(*bi);
+        }
+        let total = k + t + n;
+        for ci in start..start + total {
+            self.set_existing(storage, path, ci, 1)?;
+        }
+        self.end_hint = start + total;
+        Ok(start + k + t)
+    }
+
+    /// Allocates up to `max` contiguous clusters (at least one) with
+    /// refcount 1; returns the first cluster index and the count. Creates
+    /// refcount blocks as needed.
+    pub(crate) fn alloc_run(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        max: u64,
+    ) -> Result<(u64, u64)> {
+        let max = max.clamp(1, MAX_RUN_CLUSTERS);
+        let per = self.per_block();
+        let mut ci = self.free_hint;
+        // Find the first free cluster.
+        loop {
+            self.ensure_block(storage, path, ci)?;
+            if self.get(storage, path, ci)? == 0 {
+                break;
+            }
+            ci += 1;
+        }
+        let first = ci;
+        let mut n = 0;
+        while n < max {
+            let c = first + n;
+            if c.is_multiple_of(per) && c != first {
+                // Crossing into another block's range: its block may need
+                // to be created at this very cluster; stop the run here.
+                if self.block(storage, path, c / per)?.is_none() {
+                    break;
+                }
+            }
+            if self.get(storage, path, c)? != 0 {
+                break;
+            }
+            self.set_existing(storage, path, c, 1)?;
+            n += 1;
+        }
+        self.free_hint = first + n;
+        self.end_hint = self.end_hint.max(first + n);
+        Ok((first, n))
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1; returns the first
+    /// cluster index. Shorter free runs met on the way are released again
+    /// (they were never referenced).
+    pub(crate) fn alloc_contiguous(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        n: u64,
+    ) -> Result<u64> {
+        if n == 0 || n > MAX_RUN_CLUSTERS {
+            return Err(Error::InvalidArgument(format!(
+                "cannot allocate {n} contiguous clusters"
+            )));
+        }
+        if n == 1 {
+            return Ok(self.alloc_run(storage, path, 1)?.0);
+        }
+        self.place_at_end(storage, path, n, 0)
+    }
+
+    /// Lets the allocator look for free clusters from the start again
+    /// (after frees have been made durable).
+    pub(crate) fn rewind(&mut self) {
+        self.free_hint = 0;
+    }
+
+    /// Whether table entries (new blocks) or a moved table wait to be written.
+    pub(crate) fn table_dirty(&self) -> bool {
+        !self.dirty_entries.is_empty() || self.table_moved.is_some()
+    }
+
+    /// Writes every changed refcount block.
+    pub(crate) fn write_blocks(&mut self, storage: &dyn Storage, path: &Path) -> Result<()> {
+        for bi in std::mem::take(&mut self.dirty_blocks) {
+            let off = usize::try_from(bi)
+                .ok()
+                .and_then(|i| self.table.get(i))
+                .copied()
+                .unwrap_or(0)
+                & REFTABLE_OFFSET_MASK;
+            if let Some(b) = self.blocks.get(&bi) {
+                storage
+                    .write_at(b, off)
+                    .map_err(|e| Error::io(path, "write refcount block", off, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes changed refcount table entries (or the whole new table when
+    /// it moved). Returns the new table location when the header must be
+    /// updated to point at it.
+    pub(crate) fn write_table(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+    ) -> Result<Option<(u64, u32)>> {
+        let entries = std::mem::take(&mut self.dirty_entries);
+        if let Some((off, clusters)) = self.table_moved {
+            let raw = strata_format::table::encode_u64_table(&self.table);
+            storage
+                .write_at(&raw, off)
+                .map_err(|e| Error::io(path, "write refcount table", off, e))?;
+            return Ok(Some((off, clusters)));
+        }
+        for i in entries {
+            let v = usize::try_from(i)
+                .ok()
+                .and_then(|x| self.table.get(x))
+                .copied()
+                .unwrap_or(0);
+            let off = self.table_offset + i * 8;
+            storage
+                .write_at(&v.to_be_bytes(), off)
+                .map_err(|e| Error::io(path, "write refcount table entry", off, e))?;
+        }
+        Ok(None)
+    }
+
+    /// Records that the header now points at the moved table; returns the
+    /// old table's clusters, to be freed.
+    pub(crate) fn table_switched(&mut self) -> Option<(u64, u32)> {
+        if let Some((off, clusters)) = self.table_moved.take() {
+            self.table_offset = off;
+            self.table_clusters = clusters;
+        }
+        self.old_table.take()
+    }
+}

@@ -1,0 +1,998 @@
+//! The qcow2 write path: allocating writes with copy-on-write, zero
+//! writes, discards, flush, resize and header updates.
+//!
+//! The order of every write and sync is the crash-consistency contract;
+//! docs/crash-consistency.md explains why each step is safe. In short:
+//!
+//! 1. New data, new L2 tables and the refcount blocks that count them are
+//!    written to clusters nothing points at yet.
+//! 2. A barrier (fdatasync) makes them durable. When new refcount blocks
+//!    were created, their refcount table entries are written after a first
+//!    sync, and a moved refcount table is switched in the header after a
+//!    second one.
+//! 3. Only then are pointers written: L2 entries, L1 entries.
+//! 4. Clusters that lost their last pointer are freed (refcount decrement)
+//!    only at the next flush, after a sync has made the pointer change
+//!    durable. A crash in between leaks them; nothing points at freed space.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
+use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
+
+use crate::alloc::Refcounts;
+use crate::error::{Error, Result};
+use crate::qcow2::Qcow2Image;
+
+/// Reads the guest view of the layers below an image: fills the buffer
+/// from the guest offset, zeros past their end.
+pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
+
+/// Guest bytes handled per step of a write (bounds memory and the work
+/// between two barriers).
+pub const WRITE_CHUNK: u64 = 8 << 20;
+
+/// State of an image opened for writing.
+#[derive(Debug)]
+pub(crate) struct WriteState {
+    pub(crate) refcounts: Refcounts,
+    /// Cluster indices whose refcount drops by one at the next flush.
+    pub(crate) pending_frees: Vec<u64>,
+    /// Whether the first-write preparation (repair, autoclear) ran.
+    pub(crate) prepared: bool,
+}
+
+/// What a write does to one cluster.
+struct Plan {
+    /// Index of the entry in its L2 table.
+    idx: u64,
+    old: L2Entry,
+    new: L2Entry,
+    /// Host cluster to write into; `None`: a new cluster.
+    dest: Option<u64>,
+    /// Bytes to write, at offsets inside the cluster.
+    writes: Vec<(u64, Vec<u8>)>,
+    /// Clusters whose refcount drops once the new entry is durable.
+    frees: Vec<u64>,
+}
+
+/// How a range becomes zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroMode {
+    /// write_zeroes: reads as zeros; host clusters kept unless `unmap`.
+    Zero { unmap: bool },
+    /// discard: as QEMU's qcow2 discard (whole clusters only).
+    Discard { has_backing: bool },
+}
+
+impl Qcow2Image {
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.rw.is_some()
+    }
+
+    fn io_err(&self, op: &'static str, offset: u64, e: std::io::Error) -> Error {
+        self.poisoned.store(true, Ordering::SeqCst);
+        Error::io(&self.path, op, offset, e)
+    }
+
+    pub(crate) fn write_bytes(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| self.io_err(op, offset, e))
+    }
+
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
+    }
+
+    fn ws(&mut self) -> Result<&mut WriteState> {
+        let path = self.path.clone();
+        self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+            path,
+            why: "image is open read-only".into(),
+        })
+    }
+
+    /// Checks the image may be written, and runs the first-write
+    /// preparation: refuse a corrupt image, repair a dirty one, clear
+    /// autoclear bits.
+    pub(crate) fn begin_write(&mut self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        if self.ws()?.prepared {
+            return Ok(());
+        }
+        if self.header.corrupt() {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why:
+                    "image is marked corrupt; writes are refused (run `strata check -r all` first)"
+                        .into(),
+            });
+        }
+        if self.header.dirty() {
+            self.rebuild_refcounts()?;
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            self.write_header()?;
+            self.sync()?;
+        }
+        if self.header.autoclear_features != 0 {
+            // The spec: a writer that does not maintain what an autoclear
+            // bit protects clears the bit before its first write. Bitmaps
+            // are dropped with their clusters, so that the image checks
+            // clean for QEMU, which then ignores the extension.
+            if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+                self.drop_bitmaps()?;
+            }
+            self.header.autoclear_features = 0;
+            self.write_header()?;
+            self.sync()?;
+        }
+        self.ws()?.prepared = true;
+        Ok(())
+    }
+
+    /// Writes the header (with extensions and backing name) to cluster 0.
+    pub(crate) fn write_header(&mut self) -> Result<()> {
+        let (off, len) = self.header.layout().map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.header.backing_file_offset = off;
+        self.header.backing_file_size = len;
+        let buf = self.header.encode().map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        let end = self.header.encoded_len().map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        // Up to the end of the extensions and the name, rounded to a
+        // sector (the rest of cluster 0 is unused).
+        let n = ((end.div_ceil(512) * 512) as usize).min(buf.len());
+        self.write_bytes(&buf[..n], 0, "write header")
+    }
+
+    /// Makes everything written so far durable, in the order the crash
+    /// protocol requires: refcount blocks, then (after a sync) refcount
+    /// table entries, then (after a sync) a moved table's header switch.
+    pub(crate) fn barrier(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        {
+            let storage = self.storage.as_ref();
+            let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+                path: path.clone(),
+                why: "read-only".into(),
+            })?;
+            ws.refcounts
+                .write_blocks(storage, &path)
+                .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?;
+        }
+        let table_dirty = self.ws()?.refcounts.table_dirty();
+        if table_dirty {
+            self.sync()?;
+            let moved = {
+                let storage = self.storage.as_ref();
+                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+                    path: path.clone(),
+                    why: "read-only".into(),
+                })?;
+                ws.refcounts
+                    .write_table(storage, &path)
+                    .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?
+            };
+            if let Some((off, clusters)) = moved {
+                self.sync()?;
+                self.header.refcount_table_offset = off;
+                self.header.refcount_table_clusters = clusters;
+                self.write_header()?;
+                let cb = self.geometry.cluster_bits();
+                let ws = self.ws()?;
+                if let Some((old, n)) = ws.refcounts.table_switched() {
+                    let first = old >> cb;
+                    ws.pending_frees.extend(first..first + u64::from(n));
+                }
+            }
+        }
+        self.sync()
+    }
+
+    /// Allocates `n` contiguous clusters; returns the host offset.
+    pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+        let path = self.path.clone();
+        let cb = self.geometry.cluster_bits();
+        let storage = self.storage.as_ref();
+        let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+            path: path.clone(),
+            why: "read-only".into(),
+        })?;
+        let first = ws.refcounts.alloc_contiguous(storage, &path, n)?;
+        Ok(first << cb)
+    }
+
+    /// Allocates up to `max` contiguous clusters (at least one).
+    fn alloc_run(&mut self, max: u64) -> Result<(u64, u64)> {
+        let path = self.path.clone();
+        let storage = self.storage.as_ref();
+        let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+            path: path.clone(),
+            why: "read-only".into(),
+        })?;
+        ws.refcounts.alloc_run(storage, &path, max)
+    }
+
+    /// The L2 table for L1 index `l1i`, made writable: allocated when
+    /// missing, copied when shared with a snapshot. Returns its offset.
+    fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+        let i = usize::try_from(l1i)
+            .ok()
+            .filter(|i| *i < self.l1.len())
+            .ok_or_else(|| {
+                Error::corrupt(
+                    &self.path,
+                    self.header.l1_table_offset,
+                    format!("L1 index {l1i} outside the L1 table"),
+                )
+            })?;
+        let e = L1Entry(self.l1[i]);
+        if let (Some(off), true) = (e.l2_offset(), e.copied()) {
+            return Ok(off.0);
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        let content = match e.l2_offset() {
+            Some(old) => self.l2_table(old.0)?.as_ref().clone(),
+            None => vec![0u8; cs],
+        };
+        let new = self.alloc_contiguous(1)?;
+        self.write_bytes(&content, new, "write L2 table")?;
+        self.barrier()?;
+        let entry = L1Entry::new(strata_format::HostOffset(new), true);
+        let at = self.header.l1_table_offset + 8 * l1i;
+        self.write_bytes(&entry.0.to_be_bytes(), at, "write L1 entry")?;
+        self.l1[i] = entry.0;
+        self.l2_cache
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(new, Arc::new(content));
+        if let Some(old) = e.l2_offset() {
+            let cb = self.geometry.cluster_bits();
+            self.ws()?.pending_frees.push(old.0 >> cb);
+        }
+        Ok(new)
+    }
+
+    /// The guest view of this image alone at `[guest, guest+buf.len())`
+    /// inside one cluster, falling through to `backing` where unallocated.
+    fn old_view(&self, e: L2Entry, guest: u64, buf: &mut [u8], backing: BackingRead) -> Result<()> {
+        let geo = self.geometry;
+        let scs = geo.subcluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let g = guest + done as u64;
+            let sc = (geo.in_cluster(g) / scs) as u32;
+            let n = ((scs - g % scs) as usize).min(buf.len() - done);
+            let chunk = &mut buf[done..done + n];
+            let state = e.state(geo, sc).map_err(|what| {
+                Error::corrupt(&self.path, 0, format!("L2 entry for {g:#x}: {what}"))
+            })?;
+            match state {
+                SubclusterState::Unallocated => backing(chunk, g)?,
+                SubclusterState::Zero { .. } => chunk.fill(0),
+                SubclusterState::Data { host } => {
+                    let h = host.0 + g % scs;
+                    self.storage
+                        .read_at(chunk, h)
+                        .map_err(|e| Error::io(&self.path, "read data", h, e))?;
+                }
+                SubclusterState::Compressed(d) => {
+                    let c = self.decompress(d)?;
+                    let at = geo.in_cluster(g) as usize;
+                    chunk.copy_from_slice(&c[at..at + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn freed_by(&self, e: L2Entry) -> Vec<u64> {
+        let geo = self.geometry;
+        if let Some(d) = e.compressed_descriptor(geo) {
+            let (a, b) = d.host_clusters(geo);
+            return (a..=b).collect();
+        }
+        e.host_cluster()
+            .map(|h| vec![h.0 >> geo.cluster_bits()])
+            .unwrap_or_default()
+    }
+
+    /// Plans a data write of `data` at `[a, a+data.len())` inside the
+    /// cluster starting at guest `cstart`, whose entry is `e`.
+    fn plan_write(
+        &self,
+        idx: u64,
+        e: L2Entry,
+        cstart: u64,
+        a: u64,
+        data: &[u8],
+        backing: BackingRead,
+    ) -> Result<Plan> {
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let b = a + data.len() as u64;
+        if !geo.extended_l2() {
+            let state = e.state(geo, 0).map_err(|what| {
+                Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
+            })?;
+            if let (SubclusterState::Data { host }, true) = (state, e.copied()) {
+                return Ok(Plan {
+                    idx,
+                    old: e,
+                    new: e,
+                    dest: Some(host.0),
+                    writes: vec![(a, data.to_vec())],
+                    frees: vec![],
+                });
+            }
+            let mut buf = vec![0u8; cs as usize];
+            if a != 0 || b != cs {
+                self.old_view(e, cstart, &mut buf, backing)?;
+            }
+            buf[a as usize..b as usize].copy_from_slice(data);
+            let reuse = match state {
+                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.0),
+                _ => None,
+            };
+            let frees = if reuse.is_some() {
+                vec![]
+            } else {
+                self.freed_by(e)
+            };
+            // The host offset of a new cluster is filled in once allocated.
+            let new = L2Entry {
+                word: reuse.unwrap_or(0) | OFLAG_COPIED,
+                bitmap: 0,
+            };
+            return Ok(Plan {
+                idx,
+                old: e,
+                new,
+                dest: reuse,
+                writes: vec![(0, buf)],
+                frees,
+            });
+        }
+        // Extended L2: subcluster granularity.
+        let scs = geo.subcluster_size();
+        let (sa, sb) = (a / scs, (b - 1) / scs);
+        let mut touched = 0u64;
+        for sc in sa..=sb {
+            touched |= 1 << sc;
+        }
+        let host = e.host_cluster();
+        if let (Some(h), true, false) = (host, e.copied(), e.compressed()) {
+            let start = sa * scs;
+            let end = (sb + 1) * scs;
+            let mut buf = vec![0u8; (end - start) as usize];
+            if a != start || b != end {
+                self.old_view(e, cstart + start, &mut buf, backing)?;
+            }
+            buf[(a - start) as usize..(b - start) as usize].copy_from_slice(data);
+            let new = L2Entry {
+                word: e.word,
+                bitmap: (e.bitmap | touched) & !(touched << 32),
+            };
+            return Ok(Plan {
+                idx,
+                old: e,
+                new,
+                dest: Some(h.0),
+                writes: vec![(start, buf)],
+                frees: vec![],
+            });
+        }
+        // A new cluster: copy what the old one held, keep the bits of the rest.
+        let mut buf = vec![0u8; cs as usize];
+        self.old_view(e, cstart, &mut buf, &|b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        })?;
+        if a != sa * scs || b != (sb + 1) * scs {
+            // Partly written subclusters read through to the backing file.
+            for sc in [sa, sb] {
+                if e.state(geo, sc as u32) == Ok(SubclusterState::Unallocated) {
+                    let s = (sc * scs) as usize;
+                    backing(&mut buf[s..s + scs as usize], cstart + sc * scs)?;
+                }
+            }
+        }
+        buf[a as usize..b as usize].copy_from_slice(data);
+        let old_bits = if e.compressed() {
+            0xffff_ffff
+        } else {
+            e.bitmap
+        };
+        let new_bitmap = (old_bits | touched) & !(touched << 32);
+        let new = L2Entry {
+            word: OFLAG_COPIED,
+            bitmap: new_bitmap,
+        };
+        Ok(Plan {
+            idx,
+            old: e,
+            new,
+            dest: None,
+            writes: vec![(0, buf)],
+            frees: self.freed_by(e),
+        })
+    }
+
+    /// Writes `data` at guest `offset`. `backing` reads the layers below
+    /// (for copy-on-write of partly written clusters).
+    pub fn write(&mut self, offset: u64, data: &[u8], backing: BackingRead) -> Result<()> {
+        self.check_range(offset, data.len() as u64)?;
+        self.begin_write()?;
+        let mut done = 0u64;
+        while done < data.len() as u64 {
+            let pos = offset + done;
+            let n = self.chunk_len(pos, data.len() as u64 - done);
+            self.write_chunk(pos, &data[done as usize..(done + n) as usize], backing)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.virtual_size();
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Length of the next step: within one L2 table and WRITE_CHUNK.
+    fn chunk_len(&self, pos: u64, remaining: u64) -> u64 {
+        let span = self.geometry.l2_span();
+        let table_end = (pos / span + 1) * span;
+        let chunk_end = (pos / WRITE_CHUNK + 1) * WRITE_CHUNK;
+        remaining
+            .min(table_end - pos)
+            .min((chunk_end - pos).max(self.geometry.cluster_size()))
+    }
+
+    fn write_chunk(&mut self, off: u64, data: &[u8], backing: BackingRead) -> Result<()> {
+        let geo = self.geometry;
+        let cb = geo.cluster_bits();
+        let cs = geo.cluster_size();
+        let l1i = geo.l1_index(GuestOffset(off));
+        let toff = self.l2_for_write(l1i)?;
+        let table = self.l2_table(toff)?;
+        let end = off + data.len() as u64;
+        let mut plans = Vec::new();
+        for c in (off >> cb)..=((end - 1) >> cb) {
+            let cstart = c << cb;
+            let a = off.max(cstart);
+            let b = end.min(cstart + cs);
+            let idx = geo.l2_index(GuestOffset(cstart));
+            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                path: self.path.clone(),
+                source,
+            })?;
+            let slice = &data[(a - off) as usize..(b - off) as usize];
+            plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
+        }
+        self.execute(toff, plans)
+    }
+
+    /// Allocates, writes data, then (after a barrier) the L2 entries.
+    fn execute(&mut self, toff: u64, mut plans: Vec<Plan>) -> Result<()> {
+        let cb = self.geometry.cluster_bits();
+        // Allocate new clusters, in runs; their entries get the offsets.
+        let need: Vec<usize> = (0..plans.len())
+            .filter(|i| plans[*i].dest.is_none())
+            .collect();
+        let mut k = 0;
+        while k < need.len() {
+            let (first, n) = self.alloc_run((need.len() - k) as u64)?;
+            for j in 0..n as usize {
+                let p = &mut plans[need[k + j]];
+                let host = (first + j as u64) << cb;
+                p.dest = Some(host);
+                p.new.word |= host;
+            }
+            k += n as usize;
+        }
+        // Coalesce the data writes by host offset.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        for p in &mut plans {
+            let dest = p.dest.unwrap_or(0);
+            for (at, bytes) in std::mem::take(&mut p.writes) {
+                let h = dest + at;
+                match writes.last_mut() {
+                    Some((lh, lb)) if *lh + lb.len() as u64 == h && lb.len() < (32 << 20) => {
+                        lb.extend_from_slice(&bytes)
+                    }
+                    _ => writes.push((h, bytes)),
+                }
+            }
+        }
+        for (h, bytes) in &writes {
+            self.write_bytes(bytes, *h, "write data")?;
+        }
+        if plans.iter().all(|p| p.new == p.old) {
+            return Ok(());
+        }
+        self.barrier()?;
+        self.update_l2(toff, &plans)
+    }
+
+    /// Writes the changed entries of an L2 table and queues the frees.
+    fn update_l2(&mut self, toff: u64, plans: &[Plan]) -> Result<()> {
+        let geo = self.geometry;
+        let mut table = self.l2_table(toff)?.as_ref().clone();
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        let mut frees = Vec::new();
+        for p in plans.iter().filter(|p| p.new != p.old) {
+            p.new
+                .write(&mut table, geo, p.idx)
+                .map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            lo = lo.min(p.idx);
+            hi = hi.max(p.idx);
+            frees.extend_from_slice(&p.frees);
+        }
+        if lo > hi {
+            return Ok(());
+        }
+        let es = geo.l2_entry_size();
+        let (s, e) = ((lo * es) as usize, ((hi + 1) * es) as usize);
+        self.write_bytes(&table[s..e], toff + lo * es, "write L2 entries")?;
+        self.l2_cache
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(toff, Arc::new(table));
+        self.ws()?.pending_frees.extend(frees);
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. With `unmap`, host
+    /// clusters are released where possible. v2 images (no zero flag)
+    /// get explicit zeros.
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        backing: BackingRead,
+    ) -> Result<()> {
+        self.zero_range(offset, len, ZeroMode::Zero { unmap }, backing)
+    }
+
+    /// Discards `[offset, offset+len)` as QEMU's qcow2 driver does: whole
+    /// clusters only; they then read as zeros on v3 images (when there is
+    /// a backing file or they were allocated) and fall through to the
+    /// backing file on v2 images.
+    pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        let zero_backing = |b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        };
+        self.zero_range(
+            offset,
+            len,
+            ZeroMode::Discard { has_backing },
+            &zero_backing,
+        )
+    }
+
+    fn zero_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+        backing: BackingRead,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.begin_write()?;
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let size = self.virtual_size();
+        let end = offset + len;
+        let v3 = self.header.version >= 3;
+        if let ZeroMode::Zero { .. } = mode {
+            if !v3 {
+                // No zero flag: write zeros, in bounded pieces.
+                let mut pos = offset;
+                while pos < end {
+                    let n = (end - pos).min(WRITE_CHUNK);
+                    self.write(pos, &vec![0u8; n as usize], backing)?;
+                    pos += n;
+                }
+                return Ok(());
+            }
+        }
+        let gran = match mode {
+            ZeroMode::Zero { .. } => geo.subcluster_size(),
+            ZeroMode::Discard { .. } => cs,
+        };
+        // Whole units inside the range (the unit at the end of the disk counts
+        // when the range reaches the end).
+        let first = offset.div_ceil(gran) * gran;
+        let last = if end == size {
+            end.div_ceil(gran) * gran
+        } else {
+            end / gran * gran
+        };
+        if let ZeroMode::Zero { .. } = mode {
+            // Partial units at the edges: explicit zeros.
+            let head_end = first.min(end);
+            if offset < head_end {
+                self.write(offset, &vec![0u8; (head_end - offset) as usize], backing)?;
+            }
+            let tail_start = last.max(head_end);
+            if tail_start < end && first <= last {
+                self.write(tail_start, &vec![0u8; (end - tail_start) as usize], backing)?;
+            }
+        }
+        if first >= last {
+            return Ok(());
+        }
+        let mut pos = first;
+        while pos < last {
+            let n = self.chunk_len(pos, last - pos);
+            self.zero_chunk(pos, pos + n, mode, backing)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes whole units in `[start, end)` inside one L2 table.
+    fn zero_chunk(
+        &mut self,
+        start: u64,
+        end: u64,
+        mode: ZeroMode,
+        backing: BackingRead,
+    ) -> Result<()> {
+        let geo = self.geometry;
+        let cb = geo.cluster_bits();
+        let cs = geo.cluster_size();
+        let scs = geo.subcluster_size();
+        let l1i = geo.l1_index(GuestOffset(start));
+        // A discard of a range with no L2 table and no backing changes nothing.
+        let has_table = L1Entry(self.l1.get(l1i as usize).copied().unwrap_or(0))
+            .l2_offset()
+            .is_some();
+        if let ZeroMode::Discard { has_backing: false } = mode {
+            if !has_table {
+                return Ok(());
+            }
+        }
+        let toff = self.l2_for_write(l1i)?;
+        let table = self.l2_table(toff)?;
+        let mut plans = Vec::new();
+        for c in (start >> cb)..=((end - 1) >> cb) {
+            let cstart = c << cb;
+            let idx = geo.l2_index(GuestOffset(cstart));
+            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                path: self.path.clone(),
+                source,
+            })?;
+            let a = start.max(cstart) - cstart;
+            let b = end.min(cstart + cs) - cstart;
+            let whole = a == 0 && b >= cs.min(self.virtual_size() - cstart);
+            let new = match mode {
+                ZeroMode::Discard { has_backing } => {
+                    let allocated = e.host_cluster().is_some() || e.compressed();
+                    if self.header.version < 3 {
+                        L2Entry::default()
+                    } else if has_backing || allocated {
+                        if geo.extended_l2() {
+                            L2Entry {
+                                word: 0,
+                                bitmap: 0xffff_ffff << 32,
+                            }
+                        } else {
+                            L2Entry {
+                                word: OFLAG_ZERO,
+                                bitmap: 0,
+                            }
+                        }
+                    } else {
+                        L2Entry::default()
+                    }
+                }
+                ZeroMode::Zero { unmap } => {
+                    if !geo.extended_l2() {
+                        let keep =
+                            !unmap && e.copied() && !e.compressed() && e.host_cluster().is_some();
+                        if keep {
+                            L2Entry {
+                                word: (e.word & OFFSET_MASK) | OFLAG_COPIED | OFLAG_ZERO,
+                                bitmap: 0,
+                            }
+                        } else {
+                            L2Entry {
+                                word: OFLAG_ZERO,
+                                bitmap: 0,
+                            }
+                        }
+                    } else {
+                        if e.compressed() && !whole {
+                            // Decompress into a plain cluster first, then zero.
+                            let zeros = vec![0u8; (b - a) as usize];
+                            let p = self.plan_write(idx, e, cstart, a, &zeros, backing)?;
+                            plans.push(p);
+                            continue;
+                        }
+                        let mut zbits = 0u64;
+                        for sc in (a / scs)..(b.div_ceil(scs)).min(32) {
+                            zbits |= 1 << sc;
+                        }
+                        let bitmap = if e.compressed() { 0 } else { e.bitmap };
+                        let bitmap = (bitmap & !zbits) | (zbits << 32);
+                        let all_zero = bitmap & 0xffff_ffff == 0;
+                        let drop_host = e.compressed() || (all_zero && (unmap || !e.copied()));
+                        if drop_host {
+                            L2Entry {
+                                word: 0,
+                                bitmap: bitmap & !0xffff_ffff,
+                            }
+                        } else {
+                            L2Entry {
+                                word: e.word,
+                                bitmap,
+                            }
+                        }
+                    }
+                }
+            };
+            if new == e {
+                continue;
+            }
+            let kept = new.host_cluster().is_some() && new.host_cluster() == e.host_cluster();
+            let frees = if kept { vec![] } else { self.freed_by(e) };
+            plans.push(Plan {
+                idx,
+                old: e,
+                new,
+                dest: new.host_cluster().map(|h| h.0),
+                writes: vec![],
+                frees,
+            });
+        }
+        if plans.iter().any(|p| !p.writes.is_empty()) {
+            return self.execute(toff, plans);
+        }
+        self.update_l2(toff, &plans)
+    }
+
+    /// Makes every write durable and releases clusters that lost their
+    /// last pointer.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.rw.is_none() {
+            return Ok(());
+        }
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        self.barrier()?;
+        let frees = std::mem::take(&mut self.ws()?.pending_frees);
+        if frees.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        {
+            let storage = self.storage.as_ref();
+            let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+                path: path.clone(),
+                why: "read-only".into(),
+            })?;
+            for ci in frees {
+                ws.refcounts.adjust(storage, &path, ci, -1)?;
+            }
+            ws.refcounts.rewind();
+        }
+        self.barrier()
+    }
+
+    /// Grows the virtual disk to `new_size` (growing the L1 table when
+    /// needed). Shrinking is refused.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        self.begin_write()?;
+        let old = self.virtual_size();
+        if new_size < old {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "shrinking an image is not supported".into(),
+            });
+        }
+        if new_size > strata_format::limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "size {new_size} is too large"
+            )));
+        }
+        let need = self.geometry.l1_entries_for(new_size);
+        if need * 8 > strata_format::limits::MAX_L1_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "size {new_size} needs an L1 table over the limit"
+            )));
+        }
+        if need > self.l1.len() as u64 {
+            let clusters = self.geometry.clusters_for(need * 8);
+            let new_off = self.alloc_contiguous(clusters)?;
+            let mut l1 = self.l1.clone();
+            l1.resize(need as usize, 0);
+            let mut raw = strata_format::table::encode_u64_table(&l1);
+            raw.resize((clusters * self.geometry.cluster_size()) as usize, 0);
+            self.write_bytes(&raw, new_off, "write L1 table")?;
+            self.barrier()?;
+            let old_l1 = (self.header.l1_table_offset, self.l1.len() as u64);
+            self.header.l1_table_offset = new_off;
+            self.header.l1_size = need as u32;
+            self.header.size = new_size;
+            self.write_header()?;
+            self.sync()?;
+            self.l1 = l1;
+            if old_l1.1 > 0 {
+                let cb = self.geometry.cluster_bits();
+                let first = old_l1.0 >> cb;
+                let n = self.geometry.clusters_for(old_l1.1 * 8);
+                self.ws()?.pending_frees.extend(first..first + n);
+            }
+        } else {
+            self.header.size = new_size;
+            self.write_header()?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the backing file name and format in the header (nothing
+    /// else: the unsafe `rebase -u`). `None` removes the backing file.
+    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.begin_write()?;
+        let mut h = self.header.clone();
+        h.extensions
+            .retain(|e| !matches!(e, strata_format::Extension::BackingFormat(_)));
+        match backing {
+            Some((name, fmt)) => {
+                h.backing_file = Some(name.to_string());
+                h.extensions
+                    .insert(0, strata_format::Extension::BackingFormat(fmt.to_string()));
+            }
+            None => h.backing_file = None,
+        }
+        h.layout().map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.flush()?;
+        self.header = h;
+        self.write_header()?;
+        self.sync()
+    }
+
+    /// Removes the bitmaps extension and queues its clusters for freeing.
+    fn drop_bitmaps(&mut self) -> Result<()> {
+        Err(Error::Unsupported {
+            path: self.path.clone(),
+            what: "writing images with persistent bitmaps is not supported yet".into(),
+        })
+    }
+
+    /// Recomputes every refcount from the references and rewrites the
+    /// refcount structures (used for dirty images and `check -r all`).
+    pub fn rebuild_refcounts(&mut self) -> Result<()> {
+        Err(Error::Unsupported {
+            path: self.path.clone(),
+            what: "the image is dirty (lazy refcounts); repairing it is not supported yet".into(),
+        })
+    }
+
+    /// Whether the image has a `poisoned` state from an earlier I/O error.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+}
+
+impl Qcow2Image {
+    /// Allocates every L2 table and data cluster of the disk (entries
+    /// point at clusters that read as zeros: the file is extended sparse).
+    pub fn preallocate_metadata(&mut self) -> Result<()> {
+        self.begin_write()?;
+        let geo = self.geometry;
+        let cb = geo.cluster_bits();
+        let size = self.virtual_size();
+        let clusters = geo.clusters_for(size);
+        let mut c = 0u64;
+        while c < clusters {
+            let g = c << cb;
+            let toff = self.l2_for_write(geo.l1_index(GuestOffset(g)))?;
+            let table = self.l2_table(toff)?;
+            let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset(g))).min(clusters - c);
+            let mut plans = Vec::new();
+            for j in 0..in_table {
+                let idx = geo.l2_index(GuestOffset((c + j) << cb));
+                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?;
+                if e.host_cluster().is_none() && !e.compressed() {
+                    plans.push(Plan {
+                        idx,
+                        old: e,
+                        new: e,
+                        dest: None,
+                        writes: vec![],
+                        frees: vec![],
+                    });
+                }
+            }
+            let mut k = 0;
+            while k < plans.len() {
+                let (first, n) = self.alloc_run((plans.len() - k) as u64)?;
+                for j in 0..n as usize {
+                    let p = &mut plans[k + j];
+                    let host = (first + j as u64) << cb;
+                    p.dest = Some(host);
+                    p.new = if geo.extended_l2() {
+                        L2Entry {
+                            word: host | OFLAG_COPIED,
+                            bitmap: 0xffff_ffff << 32,
+                        }
+                    } else {
+                        L2Entry {
+                            word: host | OFLAG_COPIED | OFLAG_ZERO,
+                            bitmap: 0,
+                        }
+                    };
+                    if self.header.version < 3 {
+                        // No zero flag on v2: the data clusters must read zeros.
+                        p.new.word &= !OFLAG_ZERO;
+                        p.writes.push((0, vec![0u8; geo.cluster_size() as usize]));
+                    }
+                }
+                k += n as usize;
+            }
+            let mut end = 0;
+            for p in &mut plans {
+                let dest = p.dest.unwrap_or(0);
+                end = end.max(dest + geo.cluster_size());
+                for (at, bytes) in std::mem::take(&mut p.writes) {
+                    self.write_bytes(&bytes, dest + at, "write data")?;
+                }
+            }
+            // The clusters must exist in the file (they read as zeros).
+            let len = self
+                .storage
+                .len()
+                .map_err(|e| Error::io(&self.path, "stat", 0, e))?;
+            if end > len {
+                self.storage
+                    .set_len(end)
+                    .map_err(|e| Error::io(&self.path, "extend file", end, e))?;
+            }
+            self.barrier()?;
+            self.update_l2(toff, &plans)?;
+            c += in_table;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,329 @@
+//! The write path against QEMU: images Strata creates and writes pass
+//! `qemu-img check`, and the same operations applied by `qemu-io` to a twin
+//! give `qemu-img compare`-identical images.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use strata_image::create::{create_qcow2, CreateOptions};
+use strata_image::{Chain, FileStorage, ImageFormat, OpenOptions};
+
+/// One guest operation, applied to both twins.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write { off: u64, len: u64, pattern: u8 },
+    Zero { off: u64, len: u64 },
+    Discard { off: u64, len: u64 },
+}
+
+impl Op {
+    fn qemu_io(&self) -> String {
+        match *self {
+            Op::Write { off, len, pattern } => format!("write -P {pattern} {off} {len}"),
+            Op::Zero { off, len } => format!("write -z {off} {len}"),
+            Op::Discard { off, len } => format!("discard {off} {len}"),
+        }
+    }
+    fn apply(&self, chain: &mut Chain) {
+        match *self {
+            Op::Write { off, len, pattern } => {
+                chain.write_at(&vec![pattern; len as usize], off).unwrap()
+            }
+            Op::Zero { off, len } => chain.write_zeroes(off, len, false).unwrap(),
+            Op::Discard { off, len } => chain.discard(off, len).unwrap(),
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn random_ops(seed: u64, size: u64, n: usize, align: u64) -> Vec<Op> {
+    let mut r = Rng(seed | 1);
+    (0..n)
+        .map(|_| {
+            let kind = r.below(10);
+            // Mostly unaligned, sometimes cluster-sized, ranges.
+            let off = if r.below(2) == 0 {
+                r.below(size / align) * align
+            } else {
+                r.below(size - 1)
+            };
+            let max = (size - off).min(align * 5);
+            let len = (r.below(max) + 1).min(size - off);
+            match kind {
+                0..=5 => Op::Write {
+                    off,
+                    len,
+                    pattern: (r.below(255) + 1) as u8,
+                },
+                6..=8 => Op::Zero { off, len },
+                _ => Op::Discard { off, len },
+            }
+        })
+        .collect()
+}
+
+fn check_clean(img: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-U", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {} failed:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn compare(a: &Path, b: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", a.to_str().unwrap(), b.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Makes a base with data, and two overlays on it: one by qemu-img, one by Strata.
+fn twins(dir: &Path, create_opts: &str, opts: &CreateOptions, size: u64) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    qemu_io(
+        &base,
+        &[
+            "write -P 0xb1 0 100k",
+            &format!("write -P 0xb2 {} 300k", size / 2),
+        ],
+    );
+    let q = dir.join("q.qcow2");
+    let o = format!("{create_opts}backing_file=base.qcow2,backing_fmt=qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &o,
+        q.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let s = dir.join("s.qcow2");
+    let mut opts = opts.clone();
+    opts.size = size;
+    opts.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
+    create_qcow2(Box::new(FileStorage::create(&s).unwrap()), &s, &opts).unwrap();
+    (q, s)
+}
+
+fn run_twin(create_opts: &str, opts: CreateOptions, seed: u64, align: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let (q, s) = twins(dir.path(), create_opts, &opts, size);
+    check_clean(&s);
+    let ops = random_ops(seed, size, 40, align);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&q, &cmd_refs);
+    {
+        let mut chain = Chain::open(
+            &s,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for op in &ops {
+            op.apply(&mut chain);
+        }
+        chain.flush().unwrap();
+    }
+    check_clean(&s);
+    compare(&q, &s);
+}
+
+#[test]
+fn strata_overlays_match_qemu_io_twins_for_every_cluster_size() {
+    if skip() {
+        return;
+    }
+    for (cs, seed) in [(512u64, 7u64), (4096, 11), (65536, 13), (2 << 20, 17)] {
+        let opts = CreateOptions {
+            cluster_size: cs,
+            ..Default::default()
+        };
+        run_twin(&format!("cluster_size={cs},"), opts, seed, cs);
+    }
+}
+
+#[test]
+fn strata_overlays_match_qemu_io_twins_with_extended_l2_v2_and_refcount_widths() {
+    if skip() {
+        return;
+    }
+    run_twin(
+        "extended_l2=on,",
+        CreateOptions {
+            extended_l2: true,
+            ..Default::default()
+        },
+        23,
+        2048,
+    );
+    run_twin(
+        "compat=0.10,",
+        CreateOptions {
+            compat_v2: true,
+            ..Default::default()
+        },
+        29,
+        65536,
+    );
+    run_twin(
+        "refcount_bits=1,",
+        CreateOptions {
+            refcount_bits: 1,
+            ..Default::default()
+        },
+        31,
+        65536,
+    );
+    run_twin(
+        "refcount_bits=64,cluster_size=512,",
+        CreateOptions {
+            refcount_bits: 64,
+            cluster_size: 512,
+            ..Default::default()
+        },
+        37,
+        512,
+    );
+}
+
+#[test]
+fn created_images_pass_qemu_img_check_and_report_their_options() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, CreateOptions)> = vec![
+        ("default", CreateOptions::default()),
+        (
+            "v2",
+            CreateOptions {
+                compat_v2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "ext",
+            CreateOptions {
+                extended_l2: true,
+                cluster_size: 32768,
+                ..Default::default()
+            },
+        ),
+        (
+            "rc1",
+            CreateOptions {
+                refcount_bits: 1,
+                ..Default::default()
+            },
+        ),
+        (
+            "rc64",
+            CreateOptions {
+                refcount_bits: 64,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ),
+        (
+            "lazy",
+            CreateOptions {
+                lazy_refcounts: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "zstd",
+            CreateOptions {
+                compression_type: strata_format::CompressionType::Zstd,
+                ..Default::default()
+            },
+        ),
+        (
+            "prealloc",
+            CreateOptions {
+                preallocation: strata_image::create::Preallocation::Metadata,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        ),
+        (
+            "big512",
+            CreateOptions {
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, mut opts) in cases {
+        let p = dir.path().join(format!("{name}.qcow2"));
+        opts.size = if name == "big512" { 3 << 30 } else { 64 << 20 };
+        create_qcow2(Box::new(FileStorage::create(&p).unwrap()), &p, &opts).unwrap();
+        check_clean(&p);
+        let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+            "info",
+            "-U",
+            "--output",
+            "json",
+            p.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(info["virtual-size"], opts.size, "{name}");
+        assert_eq!(info["cluster-size"], opts.cluster_size, "{name}");
+        let data = &info["format-specific"]["data"];
+        assert_eq!(
+            data["compat"],
+            if opts.compat_v2 { "0.10" } else { "1.1" },
+            "{name}"
+        );
+        assert_eq!(data["refcount-bits"], opts.refcount_bits, "{name}");
+        if !opts.compat_v2 {
+            assert_eq!(data["lazy-refcounts"], opts.lazy_refcounts, "{name}");
+            assert_eq!(data["extended-l2"], opts.extended_l2, "{name}");
+            assert_eq!(
+                data["compression-type"],
+                opts.compression_type.name(),
+                "{name}"
+            );
+        }
+    }
+}
