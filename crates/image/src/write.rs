@@ -65,6 +65,9 @@ enum ZeroMode {
     Zero { unmap: bool },
     /// discard: as QEMU's qcow2 discard (whole clusters only).
     Discard { has_backing: bool },
+    /// Whole clusters become unallocated: reads fall through to the backing
+    /// file (QEMU's full discard; what emptying an image after commit does).
+    Deallocate,
 }
 
 impl Qcow2Image {
@@ -599,6 +602,18 @@ impl Qcow2Image {
         )
     }
 
+    /// Makes the whole clusters in `[offset, offset+len)` unallocated, so
+    /// that they read through to the backing file, and queues their host
+    /// clusters for freeing. Partial clusters at the edges are left as
+    /// they are (except at the end of the disk).
+    pub fn deallocate(&mut self, offset: u64, len: u64) -> Result<()> {
+        let zero_backing = |b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        };
+        self.zero_range(offset, len, ZeroMode::Deallocate, &zero_backing)
+    }
+
     fn zero_range(
         &mut self,
         offset: u64,
@@ -627,7 +642,7 @@ impl Qcow2Image {
         }
         let gran = match mode {
             ZeroMode::Zero { .. } => geo.subcluster_size(),
-            ZeroMode::Discard { .. } => cs,
+            ZeroMode::Discard { .. } | ZeroMode::Deallocate => cs,
         };
         // Whole units inside the range (the unit at the end of the disk counts
         // when the range reaches the end).
@@ -677,10 +692,12 @@ impl Qcow2Image {
         let has_table = L1Entry(self.l1.get(l1i as usize).copied().unwrap_or(0))
             .l2_offset()
             .is_some();
-        if let ZeroMode::Discard { has_backing: false } = mode {
-            if !has_table {
-                return Ok(());
-            }
+        if matches!(
+            mode,
+            ZeroMode::Discard { has_backing: false } | ZeroMode::Deallocate
+        ) && !has_table
+        {
+            return Ok(());
         }
         let toff = self.l2_for_write(l1i)?;
         let table = self.l2_table(toff)?;
@@ -696,6 +713,7 @@ impl Qcow2Image {
             let b = end.min(cstart + cs) - cstart;
             let whole = a == 0 && b >= cs.min(self.virtual_size() - cstart);
             let new = match mode {
+                ZeroMode::Deallocate => L2Entry::default(),
                 ZeroMode::Discard { has_backing } => {
                     let allocated = e.host_cluster().is_some() || e.compressed();
                     if self.header.version < 3 {
