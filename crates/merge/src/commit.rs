@@ -1,0 +1,336 @@
+//! Commit: merge the top image (and the layers between it and the base)
+//! into the base, then empty the top.
+//!
+//! Protocol (docs/merge-protocol.md): grow the base if needed; copy every
+//! extent the merged layers allocate into the base (data as data, zeros as
+//! zeros); flush the base; when the base is deeper than the immediate
+//! backing file, re-point the top at the base (one header write); then
+//! empty the top (every cluster unallocated) and flush. At every moment the
+//! top reads the same; a rerun after a crash redoes the idempotent copy and
+//! finishes.
+
+use std::path::{Path, PathBuf};
+
+use strata_image::chain::resolve_in;
+use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
+
+use crate::error::{MergeError, Result};
+use crate::open::{self, layer_id};
+use crate::progress::Hooks;
+use crate::walk::{self, Job, Kind, Plan, Seg, Stats};
+
+/// Options of [`commit`] (qemu-img commit's `-b`, `-d`, plus Strata's
+/// guard and dry run).
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// The image to commit into (`-b`): a file of the top's backing chain,
+    /// as a path (relative to the working directory or to the top's
+    /// directory). `None`: the top's immediate backing file.
+    pub base: Option<PathBuf>,
+    /// Leave the top's clusters in place instead of emptying it (`-d`).
+    pub keep_top: bool,
+    /// Commit even when other images use the base as their backing file.
+    pub force: bool,
+    /// Plan only: open (read-only), check, compute the plan, change nothing.
+    pub dry_run: bool,
+    /// More images to check for the guard, besides those in the base's
+    /// directory (e.g. the disks of other domains).
+    pub also_check: Vec<PathBuf>,
+}
+
+/// What [`commit`] did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    /// The top image.
+    pub top: PathBuf,
+    /// The base committed into.
+    pub base: PathBuf,
+    /// Number of images whose data went into the base (top included).
+    pub layers_merged: usize,
+    /// The plan (metadata walk before anything was written).
+    pub plan: Plan,
+    /// What was written (zero for a dry run).
+    pub stats: Stats,
+    /// `(old, new)` virtual size when the base was grown to the top's.
+    pub base_resized: Option<(u64, u64)>,
+    /// The backing name recorded in the top when it was re-pointed at a
+    /// deeper base.
+    pub top_repointed: Option<String>,
+    /// Whether the top was emptied.
+    pub top_emptied: bool,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// The commit as a walk: source = the layers above the base, destination =
+/// the base (as its own chain, for copy-on-write from its backing files).
+struct CommitJob<'a> {
+    upper: &'a [Layer],
+    upper_lens: Vec<u64>,
+    base: &'a mut Chain,
+    size: u64,
+    base_cluster: u64,
+    last_grown: Option<u64>,
+}
+
+impl Job for CommitJob<'_> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn next(&mut self, pos: u64, max: u64) -> Result<Seg> {
+        let r = resolve_in(self.upper, pos, max)?;
+        let len = r.extent.len.min(max);
+        let Some(layer) = self.upper.get(r.depth) else {
+            return Ok(Seg {
+                len,
+                kind: Kind::Skip,
+            });
+        };
+        if !walk::reads_zero(&r) {
+            let flen = self.upper_lens.get(r.depth).copied().unwrap_or(0);
+            walk::check_inside(layer, &r, flen, "commit")?;
+            return Ok(Seg {
+                len,
+                kind: Kind::Copy,
+            });
+        }
+        // Zeros above the base: write them only where the base does not
+        // already read zeros.
+        let b = self.base.resolve(pos, len)?;
+        let len = b.extent.len.clamp(1, len);
+        let kind = if walk::reads_zero(&b) {
+            Kind::Skip
+        } else {
+            Kind::Zero
+        };
+        Ok(Seg { len, kind })
+    }
+
+    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        Ok(strata_image::chain::read_below(self.upper, buf, at)?)
+    }
+
+    fn read_reference(&self, buf: &mut [u8], _at: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write_data(&mut self, buf: &[u8], at: u64) -> Result<()> {
+        Ok(self.base.write_at(buf, at)?)
+    }
+
+    fn write_zeroes(&mut self, at: u64, len: u64) -> Result<()> {
+        Ok(self.base.write_zeroes(at, len, true)?)
+    }
+
+    fn granule(&self) -> u64 {
+        self.base_cluster
+    }
+
+    fn growth(&mut self, at: u64, len: u64) -> Result<u64> {
+        let img = &self.base.top().image;
+        let vs = img.virtual_size();
+        let cs = self.base_cluster;
+        let mut grown = 0u64;
+        let mut count = |s: u64, e: u64, last: &mut Option<u64>| {
+            let first = s / cs;
+            let lastc = (e - 1) / cs;
+            let first = match *last {
+                Some(l) if l >= first => l + 1,
+                _ => first,
+            };
+            if first <= lastc {
+                grown += (lastc - first + 1) * cs;
+            }
+            *last = Some(lastc.max(last.unwrap_or(0)));
+        };
+        let end = at + len;
+        let mut pos = at;
+        while pos < end.min(vs) {
+            let e = img.map(pos, end.min(vs) - pos)?;
+            let n = e.len.clamp(1, end.min(vs) - pos);
+            if !matches!(e.mapping, strata_image::Mapping::Data { .. }) {
+                count(pos, pos + n, &mut self.last_grown);
+            }
+            pos += n;
+        }
+        if end > vs {
+            count(at.max(vs), end, &mut self.last_grown);
+        }
+        Ok(grown)
+    }
+
+    fn growing_file(&self) -> PathBuf {
+        self.base.top().path.clone()
+    }
+}
+
+pub(crate) fn cluster_of(image: &Image) -> u64 {
+    match image {
+        Image::Qcow2(q) => q.geometry().cluster_size(),
+        Image::Raw(_) => 4096,
+    }
+}
+
+/// Commits `top` into its base: see the module documentation and
+/// docs/merge-protocol.md. With `opts.dry_run` nothing is written and the
+/// report carries the plan.
+///
+/// Refuses, before writing anything: a top without backing file, a base
+/// not in the chain, a damaged image (corrupt bit, tables or data pointers
+/// outside the file), an image the write path cannot keep (dirty, with
+/// bitmaps), and — unless `opts.force` — a base that other images use as
+/// their backing file.
+pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result<CommitReport> {
+    const OP: &str = "commit";
+    let probe_opts = OpenOptions {
+        force_share: true,
+        ..OpenOptions::default()
+    };
+    // Discover the chain (validated: names, formats, loops, depth), then
+    // take the locks, then look again and insist on the same files.
+    let first = Chain::open(top, &probe_opts)?;
+    if first.layers().len() < 2 || first.top().image.format() != ImageFormat::Qcow2 {
+        return Err(MergeError::NoBacking {
+            top: top.to_path_buf(),
+        });
+    }
+    let k = match &opts.base {
+        Some(b) => open::find_layer(&first, top, b)?,
+        None => 1,
+    };
+    let writable = !opts.dry_run;
+    let write_top = writable && (!opts.keep_top || k > 1);
+    let mut locks: Vec<Chain> = Vec::new();
+    let mut top_chain = open::open_alone(top, ImageFormat::Qcow2, write_top)?;
+    for l in first.layers().get(1..k).unwrap_or(&[]) {
+        locks.push(open::open_alone(&l.path, l.image.format(), false)?);
+    }
+    let base_layer = first.layers().get(k).ok_or_else(|| MergeError::NoBacking {
+        top: top.to_path_buf(),
+    })?;
+    let base_path = base_layer.path.clone();
+    let base_format = base_layer.image.format();
+    let mut base = Chain::open(
+        &base_path,
+        &OpenOptions {
+            format: Some(base_format),
+            writable,
+            ..OpenOptions::default()
+        },
+    )?;
+    drop(first);
+    let probe = Chain::open(top, &probe_opts)?;
+    let mut locked_ids = vec![layer_id(top_chain.top())?];
+    for c in &locks {
+        locked_ids.push(layer_id(c.top())?);
+    }
+    locked_ids.push(layer_id(base.top())?);
+    let probe_ids = probe
+        .layers()
+        .iter()
+        .take(k + 1)
+        .map(layer_id)
+        .collect::<Result<Vec<_>>>()?;
+    if probe_ids != locked_ids {
+        return Err(MergeError::InvalidArgument(format!(
+            "{}: the backing chain changed while it was being opened; retry",
+            top.display()
+        )));
+    }
+    let upper = probe.layers().get(..k).unwrap_or(&[]);
+
+    // Refuse damaged or unwritable images before anything is written.
+    for l in upper {
+        open::refuse_damaged(l, OP)?;
+    }
+    if write_top {
+        open::refuse_unwritable(top_chain.top(), OP)?;
+    }
+    if writable {
+        open::refuse_unwritable(base.top(), OP)?;
+    }
+    // The guard: nobody else may read through the base.
+    if !opts.force {
+        let exclude = probe_ids.get(..k).unwrap_or(&[]).to_vec();
+        let users = open::users_of(&base_path, &exclude, &opts.also_check)?;
+        if !users.is_empty() {
+            return Err(MergeError::BaseInUse {
+                base: base_path,
+                users,
+            });
+        }
+    }
+
+    let size = probe.virtual_size();
+    let base_size = base.virtual_size();
+    let upper_lens = upper
+        .iter()
+        .map(|l| {
+            l.image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(&l.path, "stat", e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let base_cluster = cluster_of(&base.top().image);
+    let mut job = CommitJob {
+        upper,
+        upper_lens,
+        base: &mut base,
+        size,
+        base_cluster,
+        last_grown: None,
+    };
+    let plan = walk::plan(&mut job, base_cluster)?;
+    let mut report = CommitReport {
+        top: top.to_path_buf(),
+        base: base_path.clone(),
+        layers_merged: k,
+        plan,
+        stats: Stats::default(),
+        base_resized: (size > base_size).then_some((base_size, size)),
+        top_repointed: None,
+        top_emptied: false,
+        dry_run: opts.dry_run,
+    };
+    if opts.dry_run {
+        return Ok(report);
+    }
+
+    // 1. Grow the base to the top's size (the new part reads as zeros, as
+    //    the top already sees past the base's end).
+    if size > base_size {
+        match &mut job.base.layers_mut()[0].image {
+            Image::Qcow2(q) => q.resize(size)?,
+            Image::Raw(r) => r.resize(size)?,
+        }
+    }
+    // 2. Copy. 3. Make the base durable (also on cancellation).
+    let total = report.plan.total_bytes();
+    let copied = walk::execute(&mut job, total, hooks);
+    job.base.flush()?;
+    report.stats = copied?;
+    drop(job);
+
+    // 4. Re-point the top at a deeper base: the layers in between now add
+    //    nothing the base does not hold.
+    if k > 1 {
+        let name = open::backing_name_for(top, &probe.layers()[k])?;
+        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
+            q.set_backing(Some((&name, base_format.name())))?;
+        }
+        report.top_repointed = Some(name);
+    }
+    // 5. Empty the top: every cluster reads through to the base.
+    if !opts.keep_top {
+        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
+            q.deallocate(0, size)?;
+            q.flush()?;
+        }
+        report.top_emptied = true;
+    }
+    drop(locks);
+    Ok(report)
+}

@@ -1,0 +1,210 @@
+//! Opening chains for a merge, identifying files, refusing unsafe states,
+//! and the guard against committing into a shared base.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use strata_format::header::{has_qcow2_magic, AUTOCLEAR_BITMAPS};
+use strata_image::chain::{is_protocol_name, resolve_backing_path};
+use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
+
+use crate::error::{MergeError, Result};
+
+/// Identity of a file: (device, inode).
+pub(crate) type FileId = (u64, u64);
+
+pub(crate) fn file_id(path: &Path) -> Result<FileId> {
+    let m = std::fs::metadata(path).map_err(|e| MergeError::io(path, "stat", e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Identity of an open layer's file (from its descriptor when it has one).
+pub(crate) fn layer_id(layer: &Layer) -> Result<FileId> {
+    match layer.image.storage().file() {
+        Some(f) => {
+            let m = f
+                .metadata()
+                .map_err(|e| MergeError::io(&layer.path, "stat", e))?;
+            Ok((m.dev(), m.ino()))
+        }
+        None => file_id(&layer.path),
+    }
+}
+
+fn try_id(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The index of the layer of `chain` (below the top) that is the file
+/// `wanted`: as given (relative to the working directory), or else
+/// relative to the top's directory (how qemu-img reads `-b`).
+pub(crate) fn find_layer(chain: &Chain, top: &Path, wanted: &Path) -> Result<usize> {
+    let mut ids = Vec::new();
+    ids.extend(try_id(wanted));
+    ids.extend(try_id(&resolve_backing_path(
+        top,
+        &wanted.to_string_lossy(),
+    )));
+    for (i, l) in chain.layers().iter().enumerate().skip(1) {
+        if let Some(id) = try_id(&l.path) {
+            if ids.contains(&id) {
+                return Ok(i);
+            }
+        }
+    }
+    Err(MergeError::NotInChain {
+        top: top.to_path_buf(),
+        base: wanted.to_path_buf(),
+    })
+}
+
+/// The name `top` should record to reach `layer`: the name the layer above
+/// it recorded when that resolves to the same file from the top's
+/// directory, else the layer's absolute path.
+pub(crate) fn backing_name_for(top: &Path, layer: &Layer) -> Result<String> {
+    if let Some(name) = &layer.named_as {
+        if try_id(&resolve_backing_path(top, name)) == try_id(&layer.path) {
+            return Ok(name.clone());
+        }
+    }
+    let abs = std::fs::canonicalize(&layer.path)
+        .map_err(|e| MergeError::io(&layer.path, "resolve path", e))?;
+    abs.to_str().map(str::to_string).ok_or_else(|| {
+        MergeError::InvalidArgument(format!(
+            "{}: the path is not valid UTF-8 and cannot be recorded as a backing name",
+            abs.display()
+        ))
+    })
+}
+
+/// Refuses an image the operation must not write: corrupt bit set, dirty
+/// (lazy refcounts not repaired), or carrying persistent bitmaps (the
+/// write path cannot keep them yet), before anything is written.
+pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
+    let Image::Qcow2(q) = &layer.image else {
+        return Ok(());
+    };
+    let h = q.header();
+    let why = if h.corrupt() {
+        "the image is marked corrupt (run `strata check -r all` first)"
+    } else if h.dirty() {
+        "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
+    } else if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+        "the image has persistent dirty bitmaps, which Strata's write path cannot keep up to date yet"
+    } else {
+        return Ok(());
+    };
+    Err(MergeError::Refused {
+        path: layer.path.clone(),
+        op,
+        why: why.into(),
+    })
+}
+
+/// Refuses a layer whose header says it is damaged (read, not written).
+pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<()> {
+    if let Image::Qcow2(q) = &layer.image {
+        if q.header().corrupt() {
+            return Err(MergeError::Refused {
+                path: layer.path.clone(),
+                op,
+                why: "the image is marked corrupt (run `strata check -r all` first)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens one image alone (no backing files), with QEMU-compatible locks.
+pub(crate) fn open_alone(path: &Path, format: ImageFormat, writable: bool) -> Result<Chain> {
+    Ok(Chain::open(
+        path,
+        &OpenOptions {
+            format: Some(format),
+            writable,
+            no_backing: true,
+            ..OpenOptions::default()
+        },
+    )?)
+}
+
+/// Reads the backing file name from a qcow2 header (header bytes only;
+/// `None` for files that are not qcow2 or name no backing file).
+fn read_backing_name(path: &Path) -> std::io::Result<Option<String>> {
+    let mut f = File::open(path)?;
+    let mut head = [0u8; 20];
+    let mut got = 0;
+    while got < head.len() {
+        let n = f.read(&mut head[got..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        got += n;
+    }
+    if !has_qcow2_magic(&head) {
+        return Ok(None);
+    }
+    let off = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default());
+    if off == 0 || len == 0 || len > strata_format::limits::MAX_BACKING_NAME {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; len as usize];
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(&mut name, off)?;
+    Ok(String::from_utf8(name).ok())
+}
+
+/// Images that name `base` as their backing file: every regular file with
+/// a qcow2 magic in `base`'s directory, and the `also` paths; files in
+/// `exclude` (the chain being merged) are not counted.
+pub(crate) fn users_of(base: &Path, exclude: &[FileId], also: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let base_id = file_id(base)?;
+    let dir = match base.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut candidates = Vec::new();
+    let entries = std::fs::read_dir(&dir).map_err(|e| MergeError::io(&dir, "list directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| MergeError::io(&dir, "list directory", e))?;
+        let path = entry.path();
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            candidates.push((path, false));
+        }
+    }
+    candidates.extend(also.iter().map(|p| (p.clone(), true)));
+    let mut users = Vec::new();
+    for (path, named) in candidates {
+        let Some(id) = try_id(&path) else {
+            if named {
+                return Err(MergeError::io(
+                    &path,
+                    "open",
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                ));
+            }
+            continue;
+        };
+        if id == base_id || exclude.contains(&id) {
+            continue;
+        }
+        let name = match read_backing_name(&path) {
+            Ok(n) => n,
+            // Unreadable files in the directory are not images we can judge.
+            Err(_) if !named => None,
+            Err(e) => return Err(MergeError::io(&path, "read header", e)),
+        };
+        let Some(name) = name else { continue };
+        if is_protocol_name(&name) {
+            continue;
+        }
+        if try_id(&resolve_backing_path(&path, &name)) == Some(base_id) && !users.contains(&path) {
+            users.push(path);
+        }
+    }
+    users.sort();
+    Ok(users)
+}

@@ -1,0 +1,411 @@
+//! Pull and safe rebase: make the top hold, itself, every range where its
+//! old backing chain and its new backing file (a lower layer of the chain,
+//! another image, or none) read differently; then point it at the new
+//! backing file.
+//!
+//! Protocol (docs/merge-protocol.md): copies go into ranges the top does
+//! not allocate, with exactly the bytes it reads there through its old
+//! backing chain, so its view never changes; the top is flushed (data,
+//! L2/L1 tables, refcounts durable) before the header names the new
+//! backing file, in one header write. A rerun after a crash skips what the
+//! top already holds and finishes.
+
+use std::path::{Path, PathBuf};
+
+use strata_image::chain::{is_protocol_name, read_below, resolve_backing_path, resolve_in};
+use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
+
+use crate::commit::cluster_of;
+use crate::error::{MergeError, Result};
+use crate::open::{self, layer_id};
+use crate::progress::Hooks;
+use crate::walk::{self, Job, Kind, Plan, Seg, Stats};
+
+/// Options of [`pull`] (`strata pull [-b BASE]`).
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Keep this file of the chain (and what is below it) as the top's
+    /// backing file; pull only the layers above it. A path relative to the
+    /// working directory or to the top's directory. `None`: pull
+    /// everything; the top then stands alone.
+    pub base: Option<PathBuf>,
+    /// Plan only: change nothing.
+    pub dry_run: bool,
+}
+
+/// What [`pull`] did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullReport {
+    /// The top image.
+    pub top: PathBuf,
+    /// Number of backing layers whose data was pulled into the top.
+    pub layers_pulled: usize,
+    /// The backing name the top now records (None: no backing file).
+    pub new_backing: Option<String>,
+    /// The plan (metadata walk before anything was written).
+    pub plan: Plan,
+    /// What was written.
+    pub stats: Stats,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// Options of [`rebase`] (safe mode: `strata rebase -b NEW -F FMT`).
+#[derive(Debug, Clone, Default)]
+pub struct RebaseOptions {
+    /// Plan only: change nothing.
+    pub dry_run: bool,
+}
+
+/// What [`rebase`] did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebaseReport {
+    /// The top image.
+    pub top: PathBuf,
+    /// The backing name the top recorded before.
+    pub old_backing: Option<String>,
+    /// The backing name the top records now.
+    pub new_backing: Option<String>,
+    /// The plan: `copy_bytes` is an upper bound (ranges equal in both views
+    /// are not written).
+    pub plan: Plan,
+    /// What was written, and how much compared equal.
+    pub stats: Stats,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// The view the top will have below it afterwards.
+enum Reference<'a> {
+    /// Layers `k..` of the top's own chain (none when `k` is the length).
+    Shared(usize),
+    /// Another chain.
+    Separate(&'a Chain),
+}
+
+struct BackingJob<'a> {
+    chain: &'a mut Chain,
+    reference: Reference<'a>,
+    lens: Vec<u64>,
+    granule: u64,
+    cluster: u64,
+    last_grown: Option<u64>,
+    op: &'static str,
+}
+
+impl BackingJob<'_> {
+    fn new_layers(&self) -> &[Layer] {
+        match &self.reference {
+            Reference::Shared(k) => self.chain.layers().get(*k..).unwrap_or(&[]),
+            Reference::Separate(c) => c.layers(),
+        }
+    }
+}
+
+impl Job for BackingJob<'_> {
+    fn size(&self) -> u64 {
+        self.chain.virtual_size()
+    }
+
+    fn next(&mut self, pos: u64, max: u64) -> Result<Seg> {
+        let layers = self.chain.layers();
+        let t = self.chain.top().image.map(pos, max)?;
+        let len = t.len.clamp(1, max);
+        if t.mapping.is_allocated() {
+            return Ok(Seg {
+                len,
+                kind: Kind::Skip,
+            });
+        }
+        let below = layers.get(1..).unwrap_or(&[]);
+        let old = resolve_in(below, pos, len)?;
+        let len = old.extent.len.clamp(1, len);
+        if let Reference::Shared(k) = self.reference {
+            if old.depth + 1 >= k {
+                // The same layers answer before and after.
+                return Ok(Seg {
+                    len,
+                    kind: Kind::Skip,
+                });
+            }
+        }
+        let source_zero = walk::reads_zero(&old);
+        if let (false, Some(layer)) = (source_zero, below.get(old.depth)) {
+            let flen = self.lens.get(old.depth + 1).copied().unwrap_or(0);
+            walk::check_inside(layer, &old, flen, self.op)?;
+        }
+        let new = resolve_in(self.new_layers(), pos, len)?;
+        let len = new.extent.len.clamp(1, len);
+        let reference_zero = walk::reads_zero(&new);
+        let kind = if source_zero && reference_zero {
+            Kind::Skip
+        } else {
+            Kind::Diff {
+                source_zero,
+                reference_zero,
+            }
+        };
+        Ok(Seg { len, kind })
+    }
+
+    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        let below = self.chain.layers().get(1..).unwrap_or(&[]);
+        Ok(read_below(below, buf, at)?)
+    }
+
+    fn read_reference(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        Ok(read_below(self.new_layers(), buf, at)?)
+    }
+
+    fn write_data(&mut self, buf: &[u8], at: u64) -> Result<()> {
+        Ok(self.chain.write_at(buf, at)?)
+    }
+
+    fn write_zeroes(&mut self, at: u64, len: u64) -> Result<()> {
+        Ok(self.chain.write_zeroes(at, len, true)?)
+    }
+
+    fn granule(&self) -> u64 {
+        self.granule
+    }
+
+    fn growth(&mut self, at: u64, len: u64) -> Result<u64> {
+        let cs = self.cluster;
+        let first = at / cs;
+        let last = (at + len - 1) / cs;
+        let first = match self.last_grown {
+            Some(l) if l >= first => l + 1,
+            _ => first,
+        };
+        self.last_grown = Some(last.max(self.last_grown.unwrap_or(0)));
+        Ok(if first <= last {
+            (last - first + 1) * cs
+        } else {
+            0
+        })
+    }
+
+    fn growing_file(&self) -> PathBuf {
+        self.chain.top().path.clone()
+    }
+}
+
+fn file_lens(chain: &Chain) -> Result<Vec<u64>> {
+    chain
+        .layers()
+        .iter()
+        .map(|l| {
+            l.image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(&l.path, "stat", e))
+        })
+        .collect()
+}
+
+fn granule_of(image: &Image) -> u64 {
+    match image {
+        Image::Qcow2(q) => q.geometry().subcluster_size(),
+        Image::Raw(_) => 4096,
+    }
+}
+
+/// Runs a backing job on an open, writable chain: plan, then (unless a dry
+/// run) copy, flush, and only then switch the backing file.
+fn run_backing_job(
+    chain: &mut Chain,
+    reference: Reference<'_>,
+    new_backing: Option<(&str, &str)>,
+    switch: bool,
+    dry_run: bool,
+    op: &'static str,
+    hooks: &mut Hooks<'_>,
+) -> Result<(Plan, Stats)> {
+    let lens = file_lens(chain)?;
+    let granule = granule_of(&chain.top().image);
+    let cluster = cluster_of(&chain.top().image);
+    let mut job = BackingJob {
+        chain,
+        reference,
+        lens,
+        granule,
+        cluster,
+        last_grown: None,
+        op,
+    };
+    let plan = walk::plan(&mut job, cluster)?;
+    if dry_run {
+        return Ok((plan, Stats::default()));
+    }
+    let done = walk::execute(&mut job, plan.total_bytes(), hooks);
+    drop(job);
+    // The copies, their tables and refcounts are durable before the header
+    // stops naming the old backing file (also on cancellation).
+    chain.flush()?;
+    let stats = done?;
+    if switch {
+        if let Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
+            q.set_backing(new_backing)?;
+        }
+    }
+    Ok((plan, stats))
+}
+
+fn open_top(top: &Path, dry_run: bool) -> Result<Chain> {
+    Ok(Chain::open(
+        top,
+        &OpenOptions {
+            format: Some(ImageFormat::Qcow2),
+            writable: !dry_run,
+            ..OpenOptions::default()
+        },
+    )?)
+}
+
+/// Pulls the backing chain above `opts.base` into `top` (all of it when
+/// `None`), then points `top` at `opts.base` (or at nothing). The result
+/// reads as `qemu-img rebase -b BASE` / `-b ''` leaves it; unlike
+/// qemu-img, the header changes only after the copies are durable.
+pub fn pull(top: &Path, opts: &PullOptions, hooks: &mut Hooks<'_>) -> Result<PullReport> {
+    const OP: &str = "pull";
+    let mut chain = open_top(top, opts.dry_run)?;
+    let n = chain.layers().len();
+    let k = match &opts.base {
+        Some(b) => open::find_layer(&chain, top, b)?,
+        None => n,
+    };
+    for l in chain.layers().get(..k).unwrap_or(&[]) {
+        open::refuse_damaged(l, OP)?;
+    }
+    if !opts.dry_run && k > 1 {
+        open::refuse_unwritable(chain.top(), OP)?;
+    }
+    let new = match chain.layers().get(k) {
+        Some(l) => Some((open::backing_name_for(top, l)?, l.image.format())),
+        None => None,
+    };
+    let new_ref = new.as_ref().map(|(name, f)| (name.as_str(), f.name()));
+    let (plan, stats) = run_backing_job(
+        &mut chain,
+        Reference::Shared(k),
+        new_ref,
+        k > 1,
+        opts.dry_run,
+        OP,
+        hooks,
+    )?;
+    Ok(PullReport {
+        top: top.to_path_buf(),
+        layers_pulled: k.saturating_sub(1),
+        new_backing: if k > 1 {
+            new.map(|(name, _)| name)
+        } else {
+            chain.top().image.backing().0.map(str::to_string)
+        },
+        plan,
+        stats,
+        dry_run: opts.dry_run,
+    })
+}
+
+/// Safe rebase: changes `top`'s backing file to `new_backing` (a name as
+/// the header records it, relative to the top's directory, and its format;
+/// `None`: no backing file) while keeping `top`'s guest view, by copying
+/// into `top` every range where the old chain and the new backing file
+/// read differently. As `qemu-img rebase -b NEW -F FMT`, but the header
+/// changes only after the copies are durable.
+pub fn rebase(
+    top: &Path,
+    new_backing: Option<(&str, ImageFormat)>,
+    opts: &RebaseOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<RebaseReport> {
+    const OP: &str = "rebase";
+    let mut chain = open_top(top, opts.dry_run)?;
+    for l in chain.layers() {
+        open::refuse_damaged(l, OP)?;
+    }
+    if !opts.dry_run {
+        open::refuse_unwritable(chain.top(), OP)?;
+    }
+    let old_backing = chain.top().image.backing().0.map(str::to_string);
+    let n = chain.layers().len();
+    let mut separate: Option<Chain> = None;
+    let mut shared = n;
+    if let Some((name, format)) = new_backing {
+        if name.is_empty() || is_protocol_name(name) {
+            return Err(MergeError::InvalidArgument(format!(
+                "{name:?}: only plain file paths can be backing files"
+            )));
+        }
+        let path = resolve_backing_path(top, name);
+        let id = open::file_id(&path)?;
+        let top_id = layer_id(chain.top())?;
+        let found = chain
+            .layers()
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, l)| layer_id(l).ok() == Some(id) && l.image.format() == format)
+            .map(|(i, _)| i);
+        match found {
+            Some(i) => shared = i,
+            None => {
+                // Refuse a loop before taking locks that would conflict
+                // with our own hold on the top.
+                let probe = Chain::open(
+                    &path,
+                    &OpenOptions {
+                        format: Some(format),
+                        force_share: true,
+                        ..OpenOptions::default()
+                    },
+                )?;
+                for l in probe.layers() {
+                    if layer_id(l)? == top_id {
+                        return Err(MergeError::InvalidArgument(format!(
+                            "{}: cannot be the backing file of {}: its chain contains {}",
+                            path.display(),
+                            top.display(),
+                            top.display()
+                        )));
+                    }
+                }
+                drop(probe);
+                let c = Chain::open(
+                    &path,
+                    &OpenOptions {
+                        format: Some(format),
+                        ..OpenOptions::default()
+                    },
+                )?;
+                for l in c.layers() {
+                    open::refuse_damaged(l, OP)?;
+                }
+                separate = Some(c);
+            }
+        }
+    }
+    let reference = match &separate {
+        Some(c) => Reference::Separate(c),
+        None => Reference::Shared(shared),
+    };
+    let fmt_name = new_backing.map(|(name, f)| (name, f.name()));
+    let (plan, stats) = run_backing_job(
+        &mut chain,
+        reference,
+        fmt_name,
+        true,
+        opts.dry_run,
+        OP,
+        hooks,
+    )?;
+    Ok(RebaseReport {
+        top: top.to_path_buf(),
+        old_backing,
+        new_backing: new_backing.map(|(name, _)| name.to_string()),
+        plan,
+        stats,
+        dry_run: opts.dry_run,
+    })
+}

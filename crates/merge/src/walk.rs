@@ -1,0 +1,425 @@
+//! The cluster walk shared by commit, pull and rebase.
+//!
+//! A [`Job`] classifies the guest disk extent by extent (runs of clusters,
+//! never bytes): skip, make zero, copy, or copy where the source view
+//! differs from a reference view. The walk runs a job twice: once to plan
+//! (metadata only; this pass also validates every table it reads before
+//! anything is written), once to execute, coalescing consecutive extents
+//! into writes of up to [`BUF_BYTES`] through one reused buffer.
+//!
+//! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
+//! that is larger) plus the image engine's L2 caches, whatever the image
+//! size.
+
+use std::path::PathBuf;
+
+use strata_image::chain::Resolved;
+use strata_image::{Layer, Mapping};
+
+use crate::error::{MergeError, Result};
+use crate::progress::{Hooks, Progress};
+
+/// Bytes of guest data moved per read and write (the buffer size).
+pub const BUF_BYTES: usize = 4 << 20;
+
+/// What to do with one guest extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Nothing to do.
+    Skip,
+    /// Make the extent read as zeros in the destination.
+    Zero,
+    /// Copy the source view into the destination.
+    Copy,
+    /// Copy the source view into the destination where it differs from the
+    /// reference view (granule by granule). A `*_zero` flag says that view
+    /// reads as zeros here without reading it.
+    Diff {
+        /// The source view reads zeros here.
+        source_zero: bool,
+        /// The reference view reads zeros here.
+        reference_zero: bool,
+    },
+}
+
+/// One classified extent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seg {
+    pub len: u64,
+    pub kind: Kind,
+}
+
+/// A merge, as the walk sees it.
+pub(crate) trait Job {
+    /// The guest range walked: `[0, size)`.
+    fn size(&self) -> u64;
+    /// Classifies the extent at `pos` (at most `max` bytes, at least one).
+    fn next(&mut self, pos: u64, max: u64) -> Result<Seg>;
+    /// Reads the source view.
+    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()>;
+    /// Reads the reference view (for `Diff`).
+    fn read_reference(&self, buf: &mut [u8], at: u64) -> Result<()>;
+    /// Writes data into the destination.
+    fn write_data(&mut self, buf: &[u8], at: u64) -> Result<()>;
+    /// Makes a range of the destination read as zeros.
+    fn write_zeroes(&mut self, at: u64, len: u64) -> Result<()>;
+    /// Unit of comparison for `Diff` (the destination's allocation unit).
+    fn granule(&self) -> u64;
+    /// Bytes the destination files would grow by (upper bound) when the
+    /// range `[at, at+len)` is written with data; called in order.
+    fn growth(&mut self, at: u64, len: u64) -> Result<u64>;
+    /// Files that grow, in the order of [`Plan::growth`].
+    fn growing_file(&self) -> PathBuf;
+}
+
+/// How much a file is expected to grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileGrowth {
+    /// The file.
+    pub path: PathBuf,
+    /// Upper bound of the growth, in bytes (data clusters; L2 and refcount
+    /// tables come on top, about 1/4096 of it with 64 KiB clusters).
+    pub bytes: u64,
+}
+
+/// What a merge will do, computed from metadata alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Guest bytes whose data will be copied (for pull and rebase: at most
+    /// this much; ranges that turn out equal to the new backing file are
+    /// not written).
+    pub copy_bytes: u64,
+    /// Guest bytes that will be made to read as zeros.
+    pub zero_bytes: u64,
+    /// Destination clusters touched by copies.
+    pub copy_clusters: u64,
+    /// Extents (runs with one answer) with work to do.
+    pub extents: u64,
+    /// Whether `copy_bytes` is exact (false when a comparison decides).
+    pub exact: bool,
+    /// Expected growth of each file written.
+    pub growth: Vec<FileGrowth>,
+}
+
+impl Plan {
+    /// Guest bytes the merge handles (the progress total).
+    pub fn total_bytes(&self) -> u64 {
+        self.copy_bytes + self.zero_bytes
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Guest bytes written with data.
+    pub copied_bytes: u64,
+    /// Guest bytes made to read as zeros.
+    pub zeroed_bytes: u64,
+    /// Guest bytes compared with the new backing file and found equal
+    /// (nothing written).
+    pub equal_bytes: u64,
+}
+
+/// Plans a job: walks its metadata, writes nothing.
+pub(crate) fn plan(job: &mut dyn Job, cluster: u64) -> Result<Plan> {
+    let size = job.size();
+    let mut p = Plan {
+        exact: true,
+        ..Plan::default()
+    };
+    let mut growth = 0u64;
+    let mut last_cluster: Option<u64> = None;
+    let mut pos = 0u64;
+    while pos < size {
+        let seg = job.next(pos, size - pos)?;
+        let len = seg.len.clamp(1, size - pos);
+        match seg.kind {
+            Kind::Skip => {}
+            Kind::Zero => {
+                p.zero_bytes += len;
+                p.extents += 1;
+            }
+            Kind::Copy | Kind::Diff { .. } => {
+                if matches!(seg.kind, Kind::Diff { .. }) {
+                    p.exact = false;
+                }
+                p.copy_bytes += len;
+                p.extents += 1;
+                let first = pos / cluster;
+                let last = (pos + len - 1) / cluster;
+                let first = match last_cluster {
+                    Some(l) if l >= first => l + 1,
+                    _ => first,
+                };
+                if first <= last {
+                    p.copy_clusters += last - first + 1;
+                }
+                last_cluster = Some(last);
+                growth += job.growth(pos, len)?;
+            }
+        }
+        pos += len;
+    }
+    p.growth.push(FileGrowth {
+        path: job.growing_file(),
+        bytes: growth,
+    });
+    Ok(p)
+}
+
+/// A run of consecutive extents of one kind, read into the buffer.
+struct Batch {
+    start: u64,
+    len: usize,
+    kind: Kind,
+}
+
+struct Runner<'j, 'h, 'a> {
+    job: &'j mut dyn Job,
+    hooks: &'h mut Hooks<'a>,
+    buf: Vec<u8>,
+    reference: Vec<u8>,
+    batch: Option<Batch>,
+    zero_run: Option<(u64, u64)>,
+    stats: Stats,
+    progress: Progress,
+}
+
+/// Executes a job planned by [`plan`]: the writes, in guest order, with
+/// progress and cancellation. Returns what was done. Does not flush the
+/// destination: the caller does, where its protocol says.
+pub(crate) fn execute(job: &mut dyn Job, total: u64, hooks: &mut Hooks<'_>) -> Result<Stats> {
+    let cap = BUF_BYTES.max(usize::try_from(job.granule()).unwrap_or(BUF_BYTES));
+    let mut r = Runner {
+        job,
+        hooks,
+        buf: vec![0u8; cap],
+        reference: Vec::new(),
+        batch: None,
+        zero_run: None,
+        stats: Stats::default(),
+        progress: Progress {
+            done_bytes: 0,
+            total_bytes: total,
+        },
+    };
+    r.run()?;
+    Ok(r.stats)
+}
+
+impl Runner<'_, '_, '_> {
+    fn run(&mut self) -> Result<()> {
+        let size = self.job.size();
+        let cap = self.buf.len();
+        let mut pos = 0u64;
+        while pos < size {
+            if self.hooks.cancelled() {
+                self.flush_pending()?;
+                return Err(MergeError::Cancelled);
+            }
+            let seg = self.job.next(pos, size - pos)?;
+            let len = seg.len.clamp(1, size - pos);
+            match seg.kind {
+                Kind::Skip => {
+                    self.flush_pending()?;
+                }
+                Kind::Zero => {
+                    self.flush_batch()?;
+                    self.zero_run = match self.zero_run {
+                        Some((s, l)) if s + l == pos => Some((s, l + len)),
+                        Some(z) => {
+                            self.write_zero_run(z)?;
+                            Some((pos, len))
+                        }
+                        None => Some((pos, len)),
+                    };
+                    if self.zero_run.is_some_and(|(_, l)| l >= 1 << 30) {
+                        self.flush_pending()?;
+                    }
+                }
+                Kind::Copy | Kind::Diff { .. } => {
+                    self.flush_zero_run()?;
+                    let mut done = 0u64;
+                    while done < len {
+                        let at = pos + done;
+                        let joins = self
+                            .batch
+                            .as_ref()
+                            .is_some_and(|b| b.kind == seg.kind && b.start + b.len as u64 == at);
+                        if !joins {
+                            self.flush_batch()?;
+                            self.batch = Some(Batch {
+                                start: at,
+                                len: 0,
+                                kind: seg.kind,
+                            });
+                        }
+                        let filled = self.batch.as_ref().map_or(0, |b| b.len);
+                        let n = (len - done).min((cap - filled) as u64) as usize;
+                        let dst = &mut self.buf[filled..filled + n];
+                        match seg.kind {
+                            Kind::Diff {
+                                source_zero: true, ..
+                            } => dst.fill(0),
+                            _ => self.job.read_source(dst, at)?,
+                        }
+                        if let Some(b) = self.batch.as_mut() {
+                            b.len += n;
+                        }
+                        done += n as u64;
+                        if filled + n == cap {
+                            self.flush_batch()?;
+                        }
+                    }
+                }
+            }
+            pos += len;
+        }
+        self.flush_pending()?;
+        self.progress.done_bytes = self.progress.total_bytes;
+        self.hooks.report(self.progress);
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<()> {
+        self.flush_batch()?;
+        self.flush_zero_run()
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.progress.done_bytes =
+            (self.progress.done_bytes + n).min(self.progress.total_bytes.max(n));
+        self.hooks.report(self.progress);
+    }
+
+    fn flush_zero_run(&mut self) -> Result<()> {
+        if let Some(z) = self.zero_run.take() {
+            self.write_zero_run(z)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_run(&mut self, (at, len): (u64, u64)) -> Result<()> {
+        self.job.write_zeroes(at, len)?;
+        self.stats.zeroed_bytes += len;
+        self.advance(len);
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
+        let Some(b) = self.batch.take() else {
+            return Ok(());
+        };
+        if b.len == 0 {
+            return Ok(());
+        }
+        match b.kind {
+            Kind::Diff { reference_zero, .. } => self.write_differences(&b, reference_zero)?,
+            _ => {
+                self.job.write_data(&self.buf[..b.len], b.start)?;
+                self.stats.copied_bytes += b.len as u64;
+            }
+        }
+        self.advance(b.len as u64);
+        Ok(())
+    }
+
+    /// Writes the granules of the batch where the source differs from the
+    /// reference: zeros as zero writes, the rest as data, coalesced.
+    fn write_differences(&mut self, b: &Batch, reference_zero: bool) -> Result<()> {
+        let n = b.len;
+        if !reference_zero {
+            if self.reference.len() < self.buf.len() {
+                self.reference = vec![0u8; self.buf.len()];
+            }
+            self.job.read_reference(&mut self.reference[..n], b.start)?;
+        }
+        let g = self.job.granule().max(1);
+        // (offset in batch, len, is_zero) of the pending write.
+        let mut run: Option<(usize, usize, bool)> = None;
+        let mut i = 0usize;
+        while i < n {
+            let abs = b.start + i as u64;
+            let step = ((g - abs % g) as usize).min(n - i);
+            let src = &self.buf[i..i + step];
+            let same = if reference_zero {
+                is_zero(src)
+            } else {
+                src == &self.reference[i..i + step]
+            };
+            if same {
+                self.stats.equal_bytes += step as u64;
+                if let Some(r) = run.take() {
+                    self.write_run(b.start, r)?;
+                }
+            } else {
+                let zero = is_zero(src);
+                run = match run {
+                    Some((s, l, z)) if z == zero => Some((s, l + step, z)),
+                    Some(r) => {
+                        self.write_run(b.start, r)?;
+                        Some((i, step, zero))
+                    }
+                    None => Some((i, step, zero)),
+                };
+            }
+            i += step;
+        }
+        if let Some(r) = run {
+            self.write_run(b.start, r)?;
+        }
+        Ok(())
+    }
+
+    fn write_run(&mut self, start: u64, (off, len, zero): (usize, usize, bool)) -> Result<()> {
+        let at = start + off as u64;
+        if zero {
+            self.job.write_zeroes(at, len as u64)?;
+            self.stats.zeroed_bytes += len as u64;
+        } else {
+            self.job.write_data(&self.buf[off..off + len], at)?;
+            self.stats.copied_bytes += len as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Whether every byte is zero.
+pub(crate) fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, x| a | x) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|x| *x == 0)
+}
+
+/// Whether a resolved extent reads as zeros (past the end of the layer
+/// answering, a zero mapping, or unallocated in every layer).
+pub(crate) fn reads_zero(r: &Resolved) -> bool {
+    r.past_end || !r.extent.mapping.is_allocated() || r.extent.mapping.is_zero()
+}
+
+/// Checks that a data extent of `layer` lies inside its file (a pointer
+/// past the end is corruption: refuse before writing anything).
+pub(crate) fn check_inside(
+    layer: &Layer,
+    r: &Resolved,
+    file_len: u64,
+    op: &'static str,
+) -> Result<()> {
+    if let Mapping::Data { host } = r.extent.mapping {
+        if host.0.saturating_add(r.extent.len) > file_len {
+            return Err(MergeError::Refused {
+                path: layer.path.clone(),
+                op,
+                why: format!(
+                    "damaged image: guest range {:#x}+{:#x} points at host offset {:#x}, past the end of the file ({file_len} bytes); run `strata check`",
+                    r.extent.start, r.extent.len, host.0
+                ),
+            });
+        }
+    }
+    Ok(())
+}
