@@ -1,0 +1,131 @@
+//! Helpers for tests that use QEMU's tools as the oracle.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} not runnable: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn qemu_img(args: &[&str]) -> String {
+    run("qemu-img", args)
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-io -c CMD... IMG` (qcow2 unless the name ends in .raw).
+pub fn qemu_io(img: &Path, cmds: &[&str]) {
+    let fmt = if s(img).ends_with(".raw") {
+        "raw"
+    } else {
+        "qcow2"
+    };
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(img));
+    run("qemu-io", &args);
+}
+
+/// The chain shapes of testdata/make-chains.sh, made once per test binary.
+pub fn shapes() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
+        run("bash", &[s(&script), s(d.path())]);
+        d
+    })
+    .path()
+}
+
+/// Copies a shape's directory to `dest/name` (a twin); returns the top.
+pub fn twin(shape: &str, dest: &Path, name: &str) -> PathBuf {
+    let src = shapes().join(shape);
+    let to = dest.join(name);
+    run("cp", &["-a", s(&src), s(&to)]);
+    let top = std::fs::read_to_string(to.join("top")).unwrap();
+    to.join(top.trim())
+}
+
+/// The guest view of an image as qemu-img reads it.
+pub fn view(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("view.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", s(img), s(&out)]);
+    let v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    v
+}
+
+/// `qemu-img compare` says identical.
+pub fn assert_same(a: &Path, b: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", s(a), s(b)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img check` finds nothing wrong (qcow2 only).
+pub fn assert_clean(img: &Path) {
+    if !s(img).ends_with(".qcow2") {
+        return;
+    }
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", s(img)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img info --output=json` as a value.
+pub fn info(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(img)])).unwrap()
+}
+
+/// The backing file name qemu-img sees in the header.
+pub fn backing_of(img: &Path) -> Option<String> {
+    info(img)["backing-filename"].as_str().map(str::to_string)
+}
+
+/// Bytes the image itself (depth 0) maps with data or zeros.
+pub fn own_allocated(img: &Path) -> u64 {
+    let m: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "-U", "--output=json", s(img)])).unwrap();
+    m.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["present"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}

@@ -1,0 +1,231 @@
+//! Strata's commit, pull and safe rebase against qemu-img on twins: the
+//! same chain copied twice, qemu-img run on one copy, Strata on the other.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use strata_image::ImageFormat;
+use strata_merge::{commit, pull, rebase, CommitOptions, Hooks, PullOptions, RebaseOptions};
+
+/// Shapes with a backing file that the write path can modify.
+const SHAPES: &[&str] = &[
+    "cluster512",
+    "cluster4k",
+    "cluster64k",
+    "cluster2m",
+    "extended_l2",
+    "compat010",
+    "refcount1",
+    "refcount64",
+    "compressed_deflate",
+    "compressed_zstd",
+    "raw_backing",
+    "relative_backing",
+    "short_backing",
+];
+
+fn base_of(top: &Path) -> PathBuf {
+    let name = backing_of(top).unwrap();
+    top.parent().unwrap().join(name)
+}
+
+#[test]
+fn commit_matches_qemu_img_commit_on_every_shape() {
+    for shape in SHAPES {
+        let dir = tempfile::tempdir().unwrap();
+        let q_top = twin(shape, dir.path(), "qemu");
+        let s_top = twin(shape, dir.path(), "strata");
+        let (q_base, s_base) = (base_of(&q_top), base_of(&s_top));
+        let before = view(&s_top);
+
+        qemu_img(&["commit", "-q", s(&q_top)]);
+        let r = commit(&s_top, &CommitOptions::default(), &mut Hooks::default())
+            .unwrap_or_else(|e| panic!("{shape}: {e}"));
+
+        assert!(r.top_emptied, "{shape}");
+        assert_same(&q_base, &s_base);
+        assert_eq!(view(&s_base), before, "{shape}: base holds the top's view");
+        assert_eq!(view(&s_top), before, "{shape}: top's view unchanged");
+        assert_eq!(own_allocated(&s_top), 0, "{shape}: top emptied");
+        assert_eq!(
+            own_allocated(&q_top),
+            0,
+            "{shape}: qemu-img empties the top too"
+        );
+        for img in [&q_base, &s_base, &q_top, &s_top] {
+            assert_clean(img);
+        }
+    }
+}
+
+#[test]
+fn pull_matches_qemu_img_rebase_to_nothing_on_every_shape() {
+    for shape in SHAPES {
+        let dir = tempfile::tempdir().unwrap();
+        let q_top = twin(shape, dir.path(), "qemu");
+        let s_top = twin(shape, dir.path(), "strata");
+        let before = view(&s_top);
+
+        qemu_img(&["rebase", "-q", "-b", "", s(&q_top)]);
+        let r = pull(&s_top, &PullOptions::default(), &mut Hooks::default())
+            .unwrap_or_else(|e| panic!("{shape}: {e}"));
+
+        assert_eq!(r.new_backing, None);
+        assert_eq!(backing_of(&s_top), None, "{shape}: no backing left");
+        assert_same(&q_top, &s_top);
+        assert_eq!(view(&s_top), before, "{shape}");
+        assert_clean(&s_top);
+    }
+}
+
+#[test]
+fn commit_with_deep_base_matches_qemu_img_commit_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = twin("depth12", dir.path(), "qemu");
+    let s_top = twin("depth12", dir.path(), "strata");
+    let q_base = q_top.with_file_name("layer4.qcow2");
+    let s_base = s_top.with_file_name("layer4.qcow2");
+    let before = view(&s_top);
+
+    qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
+    let opts = CommitOptions {
+        base: Some(s_base.clone()),
+        ..CommitOptions::default()
+    };
+    let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
+
+    assert_eq!(r.layers_merged, 7);
+    assert_eq!(r.top_repointed.as_deref(), Some("layer4.qcow2"));
+    assert_same(&q_base, &s_base);
+    assert_eq!(view(&s_base), before);
+    assert_eq!(view(&s_top), before);
+    assert_eq!(backing_of(&s_top).as_deref(), Some("layer4.qcow2"));
+    assert_eq!(own_allocated(&s_top), 0);
+    assert_clean(&s_base);
+    assert_clean(&s_top);
+}
+
+#[test]
+fn pull_with_deep_base_matches_qemu_img_rebase_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = twin("depth12", dir.path(), "qemu");
+    let s_top = twin("depth12", dir.path(), "strata");
+    let before = view(&s_top);
+
+    qemu_img(&[
+        "rebase",
+        "-q",
+        "-b",
+        "layer3.qcow2",
+        "-F",
+        "qcow2",
+        s(&q_top),
+    ]);
+    let opts = PullOptions {
+        base: Some(PathBuf::from("layer3.qcow2")),
+        ..PullOptions::default()
+    };
+    let r = pull(&s_top, &opts, &mut Hooks::default()).unwrap();
+
+    assert_eq!(r.layers_pulled, 7);
+    assert_eq!(r.new_backing.as_deref(), Some("layer3.qcow2"));
+    assert_eq!(backing_of(&s_top).as_deref(), Some("layer3.qcow2"));
+    assert_same(&q_top, &s_top);
+    assert_eq!(view(&s_top), before);
+    assert_clean(&s_top);
+}
+
+#[test]
+fn safe_rebase_onto_another_image_matches_qemu_img_rebase() {
+    for shape in ["cluster64k", "extended_l2", "compat010", "cluster512"] {
+        let dir = tempfile::tempdir().unwrap();
+        let q_top = twin(shape, dir.path(), "qemu");
+        let s_top = twin(shape, dir.path(), "strata");
+        let size = info(&s_top)["virtual-size"].as_u64().unwrap();
+        for d in ["qemu", "strata"] {
+            let new = dir.path().join(d).join("new.qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", s(&new), &size.to_string()]);
+            let (a, b) = (
+                format!("write -P 0xc1 {} 96k", size / 4),
+                format!("write -z {} 64k", size / 2),
+            );
+            qemu_io(&new, &["write -P 0xa1 0 64k", &a, &b]);
+        }
+        let before = view(&s_top);
+
+        qemu_img(&["rebase", "-q", "-b", "new.qcow2", "-F", "qcow2", s(&q_top)]);
+        let r = rebase(
+            &s_top,
+            Some(("new.qcow2", ImageFormat::Qcow2)),
+            &RebaseOptions::default(),
+            &mut Hooks::default(),
+        )
+        .unwrap_or_else(|e| panic!("{shape}: {e}"));
+
+        assert_eq!(r.new_backing.as_deref(), Some("new.qcow2"));
+        assert_eq!(backing_of(&s_top).as_deref(), Some("new.qcow2"));
+        assert_same(&q_top, &s_top);
+        assert_eq!(view(&s_top), before, "{shape}");
+        assert_clean(&s_top);
+    }
+}
+
+#[test]
+fn safe_rebase_onto_a_lower_layer_matches_qemu_img_rebase() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = twin("depth12", dir.path(), "qemu");
+    let s_top = twin("depth12", dir.path(), "strata");
+    let before = view(&s_top);
+
+    qemu_img(&[
+        "rebase",
+        "-q",
+        "-b",
+        "layer2.qcow2",
+        "-F",
+        "qcow2",
+        s(&q_top),
+    ]);
+    rebase(
+        &s_top,
+        Some(("layer2.qcow2", ImageFormat::Qcow2)),
+        &RebaseOptions::default(),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+
+    assert_same(&q_top, &s_top);
+    assert_eq!(view(&s_top), before);
+    assert_clean(&s_top);
+}
+
+#[test]
+fn commit_grows_a_smaller_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = twin("short_backing", dir.path(), "t");
+    let base = base_of(&top);
+    let before = view(&top);
+    let r = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert_eq!(r.base_resized, Some((1024 * 1024 + 4096, 4 * 1024 * 1024)));
+    assert_eq!(info(&base)["virtual-size"], 4 * 1024 * 1024);
+    assert_eq!(view(&base), before);
+}
+
+#[test]
+fn commit_keep_top_leaves_the_top_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = twin("cluster64k", dir.path(), "t");
+    let own = own_allocated(&top);
+    let before = view(&top);
+    let opts = CommitOptions {
+        keep_top: true,
+        ..CommitOptions::default()
+    };
+    let r = commit(&top, &opts, &mut Hooks::default()).unwrap();
+    assert!(!r.top_emptied);
+    assert_eq!(own_allocated(&top), own);
+    assert_eq!(view(&base_of(&top)), before);
+    assert_eq!(view(&top), before);
+}
