@@ -1,0 +1,185 @@
+//! Process-level crash tests: commit and pull run in a child process that
+//! is SIGKILLed at moments spread over the whole run; afterwards the top
+//! reads as before, no image is corrupt (leaks are allowed), and running
+//! the same operation again completes the job.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata_merge::{commit, pull, CommitOptions, Hooks, PullOptions};
+
+const CHILD_ENV: &str = "STRATA_MERGE_CRASH_CHILD";
+
+/// In the child (env set): run the operation and exit. In a normal test
+/// run: nothing.
+#[test]
+fn child_entry() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (op, path) = spec.split_once(':').unwrap();
+    run_op(op, Path::new(path));
+    std::process::exit(0);
+}
+
+fn run_op(op: &str, top: &Path) {
+    match op {
+        "commit" => {
+            commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+        }
+        "pull" => {
+            pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+        }
+        _ => panic!("unknown op {op}"),
+    }
+}
+
+/// A chain with enough data that the operation takes a while: 64 MiB
+/// disk, base data in the first half, top data, zeros and partial writes
+/// scattered over the whole disk.
+fn make_chain(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
+    qemu_io(&base, &["write -P 0xa1 0 32M", "write -P 0xa2 40M 4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    let mut cmds = Vec::new();
+    for i in 0..48u64 {
+        let off = i * (1 << 20) + (i % 7) * 4096;
+        match i % 4 {
+            0 | 1 => cmds.push(format!("write -P {} {off} 768k", 0x10 + i)),
+            2 => cmds.push(format!("write -z {off} 256k")),
+            _ => cmds.push(format!("write -P {} {} 1000", 0x40 + i, off + 333)),
+        }
+    }
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&top, &refs);
+    top
+}
+
+fn check_exit(img: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", "-U", "-q", s(img)])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+fn same_view(top: &Path, raw: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "raw", s(top), s(raw)])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn spawn(op: &str, top: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{op}:{}", top.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn crash_and_rerun(op: &str, iterations: u32) {
+    let work = tempfile::tempdir().unwrap();
+    let pristine = work.path().join("pristine");
+    std::fs::create_dir(&pristine).unwrap();
+    let top0 = make_chain(&pristine);
+    let orig = work.path().join("orig.raw");
+    qemu_img(&["convert", "-O", "raw", s(&top0), s(&orig)]);
+    let fresh = |name: &str| -> PathBuf {
+        let d = work.path().join(name);
+        let _ = std::fs::remove_dir_all(&d);
+        run("cp", &["-a", s(&pristine), s(&d)]);
+        d.join("top.qcow2")
+    };
+
+    // How long an uninterrupted run takes in a child process.
+    let top = fresh("timing");
+    let t0 = Instant::now();
+    assert!(spawn(op, &top).wait().unwrap().success());
+    let full = t0.elapsed();
+
+    let mut killed_midway = 0;
+    for i in 0..iterations {
+        let top = fresh("run");
+        let base = top.with_file_name("base.qcow2");
+        // Spread over the run, with a little jitter from the clock.
+        let jitter = Instant::now().elapsed().subsec_nanos() as u64 % 3_000_000;
+        let at = full.mul_f64(f64::from(i) / f64::from(iterations)) + Duration::from_nanos(jitter);
+        let mut child = spawn(op, &top);
+        std::thread::sleep(at);
+        let finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if !finished {
+            killed_midway += 1;
+        }
+
+        assert!(
+            same_view(&top, &orig),
+            "{op} killed at {at:?}: top's view changed"
+        );
+        for img in [&top, &base] {
+            let rc = check_exit(img);
+            assert!(
+                rc == 0 || rc == 3,
+                "{op} killed at {at:?}: qemu-img check {} exited {rc}",
+                img.display()
+            );
+        }
+
+        run_op(op, &top);
+
+        assert!(same_view(&top, &orig), "{op} rerun after kill at {at:?}");
+        match op {
+            "commit" => {
+                assert!(same_view(&base, &orig), "commit rerun: base holds the view");
+                assert_eq!(own_allocated(&top), 0, "commit rerun: top emptied");
+            }
+            _ => assert_eq!(backing_of(&top), None, "pull rerun: no backing left"),
+        }
+        for img in [&top, &base] {
+            let rc = check_exit(img);
+            assert!(
+                rc == 0 || rc == 3,
+                "{op} rerun: qemu-img check {} exited {rc}",
+                img.display()
+            );
+        }
+    }
+    assert!(
+        killed_midway > iterations / 2,
+        "only {killed_midway} kills landed mid-run ({full:?} per run)"
+    );
+}
+
+#[test]
+fn commit_killed_at_any_moment_keeps_the_top_intact_and_a_rerun_completes() {
+    crash_and_rerun("commit", 12);
+}
+
+#[test]
+fn pull_killed_at_any_moment_keeps_the_top_intact_and_a_rerun_completes() {
+    crash_and_rerun("pull", 12);
+}
