@@ -40,6 +40,12 @@ fn be<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
 /// The total on-disk length of the entry whose first 40 bytes are `fixed`
 /// (padded to 8 bytes), after checking its variable lengths.
 pub fn entry_len(fixed: &[u8], offset: u64) -> Result<usize> {
+    Ok(entry_data_len(fixed, offset)?.div_ceil(8) * 8)
+}
+
+/// The length of the entry's meaningful bytes (without the padding, which
+/// the last entry of a file may lack).
+pub fn entry_data_len(fixed: &[u8], offset: u64) -> Result<usize> {
     let id_len = u16::from_be_bytes(
         be(fixed, 12).ok_or(FormatError::new("snapshot entry truncated", offset))?,
     );
@@ -56,8 +62,7 @@ pub fn entry_len(fixed: &[u8], offset: u64) -> Result<usize> {
             extra_len.to_string(),
         ));
     }
-    let len = FIXED_LEN + extra_len as usize + usize::from(id_len) + usize::from(name_len);
-    Ok(len.div_ceil(8) * 8)
+    Ok(FIXED_LEN + extra_len as usize + usize::from(id_len) + usize::from(name_len))
 }
 
 impl Snapshot {

@@ -216,6 +216,10 @@ impl Refcounts {
             return Ok(None);
         }
         self.ensure_table_slot(storage, path, bi)?;
+        if self.has_block(bi) {
+            // Growing the table placed a block for this range already.
+            return Ok(None);
+        }
         let block_ci = bi * per;
         let mut b = vec![0u8; self.cluster_size() as usize];
         // The block describes itself: refcount 1 at index 0.

@@ -426,8 +426,13 @@ fn read_snapshots(
             path: path.to_path_buf(),
             source,
         })?;
+        let data_len = snapshot::entry_data_len(&fixed, at).map_err(|source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let end = at.saturating_add(len as u64);
-        if end > file_len || end > end_limit {
+        // The padding of the last entry may lie past the end of the file.
+        if at.saturating_add(data_len as u64) > file_len || end > end_limit {
             return Err(Error::corrupt(
                 path,
                 at,

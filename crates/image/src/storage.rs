@@ -261,3 +261,171 @@ mod tests {
         assert!(data);
     }
 }
+
+/// What happened to a storage operation not yet made durable.
+#[derive(Debug, Clone)]
+enum Pending {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    /// What reads see (every write applied).
+    current: Vec<u8>,
+    /// What survived the last sync.
+    durable: Vec<u8>,
+    /// Writes and length changes since the last sync, in order.
+    pending: Vec<Pending>,
+    /// Writes and syncs done so far.
+    ops: u64,
+    /// The operation number that "crashes": it and all later ones fail.
+    crash_at: Option<u64>,
+    crashed: bool,
+    syncs: u64,
+}
+
+/// A storage for crash tests: it keeps what was made durable by `sync`
+/// apart from what was only written, and can "crash" at the Nth write or
+/// sync (that operation and every later one fail with an I/O error).
+/// After a crash, [`FaultStorage::durable_image`] gives what a disk could
+/// hold: the durable bytes plus any subset of the later writes.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStorage {
+    state: Arc<Mutex<FaultState>>,
+}
+
+fn apply(bytes: &mut Vec<u8>, p: &Pending) {
+    match p {
+        Pending::Write(off, data) => {
+            let end = *off as usize + data.len();
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[*off as usize..end].copy_from_slice(data);
+        }
+        Pending::SetLen(len) => bytes.resize(*len as usize, 0),
+    }
+}
+
+impl FaultStorage {
+    /// A storage holding `bytes`, all durable.
+    pub fn new(bytes: Vec<u8>) -> FaultStorage {
+        let st = FaultState {
+            current: bytes.clone(),
+            durable: bytes,
+            ..Default::default()
+        };
+        FaultStorage {
+            state: Arc::new(Mutex::new(st)),
+        }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Makes operation number `n` (counting writes, length changes and
+    /// syncs from 0) and all later ones fail.
+    pub fn crash_at(&self, n: u64) {
+        self.lock().crash_at = Some(n);
+    }
+    /// Number of writes, length changes and syncs so far.
+    pub fn ops(&self) -> u64 {
+        self.lock().ops
+    }
+    /// Number of syncs so far.
+    pub fn syncs(&self) -> u64 {
+        self.lock().syncs
+    }
+    /// Whether the crash point was reached.
+    pub fn crashed(&self) -> bool {
+        self.lock().crashed
+    }
+    /// Number of operations pending since the last sync.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+    /// What the disk may hold after the crash: the durable bytes plus the
+    /// pending operations selected by `keep(i)` (applied in order).
+    pub fn durable_image(&self, keep: &mut dyn FnMut(usize) -> bool) -> Vec<u8> {
+        let st = self.lock();
+        let mut bytes = st.durable.clone();
+        for (i, p) in st.pending.iter().enumerate() {
+            if keep(i) {
+                apply(&mut bytes, p);
+            }
+        }
+        bytes
+    }
+    /// The bytes as reads see them now.
+    pub fn current(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+    fn op(&self, st: &mut FaultState) -> io::Result<()> {
+        let n = st.ops;
+        st.ops += 1;
+        if st.crashed || st.crash_at.is_some_and(|c| n >= c) {
+            st.crashed = true;
+            return Err(io::Error::other("injected crash"));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FaultStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let st = self.lock();
+        let len = st.current.len() as u64;
+        let n = if offset >= len {
+            0
+        } else {
+            (len - offset).min(buf.len() as u64) as usize
+        };
+        if n > 0 {
+            buf[..n].copy_from_slice(&st.current[offset as usize..offset as usize + n]);
+        }
+        buf[n..].fill(0);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        self.op(&mut st)?;
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > MEM_STORAGE_MAX)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the memory storage limit",
+            ));
+        }
+        let p = Pending::Write(offset, buf.to_vec());
+        apply(&mut st.current, &p);
+        st.pending.push(p);
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().current.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        self.op(&mut st)?;
+        if len > MEM_STORAGE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "length past the memory storage limit",
+            ));
+        }
+        let p = Pending::SetLen(len);
+        apply(&mut st.current, &p);
+        st.pending.push(p);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        self.op(&mut st)?;
+        st.durable = st.current.clone();
+        st.pending.clear();
+        st.syncs += 1;
+        Ok(())
+    }
+}
