@@ -57,6 +57,9 @@ fn apply(chain: &mut Chain, op: Op) -> strata_image::Result<()> {
     }
 }
 
+/// Chooses which unsynced writes reached the disk.
+type Keep = Box<dyn FnMut(usize) -> bool>;
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -131,16 +134,16 @@ fn crash_everywhere(
         let allowed = &views[last_flush..=(done + 1).min(ops.len())];
         let pending = st.pending();
         let seeds: [u64; 2] = [rng.next(), rng.next()];
-        let subsets: Vec<(&str, Box<dyn FnMut(usize) -> bool>)> = vec![
+        let subsets: Vec<(&str, Keep)> = vec![
             ("none", Box::new(|_| false)),
             ("all", Box::new(|_| true)),
             ("random-a", {
                 let mut r = Rng(seeds[0] | 1);
-                Box::new(move |_| r.next() % 2 == 0)
+                Box::new(move |_| r.next().is_multiple_of(2))
             }),
             ("random-b", {
                 let mut r = Rng(seeds[1] | 1);
-                Box::new(move |_| r.next() % 3 == 0)
+                Box::new(move |_| r.next().is_multiple_of(3))
             }),
         ];
         for (label, mut keep) in subsets {
