@@ -8,6 +8,7 @@
 pub(crate) mod alloc;
 pub mod chain;
 pub mod compress;
+pub mod convert;
 pub mod create;
 pub mod error;
 pub mod lock;

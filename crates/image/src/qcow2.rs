@@ -86,6 +86,8 @@ pub struct Qcow2Image {
     pub(crate) rw: Option<Box<crate::write::WriteState>>,
     /// Set by the first I/O error of the write path: no more writes.
     pub(crate) poisoned: std::sync::atomic::AtomicBool,
+    /// Where the next compressed cluster may be packed.
+    pub(crate) compressed_tail: crate::write::CompressedTail,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,6 +157,7 @@ impl Qcow2Image {
             file_len,
             rw: None,
             poisoned: std::sync::atomic::AtomicBool::new(false),
+            compressed_tail: Default::default(),
         })
     }
 

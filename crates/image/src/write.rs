@@ -811,6 +811,8 @@ impl Qcow2Image {
             });
         }
         self.barrier()?;
+        // Space released below may be reused: stop packing into it.
+        self.compressed_tail = CompressedTail::default();
         let frees = std::mem::take(&mut self.ws()?.pending_frees);
         if frees.is_empty() {
             return Ok(());
@@ -1010,6 +1012,142 @@ impl Qcow2Image {
             self.barrier()?;
             self.update_l2(toff, &plans)?;
             c += in_table;
+        }
+        Ok(())
+    }
+}
+
+/// Where the next compressed cluster's bytes may go: the unused tail of
+/// the host cluster the previous one ended in (as QEMU packs them).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CompressedTail {
+    /// Next free byte, or 0 when there is none.
+    pub(crate) next: u64,
+}
+
+impl Qcow2Image {
+    /// Writes whole clusters compressed (with the image's compression
+    /// type) at the cluster-aligned guest offset `offset`; `data` is a
+    /// multiple of the cluster size (the last cluster may reach past the
+    /// end of the disk). Clusters that do not shrink are written plainly.
+    /// Meant for filling new images (`convert -c`): clusters already
+    /// allocated are replaced and their old space released at flush.
+    pub fn write_compressed(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        backing: BackingRead,
+    ) -> Result<()> {
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        if !geo.is_aligned(offset) || data.len() as u64 % cs != 0 {
+            return Err(Error::InvalidArgument(
+                "compressed writes must cover whole clusters".into(),
+            ));
+        }
+        if geo.extended_l2() {
+            // Compressed clusters carry no subcluster bitmap: write plainly.
+            let end = (offset + data.len() as u64).min(self.virtual_size());
+            return self.write(offset, &data[..(end - offset) as usize], backing);
+        }
+        self.check_range(
+            offset,
+            (data.len() as u64).min(self.virtual_size().saturating_sub(offset)),
+        )?;
+        self.begin_write()?;
+        let mut done = 0u64;
+        while done < data.len() as u64 {
+            let pos = offset + done;
+            let n = self.chunk_len(pos, data.len() as u64 - done);
+            self.write_compressed_chunk(pos, &data[done as usize..(done + n) as usize], backing)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_compressed_chunk(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        backing: BackingRead,
+    ) -> Result<()> {
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let cb = geo.cluster_bits();
+        let toff = self.l2_for_write(geo.l1_index(GuestOffset(off)))?;
+        let table = self.l2_table(toff)?;
+        let mut plans = Vec::new();
+        let mut plain: Vec<(u64, &[u8])> = Vec::new();
+        for (i, cluster) in data.chunks(cs as usize).enumerate() {
+            let g = off + i as u64 * cs;
+            let idx = geo.l2_index(GuestOffset(g));
+            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                path: self.path.clone(),
+                source,
+            })?;
+            let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
+                plain.push((g, cluster));
+                continue;
+            };
+            let len = c.len() as u64;
+            // Pack into the tail of the last host cluster when it fits.
+            let tail = self.compressed_tail.next;
+            let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
+            let room = fits && {
+                let path = self.path.clone();
+                let order = self.header.refcount_order;
+                let storage = self.storage.as_ref();
+                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+                    path: path.clone(),
+                    why: "read-only".into(),
+                })?;
+                ws.refcounts.get(storage, &path, tail >> cb)?
+                    < strata_format::refcount::max_refcount(order)
+            };
+            let start = if room {
+                let ci = tail >> cb;
+                let path = self.path.clone();
+                let storage = self.storage.as_ref();
+                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
+                    path: path.clone(),
+                    why: "read-only".into(),
+                })?;
+                ws.refcounts.adjust(storage, &path, ci, 1)?;
+                tail
+            } else {
+                self.alloc_contiguous(geo.clusters_for(len))?
+            };
+            self.compressed_tail.next = start + len;
+            let word = strata_format::CompressedDescriptor::encode(
+                strata_format::HostOffset(start),
+                len,
+                cb,
+            )
+            .ok_or_else(|| {
+                Error::InvalidArgument("compressed cluster cannot be described".into())
+            })?;
+            plans.push(Plan {
+                idx,
+                old: e,
+                new: L2Entry { word, bitmap: 0 },
+                dest: Some(start),
+                writes: vec![(0, c)],
+                frees: self.freed_by(e),
+            });
+        }
+        for p in &mut plans {
+            let dest = p.dest.unwrap_or(0);
+            for (at, bytes) in std::mem::take(&mut p.writes) {
+                self.write_bytes(&bytes, dest + at, "write compressed cluster")?;
+            }
+        }
+        if !plans.is_empty() {
+            self.barrier()?;
+            self.update_l2(toff, &plans)?;
+        }
+        for (g, cluster) in plain {
+            let end = (g + cs).min(self.virtual_size());
+            self.write(g, &cluster[..(end - g) as usize], backing)?;
         }
         Ok(())
     }

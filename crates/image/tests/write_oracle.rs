@@ -327,3 +327,100 @@ fn created_images_pass_qemu_img_check_and_report_their_options() {
         }
     }
 }
+
+#[test]
+fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
+    if skip() {
+        return;
+    }
+    use strata_image::convert::{convert, ConvertOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        base.to_str().unwrap(),
+        "6M",
+    ]);
+    qemu_io(&base, &["write -P 0x11 0 1M", "write -P 0x22 2100k 100k"]);
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x33 500k 700k",
+            "write -z 0 64k",
+            "write -P 0x44 5000k 10k",
+        ],
+    );
+    let chain = Chain::open(&top, &OpenOptions::default()).unwrap();
+    for (name, format, compress, ct) in [
+        (
+            "flat.qcow2",
+            ImageFormat::Qcow2,
+            false,
+            strata_format::CompressionType::Deflate,
+        ),
+        (
+            "zlib.qcow2",
+            ImageFormat::Qcow2,
+            true,
+            strata_format::CompressionType::Deflate,
+        ),
+        (
+            "zstd.qcow2",
+            ImageFormat::Qcow2,
+            true,
+            strata_format::CompressionType::Zstd,
+        ),
+        (
+            "flat.raw",
+            ImageFormat::Raw,
+            false,
+            strata_format::CompressionType::Deflate,
+        ),
+    ] {
+        let out = d.join(name);
+        let create = CreateOptions {
+            compression_type: ct,
+            ..Default::default()
+        };
+        convert(
+            &chain,
+            &out,
+            &ConvertOptions {
+                format,
+                create,
+                compress,
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        if format == ImageFormat::Qcow2 {
+            check_clean(&out);
+        }
+        compare(&top, &out);
+        if compress {
+            let map = qemu_img(&["map", "--output", "json", out.to_str().unwrap()]);
+            assert!(
+                map.contains("\"compressed\": true"),
+                "{name}: no compressed cluster in {map}"
+            );
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Copying a chain's guest view into a new image (`convert`).
+
+use std::path::Path;
+
+use crate::chain::{Chain, Image, ImageFormat};
+use crate::create::{create_qcow2, create_raw, CreateOptions};
+use crate::error::{Error, Result};
+use crate::storage::FileStorage;
+
+/// Bytes read from the source per step (bounds memory).
+pub const CONVERT_WINDOW: u64 = 4 << 20;
+/// Granularity at which zero blocks are detected and left sparse (as
+/// qemu-img convert's default `-S 4k`).
+pub const SPARSE_BLOCK: usize = 4096;
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Format of the new image.
+    pub format: ImageFormat,
+    /// qcow2 options (the size is taken from the source).
+    pub create: CreateOptions,
+    /// Compress data clusters (qcow2 only).
+    pub compress: bool,
+}
+
+/// Writes the guest view of `src` into a new image at `dst` (truncated if
+/// it exists). Ranges that read as zeros are not written (the new image
+/// reads zeros there anyway). `progress(done, total)` is called per step.
+pub fn convert(
+    src: &Chain,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let size = src.virtual_size();
+    if opts.compress && opts.format != ImageFormat::Qcow2 {
+        return Err(Error::InvalidArgument(
+            "compression (-c) needs a qcow2 target".into(),
+        ));
+    }
+    let storage = FileStorage::create(dst).map_err(|e| Error::io(dst, "create", 0, e))?;
+    let mut target = match opts.format {
+        ImageFormat::Raw => {
+            create_raw(&storage, dst, size)?;
+            Image::Raw(crate::raw::RawImage::open(Box::new(storage), dst)?)
+        }
+        ImageFormat::Qcow2 => {
+            let mut c = opts.create.clone();
+            c.size = size;
+            c.backing = None;
+            Image::Qcow2(create_qcow2(Box::new(storage), dst, &c)?)
+        }
+    };
+    let cs = match &target {
+        Image::Qcow2(q) => q.geometry().cluster_size() as usize,
+        Image::Raw(_) => SPARSE_BLOCK,
+    };
+    let block = if opts.compress {
+        cs
+    } else {
+        cs.min(SPARSE_BLOCK)
+    };
+    let no_backing = |b: &mut [u8], _| {
+        b.fill(0);
+        Ok(())
+    };
+    let mut buf = vec![0u8; CONVERT_WINDOW as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let len = (size - pos).min(CONVERT_WINDOW);
+        progress(pos, size);
+        // Skip what reads as zeros without reading it.
+        let r = src.resolve(pos, len)?;
+        let reads_zero =
+            r.past_end || !r.extent.mapping.is_allocated() || r.extent.mapping.is_zero();
+        // Compressed writes need cluster-aligned windows: skip whole clusters.
+        let skip = if opts.compress {
+            (pos + r.extent.len) / cs as u64 * cs as u64 - pos
+        } else {
+            r.extent.len
+        };
+        if reads_zero && skip > 0 {
+            pos += skip;
+            continue;
+        }
+        let win = &mut buf[..len as usize];
+        src.read_at(win, pos)?;
+        // Write runs of nonzero blocks.
+        let mut i = 0usize;
+        while i < win.len() {
+            let end = (i + block).min(win.len());
+            if win[i..end].iter().all(|b| *b == 0) {
+                i = end;
+                continue;
+            }
+            let mut j = end;
+            while j < win.len() {
+                let e = (j + block).min(win.len());
+                if win[j..e].iter().all(|b| *b == 0) {
+                    break;
+                }
+                j = e;
+            }
+            let at = pos + i as u64;
+            match &mut target {
+                Image::Raw(r) => r.write(&win[i..j], at)?,
+                Image::Qcow2(q) if opts.compress => {
+                    let mut chunk = win[i..j].to_vec();
+                    chunk.resize(chunk.len().div_ceil(cs) * cs, 0);
+                    q.write_compressed(at, &chunk, &no_backing)?
+                }
+                Image::Qcow2(q) => q.write(at, &win[i..j], &no_backing)?,
+            }
+            i = j;
+        }
+        pos += len;
+    }
+    match &mut target {
+        Image::Raw(r) => r.flush()?,
+        Image::Qcow2(q) => q.flush()?,
+    }
+    progress(size, size);
+    Ok(())
+}
