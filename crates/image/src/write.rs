@@ -1040,7 +1040,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let geo = self.geometry;
         let cs = geo.cluster_size();
-        if !geo.is_aligned(offset) || data.len() as u64 % cs != 0 {
+        if !geo.is_aligned(offset) || !(data.len() as u64).is_multiple_of(cs) {
             return Err(Error::InvalidArgument(
                 "compressed writes must cover whole clusters".into(),
             ));
