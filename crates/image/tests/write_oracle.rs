@@ -424,3 +424,189 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
         }
     }
 }
+
+#[test]
+fn writes_to_an_image_with_an_internal_snapshot_keep_the_snapshot_intact() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let q = d.join("q.qcow2");
+    let size = 4u64 << 20;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        q.to_str().unwrap(),
+        "4M",
+    ]);
+    qemu_io(&q, &["write -P 0x61 0 1M", "write -P 0x62 2M 512k"]);
+    qemu_img(&["snapshot", "-c", "snap1", q.to_str().unwrap()]);
+    let snap_before = d.join("snap-before.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snap1",
+        "-O",
+        "raw",
+        q.to_str().unwrap(),
+        snap_before.to_str().unwrap(),
+    ]);
+    let s = d.join("s.qcow2");
+    std::fs::copy(&q, &s).unwrap();
+    let ops = random_ops(41, size, 40, 4096);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&q, &cmd_refs);
+    {
+        let mut chain = Chain::open(
+            &s,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for op in &ops {
+            op.apply(&mut chain);
+        }
+        chain.flush().unwrap();
+    }
+    check_clean(&s);
+    compare(&q, &s);
+    let snap_after = d.join("snap-after.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snap1",
+        "-O",
+        "raw",
+        s.to_str().unwrap(),
+        snap_after.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&snap_before).unwrap() == std::fs::read(&snap_after).unwrap(),
+        "snapshot changed"
+    );
+}
+
+#[test]
+fn writing_past_the_end_or_to_a_read_only_or_corrupt_image_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    let before = std::fs::read(&p).unwrap();
+    {
+        let mut c = Chain::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e = c.write_at(&[1u8; 100], (1 << 20) - 50).unwrap_err();
+        assert!(e.to_string().contains("outside the virtual disk"), "{e}");
+        assert!(c.write_zeroes(2 << 20, 10, false).is_err());
+    }
+    {
+        let mut c = Chain::open(&p, &OpenOptions::default()).unwrap();
+        let e = c.write_at(&[1u8; 100], 0).unwrap_err();
+        assert!(e.to_string().contains("read-only"), "{e}");
+    }
+    assert!(
+        std::fs::read(&p).unwrap() == before,
+        "a refused write changed the file"
+    );
+    // Set the corrupt bit (incompatible feature bit 1, header byte 79).
+    let mut bytes = before.clone();
+    bytes[79] |= 2;
+    std::fs::write(&p, &bytes).unwrap();
+    {
+        let mut c = Chain::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let e = c.write_at(&[1u8; 100], 0).unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+    assert!(
+        std::fs::read(&p).unwrap() == bytes,
+        "a write to a corrupt image changed the file"
+    );
+}
+
+#[test]
+fn invalid_create_options_are_refused_with_a_clear_error() {
+    let m = strata_image::MemStorage::new();
+    let p = Path::new("x.qcow2");
+    for (opts, needle) in [
+        (
+            CreateOptions {
+                cluster_size: 3000,
+                ..Default::default()
+            },
+            "power of two",
+        ),
+        (
+            CreateOptions {
+                cluster_size: 256,
+                ..Default::default()
+            },
+            "512 B",
+        ),
+        (
+            CreateOptions {
+                cluster_size: 4 << 20,
+                ..Default::default()
+            },
+            "2 MiB",
+        ),
+        (
+            CreateOptions {
+                refcount_bits: 3,
+                ..Default::default()
+            },
+            "refcount_bits",
+        ),
+        (
+            CreateOptions {
+                compat_v2: true,
+                extended_l2: true,
+                ..Default::default()
+            },
+            "compat=1.1",
+        ),
+        (
+            CreateOptions {
+                extended_l2: true,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+            "16 KiB",
+        ),
+        (
+            CreateOptions {
+                compat_v2: true,
+                refcount_bits: 8,
+                ..Default::default()
+            },
+            "refcount_bits=16",
+        ),
+    ] {
+        let e = create_qcow2(Box::new(m.clone()), p, &opts).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e} (wanted {needle:?})");
+    }
+    assert_eq!(m.to_bytes().len(), 0, "a refused create wrote something");
+}
