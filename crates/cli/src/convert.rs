@@ -1,0 +1,150 @@
+//! `strata convert -O raw`: the chain's guest view into a raw file.
+//!
+//! The output is sparse: ranges the chain reads as zeros are never read
+//! nor written (the file is sized with `set_len`), and 4 KiB blocks of
+//! data that happen to be all zeros are skipped too, as qemu-img does.
+
+use std::fs::OpenOptions as FsOpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use strata_image::Chain;
+
+use crate::open_options;
+
+/// Largest read from the source at a time.
+const READ_CHUNK: u64 = 4 << 20;
+/// Blocks of zeros at least this large (and aligned) are left as holes.
+const SPARSE_BLOCK: usize = 4096;
+
+/// Arguments of `strata convert`.
+#[derive(Debug, Clone)]
+pub struct ConvertArgs {
+    /// Source image.
+    pub src: String,
+    /// Destination file.
+    pub dst: String,
+    /// Source format (`-f`).
+    pub format: Option<String>,
+    /// Output format (`-O`).
+    pub output_format: String,
+    /// Show progress on stderr (`-p`).
+    pub progress: bool,
+    /// Take no locks on the source (`-U`).
+    pub force_share: bool,
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Writes the guest view of `chain` into `dst` (created or truncated),
+/// calling `progress` with the bytes done so far.
+pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    let size = chain.virtual_size();
+    let file = FsOpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .with_context(|| format!("{}: cannot create the output file", dst.display()))?;
+    file.set_len(size)
+        .with_context(|| format!("{}: cannot size the output file", dst.display()))?;
+    let mut buf = Vec::new();
+    let mut pos = 0u64;
+    progress(0, size);
+    while pos < size {
+        let r = chain.resolve(pos, (size - pos).min(READ_CHUNK))?;
+        let len = r.extent.len.clamp(1, size - pos);
+        let reads_data =
+            !r.past_end && !r.extent.mapping.is_zero() && r.extent.mapping.is_allocated();
+        if reads_data {
+            let layer = &chain.layers()[r.depth];
+            buf.resize(len as usize, 0);
+            layer.image.read_mapped(r.extent.mapping, pos, &mut buf)?;
+            write_sparse(&file, dst, &buf, pos)?;
+        }
+        pos += len;
+        progress(pos, size);
+    }
+    file.sync_all()
+        .with_context(|| format!("{}: cannot sync the output file", dst.display()))?;
+    Ok(())
+}
+
+/// Writes `buf` at `pos`, leaving aligned all-zero blocks as holes.
+fn write_sparse(file: &std::fs::File, dst: &Path, buf: &[u8], pos: u64) -> Result<()> {
+    let mut i = 0usize;
+    while i < buf.len() {
+        // Up to the next SPARSE_BLOCK boundary of the output file.
+        let next =
+            (((pos + i as u64) / SPARSE_BLOCK as u64 + 1) * SPARSE_BLOCK as u64 - pos) as usize;
+        let end = next.min(buf.len());
+        let block = &buf[i..end];
+        if block.iter().any(|&b| b != 0) {
+            // Extend the run over following non-zero blocks.
+            let mut run_end = end;
+            while run_end < buf.len() {
+                let e = (run_end + SPARSE_BLOCK).min(buf.len());
+                if buf[run_end..e].iter().all(|&b| b == 0) {
+                    break;
+                }
+                run_end = e;
+            }
+            file.write_all_at(&buf[i..run_end], pos + i as u64)
+                .with_context(|| {
+                    format!("{}: write at {:#x} failed", dst.display(), pos + i as u64)
+                })?;
+            i = run_end;
+        } else {
+            i = end;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `strata convert`.
+pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    match args.output_format.as_str() {
+        "raw" => {}
+        "qcow2" => bail!(
+            "convert -O qcow2 is not available yet (it comes with the write path); use -O raw"
+        ),
+        other => bail!("unknown output format {other:?}: strata converts to raw (-O raw)"),
+    }
+    let opts = open_options(args.format.as_deref(), args.force_share)?;
+    let chain = Chain::open(Path::new(&args.src), &opts)?;
+    let dst = Path::new(&args.dst);
+    for l in chain.layers() {
+        if same_file(&l.path, dst) {
+            bail!(
+                "{}: the output file is {} of the source chain; refusing to overwrite it",
+                args.dst,
+                l.path.display()
+            );
+        }
+    }
+    let mut last = u64::MAX;
+    let mut progress = |done: u64, total: u64| {
+        if !args.progress {
+            return;
+        }
+        let pct = (done * 10000).checked_div(total).unwrap_or(10000);
+        if pct != last {
+            last = pct;
+            let _ = write!(err, "    ({}.{:02}/100%)\r", pct / 100, pct % 100);
+            let _ = err.flush();
+        }
+    };
+    convert_to_raw(&chain, dst, &mut progress)?;
+    if args.progress {
+        let _ = writeln!(err);
+    }
+    Ok(0)
+}

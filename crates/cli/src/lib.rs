@@ -1,0 +1,301 @@
+//! strata-cli: the `strata` command line.
+//!
+//! Each command is a library function that writes to an `impl Write` and
+//! returns an exit code (or an error, which [`run`] prints to stderr as
+//! `strata: <message>` and turns into a nonzero exit). Spelling, JSON and
+//! exit codes follow qemu-img so that scripts carry over.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use strata_image::{ImageFormat, OpenOptions};
+
+pub mod bitmaps;
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod demo;
+pub mod info;
+pub mod localtime;
+pub mod map;
+pub mod qjson;
+pub mod size;
+
+/// `--output` of the inspection commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Text for people, as qemu-img prints it.
+    #[default]
+    Human,
+    /// JSON with qemu-img's keys.
+    Json,
+}
+
+/// Open options for a format name given with `-f`/`-F` (`None`: probe
+/// the top image; backing files are never probed).
+pub fn open_options(format: Option<&str>, force_share: bool) -> Result<OpenOptions> {
+    let format = match format {
+        None => None,
+        Some(name) => match ImageFormat::from_name(name) {
+            Some(f) => Some(f),
+            None => bail!("unknown image format {name:?}: Strata reads qcow2 and raw"),
+        },
+    };
+    Ok(OpenOptions {
+        format,
+        force_share,
+        ..OpenOptions::default()
+    })
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "qcow2 backing-chain engine: inspect, compare, convert (qemu-img spelling)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show an image's (or a whole chain's) header information.
+    Info {
+        /// Image format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Force share: take no locks, tolerate other users of the image.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Describe every image of the backing chain.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// The image.
+        file: String,
+    },
+    /// Show which layer holds each guest range, and where.
+    Map {
+        /// Image format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Force share: take no locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// The image.
+        file: String,
+    },
+    /// Check an image's metadata for consistency.
+    Check {
+        /// Image format.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+        /// Repair: leaks or all.
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        /// Force share: take no locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// The image.
+        file: String,
+    },
+    /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
+    Compare {
+        /// Format of the first image.
+        #[arg(short = 'f')]
+        format1: Option<String>,
+        /// Format of the second image.
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: sizes and allocation must match too.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Quiet: print nothing, only the exit code tells.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Force share: take no locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// First image.
+        file1: String,
+        /// Second image.
+        file2: String,
+    },
+    /// Write the chain's guest view to a new image.
+    Convert {
+        /// Source format.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format (raw; qcow2 comes later).
+        #[arg(short = 'O', default_value = "raw")]
+        output_format: String,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Force share on the source: take no locks.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Source image.
+        src: String,
+        /// Destination file.
+        dst: String,
+    },
+    /// Build a small chain and walk through what Strata can do.
+    Demo {
+        /// Directory for the demo files (a new temporary one by default).
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `strata` with `args` (the first is the program name), writing to
+/// `out` and `err`; returns the exit code.
+pub fn run<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() {
+                err.write_all(text.as_bytes())
+            } else {
+                out.write_all(text.as_bytes())
+            };
+            return code;
+        }
+    };
+    // compare reports errors with exit code 2, like qemu-img.
+    let error_code = match cli.command {
+        Command::Compare { .. } => 2,
+        _ => 1,
+    };
+    let result = match cli.command {
+        Command::Info {
+            format,
+            force_share,
+            backing_chain,
+            output,
+            file,
+        } => info::run(
+            &info::InfoArgs {
+                file,
+                format,
+                force_share,
+                backing_chain,
+                output,
+            },
+            out,
+        ),
+        Command::Map {
+            format,
+            force_share,
+            output,
+            file,
+        } => map::run(
+            &map::MapArgs {
+                file,
+                format,
+                force_share,
+                output,
+            },
+            out,
+        ),
+        Command::Check {
+            format,
+            repair,
+            force_share,
+            output,
+            file,
+        } => check::run(
+            &check::CheckArgs {
+                file,
+                format,
+                repair,
+                output,
+                force_share,
+            },
+            out,
+        ),
+        Command::Compare {
+            format1,
+            format2,
+            strict,
+            quiet,
+            force_share,
+            file1,
+            file2,
+        } => compare::run(
+            &compare::CompareArgs {
+                file1,
+                file2,
+                format1,
+                format2,
+                strict,
+                force_share,
+                quiet,
+            },
+            out,
+        ),
+        Command::Convert {
+            format,
+            output_format,
+            progress,
+            force_share,
+            src,
+            dst,
+        } => convert::run(
+            &convert::ConvertArgs {
+                src,
+                dst,
+                format,
+                output_format,
+                progress,
+                force_share,
+            },
+            out,
+            err,
+        ),
+        Command::Demo { dir } => demo::run(&demo::DemoArgs { dir }, out, err),
+    };
+    let _ = out.flush();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(err, "strata: {e:#}");
+            error_code
+        }
+    }
+}
+
+/// [`run`] on the process's standard output and error.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = stderr.lock();
+    let code = run(args, &mut out, &mut err);
+    let _ = out.flush();
+    code
+}
