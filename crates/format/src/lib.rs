@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod bitmap;
 pub mod error;
 pub mod header;
 pub mod limits;
