@@ -25,6 +25,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// Writes `bufs` one after the other from `offset` (one system call
+    /// where the backend can).
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for b in bufs {
+            self.write_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
@@ -110,6 +120,45 @@ impl Storage for FileStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::io::IoSlice;
+        // (buffer index, bytes of it already written)
+        let (mut i, mut skip) = (0usize, 0usize);
+        let mut at = offset;
+        while i < bufs.len() {
+            let slices: Vec<IoSlice<'_>> = bufs[i..]
+                .iter()
+                .take(1024)
+                .enumerate()
+                .map(|(k, b)| IoSlice::new(if k == 0 { &b[skip..] } else { b }))
+                .collect();
+            let off =
+                i64::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let mut n = match nix::sys::uio::pwritev(&self.file, &slices, off) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            at += n as u64;
+            while n > 0 && i < bufs.len() {
+                let left = bufs[i].len() - skip;
+                if n >= left {
+                    n -= left;
+                    i += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+            while i < bufs.len() && bufs[i].len() == skip {
+                i += 1;
+                skip = 0;
+            }
+        }
+        Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
@@ -402,6 +451,10 @@ impl Storage for FaultStorage {
         apply(&mut st.current, &p);
         st.pending.push(p);
         Ok(())
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        // One operation, as one pwritev.
+        self.write_at(&bufs.concat(), offset)
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().current.len() as u64)

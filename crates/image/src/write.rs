@@ -30,9 +30,13 @@ use crate::qcow2::Qcow2Image;
 /// from the guest offset, zeros past their end.
 pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 
-/// Guest bytes handled per step of a write (bounds memory and the work
-/// between two barriers).
+/// Guest bytes handled per step of a zero write or discard.
 pub const WRITE_CHUNK: u64 = 8 << 20;
+/// Guest bytes of one write handled between two barriers (the data is the
+/// caller's; only partly written clusters are copied).
+pub const WRITE_BATCH: u64 = 64 << 20;
+/// Largest single vectored write.
+const MAX_VECTORED_BYTES: u64 = 32 << 20;
 
 /// State of an image opened for writing.
 #[derive(Debug)]
@@ -44,8 +48,23 @@ pub(crate) struct WriteState {
     pub(crate) prepared: bool,
 }
 
+/// Bytes to write: the caller's, or a copy-on-write buffer.
+enum Chunk<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Chunk<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Borrowed(b) => b,
+            Chunk::Owned(v) => v,
+        }
+    }
+}
+
 /// What a write does to one cluster.
-struct Plan {
+struct Plan<'a> {
     /// Index of the entry in its L2 table.
     idx: u64,
     old: L2Entry,
@@ -53,7 +72,7 @@ struct Plan {
     /// Host cluster to write into; `None`: a new cluster.
     dest: Option<u64>,
     /// Bytes to write, at offsets inside the cluster.
-    writes: Vec<(u64, Vec<u8>)>,
+    writes: Vec<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
     frees: Vec<u64>,
 }
@@ -233,7 +252,21 @@ impl Qcow2Image {
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
     /// missing, copied when shared with a snapshot. Returns its offset.
+    /// A new table is written and synced before the L1 entry points at it.
     fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+        let mut new_l1 = Vec::new();
+        let toff = self.l2_for_write_deferred(l1i, &mut new_l1)?;
+        if !new_l1.is_empty() {
+            self.barrier()?;
+            self.write_l1_entries(&new_l1)?;
+        }
+        Ok(toff)
+    }
+
+    /// As [`Qcow2Image::l2_for_write`], but a new table's L1 entry is only
+    /// recorded in `new_l1` (and in memory): the caller writes it with
+    /// [`Qcow2Image::write_l1_entries`] after its next barrier.
+    fn l2_for_write_deferred(&mut self, l1i: u64, new_l1: &mut Vec<usize>) -> Result<u64> {
         let i = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < self.l1.len())
@@ -255,11 +288,11 @@ impl Qcow2Image {
         };
         let new = self.alloc_contiguous(1)?;
         self.write_bytes(&content, new, "write L2 table")?;
-        self.barrier()?;
-        let entry = L1Entry::new(strata_format::HostOffset(new), true);
-        let at = self.header.l1_table_offset + 8 * l1i;
-        self.write_bytes(&entry.0.to_be_bytes(), at, "write L1 entry")?;
-        self.l1[i] = entry.0;
+        // From here on memory is ahead of the disk until the L1 entry is
+        // written: a failure before that must stop all further writes.
+        self.poisoned.store(true, Ordering::SeqCst);
+        self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
+        new_l1.push(i);
         self.l2_cache
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
@@ -269,6 +302,21 @@ impl Qcow2Image {
             self.ws()?.pending_frees.push(old.0 >> cb);
         }
         Ok(new)
+    }
+
+    /// Writes the in-memory L1 entries at `indices` to disk (after the
+    /// tables they point at are durable) and lifts the guard set by
+    /// [`Qcow2Image::l2_for_write_deferred`].
+    fn write_l1_entries(&mut self, indices: &[usize]) -> Result<()> {
+        for &i in indices {
+            let at = self.header.l1_table_offset + 8 * i as u64;
+            let v = self.l1[i];
+            self.storage
+                .write_at(&v.to_be_bytes(), at)
+                .map_err(|e| self.io_err("write L1 entry", at, e))?;
+        }
+        self.poisoned.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The guest view of this image alone at `[guest, guest+buf.len())`
@@ -318,15 +366,15 @@ impl Qcow2Image {
 
     /// Plans a data write of `data` at `[a, a+data.len())` inside the
     /// cluster starting at guest `cstart`, whose entry is `e`.
-    fn plan_write(
+    fn plan_write<'a>(
         &self,
         idx: u64,
         e: L2Entry,
         cstart: u64,
         a: u64,
-        data: &[u8],
+        data: &'a [u8],
         backing: BackingRead,
-    ) -> Result<Plan> {
+    ) -> Result<Plan<'a>> {
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let b = a + data.len() as u64;
@@ -340,15 +388,18 @@ impl Qcow2Image {
                     old: e,
                     new: e,
                     dest: Some(host.0),
-                    writes: vec![(a, data.to_vec())],
+                    writes: vec![(a, Chunk::Borrowed(data))],
                     frees: vec![],
                 });
             }
-            let mut buf = vec![0u8; cs as usize];
-            if a != 0 || b != cs {
+            let content = if a == 0 && b == cs {
+                Chunk::Borrowed(data)
+            } else {
+                let mut buf = vec![0u8; cs as usize];
                 self.old_view(e, cstart, &mut buf, backing)?;
-            }
-            buf[a as usize..b as usize].copy_from_slice(data);
+                buf[a as usize..b as usize].copy_from_slice(data);
+                Chunk::Owned(buf)
+            };
             let reuse = match state {
                 SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.0),
                 _ => None,
@@ -368,7 +419,7 @@ impl Qcow2Image {
                 old: e,
                 new,
                 dest: reuse,
-                writes: vec![(0, buf)],
+                writes: vec![(0, content)],
                 frees,
             });
         }
@@ -383,11 +434,14 @@ impl Qcow2Image {
         if let (Some(h), true, false) = (host, e.copied(), e.compressed()) {
             let start = sa * scs;
             let end = (sb + 1) * scs;
-            let mut buf = vec![0u8; (end - start) as usize];
-            if a != start || b != end {
+            let content = if a == start && b == end {
+                Chunk::Borrowed(data)
+            } else {
+                let mut buf = vec![0u8; (end - start) as usize];
                 self.old_view(e, cstart + start, &mut buf, backing)?;
-            }
-            buf[(a - start) as usize..(b - start) as usize].copy_from_slice(data);
+                buf[(a - start) as usize..(b - start) as usize].copy_from_slice(data);
+                Chunk::Owned(buf)
+            };
             let new = L2Entry {
                 word: e.word,
                 bitmap: (e.bitmap | touched) & !(touched << 32),
@@ -397,8 +451,22 @@ impl Qcow2Image {
                 old: e,
                 new,
                 dest: Some(h.0),
-                writes: vec![(start, buf)],
+                writes: vec![(start, content)],
                 frees: vec![],
+            });
+        }
+        if a == 0 && b == cs {
+            // Every subcluster written: no copy needed.
+            return Ok(Plan {
+                idx,
+                old: e,
+                new: L2Entry {
+                    word: OFLAG_COPIED,
+                    bitmap: 0xffff_ffff,
+                },
+                dest: None,
+                writes: vec![(0, Chunk::Borrowed(data))],
+                frees: self.freed_by(e),
             });
         }
         // A new cluster: copy what the old one held, keep the bits of the rest.
@@ -432,7 +500,7 @@ impl Qcow2Image {
             old: e,
             new,
             dest: None,
-            writes: vec![(0, buf)],
+            writes: vec![(0, Chunk::Owned(buf))],
             frees: self.freed_by(e),
         })
     }
@@ -444,9 +512,12 @@ impl Qcow2Image {
         self.begin_write()?;
         let mut done = 0u64;
         while done < data.len() as u64 {
-            let pos = offset + done;
-            let n = self.chunk_len(pos, data.len() as u64 - done);
-            self.write_chunk(pos, &data[done as usize..(done + n) as usize], backing)?;
+            let n = (data.len() as u64 - done).min(WRITE_BATCH);
+            self.write_batch(
+                offset + done,
+                &data[done as usize..(done + n) as usize],
+                backing,
+            )?;
             done += n;
         }
         Ok(())
@@ -475,74 +546,107 @@ impl Qcow2Image {
             .min((chunk_end - pos).max(self.geometry.cluster_size()))
     }
 
-    fn write_chunk(&mut self, off: u64, data: &[u8], backing: BackingRead) -> Result<()> {
+    /// Plans, allocates and writes the data of one batch, then after a
+    /// single barrier writes the L2 entries and the L1 entries of new
+    /// tables.
+    fn write_batch(&mut self, off: u64, data: &[u8], backing: BackingRead) -> Result<()> {
         let geo = self.geometry;
         let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
-        let l1i = geo.l1_index(GuestOffset(off));
-        let toff = self.l2_for_write(l1i)?;
-        let table = self.l2_table(toff)?;
         let end = off + data.len() as u64;
-        let mut plans = Vec::new();
-        for c in (off >> cb)..=((end - 1) >> cb) {
-            let cstart = c << cb;
-            let a = off.max(cstart);
-            let b = end.min(cstart + cs);
-            let idx = geo.l2_index(GuestOffset(cstart));
-            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                path: self.path.clone(),
-                source,
-            })?;
-            let slice = &data[(a - off) as usize..(b - off) as usize];
-            plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
+        let mut new_l1 = Vec::new();
+        let mut tables = Vec::new();
+        let mut pos = off;
+        while pos < end {
+            let l1i = geo.l1_index(GuestOffset(pos));
+            let table_end = ((l1i + 1) * geo.l2_span()).min(end);
+            let toff = self.l2_for_write_deferred(l1i, &mut new_l1)?;
+            let table = self.l2_table(toff)?;
+            let mut plans = Vec::new();
+            for c in (pos >> cb)..=((table_end - 1) >> cb) {
+                let cstart = c << cb;
+                let a = pos.max(cstart);
+                let b = table_end.min(cstart + cs);
+                let idx = geo.l2_index(GuestOffset(cstart));
+                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?;
+                let slice = &data[(a - off) as usize..(b - off) as usize];
+                plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
+            }
+            tables.push((toff, plans));
+            pos = table_end;
         }
-        self.execute(toff, plans)
+        self.execute(tables, new_l1)
     }
 
-    /// Allocates, writes data, then (after a barrier) the L2 entries.
-    fn execute(&mut self, toff: u64, mut plans: Vec<Plan>) -> Result<()> {
+    /// Allocates, writes data, then (after a barrier) the L2 entries of
+    /// every table and the L1 entries of new tables.
+    fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>, new_l1: Vec<usize>) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         // Allocate new clusters, in runs; their entries get the offsets.
-        let need: Vec<usize> = (0..plans.len())
-            .filter(|i| plans[*i].dest.is_none())
-            .collect();
+        let mut need: Vec<(usize, usize)> = Vec::new();
+        for (t, (_, plans)) in tables.iter().enumerate() {
+            need.extend(
+                (0..plans.len())
+                    .filter(|i| plans[*i].dest.is_none())
+                    .map(|i| (t, i)),
+            );
+        }
         let mut k = 0;
         while k < need.len() {
             let (first, n) = self.alloc_run((need.len() - k) as u64)?;
             for j in 0..n as usize {
-                let p = &mut plans[need[k + j]];
+                let (t, i) = need[k + j];
+                let p = &mut tables[t].1[i];
                 let host = (first + j as u64) << cb;
                 p.dest = Some(host);
                 p.new.word |= host;
             }
             k += n as usize;
         }
-        // Coalesce the data writes by host offset.
-        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
-        for p in &mut plans {
-            let dest = p.dest.unwrap_or(0);
-            for (at, bytes) in std::mem::take(&mut p.writes) {
-                let h = dest + at;
-                match writes.last_mut() {
-                    Some((lh, lb)) if *lh + lb.len() as u64 == h && lb.len() < (32 << 20) => {
-                        lb.extend_from_slice(&bytes)
+        // Data writes, coalesced by host offset into vectored writes.
+        let mut runs: Vec<(u64, Vec<&[u8]>, u64)> = Vec::new();
+        for (_, plans) in &tables {
+            for p in plans {
+                let dest = p.dest.unwrap_or(0);
+                for (at, chunk) in &p.writes {
+                    let h = dest + at;
+                    let bytes = chunk.bytes();
+                    match runs.last_mut() {
+                        Some((start, v, len))
+                            if *start + *len == h && *len < MAX_VECTORED_BYTES =>
+                        {
+                            v.push(bytes);
+                            *len += bytes.len() as u64;
+                        }
+                        _ => runs.push((h, vec![bytes], bytes.len() as u64)),
                     }
-                    _ => writes.push((h, bytes)),
                 }
             }
         }
-        for (h, bytes) in &writes {
-            self.write_bytes(bytes, *h, "write data")?;
+        for (h, bufs, _) in &runs {
+            self.storage
+                .write_vectored_at(bufs, *h)
+                .map_err(|e| self.io_err("write data", *h, e))?;
         }
-        if plans.iter().all(|p| p.new == p.old) {
+        drop(runs);
+        let changed = tables
+            .iter()
+            .any(|(_, plans)| plans.iter().any(|p| p.new != p.old));
+        if !changed && new_l1.is_empty() {
             return Ok(());
         }
         self.barrier()?;
-        self.update_l2(toff, &plans)
+        for (toff, plans) in &tables {
+            self.update_l2(*toff, plans)?;
+        }
+        self.write_l1_entries(&new_l1)
     }
 
     /// Writes the changed entries of an L2 table and queues the frees.
-    fn update_l2(&mut self, toff: u64, plans: &[Plan]) -> Result<()> {
+    fn update_l2(&mut self, toff: u64, plans: &[Plan<'_>]) -> Result<()> {
         let geo = self.geometry;
         let mut table = self.l2_table(toff)?.as_ref().clone();
         let (mut lo, mut hi) = (u64::MAX, 0);
@@ -701,6 +805,7 @@ impl Qcow2Image {
         }
         let toff = self.l2_for_write(l1i)?;
         let table = self.l2_table(toff)?;
+        let zeros = vec![0u8; cs as usize];
         let mut plans = Vec::new();
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
@@ -752,8 +857,14 @@ impl Qcow2Image {
                     } else {
                         if e.compressed() && !whole {
                             // Decompress into a plain cluster first, then zero.
-                            let zeros = vec![0u8; (b - a) as usize];
-                            let p = self.plan_write(idx, e, cstart, a, &zeros, backing)?;
+                            let p = self.plan_write(
+                                idx,
+                                e,
+                                cstart,
+                                a,
+                                &zeros[..(b - a) as usize],
+                                backing,
+                            )?;
                             plans.push(p);
                             continue;
                         }
@@ -794,7 +905,7 @@ impl Qcow2Image {
             });
         }
         if plans.iter().any(|p| !p.writes.is_empty()) {
-            return self.execute(toff, plans);
+            return self.execute(vec![(toff, plans)], Vec::new());
         }
         self.update_l2(toff, &plans)
     }
@@ -986,7 +1097,8 @@ impl Qcow2Image {
                     if self.header.version < 3 {
                         // No zero flag on v2: the data clusters must read zeros.
                         p.new.word &= !OFLAG_ZERO;
-                        p.writes.push((0, vec![0u8; geo.cluster_size() as usize]));
+                        p.writes
+                            .push((0, Chunk::Owned(vec![0u8; geo.cluster_size() as usize])));
                     }
                 }
                 k += n as usize;
@@ -996,7 +1108,7 @@ impl Qcow2Image {
                 let dest = p.dest.unwrap_or(0);
                 end = end.max(dest + geo.cluster_size());
                 for (at, bytes) in std::mem::take(&mut p.writes) {
-                    self.write_bytes(&bytes, dest + at, "write data")?;
+                    self.write_bytes(bytes.bytes(), dest + at, "write data")?;
                 }
             }
             // The clusters must exist in the file (they read as zeros).
@@ -1131,14 +1243,14 @@ impl Qcow2Image {
                 old: e,
                 new: L2Entry { word, bitmap: 0 },
                 dest: Some(start),
-                writes: vec![(0, c)],
+                writes: vec![(0, Chunk::Owned(c))],
                 frees: self.freed_by(e),
             });
         }
         for p in &mut plans {
             let dest = p.dest.unwrap_or(0);
             for (at, bytes) in std::mem::take(&mut p.writes) {
-                self.write_bytes(&bytes, dest + at, "write compressed cluster")?;
+                self.write_bytes(bytes.bytes(), dest + at, "write compressed cluster")?;
             }
         }
         if !plans.is_empty() {

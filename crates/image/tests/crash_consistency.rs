@@ -263,7 +263,7 @@ fn refcount_blocks_and_table_growth_survive_a_crash_at_every_step() {
         Op::Write(3_200_000, 500_000, 10),
         Op::Flush,
     ];
-    let last = crash_everywhere(top, None, &ops, 10, 3);
+    let last = crash_everywhere(top, None, &ops, 10, 2);
     let h = strata_format::Header::parse(&last[..512]).unwrap();
     assert_ne!(
         h.refcount_table_offset, 512,
