@@ -1,0 +1,282 @@
+//! Offline `blockcommit` and `blockpull` of a shut-off domain's active
+//! chain, with the pivot.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use strata_image::{Chain, ImageFormat, OpenOptions};
+use strata_merge::{Hooks, PullOptions};
+use virt::connect::Connect;
+
+use crate::ctx::{canon, remove_files, Ctx, Graph, Txn};
+use crate::error::{Error, Result};
+use crate::snapshot::{commit_guarded, garbage, Report};
+use crate::xml;
+
+/// Options of [`blockcommit`] (`virsh blockcommit --active --pivot`).
+#[derive(Debug, Clone, Default)]
+pub struct BlockCommitOptions {
+    /// Disk target; `None`: the domain's only file-backed disk.
+    pub disk: Option<String>,
+    /// The image to commit into, a file of the active chain; `None`: the
+    /// bottom of the chain.
+    pub base: Option<PathBuf>,
+    /// Remove the snapshots whose state the commit overwrites (their state
+    /// lives in or below the base), with their files, instead of refusing.
+    pub delete_snapshots: bool,
+}
+
+/// Options of [`blockpull`] (`virsh blockpull`).
+#[derive(Debug, Clone, Default)]
+pub struct BlockPullOptions {
+    /// Disk target; `None`: the domain's only file-backed disk.
+    pub disk: Option<String>,
+    /// Keep this file of the chain (and what is below it) as the active
+    /// image's backing file; `None`: pull everything, the active image
+    /// then stands alone.
+    pub base: Option<PathBuf>,
+}
+
+/// The active chain of a disk, canonical paths, top first.
+fn active_chain(src: &Path, format: Option<ImageFormat>) -> Result<Vec<(PathBuf, ImageFormat)>> {
+    let c = Chain::open(
+        src,
+        &OpenOptions {
+            format,
+            force_share: true,
+            ..OpenOptions::default()
+        },
+    )?;
+    Ok(c.layers()
+        .iter()
+        .map(|l| (canon(&l.path), l.image.format()))
+        .collect())
+}
+
+fn find_in_chain(chain: &[(PathBuf, ImageFormat)], base: &Path, what: &str) -> Result<usize> {
+    let b = canon(base);
+    chain
+        .iter()
+        .skip(1)
+        .position(|(p, _)| *p == b)
+        .map(|i| i + 1)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: is not a backing file of the disk's active image ({what})",
+                base.display()
+            ))
+        })
+}
+
+/// Commits the active chain of a disk of the shut-off `domain` into its
+/// base (default: the bottom of the chain) and switches the domain to the
+/// base. Snapshots whose state lives in or below the base would change:
+/// refused, unless `delete_snapshots`, which removes them (metadata and
+/// files Strata made). Files Strata made that nothing needs afterwards are
+/// removed.
+pub fn blockcommit(
+    conn: &Connect,
+    domain: &str,
+    opts: &BlockCommitOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let disk = ctx.disk(opts.disk.as_deref())?;
+    let target = disk.target.clone();
+    let src = disk.source.clone().unwrap_or_default();
+    let chain = active_chain(
+        &src,
+        disk.format.as_deref().and_then(ImageFormat::from_name),
+    )?;
+    if chain.len() < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "disk {target}: {} has no backing file; nothing to commit",
+            src.display()
+        )));
+    }
+    let k = match &opts.base {
+        Some(b) => find_in_chain(&chain, b, "blockcommit")?,
+        None => chain.len() - 1,
+    };
+    let (base, base_fmt) = chain
+        .get(k)
+        .cloned()
+        .ok_or_else(|| Error::InvalidArgument("no base".into()))?;
+    let graph = Graph::load(&ctx.known_files())?;
+
+    // Snapshots whose state reads through the base.
+    let doomed: Vec<String> = ctx
+        .snaps
+        .iter()
+        .filter(|s| {
+            s.state_file(&target)
+                .is_some_and(|(f, _)| graph.closure(&[canon(&f)]).contains(&base))
+        })
+        .map(|s| s.info.name.clone())
+        .collect();
+    if !doomed.is_empty() && !opts.delete_snapshots {
+        return Err(Error::SnapshotsDestroyed {
+            domain: domain.into(),
+            disk: target,
+            op: "blockcommit",
+            base,
+            snapshots: doomed,
+        });
+    }
+    let doomed_refs: Vec<&str> = doomed.iter().map(String::as_str).collect();
+    let mut roots = ctx.state_roots(&doomed_refs);
+    for (t, a) in ctx.actives() {
+        roots.push(if t == target { base.clone() } else { a });
+    }
+    let needed = graph.closure(&roots);
+    let gc = garbage(&ctx, &graph, &needed, &[]);
+    let removable: HashSet<PathBuf> = gc.0.iter().cloned().collect();
+
+    // 1. The commit (refusals come before anything is written). The
+    //    active image reads the same throughout; the domain still uses it.
+    let top = canon(&src);
+    let cr = commit_guarded(&top, &base, &removable, hooks).map_err(|e| match e {
+        Error::Merge(m) if !doomed.is_empty() => Error::InvalidArgument(format!(
+            "{m}; the domain still reads the same through {} (run the same blockcommit again \
+             to finish); snapshot(s) {} had their state in {}, which may be partly overwritten",
+            top.display(),
+            doomed.join(", "),
+            base.display()
+        )),
+        e => e,
+    })?;
+
+    // 2. libvirt: pivot, drop the destroyed snapshots.
+    let mut new_dom = ctx.xml.clone();
+    xml::set_disk_source(&mut new_dom, &target, &base, base_fmt.name())?;
+    let owned: Vec<xml::OwnedFile> = ctx
+        .owned()
+        .into_iter()
+        .filter(|o| !removable.contains(&canon(&o.path)))
+        .collect();
+    xml::set_owned_files(&mut new_dom, &owned)?;
+    let mut txn = Txn::new(&ctx);
+    let run = (|| -> Result<()> {
+        txn.define_domain(&new_dom)?;
+        for n in doomed.iter().rev() {
+            txn.delete_snapshot_metadata(n)?;
+        }
+        // The current snapshot, if destroyed, passes to its nearest
+        // surviving ancestor.
+        if let Some(cur) = ctx.current() {
+            if doomed.contains(&cur.info.name) {
+                let mut p = cur.info.parent.clone();
+                while let Some(name) = p {
+                    if !doomed.contains(&name) {
+                        let s = ctx.snap(&name)?;
+                        txn.define_snapshot(&s.tree, &name, true)?;
+                        break;
+                    }
+                    p = ctx.snap(&name)?.info.parent.clone();
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    let (removed, mut warnings) = remove_files(&gc.0);
+    let mut report = Report {
+        swapped: vec![(disk.target.clone(), base.clone())],
+        merges: vec![format!(
+            "committed {} ({} image(s)) into {}",
+            top.display(),
+            cr.layers_merged,
+            base.display()
+        )],
+        removed,
+        snapshots_removed: doomed,
+        warnings: gc.1,
+        ..Report::default()
+    };
+    report.warnings.append(&mut warnings);
+    Ok(report)
+}
+
+/// Pulls the layers above `opts.base` (all when `None`) into the active
+/// image of a disk of the shut-off `domain`. The domain keeps using the
+/// same file; no snapshot's state changes; files Strata made that nothing
+/// needs afterwards are removed.
+pub fn blockpull(
+    conn: &Connect,
+    domain: &str,
+    opts: &BlockPullOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let disk = ctx.disk(opts.disk.as_deref())?;
+    let src = disk.source.clone().unwrap_or_default();
+    let chain = active_chain(
+        &src,
+        disk.format.as_deref().and_then(ImageFormat::from_name),
+    )?;
+    if chain.len() < 2 || chain.first().is_some_and(|c| c.1 != ImageFormat::Qcow2) {
+        return Err(Error::InvalidArgument(format!(
+            "disk {}: {} has no backing file; nothing to pull",
+            disk.target,
+            src.display()
+        )));
+    }
+    let base = match &opts.base {
+        Some(b) => {
+            let k = find_in_chain(&chain, b, "blockpull")?;
+            if k == 1 {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is the immediate backing file: nothing to pull",
+                    b.display()
+                )));
+            }
+            chain.get(k).map(|c| c.0.clone())
+        }
+        None => None,
+    };
+    let top = canon(&src);
+    let pr = strata_merge::pull(
+        &top,
+        &PullOptions {
+            base: base.clone(),
+            dry_run: false,
+        },
+        hooks,
+    )?;
+    // The pull is done and changed no view: from here only bookkeeping.
+    let graph = Graph::load(&ctx.known_files())?;
+    let mut roots = ctx.state_roots(&[]);
+    roots.extend(ctx.actives().into_iter().map(|a| a.1));
+    let needed = graph.closure(&roots);
+    let (gc, warnings) = garbage(&ctx, &graph, &needed, &[]);
+    let mut report = Report {
+        merges: vec![format!(
+            "pulled {} image(s) into {}",
+            pr.layers_pulled,
+            top.display()
+        )],
+        warnings,
+        ..Report::default()
+    };
+    if !gc.is_empty() {
+        let mut new_dom = ctx.xml.clone();
+        let owned: Vec<xml::OwnedFile> = ctx
+            .owned()
+            .into_iter()
+            .filter(|o| !gc.contains(&canon(&o.path)))
+            .collect();
+        xml::set_owned_files(&mut new_dom, &owned)?;
+        let mut txn = Txn::new(&ctx);
+        if let Err(e) = txn.define_domain(&new_dom) {
+            return Err(txn.rollback(e));
+        }
+        txn.finish()?;
+        let (removed, mut w) = remove_files(&gc);
+        report.removed = removed;
+        report.warnings.append(&mut w);
+    }
+    Ok(report)
+}

@@ -1,0 +1,162 @@
+//! Errors of the libvirt layer: what was refused or failed, on which domain,
+//! snapshot, disk or file.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias for the libvirt layer.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An error of a snapshot or block operation.
+///
+/// The refusing kinds (`DomainActive`, `NoSuchSnapshot`, `SnapshotExists`,
+/// `NoSuchDisk`, `FileExists`, `SnapshotsDestroyed`, `InvalidArgument`)
+/// are returned before anything is changed. Any other error met part-way is
+/// returned after the rollback (see [`Error::RolledBack`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A libvirt call failed.
+    #[error("libvirt: {op}: {source}")]
+    Libvirt {
+        /// What was being done ("define domain", "redefine snapshot take-1", ...).
+        op: String,
+        /// libvirt's error.
+        source: virt::error::Error,
+    },
+    /// The domain is running or paused: only shut-off domains are handled.
+    #[error(
+        "domain {domain:?} is {state}: Strata changes the disks of shut-off domains only; \
+         shut it down first (virsh shutdown {domain})"
+    )]
+    DomainActive {
+        /// The domain.
+        domain: String,
+        /// Its state ("running", "paused", ...).
+        state: String,
+    },
+    /// No snapshot of that name.
+    #[error("domain {domain:?} has no snapshot {name:?}")]
+    NoSuchSnapshot {
+        /// The domain.
+        domain: String,
+        /// The snapshot name asked for.
+        name: String,
+    },
+    /// A snapshot of that name exists already.
+    #[error("domain {domain:?} already has a snapshot {name:?}")]
+    SnapshotExists {
+        /// The domain.
+        domain: String,
+        /// The snapshot name.
+        name: String,
+    },
+    /// The domain has no such disk, or it is not a file-backed qcow2/raw disk.
+    #[error("domain {domain:?}: {why}")]
+    NoSuchDisk {
+        /// The domain.
+        domain: String,
+        /// What is wrong with the disk selection.
+        why: String,
+    },
+    /// A file Strata would create exists already.
+    #[error("{}: the file exists already; choose another name (--file)", .0.display())]
+    FileExists(PathBuf),
+    /// The block merge would destroy the state of snapshots.
+    #[error(
+        "domain {domain:?} disk {disk}: {op} into {} would change the state saved by snapshot(s) {}; \
+         delete them first or pass delete_snapshots (--delete-snapshots)",
+        .base.display(), .snapshots.join(", ")
+    )]
+    SnapshotsDestroyed {
+        /// The domain.
+        domain: String,
+        /// The disk target.
+        disk: String,
+        /// The operation.
+        op: &'static str,
+        /// The file that would be written.
+        base: PathBuf,
+        /// The snapshots whose state lives in or below `base`.
+        snapshots: Vec<String>,
+    },
+    /// The caller asked for something invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Domain or snapshot XML is not what Strata expects.
+    #[error("{what}: {why}")]
+    Xml {
+        /// Which document.
+        what: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The image engine failed.
+    #[error(transparent)]
+    Image(#[from] strata_image::Error),
+    /// A merge (commit or pull) failed or was refused.
+    #[error(transparent)]
+    Merge(#[from] strata_merge::MergeError),
+    /// A file operation failed.
+    #[error("{}: {op}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The operation failed part-way and was rolled back: files it created
+    /// are removed, the domain XML and the snapshot metadata are as before.
+    /// `problems` lists rollback steps that failed themselves (empty when
+    /// the rollback was complete).
+    #[error("{source}{}", rollback_note(.problems))]
+    RolledBack {
+        /// The error that stopped the operation.
+        source: Box<Error>,
+        /// Rollback steps that failed.
+        problems: Vec<String>,
+    },
+}
+
+fn rollback_note(problems: &[String]) -> String {
+    if problems.is_empty() {
+        " (rolled back: nothing was changed)".to_string()
+    } else {
+        format!(
+            " (rollback incomplete: {}; see docs/libvirt.md)",
+            problems.join("; ")
+        )
+    }
+}
+
+impl Error {
+    pub(crate) fn libvirt(op: impl Into<String>, source: virt::error::Error) -> Error {
+        Error::Libvirt {
+            op: op.into(),
+            source,
+        }
+    }
+    pub(crate) fn io(path: &std::path::Path, op: &'static str, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+    pub(crate) fn xml(what: impl Into<String>, why: impl Into<String>) -> Error {
+        Error::Xml {
+            what: what.into(),
+            why: why.into(),
+        }
+    }
+    /// The error that stopped the operation, looking through
+    /// [`Error::RolledBack`].
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::RolledBack { source, .. } => source.root(),
+            e => e,
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! strata-libvirt: external snapshots and block merges of shut-off libvirt
+//! domains, done offline by Strata, with libvirt only told about them.
+//!
+//! - [`snapshot_create`]: a qcow2 overlay per disk, the domain switched to
+//!   it, a disk-only external snapshot recorded (redefined) in libvirt.
+//! - [`snapshot_list`] and [`render_tree`]: snapshots with their files.
+//! - [`snapshot_revert`]: a new overlay on the files that hold the
+//!   snapshot's state; what nothing needs any more is removed.
+//! - [`snapshot_delete`]: the snapshot's state file merged (commit or
+//!   pull) with the one image that still reads through it; every other
+//!   state and the domain's view unchanged.
+//! - [`blockcommit`] and [`blockpull`]: merges of the active chain.
+//!
+//! Rules (docs/libvirt.md): only shut-off domains; every operation is
+//! all-or-nothing for libvirt's view and the files it creates; Strata only
+//! ever removes files it created itself, recorded in the domain's
+//! `<metadata>` under [`xml::STRATA_NS`].
+//!
+//! Layering: uses `strata-merge` for commit and pull and `strata-image`
+//! for creating overlays and reading chains; libvirt through the `virt`
+//! crate; XML through `xmltree`.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod block;
+mod ctx;
+pub mod error;
+mod snapshot;
+mod tree;
+pub mod xml;
+
+pub use block::{blockcommit, blockpull, BlockCommitOptions, BlockPullOptions};
+pub use ctx::default_overlay_path;
+pub use error::{Error, Result};
+pub use snapshot::{
+    domain_disks, snapshot_create, snapshot_delete, snapshot_list, snapshot_revert, DiskInfo,
+    Report, SnapshotCreateOptions, SnapshotDisk, SnapshotInfo,
+};
+pub use tree::render_tree;
+pub use virt::connect::Connect;

@@ -1,0 +1,727 @@
+//! External snapshots of shut-off domains: create, list, revert, delete.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use strata_image::{Chain, ImageFormat, OpenOptions};
+use strata_merge::{CommitOptions, Hooks, MergeError, PullOptions};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::ctx::{
+    canon, default_overlay_path, foreign_users, path_str, remove_files, unique_path, Ctx, Graph,
+    Txn,
+};
+use crate::error::{Error, Result};
+use crate::xml::{self, DomainDisk, NewSnapshot, OwnedFile};
+
+/// Options of [`snapshot_create`] (`virsh snapshot-create-as --disk-only`).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCreateOptions {
+    /// Disk targets to snapshot (`vda`, ...); `None`: every file-backed
+    /// qcow2 or raw disk.
+    pub disks: Option<Vec<String>>,
+    /// Path of the overlay (only with a single disk); `None`: libvirt's
+    /// default, the current file name with its suffix replaced by the
+    /// snapshot name.
+    pub file: Option<PathBuf>,
+    /// The snapshot's description.
+    pub description: Option<String>,
+}
+
+/// One disk of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotDisk {
+    /// Disk target (`vda`).
+    pub disk: String,
+    /// The overlay the snapshot created (it took the writes made after the
+    /// snapshot). It may be gone after a revert discarded those writes.
+    pub overlay: Option<PathBuf>,
+    /// The file holding the disk's state at the snapshot (read-only since).
+    pub state_file: Option<PathBuf>,
+    /// The backing chain of `state_file`, top first (empty when missing).
+    pub state_chain: Vec<PathBuf>,
+}
+
+/// A snapshot as [`snapshot_list`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Name.
+    pub name: String,
+    /// Description, when one was given.
+    pub description: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    pub creation_time: i64,
+    /// libvirt's state (`shutoff` for snapshots of shut-off domains).
+    pub state: String,
+    /// The parent snapshot.
+    pub parent: Option<String>,
+    /// Whether it is the domain's current snapshot.
+    pub current: bool,
+    /// Its disks with external state.
+    pub disks: Vec<SnapshotDisk>,
+}
+
+/// What an operation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Disks whose source changed: (target, the file the domain now uses).
+    pub swapped: Vec<(String, PathBuf)>,
+    /// Files created.
+    pub created: Vec<PathBuf>,
+    /// Merges run, as sentences ("committed A into B").
+    pub merges: Vec<String>,
+    /// Files removed because nothing needs them any more.
+    pub removed: Vec<PathBuf>,
+    /// Snapshots removed from libvirt's metadata.
+    pub snapshots_removed: Vec<String>,
+    /// Things that did not stop the operation but deserve a look.
+    pub warnings: Vec<String>,
+}
+
+/// A disk of the domain as [`domain_disks`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Target (`vda`).
+    pub disk: String,
+    /// The file the domain uses.
+    pub source: PathBuf,
+    /// Its format (`qcow2`, `raw`).
+    pub format: String,
+    /// Its backing chain, top first (the source included).
+    pub chain: Vec<PathBuf>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn chain_paths(path: &Path, format: Option<ImageFormat>) -> Vec<PathBuf> {
+    Chain::open(
+        path,
+        &OpenOptions {
+            format,
+            force_share: true,
+            ..OpenOptions::default()
+        },
+    )
+    .map(|c| c.layers().iter().map(|l| l.path.clone()).collect())
+    .unwrap_or_default()
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{name:?} is not a valid snapshot name (it is used in file names: no '/', not empty)"
+        )));
+    }
+    Ok(())
+}
+
+/// The domain's file-backed qcow2 and raw disks with their chains (as
+/// `virsh domblklist` plus `qemu-img info --backing-chain`).
+pub fn domain_disks(conn: &Connect, domain: &str) -> Result<Vec<DiskInfo>> {
+    let dom = Domain::lookup_by_name(conn, domain)
+        .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
+    let text = dom
+        .get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|e| Error::libvirt("dump domain XML", e))?;
+    let x = xml::parse(&text, "domain XML")?;
+    Ok(xml::domain_disks(&x)
+        .into_iter()
+        .filter(DomainDisk::is_eligible)
+        .filter_map(|d| {
+            let source = d.source?;
+            let format = d.format.unwrap_or_default();
+            let chain = chain_paths(&source, ImageFormat::from_name(&format));
+            Some(DiskInfo {
+                disk: d.target,
+                source,
+                format,
+                chain,
+            })
+        })
+        .collect())
+}
+
+/// Creates a disk-only external snapshot `name` of the shut-off `domain`:
+/// a qcow2 overlay on each chosen disk's current file, the domain switched
+/// to the overlays, and the snapshot recorded in libvirt (redefined, made
+/// current, with the current snapshot as its parent).
+pub fn snapshot_create(
+    conn: &Connect,
+    domain: &str,
+    name: &str,
+    opts: &SnapshotCreateOptions,
+) -> Result<Report> {
+    check_name(name)?;
+    let ctx = Ctx::load(conn, domain)?;
+    if ctx.snap(name).is_ok() {
+        return Err(Error::SnapshotExists {
+            domain: domain.into(),
+            name: name.into(),
+        });
+    }
+    let all = ctx.disks();
+    let chosen: Vec<DomainDisk> = match &opts.disks {
+        Some(list) => list
+            .iter()
+            .map(|t| ctx.disk(Some(t)))
+            .collect::<Result<_>>()?,
+        None => all.iter().filter(|d| d.is_eligible()).cloned().collect(),
+    };
+    if chosen.is_empty() {
+        return Err(Error::NoSuchDisk {
+            domain: domain.into(),
+            why: "no file-backed qcow2 or raw disk to snapshot".into(),
+        });
+    }
+    if opts.file.is_some() && chosen.len() != 1 {
+        return Err(Error::InvalidArgument(
+            "an overlay file name can only be given for a single disk".into(),
+        ));
+    }
+    // Plan: (disk, current file, its format, overlay).
+    let mut plan = Vec::new();
+    let mut taken = BTreeSet::new();
+    for d in &chosen {
+        let src = d.source.clone().unwrap_or_default();
+        let src = std::path::absolute(&src).map_err(|e| Error::io(&src, "resolve path", e))?;
+        let fmt = d
+            .format
+            .as_deref()
+            .and_then(ImageFormat::from_name)
+            .ok_or_else(|| Error::InvalidArgument(format!("disk {}: unknown format", d.target)))?;
+        let overlay = match &opts.file {
+            Some(f) => std::path::absolute(f).map_err(|e| Error::io(f, "resolve path", e))?,
+            None => default_overlay_path(&src, name),
+        };
+        if canon(&overlay) == canon(&src) {
+            return Err(Error::InvalidArgument(format!(
+                "disk {}: the overlay name {} is the disk's own file",
+                d.target,
+                overlay.display()
+            )));
+        }
+        if overlay.exists() || !taken.insert(overlay.clone()) {
+            return Err(Error::FileExists(overlay));
+        }
+        plan.push((d.target.clone(), src, fmt, overlay));
+    }
+    let mut new_dom = ctx.xml.clone();
+    let mut owned = ctx.owned();
+    for (target, _, _, overlay) in &plan {
+        xml::set_disk_source(&mut new_dom, target, overlay, "qcow2")?;
+        owned.push(OwnedFile {
+            disk: target.clone(),
+            path: overlay.clone(),
+        });
+    }
+    xml::set_owned_files(&mut new_dom, &owned)?;
+    let snap = xml::build_snapshot(NewSnapshot {
+        name,
+        description: opts.description.as_deref(),
+        parent: ctx.current().map(|s| s.info.name.as_str()),
+        creation_time: now(),
+        disks: all
+            .iter()
+            .map(|d| {
+                let o = plan.iter().find(|p| p.0 == d.target).map(|p| p.3.clone());
+                (d.target.clone(), o)
+            })
+            .collect(),
+        domain: ctx.xml.clone(),
+    })?;
+
+    let mut txn = Txn::new(&ctx);
+    let mut report = Report::default();
+    let run = (|| -> Result<()> {
+        for (_, src, fmt, overlay) in &plan {
+            let size = crate::ctx::image_of(src, Some(*fmt))?.virtual_size;
+            txn.create_overlay(overlay, src, *fmt, size)?;
+        }
+        txn.define_domain(&new_dom)?;
+        txn.define_snapshot(&snap, name, true)?;
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    for (target, _, _, overlay) in plan {
+        report.created.push(overlay.clone());
+        report.swapped.push((target, overlay));
+    }
+    Ok(report)
+}
+
+/// The domain's snapshots, oldest first, with their files.
+pub fn snapshot_list(conn: &Connect, domain: &str) -> Result<Vec<SnapshotInfo>> {
+    let dom = Domain::lookup_by_name(conn, domain)
+        .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
+    let mut out = Vec::new();
+    for s in dom
+        .list_all_snapshots(0)
+        .map_err(|e| Error::libvirt("list snapshots", e))?
+    {
+        let text = s
+            .get_xml_desc(0)
+            .map_err(|e| Error::libvirt("dump snapshot XML", e))?;
+        let tree = xml::parse(&text, "snapshot XML")?;
+        let info = xml::read_snapshot(&tree)?;
+        let current = s
+            .is_current(0)
+            .map_err(|e| Error::libvirt("query snapshot", e))?;
+        let snap = crate::ctx::Snap {
+            text,
+            tree,
+            info,
+            current,
+        };
+        let disks = snap
+            .external_disks()
+            .into_iter()
+            .map(|t| {
+                let state = snap.state_file(&t);
+                let state_chain = state
+                    .as_ref()
+                    .map(|(f, fmt)| chain_paths(f, fmt.as_deref().and_then(ImageFormat::from_name)))
+                    .unwrap_or_default();
+                SnapshotDisk {
+                    overlay: snap.overlay(&t),
+                    state_file: state.map(|s| s.0),
+                    state_chain,
+                    disk: t,
+                }
+            })
+            .collect();
+        out.push(SnapshotInfo {
+            name: snap.info.name.clone(),
+            description: snap.info.description.clone(),
+            creation_time: snap.info.creation_time,
+            state: snap.info.state.clone(),
+            parent: snap.info.parent.clone(),
+            current,
+            disks,
+        });
+    }
+    out.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
+    Ok(out)
+}
+
+/// Files to remove: owned, existing, not needed, and not read through by
+/// images Strata does not know. Returns (remove, warnings).
+pub(crate) fn garbage(
+    ctx: &Ctx<'_>,
+    graph: &Graph,
+    needed: &HashSet<PathBuf>,
+    keep: &[PathBuf],
+) -> (Vec<PathBuf>, Vec<String>) {
+    let known: HashSet<PathBuf> = graph.nodes.keys().cloned().collect();
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    for o in ctx.owned() {
+        let c = canon(&o.path);
+        if needed.contains(&c) || keep.contains(&c) || !c.is_file() || out.contains(&c) {
+            continue;
+        }
+        let users = foreign_users(&c, &known);
+        if users.is_empty() {
+            out.push(c);
+        } else {
+            warnings.push(format!(
+                "kept {}: no snapshot needs it, but {} use it as backing file",
+                c.display(),
+                users
+                    .iter()
+                    .map(|u| u.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    (out, warnings)
+}
+
+fn owned_minus(ctx: &Ctx<'_>, gone: &[PathBuf]) -> Vec<OwnedFile> {
+    ctx.owned()
+        .into_iter()
+        .filter(|o| !gone.contains(&canon(&o.path)))
+        .collect()
+}
+
+/// Reverts the shut-off `domain`'s disks to the state captured by
+/// snapshot `name`: for each disk the snapshot covers, a new overlay on the
+/// file holding that state (never written, so every snapshot stays valid),
+/// the domain switched to it, `name` made current, and files Strata made
+/// that nothing needs any more removed.
+pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let snap = ctx.snap(name)?;
+    let targets = snap.external_disks();
+    if targets.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "snapshot {name} has no external disk state to revert to"
+        )));
+    }
+    let graph = Graph::load(&ctx.known_files())?;
+    let disks = ctx.disks();
+    // Roots after the revert: every snapshot's state, and the disks that
+    // are not reverted.
+    let mut roots = ctx.state_roots(&[]);
+    for (t, a) in ctx.actives() {
+        if !targets.contains(&t) {
+            roots.push(a);
+        }
+    }
+    let needed = graph.closure(&roots);
+    let known: HashSet<PathBuf> = graph.nodes.keys().cloned().collect();
+    // (target, state file, its format, new overlay, replaces an old file)
+    let mut plan = Vec::new();
+    let mut taken = BTreeSet::new();
+    for t in &targets {
+        if !disks.iter().any(|d| &d.target == t && d.is_eligible()) {
+            return Err(Error::NoSuchDisk {
+                domain: domain.into(),
+                why: format!("snapshot {name} has disk {t}, which the domain no longer has as a file-backed disk"),
+            });
+        }
+        let (state, _) = snap.state_file(t).ok_or_else(|| {
+            Error::xml(
+                format!("snapshot {name}"),
+                format!("no saved domain definition for disk {t}"),
+            )
+        })?;
+        let node = graph.node(&state).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "snapshot {name}: the state of disk {t} was in {}, which is missing",
+                state.display()
+            ))
+        })?;
+        let overlay = snap
+            .overlay(t)
+            .unwrap_or_else(|| default_overlay_path(&state, name));
+        let oc = canon(&overlay);
+        let reusable = !overlay.exists()
+            || (ctx.is_owned(&overlay)
+                && !needed.contains(&oc)
+                && foreign_users(&oc, &known).is_empty());
+        let (path, replaces) = if reusable && !taken.contains(&overlay) {
+            (overlay.clone(), overlay.exists())
+        } else {
+            (unique_path(&overlay, &taken), false)
+        };
+        taken.insert(path.clone());
+        plan.push((
+            t.clone(),
+            state,
+            node.format,
+            node.virtual_size,
+            path,
+            replaces,
+        ));
+    }
+    let keep: Vec<PathBuf> = plan.iter().filter(|p| p.5).map(|p| canon(&p.4)).collect();
+    let (gc, warnings) = garbage(&ctx, &graph, &needed, &keep);
+    let mut new_dom = ctx.xml.clone();
+    let mut owned = owned_minus(&ctx, &gc);
+    for (t, _, _, _, path, _) in &plan {
+        xml::set_disk_source(&mut new_dom, t, path, "qcow2")?;
+        if !owned.iter().any(|o| canon(&o.path) == canon(path)) {
+            owned.push(OwnedFile {
+                disk: t.clone(),
+                path: path.clone(),
+            });
+        }
+    }
+    xml::set_owned_files(&mut new_dom, &owned)?;
+
+    let mut txn = Txn::new(&ctx);
+    let run = (|| -> Result<()> {
+        for (_, state, fmt, size, path, replaces) in &plan {
+            let abs_state = canon(state);
+            if *replaces {
+                txn.create_overlay_replacing(path, &abs_state, *fmt, *size)?;
+            } else {
+                txn.create_overlay(path, &abs_state, *fmt, *size)?;
+            }
+        }
+        txn.define_domain(&new_dom)?;
+        txn.define_snapshot(&snap.tree, name, true)?;
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    let (removed, mut more) = remove_files(&gc);
+    let mut report = Report {
+        removed,
+        warnings,
+        ..Report::default()
+    };
+    report.warnings.append(&mut more);
+    for (t, _, _, _, path, _) in plan {
+        report.created.push(path.clone());
+        report.swapped.push((t, path));
+    }
+    Ok(report)
+}
+
+/// How one disk's part of a deleted snapshot is merged away.
+#[derive(Debug)]
+enum Merge {
+    /// Commit `top` (the only image reading through `base`) into `base`,
+    /// point `top`'s children at `base`, then `top` is not needed.
+    Commit { top: PathBuf, base: PathBuf },
+    /// Pull `base` (the only backing file of `top` nobody else needs) into
+    /// `top`, then `base` is not needed.
+    Pull { top: PathBuf, base: PathBuf },
+}
+
+/// Runs a commit, tolerating (with `force`) users of the base that are
+/// all files about to be removed.
+pub(crate) fn commit_guarded(
+    top: &Path,
+    base: &Path,
+    removable: &HashSet<PathBuf>,
+    hooks: &mut Hooks<'_>,
+) -> Result<strata_merge::CommitReport> {
+    let mut opts = CommitOptions {
+        base: Some(base.to_path_buf()),
+        dry_run: true,
+        ..CommitOptions::default()
+    };
+    match strata_merge::commit(top, &opts, &mut Hooks::default()) {
+        Ok(_) => {}
+        Err(MergeError::BaseInUse { users, .. })
+            if users.iter().all(|u| removable.contains(&canon(u))) =>
+        {
+            opts.force = true;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    opts.dry_run = false;
+    Ok(strata_merge::commit(top, &opts, hooks)?)
+}
+
+/// Deletes snapshot `name` of the shut-off `domain` without changing what
+/// the domain's disks read or any other snapshot's state: for each disk,
+/// the file that held the snapshot's state is merged with the one image
+/// that still reads through it (commit into it, or pull it up), files
+/// nobody needs are removed, children are re-parented, and libvirt's
+/// metadata is updated. The domain keeps using the same files.
+pub fn snapshot_delete(
+    conn: &Connect,
+    domain: &str,
+    name: &str,
+    hooks: &mut Hooks<'_>,
+) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let snap = ctx.snap(name)?;
+    let graph = Graph::load(&ctx.known_files())?;
+    let actives = ctx.actives();
+    let mut roots = ctx.state_roots(&[name]);
+    roots.extend(actives.iter().map(|a| a.1.clone()));
+    let needed = graph.closure(&roots);
+    let known: HashSet<PathBuf> = graph.nodes.keys().cloned().collect();
+
+    let mut merges = Vec::new();
+    for t in snap.external_disks() {
+        let Some((state, _)) = snap.state_file(&t) else {
+            continue;
+        };
+        let n = canon(&state);
+        if roots.contains(&n) || !needed.contains(&n) {
+            continue; // still a state of something, or simply unneeded
+        }
+        let kids = graph.children(&n, &needed);
+        let [c] = kids.as_slice() else { continue };
+        let c_active = actives.iter().any(|a| &a.1 == c);
+        let c_ok = ctx.is_owned(c) && foreign_users(c, &known).is_empty();
+        let n_ok = ctx.is_owned(&n) && foreign_users(&n, &known).is_empty();
+        if !c_active && c_ok {
+            merges.push(Merge::Commit {
+                top: c.clone(),
+                base: n,
+            });
+        } else if n_ok {
+            merges.push(Merge::Pull {
+                top: c.clone(),
+                base: n,
+            });
+        }
+    }
+
+    // Files about to go (for the commit guard): owned and unneeded now.
+    let (pre_gc, _) = garbage(&ctx, &graph, &needed, &[]);
+    let removable: HashSet<PathBuf> = pre_gc.into_iter().collect();
+    let mut report = Report::default();
+    // Merges keep every needed view; they are not undone on a later
+    // failure (docs/libvirt.md).
+    let mut replaced: Vec<(PathBuf, PathBuf)> = Vec::new(); // (gone, now)
+    for m in &merges {
+        match m {
+            Merge::Commit { top, base } => {
+                commit_guarded(top, base, &removable, hooks)?;
+                let node = graph
+                    .node(base)
+                    .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
+                let base_str = path_str(base)?.to_string();
+                for k in graph.children(top, &needed) {
+                    let mut chain = Chain::open(
+                        &k,
+                        &OpenOptions {
+                            format: Some(ImageFormat::Qcow2),
+                            writable: true,
+                            no_backing: true,
+                            ..OpenOptions::default()
+                        },
+                    )?;
+                    if let strata_image::Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
+                        q.set_backing(Some((&base_str, node.format.name())))?;
+                    }
+                }
+                report.merges.push(format!(
+                    "committed {} into {}",
+                    top.display(),
+                    base.display()
+                ));
+                replaced.push((top.clone(), base.clone()));
+            }
+            Merge::Pull { top, base } => {
+                let below = graph.node(base).and_then(|n| n.backing.clone());
+                strata_merge::pull(
+                    top,
+                    &PullOptions {
+                        base: below.map(|b| b.0),
+                        dry_run: false,
+                    },
+                    hooks,
+                )?;
+                report
+                    .merges
+                    .push(format!("pulled {} into {}", base.display(), top.display()));
+            }
+        }
+    }
+
+    // The new state of things.
+    let graph = Graph::load(&ctx.known_files())?;
+    let swap = |p: PathBuf| -> PathBuf {
+        replaced
+            .iter()
+            .find(|(gone, _)| *gone == p)
+            .map(|(_, now)| now.clone())
+            .unwrap_or(p)
+    };
+    let roots: Vec<PathBuf> = roots.into_iter().map(swap).collect();
+    let needed = graph.closure(&roots);
+    let (gc, mut warnings) = garbage(&ctx, &graph, &needed, &[]);
+
+    // Snapshot metadata: the children get the deleted one's parent, and
+    // any state that moved to another file is recorded there.
+    let parent = snap.info.parent.clone();
+    let mut redefs = Vec::new();
+    for s in &ctx.snaps {
+        if s.info.name == name {
+            continue;
+        }
+        let mut tree = s.tree.clone();
+        let mut changed = false;
+        if s.info.parent.as_deref() == Some(name) {
+            set_parent(&mut tree, parent.as_deref());
+            changed = true;
+        }
+        for t in s.external_disks() {
+            if let Some((f, fmt)) = s.state_file(&t) {
+                let now = swap(canon(&f));
+                if now != canon(&f) {
+                    let fmt = graph
+                        .node(&now)
+                        .map(|n| n.format.name().to_string())
+                        .or(fmt)
+                        .unwrap_or_else(|| "qcow2".into());
+                    xml::set_snapshot_state_file(&mut tree, &t, &now, &fmt)?;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            redefs.push((s.info.name.clone(), tree));
+        }
+    }
+    let mut new_dom = ctx.xml.clone();
+    xml::set_owned_files(&mut new_dom, &owned_minus(&ctx, &gc))?;
+    let dom_changed = !gc.is_empty();
+
+    let mut txn = Txn::new(&ctx);
+    let run = (|| -> Result<()> {
+        txn.delete_snapshot_metadata(name)?;
+        for (n, tree) in &redefs {
+            txn.define_snapshot(tree, n, false)?;
+        }
+        if snap.current {
+            if let Some(p) = &parent {
+                let ps = ctx.snap(p)?;
+                let tree = redefs
+                    .iter()
+                    .find(|r| &r.0 == p)
+                    .map(|r| r.1.clone())
+                    .unwrap_or_else(|| ps.tree.clone());
+                txn.define_snapshot(&tree, p, true)?;
+            }
+        }
+        if dom_changed {
+            txn.define_domain(&new_dom)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    let (removed, mut more) = remove_files(&gc);
+    warnings.append(&mut more);
+    report.removed = removed;
+    report.warnings = warnings;
+    report.snapshots_removed.push(name.to_string());
+    Ok(report)
+}
+
+/// Sets (or removes) `<parent><name>` of a snapshot document.
+pub(crate) fn set_parent(tree: &mut xmltree::Element, parent: Option<&str>) {
+    use xmltree::{Element, XMLNode};
+    let pos = tree
+        .children
+        .iter()
+        .position(|n| n.as_element().is_some_and(|e| e.name == "parent"));
+    match (pos, parent) {
+        (Some(i), None) => {
+            tree.children.remove(i);
+        }
+        (pos, Some(p)) => {
+            let mut name = Element::new("name");
+            name.children.push(XMLNode::Text(p.to_string()));
+            let mut e = Element::new("parent");
+            e.children.push(XMLNode::Element(name));
+            match pos {
+                Some(i) => tree.children[i] = XMLNode::Element(e),
+                None => {
+                    // After <state>, where libvirt puts it.
+                    let at = tree
+                        .children
+                        .iter()
+                        .position(|n| n.as_element().is_some_and(|e| e.name == "state"))
+                        .map_or(0, |i| i + 1);
+                    tree.children.insert(at, XMLNode::Element(e));
+                }
+            }
+        }
+        (None, None) => {}
+    }
+}
