@@ -17,9 +17,12 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens a raw image on `storage`.
+    /// Opens a raw image on `storage`. Its virtual size is the file length
+    /// rounded up to 512 bytes, as QEMU's block layer sees it (the tail
+    /// past the end of the file reads as zeros).
     pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<RawImage> {
-        let size = storage.len().map_err(|e| Error::io(path, "stat", 0, e))?;
+        let len = storage.len().map_err(|e| Error::io(path, "stat", 0, e))?;
+        let size = len.div_ceil(512).saturating_mul(512);
         Ok(RawImage {
             path: path.to_path_buf(),
             storage,
