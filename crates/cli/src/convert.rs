@@ -1,6 +1,7 @@
-//! `strata convert -O raw`: the chain's guest view into a raw file.
+//! `strata convert -O raw|qcow2`: the chain's guest view into a new image.
 //!
-//! The output is sparse: ranges the chain reads as zeros are never read
+//! qcow2 output (optionally compressed, `-c`) goes through strata-image's
+//! convert. Raw output is written here and is sparse: ranges the chain reads as zeros are never read
 //! nor written (the file is sized with `set_len`), and 4 KiB blocks of
 //! data that happen to be all zeros are skipped too, as qemu-img does.
 
@@ -10,7 +11,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use strata_image::Chain;
+use strata_format::CompressionType;
+use strata_image::convert::ConvertOptions;
+use strata_image::create::CreateOptions;
+use strata_image::{Chain, ImageFormat};
+
+use crate::size::parse_size;
 
 use crate::open_options;
 
@@ -32,6 +38,10 @@ pub struct ConvertArgs {
     pub output_format: String,
     /// Show progress on stderr (`-p`).
     pub progress: bool,
+    /// Compress data clusters (`-c`, qcow2 only).
+    pub compress: bool,
+    /// qcow2 creation options (`-o cluster_size=64k,compat=1.1,...`).
+    pub options: Option<String>,
     /// Take no locks on the source (`-U`).
     pub force_share: bool,
 }
@@ -109,15 +119,69 @@ fn write_sparse(file: &std::fs::File, dst: &Path, buf: &[u8], pos: u64) -> Resul
     Ok(())
 }
 
+/// Parses `-o` creation options for a qcow2 target, as qemu-img spells them.
+pub fn parse_create_options(spec: Option<&str>) -> Result<CreateOptions> {
+    let mut o = CreateOptions::default();
+    let Some(spec) = spec else { return Ok(o) };
+    let on_off = |k: &str, v: &str| -> Result<bool> {
+        match v {
+            "on" | "true" | "yes" => Ok(true),
+            "off" | "false" | "no" => Ok(false),
+            _ => bail!("option {k}: expected on or off, not {v:?}"),
+        }
+    };
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("option {item:?}: expected name=value"))?;
+        match k {
+            "cluster_size" => o.cluster_size = parse_size(v)?,
+            "compat" => {
+                o.compat_v2 = match v {
+                    "0.10" => true,
+                    "1.1" | "v3" => false,
+                    _ => bail!("option compat: expected 0.10 or 1.1, not {v:?}"),
+                }
+            }
+            "refcount_bits" => {
+                o.refcount_bits = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("option refcount_bits: not a number: {v:?}"))?
+            }
+            "lazy_refcounts" => o.lazy_refcounts = on_off(k, v)?,
+            "extended_l2" => o.extended_l2 = on_off(k, v)?,
+            "compression_type" => {
+                o.compression_type = match v {
+                    "zlib" => CompressionType::Deflate,
+                    "zstd" => CompressionType::Zstd,
+                    _ => bail!("option compression_type: expected zlib or zstd, not {v:?}"),
+                }
+            }
+            "preallocation" if v == "off" => {}
+            _ => bail!(
+                "unsupported option {k:?} (supported: cluster_size, compat, refcount_bits, \
+                 lazy_refcounts, extended_l2, compression_type)"
+            ),
+        }
+    }
+    o.validate()?;
+    Ok(o)
+}
+
 /// Runs `strata convert`.
 pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
-    match args.output_format.as_str() {
-        "raw" => {}
-        "qcow2" => bail!(
-            "convert -O qcow2 is not available yet (it comes with the write path); use -O raw"
-        ),
-        other => bail!("unknown output format {other:?}: strata converts to raw (-O raw)"),
+    let target = match args.output_format.as_str() {
+        "raw" => ImageFormat::Raw,
+        "qcow2" => ImageFormat::Qcow2,
+        other => bail!("unknown output format {other:?}: strata converts to raw or qcow2"),
+    };
+    if target == ImageFormat::Raw && (args.compress || args.options.is_some()) {
+        bail!("-c and -o apply to qcow2 output only (-O qcow2)");
     }
+    let create = match target {
+        ImageFormat::Qcow2 => parse_create_options(args.options.as_deref())?,
+        ImageFormat::Raw => CreateOptions::default(),
+    };
     let opts = open_options(args.format.as_deref(), args.force_share)?;
     let chain = Chain::open(Path::new(&args.src), &opts)?;
     let dst = Path::new(&args.dst);
@@ -142,7 +206,17 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
             let _ = err.flush();
         }
     };
-    convert_to_raw(&chain, dst, &mut progress)?;
+    match target {
+        ImageFormat::Raw => convert_to_raw(&chain, dst, &mut progress)?,
+        ImageFormat::Qcow2 => {
+            let o = ConvertOptions {
+                format: ImageFormat::Qcow2,
+                create,
+                compress: args.compress,
+            };
+            strata_image::convert::convert(&chain, dst, &o, &mut progress)?
+        }
+    }
     if args.progress {
         let _ = writeln!(err);
     }

@@ -150,6 +150,8 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             format: None,
             output_format: "raw".into(),
             progress: false,
+            compress: false,
+            options: None,
             force_share: false,
         },
         out,

@@ -43,9 +43,12 @@ pub fn path_combine(base: &str, name: &str) -> String {
 /// The `children` list: the protocol node (`file`) under a format node.
 fn file_child(filename: &str, image: &Image) -> Result<QValue> {
     let st = image.storage();
+    // QEMU's block layer counts whole 512-byte sectors.
     let len = st
         .len()
-        .map_err(|e| anyhow::anyhow!("{filename}: cannot read the file size: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{filename}: cannot read the file size: {e}"))?
+        .div_ceil(512)
+        .saturating_mul(512);
     let alloc = st
         .allocated_bytes()
         .map_err(|e| anyhow::anyhow!("{filename}: cannot read the allocated size: {e}"))?;

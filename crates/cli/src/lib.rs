@@ -141,9 +141,16 @@ enum Command {
         /// Source format.
         #[arg(short = 'f')]
         format: Option<String>,
-        /// Output format (raw; qcow2 comes later).
+        /// Output format: raw or qcow2.
         #[arg(short = 'O', default_value = "raw")]
         output_format: String,
+        /// Compress data clusters (qcow2 output).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// qcow2 options: cluster_size, compat, refcount_bits, lazy_refcounts,
+        /// extended_l2, compression_type (comma-separated name=value).
+        #[arg(short = 'o')]
+        options: Option<String>,
         /// Show progress.
         #[arg(short = 'p')]
         progress: bool,
@@ -257,6 +264,8 @@ where
         Command::Convert {
             format,
             output_format,
+            compress,
+            options,
             progress,
             force_share,
             src,
@@ -268,6 +277,8 @@ where
                 format,
                 output_format,
                 progress,
+                compress,
+                options,
                 force_share,
             },
             out,

@@ -1,0 +1,161 @@
+//! Helpers shared by the CLI's integration tests: running strata (in
+//! process, or as the built binary), running qemu-img / qemu-io, and the
+//! chain shapes made by testdata/make-chains.sh.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Whether the qemu tools may be used. Panics (the test fails) when they
+/// are missing, unless STRATA_SKIP_QEMU_TESTS=1, in which case the test
+/// should return early.
+pub fn qemu_available() -> bool {
+    if std::env::var("STRATA_SKIP_QEMU_TESTS").as_deref() == Ok("1") {
+        return false;
+    }
+    for tool in ["qemu-img", "qemu-io"] {
+        let ok = Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{tool} is not installed: these differential tests need QEMU 10's tools \
+             (run scripts/install-deps.sh), or set STRATA_SKIP_QEMU_TESTS=1 to skip them"
+        );
+    }
+    true
+}
+
+/// Output of one strata run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs strata in-process (the library entry point the binary uses).
+pub fn strata(args: &[&str]) -> Run {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let mut argv = vec!["strata"];
+    argv.extend_from_slice(args);
+    let code = strata_cli::run(argv, &mut out, &mut err);
+    Run {
+        code,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+    }
+}
+
+/// Runs the built `strata` binary.
+pub fn strata_bin(args: &[&str]) -> Run {
+    let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .expect("run strata");
+    to_run(o)
+}
+
+fn to_run(o: Output) -> Run {
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Runs qemu-img.
+pub fn qemu_img(args: &[&str]) -> Run {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    to_run(o)
+}
+
+/// Runs qemu-img and insists on success.
+pub fn qemu_img_ok(args: &[&str]) -> String {
+    let r = qemu_img(args);
+    assert_eq!(r.code, 0, "qemu-img {args:?} failed: {}", r.stderr);
+    r.stdout
+}
+
+/// Runs qemu-io commands on an image (format qcow2 unless `fmt` says).
+pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(img).output().expect("run qemu-io");
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?} {} failed: {}",
+        img.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A path as a &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Removes chain directories left by earlier test processes that are gone.
+fn remove_stale(base: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(prefix) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// The directory of chain shapes made by testdata/make-chains.sh, built
+/// once per test process.
+pub fn chains() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let prefix = "strata-cli-chains-";
+        remove_stale(&base, prefix);
+        let dir = base.join(format!("{prefix}{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
+        let o = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .expect("run make-chains.sh");
+        assert!(
+            o.status.success(),
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        dir
+    })
+}
+
+/// The image to test in chain shape `shape`.
+pub fn shape_top(shape: &str) -> PathBuf {
+    let dir = chains().join(shape);
+    let top = std::fs::read_to_string(dir.join("top")).expect("read the shape's top file");
+    dir.join(top.trim())
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("strata-cli-test-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("tempdir")
+}
