@@ -27,6 +27,7 @@ mod block;
 mod ctx;
 pub mod error;
 mod snapshot;
+pub mod testing;
 mod tree;
 pub mod xml;
 

@@ -1,0 +1,34 @@
+//! Fault injection for rollback tests (not part of the stable API).
+#![doc(hidden)]
+
+use std::cell::RefCell;
+
+use crate::error::{Error, Result};
+
+thread_local! {
+    static FAIL_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Makes the next libvirt step named `point` on this thread fail
+/// (`define_domain`, `define_snapshot`, `delete_snapshot`); `None` clears.
+pub fn set_fail_point(point: Option<&str>) {
+    FAIL_AT.with(|f| *f.borrow_mut() = point.map(str::to_string));
+}
+
+pub(crate) fn fail_point(point: &str) -> Result<()> {
+    let hit = FAIL_AT.with(|f| {
+        let mut f = f.borrow_mut();
+        if f.as_deref() == Some(point) {
+            *f = None;
+            true
+        } else {
+            false
+        }
+    });
+    if hit {
+        return Err(Error::InvalidArgument(format!(
+            "injected failure at {point}"
+        )));
+    }
+    Ok(())
+}
