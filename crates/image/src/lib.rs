@@ -7,6 +7,7 @@
 
 pub(crate) mod alloc;
 pub mod chain;
+pub mod check;
 pub mod compress;
 pub mod convert;
 pub mod create;
