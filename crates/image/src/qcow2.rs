@@ -179,6 +179,9 @@ impl Qcow2Image {
             refcounts,
             pending_frees: Vec::new(),
             prepared: false,
+            dirty_l2: Default::default(),
+            dirty_l1: Default::default(),
+            unsynced_bytes: 0,
         }));
         Ok(img)
     }
@@ -217,6 +220,9 @@ impl Qcow2Image {
     /// Tables written by this process are always in the cache, so the
     /// file-length check below only applies to tables read from disk.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_l2.get(&offset)) {
+            return Ok(d.table.clone());
+        }
         if let Some(t) = lock(&self.l2_cache).get(offset) {
             return Ok(t);
         }

@@ -15,6 +15,7 @@
 //!    only at the next flush, after a sync has made the pointer change
 //!    durable. A crash in between leaks them; nothing points at freed space.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -46,7 +47,28 @@ pub(crate) struct WriteState {
     pub(crate) pending_frees: Vec<u64>,
     /// Whether the first-write preparation (repair, autoclear) ran.
     pub(crate) prepared: bool,
+    /// L2 tables changed in memory whose entries are written at the next
+    /// metadata commit (after a barrier), with the changed entry range.
+    pub(crate) dirty_l2: BTreeMap<u64, DirtyTable>,
+    /// L1 entries changed in memory, written at the next metadata commit.
+    pub(crate) dirty_l1: BTreeSet<usize>,
+    /// Data bytes written since the last metadata commit.
+    pub(crate) unsynced_bytes: u64,
 }
+
+/// An L2 table with entries not yet on disk.
+#[derive(Debug)]
+pub(crate) struct DirtyTable {
+    pub(crate) table: Arc<Vec<u8>>,
+    lo: u64,
+    hi: u64,
+}
+
+/// Metadata changes are committed (barrier, then pointer writes) when
+/// this many bytes of dirty L2 tables are held...
+const MAX_DIRTY_TABLE_BYTES: u64 = 16 << 20;
+/// ... or this many data bytes were written since the last commit.
+const MAX_UNSYNCED_BYTES: u64 = 256 << 20;
 
 /// Bytes to write: the caller's, or a copy-on-write buffer.
 enum Chunk<'a> {
@@ -252,21 +274,10 @@ impl Qcow2Image {
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
     /// missing, copied when shared with a snapshot. Returns its offset.
-    /// A new table is written and synced before the L1 entry points at it.
+    /// A new table's content is written now; its L1 entry is changed in
+    /// memory and written at the next metadata commit, after the barrier
+    /// that makes the table durable.
     fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
-        let mut new_l1 = Vec::new();
-        let toff = self.l2_for_write_deferred(l1i, &mut new_l1)?;
-        if !new_l1.is_empty() {
-            self.barrier()?;
-            self.write_l1_entries(&new_l1)?;
-        }
-        Ok(toff)
-    }
-
-    /// As [`Qcow2Image::l2_for_write`], but a new table's L1 entry is only
-    /// recorded in `new_l1` (and in memory): the caller writes it with
-    /// [`Qcow2Image::write_l1_entries`] after its next barrier.
-    fn l2_for_write_deferred(&mut self, l1i: u64, new_l1: &mut Vec<usize>) -> Result<u64> {
         let i = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < self.l1.len())
@@ -288,34 +299,62 @@ impl Qcow2Image {
         };
         let new = self.alloc_contiguous(1)?;
         self.write_bytes(&content, new, "write L2 table")?;
-        // From here on memory is ahead of the disk until the L1 entry is
-        // written: a failure before that must stop all further writes.
-        self.poisoned.store(true, Ordering::SeqCst);
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
-        new_l1.push(i);
         self.l2_cache
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .insert(new, Arc::new(content));
+        let cb = self.geometry.cluster_bits();
+        let ws = self.ws()?;
+        ws.dirty_l1.insert(i);
         if let Some(old) = e.l2_offset() {
-            let cb = self.geometry.cluster_bits();
-            self.ws()?.pending_frees.push(old.0 >> cb);
+            ws.pending_frees.push(old.0 >> cb);
         }
         Ok(new)
     }
 
-    /// Writes the in-memory L1 entries at `indices` to disk (after the
-    /// tables they point at are durable) and lifts the guard set by
-    /// [`Qcow2Image::l2_for_write_deferred`].
-    fn write_l1_entries(&mut self, indices: &[usize]) -> Result<()> {
-        for &i in indices {
+    /// Commits metadata: a barrier makes data, new tables and refcounts
+    /// durable, then the changed L2 entries and L1 entries are written.
+    pub(crate) fn commit_metadata(&mut self) -> Result<()> {
+        let ws = self.ws()?;
+        if ws.dirty_l2.is_empty() && ws.dirty_l1.is_empty() && ws.unsynced_bytes == 0 {
+            return Ok(());
+        }
+        self.barrier()?;
+        let es = self.geometry.l2_entry_size();
+        let ws = self.ws()?;
+        let tables = std::mem::take(&mut ws.dirty_l2);
+        let l1 = std::mem::take(&mut ws.dirty_l1);
+        ws.unsynced_bytes = 0;
+        for (toff, d) in tables {
+            let (s, e) = ((d.lo * es) as usize, ((d.hi + 1) * es) as usize);
+            let bytes = d
+                .table
+                .get(s..e)
+                .ok_or_else(|| Error::InvalidArgument("dirty range outside its table".into()))?;
+            self.write_bytes(bytes, toff + d.lo * es, "write L2 entries")?;
+            self.l2_cache
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(toff, d.table);
+        }
+        for i in l1 {
             let at = self.header.l1_table_offset + 8 * i as u64;
             let v = self.l1[i];
-            self.storage
-                .write_at(&v.to_be_bytes(), at)
-                .map_err(|e| self.io_err("write L1 entry", at, e))?;
+            self.write_bytes(&v.to_be_bytes(), at, "write L1 entry")?;
         }
-        self.poisoned.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Commits metadata when enough is pending.
+    fn maybe_commit_metadata(&mut self) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let ws = self.ws()?;
+        if ws.dirty_l2.len() as u64 * cs > MAX_DIRTY_TABLE_BYTES
+            || ws.unsynced_bytes > MAX_UNSYNCED_BYTES
+        {
+            self.commit_metadata()?;
+        }
         Ok(())
     }
 
@@ -554,13 +593,12 @@ impl Qcow2Image {
         let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
         let end = off + data.len() as u64;
-        let mut new_l1 = Vec::new();
         let mut tables = Vec::new();
         let mut pos = off;
         while pos < end {
             let l1i = geo.l1_index(GuestOffset(pos));
             let table_end = ((l1i + 1) * geo.l2_span()).min(end);
-            let toff = self.l2_for_write_deferred(l1i, &mut new_l1)?;
+            let toff = self.l2_for_write(l1i)?;
             let table = self.l2_table(toff)?;
             let mut plans = Vec::new();
             for c in (pos >> cb)..=((table_end - 1) >> cb) {
@@ -578,12 +616,12 @@ impl Qcow2Image {
             tables.push((toff, plans));
             pos = table_end;
         }
-        self.execute(tables, new_l1)
+        self.execute(tables)
     }
 
     /// Allocates, writes data, then (after a barrier) the L2 entries of
     /// every table and the L1 entries of new tables.
-    fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>, new_l1: Vec<usize>) -> Result<()> {
+    fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         // Allocate new clusters, in runs; their entries get the offsets.
         let mut need: Vec<(usize, usize)> = Vec::new();
@@ -626,53 +664,60 @@ impl Qcow2Image {
                 }
             }
         }
-        for (h, bufs, _) in &runs {
+        let mut written = 0;
+        for (h, bufs, len) in &runs {
             self.storage
                 .write_vectored_at(bufs, *h)
                 .map_err(|e| self.io_err("write data", *h, e))?;
+            written += len;
         }
         drop(runs);
-        let changed = tables
-            .iter()
-            .any(|(_, plans)| plans.iter().any(|p| p.new != p.old));
-        if !changed && new_l1.is_empty() {
-            return Ok(());
-        }
-        self.barrier()?;
+        self.ws()?.unsynced_bytes += written.max(1);
         for (toff, plans) in &tables {
             self.update_l2(*toff, plans)?;
         }
-        self.write_l1_entries(&new_l1)
+        self.maybe_commit_metadata()
     }
 
-    /// Writes the changed entries of an L2 table and queues the frees.
+    /// Applies the changed entries of an L2 table in memory (they are
+    /// written at the next metadata commit) and queues the frees.
     fn update_l2(&mut self, toff: u64, plans: &[Plan<'_>]) -> Result<()> {
         let geo = self.geometry;
-        let mut table = self.l2_table(toff)?.as_ref().clone();
-        let (mut lo, mut hi) = (u64::MAX, 0);
+        if plans.iter().all(|p| p.new == p.old) {
+            return Ok(());
+        }
+        let taken = self.ws()?.dirty_l2.remove(&toff);
+        let mut d = match taken {
+            Some(d) => d,
+            None => {
+                let table = self.l2_table(toff)?;
+                self.l2_cache
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(toff);
+                DirtyTable {
+                    table,
+                    lo: u64::MAX,
+                    hi: 0,
+                }
+            }
+        };
+        let table = Arc::make_mut(&mut d.table);
         let mut frees = Vec::new();
         for p in plans.iter().filter(|p| p.new != p.old) {
             p.new
-                .write(&mut table, geo, p.idx)
+                .write(table, geo, p.idx)
                 .map_err(|source| Error::Format {
                     path: self.path.clone(),
                     source,
                 })?;
-            lo = lo.min(p.idx);
-            hi = hi.max(p.idx);
+            d.lo = d.lo.min(p.idx);
+            d.hi = d.hi.max(p.idx);
             frees.extend_from_slice(&p.frees);
         }
-        if lo > hi {
-            return Ok(());
-        }
-        let es = geo.l2_entry_size();
-        let (s, e) = ((lo * es) as usize, ((hi + 1) * es) as usize);
-        self.write_bytes(&table[s..e], toff + lo * es, "write L2 entries")?;
-        self.l2_cache
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(toff, Arc::new(table));
-        self.ws()?.pending_frees.extend(frees);
+        let ws = self.ws()?;
+        ws.dirty_l2.insert(toff, d);
+        ws.pending_frees.extend(frees);
         Ok(())
     }
 
@@ -905,7 +950,7 @@ impl Qcow2Image {
             });
         }
         if plans.iter().any(|p| !p.writes.is_empty()) {
-            return self.execute(vec![(toff, plans)], Vec::new());
+            return self.execute(vec![(toff, plans)]);
         }
         self.update_l2(toff, &plans)
     }
@@ -921,6 +966,7 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
+        self.commit_metadata()?;
         self.barrier()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
@@ -1262,5 +1308,16 @@ impl Qcow2Image {
             self.write(g, &cluster[..(end - g) as usize], backing)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Qcow2Image {
+    /// Closing an image flushes it, as QEMU does on close: metadata still
+    /// pending in memory is committed in protocol order. Errors cannot be
+    /// reported here; callers who care call [`Qcow2Image::flush`] first.
+    fn drop(&mut self) {
+        if self.rw.is_some() && !self.poisoned.load(Ordering::SeqCst) {
+            let _ = self.flush();
+        }
     }
 }
