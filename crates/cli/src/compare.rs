@@ -34,43 +34,58 @@ pub struct CompareArgs {
 }
 
 /// What the block layer says about a range of a whole chain
-/// (`bdrv_block_status_above` reduced to the bits compare uses).
+/// (`bdrv_block_status_above` reduced to the bits compare uses). Strict
+/// mode compares all of them, as qemu-img compares the whole status word:
+/// whether a host offset is known, and whether the range reaches the end
+/// of the image (QEMU's EOF bit), count too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Status {
     allocated: bool,
     zero: bool,
     data: bool,
+    offset_valid: bool,
+    eof: bool,
+}
+
+/// QEMU answers block-status queries at most one L2 table's span at a
+/// time; stop extents at the next such boundary of any qcow2 layer so the
+/// EOF bit is set where QEMU sets it.
+fn l2_span_end(chain: &Chain, pos: u64) -> u64 {
+    chain
+        .layers()
+        .iter()
+        .filter_map(|l| l.image.as_qcow2())
+        .map(|q| {
+            let span = q.geometry().l2_span();
+            (pos / span + 1).saturating_mul(span)
+        })
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 fn status(chain: &Chain, pos: u64, max: u64) -> Result<(Status, u64)> {
+    let max = max.min(l2_span_end(chain, pos) - pos);
     let r = chain.resolve(pos, max)?;
-    let st = if r.past_end {
+    let len = r.extent.len.clamp(1, max);
+    let (allocated, zero, data, offset_valid) = if r.past_end {
         // Zeros past a short backing file count as allocated there.
-        Status {
-            allocated: true,
-            zero: true,
-            data: false,
-        }
+        (true, true, false, false)
     } else {
         match r.extent.mapping {
-            Mapping::Unallocated => Status {
-                allocated: false,
-                zero: true,
-                data: false,
-            },
-            Mapping::Zero { .. } => Status {
-                allocated: true,
-                zero: true,
-                data: false,
-            },
-            Mapping::Data { .. } | Mapping::Compressed(_) => Status {
-                allocated: true,
-                zero: false,
-                data: true,
-            },
+            Mapping::Unallocated => (false, true, false, false),
+            Mapping::Zero { host } => (true, true, false, host.is_some()),
+            Mapping::Data { .. } => (true, false, true, true),
+            Mapping::Compressed(_) => (true, false, true, false),
         }
     };
-    Ok((st, r.extent.len.clamp(1, max)))
+    let st = Status {
+        allocated,
+        zero,
+        data,
+        offset_valid,
+        eof: pos + len == chain.virtual_size(),
+    };
+    Ok((st, len))
 }
 
 /// Offset of the first 512-byte sector of `buf` (which starts at guest

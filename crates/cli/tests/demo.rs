@@ -1,0 +1,58 @@
+//! `strata demo` builds its chain with Strata alone and walks through the
+//! inspection commands.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn demo_builds_a_chain_and_walks_through_every_step() {
+    // Arrange
+    let d = tempdir();
+    let dir = d.path().join("demo");
+    // Act
+    let r = strata_bin(&["demo", s(&dir)]);
+    // Assert
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    for step in [
+        "== 1.",
+        "== 2.",
+        "$ strata info --backing-chain",
+        "backing file: base.qcow2",
+        "$ strata map --output json",
+        "$ strata convert -O raw",
+        "$ strata compare",
+        "Images are identical.",
+    ] {
+        assert!(
+            r.stdout.contains(step),
+            "missing {step:?} in:\n{}",
+            r.stdout
+        );
+    }
+    assert!(dir.join("top.raw").exists());
+}
+
+#[test]
+fn demo_chain_reads_the_same_through_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let dir = d.path().join("demo");
+    let r = strata(&["demo", s(&dir)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let top = dir.join("top.qcow2");
+    let raw = dir.join("top.raw");
+    // The image Strata wrote is clean and reads like Strata's raw copy.
+    qemu_img_ok(&["check", s(&top)]);
+    qemu_img_ok(&["check", s(&dir.join("base.qcow2"))]);
+    let out = qemu_img_ok(&["compare", "-F", "raw", s(&top), s(&raw)]);
+    assert_eq!(out, "Images are identical.\n");
+    // And strata's map of it equals qemu-img's.
+    let expected = qemu_img_ok(&["map", "--output", "json", s(&top)]);
+    assert_eq!(
+        strata(&["map", "--output", "json", s(&top)]).stdout,
+        expected
+    );
+}

@@ -1,0 +1,335 @@
+//! Bad chains and bad input: clear errors on stderr, nonzero exit, never a
+//! panic.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+fn create(args: &[&str]) {
+    let mut full = vec!["create", "-q", "-f", "qcow2"];
+    full.extend_from_slice(args);
+    qemu_img_ok(&full);
+}
+
+/// Renames the backing-format header extension of a qcow2 image to an
+/// unknown extension type, so the image names a backing file without
+/// recording its format (what old qemu-img versions wrote).
+fn forget_backing_format(img: &Path) {
+    let mut b = std::fs::read(img).unwrap();
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = be32(&b, 100) as usize; // header_length (v3)
+    loop {
+        let (magic, len) = (be32(&b, at), be32(&b, at + 4) as usize);
+        assert_ne!(magic, 0, "no backing format extension found");
+        if magic == 0xe279_2aca {
+            b[at..at + 4].copy_from_slice(&0x5354_5241u32.to_be_bytes());
+            break;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    std::fs::write(img, b).unwrap();
+}
+
+#[test]
+fn a_backing_file_without_recorded_format_is_refused_with_how_to_record_it() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    create(&[s(&base), "1M"]);
+    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    forget_backing_format(&top);
+    // Act
+    let r = strata_bin(&["map", s(&top)]);
+    // Assert
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+    assert!(r.stderr.contains("top.qcow2"), "{}", r.stderr);
+    assert!(r.stderr.contains("no recorded format"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("rebase -u -b base.qcow2 -F"),
+        "{}",
+        r.stderr
+    );
+    for cmd in [&["convert", "-O", "raw"][..], &["info", "--backing-chain"]] {
+        let mut args = cmd.to_vec();
+        args.push(s(&top));
+        let out = d.path().join("out.raw");
+        if cmd[0] == "convert" {
+            args.push(s(&out));
+        }
+        let r = strata(&args);
+        assert_eq!(r.code, 1, "{args:?}");
+        assert!(r.stderr.contains("no recorded format"), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn info_of_an_image_alone_does_not_need_its_backing_format() {
+    if !qemu_available() {
+        return;
+    }
+    // qemu-img info opens the image without its backing chain; so does
+    // strata info without --backing-chain.
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    create(&[s(&base), "1M"]);
+    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    forget_backing_format(&top);
+    let expected = qemu_img_ok(&["info", "--output", "json", s(&top)]);
+    let r = strata(&["info", "--output", "json", s(&top)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, expected);
+}
+
+#[test]
+fn a_backing_loop_between_two_images_is_refused() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    create(&[s(&a), "1M"]);
+    create(&["-b", "a.qcow2", "-F", "qcow2", s(&b)]);
+    qemu_img_ok(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    for cmd in ["map", "info --backing-chain", "compare"] {
+        let mut args: Vec<&str> = cmd.split(' ').collect();
+        args.push(s(&a));
+        if cmd == "compare" {
+            args.push(s(&b));
+        }
+        let r = strata(&args);
+        assert_ne!(r.code, 0, "{args:?}");
+        assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+        assert!(r.stderr.contains("loops"), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn an_image_naming_itself_as_backing_is_refused() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let a = d.path().join("self.qcow2");
+    create(&[s(&a), "1M"]);
+    qemu_img_ok(&["rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", s(&a)]);
+    let r = strata_bin(&["convert", "-O", "raw", s(&a), s(&d.path().join("o.raw"))]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("loops"), "{}", r.stderr);
+    assert!(r.stderr.contains("self.qcow2"), "{}", r.stderr);
+}
+
+#[test]
+fn a_missing_backing_file_is_a_clear_error() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("gone.qcow2");
+    let top = d.path().join("top.qcow2");
+    create(&[s(&base), "1M"]);
+    create(&["-b", "gone.qcow2", "-F", "qcow2", s(&top)]);
+    std::fs::remove_file(&base).unwrap();
+    let r = strata_bin(&["map", "--output", "json", s(&top)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+    assert!(r.stderr.contains("top.qcow2"), "{}", r.stderr);
+    assert!(r.stderr.contains("gone.qcow2"), "{}", r.stderr);
+    assert!(r.stderr.contains("No such file"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+}
+
+#[test]
+fn a_file_without_qcow2_magic_is_probed_as_raw_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let f = d.path().join("junk.img");
+    std::fs::write(
+        &f,
+        (0..10_000u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let expected = qemu_img_ok(&["info", "--output", "json", s(&f)]);
+    let r = strata(&["info", "--output", "json", s(&f)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, expected);
+    let expected = qemu_img_ok(&["map", "--output", "json", s(&f)]);
+    assert_eq!(strata(&["map", "--output", "json", s(&f)]).stdout, expected);
+}
+
+/// A small deterministic generator for mutations.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn damaged_qcow2_images_give_errors_not_panics() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: a small valid image with data, zeros and a snapshot.
+    let d = tempdir();
+    let good = d.path().join("good.qcow2");
+    create(&["-o", "cluster_size=4k", s(&good), "256k"]);
+    qemu_io("qcow2", &good, &["write -P 0xaa 0 40k", "write -z 64k 8k"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&good)]);
+    let bytes = std::fs::read(&good).unwrap();
+    let bad = d.path().join("bad.qcow2");
+    let out = d.path().join("out.raw");
+    let mut rng = XorShift(0x5eed_1234_5678_9abc);
+    // STRATA_MUTATION_ROUNDS raises the count for a longer hunt.
+    let rounds: u32 = std::env::var("STRATA_MUTATION_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for round in 0..rounds {
+        // Act: flip a few bytes in the metadata area, or truncate.
+        let mut b = bytes.clone();
+        if round % 10 == 9 {
+            b.truncate((rng.next() % b.len() as u64) as usize);
+        } else {
+            let hot = b.len().min(6 * 4096) as u64;
+            for _ in 0..1 + rng.next() % 4 {
+                let at = (rng.next() % hot) as usize;
+                b[at] = rng.next() as u8;
+            }
+        }
+        std::fs::write(&bad, &b).unwrap();
+        // Assert: every command finishes with an exit code (a panic would
+        // fail this test), errors are prefixed.
+        for args in [
+            vec!["info", "--output", "json", s(&bad)],
+            vec!["info", s(&bad)],
+            vec!["map", "--output", "json", s(&bad)],
+            vec!["convert", "-O", "raw", s(&bad), s(&out)],
+            vec!["compare", s(&bad), s(&good)],
+        ] {
+            let r = strata(&args);
+            // compare: 1 means "different", 2 an error.
+            let failed = if args[0] == "compare" {
+                r.code == 2
+            } else {
+                r.code != 0
+            };
+            if failed {
+                assert!(r.stderr.starts_with("strata: "), "{args:?}: {}", r.stderr);
+            } else {
+                assert!(
+                    r.code == 0 || r.stdout.contains("mismatch"),
+                    "{args:?}: {r:?}"
+                );
+            }
+        }
+    }
+    // And the binary exits 1 with a message on a header that is garbage
+    // after the magic.
+    let mut b = b"QFI\xfb".to_vec();
+    b.extend((0..4096u32).map(|i| (i * 31 % 256) as u8));
+    std::fs::write(&bad, &b).unwrap();
+    let r = strata_bin(&["info", s(&bad)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+    assert!(r.stderr.contains("bad.qcow2"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn info_without_force_share_fails_while_a_writer_holds_the_image() {
+    if !qemu_available() {
+        return;
+    }
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    // Arrange: qemu-io keeps the image open read-write while it waits for
+    // commands on stdin.
+    let d = tempdir();
+    let img = d.path().join("busy.qcow2");
+    create(&[s(&img), "1M"]);
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "qcow2", s(&img)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until qemu-io holds its lock (qemu-img info fails then).
+    let mut held = false;
+    for _ in 0..100 {
+        if qemu_img(&["info", s(&img)]).code != 0 {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Act
+    let locked = strata(&["info", s(&img)]);
+    let shared = strata(&["info", "-U", s(&img)]);
+    let _ = writer.stdin.as_mut().map(|i| i.write_all(b"quit\n"));
+    let _ = writer.wait();
+    // Assert
+    assert!(held, "qemu-io never locked the image");
+    assert_eq!(locked.code, 1);
+    assert!(locked.stderr.contains("busy.qcow2"), "{}", locked.stderr);
+    assert_eq!(shared.code, 0, "{}", shared.stderr);
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_own_source() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    create(&[s(&base), "1M"]);
+    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    let before = std::fs::read(&base).unwrap();
+    let r = strata(&["convert", "-O", "raw", s(&top), s(&base)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("refusing to overwrite"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
+
+#[test]
+fn unknown_formats_and_options_are_usage_errors() {
+    let d = tempdir();
+    let f = d.path().join("x.img");
+    std::fs::write(&f, [0u8; 512]).unwrap();
+    let r = strata(&["info", "-f", "vmdk", s(&f)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("unknown image format"), "{}", r.stderr);
+    let r = strata(&["convert", "-O", "vdi", s(&f), s(&d.path().join("y"))]);
+    assert_eq!(r.code, 1);
+    let r = strata(&["map", "--output", "xml", s(&f)]);
+    assert_ne!(r.code, 0);
+    let r = strata(&["frobnicate"]);
+    assert_ne!(r.code, 0);
+}
+
+#[test]
+fn check_reports_that_it_is_not_available_yet() {
+    let d = tempdir();
+    let f = d.path().join("x.img");
+    std::fs::write(&f, [0u8; 512]).unwrap();
+    let r = strata_bin(&["check", s(&f)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not implemented yet"), "{}", r.stderr);
+}
