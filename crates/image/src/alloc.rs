@@ -147,6 +147,17 @@ impl Refcounts {
         }
     }
 
+    /// Sets the refcount of cluster `ci` (repairs); the block must exist.
+    pub(crate) fn set(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        ci: u64,
+        value: u64,
+    ) -> Result<()> {
+        self.set_existing(storage, path, ci, value)
+    }
+
     /// Sets the refcount of cluster `ci`; the block must exist.
     fn set_existing(
         &mut self,

@@ -16,6 +16,7 @@ pub mod lock;
 pub mod mapping;
 pub mod qcow2;
 pub mod raw;
+pub mod repair;
 pub mod storage;
 pub mod write;
 

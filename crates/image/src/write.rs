@@ -160,20 +160,23 @@ impl Qcow2Image {
                         .into(),
             });
         }
-        if self.header.dirty() {
-            self.rebuild_refcounts()?;
+        let bitmaps = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        if self.header.dirty() || bitmaps {
+            // A dirty image's refcounts may be stale: rebuild them. Bitmaps
+            // Strata does not maintain are dropped (the spec: a writer that
+            // does not update what an autoclear bit protects clears the
+            // bit), and the rebuild frees their clusters. The header, with
+            // these changes, is written once the new refcounts are durable.
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
-            self.write_header()?;
-            self.sync()?;
+            if bitmaps {
+                self.header
+                    .extensions
+                    .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
+            }
+            self.header.autoclear_features = 0;
+            self.rebuild_refcounts()?;
         }
         if self.header.autoclear_features != 0 {
-            // The spec: a writer that does not maintain what an autoclear
-            // bit protects clears the bit before its first write. Bitmaps
-            // are dropped with their clusters, so that the image checks
-            // clean for QEMU, which then ignores the extension.
-            if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-                self.drop_bitmaps()?;
-            }
             self.header.autoclear_features = 0;
             self.write_header()?;
             self.sync()?;
@@ -1066,21 +1069,10 @@ impl Qcow2Image {
         self.sync()
     }
 
-    /// Removes the bitmaps extension and queues its clusters for freeing.
-    fn drop_bitmaps(&mut self) -> Result<()> {
-        Err(Error::Unsupported {
-            path: self.path.clone(),
-            what: "writing images with persistent bitmaps is not supported yet".into(),
-        })
-    }
-
     /// Recomputes every refcount from the references and rewrites the
     /// refcount structures (used for dirty images and `check -r all`).
     pub fn rebuild_refcounts(&mut self) -> Result<()> {
-        Err(Error::Unsupported {
-            path: self.path.clone(),
-            what: "the image is dirty (lazy refcounts); repairing it is not supported yet".into(),
-        })
+        crate::repair::rebuild_refcounts(self)
     }
 
     /// Whether the image has a `poisoned` state from an earlier I/O error.

@@ -610,3 +610,177 @@ fn invalid_create_options_are_refused_with_a_clear_error() {
     }
     assert_eq!(m.to_bytes().len(), 0, "a refused create wrote something");
 }
+
+fn qemu_check_code(img: &Path) -> i32 {
+    std::process::Command::new("qemu-img")
+        .args(["check", "-U", img.to_str().unwrap()])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+#[test]
+fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        q.to_str().unwrap(),
+        "4M",
+    ]);
+    // qemu-io's abort leaves the dirty bit set and refcounts stale.
+    let _ = std::process::Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x71 0 300k",
+            "-c",
+            "write -P 0x72 1M 64k",
+            "-c",
+            "abort",
+            q.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        qemu_check_code(&q),
+        2,
+        "the aborted image should be dirty with stale refcounts"
+    );
+    let s = dir.path().join("s.qcow2");
+    std::fs::copy(&q, &s).unwrap();
+    qemu_io(&q, &["write -P 0x73 2M 100k"]);
+    {
+        let mut c = Chain::open(
+            &s,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.write_at(&vec![0x73; 100 << 10], 2 << 20).unwrap();
+        c.flush().unwrap();
+    }
+    check_clean(&s);
+    compare(&q, &s);
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output",
+        "json",
+        s.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(info["dirty-flag"], false);
+}
+
+#[test]
+fn writing_an_image_with_bitmaps_drops_them_and_checks_clean() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "4M"]);
+    qemu_io(&q, &["write -P 0x21 0 1M"]);
+    qemu_img(&["bitmap", "--add", q.to_str().unwrap(), "bm0"]);
+    qemu_img(&["bitmap", "--add", "--disable", q.to_str().unwrap(), "bm1"]);
+    qemu_io(&q, &["write -P 0x22 2M 64k"]);
+    let s = dir.path().join("s.qcow2");
+    std::fs::copy(&q, &s).unwrap();
+    qemu_io(&q, &["write -P 0x23 100k 10k"]);
+    {
+        let mut c = Chain::open(
+            &s,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        c.write_at(&vec![0x23; 10 << 10], 100 << 10).unwrap();
+    }
+    check_clean(&s);
+    compare(&q, &s);
+    let info = qemu_img(&["info", "--output", "json", s.to_str().unwrap()]);
+    assert!(!info.contains("bm0"), "bitmaps should be gone: {info}");
+}
+
+#[test]
+fn check_repair_fixes_leaks_and_rebuilds_refcounts_like_qemu_img() {
+    if skip() {
+        return;
+    }
+    use strata_image::repair::{repair, RepairMode};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    qemu_io(
+        &p,
+        &[
+            "write -P 0x31 0 200k",
+            "write -P 0x32 1M 100k",
+            "discard 0 64k",
+        ],
+    );
+    let view = qemu_raw(&p, dir.path());
+    // Leak: raise the refcount of a cluster the discard freed (refcount
+    // block at 0x2000, 16-bit entries; data clusters start after the L2
+    // table at cluster 4).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let free_ci = 6;
+    assert_eq!(
+        bytes[0x2000 + 2 * free_ci + 1],
+        0,
+        "cluster 6 should be free"
+    );
+    bytes[0x2000 + 2 * free_ci + 1] = 1;
+    std::fs::write(&p, &bytes).unwrap();
+    assert_eq!(qemu_check_code(&p), 3);
+    {
+        let mut img =
+            strata_image::Qcow2Image::open_rw(Box::new(FileStorage::open(&p, true).unwrap()), &p)
+                .unwrap();
+        let r = repair(&mut img, RepairMode::Leaks).unwrap();
+        assert_eq!(r.before.leaks, 1);
+        assert!(r.after.is_clean(), "{:?}", r.after.problems);
+    }
+    assert_eq!(qemu_check_code(&p), 0);
+    // Corruption: zero the refcount of a used data cluster; -r all rebuilds.
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[0x2000 + 2 * 30] = 0;
+    bytes[0x2000 + 2 * 30 + 1] = 0;
+    std::fs::write(&p, &bytes).unwrap();
+    assert_eq!(qemu_check_code(&p), 2);
+    {
+        let mut img =
+            strata_image::Qcow2Image::open_rw(Box::new(FileStorage::open(&p, true).unwrap()), &p)
+                .unwrap();
+        let r = repair(&mut img, RepairMode::All).unwrap();
+        assert!(r.before.corruptions > 0);
+        assert!(r.after.is_clean(), "{:?}", r.after.problems);
+    }
+    assert_eq!(qemu_check_code(&p), 0);
+    assert!(
+        qemu_raw(&p, dir.path()) == view,
+        "repair changed the guest view"
+    );
+}

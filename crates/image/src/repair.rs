@@ -1,0 +1,316 @@
+//! Repairs: `check -r leaks`, `check -r all`, and the refcount rebuild a
+//! dirty image (lazy refcounts) needs before its first write.
+//!
+//! A rebuild writes complete new refcount structures (blocks and table)
+//! past the end of everything in use, syncs them, and only then switches
+//! the header to them, so a crash at any point leaves either the old or
+//! the new structures in force. The old structures become unreferenced
+//! (their clusters count zero in the new ones).
+
+use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
+use strata_format::table::{decode_u64_table, encode_u64_table, OFLAG_COPIED};
+use strata_format::{L1Entry, L2Entry};
+
+use crate::alloc::Refcounts;
+use crate::check::{self, CheckReport};
+use crate::error::{Error, Result};
+use crate::qcow2::Qcow2Image;
+
+/// What `check -r` repairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// `-r leaks`: lower refcounts that exceed the references.
+    Leaks,
+    /// `-r all`: rebuild every refcount from the references and fix the
+    /// COPIED flags of the active tables.
+    All,
+}
+
+/// The result of a repair: the check before, and the check after.
+#[derive(Debug)]
+pub struct RepairReport {
+    /// What the check found before repairing.
+    pub before: CheckReport,
+    /// What the check finds afterwards.
+    pub after: CheckReport,
+    /// Leaked clusters released.
+    pub leaks_fixed: u64,
+    /// Corruptions fixed (refcounts raised, COPIED flags corrected).
+    pub corruptions_fixed: u64,
+}
+
+/// Checks `img` and repairs what `mode` covers, then checks again.
+pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
+    if !img.is_writable() {
+        return Err(Error::ReadOnly {
+            path: img.path.clone(),
+            why: "repairs need the image open for writing".into(),
+        });
+    }
+    img.flush()?;
+    let before = check::check(img)?;
+    let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
+    let needs = match mode {
+        RepairMode::Leaks => before.leaks > 0,
+        RepairMode::All => !before.is_clean() || img.header.dirty(),
+    };
+    if needs {
+        match mode {
+            RepairMode::Leaks => {
+                leaks_fixed = fix_leaks(img)?;
+            }
+            RepairMode::All => {
+                rebuild_refcounts(img)?;
+                corruptions_fixed = fix_copied_flags(img)?;
+                img.flush()?;
+                let mid = check::check(img)?;
+                leaks_fixed = before.leaks.saturating_sub(mid.leaks);
+                corruptions_fixed += before
+                    .corruptions
+                    .saturating_sub(mid.corruptions)
+                    .saturating_sub(corruptions_fixed);
+                corruptions_fixed = corruptions_fixed.min(before.corruptions);
+            }
+        }
+    }
+    let after = check::check(img)?;
+    Ok(RepairReport {
+        before,
+        after,
+        leaks_fixed,
+        corruptions_fixed,
+    })
+}
+
+/// Lowers every refcount that exceeds the references to the referenced
+/// count. Returns the number of clusters changed.
+fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
+    let expected = check::compute_refcounts(img)?;
+    let path = img.path.clone();
+    let storage = img.storage.as_ref();
+    let ws = img.rw.as_deref_mut().ok_or(Error::ReadOnly {
+        path: path.clone(),
+        why: "read-only".into(),
+    })?;
+    let mut fixed = 0;
+    let covered = ws.refcounts.table.len() as u64
+        * refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
+    for ci in 0..covered {
+        let want = expected.get(ci as usize).copied().unwrap_or(0);
+        let have = ws.refcounts.get(storage, &path, ci)?;
+        if have > want {
+            ws.refcounts.set(storage, &path, ci, want)?;
+            fixed += 1;
+        }
+    }
+    img.barrier()?;
+    Ok(fixed)
+}
+
+/// Recomputes every refcount from the references and writes new refcount
+/// structures; the header is switched to them (and written, with any
+/// change the caller made to it in memory) once they are durable.
+pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
+    let geo = img.geometry;
+    let cb = geo.cluster_bits();
+    let cs = geo.cluster_size();
+    let order = img.header.refcount_order;
+    let per = refcount::entries_per_block(cb, order);
+    let mut refs = check::compute_refcounts(img)?;
+    // The old refcount structures are not kept: drop their references.
+    let old_table = read_table(img)?;
+    let sub = |refs: &mut Vec<u64>, ci: u64| {
+        if let Some(r) = usize::try_from(ci).ok().and_then(|i| refs.get_mut(i)) {
+            *r = r.saturating_sub(1);
+        }
+    };
+    let t0 = img.header.refcount_table_offset >> cb;
+    for ci in t0..t0 + u64::from(img.header.refcount_table_clusters) {
+        sub(&mut refs, ci);
+    }
+    for e in &old_table {
+        let off = e & REFTABLE_OFFSET_MASK;
+        if off != 0 && geo.is_aligned(off) {
+            sub(&mut refs, off >> cb);
+        }
+    }
+    let max = refcount::max_refcount(order);
+    if let Some(ci) = refs.iter().position(|r| *r > max) {
+        return Err(Error::Unsupported {
+            path: img.path.clone(),
+            what: format!(
+                "cluster {ci} has more references than {}-bit refcounts can count",
+                1u32 << order
+            ),
+        });
+    }
+    // New structures after the last referenced cluster and the file end.
+    let file_clusters = img
+        .storage
+        .len()
+        .map_err(|e| Error::io(&img.path, "stat", 0, e))?
+        .div_ceil(cs);
+    let used = refs
+        .iter()
+        .rposition(|r| *r != 0)
+        .map_or(0, |i| i as u64 + 1);
+    let start = used.max(file_clusters);
+    let (mut k, mut t) = (0u64, 1u64);
+    loop {
+        let end = start + k + t;
+        let nk = end.div_ceil(per);
+        let nt = (nk * 8).div_ceil(cs).max(1);
+        if nk == k && nt == t {
+            break;
+        }
+        (k, t) = (nk, nt);
+    }
+    if t * cs > strata_format::limits::MAX_REFTABLE_BYTES {
+        return Err(Error::Unsupported {
+            path: img.path.clone(),
+            what: "refcount table would exceed its size limit".into(),
+        });
+    }
+    let blocks_at = start;
+    let table_at = start + k;
+    refs.resize((start + k + t) as usize, 0);
+    for ci in start..start + k + t {
+        refs[ci as usize] = 1;
+    }
+    // Write the blocks (only the ones with a nonzero refcount get a slot;
+    // the placed ones all exist so that the layout stays simple).
+    let mut table = vec![0u64; (t * cs / 8) as usize];
+    let mut block = vec![0u8; cs as usize];
+    for bi in 0..k {
+        block.fill(0);
+        for j in 0..per {
+            let ci = bi * per + j;
+            let r = refs.get(ci as usize).copied().unwrap_or(0);
+            if r != 0 {
+                refcount::set(&mut block, order, j, r);
+            }
+        }
+        let at = (blocks_at + bi) << cb;
+        img.write_bytes(&block, at, "write refcount block")?;
+        table[bi as usize] = at;
+    }
+    img.write_bytes(
+        &encode_u64_table(&table),
+        table_at << cb,
+        "write refcount table",
+    )?;
+    img.sync()?;
+    img.header.refcount_table_offset = table_at << cb;
+    img.header.refcount_table_clusters = t as u32;
+    img.write_header()?;
+    img.sync()?;
+    // Reload the allocator's view of the new structures.
+    let len = img
+        .storage
+        .len()
+        .map_err(|e| Error::io(&img.path, "stat", 0, e))?;
+    let fresh = Refcounts::load(
+        img.storage.as_ref(),
+        &img.path,
+        len,
+        cb,
+        order,
+        table_at << cb,
+        t as u32,
+    )?;
+    if let Some(ws) = img.rw.as_deref_mut() {
+        ws.refcounts = fresh;
+        ws.pending_frees.clear();
+    }
+    Ok(())
+}
+
+fn read_table(img: &Qcow2Image) -> Result<Vec<u64>> {
+    let bytes = (u64::from(img.header.refcount_table_clusters) << img.header.cluster_bits) as usize;
+    let mut raw = vec![0u8; bytes];
+    img.storage
+        .read_at(&mut raw, img.header.refcount_table_offset)
+        .map_err(|e| {
+            Error::io(
+                &img.path,
+                "read refcount table",
+                img.header.refcount_table_offset,
+                e,
+            )
+        })?;
+    Ok(decode_u64_table(&raw))
+}
+
+/// Sets COPIED on active L1 and L2 entries exactly where the refcount is
+/// one. Returns the number of entries changed.
+fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
+    let geo = img.geometry;
+    let cb = geo.cluster_bits();
+    let path = img.path.clone();
+    let mut fixed = 0;
+    for i in 0..img.l1.len() {
+        let e = L1Entry(img.l1[i]);
+        let Some(l2) = e.l2_offset() else { continue };
+        let rc = refcount_of(img, l2.0 >> cb)?;
+        let want = rc == 1;
+        if want != e.copied() {
+            let v = L1Entry::new(l2, want).0;
+            img.l1[i] = v;
+            img.write_bytes(
+                &v.to_be_bytes(),
+                img.header.l1_table_offset + 8 * i as u64,
+                "write L1 entry",
+            )?;
+            fixed += 1;
+        }
+        let mut table = img.l2_table(l2.0)?.as_ref().clone();
+        let mut changed = false;
+        for idx in 0..geo.l2_entries() {
+            let mut entry = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                path: path.clone(),
+                source,
+            })?;
+            if entry.compressed() {
+                continue;
+            }
+            let Some(h) = entry.host_cluster() else {
+                continue;
+            };
+            let want = refcount_of(img, h.0 >> cb)? == 1;
+            if want != entry.copied() {
+                entry.word = if want {
+                    entry.word | OFLAG_COPIED
+                } else {
+                    entry.word & !OFLAG_COPIED
+                };
+                entry
+                    .write(&mut table, geo, idx)
+                    .map_err(|source| Error::Format {
+                        path: path.clone(),
+                        source,
+                    })?;
+                changed = true;
+                fixed += 1;
+            }
+        }
+        if changed {
+            img.write_bytes(&table, l2.0, "write L2 table")?;
+            img.l2_cache
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(l2.0, std::sync::Arc::new(table));
+        }
+    }
+    img.sync()?;
+    Ok(fixed)
+}
+
+fn refcount_of(img: &mut Qcow2Image, ci: u64) -> Result<u64> {
+    let path = img.path.clone();
+    let storage = img.storage.as_ref();
+    let ws = img.rw.as_deref_mut().ok_or(Error::ReadOnly {
+        path: path.clone(),
+        why: "read-only".into(),
+    })?;
+    ws.refcounts.get(storage, &path, ci)
+}
