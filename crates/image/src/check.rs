@@ -368,6 +368,15 @@ impl<'a> Checker<'a> {
     fn calculate(&mut self) -> Result<bool> {
         let img = self.img;
         let h = &img.header;
+        // QEMU's qcow2_read_snapshots in check mode: a v3 snapshot must
+        // record vm_state_size_large and disk_size (16 bytes of extra data).
+        if h.version >= 3 {
+            for (i, sn) in img.snapshots.iter().enumerate() {
+                if sn.extra.len() < 16 {
+                    self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+                }
+            }
+        }
         // The header.
         self.inc_refcounts(0, self.cs, 1);
 
