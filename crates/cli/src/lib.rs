@@ -108,6 +108,9 @@ enum Command {
         /// Force share: take no locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Quiet: print only the problems found.
+        #[arg(short = 'q')]
+        quiet: bool,
         /// Output format.
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
@@ -229,6 +232,7 @@ where
             format,
             repair,
             force_share,
+            quiet,
             output,
             file,
         } => check::run(
@@ -238,8 +242,10 @@ where
                 repair,
                 output,
                 force_share,
+                quiet,
             },
             out,
+            err,
         ),
         Command::Compare {
             format1,

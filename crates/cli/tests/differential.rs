@@ -113,6 +113,59 @@ fn compare_finds_chain_identical_to_its_qemu_copy(shape: &str) {
     assert_eq!(r.stdout, "Images are identical.\n");
 }
 
+fn check_matches_qemu_img(shape: &str, output: &str) {
+    if !qemu_available() {
+        return;
+    }
+    // Every image of the chain, not only the top.
+    let top = shape_top(shape);
+    let dir = top.parent().unwrap();
+    let mut images: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    images.sort();
+    for img in images {
+        let args = ["check", "--output", output, s(&img)];
+        let q = qemu_img(&args);
+        let r = strata(&args);
+        assert_eq!(
+            r.code,
+            q.code,
+            "{}: exit code differs: {}",
+            img.display(),
+            r.stderr
+        );
+        assert_eq!(
+            r.stdout,
+            q.stdout,
+            "{}: check output differs",
+            img.display()
+        );
+        if output == "json" {
+            assert_eq!(
+                json(&r.stdout, "strata check"),
+                json(&q.stdout, "qemu-img check")
+            );
+        }
+        // The problem lines qemu-img prints to stderr, in the same order.
+        let problems = |e: &str| -> Vec<String> {
+            e.lines()
+                .filter(|l| !l.starts_with("qemu-img:") && !l.starts_with("strata:"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            problems(&r.stderr),
+            problems(&q.stderr),
+            "{}",
+            img.display()
+        );
+    }
+}
+
 macro_rules! shape_tests {
     ($($shape:ident),* $(,)?) => {$(
         mod $shape {
@@ -139,6 +192,14 @@ macro_rules! shape_tests {
             #[test]
             fn info_backing_chain_human_equals_qemu_img() {
                 super::info_human_equals_qemu_img(stringify!($shape));
+            }
+            #[test]
+            fn check_human_output_and_exit_code_equal_qemu_img() {
+                super::check_matches_qemu_img(stringify!($shape), "human");
+            }
+            #[test]
+            fn check_json_output_and_exit_code_equal_qemu_img() {
+                super::check_matches_qemu_img(stringify!($shape), "json");
             }
             #[test]
             fn compare_finds_chain_identical_to_its_qemu_copy() {

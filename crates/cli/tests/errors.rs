@@ -325,11 +325,57 @@ fn unknown_formats_and_options_are_usage_errors() {
 }
 
 #[test]
-fn check_reports_that_it_is_not_available_yet() {
+fn check_of_a_raw_image_is_unsupported_with_qemu_img_exit_code() {
     let d = tempdir();
     let f = d.path().join("x.img");
     std::fs::write(&f, [0u8; 512]).unwrap();
     let r = strata_bin(&["check", s(&f)]);
+    assert_eq!(r.code, 63);
+    assert!(r.stderr.contains("does not support checks"), "{}", r.stderr);
+}
+
+#[test]
+fn check_repair_is_refused_until_it_exists() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let img = d.path().join("x.qcow2");
+    create(&[s(&img), "1M"]);
+    let before = std::fs::read(&img).unwrap();
+    let r = strata(&["check", "-r", "leaks", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("not implemented yet"), "{}", r.stderr);
+    assert!(r.stderr.contains("not available yet"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn check_of_a_leaky_image_exits_3_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: a cluster past the end of the metadata that has a
+    // refcount but no reference (a leak), made by hand in the first
+    // refcount block.
+    let d = tempdir();
+    let img = d.path().join("leaky.qcow2");
+    create(&["-o", "cluster_size=64k", s(&img), "1M"]);
+    qemu_io("qcow2", &img, &["write -P 1 0 64k"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let reftable = be64(&b, 48) as usize;
+    let block = be64(&b, reftable) as usize;
+    // Append one cluster and give it refcount 1 (16-bit refcounts).
+    let idx = b.len() / 65536;
+    b.resize(b.len() + 65536, 0);
+    b[block + 2 * idx..block + 2 * idx + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&img, &b).unwrap();
+    // Act
+    let q = qemu_img(&["check", s(&img)]);
+    let r = strata(&["check", s(&img)]);
+    // Assert
+    assert_eq!(q.code, 3, "{}", q.stdout);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stdout, q.stdout);
+    assert!(r.stderr.contains("Leaked cluster"), "{}", r.stderr);
 }
