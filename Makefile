@@ -5,7 +5,7 @@
 # (e.g. `make test DEPS_FLAGS=--libvirt`, or change the default below once they exist).
 
 CARGO      ?= cargo
-DEPS_FLAGS ?=
+DEPS_FLAGS ?= --libvirt
 STRATA     := target/release/strata
 
 .PHONY: all deps build demo test lint fmt fixtures chains clean
