@@ -22,6 +22,7 @@ fn target_fn(target: &str) -> fn(&[u8]) {
         "l2_refcount" => fuzz_harness::l2_refcount,
         "open_read" => fuzz_harness::open_read,
         "write" => fuzz_harness::write,
+        "header_strict" => fuzz_harness::header_strict,
         other => panic!("no target {other}"),
     }
 }
@@ -68,7 +69,6 @@ fn replay(target: &str) {
 }
 
 /// Runs one saved input (a path under fuzz/) through `target`.
-#[allow(dead_code)] // used by the named regressions below, once there are any
 fn replay_one(target: &str, file: &str) {
     let data = std::fs::read(fuzz_dir().join(file)).unwrap();
     target_fn(target)(&data);
@@ -114,3 +114,26 @@ fn chain_inputs_round_trip() {
 }
 
 // Named regressions, one per finding (inputs in fuzz/regressions/).
+
+/// Finding F1 (header fuzzer): a feature name that is not valid UTF-8 is
+/// decoded lossily by `parse_extensions` (crates/format/src/header.rs) and
+/// re-encoded by `Extension::encode_data` cut at 46 bytes, so rewriting the
+/// header (any header update of the write path) changes the image's
+/// feature name table. Open until the format crate keeps names as bytes.
+#[test]
+#[ignore = "open finding F1: feature names are not preserved by encode"]
+fn feature_names_that_are_not_utf8_survive_a_header_rewrite() {
+    replay_one(
+        "header_strict",
+        "regressions/header/feature-name-not-utf8-changes-on-rewrite",
+    );
+}
+
+/// The tolerant `header` target still runs the input (no panic).
+#[test]
+fn feature_name_rewrite_input_does_not_panic_the_header_target() {
+    replay_one(
+        "header",
+        "regressions/header/feature-name-not-utf8-changes-on-rewrite",
+    );
+}
