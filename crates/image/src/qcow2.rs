@@ -292,6 +292,10 @@ impl Qcow2Image {
         let within = g % self.geometry.subcluster_size();
         Ok(match m {
             Mapping::Compressed(_) => m,
+            // A zero entry's host is the start of the whole cluster (data
+            // subclusters already point at their own start): add g's
+            // offset in the cluster, as QEMU reports it.
+            Mapping::Zero { host: Some(_) } => m.advance(self.geometry.in_cluster(g)),
             m => m.advance(within),
         })
     }
