@@ -742,10 +742,12 @@ impl Header {
                 buf[at + 8..at + 8 + data.len()].copy_from_slice(&data);
                 at += 8 + padded;
             }
-            // End marker (8 zero bytes: already zero).
-            at += 8;
+            // The end marker (8 zero bytes) is already zero.
         }
+        // The name goes where the header says it is: `layout` reserves the
+        // end marker even for a v2 header without extensions.
         if let Some(name) = &self.backing_file {
+            let at = bf_off as usize;
             buf[at..at + name.len()].copy_from_slice(name.as_bytes());
         }
         Ok(buf)
