@@ -137,3 +137,15 @@ fn feature_name_rewrite_input_does_not_panic_the_header_target() {
         "regressions/header/feature-name-not-utf8-changes-on-rewrite",
     );
 }
+
+/// Finding F2 (header fuzzer), fixed: `Header::encode` wrote the backing
+/// file name of a v2 header without extensions at byte 72 while
+/// `backing_file_offset` said 80 (`layout` reserves the end marker), so
+/// any header rewrite of such an image made it unreadable.
+#[test]
+fn a_v2_header_with_a_backing_name_and_no_extensions_round_trips() {
+    replay_one(
+        "header_strict",
+        "regressions/header/v2-backing-name-without-extensions-misplaced",
+    );
+}
