@@ -186,16 +186,7 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
                     unallocated_zero(&layers[d], d as u64, pos, len, &mut fresh)?;
                 }
                 Mapping::Zero { host } => {
-                    // The engine's host offset for a zero subcluster is the
-                    // cluster's; report the byte's own, as QEMU does.
-                    let layer = &layers[r.depth];
-                    let offset = match host {
-                        Some(h) if layer.image.as_qcow2().is_some() => {
-                            host_in_cluster(layer, pos)?.or(Some(h.0))
-                        }
-                        h => h.map(|h| h.0),
-                    };
-                    fresh.push(entry(true, true, false, false, offset));
+                    fresh.push(entry(true, true, false, false, host.map(|h| h.0)));
                 }
                 Mapping::Data { host } => {
                     fresh.push(entry(true, false, true, false, Some(host.0)));

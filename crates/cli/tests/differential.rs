@@ -261,3 +261,31 @@ fn every_generated_shape_is_covered() {
         );
     }
 }
+
+#[test]
+fn an_odd_sized_raw_image_is_seen_in_whole_sectors_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: 1000 bytes of data; QEMU sees a 1024-byte disk.
+    let d = tempdir();
+    let f = d.path().join("odd.raw");
+    std::fs::write(&f, vec![0x5au8; 1000]).unwrap();
+    let theirs = d.path().join("qemu.raw");
+    let ours = d.path().join("strata.raw");
+    qemu_img_ok(&["convert", "-f", "raw", "-O", "raw", s(&f), s(&theirs)]);
+    // Act
+    let conv = strata(&["convert", "-f", "raw", "-O", "raw", s(&f), s(&ours)]);
+    let map = strata(&["map", "-f", "raw", "--output", "json", s(&f)]);
+    let info = strata(&["info", "-f", "raw", "--output", "json", s(&f)]);
+    // Assert
+    assert_eq!(conv.code, 0, "{}", conv.stderr);
+    assert_eq!(
+        std::fs::read(&ours).unwrap(),
+        std::fs::read(&theirs).unwrap()
+    );
+    let q = qemu_img_ok(&["map", "-f", "raw", "--output", "json", s(&f)]);
+    assert_eq!(map.stdout, q);
+    let q = qemu_img_ok(&["info", "-f", "raw", "--output", "json", s(&f)]);
+    assert_eq!(json(&info.stdout, "strata info"), json(&q, "qemu-img info"));
+}
