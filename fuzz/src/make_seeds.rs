@@ -108,7 +108,7 @@ fn main() {
             put(
                 "open_read",
                 &format!("{name}-rawbase"),
-                &encode_chain_input(3, 11, &top, &raw_base[..65536], &[]),
+                &encode_chain_input(3, 11, &top, &raw_base[..8192], &[]),
             );
         }
         if top.len() <= MAX_SEED_IMAGE {

@@ -60,6 +60,7 @@ fn replay(target: &str) {
         failures.extend(f);
     }
     assert!(total > 0, "no corpus files for {target}");
+    eprintln!("{target}: replayed {total} inputs");
     assert!(
         failures.is_empty(),
         "{} of {total} inputs of {target} panic:\n{}",
