@@ -360,7 +360,8 @@ fn a_chain_600_deep_is_refused_quickly() {
         create_qcow2(Box::new(storage), &p, &opts).unwrap();
         p
     };
-    let top = (0..600).map(make).last().unwrap();
+    // Every layer must exist: make them all, keep the last.
+    let top = (0..600).fold(PathBuf::new(), |_, i| make(i));
     let start = Instant::now();
     let err = Chain::open(&top, &OpenOptions::default()).unwrap_err();
     assert!(

@@ -219,7 +219,7 @@ pub fn l2_refcount(data: &[u8]) {
     let value = r.u64();
     let _ = refcount::max_refcount(order.min(6));
     let _ = refcount::entries_per_block(cluster_bits, order.min(6));
-    let entries = (block.len() as u64 * 8 >> order.min(6)) + 2;
+    let entries = ((block.len() as u64 * 8) >> order.min(6)) + 2;
     for i in 0..entries {
         let before = refcount::get(&block, order, i);
         if refcount::set(&mut block, order, i, value) {
