@@ -6,9 +6,10 @@
 use std::fmt::Write as _;
 use std::io::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use strata_image::check::{check, CheckReport};
-use strata_image::Chain;
+use strata_image::repair::{repair, RepairMode};
+use strata_image::{Chain, ImageFormat};
 
 use crate::qjson::{to_json_pretty, QDict, QValue};
 use crate::{open_options, OutputFormat};
@@ -110,28 +111,37 @@ pub fn report_human(r: &CheckReport) -> String {
 /// Runs `strata check`. Problem lines (`ERROR cluster ...`, `Leaked
 /// cluster ...`) go to `err`, as qemu-img prints them to stderr.
 pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
-    if let Some(mode) = &args.repair {
-        match mode.as_str() {
-            "leaks" | "all" => bail!(
-                "{}: check -r {mode} (repair) is not available yet; only the read-only check is",
+    let mode = match args.repair.as_deref() {
+        None => None,
+        Some("leaks") => Some(RepairMode::Leaks),
+        Some("all") => Some(RepairMode::All),
+        Some(other) => bail!("invalid repair mode {other:?}: use -r leaks or -r all"),
+    };
+    if let Some(mode) = mode {
+        if args.force_share {
+            bail!(
+                "{}: -r (repair) cannot be combined with -U (force share)",
                 args.file
-            ),
-            _ => bail!("invalid repair mode {mode:?}: use -r leaks or -r all"),
+            );
         }
+        return run_repair(args, mode, out, err);
     }
     let opts = open_options(args.format.as_deref(), args.force_share)?;
     let chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
     let image = &chain.top().image;
     let Some(q) = image.as_qcow2() else {
-        writeln!(
-            err,
-            "strata: {}: this image format ({}) does not support checks",
-            args.file,
-            image.format()
-        )?;
-        return Ok(EXIT_NOT_SUPPORTED);
+        return not_supported(args, image.format(), err);
     };
     let report = check(q)?;
+    print_report(args, &report, out, err)
+}
+
+fn print_report(
+    args: &CheckArgs,
+    report: &CheckReport,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32> {
     for p in &report.problems {
         writeln!(err, "{}", p.message)?;
     }
@@ -145,10 +155,10 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     if !args.quiet {
         match args.output {
             OutputFormat::Json => {
-                let d = report_json(&args.file, "qcow2", &report);
+                let d = report_json(&args.file, "qcow2", report);
                 writeln!(out, "{}", to_json_pretty(&QValue::Dict(d)))?;
             }
-            OutputFormat::Human => out.write_all(report_human(&report).as_bytes())?,
+            OutputFormat::Human => out.write_all(report_human(report).as_bytes())?,
         }
     }
     if report.check_errors > 0 {
@@ -156,6 +166,54 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
         return Ok(1);
     }
     Ok(report.exit_code())
+}
+
+fn not_supported(args: &CheckArgs, format: ImageFormat, err: &mut dyn Write) -> Result<i32> {
+    writeln!(
+        err,
+        "strata: {}: this image format ({format}) does not support checks",
+        args.file
+    )?;
+    Ok(EXIT_NOT_SUPPORTED)
+}
+
+/// `check -r leaks|all`: repair the image (opened read-write, with a
+/// QEMU-compatible write lock), print what was fixed as qemu-img does,
+/// then the report of the check that follows; the exit code is that
+/// check's.
+fn run_repair(
+    args: &CheckArgs,
+    mode: RepairMode,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32> {
+    let mut opts = open_options(args.format.as_deref(), false)?;
+    opts.writable = true;
+    opts.no_backing = true;
+    let mut chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let layer = &mut chain.layers_mut()[0];
+    let q = match &mut layer.image {
+        strata_image::Image::Qcow2(q) => q,
+        other => return not_supported(args, other.format(), err),
+    };
+    let r = repair(q, mode).with_context(|| format!("{}: repair failed", args.file))?;
+    for p in &r.before.problems {
+        writeln!(err, "{}", p.message)?;
+    }
+    let fixed = r.leaks_fixed > 0 || r.corruptions_fixed > 0;
+    if fixed && args.output == OutputFormat::Human && !args.quiet {
+        writeln!(
+            out,
+            "The following inconsistencies were found and repaired:\n\n    \
+             {} leaked clusters\n    {} corruptions\n\n\
+             Double checking the fixed image now...",
+            r.leaks_fixed, r.corruptions_fixed
+        )?;
+    }
+    let mut after = r.after;
+    after.leaks_fixed = r.leaks_fixed;
+    after.corruptions_fixed = r.corruptions_fixed;
+    print_report(args, &after, out, err)
 }
 
 #[cfg(test)]

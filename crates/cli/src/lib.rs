@@ -19,10 +19,13 @@ pub mod bitmaps;
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod create;
 pub mod demo;
 pub mod info;
+pub mod io;
 pub mod localtime;
 pub mod map;
+pub mod merge;
 pub mod qjson;
 pub mod size;
 
@@ -165,6 +168,99 @@ enum Command {
         /// Destination file.
         dst: String,
     },
+    /// Create a new image or overlay (qemu-img create).
+    Create {
+        /// Format: qcow2 (default) or raw.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Backing file, stored as given (relative: to the new image's directory).
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format (required with -b).
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Options: cluster_size, compat, extended_l2, refcount_bits,
+        /// lazy_refcounts, compression_type, preallocation, backing_file,
+        /// backing_fmt (comma-separated name=value).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Do not open the backing file (SIZE is then required).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Quiet: do not print the Formatting line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The new image.
+        file: String,
+        /// Virtual size (k, M, G, T suffixes); the backing file's by default.
+        size: Option<String>,
+    },
+    /// Run qemu-io style commands on an image (read/write/discard/flush).
+    Io {
+        /// Image format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// A command: read [-P pat] off len, write [-P pat | -z [-u]] off len,
+        /// discard off len, flush.
+        #[arg(short = 'c')]
+        commands: Vec<String>,
+        /// The image.
+        file: String,
+    },
+    /// Merge an image's data into its backing file (qemu-img commit).
+    Commit {
+        /// The image to commit into (default: the immediate backing file).
+        #[arg(short = 'b')]
+        base: Option<String>,
+        /// Do not empty the top image afterwards.
+        #[arg(short = 'd')]
+        keep_top: bool,
+        /// Show a progress bar (on a terminal).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Print the plan and change nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        /// Commit even when other images use the base as their backing file.
+        #[arg(long = "force")]
+        force: bool,
+        /// The top image.
+        file: String,
+    },
+    /// Copy the backing chain's data into an image (qemu-img rebase -b BASE/'').
+    Pull {
+        /// Keep this image of the chain as backing file (default: none).
+        #[arg(short = 'b')]
+        base: Option<String>,
+        /// Show a progress bar (on a terminal).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Print the plan and change nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        /// The image.
+        file: String,
+    },
+    /// Change an image's backing file (qemu-img rebase).
+    Rebase {
+        /// Unsafe: rewrite the header only.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        /// The new backing file ('' for none).
+        #[arg(short = 'b')]
+        backing: String,
+        /// The new backing file's format.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Show a progress bar (on a terminal).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Print the plan and change nothing (safe mode).
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        /// The image.
+        file: String,
+    },
     /// Build a small chain and walk through what Strata can do.
     Demo {
         /// Directory for the demo files (a new temporary one by default).
@@ -289,6 +385,90 @@ where
             },
             out,
             err,
+        ),
+        Command::Create {
+            format,
+            backing,
+            backing_format,
+            options,
+            unsafe_backing,
+            quiet,
+            file,
+            size,
+        } => create::run(
+            &create::CreateArgs {
+                file,
+                format,
+                backing,
+                backing_format,
+                options,
+                size,
+                unsafe_backing,
+                quiet,
+            },
+            out,
+        ),
+        Command::Io {
+            format,
+            commands,
+            file,
+        } => io::run(
+            &io::IoArgs {
+                file,
+                format,
+                commands,
+            },
+            out,
+        ),
+        Command::Commit {
+            base,
+            keep_top,
+            progress,
+            dry_run,
+            force,
+            file,
+        } => merge::commit(
+            &merge::CommitArgs {
+                file,
+                base,
+                keep_top,
+                progress,
+                dry_run,
+                force,
+            },
+            out,
+        ),
+        Command::Pull {
+            base,
+            progress,
+            dry_run,
+            file,
+        } => merge::pull(
+            &merge::PullArgs {
+                file,
+                base,
+                progress,
+                dry_run,
+            },
+            out,
+        ),
+        Command::Rebase {
+            unsafe_mode,
+            backing,
+            backing_format,
+            progress,
+            dry_run,
+            file,
+        } => merge::rebase(
+            &merge::RebaseArgs {
+                file,
+                backing,
+                backing_format,
+                unsafe_mode,
+                progress,
+                dry_run,
+            },
+            out,
         ),
         Command::Demo { dir } => demo::run(&demo::DemoArgs { dir }, out, err),
     };

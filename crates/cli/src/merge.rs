@@ -1,0 +1,249 @@
+//! `strata commit`, `strata pull` and `strata rebase`: the offline merges
+//! of strata-merge (and the header-only `rebase -u`), with qemu-img's
+//! spelling, a dry run that prints the plan, and a progress bar on a
+//! terminal.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_image::{Chain, Image, ImageFormat, OpenOptions};
+use strata_merge::{CommitOptions, Hooks, Plan, Progress, PullOptions, RebaseOptions};
+
+use crate::size::size_to_str;
+
+/// Arguments of `strata commit`.
+#[derive(Debug, Clone, Default)]
+pub struct CommitArgs {
+    /// The top image.
+    pub file: String,
+    /// The image to commit into (`-b`); the top's backing file by default.
+    pub base: Option<String>,
+    /// Leave the top's data in place (`-d`).
+    pub keep_top: bool,
+    /// Progress bar on a terminal (`-p`).
+    pub progress: bool,
+    /// Print the plan and change nothing.
+    pub dry_run: bool,
+    /// Commit even when other images use the base as backing file.
+    pub force: bool,
+}
+
+/// Arguments of `strata pull`.
+#[derive(Debug, Clone, Default)]
+pub struct PullArgs {
+    /// The top image.
+    pub file: String,
+    /// Keep this image of the chain (and what is below) as backing file.
+    pub base: Option<String>,
+    /// Progress bar on a terminal (`-p`).
+    pub progress: bool,
+    /// Print the plan and change nothing.
+    pub dry_run: bool,
+}
+
+/// Arguments of `strata rebase`.
+#[derive(Debug, Clone, Default)]
+pub struct RebaseArgs {
+    /// The image whose backing file changes.
+    pub file: String,
+    /// The new backing file (`-b`; empty: none).
+    pub backing: String,
+    /// Its format (`-F`).
+    pub backing_format: Option<String>,
+    /// Header only (`-u`).
+    pub unsafe_mode: bool,
+    /// Progress bar on a terminal (`-p`).
+    pub progress: bool,
+    /// Print the plan and change nothing (safe mode only).
+    pub dry_run: bool,
+}
+
+/// A progress bar on stderr when asked for and stderr is a terminal;
+/// nothing otherwise.
+struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    fn new(wanted: bool) -> Bar {
+        if !wanted || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("    {bar:40} {percent:>3}% {bytes}/{total_bytes} {eta}")
+        {
+            pb.set_style(style);
+        }
+        Bar(Some(pb))
+    }
+
+    fn update(&self, p: Progress) {
+        if let Some(pb) = &self.0 {
+            pb.set_length(p.total_bytes);
+            pb.set_position(p.done_bytes);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// Prints a plan for people.
+pub fn print_plan(out: &mut dyn Write, what: &str, plan: &Plan) -> Result<()> {
+    writeln!(out, "Dry run: {what}; nothing was changed.")?;
+    let bound = if plan.exact { "" } else { "at most " };
+    writeln!(
+        out,
+        "  data to copy:   {bound}{} ({} bytes, {} clusters)",
+        size_to_str(plan.copy_bytes),
+        plan.copy_bytes,
+        plan.copy_clusters
+    )?;
+    writeln!(
+        out,
+        "  to make zero:   {} ({} bytes)",
+        size_to_str(plan.zero_bytes),
+        plan.zero_bytes
+    )?;
+    writeln!(out, "  extents:        {}", plan.extents)?;
+    if plan.growth.is_empty() {
+        writeln!(out, "  no file grows")?;
+    }
+    for g in &plan.growth {
+        writeln!(
+            out,
+            "  {} grows by up to {} ({} bytes)",
+            g.path.display(),
+            size_to_str(g.bytes),
+            g.bytes
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `strata commit`.
+pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
+    let opts = CommitOptions {
+        base: args.base.as_ref().map(PathBuf::from),
+        keep_top: args.keep_top,
+        force: args.force,
+        dry_run: args.dry_run,
+        also_check: Vec::new(),
+    };
+    let bar = Bar::new(args.progress && !args.dry_run);
+    let mut cb = |p: Progress| bar.update(p);
+    let mut hooks = Hooks {
+        progress: Some(&mut cb),
+        cancel: None,
+    };
+    let r = strata_merge::commit(Path::new(&args.file), &opts, &mut hooks);
+    bar.finish();
+    let r = r.with_context(|| args.file.clone())?;
+    if r.dry_run {
+        let what = format!(
+            "commit {} layer(s) of {} into {}",
+            r.layers_merged,
+            args.file,
+            r.base.display()
+        );
+        print_plan(out, &what, &r.plan)?;
+        if !args.keep_top {
+            writeln!(out, "  {} would be emptied afterwards", args.file)?;
+        }
+        return Ok(0);
+    }
+    writeln!(out, "Image committed.")?;
+    Ok(0)
+}
+
+/// Runs `strata pull`.
+pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
+    let opts = PullOptions {
+        base: args.base.as_ref().map(PathBuf::from),
+        dry_run: args.dry_run,
+    };
+    let bar = Bar::new(args.progress && !args.dry_run);
+    let mut cb = |p: Progress| bar.update(p);
+    let mut hooks = Hooks {
+        progress: Some(&mut cb),
+        cancel: None,
+    };
+    let r = strata_merge::pull(Path::new(&args.file), &opts, &mut hooks);
+    bar.finish();
+    let r = r.with_context(|| args.file.clone())?;
+    if r.dry_run {
+        let onto = match &args.base {
+            Some(b) => format!("keeping {b} as backing file"),
+            None => "leaving it without backing file".to_string(),
+        };
+        let what = format!(
+            "pull {} layer(s) into {}, {onto}",
+            r.layers_pulled, args.file
+        );
+        print_plan(out, &what, &r.plan)?;
+    }
+    Ok(0)
+}
+
+fn format_by_name(name: &str) -> Result<ImageFormat> {
+    ImageFormat::from_name(name)
+        .ok_or_else(|| anyhow::anyhow!("unknown image format {name:?}: use qcow2 or raw"))
+}
+
+/// Runs `strata rebase`.
+pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
+    let file = args.file.as_str();
+    let new = if args.backing.is_empty() {
+        None
+    } else {
+        let Some(f) = &args.backing_format else {
+            bail!(
+                "{file}: backing file {:?} specified without backing format: give it with -F",
+                args.backing
+            );
+        };
+        Some((args.backing.as_str(), format_by_name(f)?))
+    };
+    if args.unsafe_mode {
+        if args.dry_run {
+            bail!("{file}: --dry-run applies to the safe rebase only (without -u)");
+        }
+        let opts = OpenOptions {
+            writable: true,
+            no_backing: true,
+            ..OpenOptions::default()
+        };
+        let mut chain = Chain::open(Path::new(file), &opts).with_context(|| file.to_string())?;
+        let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
+            bail!("{file}: only qcow2 images have a backing file");
+        };
+        q.set_backing(new.map(|(n, f)| (n, f.name())))
+            .with_context(|| file.to_string())?;
+        return Ok(0);
+    }
+    let bar = Bar::new(args.progress && !args.dry_run);
+    let mut cb = |p: Progress| bar.update(p);
+    let mut hooks = Hooks {
+        progress: Some(&mut cb),
+        cancel: None,
+    };
+    let opts = RebaseOptions {
+        dry_run: args.dry_run,
+    };
+    let r = strata_merge::rebase(Path::new(file), new, &opts, &mut hooks);
+    bar.finish();
+    let r = r.with_context(|| file.to_string())?;
+    if r.dry_run {
+        let what = format!(
+            "rebase {file} from {} onto {}",
+            r.old_backing.as_deref().unwrap_or("(none)"),
+            new.map(|(n, _)| n).unwrap_or("(none)")
+        );
+        print_plan(out, &what, &r.plan)?;
+    }
+    Ok(0)
+}
