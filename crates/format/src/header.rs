@@ -146,8 +146,34 @@ pub struct FeatureName {
     pub kind_byte: u8,
     /// Bit number within the bitmask (0-63).
     pub bit: u8,
-    /// Feature name (padded with zeros on disk, at most 46 bytes).
+    /// Feature name (padded with zeros on disk, at most 46 bytes), decoded
+    /// for display.
     pub name: String,
+    /// The 46 name bytes exactly as stored, so that a header rewrite keeps
+    /// them even when they are not UTF-8.
+    pub raw: [u8; 46],
+}
+
+impl FeatureName {
+    /// A feature name entry; `name` is cut to 46 bytes.
+    pub fn new(kind: FeatureKind, bit: u8, name: &str) -> FeatureName {
+        let mut raw = [0u8; 46];
+        let b = name.as_bytes();
+        let l = b.len().min(46);
+        raw[..l].copy_from_slice(&b[..l]);
+        let kind_byte = match kind {
+            FeatureKind::Incompatible => 0,
+            FeatureKind::Compatible => 1,
+            FeatureKind::Autoclear => 2,
+        };
+        FeatureName {
+            kind: Some(kind),
+            kind_byte,
+            bit,
+            name: String::from_utf8_lossy(&raw[..l]).into_owned(),
+            raw,
+        }
+    }
 }
 
 /// A header extension.
@@ -206,9 +232,7 @@ impl Extension {
                     let mut e = [0u8; 48];
                     e[0] = n.kind_byte;
                     e[1] = n.bit;
-                    let b = n.name.as_bytes();
-                    let l = b.len().min(46);
-                    e[2..2 + l].copy_from_slice(&b[..l]);
+                    e[2..].copy_from_slice(&n.raw);
                     v.extend_from_slice(&e);
                 }
                 v
@@ -859,6 +883,7 @@ fn parse_extensions(c0: &[u8], start: usize, end: usize) -> Result<Vec<Extension
                         kind_byte,
                         bit: e[1],
                         name: String::from_utf8_lossy(&raw_name[..n]).into_owned(),
+                        raw: raw_name.try_into().unwrap_or([0u8; 46]),
                     });
                 }
                 Extension::FeatureTable(names)

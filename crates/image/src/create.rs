@@ -62,12 +62,7 @@ impl Default for CreateOptions {
 }
 
 fn feature_table() -> Extension {
-    let f = |kind, kind_byte, bit, name: &str| FeatureName {
-        kind: Some(kind),
-        kind_byte,
-        bit,
-        name: name.to_string(),
-    };
+    let f = |kind, _kind_byte: u8, bit, name: &str| FeatureName::new(kind, bit, name);
     Extension::FeatureTable(vec![
         f(FeatureKind::Incompatible, 0, 0, "dirty bit"),
         f(FeatureKind::Incompatible, 0, 1, "corrupt bit"),

@@ -122,7 +122,6 @@ fn chain_inputs_round_trip() {
 /// header (any header update of the write path) changes the image's
 /// feature name table. Open until the format crate keeps names as bytes.
 #[test]
-#[ignore = "open finding F1: feature names are not preserved by encode"]
 fn feature_names_that_are_not_utf8_survive_a_header_rewrite() {
     replay_one(
         "header_strict",
