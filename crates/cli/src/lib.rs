@@ -28,6 +28,8 @@ pub mod map;
 pub mod merge;
 pub mod qjson;
 pub mod size;
+#[cfg(feature = "libvirt")]
+pub mod snapshot;
 
 /// `--output` of the inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -261,11 +263,173 @@ enum Command {
         /// The image.
         file: String,
     },
+    /// External snapshots of shut-off libvirt domains.
+    #[cfg(feature = "libvirt")]
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Commit a domain disk's active chain into its base and pivot to it.
+    #[cfg(feature = "libvirt")]
+    Blockcommit {
+        /// The (shut-off) domain.
+        domain: String,
+        /// Disk target (e.g. vda); the only file-backed disk by default.
+        #[arg(long = "disk")]
+        disk: Option<String>,
+        /// The image to commit into (default: the bottom of the chain).
+        #[arg(long = "base")]
+        base: Option<PathBuf>,
+        /// Remove the snapshots whose state the commit overwrites.
+        #[arg(long = "delete-snapshots")]
+        delete_snapshots: bool,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
+    /// Pull a domain disk's backing chain into its active image.
+    #[cfg(feature = "libvirt")]
+    Blockpull {
+        /// The (shut-off) domain.
+        domain: String,
+        /// Disk target (e.g. vda); the only file-backed disk by default.
+        #[arg(long = "disk")]
+        disk: Option<String>,
+        /// Keep this image of the chain as backing file.
+        #[arg(long = "base")]
+        base: Option<PathBuf>,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
     /// Build a small chain and walk through what Strata can do.
     Demo {
         /// Directory for the demo files (a new temporary one by default).
         dir: Option<PathBuf>,
     },
+}
+
+/// `strata snapshot` subcommands.
+#[cfg(feature = "libvirt")]
+#[derive(Debug, Subcommand)]
+enum SnapshotAction {
+    /// Take a disk-only external snapshot (a new overlay per disk).
+    Create {
+        /// The (shut-off) domain.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// Disk target to snapshot (repeatable; default: every file-backed disk).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Overlay file name (one disk).
+        #[arg(long = "file")]
+        file: Option<PathBuf>,
+        /// Description.
+        #[arg(long = "description")]
+        description: Option<String>,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
+    /// List snapshots.
+    List {
+        /// The domain.
+        domain: String,
+        /// As a tree, like virsh snapshot-list --tree.
+        #[arg(long = "tree")]
+        tree: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
+    /// Return the domain's disks to a snapshot's state.
+    Revert {
+        /// The (shut-off) domain.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
+    /// Remove a snapshot, keeping every other state.
+    Delete {
+        /// The (shut-off) domain.
+        domain: String,
+        /// Snapshot name.
+        name: String,
+        /// libvirt connection URI.
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+    },
+}
+
+#[cfg(feature = "libvirt")]
+fn libvirt_command(c: Command) -> Option<(snapshot::LibvirtCommand, Option<String>)> {
+    use snapshot::LibvirtCommand as L;
+    Some(match c {
+        Command::Snapshot { action } => match action {
+            SnapshotAction::Create {
+                domain,
+                name,
+                disks,
+                file,
+                description,
+                uri,
+            } => (
+                L::Create {
+                    domain,
+                    name,
+                    disks,
+                    file,
+                    description,
+                },
+                uri,
+            ),
+            SnapshotAction::List {
+                domain,
+                tree,
+                output,
+                uri,
+            } => (
+                L::List {
+                    domain,
+                    tree,
+                    output,
+                },
+                uri,
+            ),
+            SnapshotAction::Revert { domain, name, uri } => (L::Revert { domain, name }, uri),
+            SnapshotAction::Delete { domain, name, uri } => (L::Delete { domain, name }, uri),
+        },
+        Command::Blockcommit {
+            domain,
+            disk,
+            base,
+            delete_snapshots,
+            uri,
+        } => (
+            L::BlockCommit {
+                domain,
+                disk,
+                base,
+                delete_snapshots,
+            },
+            uri,
+        ),
+        Command::Blockpull {
+            domain,
+            disk,
+            base,
+            uri,
+        } => (L::BlockPull { domain, disk, base }, uri),
+        _ => return None,
+    })
 }
 
 /// Runs `strata` with `args` (the first is the program name), writing to
@@ -470,6 +634,14 @@ where
             },
             out,
         ),
+        #[cfg(feature = "libvirt")]
+        c
+        @ (Command::Snapshot { .. } | Command::Blockcommit { .. } | Command::Blockpull { .. }) => {
+            match libvirt_command(c) {
+                Some((cmd, uri)) => snapshot::run(&cmd, uri.as_deref(), out),
+                None => Ok(1),
+            }
+        }
         Command::Demo { dir } => demo::run(&demo::DemoArgs { dir }, out, err),
     };
     let _ = out.flush();
