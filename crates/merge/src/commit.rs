@@ -250,6 +250,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     }
     if writable {
         open::refuse_unwritable(base.top(), OP)?;
+        open::refuse_damaged(base.top(), OP)?;
     }
     // The guard: nobody else may read through the base.
     if !opts.force {

@@ -113,6 +113,34 @@ pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<()> {
                 why: "the image is marked corrupt (run `strata check -r all` first)".into(),
             });
         }
+        if q.header().dirty() {
+            return Err(MergeError::Refused {
+                path: layer.path.clone(),
+                op,
+                why: "the image is dirty (lazy refcounts); repair it first (`strata check -r all`)"
+                    .into(),
+            });
+        }
+        // The full consistency check: tables or data pointing outside the
+        // file, refcounts below the references, broken entries. Leaks are
+        // harmless and allowed.
+        let report = strata_image::check::check(q)?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            let first = report
+                .problems
+                .first()
+                .map(|p| p.message.clone())
+                .unwrap_or_default();
+            return Err(MergeError::Refused {
+                path: layer.path.clone(),
+                op,
+                why: format!(
+                    "`strata check` finds {} corruption(s) and {} error(s) (first: {first}); \
+                     run `strata check -r all` first",
+                    report.corruptions, report.check_errors
+                ),
+            });
+        }
     }
     Ok(())
 }

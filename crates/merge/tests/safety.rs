@@ -122,8 +122,33 @@ fn commit_refuses_a_top_whose_tables_point_outside_the_file_before_writing_the_b
 
     let err = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
 
-    assert!(err.to_string().contains("outside the file"), "{err}");
+    assert!(err.to_string().contains("end of the file"), "{err}");
     assert_eq!(bytes(&base), base_before);
+}
+
+#[test]
+fn commit_refuses_a_damaged_base_before_writing_it() {
+    // Fuzz finding F3: an L2 entry of the base pointing past the end of the
+    // file made commit write into the base, then fail half-way.
+    let dir = tempfile::tempdir().unwrap();
+    let top = twin("cluster64k", dir.path(), "t");
+    let base = top.with_file_name("base.qcow2");
+    let h = bytes(&base);
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    let l2 = u64::from_be_bytes(h[l1 as usize..l1 as usize + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "the base should have an L2 table");
+    // Its first entry: data far past the end of the file.
+    let bogus = (1u64 << 63) | (1 << 40);
+    patch(&base, l2, &bogus.to_be_bytes());
+    let base_before = bytes(&base);
+    let top_before = bytes(&top);
+
+    let err = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
+
+    assert!(err.to_string().contains("corruption"), "{err}");
+    assert_eq!(bytes(&base), base_before);
+    assert_eq!(bytes(&top), top_before);
 }
 
 #[test]
