@@ -8,7 +8,7 @@ CARGO      ?= cargo
 DEPS_FLAGS ?= --libvirt
 STRATA     := target/release/strata
 
-.PHONY: all deps build demo test lint fmt fixtures chains clean
+.PHONY: all deps build demo test lint fmt fixtures chains clean fuzz fuzz-smoke hostile bench bench-qemu
 
 all: build
 
@@ -48,6 +48,27 @@ fixtures:
 CHAINS_DIR ?= target/chains
 chains:
 	testdata/make-chains.sh $(CHAINS_DIR)
+
+# Fuzzing (cargo-fuzz on the stable toolchain via RUSTC_BOOTSTRAP; see
+# docs/hostile-images.md). fuzz: every target FUZZ_SECONDS each; fuzz-smoke:
+# the short run CI does.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/install-deps.sh --fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+fuzz-smoke:
+	scripts/install-deps.sh --fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz-smoke.sh
+
+# The crafted hostile-image corpus (committed in testdata/hostile/).
+hostile:
+	testdata/make-hostile.sh
+
+# criterion benchmarks, and qemu-img vs Strata side by side (docs/BENCHMARKS.md).
+bench:
+	$(CARGO) bench -p strata-benches
+bench-qemu: build
+	benches/compare-qemu.sh
 
 clean:
 	$(CARGO) clean
