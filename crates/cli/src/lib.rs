@@ -307,6 +307,12 @@ enum Command {
     Demo {
         /// Directory for the demo files (a new temporary one by default).
         dir: Option<PathBuf>,
+        /// libvirt URI for the snapshot steps (default: libvirt's test driver).
+        #[arg(short = 'c', long = "connect")]
+        uri: Option<String>,
+        /// With -c: the existing shut-off domain to use.
+        #[arg(long = "domain")]
+        domain: Option<String>,
     },
 }
 
@@ -642,7 +648,9 @@ where
                 None => Ok(1),
             }
         }
-        Command::Demo { dir } => demo::run(&demo::DemoArgs { dir }, out, err),
+        Command::Demo { dir, uri, domain } => {
+            demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
+        }
     };
     let _ = out.flush();
     match result {
