@@ -56,10 +56,13 @@ fn demo_chain_reads_the_same_through_qemu_img() {
     let r = strata(&["demo", s(&dir)]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let top = dir.join("top.qcow2");
-    let raw = dir.join("top.raw");
-    // The image Strata wrote is clean and reads like Strata's raw copy.
-    qemu_img_ok(&["check", s(&top)]);
-    qemu_img_ok(&["check", s(&dir.join("base.qcow2"))]);
+    // After the commit, rebase -u and pull, top.qcow2 reads as the raw
+    // copy taken before the rebase.
+    let raw = dir.join("top-view.raw");
+    // Every image Strata wrote is clean.
+    for f in ["top.qcow2", "base.qcow2", "over.qcow2", "vm.qcow2"] {
+        qemu_img_ok(&["check", s(&dir.join(f))]);
+    }
     let out = qemu_img_ok(&["compare", "-F", "raw", s(&top), s(&raw)]);
     assert_eq!(out, "Images are identical.\n");
     // And strata's map of it equals qemu-img's.
