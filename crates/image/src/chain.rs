@@ -335,7 +335,19 @@ impl Chain {
                 }
             }
             ids.push(id);
-            let layer = open_file(&bpath, false, Some(name), Some(format))?;
+            let layer = match open_file(&bpath, false, Some(name.clone()), Some(format)) {
+                Ok(l) => l,
+                // Keep lock conflicts as they are; name the image that
+                // points at a backing file that cannot be opened.
+                Err(e @ Error::Lock(_)) => return Err(e),
+                Err(e) => {
+                    return Err(Error::Backing {
+                        path: parent.clone(),
+                        backing: name,
+                        why: e.to_string(),
+                    })
+                }
+            };
             chain.layers.push(layer);
         }
         Ok(chain)
