@@ -1,0 +1,599 @@
+//! The write-path and merge commands (create, io, check -r, rebase,
+//! commit, pull) against qemu-img and qemu-io, and the libvirt commands
+//! against libvirt's test driver.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_io_ok(img: &Path, cmds: &[&str]) {
+    qemu_io("qcow2", img, cmds);
+}
+
+fn strata_ok(args: &[&str]) -> Run {
+    let r = strata(args);
+    assert_eq!(r.code, 0, "strata {args:?}: {}{}", r.stdout, r.stderr);
+    r
+}
+
+fn info_json(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img_ok(&["info", "--output", "json", s(img)])).unwrap()
+}
+
+fn check_clean(img: &Path) {
+    let r = qemu_img(&["check", s(img)]);
+    assert_eq!(
+        r.code,
+        0,
+        "qemu-img check {}: {}{}",
+        img.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn identical(a: &Path, b: &Path) {
+    let r = qemu_img(&["compare", s(a), s(b)]);
+    assert_eq!(
+        r.code,
+        0,
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn create_with_each_option_is_accepted_by_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    // (option, key in format-specific data, expected value)
+    let cases: &[(&str, &str, serde_json::Value)] = &[
+        ("refcount_bits=1", "refcount-bits", 1.into()),
+        ("refcount_bits=64", "refcount-bits", 64.into()),
+        ("compat=0.10", "compat", "0.10".into()),
+        ("compat=1.1", "compat", "1.1".into()),
+        ("extended_l2=on", "extended-l2", true.into()),
+        ("lazy_refcounts=on", "lazy-refcounts", true.into()),
+        ("compression_type=zstd", "compression-type", "zstd".into()),
+        ("preallocation=metadata", "compat", "1.1".into()),
+    ];
+    for (i, (opt, key, want)) in cases.iter().enumerate() {
+        let img = d.path().join(format!("o{i}.qcow2"));
+        let r = strata_ok(&["create", "-f", "qcow2", "-o", opt, s(&img), "4M"]);
+        assert!(r.stdout.starts_with("Formatting '"), "{}", r.stdout);
+        check_clean(&img);
+        let info = info_json(&img);
+        assert_eq!(info["format-specific"]["data"][key], *want, "{opt}: {info}");
+        assert_eq!(info["virtual-size"], 4 * MIB);
+    }
+    for cs in ["512", "4k", "2M"] {
+        let img = d.path().join(format!("cs{cs}.qcow2"));
+        strata_ok(&[
+            "create",
+            "-q",
+            "-o",
+            &format!("cluster_size={cs}"),
+            s(&img),
+            "1G",
+        ]);
+        check_clean(&img);
+        let want = strata_cli::size::parse_size(cs).unwrap();
+        assert_eq!(info_json(&img)["cluster-size"], want);
+    }
+    let raw = d.path().join("r.raw");
+    strata_ok(&["create", "-f", "raw", s(&raw), "3M"]);
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 3 * MIB);
+}
+
+#[test]
+fn create_with_a_backing_file_but_no_format_fails_and_creates_nothing() {
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    strata_ok(&["create", "-q", s(&base), "1M"]);
+    let top = d.path().join("top.qcow2");
+    let r = strata(&["create", "-b", "base.qcow2", s(&top)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+    assert!(r.stderr.contains("backing format"), "{}", r.stderr);
+    assert!(!top.exists());
+    let bad = strata(&["create", "-o", "cluster_size=3k", s(&top), "1M"]);
+    assert_ne!(bad.code, 0);
+    assert!(!top.exists());
+}
+
+#[test]
+fn create_size_defaults_to_the_backing_files_and_the_name_is_stored_as_given() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "7M"]);
+    let top = d.path().join("top.qcow2");
+    // Run from another directory: the relative name is resolved against
+    // the new image's directory.
+    let r = strata_ok(&["create", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    assert!(r.stdout.contains("backing_file=base.qcow2"), "{}", r.stdout);
+    let info = info_json(&top);
+    assert_eq!(info["virtual-size"], 7 * MIB);
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    check_clean(&top);
+}
+
+/// Base + overlay made by qemu-img in `dir`, the base holding data.
+fn qemu_chain(dir: &Path, opts: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", opts, s(&base), "4M"]);
+    qemu_io_ok(
+        &base,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x12 2M 300k",
+            "write -z 3M 128k",
+        ],
+    );
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    top
+}
+
+const TWIN_COMMANDS: &[&str] = &[
+    "write -P 0xa1 0 4k",
+    "write -P 0xa2 1000 3000",
+    "write -P 0xa3 64k 192k",
+    "write -z 512k 64k",
+    "write -z -u 1M 128k",
+    "write -P 0xa4 0x1ff000 0x3000",
+    "discard 64k 64k",
+    "write -z 2M 1000",
+    "write -P 0xa5 3M 70k",
+    "flush",
+    "write -P 0xa6 4000k 96k",
+];
+
+#[test]
+fn io_twin_gives_the_same_image_as_qemu_io_on_three_shapes() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    for (i, opts) in [
+        "cluster_size=64k",
+        "cluster_size=512",
+        "extended_l2=on,cluster_size=64k",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = qemu_chain(&d.path().join(format!("q{i}")), opts);
+        let t = qemu_chain(&d.path().join(format!("s{i}")), opts);
+        qemu_io_ok(&q, TWIN_COMMANDS);
+        let mut args = vec!["io", "-f", "qcow2"];
+        for c in TWIN_COMMANDS {
+            args.extend(["-c", c]);
+        }
+        args.push(s(&t));
+        let r = strata_ok(&args);
+        assert!(
+            r.stdout.contains("wrote 4096/4096 bytes at offset 0\n"),
+            "{}",
+            r.stdout
+        );
+        identical(&q, &t);
+        check_clean(&t);
+        check_clean(&q);
+        check_clean(&t.with_file_name("base.qcow2"));
+        // And strata reads back what it wrote.
+        strata_ok(&[
+            "io",
+            "-c",
+            "read -P 0xa3 128k 64k",
+            "-c",
+            "read -P 0 512k 64k",
+            s(&t),
+        ]);
+    }
+}
+
+#[test]
+fn io_read_pattern_mismatch_exits_nonzero_and_stops() {
+    let d = tempdir();
+    let img = d.path().join("a.qcow2");
+    strata_ok(&["create", "-q", s(&img), "1M"]);
+    let r = strata(&[
+        "io",
+        "-c",
+        "write -P 0x5a 0 64k",
+        "-c",
+        "read -P 0x5b 0 4k",
+        "-c",
+        "write -P 0x77 0 64k",
+        s(&img),
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains("Pattern verification failed at offset 0, 4096 bytes"),
+        "{}",
+        r.stderr
+    );
+    // The command after the failure did not run.
+    strata_ok(&["io", "-c", "read -P 0x5a 0 64k", s(&img)]);
+    let past = strata(&["io", "-c", "write 1M 1", s(&img)]);
+    assert_ne!(past.code, 0);
+    assert!(past.stderr.contains("past the end"), "{}", past.stderr);
+}
+
+#[test]
+fn sigkilled_io_leaves_no_corruption() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let mut cmds = Vec::new();
+    for i in 0..400u64 {
+        let off = (i * 37 * 4096) % (60 * MIB);
+        match i % 4 {
+            0 | 1 => cmds.push(format!(
+                "write -P {} {off} {}",
+                i % 250,
+                4096 + (i % 7) * 30000
+            )),
+            2 => cmds.push(format!("write -z {off} 128k")),
+            _ => cmds.push(format!("discard {off} 64k")),
+        }
+        if i % 50 == 0 {
+            cmds.push("flush".into());
+        }
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for iter in 0..4u64 {
+        let base = d.path().join(format!("b{iter}.qcow2"));
+        let img = d.path().join(format!("k{iter}.qcow2"));
+        strata_ok(&["create", "-q", s(&base), "64M"]);
+        qemu_io_ok(&base, &["write -P 0x11 0 8M"]);
+        strata_ok(&["create", "-q", "-b", s(&base), "-F", "qcow2", s(&img)]);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+        c.arg("io");
+        for cmd in &cmds {
+            c.args(["-c", cmd]);
+        }
+        c.arg(&img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let delay = 5 + (seed.wrapping_mul(iter + 7) >> 3) % 120;
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let r = qemu_img(&["check", s(&img)]);
+        assert!(
+            r.code == 0 || r.code == 3,
+            "iteration {iter} (killed after {delay} ms): {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
+
+/// Sets the 16-bit refcount of cluster `n` of a 64 KiB-cluster image
+/// whose first refcount block covers it.
+fn set_refcount(img: &Path, n: u64, value: u16) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b8 = [0u8; 8];
+    f.read_exact_at(&mut b8, 48).unwrap();
+    let table = u64::from_be_bytes(b8);
+    f.read_exact_at(&mut b8, table).unwrap();
+    let block = u64::from_be_bytes(b8);
+    f.write_all_at(&value.to_be_bytes(), block + 2 * n).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn check_r_leaks_and_all_repair_what_qemu_img_check_finds() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    // A leak: a cluster past the end counted as used.
+    let img = d.path().join("leak.qcow2");
+    strata_ok(&["create", "-q", s(&img), "8M"]);
+    strata_ok(&["io", "-c", "write -P 0x42 0 256k", s(&img)]);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let n = len.div_ceil(65536);
+    set_refcount(&img, n, 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len((n + 1) * 65536)
+        .unwrap();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 3);
+    let r = strata(&["check", "-r", "leaks", s(&img)]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout
+            .contains("The following inconsistencies were found and repaired:")
+            && r.stdout.contains("    1 leaked clusters\n")
+            && r.stdout.contains("Double checking the fixed image now...")
+            && r.stdout.contains("No errors were found on the image."),
+        "{}",
+        r.stdout
+    );
+    check_clean(&img);
+    strata_ok(&["io", "-c", "read -P 0x42 0 256k", s(&img)]);
+
+    // A corruption: the header cluster's refcount dropped to zero.
+    let img = d.path().join("corrupt.qcow2");
+    strata_ok(&["create", "-q", s(&img), "8M"]);
+    strata_ok(&["io", "-c", "write -P 0x43 64k 128k", s(&img)]);
+    set_refcount(&img, 0, 0);
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 2);
+    assert_eq!(strata(&["check", s(&img)]).code, 2);
+    // -r leaks does not fix it; -r all does.
+    assert_eq!(strata(&["check", "-r", "leaks", s(&img)]).code, 2);
+    let r = strata(&["check", "-r", "all", s(&img)]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("corruptions"), "{}", r.stdout);
+    check_clean(&img);
+    strata_ok(&["io", "-c", "read -P 0x43 64k 128k", s(&img)]);
+    let bad = strata(&["check", "-r", "some", s(&img)]);
+    assert_ne!(bad.code, 0);
+}
+
+#[test]
+fn rebase_u_rewrites_the_backing_name_and_empty_b_drops_it() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let top = qemu_chain(d.path(), "cluster_size=64k");
+    std::fs::copy(d.path().join("base.qcow2"), d.path().join("moved.qcow2")).unwrap();
+    let no_fmt = strata(&["rebase", "-u", "-b", "moved.qcow2", s(&top)]);
+    assert_ne!(no_fmt.code, 0);
+    strata_ok(&["rebase", "-u", "-b", "moved.qcow2", "-F", "qcow2", s(&top)]);
+    let info = info_json(&top);
+    assert_eq!(info["backing-filename"], "moved.qcow2");
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    check_clean(&top);
+    strata_ok(&["io", "-c", "read -P 0x11 0 1M", s(&top)]);
+    strata_ok(&["rebase", "-u", "-b", "", s(&top)]);
+    let info = info_json(&top);
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    check_clean(&top);
+}
+
+#[test]
+fn safe_rebase_keeps_the_view_like_qemu_img_rebase() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let q = qemu_chain(&d.path().join("q"), "cluster_size=64k");
+    let t = qemu_chain(&d.path().join("t"), "cluster_size=64k");
+    for top in [&q, &t] {
+        qemu_io_ok(top, &["write -P 0x21 512k 64k"]);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            s(&top.with_file_name("new.qcow2")),
+            "4M",
+        ]);
+    }
+    qemu_img_ok(&["rebase", "-b", "new.qcow2", "-F", "qcow2", s(&q)]);
+    strata_ok(&["rebase", "-b", "new.qcow2", "-F", "qcow2", s(&t)]);
+    identical(&q, &t);
+    check_clean(&t);
+    assert_eq!(info_json(&t)["backing-filename"], "new.qcow2");
+}
+
+#[test]
+fn commit_and_pull_match_qemu_img_on_twins_and_dry_runs_change_nothing() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let q = qemu_chain(&d.path().join("q"), "cluster_size=64k");
+    let t = qemu_chain(&d.path().join("t"), "cluster_size=64k");
+    for top in [&q, &t] {
+        qemu_io_ok(top, TWIN_COMMANDS);
+    }
+    let files = |top: &Path| [read_file(top), read_file(&top.with_file_name("base.qcow2"))];
+    // Dry runs change nothing.
+    let before = files(&t);
+    let r = strata_ok(&["commit", "--dry-run", s(&t)]);
+    assert!(
+        r.stdout.contains("Dry run") && r.stdout.contains("grows by"),
+        "{}",
+        r.stdout
+    );
+    let r = strata_ok(&["pull", "--dry-run", s(&t)]);
+    assert!(r.stdout.contains("data to copy"), "{}", r.stdout);
+    assert!(before == files(&t), "a dry run changed a file");
+    // Pull vs qemu-img rebase -b '' on copies of the twins.
+    let (qp, tp) = (
+        q.with_file_name("pulled.qcow2"),
+        t.with_file_name("pulled.qcow2"),
+    );
+    std::fs::copy(&q, &qp).unwrap();
+    std::fs::copy(&t, &tp).unwrap();
+    qemu_img_ok(&["rebase", "-b", "", s(&qp)]);
+    strata_ok(&["pull", s(&tp)]);
+    identical(&qp, &tp);
+    identical(&tp, &t);
+    check_clean(&tp);
+    assert!(info_json(&tp).get("backing-filename").is_none());
+    // Commit vs qemu-img commit.
+    qemu_img_ok(&["commit", s(&q)]);
+    let r = strata_ok(&["commit", s(&t)]);
+    assert_eq!(r.stdout, "Image committed.\n");
+    let (qb, tb) = (
+        q.with_file_name("base.qcow2"),
+        t.with_file_name("base.qcow2"),
+    );
+    identical(&qb, &tb);
+    identical(&q, &t);
+    check_clean(&tb);
+    check_clean(&t);
+    // The top was emptied.
+    let map: serde_json::Value =
+        serde_json::from_str(&strata_ok(&["map", "--output", "json", s(&t)]).stdout).unwrap();
+    assert!(
+        map.as_array().unwrap().iter().all(|e| e["depth"] != 0),
+        "{map}"
+    );
+}
+
+#[cfg(feature = "libvirt")]
+mod libvirt {
+    use super::*;
+
+    /// A test-driver domain "vm" with disk vda on DIR/vm.qcow2; returns
+    /// the URI.
+    fn test_domain(dir: &Path) -> String {
+        let dir = std::fs::canonicalize(dir).unwrap();
+        let disk = dir.join("vm.qcow2");
+        strata_ok(&["create", "-q", s(&disk), "16M"]);
+        strata_ok(&["io", "-c", "write -P 0x11 0 1M", s(&disk)]);
+        let node = format!(
+            "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+             <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
+             <memory>65536</memory><os><type>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             </devices><test:runstate>5</test:runstate></domain></node>",
+            disk.display()
+        );
+        let path = dir.join("node.xml");
+        std::fs::write(&path, node).unwrap();
+        format!("test://{}", path.display())
+    }
+
+    #[test]
+    fn snapshot_commands_run_the_lifecycle_on_the_test_driver() {
+        let d = tempdir();
+        let uri = test_domain(d.path());
+        let u = uri.as_str();
+        let dir = std::fs::canonicalize(d.path()).unwrap();
+        let r = strata_ok(&["snapshot", "create", "vm", "take-1", "-c", u]);
+        assert!(
+            r.stdout.contains("Domain snapshot take-1 created"),
+            "{}",
+            r.stdout
+        );
+        let overlay = dir.join("vm.take-1");
+        assert!(overlay.exists());
+        strata_ok(&["io", "-c", "write -P 0x22 2M 64k", s(&overlay)]);
+        strata_ok(&[
+            "snapshot",
+            "create",
+            "vm",
+            "take-2",
+            "--description",
+            "second",
+            "-c",
+            u,
+        ]);
+        let tree = strata_ok(&["snapshot", "list", "vm", "--tree", "-c", u]).stdout;
+        assert!(
+            tree.starts_with("take-1\n  |\n  +- take-2 (current)\n"),
+            "{tree:?}"
+        );
+        let list = strata_ok(&["snapshot", "list", "vm", "-c", u]).stdout;
+        assert!(list.starts_with(" Name "), "{list}");
+        assert!(
+            list.contains("Creation Time") && list.contains(" take-2 "),
+            "{list}"
+        );
+        let json: serde_json::Value = serde_json::from_str(
+            &strata_ok(&["snapshot", "list", "vm", "--output", "json", "-c", u]).stdout,
+        )
+        .unwrap();
+        let snaps = json.as_array().unwrap();
+        assert_eq!(snaps.len(), 2);
+        assert_eq!(snaps[1]["name"], "take-2");
+        assert_eq!(snaps[1]["parent"], "take-1");
+        assert_eq!(snaps[1]["current"], true);
+        assert_eq!(snaps[0]["disks"][0]["disk"], "vda");
+        assert_eq!(
+            snaps[0]["disks"][0]["state-file"],
+            dir.join("vm.qcow2").display().to_string()
+        );
+        assert_eq!(
+            snaps[0]["disks"][0]["overlay"],
+            overlay.display().to_string()
+        );
+        // Revert to take-1: the view is take-1's.
+        let r = strata_ok(&["snapshot", "revert", "vm", "take-1", "-c", u]);
+        assert!(
+            r.stdout.contains("reverted to snapshot take-1"),
+            "{}",
+            r.stdout
+        );
+        let tree = strata_ok(&["snapshot", "list", "vm", "--tree", "-c", u]).stdout;
+        assert!(tree.starts_with("take-1 (current)\n"), "{tree:?}");
+        // Delete take-2.
+        strata_ok(&["snapshot", "delete", "vm", "take-2", "-c", u]);
+        let json: serde_json::Value = serde_json::from_str(
+            &strata_ok(&["snapshot", "list", "vm", "--output", "json", "-c", u]).stdout,
+        )
+        .unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 1);
+        // Blockcommit refuses to destroy take-1's state without the flag.
+        let refused = strata(&["blockcommit", "vm", "-c", u]);
+        assert_ne!(refused.code, 0);
+        assert!(refused.stderr.starts_with("strata: "), "{}", refused.stderr);
+        let r = strata_ok(&["blockcommit", "vm", "--delete-snapshots", "-c", u]);
+        assert!(
+            r.stdout.contains("Successfully committed and pivoted"),
+            "{}",
+            r.stdout
+        );
+        assert!(r.stdout.contains("Disk vda now uses"), "{}", r.stdout);
+        let list = strata_ok(&["snapshot", "list", "vm", "--output", "json", "-c", u]).stdout;
+        assert_eq!(list.trim(), "[]");
+        strata_ok(&["io", "-c", "read -P 0x11 0 1M", s(&dir.join("vm.qcow2"))]);
+        // Errors name the problem and exit nonzero.
+        let missing = strata(&["snapshot", "revert", "vm", "nope", "-c", u]);
+        assert_ne!(missing.code, 0);
+        assert!(missing.stderr.starts_with("strata: "), "{}", missing.stderr);
+    }
+}
