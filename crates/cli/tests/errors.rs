@@ -335,7 +335,7 @@ fn check_of_a_raw_image_is_unsupported_with_qemu_img_exit_code() {
 }
 
 #[test]
-fn check_repair_is_refused_until_it_exists() {
+fn check_repair_of_a_clean_image_changes_nothing_and_bad_modes_are_refused() {
     if !qemu_available() {
         return;
     }
@@ -344,8 +344,12 @@ fn check_repair_is_refused_until_it_exists() {
     create(&[s(&img), "1M"]);
     let before = std::fs::read(&img).unwrap();
     let r = strata(&["check", "-r", "leaks", s(&img)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("repaired"), "{}", r.stdout);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    let r = strata(&["check", "-r", "everything", s(&img)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("not available yet"), "{}", r.stderr);
+    assert!(r.stderr.contains("invalid repair mode"), "{}", r.stderr);
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
