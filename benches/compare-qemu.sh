@@ -67,12 +67,18 @@ bench() {  # bench NAME "qemu cmd" "strata cmd"
 }
 
 gen
+[ -n "${GEN_ONLY:-}" ] && { echo "images in $W/img"; exit 0; }
 S=$(cd "$(dirname "$STRATA")" && pwd)/$(basename "$STRATA")
-bench commit "qemu-img commit top.qcow2" "$S commit top.qcow2"
-bench pull "qemu-img rebase -b '' top.qcow2" "$S pull top.qcow2"
-bench map16 "qemu-img map --output json l16.qcow2" "$S map --output json l16.qcow2"
-bench read16 "qemu-img convert -O raw l16.qcow2 out.raw" "$S convert -O raw l16.qcow2 out.raw"
-bench readflat "qemu-img convert -O raw flat.qcow2 out.raw" "$S convert -O raw flat.qcow2 out.raw"
+OPS=${OPS:-commit pull map16 read16 readflat}
+for op in $OPS; do
+  case $op in
+    commit) bench commit "qemu-img commit top.qcow2" "$S commit top.qcow2" ;;
+    pull) bench pull "qemu-img rebase -b '' top.qcow2" "$S pull top.qcow2" ;;
+    map16) bench map16 "qemu-img map --output json l16.qcow2" "$S map --output json l16.qcow2" ;;
+    read16) bench read16 "qemu-img convert -O raw l16.qcow2 out.raw" "$S convert -O raw l16.qcow2 out.raw" ;;
+    readflat) bench readflat "qemu-img convert -O raw flat.qcow2 out.raw" "$S convert -O raw flat.qcow2 out.raw" ;;
+  esac
+done
 
 python3 - "$RUNS" <<PY
 import statistics, sys
