@@ -86,20 +86,15 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
 /// count. Returns the number of clusters changed.
 fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
     let expected = check::compute_refcounts(img)?;
-    let path = img.path.clone();
-    let storage = img.storage.as_ref();
-    let ws = img.rw.as_deref_mut().ok_or(Error::ReadOnly {
-        path: path.clone(),
-        why: "read-only".into(),
-    })?;
+    let per = refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
+    let (storage, ws, path) = img.split()?;
     let mut fixed = 0;
-    let covered = ws.refcounts.table.len() as u64
-        * refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
+    let covered = ws.refcounts.table.len() as u64 * per;
     for ci in 0..covered {
         let want = expected.get(ci as usize).copied().unwrap_or(0);
-        let have = ws.refcounts.get(storage, &path, ci)?;
+        let have = ws.refcounts.get(storage, path, ci)?;
         if have > want {
-            ws.refcounts.set(storage, &path, ci, want)?;
+            ws.refcounts.set(storage, path, ci, want)?;
             fixed += 1;
         }
     }
@@ -306,11 +301,6 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
 }
 
 fn refcount_of(img: &mut Qcow2Image, ci: u64) -> Result<u64> {
-    let path = img.path.clone();
-    let storage = img.storage.as_ref();
-    let ws = img.rw.as_deref_mut().ok_or(Error::ReadOnly {
-        path: path.clone(),
-        why: "read-only".into(),
-    })?;
-    ws.refcounts.get(storage, &path, ci)
+    let (storage, ws, path) = img.split()?;
+    ws.refcounts.get(storage, path, ci)
 }

@@ -132,6 +132,24 @@ impl Qcow2Image {
         self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
     }
 
+    /// The storage, the write state and the path, borrowed together (the
+    /// refcount code needs all three).
+    pub(crate) fn split(
+        &mut self,
+    ) -> Result<(
+        &dyn crate::storage::Storage,
+        &mut WriteState,
+        &std::path::Path,
+    )> {
+        match self.rw.as_deref_mut() {
+            Some(ws) => Ok((self.storage.as_ref(), ws, &self.path)),
+            None => Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "image is open read-only".into(),
+            }),
+        }
+    }
+
     fn ws(&mut self) -> Result<&mut WriteState> {
         let path = self.path.clone();
         self.rw.as_deref_mut().ok_or(Error::ReadOnly {
@@ -211,28 +229,19 @@ impl Qcow2Image {
     /// protocol requires: refcount blocks, then (after a sync) refcount
     /// table entries, then (after a sync) a moved table's header switch.
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        let path = self.path.clone();
         {
-            let storage = self.storage.as_ref();
-            let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-                path: path.clone(),
-                why: "read-only".into(),
-            })?;
+            let (storage, ws, path) = self.split()?;
             ws.refcounts
-                .write_blocks(storage, &path)
+                .write_blocks(storage, path)
                 .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?;
         }
         let table_dirty = self.ws()?.refcounts.table_dirty();
         if table_dirty {
             self.sync()?;
             let moved = {
-                let storage = self.storage.as_ref();
-                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-                    path: path.clone(),
-                    why: "read-only".into(),
-                })?;
+                let (storage, ws, path) = self.split()?;
                 ws.refcounts
-                    .write_table(storage, &path)
+                    .write_table(storage, path)
                     .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?
             };
             if let Some((off, clusters)) = moved {
@@ -253,26 +262,16 @@ impl Qcow2Image {
 
     /// Allocates `n` contiguous clusters; returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
-        let path = self.path.clone();
         let cb = self.geometry.cluster_bits();
-        let storage = self.storage.as_ref();
-        let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-            path: path.clone(),
-            why: "read-only".into(),
-        })?;
-        let first = ws.refcounts.alloc_contiguous(storage, &path, n)?;
+        let (storage, ws, path) = self.split()?;
+        let first = ws.refcounts.alloc_contiguous(storage, path, n)?;
         Ok(first << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
     fn alloc_run(&mut self, max: u64) -> Result<(u64, u64)> {
-        let path = self.path.clone();
-        let storage = self.storage.as_ref();
-        let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-            path: path.clone(),
-            why: "read-only".into(),
-        })?;
-        ws.refcounts.alloc_run(storage, &path, max)
+        let (storage, ws, path) = self.split()?;
+        ws.refcounts.alloc_run(storage, path, max)
     }
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
@@ -977,15 +976,10 @@ impl Qcow2Image {
         if frees.is_empty() {
             return Ok(());
         }
-        let path = self.path.clone();
         {
-            let storage = self.storage.as_ref();
-            let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-                path: path.clone(),
-                why: "read-only".into(),
-            })?;
+            let (storage, ws, path) = self.split()?;
             for ci in frees {
-                ws.refcounts.adjust(storage, &path, ci, -1)?;
+                ws.refcounts.adjust(storage, path, ci, -1)?;
             }
             ws.refcounts.rewind();
         }
@@ -1244,25 +1238,15 @@ impl Qcow2Image {
             let tail = self.compressed_tail.next;
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
-                let path = self.path.clone();
                 let order = self.header.refcount_order;
-                let storage = self.storage.as_ref();
-                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-                    path: path.clone(),
-                    why: "read-only".into(),
-                })?;
-                ws.refcounts.get(storage, &path, tail >> cb)?
+                let (storage, ws, path) = self.split()?;
+                ws.refcounts.get(storage, path, tail >> cb)?
                     < strata_format::refcount::max_refcount(order)
             };
             let start = if room {
                 let ci = tail >> cb;
-                let path = self.path.clone();
-                let storage = self.storage.as_ref();
-                let ws = self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-                    path: path.clone(),
-                    why: "read-only".into(),
-                })?;
-                ws.refcounts.adjust(storage, &path, ci, 1)?;
+                let (storage, ws, path) = self.split()?;
+                ws.refcounts.adjust(storage, path, ci, 1)?;
                 tail
             } else {
                 self.alloc_contiguous(geo.clusters_for(len))?
