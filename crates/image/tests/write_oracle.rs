@@ -784,3 +784,124 @@ fn check_repair_fixes_leaks_and_rebuilds_refcounts_like_qemu_img() {
         "repair changed the guest view"
     );
 }
+
+/// Copies a directory tree (the layers of one chain shape).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shapes = dir.path().join("shapes");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
+    run(script.to_str().unwrap(), &[shapes.to_str().unwrap()]);
+    let names = std::fs::read_to_string(shapes.join("SHAPES")).unwrap();
+    let mut seen = 0;
+    for (i, name) in names.lines().filter(|l| !l.is_empty()).enumerate() {
+        let src = shapes.join(name);
+        let top = std::fs::read_to_string(src.join("top"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let (q, s) = (
+            dir.path().join(format!("q-{name}")),
+            dir.path().join(format!("s-{name}")),
+        );
+        copy_tree(&src, &q);
+        copy_tree(&src, &s);
+        let (qt, st) = (q.join(&top), s.join(&top));
+        let size = Chain::open(&st, &OpenOptions::default())
+            .unwrap()
+            .virtual_size();
+        let ops = random_ops(101 + i as u64, size, 25, 4096);
+        let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+        let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&qt, &cmd_refs);
+        {
+            let mut chain = Chain::open(
+                &st,
+                &OpenOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            for op in &ops {
+                op.apply(&mut chain);
+            }
+            chain.flush().unwrap();
+        }
+        check_clean(&st);
+        compare(&qt, &st);
+        seen += 1;
+    }
+    assert!(seen >= 15, "only {seen} shapes generated");
+}
+
+#[test]
+fn an_io_error_poisons_the_image_against_further_writes() {
+    use strata_image::{MemStorage, Qcow2Image, Storage};
+    /// Fails the first write after `arm` is set, then works again.
+    #[derive(Debug, Clone)]
+    struct FailOnce(MemStorage, std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Storage for FailOnce {
+        fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<usize> {
+            self.0.read_at(b, o)
+        }
+        fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<()> {
+            if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected EIO"));
+            }
+            self.0.write_at(b, o)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, l: u64) -> std::io::Result<()> {
+            self.0.set_len(l)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.0.sync()
+        }
+    }
+    let mem = MemStorage::new();
+    drop(
+        create_qcow2(
+            Box::new(mem.clone()),
+            Path::new("p.qcow2"),
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let arm = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut img =
+        Qcow2Image::open_rw(Box::new(FailOnce(mem, arm.clone())), Path::new("p.qcow2")).unwrap();
+    let none = |b: &mut [u8], _| {
+        b.fill(0);
+        Ok(())
+    };
+    img.write(0, &[1u8; 4096], &none).unwrap();
+    arm.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = img.write(65536, &[2u8; 4096], &none).unwrap_err();
+    assert!(e.to_string().contains("injected EIO"), "{e}");
+    assert!(img.is_poisoned());
+    let e = img.write(131072, &[3u8; 4096], &none).unwrap_err();
+    assert!(e.to_string().contains("earlier I/O error"), "{e}");
+    assert!(img.flush().is_err());
+}
