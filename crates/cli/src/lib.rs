@@ -376,6 +376,27 @@ enum SnapshotAction {
 }
 
 #[cfg(feature = "libvirt")]
+/// Adds `file` as context to an error unless its message already names it
+/// (every engine error names its file; this avoids saying it twice).
+pub(crate) trait NameFile<T> {
+    /// The error with `file` in front, when it does not already say it.
+    fn name_file(self, file: &str) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> NameFile<T> for std::result::Result<T, E> {
+    fn name_file(self, file: &str) -> Result<T> {
+        self.map_err(|e| {
+            let named = e.to_string().contains(file);
+            let e = anyhow::Error::new(e);
+            if named {
+                e
+            } else {
+                e.context(file.to_string())
+            }
+        })
+    }
+}
+
 fn libvirt_command(c: Command) -> Option<(snapshot::LibvirtCommand, Option<String>)> {
     use snapshot::LibvirtCommand as L;
     Some(match c {

@@ -3,10 +3,11 @@
 //! spelling, a dry run that prints the plan, and a progress bar on a
 //! terminal.
 
+use crate::NameFile;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_image::{Chain, Image, ImageFormat, OpenOptions};
 use strata_merge::{CommitOptions, Hooks, Plan, Progress, PullOptions, RebaseOptions};
@@ -142,7 +143,7 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let r = strata_merge::commit(Path::new(&args.file), &opts, &mut hooks);
     bar.finish();
-    let r = r.with_context(|| args.file.clone())?;
+    let r = r.name_file(&args.file)?;
     if r.dry_run {
         let what = format!(
             "commit {} layer(s) of {} into {}",
@@ -174,7 +175,7 @@ pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let r = strata_merge::pull(Path::new(&args.file), &opts, &mut hooks);
     bar.finish();
-    let r = r.with_context(|| args.file.clone())?;
+    let r = r.name_file(&args.file)?;
     if r.dry_run {
         let onto = match &args.base {
             Some(b) => format!("keeping {b} as backing file"),
@@ -217,12 +218,12 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
             no_backing: true,
             ..OpenOptions::default()
         };
-        let mut chain = Chain::open(Path::new(file), &opts).with_context(|| file.to_string())?;
+        let mut chain = Chain::open(Path::new(file), &opts).name_file(file)?;
         let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
             bail!("{file}: only qcow2 images have a backing file");
         };
         q.set_backing(new.map(|(n, f)| (n, f.name())))
-            .with_context(|| file.to_string())?;
+            .name_file(file)?;
         return Ok(0);
     }
     let bar = Bar::new(args.progress && !args.dry_run);
@@ -236,7 +237,7 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let r = strata_merge::rebase(Path::new(file), new, &opts, &mut hooks);
     bar.finish();
-    let r = r.with_context(|| file.to_string())?;
+    let r = r.name_file(file)?;
     if r.dry_run {
         let what = format!(
             "rebase {file} from {} onto {}",

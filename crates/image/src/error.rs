@@ -13,7 +13,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O operation failed.
-    #[error("{}: {op} at offset {offset:#x} failed: {source}", .path.display())]
+    #[error("{}: {op}{} failed: {cause}", .path.display(), at(*.offset, .op))]
     Io {
         /// The file.
         path: PathBuf,
@@ -21,8 +21,9 @@ pub enum Error {
         op: &'static str,
         /// Host offset of the operation.
         offset: u64,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (part of the message, so not repeated as
+        /// a separate cause).
+        cause: io::Error,
     },
     /// The image's header or a table is malformed.
     #[error("{}: invalid qcow2 image: {source}", .path.display())]
@@ -126,6 +127,16 @@ pub enum Error {
     Lock(#[from] crate::lock::LockError),
 }
 
+/// " at offset N" for operations where the offset means something.
+fn at(offset: u64, op: &str) -> String {
+    match op {
+        "open" | "stat" | "create" | "truncate" | "sync" | "resolve path" | "resolve directory" => {
+            String::new()
+        }
+        _ => format!(" at offset {offset:#x}"),
+    }
+}
+
 impl Error {
     /// Wraps an I/O error with its file, operation and offset.
     pub fn io(path: &std::path::Path, op: &'static str, offset: u64, source: io::Error) -> Error {
@@ -133,7 +144,7 @@ impl Error {
             path: path.to_path_buf(),
             op,
             offset,
-            source,
+            cause: source,
         }
     }
     /// A corruption found at `offset` of `path`.
