@@ -50,7 +50,13 @@ PY
 }
 
 # run LABEL TOOL CMD...: times CMD in a fresh copy of the images; prints "secs rss_kib"
-fresh() { rm -rf "$W/run"; cp -r --sparse=always "$W/img" "$W/run"; sync; }
+# Fresh copies of the files an operation changes (the others are linked).
+fresh() {
+  rm -rf "$W/run"; mkdir -p "$W/run"
+  for f in "$W"/img/*.qcow2; do ln -s "$f" "$W/run/"; done
+  for f in $FRESH; do rm -f "$W/run/$f"; cp --sparse=always "$W/img/$f" "$W/run/$f"; done
+  sync
+}
 timed() { ( cd "$W/run" && /usr/bin/time -f "%e %M" "$@" > /dev/null 2> "$W/time.err" ) || { cat "$W/time.err" >&2; return 1; }; tail -1 "$W/time.err"; }
 
 declare -A T
@@ -72,11 +78,11 @@ S=$(cd "$(dirname "$STRATA")" && pwd)/$(basename "$STRATA")
 OPS=${OPS:-commit pull map16 read16 readflat}
 for op in $OPS; do
   case $op in
-    commit) bench commit "qemu-img commit top.qcow2" "$S commit top.qcow2" ;;
-    pull) bench pull "qemu-img rebase -b '' top.qcow2" "$S pull top.qcow2" ;;
-    map16) bench map16 "qemu-img map --output json l16.qcow2" "$S map --output json l16.qcow2" ;;
-    read16) bench read16 "qemu-img convert -O raw l16.qcow2 out.raw" "$S convert -O raw l16.qcow2 out.raw" ;;
-    readflat) bench readflat "qemu-img convert -O raw flat.qcow2 out.raw" "$S convert -O raw flat.qcow2 out.raw" ;;
+    commit) FRESH="base.qcow2 top.qcow2" bench commit "qemu-img commit top.qcow2" "$S commit --force top.qcow2" ;;
+    pull) FRESH="base.qcow2 top.qcow2" bench pull "qemu-img rebase -b '' top.qcow2" "$S pull top.qcow2" ;;
+    map16) FRESH="" bench map16 "qemu-img map --output json l16.qcow2" "$S map --output json l16.qcow2" ;;
+    read16) FRESH="" bench read16 "qemu-img convert -O raw l16.qcow2 out.raw" "$S convert -O raw l16.qcow2 out.raw" ;;
+    readflat) FRESH="" bench readflat "qemu-img convert -O raw flat.qcow2 out.raw" "$S convert -O raw flat.qcow2 out.raw" ;;
   esac
 done
 
