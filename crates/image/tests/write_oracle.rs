@@ -37,6 +37,25 @@ impl Op {
     }
 }
 
+/// Applies `ops` with qemu-io to `q` and with Strata to `s`.
+fn apply_to_twins(ops: &[Op], q: &Path, s: &Path) {
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(q, &cmd_refs);
+    let mut chain = Chain::open(
+        s,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for op in ops {
+        op.apply(&mut chain);
+    }
+    chain.flush().unwrap();
+}
+
 /// A small deterministic generator (xorshift), so failures reproduce.
 struct Rng(u64);
 impl Rng {
@@ -147,23 +166,7 @@ fn run_twin(create_opts: &str, opts: CreateOptions, seed: u64, align: u64) {
     let (q, s) = twins(dir.path(), create_opts, &opts, size);
     check_clean(&s);
     let ops = random_ops(seed, size, 40, align);
-    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
-    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(&q, &cmd_refs);
-    {
-        let mut chain = Chain::open(
-            &s,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        for op in &ops {
-            op.apply(&mut chain);
-        }
-        chain.flush().unwrap();
-    }
+    apply_to_twins(&ops, &q, &s);
     check_clean(&s);
     compare(&q, &s);
 }
@@ -459,23 +462,7 @@ fn writes_to_an_image_with_an_internal_snapshot_keep_the_snapshot_intact() {
     let s = d.join("s.qcow2");
     std::fs::copy(&q, &s).unwrap();
     let ops = random_ops(41, size, 40, 4096);
-    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
-    let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(&q, &cmd_refs);
-    {
-        let mut chain = Chain::open(
-            &s,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        for op in &ops {
-            op.apply(&mut chain);
-        }
-        chain.flush().unwrap();
-    }
+    apply_to_twins(&ops, &q, &s);
     check_clean(&s);
     compare(&q, &s);
     let snap_after = d.join("snap-after.raw");
@@ -827,23 +814,7 @@ fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
             .unwrap()
             .virtual_size();
         let ops = random_ops(101 + i as u64, size, 25, 4096);
-        let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
-        let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io(&qt, &cmd_refs);
-        {
-            let mut chain = Chain::open(
-                &st,
-                &OpenOptions {
-                    writable: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            for op in &ops {
-                op.apply(&mut chain);
-            }
-            chain.flush().unwrap();
-        }
+        apply_to_twins(&ops, &qt, &st);
         check_clean(&st);
         compare(&qt, &st);
         seen += 1;
