@@ -59,6 +59,86 @@ pub trait Storage: Send + Sync + fmt::Debug {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    writeback: Writeback,
+}
+
+/// Starts the kernel's writeback of written data early, on a helper thread,
+/// so that the disk works while the caller goes on writing and the next
+/// `sync` finds little left to do. A hint only: durability still comes
+/// from `sync` alone, and writing back early is something the page cache
+/// may do at any moment anyway (the crash protocol assumes it).
+#[derive(Default)]
+struct Writeback {
+    state: Mutex<WritebackState>,
+}
+
+#[derive(Default)]
+struct WritebackState {
+    /// Range written since the last hint: (start, end).
+    dirty: Option<(u64, u64)>,
+    /// Bytes written since the last hint.
+    bytes: u64,
+    /// The helper thread's queue (started at the first hint).
+    tx: Option<std::sync::mpsc::Sender<(u64, u64)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Bytes written between two writeback hints.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+impl Writeback {
+    fn wrote(&self, file: &File, offset: u64, len: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset.saturating_add(len);
+        st.dirty = Some(match st.dirty {
+            Some((s, e)) => (s.min(offset), e.max(end)),
+            None => (offset, end),
+        });
+        st.bytes += len;
+        if st.bytes < WRITEBACK_EVERY {
+            return;
+        }
+        let Some(range) = st.dirty.take() else { return };
+        st.bytes = 0;
+        if st.tx.is_none() {
+            let Ok(f) = file.try_clone() else { return };
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+            let handle = std::thread::Builder::new()
+                .name("writeback".into())
+                .spawn(move || {
+                    for (s, e) in rx {
+                        let (Ok(s), Ok(l)) = (i64::try_from(s), i64::try_from(e - s)) else {
+                            continue;
+                        };
+                        // DONTNEED submits the dirty pages for writeback
+                        // (and drops clean ones); errors are for `sync`
+                        // to report.
+                        let _ = nix::fcntl::posix_fadvise(
+                            &f,
+                            s,
+                            l,
+                            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                        );
+                    }
+                });
+            let Ok(handle) = handle else { return };
+            st.tx = Some(tx);
+            st.handle = Some(handle);
+        }
+        if let Some(tx) = &st.tx {
+            let _ = tx.send(range);
+        }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        st.tx = None;
+        if let Some(h) = st.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl fmt::Debug for FileStorage {
@@ -77,6 +157,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writeback: Writeback::default(),
         })
     }
     /// Creates (or truncates) `path` for reading and writing.
@@ -90,6 +171,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writeback: Writeback::default(),
         })
     }
     /// Wraps an open file.
@@ -97,6 +179,7 @@ impl FileStorage {
         FileStorage {
             file,
             path: path.to_path_buf(),
+            writeback: Writeback::default(),
         }
     }
 }
@@ -119,10 +202,13 @@ impl Storage for FileStorage {
         Ok(done)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        self.writeback.wrote(&self.file, offset, buf.len() as u64);
+        Ok(())
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         use std::io::IoSlice;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         // (buffer index, bytes of it already written)
         let (mut i, mut skip) = (0usize, 0usize);
         let mut at = offset;
@@ -158,6 +244,7 @@ impl Storage for FileStorage {
                 skip = 0;
             }
         }
+        self.writeback.wrote(&self.file, offset, total);
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
@@ -308,6 +395,41 @@ mod tests {
         assert_eq!(len, 512 << 10);
         let (data, _) = s.data_run(512 << 10, 4096).unwrap();
         assert!(data);
+    }
+
+    #[test]
+    fn writeback_hints_keep_every_byte_and_stop_with_the_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        // Several hints' worth of writes, single and vectored, some
+        // rewriting what an earlier hint covered.
+        let n = (3 * WRITEBACK_EVERY / (1 << 20)) as usize;
+        for i in 0..n {
+            let a = vec![i as u8; 512 << 10];
+            let b = vec![!(i as u8); 512 << 10];
+            s.write_vectored_at(&[&a, &b], (i as u64) << 20).unwrap();
+        }
+        s.write_at(&vec![0xee; WRITEBACK_EVERY as usize], 1 << 20)
+            .unwrap();
+        assert!(s.writeback.state.lock().unwrap().handle.is_some());
+        s.sync().unwrap();
+        drop(s); // joins the helper thread
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(bytes.len(), n << 20);
+        for i in 0..n {
+            let chunk = &bytes[i << 20..(i + 1) << 20];
+            let rewritten = (1..=(WRITEBACK_EVERY >> 20) as usize).contains(&i);
+            if rewritten {
+                assert!(chunk.iter().all(|b| *b == 0xee), "MiB {i}");
+            } else {
+                assert!(chunk[..512 << 10].iter().all(|b| *b == i as u8), "MiB {i}");
+                assert!(
+                    chunk[512 << 10..].iter().all(|b| *b == !(i as u8)),
+                    "MiB {i}"
+                );
+            }
+        }
     }
 }
 
