@@ -79,6 +79,11 @@ pub struct Qcow2Image {
     pub(crate) l1: Vec<u64>,
     pub(crate) l2_cache: Mutex<L2Cache>,
     decompressed: Mutex<DecompressedCache>,
+    /// The last extent [`Qcow2Image::map`] found, reused while later calls
+    /// start inside it (walks of deep chains ask each layer again and
+    /// again about the same unallocated run). Only for images opened
+    /// read-only: their mappings never change.
+    last_map: Mutex<Option<Extent>>,
     pub(crate) snapshots: Vec<Snapshot>,
     /// Length of the file when opened (or after the last growth).
     pub(crate) file_len: u64,
@@ -153,6 +158,7 @@ impl Qcow2Image {
             l1,
             l2_cache: Mutex::new(L2Cache::default()),
             decompressed: Mutex::new(None),
+            last_map: Mutex::new(None),
             snapshots,
             file_len,
             rw: None,
@@ -313,6 +319,44 @@ impl Qcow2Image {
                 size,
             });
         }
+        let memo = self.rw.is_none();
+        let known = if memo { *lock(&self.last_map) } else { None };
+        let e = match known.filter(|e| e.start <= start && start < e.end()) {
+            Some(e) => {
+                let mut hit = Extent {
+                    start,
+                    len: e.end().min(end) - start,
+                    mapping: e.mapping.advance(start - e.start),
+                };
+                // The remembered extent may have been cut short by the
+                // length asked for then: look on, as a fresh walk would.
+                if hit.end() < end {
+                    let next = self.map_uncached(hit.end(), end)?;
+                    if hit.mapping.continues(hit.len, next.mapping) {
+                        hit.len += next.len;
+                    } else {
+                        self.remember(next);
+                        return Ok(hit);
+                    }
+                }
+                hit
+            }
+            None => self.map_uncached(start, end)?,
+        };
+        if memo {
+            self.remember(e);
+        }
+        Ok(e)
+    }
+
+    fn remember(&self, e: Extent) {
+        if self.rw.is_none() && !matches!(e.mapping, Mapping::Compressed(_)) {
+            *lock(&self.last_map) = Some(e);
+        }
+    }
+
+    /// [`Qcow2Image::map`] from the tables, for `[start, end)` (not empty).
+    fn map_uncached(&self, start: u64, end: u64) -> Result<Extent> {
         let geo = self.geometry;
         let step = geo.subcluster_size();
         let mut pos = start;

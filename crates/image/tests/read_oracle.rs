@@ -163,3 +163,47 @@ fn a_backing_file_shorter_than_its_overlay_reads_zeros_past_its_end() {
     qemu_io(&top, &["write -P 0x66 2M 4k"]);
     assert_reads_like_qemu(&top, d);
 }
+
+/// `Qcow2Image::map` remembers its last extent on read-only images; answers
+/// must not depend on the order of the questions. Every layer of a chain
+/// is asked about pseudo-random ranges (inside, overlapping and after the
+/// remembered extent) by one image and, fresh each time, by another.
+#[test]
+fn map_answers_do_not_depend_on_the_order_of_questions() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (opts, top_opts) in [
+        ("cluster_size=4096", ""),
+        ("cluster_size=65536,extended_l2=on", "extended_l2=on,"),
+    ] {
+        let top = two_layer(dir.path(), opts, top_opts);
+        let remembering = Chain::open(&top, &OpenOptions::default()).unwrap();
+        let size = remembering.virtual_size();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut prev = 0u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Half the questions start a little after the previous one.
+            let start = if x & 1 == 0 {
+                x % size
+            } else {
+                (prev + (x >> 8) % 65536).min(size - 1)
+            };
+            prev = start;
+            let len = 1 + (x >> 32) % (size - start);
+            for depth in 0..remembering.layers().len() {
+                let fresh = Chain::open(&top, &OpenOptions::default()).unwrap();
+                let want = fresh.layers()[depth].image.map(start, len).unwrap();
+                let got = remembering.layers()[depth].image.map(start, len).unwrap();
+                assert_eq!(
+                    got, want,
+                    "{opts}: layer {depth}, map({start:#x}, {len:#x})"
+                );
+            }
+        }
+    }
+}
