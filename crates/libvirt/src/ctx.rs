@@ -616,7 +616,7 @@ impl<'a, 'c> Txn<'a, 'c> {
             }
         }
         Error::RolledBack {
-            source: Box::new(err),
+            cause: Box::new(err),
             problems,
         }
     }

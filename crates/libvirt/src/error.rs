@@ -17,12 +17,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[non_exhaustive]
 pub enum Error {
     /// A libvirt call failed.
-    #[error("libvirt: {op}: {source}")]
+    #[error("libvirt: {op}: {cause}")]
     Libvirt {
         /// What was being done ("define domain", "redefine snapshot take-1", ...).
         op: String,
-        /// libvirt's error.
-        source: virt::error::Error,
+        /// libvirt's error (said in the message, so not a `source()`).
+        cause: virt::error::Error,
     },
     /// The domain is running or paused: only shut-off domains are handled.
     #[error(
@@ -98,23 +98,23 @@ pub enum Error {
     #[error(transparent)]
     Merge(#[from] strata_merge::MergeError),
     /// A file operation failed.
-    #[error("{}: {op}: {source}", .path.display())]
+    #[error("{}: {op}: {cause}", .path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// What was being done.
         op: &'static str,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (said in the message).
+        cause: io::Error,
     },
     /// The operation failed part-way and was rolled back: files it created
     /// are removed, the domain XML and the snapshot metadata are as before.
     /// `problems` lists rollback steps that failed themselves (empty when
     /// the rollback was complete).
-    #[error("{source}{}", rollback_note(.problems))]
+    #[error("{cause}{}", rollback_note(.problems))]
     RolledBack {
-        /// The error that stopped the operation.
-        source: Box<Error>,
+        /// The error that stopped the operation (said in the message).
+        cause: Box<Error>,
         /// Rollback steps that failed.
         problems: Vec<String>,
     },
@@ -132,17 +132,17 @@ fn rollback_note(problems: &[String]) -> String {
 }
 
 impl Error {
-    pub(crate) fn libvirt(op: impl Into<String>, source: virt::error::Error) -> Error {
+    pub(crate) fn libvirt(op: impl Into<String>, cause: virt::error::Error) -> Error {
         Error::Libvirt {
             op: op.into(),
-            source,
+            cause,
         }
     }
-    pub(crate) fn io(path: &std::path::Path, op: &'static str, source: io::Error) -> Error {
+    pub(crate) fn io(path: &std::path::Path, op: &'static str, cause: io::Error) -> Error {
         Error::Io {
             path: path.to_path_buf(),
             op,
-            source,
+            cause,
         }
     }
     pub(crate) fn xml(what: impl Into<String>, why: impl Into<String>) -> Error {
@@ -155,7 +155,7 @@ impl Error {
     /// [`Error::RolledBack`].
     pub fn root(&self) -> &Error {
         match self {
-            Error::RolledBack { source, .. } => source.root(),
+            Error::RolledBack { cause, .. } => cause.root(),
             e => e,
         }
     }
