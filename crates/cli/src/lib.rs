@@ -375,7 +375,6 @@ enum SnapshotAction {
     },
 }
 
-#[cfg(feature = "libvirt")]
 /// Adds `file` as context to an error unless its message already names it
 /// (every engine error names its file; this avoids saying it twice).
 pub(crate) trait NameFile<T> {
@@ -397,6 +396,7 @@ impl<T, E: std::error::Error + Send + Sync + 'static> NameFile<T> for std::resul
     }
 }
 
+#[cfg(feature = "libvirt")]
 fn libvirt_command(c: Command) -> Option<(snapshot::LibvirtCommand, Option<String>)> {
     use snapshot::LibvirtCommand as L;
     Some(match c {
@@ -459,9 +459,73 @@ fn libvirt_command(c: Command) -> Option<(snapshot::LibvirtCommand, Option<Strin
     })
 }
 
+/// Runs the commands that need libvirt's C library.
+type LibvirtRunner = fn(Command, &mut dyn Write, &mut dyn Write) -> Result<i32>;
+
+/// The commands that need libvirt: the snapshot and block commands, and
+/// the demo (its snapshot lifecycle).
+#[cfg(feature = "libvirt")]
+fn libvirt_runner(c: Command, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    match c {
+        Command::Demo { dir, uri, domain } => {
+            demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
+        }
+        c => match libvirt_command(c) {
+            Some((cmd, uri)) => snapshot::run(&cmd, uri.as_deref(), out),
+            None => Ok(1),
+        },
+    }
+}
+
+/// Whether the command line asks for a command that needs libvirt (see
+/// [`run_without_libvirt`]). False when it does not parse.
+pub fn needs_libvirt(args: &[OsString]) -> bool {
+    #[cfg(feature = "libvirt")]
+    if let Ok(cli) = Cli::try_parse_from(args) {
+        return matches!(
+            cli.command,
+            Command::Snapshot { .. }
+                | Command::Blockcommit { .. }
+                | Command::Blockpull { .. }
+                | Command::Demo { .. }
+        );
+    }
+    let _ = args;
+    false
+}
+
 /// Runs `strata` with `args` (the first is the program name), writing to
 /// `out` and `err`; returns the exit code.
 pub fn run<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    #[cfg(feature = "libvirt")]
+    let libvirt: Option<LibvirtRunner> = Some(libvirt_runner);
+    #[cfg(not(feature = "libvirt"))]
+    let libvirt: Option<LibvirtRunner> = None;
+    run_with(args, out, err, libvirt)
+}
+
+/// [`run`] for every command that does not need libvirt; the others fail.
+/// The `strata` binary uses it (and hands those commands to
+/// `strata-libvirt`), so that it never loads libvirt's C library: the
+/// image commands start in a few milliseconds instead of tens.
+pub fn run_without_libvirt<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    run_with(args, out, err, None)
+}
+
+fn run_with<I, T>(
+    args: I,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    libvirt: Option<LibvirtRunner>,
+) -> i32
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -662,14 +726,18 @@ where
             out,
         ),
         #[cfg(feature = "libvirt")]
-        c
-        @ (Command::Snapshot { .. } | Command::Blockcommit { .. } | Command::Blockpull { .. }) => {
-            match libvirt_command(c) {
-                Some((cmd, uri)) => snapshot::run(&cmd, uri.as_deref(), out),
-                None => Ok(1),
-            }
-        }
+        c @ (Command::Snapshot { .. }
+        | Command::Blockcommit { .. }
+        | Command::Blockpull { .. }
+        | Command::Demo { .. }) => match libvirt {
+            Some(f) => f(c, out, err),
+            None => Err(anyhow::anyhow!(
+                "this command needs libvirt: run it with strata-libvirt"
+            )),
+        },
+        #[cfg(not(feature = "libvirt"))]
         Command::Demo { dir, uri, domain } => {
+            let _ = libvirt;
             demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
         }
     };
@@ -694,6 +762,21 @@ where
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut err = stderr.lock();
     let code = run(args, &mut out, &mut err);
+    let _ = out.flush();
+    code
+}
+
+/// [`run_without_libvirt`] on the process's standard output and error.
+pub fn main_without_libvirt<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = stderr.lock();
+    let code = run_without_libvirt(args, &mut out, &mut err);
     let _ = out.flush();
     code
 }

@@ -1,0 +1,8 @@
+//! `strata-libvirt`: the `strata` command line with the commands that need
+//! libvirt's C library (snapshot, blockcommit, blockpull, demo). `strata`
+//! execs it for those; it accepts every other command too.
+
+fn main() {
+    let code = strata_cli::main_with_args(std::env::args_os());
+    std::process::exit(code);
+}
