@@ -29,7 +29,8 @@ pub struct CommitOptions {
     pub base: Option<PathBuf>,
     /// Leave the top's clusters in place instead of emptying it (`-d`).
     pub keep_top: bool,
-    /// Commit even when other images use the base as their backing file.
+    /// Commit even when other images use the base as their backing file
+    /// and the commit would change what the base reads.
     pub force: bool,
     /// Plan only: open (read-only), check, compute the plan, change nothing.
     pub dry_run: bool,
@@ -186,6 +187,44 @@ fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// Whether committing `upper` (of virtual size `size`) into `base` would
+/// change what the base reads anywhere: compares, extent by extent, what
+/// the commit would write with what the base reads there, and stops at the
+/// first difference. Writes nothing.
+fn changes_base_view(upper: &[Layer], base: &mut Chain, size: u64) -> Result<bool> {
+    let base_cluster = cluster_of(&base.top().image);
+    let mut job = CommitJob {
+        upper,
+        upper_lens: file_lens(upper)?,
+        base,
+        size,
+        base_cluster,
+        last_grown: None,
+    };
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    let mut pos = 0u64;
+    while pos < size {
+        let seg = job.next(pos, size - pos)?;
+        let len = seg.len.clamp(1, size - pos);
+        if seg.kind != Kind::Skip {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(walk::BUF_BYTES as u64) as usize;
+                new.resize(n, 0);
+                old.resize(n, 0);
+                job.read_source(&mut new, pos + done)?;
+                strata_image::chain::read_below(job.base.layers(), &mut old, pos + done)?;
+                if new != old {
+                    return Ok(true);
+                }
+                done += n as u64;
+            }
+        }
+        pos += len;
+    }
+    Ok(false)
+}
+
 /// Commits `top` into its base: see the module documentation and
 /// docs/merge-protocol.md. With `opts.dry_run` nothing is written and the
 /// report carries the plan.
@@ -194,7 +233,10 @@ fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
 /// not in the chain, a damaged image (corrupt bit, tables or data pointers
 /// outside the file), an image the write path cannot keep (dirty, with
 /// bitmaps), and — unless `opts.force` — a base that other images use as
-/// their backing file. Then runs [`commit_open`] on the open images.
+/// their backing file, when the commit would change what the base reads
+/// (a commit that writes only what the base already reads, such as the
+/// rerun of a commit stopped after its base was flushed, changes nothing
+/// for them). Then runs [`commit_open`] on the open images.
 pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result<CommitReport> {
     const OP: &str = "commit";
     let probe_opts = OpenOptions {
@@ -265,11 +307,14 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         open::refuse_unwritable(base.top(), OP)?;
         open::refuse_damaged(base.top(), OP)?;
     }
-    // The guard: nobody else may read through the base.
+    // The guard: nobody else may read through the base, unless the commit
+    // leaves what the base reads as it is (the rerun of a commit stopped
+    // after its base was flushed: e.g. `-b` after the top was re-pointed,
+    // when the former intermediate layers still name the base).
     if !opts.force {
         let exclude = probe_ids.get(..k).unwrap_or(&[]).to_vec();
         let users = open::users_of(&base_path, &exclude, &opts.also_check)?;
-        if !users.is_empty() {
+        if !users.is_empty() && changes_base_view(upper, &mut base, probe.virtual_size())? {
             return Err(MergeError::BaseInUse {
                 base: base_path,
                 users,
