@@ -431,6 +431,38 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn fault_storages_sharing_a_clock_crash_together_and_keep_their_own_bytes() {
+        let a = FaultStorage::new(vec![0; 8]);
+        let b = a.new_sharing_clock(vec![1; 8]);
+        let alone = FaultStorage::new(vec![2; 8]);
+        a.crash_at(3);
+        a.write_at(&[5], 0).unwrap(); // op 0
+        b.write_at(&[6], 1).unwrap(); // op 1
+        alone.write_at(&[7], 2).unwrap(); // its own clock: op 0
+        b.sync().unwrap(); // op 2
+        assert_eq!((a.ops(), b.ops(), alone.ops()), (3, 3, 1));
+        assert_eq!((a.own_ops(), b.own_ops()), (1, 2));
+        assert!(!a.crashed());
+        // Op 3 is the crash, on whichever storage does it; both stop.
+        assert!(a.write_at(&[8], 3).is_err());
+        assert!(a.crashed() && b.crashed());
+        assert!(b.write_at(&[9], 4).is_err());
+        assert!(b.sync().is_err());
+        assert!(!alone.crashed());
+        alone.sync().unwrap();
+        // Durable and pending state stays per storage.
+        assert_eq!(a.pending(), 1);
+        assert_eq!(b.pending(), 0);
+        assert_eq!(a.durable_image(&mut |_| false), vec![0; 8]);
+        assert_eq!(a.durable_image(&mut |_| true), [5, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b.durable_image(&mut |_| true), [1, 6, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(
+            alone.durable_image(&mut |_| false),
+            [2, 2, 7, 2, 2, 2, 2, 2]
+        );
+    }
 }
 
 /// What happened to a storage operation not yet made durable.
@@ -448,19 +480,38 @@ struct FaultState {
     durable: Vec<u8>,
     /// Writes and length changes since the last sync, in order.
     pending: Vec<Pending>,
-    /// Writes and syncs done so far.
+    /// Syncs of this storage so far.
+    syncs: u64,
+    /// Operations of this storage so far.
+    own_ops: u64,
+    /// The crash clock (shared by the storages of one simulated machine).
+    clock: Arc<Mutex<FaultClock>>,
+}
+
+/// The operation counter and crash point of one simulated machine: every
+/// storage sharing it counts its writes, length changes and syncs on it,
+/// and a crash stops them all.
+#[derive(Debug, Default)]
+struct FaultClock {
+    /// Writes, length changes and syncs done so far (all storages).
     ops: u64,
     /// The operation number that "crashes": it and all later ones fail.
     crash_at: Option<u64>,
     crashed: bool,
-    syncs: u64,
 }
 
 /// A storage for crash tests: it keeps what was made durable by `sync`
-/// apart from what was only written, and can "crash" at the Nth write or
-/// sync (that operation and every later one fail with an I/O error).
-/// After a crash, [`FaultStorage::durable_image`] gives what a disk could
-/// hold: the durable bytes plus any subset of the later writes.
+/// apart from what was only written, and can "crash" at the Nth write,
+/// length change or sync (that operation and every later one fail with an
+/// I/O error). After a crash, [`FaultStorage::durable_image`] gives what a
+/// disk could hold: the durable bytes plus any subset of the later writes.
+///
+/// Several storages (the files of one machine, e.g. a base and its
+/// overlay) can share one operation counter and crash point:
+/// [`FaultStorage::new_sharing_clock`]. Then [`FaultStorage::crash_at`]
+/// counts the operations of all of them, in the order they happen, and the
+/// crash stops them all; durable and pending bytes stay per storage. Clones
+/// of a `FaultStorage` are the same file (they share everything).
 #[derive(Debug, Clone, Default)]
 pub struct FaultStorage {
     state: Arc<Mutex<FaultState>>,
@@ -480,11 +531,22 @@ fn apply(bytes: &mut Vec<u8>, p: &Pending) {
 }
 
 impl FaultStorage {
-    /// A storage holding `bytes`, all durable.
+    /// A storage holding `bytes`, all durable, with a clock of its own.
     pub fn new(bytes: Vec<u8>) -> FaultStorage {
+        FaultStorage::with_clock(bytes, Arc::default())
+    }
+    /// Another storage (another file of the same machine) holding `bytes`,
+    /// all durable, that shares this storage's operation counter and crash
+    /// point: operation numbers count the operations of both, and when one
+    /// crashes, both do.
+    pub fn new_sharing_clock(&self, bytes: Vec<u8>) -> FaultStorage {
+        FaultStorage::with_clock(bytes, self.lock().clock.clone())
+    }
+    fn with_clock(bytes: Vec<u8>, clock: Arc<Mutex<FaultClock>>) -> FaultStorage {
         let st = FaultState {
             current: bytes.clone(),
             durable: bytes,
+            clock,
             ..Default::default()
         };
         FaultStorage {
@@ -494,24 +556,35 @@ impl FaultStorage {
     fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+    fn clock(&self) -> Arc<Mutex<FaultClock>> {
+        self.lock().clock.clone()
+    }
     /// Makes operation number `n` (counting writes, length changes and
-    /// syncs from 0) and all later ones fail.
+    /// syncs from 0, of every storage sharing the clock) and all later ones
+    /// fail.
     pub fn crash_at(&self, n: u64) {
-        self.lock().crash_at = Some(n);
+        lock_clock(&self.clock()).crash_at = Some(n);
     }
-    /// Number of writes, length changes and syncs so far.
+    /// Number of writes, length changes and syncs so far, of every storage
+    /// sharing the clock (failed ones included).
     pub fn ops(&self) -> u64 {
-        self.lock().ops
+        lock_clock(&self.clock()).ops
     }
-    /// Number of syncs so far.
+    /// Number of writes, length changes and syncs of this storage alone
+    /// (failed ones included).
+    pub fn own_ops(&self) -> u64 {
+        self.lock().own_ops
+    }
+    /// Number of syncs of this storage so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
     }
-    /// Whether the crash point was reached.
+    /// Whether the crash point was reached (by any storage sharing the
+    /// clock).
     pub fn crashed(&self) -> bool {
-        self.lock().crashed
+        lock_clock(&self.clock()).crashed
     }
-    /// Number of operations pending since the last sync.
+    /// Number of operations of this storage pending since its last sync.
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
     }
@@ -531,15 +604,23 @@ impl FaultStorage {
     pub fn current(&self) -> Vec<u8> {
         self.lock().current.clone()
     }
+    /// Counts one operation on the clock; fails from the crash point on.
     fn op(&self, st: &mut FaultState) -> io::Result<()> {
-        let n = st.ops;
-        st.ops += 1;
-        if st.crashed || st.crash_at.is_some_and(|c| n >= c) {
-            st.crashed = true;
+        st.own_ops += 1;
+        let mut clock = lock_clock(&st.clock);
+        let n = clock.ops;
+        clock.ops += 1;
+        if clock.crashed || clock.crash_at.is_some_and(|c| n >= c) {
+            clock.crashed = true;
             return Err(io::Error::other("injected crash"));
         }
         Ok(())
     }
+}
+
+/// Lock order: a storage's state, then the clock (never the other way).
+fn lock_clock(c: &Mutex<FaultClock>) -> std::sync::MutexGuard<'_, FaultClock> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Storage for FaultStorage {

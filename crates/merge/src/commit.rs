@@ -29,7 +29,8 @@ pub struct CommitOptions {
     pub base: Option<PathBuf>,
     /// Leave the top's clusters in place instead of emptying it (`-d`).
     pub keep_top: bool,
-    /// Commit even when other images use the base as their backing file.
+    /// Commit even when other images use the base as their backing file
+    /// and the commit would change what the base reads.
     pub force: bool,
     /// Plan only: open (read-only), check, compute the plan, change nothing.
     pub dry_run: bool,
@@ -173,6 +174,57 @@ pub(crate) fn cluster_of(image: &Image) -> u64 {
     }
 }
 
+/// The sizes of the files of `layers` (to check data pointers against).
+fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
+    layers
+        .iter()
+        .map(|l| {
+            l.image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(&l.path, "stat", e))
+        })
+        .collect()
+}
+
+/// Whether committing `upper` (of virtual size `size`) into `base` would
+/// change what the base reads anywhere: compares, extent by extent, what
+/// the commit would write with what the base reads there, and stops at the
+/// first difference. Writes nothing.
+fn changes_base_view(upper: &[Layer], base: &mut Chain, size: u64) -> Result<bool> {
+    let base_cluster = cluster_of(&base.top().image);
+    let mut job = CommitJob {
+        upper,
+        upper_lens: file_lens(upper)?,
+        base,
+        size,
+        base_cluster,
+        last_grown: None,
+    };
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    let mut pos = 0u64;
+    while pos < size {
+        let seg = job.next(pos, size - pos)?;
+        let len = seg.len.clamp(1, size - pos);
+        if seg.kind != Kind::Skip {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(walk::BUF_BYTES as u64) as usize;
+                new.resize(n, 0);
+                old.resize(n, 0);
+                job.read_source(&mut new, pos + done)?;
+                strata_image::chain::read_below(job.base.layers(), &mut old, pos + done)?;
+                if new != old {
+                    return Ok(true);
+                }
+                done += n as u64;
+            }
+        }
+        pos += len;
+    }
+    Ok(false)
+}
+
 /// Commits `top` into its base: see the module documentation and
 /// docs/merge-protocol.md. With `opts.dry_run` nothing is written and the
 /// report carries the plan.
@@ -181,7 +233,10 @@ pub(crate) fn cluster_of(image: &Image) -> u64 {
 /// not in the chain, a damaged image (corrupt bit, tables or data pointers
 /// outside the file), an image the write path cannot keep (dirty, with
 /// bitmaps), and — unless `opts.force` — a base that other images use as
-/// their backing file.
+/// their backing file, when the commit would change what the base reads
+/// (a commit that writes only what the base already reads, such as the
+/// rerun of a commit stopped after its base was flushed, changes nothing
+/// for them). Then runs [`commit_open`] on the open images.
 pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result<CommitReport> {
     const OP: &str = "commit";
     let probe_opts = OpenOptions {
@@ -252,11 +307,14 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         open::refuse_unwritable(base.top(), OP)?;
         open::refuse_damaged(base.top(), OP)?;
     }
-    // The guard: nobody else may read through the base.
+    // The guard: nobody else may read through the base, unless the commit
+    // leaves what the base reads as it is (the rerun of a commit stopped
+    // after its base was flushed: e.g. `-b` after the top was re-pointed,
+    // when the former intermediate layers still name the base).
     if !opts.force {
         let exclude = probe_ids.get(..k).unwrap_or(&[]).to_vec();
         let users = open::users_of(&base_path, &exclude, &opts.also_check)?;
-        if !users.is_empty() {
+        if !users.is_empty() && changes_base_view(upper, &mut base, probe.virtual_size())? {
             return Err(MergeError::BaseInUse {
                 base: base_path,
                 users,
@@ -264,30 +322,117 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         }
     }
 
-    let size = probe.virtual_size();
+    // The name the top will record for a deeper base (step 4), found
+    // before anything is written.
+    let top_name = if k > 1 && !opts.dry_run {
+        Some(open::backing_name_for(top, &probe.layers()[k])?)
+    } else {
+        None
+    };
+    let report = commit_open(
+        CommitParts {
+            upper,
+            base: &mut base,
+            top: &mut top_chain,
+            backing: top_name.as_deref().map(|name| (name, base_format)),
+        },
+        opts,
+        hooks,
+    )?;
+    drop(locks);
+    Ok(report)
+}
+
+/// The open images of a commit, for [`commit_open`].
+///
+/// `upper` and `top` are the same top image opened twice, as [`commit`]
+/// does: `upper` to read (it may be a lock-free second open), `top` to
+/// write. They must show the same bytes (the same file, or storages that
+/// share their bytes).
+#[derive(Debug)]
+pub struct CommitParts<'a> {
+    /// The layers whose data goes into the base, top first: `L0..Lk-1`,
+    /// opened for reading (their own backing files are not needed).
+    pub upper: &'a [Layer],
+    /// The base `Lk` as its own chain (the base on top, writable, followed
+    /// by its backing files for copy-on-write).
+    pub base: &'a mut Chain,
+    /// The top image `L0` alone, writable when it is to be emptied or
+    /// re-pointed (it is not written with `keep_top` and k = 1, nor in a
+    /// dry run).
+    pub top: &'a mut Chain,
+    /// The backing name (as the top's header is to record it, relative to
+    /// the top's directory) and format of the base, recorded in the top
+    /// when k > 1. Required then (unless a dry run); ignored when k = 1.
+    pub backing: Option<(&'a str, ImageFormat)>,
+}
+
+/// Commits open images: the plan, then steps 1-5 of docs/merge-protocol.md
+/// (grow the base, copy, flush the base, re-point the top when k > 1, empty
+/// the top unless `opts.keep_top`). With `opts.dry_run` only the plan.
+///
+/// This is [`commit`] after it has opened the files, taken the locks and
+/// run its refusals; `commit_open` itself refuses only what the plan pass
+/// finds (data pointers past the end of a file, unreadable tables). The
+/// caller is responsible for the rest: images marked corrupt or dirty,
+/// bitmaps, and the guard (`opts.base`, `opts.force` and `opts.also_check`
+/// are not used here). Useful to run a commit on images that are not plain
+/// files, e.g. [`strata_image::FaultStorage`] in crash tests.
+///
+/// The report's `top` and `base` are the paths of `parts.upper[0]` and
+/// `parts.base`'s top layer.
+pub fn commit_open(
+    parts: CommitParts<'_>,
+    opts: &CommitOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<CommitReport> {
+    let CommitParts {
+        upper,
+        base,
+        top: top_chain,
+        backing,
+    } = parts;
+    let k = upper.len();
+    let Some(top_layer) = upper.first() else {
+        return Err(MergeError::InvalidArgument(
+            "commit: no layer above the base".into(),
+        ));
+    };
+    let top = top_layer.path.clone();
+    let writes_top = !opts.dry_run && (!opts.keep_top || k > 1);
+    if writes_top && top_chain.top().image.format() != ImageFormat::Qcow2 {
+        return Err(MergeError::InvalidArgument(format!(
+            "{}: commit: only a qcow2 top can be emptied or re-pointed",
+            top.display()
+        )));
+    }
+    let backing = match backing {
+        Some(b) => Some(b),
+        None if k > 1 && !opts.dry_run => {
+            return Err(MergeError::InvalidArgument(format!(
+                "{}: commit into a deeper base needs the backing name to record in the top",
+                top.display()
+            )))
+        }
+        None => None,
+    };
+    let base_path = base.top().path.clone();
+    let size = top_layer.image.virtual_size();
     let base_size = base.virtual_size();
-    let upper_lens = upper
-        .iter()
-        .map(|l| {
-            l.image
-                .storage()
-                .len()
-                .map_err(|e| MergeError::io(&l.path, "stat", e))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let upper_lens = file_lens(upper)?;
     let base_cluster = cluster_of(&base.top().image);
     let mut job = CommitJob {
         upper,
         upper_lens,
-        base: &mut base,
+        base,
         size,
         base_cluster,
         last_grown: None,
     };
     let plan = walk::plan(&mut job, base_cluster)?;
     let mut report = CommitReport {
-        top: top.to_path_buf(),
-        base: base_path.clone(),
+        top,
+        base: base_path,
         layers_merged: k,
         plan,
         stats: Stats::default(),
@@ -317,12 +462,11 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
 
     // 4. Re-point the top at a deeper base: the layers in between now add
     //    nothing the base does not hold.
-    if k > 1 {
-        let name = open::backing_name_for(top, &probe.layers()[k])?;
+    if let (true, Some((name, format))) = (k > 1, backing) {
         if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
-            q.set_backing(Some((&name, base_format.name())))?;
+            q.set_backing(Some((name, format.name())))?;
         }
-        report.top_repointed = Some(name);
+        report.top_repointed = Some(name.to_string());
     }
     // 5. Empty the top: every cluster reads through to the base.
     if !opts.keep_top {
@@ -332,6 +476,5 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         }
         report.top_emptied = true;
     }
-    drop(locks);
     Ok(report)
 }

@@ -25,8 +25,8 @@ pub mod progress;
 pub mod pull;
 pub mod walk;
 
-pub use commit::{commit, CommitOptions, CommitReport};
+pub use commit::{commit, commit_open, CommitOptions, CommitParts, CommitReport};
 pub use error::{MergeError, Result};
 pub use progress::{Hooks, Progress};
-pub use pull::{pull, rebase, PullOptions, PullReport, RebaseOptions, RebaseReport};
+pub use pull::{pull, pull_open, rebase, PullOptions, PullReport, RebaseOptions, RebaseReport};
 pub use walk::{FileGrowth, Plan, Stats};

@@ -266,6 +266,9 @@ fn open_top(top: &Path, dry_run: bool) -> Result<Chain> {
 /// `None`), then points `top` at `opts.base` (or at nothing). The result
 /// reads as `qemu-img rebase -b BASE` / `-b ''` leaves it; unlike
 /// qemu-img, the header changes only after the copies are durable.
+///
+/// Opens the chain, refuses damaged layers and an unwritable top before
+/// anything is written, then runs [`pull_open`].
 pub fn pull(top: &Path, opts: &PullOptions, hooks: &mut Hooks<'_>) -> Result<PullReport> {
     const OP: &str = "pull";
     let mut chain = open_top(top, opts.dry_run)?;
@@ -284,27 +287,72 @@ pub fn pull(top: &Path, opts: &PullOptions, hooks: &mut Hooks<'_>) -> Result<Pul
         Some(l) => Some((open::backing_name_for(top, l)?, l.image.format())),
         None => None,
     };
-    let new_ref = new.as_ref().map(|(name, f)| (name.as_str(), f.name()));
-    let (plan, stats) = run_backing_job(
+    pull_open(
         &mut chain,
-        Reference::Shared(k),
-        new_ref,
-        k > 1,
+        k,
+        new.as_ref().map(|(name, f)| (name.as_str(), *f)),
         opts.dry_run,
+        hooks,
+    )
+}
+
+/// Pulls an open chain: the layers between the top and layer `keep` (the
+/// new backing file; `keep` = the number of layers for none) are copied
+/// into the top where the views differ, the top is flushed, and only then
+/// does its header name `new_backing` (the name relative to the top's
+/// directory and the format of layer `keep`; `None` when `keep` is the
+/// number of layers). With `keep` = 1 there is nothing to pull and the
+/// header is not rewritten. With `dry_run`, only the plan.
+///
+/// `chain` is the top (writable unless a dry run) and its whole backing
+/// chain. This is [`pull`] after it has opened the chain and run its
+/// refusals; `pull_open` itself refuses only what the plan pass finds
+/// (data pointers past the end of a file, unreadable tables), not images
+/// marked corrupt or dirty or carrying bitmaps: the caller checks those.
+/// Useful to run a pull on images that are not plain files, e.g.
+/// [`strata_image::FaultStorage`] in crash tests.
+pub fn pull_open(
+    chain: &mut Chain,
+    keep: usize,
+    new_backing: Option<(&str, ImageFormat)>,
+    dry_run: bool,
+    hooks: &mut Hooks<'_>,
+) -> Result<PullReport> {
+    const OP: &str = "pull";
+    let n = chain.layers().len();
+    if keep == 0 || keep > n {
+        return Err(MergeError::InvalidArgument(format!(
+            "{}: pull: layer {keep} is not a backing file of a chain of {n}",
+            chain.top().path.display()
+        )));
+    }
+    if new_backing.is_some() != (keep < n) {
+        return Err(MergeError::InvalidArgument(format!(
+            "{}: pull: the new backing name must be given exactly when a layer is kept",
+            chain.top().path.display()
+        )));
+    }
+    let new_ref = new_backing.map(|(name, f)| (name, f.name()));
+    let (plan, stats) = run_backing_job(
+        chain,
+        Reference::Shared(keep),
+        new_ref,
+        keep > 1,
+        dry_run,
         OP,
         hooks,
     )?;
     Ok(PullReport {
-        top: top.to_path_buf(),
-        layers_pulled: k.saturating_sub(1),
-        new_backing: if k > 1 {
-            new.map(|(name, _)| name)
+        top: chain.top().path.clone(),
+        layers_pulled: keep - 1,
+        new_backing: if keep > 1 {
+            new_backing.map(|(name, _)| name.to_string())
         } else {
             chain.top().image.backing().0.map(str::to_string)
         },
         plan,
         stats,
-        dry_run: opts.dry_run,
+        dry_run,
     })
 }
 

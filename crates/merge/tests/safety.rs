@@ -318,3 +318,71 @@ fn commit_refuses_a_base_outside_the_chain() {
     let err = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(matches!(err, MergeError::NotInChain { .. }), "{err}");
 }
+
+/// base <- mid <- top.
+fn three_layer_chain(dir: &Path) -> std::path::PathBuf {
+    let (base, mid, top) = (
+        dir.join("base.qcow2"),
+        dir.join("mid.qcow2"),
+        dir.join("top.qcow2"),
+    );
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_io(&base, &["write -P 0xb1 0 2M"]);
+    for (img, below) in [(&mid, "base.qcow2"), (&top, "mid.qcow2")] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            below,
+            "-F",
+            "qcow2",
+            s(img),
+        ]);
+    }
+    qemu_io(&mid, &["write -P 0xc1 512k 512k", "write -z 1536k 256k"]);
+    qemu_io(&top, &["write -P 0xd1 768k 128k", "write -P 0xd2 3M 64k"]);
+    top
+}
+
+/// A `commit -b` that stopped after re-pointing the top (step 4; `keep_top`
+/// leaves exactly that state) left the former intermediate naming the
+/// base. The rerun writes only what the base already reads, so the guard
+/// lets it finish; a commit that would change the base is still refused.
+#[test]
+fn the_rerun_of_a_commit_b_stopped_after_the_repoint_is_not_refused_by_the_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = three_layer_chain(dir.path());
+    let (base, mid) = (dir.path().join("base.qcow2"), dir.path().join("mid.qcow2"));
+    let before = view(&top);
+    let opts = CommitOptions {
+        base: Some(base.clone()),
+        ..CommitOptions::default()
+    };
+    let stopped = CommitOptions {
+        keep_top: true,
+        ..opts.clone()
+    };
+    commit(&top, &stopped, &mut Hooks::default()).unwrap();
+    assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
+    assert!(own_allocated(&top) > 0);
+
+    let r = commit(&top, &opts, &mut Hooks::default()).unwrap();
+    assert!(r.top_emptied);
+    assert_eq!(own_allocated(&top), 0);
+    assert_eq!(view(&top), before);
+    assert_eq!(view(&base), before);
+    // Finished: the same command again.
+    commit(&top, &opts, &mut Hooks::default()).unwrap();
+
+    // New data in the top would change what mid reads: refused.
+    qemu_io(&top, &["write -P 0xe1 0 4k"]);
+    let base_before = bytes(&base);
+    let err = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
+    match &err {
+        MergeError::BaseInUse { users, .. } => assert_eq!(users, &vec![mid]),
+        e => panic!("unexpected error: {e}"),
+    }
+    assert_eq!(bytes(&base), base_before);
+}
