@@ -1,7 +1,7 @@
 #!/bin/bash
 # CI smoke run of the fuzz targets: each one for FUZZ_SECONDS (default 20).
-# Also replays the committed corpus of the merge target, which `cargo test`
-# cannot (strata-image's tests do not depend on strata-merge).
+# Also replays the committed corpus of the merge target through the fuzz
+# build (cargo test replays it too: crates/merge/tests/fuzz_regressions.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTC_BOOTSTRAP=1

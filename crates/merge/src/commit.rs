@@ -165,6 +165,10 @@ impl Job for CommitJob<'_> {
     fn growing_file(&self) -> PathBuf {
         self.base.top().path.clone()
     }
+
+    fn source_layers(&self) -> &[Layer] {
+        self.upper
+    }
 }
 
 pub(crate) fn cluster_of(image: &Image) -> u64 {

@@ -188,6 +188,10 @@ impl Job for BackingJob<'_> {
     fn growing_file(&self) -> PathBuf {
         self.chain.top().path.clone()
     }
+
+    fn source_layers(&self) -> &[Layer] {
+        self.chain.layers().get(1..).unwrap_or(&[])
+    }
 }
 
 fn file_lens(chain: &Chain) -> Result<Vec<u64>> {

@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 
-use strata_image::chain::Resolved;
+use strata_image::chain::{resolve_in, Resolved};
 use strata_image::{Layer, Mapping};
 
 use crate::error::{MergeError, Result};
@@ -70,6 +70,9 @@ pub(crate) trait Job {
     fn growth(&mut self, at: u64, len: u64) -> Result<u64>;
     /// Files that grow, in the order of [`Plan::growth`].
     fn growing_file(&self) -> PathBuf;
+    /// The layers the source view of `[at, at+len)` is read from, top
+    /// first (checked by the plan pass: see [`check_compressed`]).
+    fn source_layers(&self) -> &[Layer];
 }
 
 /// How much a file is expected to grow.
@@ -156,6 +159,15 @@ pub(crate) fn plan(job: &mut dyn Job, cluster: u64) -> Result<Plan> {
                 }
                 last_cluster = Some(last);
                 growth += job.growth(pos, len)?;
+                if !matches!(
+                    seg.kind,
+                    Kind::Diff {
+                        source_zero: true,
+                        ..
+                    }
+                ) {
+                    check_compressed(job.source_layers(), pos, len)?;
+                }
             }
         }
         pos += len;
@@ -420,6 +432,34 @@ pub(crate) fn check_inside(
                 ),
             });
         }
+    }
+    Ok(())
+}
+
+/// Decompresses every compressed cluster the view of `layers` reads in
+/// `[pos, pos+len)`. Their tables were validated when the plan read them,
+/// but only decompression tells whether the bytes are a valid stream: a
+/// cluster that does not decompress is refused here, in the plan pass,
+/// so that a merge never stops part-way through (with its destination
+/// half written) on damage it could have seen before writing.
+pub(crate) fn check_compressed(layers: &[Layer], pos: u64, len: u64) -> Result<()> {
+    let end = pos.saturating_add(len);
+    let mut at = pos;
+    let mut buf = Vec::new();
+    while at < end {
+        let r = resolve_in(layers, at, end - at)?;
+        let n = r.extent.len.clamp(1, end - at);
+        if let (Mapping::Compressed(_), Some(layer), false) =
+            (r.extent.mapping, layers.get(r.depth), r.past_end)
+        {
+            // A compressed extent never spans more than one cluster.
+            buf.resize(usize::try_from(n).unwrap_or(usize::MAX).min(BUF_BYTES), 0);
+            let piece = (buf.len() as u64).min(n) as usize;
+            layer
+                .image
+                .read_mapped(r.extent.mapping, at, &mut buf[..piece])?;
+        }
+        at += n;
     }
     Ok(())
 }
