@@ -5,16 +5,14 @@
 //! nor written (the file is sized with `set_len`), and 4 KiB blocks of
 //! data that happen to be all zeros are skipped too, as qemu-img does.
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use strata_format::CompressionType;
 use strata_image::convert::ConvertOptions;
 use strata_image::create::CreateOptions;
-use strata_image::{Chain, ImageFormat};
+use strata_image::{Chain, FileStorage, ImageFormat, Storage};
 
 use crate::size::parse_size;
 
@@ -58,11 +56,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// calling `progress` with the bytes done so far.
 pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     let size = chain.virtual_size();
-    let file = FsOpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
+    // A FileStorage: its writes start the kernel's writeback early, so the
+    // final sync finds little left to write.
+    let file = FileStorage::create(dst)
         .with_context(|| format!("{}: cannot create the output file", dst.display()))?;
     file.set_len(size)
         .with_context(|| format!("{}: cannot size the output file", dst.display()))?;
@@ -83,13 +79,13 @@ pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u
         pos += len;
         progress(pos, size);
     }
-    file.sync_all()
+    file.sync()
         .with_context(|| format!("{}: cannot sync the output file", dst.display()))?;
     Ok(())
 }
 
 /// Writes `buf` at `pos`, leaving aligned all-zero blocks as holes.
-fn write_sparse(file: &std::fs::File, dst: &Path, buf: &[u8], pos: u64) -> Result<()> {
+fn write_sparse(file: &FileStorage, dst: &Path, buf: &[u8], pos: u64) -> Result<()> {
     let mut i = 0usize;
     while i < buf.len() {
         // Up to the next SPARSE_BLOCK boundary of the output file.
@@ -107,7 +103,7 @@ fn write_sparse(file: &std::fs::File, dst: &Path, buf: &[u8], pos: u64) -> Resul
                 }
                 run_end = e;
             }
-            file.write_all_at(&buf[i..run_end], pos + i as u64)
+            file.write_at(&buf[i..run_end], pos + i as u64)
                 .with_context(|| {
                     format!("{}: write at {:#x} failed", dst.display(), pos + i as u64)
                 })?;
