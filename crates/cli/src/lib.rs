@@ -757,13 +757,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut err = stderr.lock();
-    let code = run(args, &mut out, &mut err);
-    let _ = out.flush();
-    code
+    on_std_streams(|out, err| run(args, out, err))
 }
 
 /// [`run_without_libvirt`] on the process's standard output and error.
@@ -772,11 +766,16 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    on_std_streams(|out, err| run_without_libvirt(args, out, err))
+}
+
+/// Runs `f` on buffered standard output and standard error.
+fn on_std_streams(f: impl FnOnce(&mut dyn Write, &mut dyn Write) -> i32) -> i32 {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut err = stderr.lock();
-    let code = run_without_libvirt(args, &mut out, &mut err);
+    let code = f(&mut out, &mut err);
     let _ = out.flush();
     code
 }

@@ -179,7 +179,7 @@ pub(crate) fn cluster_of(image: &Image) -> u64 {
 }
 
 /// The sizes of the files of `layers` (to check data pointers against).
-fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
+pub(crate) fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
     layers
         .iter()
         .map(|l| {

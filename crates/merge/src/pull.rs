@@ -194,19 +194,6 @@ impl Job for BackingJob<'_> {
     }
 }
 
-fn file_lens(chain: &Chain) -> Result<Vec<u64>> {
-    chain
-        .layers()
-        .iter()
-        .map(|l| {
-            l.image
-                .storage()
-                .len()
-                .map_err(|e| MergeError::io(&l.path, "stat", e))
-        })
-        .collect()
-}
-
 fn granule_of(image: &Image) -> u64 {
     match image {
         Image::Qcow2(q) => q.geometry().subcluster_size(),
@@ -225,7 +212,7 @@ fn run_backing_job(
     op: &'static str,
     hooks: &mut Hooks<'_>,
 ) -> Result<(Plan, Stats)> {
-    let lens = file_lens(chain)?;
+    let lens = crate::commit::file_lens(chain.layers())?;
     let granule = granule_of(&chain.top().image);
     let cluster = cluster_of(&chain.top().image);
     let mut job = BackingJob {
