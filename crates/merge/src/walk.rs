@@ -1,6 +1,6 @@
 //! The cluster walk shared by commit, pull and rebase.
 //!
-//! A [`Job`] classifies the guest disk extent by extent (runs of clusters,
+//! A `Job` classifies the guest disk extent by extent (runs of clusters,
 //! never bytes): skip, make zero, copy, or copy where the source view
 //! differs from a reference view. The walk runs a job twice: once to plan
 //! (metadata only; this pass also validates every table it reads before
