@@ -402,7 +402,7 @@ pub fn map_view(chain: &Chain) {
 }
 
 /// `open_read`: open the top image (and a backing layer), read and map
-/// the guest view.
+/// the guest view, and check the top.
 pub fn open_read(data: &[u8]) {
     let input = decode_chain_input(data);
     let storage = Box::new(MemStorage::from_bytes(input.top.to_vec()));
@@ -421,7 +421,15 @@ pub fn open_read(data: &[u8]) {
     let chain = chain_of(&input, top);
     read_view(&chain, u64::from(input.seed));
     map_view(&chain);
-    // strata_image::check does not exist yet: when it lands, run it here.
+    // check: never panics; a failure names the file.
+    if let Some(q) = chain.top().image.as_qcow2() {
+        match strata_image::check::check(q) {
+            Ok(report) => {
+                let _ = report.exit_code();
+            }
+            Err(e) => assert_names(&e, TOP),
+        }
+    }
 }
 
 // ------------------------------------------------------------------ write
