@@ -452,12 +452,10 @@ pub(crate) fn check_compressed(layers: &[Layer], pos: u64, len: u64) -> Result<(
         if let (Mapping::Compressed(_), Some(layer), false) =
             (r.extent.mapping, layers.get(r.depth), r.past_end)
         {
-            // A compressed extent never spans more than one cluster.
-            buf.resize(usize::try_from(n).unwrap_or(usize::MAX).min(BUF_BYTES), 0);
-            let piece = (buf.len() as u64).min(n) as usize;
-            layer
-                .image
-                .read_mapped(r.extent.mapping, at, &mut buf[..piece])?;
+            // A compressed extent never spans more than one cluster (at
+            // most 2 MiB, under BUF_BYTES); reading it decompresses it.
+            buf.resize(n.min(BUF_BYTES as u64) as usize, 0);
+            layer.image.read_mapped(r.extent.mapping, at, &mut buf)?;
         }
         at += n;
     }
