@@ -19,7 +19,7 @@ use crate::lock::{ImageLock, LockMode};
 use crate::mapping::{Extent, Mapping};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, MappedBytes, Storage};
 
 /// An image format Strata reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +111,19 @@ impl Image {
                     Ok(())
                 }
             },
+        }
+    }
+    /// What [`Image::read_mapped`] would read for `len` bytes at `guest`
+    /// mapped with `m`, mapped in place instead of copied, when the image
+    /// stores them uncompressed on a storage that can map.
+    pub fn mapped_data(&self, m: Mapping, guest: u64, len: usize) -> Result<Option<MappedBytes>> {
+        match (self, m) {
+            (Image::Qcow2(q), m) => q.mapped_data(m, len),
+            (Image::Raw(r), Mapping::Data { .. }) => r
+                .storage()
+                .mapped(guest, len)
+                .map_err(|e| Error::io(r.path(), "map data", guest, e)),
+            (Image::Raw(_), _) => Ok(None),
         }
     }
     /// The backing file name and format recorded in the image.
@@ -549,6 +562,26 @@ fn read_in(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
         done += n as u64;
     }
     Ok(())
+}
+
+/// The start of what [`read_below`] would read at `offset` (at most `len`
+/// bytes), mapped in place instead of copied, when one layer stores it
+/// uncompressed on a storage that can map (see [`Storage::mapped`]). The
+/// bytes may be fewer than `len`; `None` means: read instead.
+pub fn mapped_below(layers: &[Layer], offset: u64, len: u64) -> Result<Option<MappedBytes>> {
+    let size = layers.first().map_or(0, |l| l.image.virtual_size());
+    let n = size.saturating_sub(offset).min(len);
+    if n == 0 {
+        return Ok(None);
+    }
+    let r = resolve_in(layers, offset, n)?;
+    match layers.get(r.depth) {
+        Some(layer) if !r.past_end && r.extent.mapping.is_allocated() => {
+            let n = usize::try_from(r.extent.len.min(n)).unwrap_or(usize::MAX);
+            layer.image.mapped_data(r.extent.mapping, offset, n)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Reads what `layers` show at `offset`, zeros past the end of the first

@@ -25,4 +25,4 @@ pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
-pub use storage::{FaultStorage, FileStorage, MemStorage, Storage};
+pub use storage::{FaultStorage, FileStorage, MappedBytes, MemStorage, Storage};

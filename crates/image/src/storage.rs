@@ -53,6 +53,55 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// The bytes `[offset, offset+len)` mapped into memory read-only, so a
+    /// caller that only passes them on (a merge copying data) needs no copy
+    /// of its own. `None` when the backend cannot map or the range is not
+    /// wholly inside the storage: the caller reads instead.
+    fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+}
+
+/// Bytes of a file mapped into memory read-only, unmapped when dropped.
+///
+/// A mapping reads the page cache in place: no copy into a buffer. It is
+/// created for one range just before it is read and dropped right after,
+/// so it adds at most that range to the resident memory. A process that
+/// truncates the file below the range in that window (ignoring the image
+/// locks Strata holds) makes the next access to it fail with `SIGBUS`:
+/// like any crash, this loses nothing (docs/crash-consistency.md).
+pub struct MappedBytes {
+    map: memmap2::Mmap,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MappedBytes({} bytes)", self.map.len())
+    }
+}
+
+/// Maps `[offset, offset+len)` of `file`, which is at least that long.
+#[allow(unsafe_code)]
+fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedBytes> {
+    let mut opts = memmap2::MmapOptions::new();
+    opts.offset(offset).len(len);
+    // SAFETY: the mapping is read-only and the caller checked that the
+    // range lies inside the file. What `Mmap` cannot rule out is another
+    // process changing or truncating the file while it is mapped: the
+    // images a merge reads are locked against writers (QEMU-compatible
+    // locks), the range is used at once and unmapped, and a truncation
+    // would raise SIGBUS (a crash, which the write protocol tolerates),
+    // not corrupt memory.
+    let map = unsafe { opts.map(file)? };
+    Ok(MappedBytes { map })
 }
 
 /// A storage backed by a file.
@@ -64,9 +113,24 @@ pub struct FileStorage {
 
 /// Starts the kernel's writeback of written data early, on a helper thread,
 /// so that the disk works while the caller goes on writing and the next
-/// `sync` finds little left to do. A hint only: durability still comes
-/// from `sync` alone, and writing back early is something the page cache
-/// may do at any moment anyway (the crash protocol assumes it).
+/// `sync` finds little left to do.
+///
+/// Every [`WRITEBACK_EVERY`] bytes the helper submits the dirty range for
+/// writeback; every [`FLUSH_EVERY`] bytes it also flushes the file
+/// (`fdatasync`). A virtual disk with a write-back cache in its host (this
+/// project's machines) takes writes fast and pays for durability only
+/// when flushed, at about the rate the data reaches it; flushing as the
+/// data comes, off the writer's path, overlaps that cost with the writing,
+/// and the caller's own `sync` then waits for the last few MiB only.
+///
+/// Hints only: durability still comes from `sync` alone, and writing back
+/// or persisting written data early is something the page cache and the
+/// disk may do at any moment anyway (the crash protocol assumes it; an
+/// extra flush never makes a later write durable before an earlier one).
+/// The helper flushes through its own open file description, not a
+/// duplicate descriptor, so that a write error it sees is still reported
+/// by the caller's `sync` (the kernel reports a writeback error once per
+/// open file description).
 #[derive(Default)]
 struct Writeback {
     state: Mutex<WritebackState>,
@@ -79,12 +143,16 @@ struct WritebackState {
     /// Bytes written since the last hint.
     bytes: u64,
     /// The helper thread's queue (started at the first hint).
-    tx: Option<std::sync::mpsc::Sender<(u64, u64)>>,
+    tx: Option<std::sync::mpsc::Sender<(u64, u64, u64)>>,
+    /// Early flushes the helper has done.
+    flushes: Arc<std::sync::atomic::AtomicU64>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Bytes written between two writeback hints.
 const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Bytes written between two early flushes.
+const FLUSH_EVERY: u64 = 32 << 20;
 
 impl Writeback {
     fn wrote(&self, file: &File, offset: u64, len: u64) {
@@ -98,35 +166,59 @@ impl Writeback {
         if st.bytes < WRITEBACK_EVERY {
             return;
         }
-        let Some(range) = st.dirty.take() else { return };
-        st.bytes = 0;
+        let Some((start, end)) = st.dirty.take() else {
+            return;
+        };
+        let bytes = std::mem::take(&mut st.bytes);
         if st.tx.is_none() {
             let Ok(f) = file.try_clone() else { return };
-            let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, u64)>();
+            let flushes = st.flushes.clone();
             let handle = std::thread::Builder::new()
                 .name("writeback".into())
-                .spawn(move || {
-                    for (s, e) in rx {
-                        let (Ok(s), Ok(l)) = (i64::try_from(s), i64::try_from(e - s)) else {
-                            continue;
-                        };
-                        // DONTNEED submits the dirty pages for writeback
-                        // (and drops clean ones); errors are for `sync`
-                        // to report.
-                        let _ = nix::fcntl::posix_fadvise(
-                            &f,
-                            s,
-                            l,
-                            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-                        );
-                    }
-                });
+                .spawn(move || writeback_helper(&f, rx, &flushes));
             let Ok(handle) = handle else { return };
             st.tx = Some(tx);
             st.handle = Some(handle);
         }
         if let Some(tx) = &st.tx {
-            let _ = tx.send(range);
+            let _ = tx.send((start, end, bytes));
+        }
+    }
+}
+
+/// The helper thread of [`Writeback`]: hints for each range received
+/// (start, end, bytes written in it), flushes every [`FLUSH_EVERY`] bytes
+/// written. Errors are for the caller's `sync` to report.
+fn writeback_helper(
+    f: &File,
+    ranges: std::sync::mpsc::Receiver<(u64, u64, u64)>,
+    flushes: &std::sync::atomic::AtomicU64,
+) {
+    use std::os::fd::AsRawFd;
+    // A second open file description of the file (not a duplicate of the
+    // descriptor): a flush through it cannot consume a write error that
+    // the caller's `sync` must still report. Without /proc, no flushes.
+    let own = File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).ok();
+    let mut unflushed = 0u64;
+    for (s, e, bytes) in ranges {
+        let (Ok(start), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
+            continue;
+        };
+        // DONTNEED submits the dirty pages for writeback (and drops clean
+        // ones).
+        let _ = nix::fcntl::posix_fadvise(
+            f,
+            start,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+        unflushed += bytes;
+        if unflushed >= FLUSH_EVERY {
+            unflushed = 0;
+            if own.as_ref().is_some_and(|o| o.sync_data().is_ok()) {
+                flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }
@@ -286,6 +378,15 @@ impl Storage for FileStorage {
     fn file(&self) -> Option<&File> {
         Some(&self.file)
     }
+    fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
+        let inside = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.len().unwrap_or(0));
+        if len == 0 || !inside {
+            return Ok(None);
+        }
+        map_range(&self.file, offset, len).map(Some)
+    }
 }
 
 /// A storage held in memory, cheap to clone (clones share the bytes).
@@ -430,6 +531,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_writeback_helper_flushes_as_the_data_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for i in 0..(2 * FLUSH_EVERY + WRITEBACK_EVERY) >> 20 {
+            s.write_at(&chunk, i << 20).unwrap();
+        }
+        let flushes = s.writeback.state.lock().unwrap().flushes.clone();
+        drop(s); // joins the helper thread
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn file_storage_maps_ranges_inside_the_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        let bytes: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+        s.write_at(&bytes, 0).unwrap();
+        // Unaligned start and length, across pages, up to the last byte.
+        let m = s.mapped(100, 5000).unwrap().unwrap();
+        assert_eq!(*m, bytes[100..5100]);
+        let end = bytes.len() as u64;
+        let m = s.mapped(end - 7, 7).unwrap().unwrap();
+        assert_eq!(*m, bytes[bytes.len() - 7..]);
+        // Past the end, overflowing, or empty: read instead.
+        assert!(s.mapped(end - 7, 8).unwrap().is_none());
+        assert!(s.mapped(u64::MAX - 3, 8).unwrap().is_none());
+        assert!(s.mapped(0, 0).unwrap().is_none());
+        // A mapping sees the file as it is when it is made.
+        s.set_len(4096).unwrap();
+        assert!(s.mapped(100, 5000).unwrap().is_none());
+        assert_eq!(*s.mapped(0, 4096).unwrap().unwrap(), bytes[..4096]);
+        // Backends without files never map.
+        let mem = MemStorage::from_bytes(bytes.clone());
+        assert!(mem.mapped(0, 10).unwrap().is_none());
     }
 
     #[test]

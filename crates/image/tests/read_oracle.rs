@@ -207,3 +207,92 @@ fn map_answers_do_not_depend_on_the_order_of_questions() {
         }
     }
 }
+
+/// Walks the view of `img` in odd-sized steps, mapping what can be mapped
+/// (`chain::mapped_below`) and checking it against a copying read of the
+/// same bytes. Returns the bytes that came mapped.
+fn mapped_bytes_equal_read_bytes(img: &Path) -> u64 {
+    use strata_image::chain::{mapped_below, read_below};
+    let chain = Chain::open(img, &OpenOptions::default()).unwrap();
+    let layers = chain.layers();
+    let size = chain.virtual_size();
+    let (mut pos, mut mapped) = (0u64, 0u64);
+    let step = 100_003u64;
+    while pos < size + step {
+        match mapped_below(layers, pos, step).unwrap() {
+            Some(m) => {
+                assert!(!m.is_empty() && m.len() as u64 <= step.min(size - pos));
+                let mut want = vec![0u8; m.len()];
+                read_below(layers, &mut want, pos).unwrap();
+                assert!(
+                    *m == want[..],
+                    "{}: mapped bytes at {pos:#x}",
+                    img.display()
+                );
+                mapped += m.len() as u64;
+                pos += m.len() as u64;
+            }
+            None => pos += step,
+        }
+    }
+    mapped
+}
+
+/// A merge passes stored data on mapped rather than copied where it can;
+/// the mapped bytes are the bytes a read gives, and only uncompressed data
+/// inside the file is ever mapped (zeros, compressed clusters and the space
+/// past a short backing file are read).
+#[test]
+fn mapped_data_is_the_data_a_read_gives() {
+    if skip() {
+        return;
+    }
+    for (opts, top_opts) in [
+        ("cluster_size=512", "cluster_size=512,"),
+        ("cluster_size=65536,extended_l2=on", "extended_l2=on,"),
+        ("cluster_size=2M", ""),
+        ("compat=0.10", "compat=0.10,"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let top = two_layer(dir.path(), opts, top_opts);
+        // Data: 1 MiB + 100 KiB in the base, 8 KiB + 300 KiB in the top
+        // (more where a partial write copied whole clusters up).
+        let mapped = mapped_bytes_equal_read_bytes(&top);
+        assert!(mapped > 1 << 20, "{opts}: {mapped} bytes mapped");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("src.raw"), vec![0x5au8; 1 << 20]).unwrap();
+    let img = d.join("c.qcow2");
+    let (src, dst) = (d.join("src.raw"), img.clone());
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
+    assert_eq!(mapped_bytes_equal_read_bytes(&img), 0, "compressed");
+
+    let top = d.join("short.qcow2");
+    std::fs::write(d.join("base.raw"), vec![0x55u8; 1 << 20]).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "3M",
+    ]);
+    qemu_io(&top, &["write -P 0x66 2M 4k"]);
+    // The raw backing file's 1 MiB and the top's cluster at 2 MiB, and
+    // nothing past the backing file's end.
+    let mapped = mapped_bytes_equal_read_bytes(&top);
+    assert!((1 << 20..=(1 << 20) + 65536).contains(&mapped), "{mapped}");
+}

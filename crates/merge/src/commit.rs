@@ -108,10 +108,6 @@ impl Job for CommitJob<'_> {
         Ok(Seg { len, kind })
     }
 
-    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
-        Ok(strata_image::chain::read_below(self.upper, buf, at)?)
-    }
-
     fn read_reference(&self, buf: &mut [u8], _at: u64) -> Result<()> {
         buf.fill(0);
         Ok(())

@@ -148,11 +148,6 @@ impl Job for BackingJob<'_> {
         Ok(Seg { len, kind })
     }
 
-    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
-        let below = self.chain.layers().get(1..).unwrap_or(&[]);
-        Ok(read_below(below, buf, at)?)
-    }
-
     fn read_reference(&self, buf: &mut [u8], at: u64) -> Result<()> {
         Ok(read_below(self.new_layers(), buf, at)?)
     }

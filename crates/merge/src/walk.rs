@@ -4,16 +4,19 @@
 //! never bytes): skip, make zero, copy, or copy where the source view
 //! differs from a reference view. The walk runs a job twice: once to plan
 //! (metadata only; this pass also validates every table it reads before
-//! anything is written), once to execute, coalescing consecutive extents
-//! into writes of up to [`BUF_BYTES`] through one reused buffer.
+//! anything is written), once to execute. Source data stored uncompressed
+//! in a file is passed to the destination mapped in place (no copy into a
+//! buffer), up to [`BUF_BYTES`] per write; the rest (compressed clusters,
+//! memory storage) is read into one reused buffer, coalescing consecutive
+//! extents into writes of up to [`BUF_BYTES`].
 //!
 //! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
-//! that is larger) plus the image engine's L2 caches, whatever the image
-//! size.
+//! that is larger), one mapped window of at most as much, and the image
+//! engine's L2 caches, whatever the image size.
 
 use std::path::PathBuf;
 
-use strata_image::chain::{resolve_in, Resolved};
+use strata_image::chain::{mapped_below, read_below, resolve_in, Resolved};
 use strata_image::{Layer, Mapping};
 
 use crate::error::{MergeError, Result};
@@ -55,8 +58,10 @@ pub(crate) trait Job {
     fn size(&self) -> u64;
     /// Classifies the extent at `pos` (at most `max` bytes, at least one).
     fn next(&mut self, pos: u64, max: u64) -> Result<Seg>;
-    /// Reads the source view.
-    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()>;
+    /// Reads the source view (that of [`Job::source_layers`]).
+    fn read_source(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        Ok(read_below(self.source_layers(), buf, at)?)
+    }
     /// Reads the reference view (for `Diff`).
     fn read_reference(&self, buf: &mut [u8], at: u64) -> Result<()>;
     /// Writes data into the destination.
@@ -258,6 +263,25 @@ impl Runner<'_, '_, '_> {
                             .batch
                             .as_ref()
                             .is_some_and(|b| b.kind == seg.kind && b.start + b.len as u64 == at);
+                        let source_zero = matches!(
+                            seg.kind,
+                            Kind::Diff {
+                                source_zero: true,
+                                ..
+                            }
+                        );
+                        if !joins && !source_zero {
+                            // Bytes stored uncompressed in a file go from
+                            // the page cache to the destination with no
+                            // copy into the buffer.
+                            let want = (len - done).min(cap as u64);
+                            if let Some(m) = mapped_below(self.job.source_layers(), at, want)? {
+                                self.flush_batch()?;
+                                self.write_source(seg.kind, &m, at)?;
+                                done += m.len() as u64;
+                                continue;
+                            }
+                        }
                         if !joins {
                             self.flush_batch()?;
                             self.batch = Some(Batch {
@@ -325,51 +349,61 @@ impl Runner<'_, '_, '_> {
         if b.len == 0 {
             return Ok(());
         }
-        match b.kind {
-            Kind::Diff { reference_zero, .. } => self.write_differences(&b, reference_zero)?,
+        // The buffer is lent out for the write (it is not read meanwhile).
+        let buf = std::mem::take(&mut self.buf);
+        let written = self.write_source(b.kind, &buf[..b.len], b.start);
+        self.buf = buf;
+        written
+    }
+
+    /// Writes source bytes `src`, read at `at`, as `kind` says.
+    fn write_source(&mut self, kind: Kind, src: &[u8], at: u64) -> Result<()> {
+        match kind {
+            Kind::Diff { reference_zero, .. } => self.write_differences(src, at, reference_zero)?,
             _ => {
-                self.job.write_data(&self.buf[..b.len], b.start)?;
-                self.stats.copied_bytes += b.len as u64;
+                self.job.write_data(src, at)?;
+                self.stats.copied_bytes += src.len() as u64;
             }
         }
-        self.advance(b.len as u64);
+        self.advance(src.len() as u64);
         Ok(())
     }
 
-    /// Writes the granules of the batch where the source differs from the
-    /// reference: zeros as zero writes, the rest as data, coalesced.
-    fn write_differences(&mut self, b: &Batch, reference_zero: bool) -> Result<()> {
-        let n = b.len;
+    /// Writes the granules of `src` (read at `start`) where the source
+    /// differs from the reference: zeros as zero writes, the rest as data,
+    /// coalesced.
+    fn write_differences(&mut self, src: &[u8], start: u64, reference_zero: bool) -> Result<()> {
+        let n = src.len();
         if !reference_zero {
-            if self.reference.len() < self.buf.len() {
-                self.reference = vec![0u8; self.buf.len()];
+            if self.reference.len() < n {
+                self.reference = vec![0u8; n.max(BUF_BYTES)];
             }
-            self.job.read_reference(&mut self.reference[..n], b.start)?;
+            self.job.read_reference(&mut self.reference[..n], start)?;
         }
         let g = self.job.granule().max(1);
-        // (offset in batch, len, is_zero) of the pending write.
+        // (offset in src, len, is_zero) of the pending write.
         let mut run: Option<(usize, usize, bool)> = None;
         let mut i = 0usize;
         while i < n {
-            let abs = b.start + i as u64;
+            let abs = start + i as u64;
             let step = ((g - abs % g) as usize).min(n - i);
-            let src = &self.buf[i..i + step];
+            let part = &src[i..i + step];
             let same = if reference_zero {
-                is_zero(src)
+                is_zero(part)
             } else {
-                src == &self.reference[i..i + step]
+                part == &self.reference[i..i + step]
             };
             if same {
                 self.stats.equal_bytes += step as u64;
                 if let Some(r) = run.take() {
-                    self.write_run(b.start, r)?;
+                    self.write_run(src, start, r)?;
                 }
             } else {
-                let zero = is_zero(src);
+                let zero = is_zero(part);
                 run = match run {
                     Some((s, l, z)) if z == zero => Some((s, l + step, z)),
                     Some(r) => {
-                        self.write_run(b.start, r)?;
+                        self.write_run(src, start, r)?;
                         Some((i, step, zero))
                     }
                     None => Some((i, step, zero)),
@@ -378,18 +412,23 @@ impl Runner<'_, '_, '_> {
             i += step;
         }
         if let Some(r) = run {
-            self.write_run(b.start, r)?;
+            self.write_run(src, start, r)?;
         }
         Ok(())
     }
 
-    fn write_run(&mut self, start: u64, (off, len, zero): (usize, usize, bool)) -> Result<()> {
+    fn write_run(
+        &mut self,
+        src: &[u8],
+        start: u64,
+        (off, len, zero): (usize, usize, bool),
+    ) -> Result<()> {
         let at = start + off as u64;
         if zero {
             self.job.write_zeroes(at, len as u64)?;
             self.stats.zeroed_bytes += len as u64;
         } else {
-            self.job.write_data(&self.buf[off..off + len], at)?;
+            self.job.write_data(&src[off..off + len], at)?;
             self.stats.copied_bytes += len as u64;
         }
         Ok(())
