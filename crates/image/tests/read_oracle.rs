@@ -144,9 +144,13 @@ fn a_backing_file_shorter_than_its_overlay_reads_zeros_past_its_end() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let base = d.join("base.raw");
-    std::fs::write(&base, vec![0x55u8; 1 << 20]).unwrap();
+    let top = short_raw_backed(dir.path());
+    assert_reads_like_qemu(&top, dir.path());
+}
+
+/// A 3 MiB overlay (4 KiB written at 2 MiB) of a 1 MiB raw backing file.
+fn short_raw_backed(d: &Path) -> PathBuf {
+    std::fs::write(d.join("base.raw"), vec![0x55u8; 1 << 20]).unwrap();
     let top = d.join("top.qcow2");
     qemu_img(&[
         "create",
@@ -161,7 +165,7 @@ fn a_backing_file_shorter_than_its_overlay_reads_zeros_past_its_end() {
         "3M",
     ]);
     qemu_io(&top, &["write -P 0x66 2M 4k"]);
-    assert_reads_like_qemu(&top, d);
+    top
 }
 
 /// `Qcow2Image::map` remembers its last extent on read-only images; answers
@@ -276,21 +280,7 @@ fn mapped_data_is_the_data_a_read_gives() {
     ]);
     assert_eq!(mapped_bytes_equal_read_bytes(&img), 0, "compressed");
 
-    let top = d.join("short.qcow2");
-    std::fs::write(d.join("base.raw"), vec![0x55u8; 1 << 20]).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-        "3M",
-    ]);
-    qemu_io(&top, &["write -P 0x66 2M 4k"]);
+    let top = short_raw_backed(d);
     // The raw backing file's 1 MiB and the top's cluster at 2 MiB, and
     // nothing past the backing file's end.
     let mapped = mapped_bytes_equal_read_bytes(&top);
