@@ -2,7 +2,9 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::PathBuf;
+
+use tempfile::TempDir;
 
 use common::*;
 
@@ -22,8 +24,14 @@ fn assert_same_as_qemu_img(args: &[&str]) -> Run {
     r
 }
 
-fn create(path: &Path, size: &str) {
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(path), size]);
+/// Creates two empty qcow2 images in `d`, a.qcow2 of `size_a` and
+/// b.qcow2 of `size_b`.
+fn create_a_and_b(d: &TempDir, size_a: &str, size_b: &str) -> (PathBuf, PathBuf) {
+    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
+    for (path, size) in [(&a, size_a), (&b, size_b)] {
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(path), size]);
+    }
+    (a, b)
 }
 
 #[test]
@@ -33,9 +41,7 @@ fn one_differing_byte_is_reported_at_its_sector_like_qemu_img() {
     }
     // Arrange
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "4M");
-    create(&b, "4M");
+    let (a, b) = create_a_and_b(&d, "4M", "4M");
     qemu_io("qcow2", &a, &["write -P 0x11 64k 256k"]);
     qemu_io(
         "qcow2",
@@ -54,9 +60,7 @@ fn data_against_unallocated_zeros_is_compared_by_content() {
         return;
     }
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "4M");
-    create(&b, "4M");
+    let (a, b) = create_a_and_b(&d, "4M", "4M");
     // Zeros written as data in a, nothing in b: identical guest view.
     qemu_io("qcow2", &a, &["write -P 0 1M 64k", "write -P 7 3M 1"]);
     qemu_io("qcow2", &b, &["write -P 7 3M 1"]);
@@ -74,9 +78,7 @@ fn a_larger_image_with_a_zero_tail_is_identical_with_a_warning() {
         return;
     }
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "1M");
-    create(&b, "2M");
+    let (a, b) = create_a_and_b(&d, "1M", "2M");
     qemu_io("qcow2", &b, &["write -z 1536k 64k"]);
     let r = assert_same_as_qemu_img(&[s(&a), s(&b)]);
     assert_eq!(
@@ -92,9 +94,7 @@ fn a_larger_image_with_data_in_its_tail_differs() {
         return;
     }
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "1M");
-    create(&b, "2M");
+    let (a, b) = create_a_and_b(&d, "1M", "2M");
     qemu_io("qcow2", &b, &["write -P 1 1536700 1"]);
     let r = assert_same_as_qemu_img(&[s(&b), s(&a)]);
     assert_eq!(r.code, 1);
@@ -107,9 +107,7 @@ fn strict_mode_refuses_different_sizes() {
         return;
     }
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "1M");
-    create(&b, "2M");
+    let (a, b) = create_a_and_b(&d, "1M", "2M");
     let r = assert_same_as_qemu_img(&["-s", s(&a), s(&b)]);
     assert_eq!(r.stdout, "Strict mode: Image size mismatch!\n");
 }
@@ -120,9 +118,7 @@ fn strict_mode_reports_an_allocation_difference() {
         return;
     }
     let d = tempdir();
-    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
-    create(&a, "4M");
-    create(&b, "4M");
+    let (a, b) = create_a_and_b(&d, "4M", "4M");
     qemu_io("qcow2", &a, &["write -P 0 1M 64k"]);
     let r = assert_same_as_qemu_img(&["-s", s(&a), s(&b)]);
     assert_eq!(r.code, 1);
@@ -151,7 +147,5 @@ fn a_missing_image_is_an_error_with_exit_code_2() {
     let missing = d.path().join("missing.qcow2");
     std::fs::write(&a, vec![0u8; 4096]).unwrap();
     let r = strata_bin(&["compare", s(&a), s(&missing)]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
-    assert!(r.stderr.contains("missing.qcow2"), "{}", r.stderr);
+    assert_fails_with(&r, 2, &["missing.qcow2"]);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -11,6 +11,31 @@ fn create(args: &[&str]) {
     let mut full = vec!["create", "-q", "-f", "qcow2"];
     full.extend_from_slice(args);
     qemu_img_ok(&full);
+}
+
+/// Creates a 1 MiB qcow2 image `base` in `dir` and an overlay `top` on it
+/// (its backing file named relatively, its format recorded).
+fn create_base_and_overlay(dir: &Path, base: &str, top: &str) -> (PathBuf, PathBuf) {
+    let (base_path, top_path) = (dir.join(base), dir.join(top));
+    create(&[s(&base_path), "1M"]);
+    create(&["-b", base, "-F", "qcow2", s(&top_path)]);
+    (base_path, top_path)
+}
+
+/// Runs ARGS with qemu-img and with strata and asserts that both succeed
+/// with the same stdout.
+fn assert_succeeds_like_qemu_img(args: &[&str]) {
+    let expected = qemu_img_ok(args);
+    let r = strata(args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, expected);
+}
+
+/// A small file of zeros, which qemu-img probes as raw.
+fn zeroed_file(dir: &Path) -> PathBuf {
+    let f = dir.join("x.img");
+    std::fs::write(&f, [0u8; 512]).unwrap();
+    f
 }
 
 /// Renames the backing-format header extension of a qcow2 image to an
@@ -32,6 +57,14 @@ fn forget_backing_format(img: &Path) {
     std::fs::write(img, b).unwrap();
 }
 
+/// Creates base.qcow2 and an overlay top.qcow2 on it in `dir`, then
+/// forgets the overlay's backing format; returns the overlay.
+fn overlay_without_backing_format(dir: &Path) -> PathBuf {
+    let (_, top) = create_base_and_overlay(dir, "base.qcow2", "top.qcow2");
+    forget_backing_format(&top);
+    top
+}
+
 #[test]
 fn a_backing_file_without_recorded_format_is_refused_with_how_to_record_it() {
     if !qemu_available() {
@@ -39,22 +72,18 @@ fn a_backing_file_without_recorded_format_is_refused_with_how_to_record_it() {
     }
     // Arrange
     let d = tempdir();
-    let base = d.path().join("base.qcow2");
-    let top = d.path().join("top.qcow2");
-    create(&[s(&base), "1M"]);
-    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
-    forget_backing_format(&top);
+    let top = overlay_without_backing_format(d.path());
     // Act
     let r = strata_bin(&["map", s(&top)]);
     // Assert
-    assert_eq!(r.code, 1);
-    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
-    assert!(r.stderr.contains("top.qcow2"), "{}", r.stderr);
-    assert!(r.stderr.contains("no recorded format"), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("rebase -u -b base.qcow2 -F"),
-        "{}",
-        r.stderr
+    assert_fails_with(
+        &r,
+        1,
+        &[
+            "top.qcow2",
+            "no recorded format",
+            "rebase -u -b base.qcow2 -F",
+        ],
     );
     for cmd in [&["convert", "-O", "raw"][..], &["info", "--backing-chain"]] {
         let mut args = cmd.to_vec();
@@ -77,15 +106,8 @@ fn info_of_an_image_alone_does_not_need_its_backing_format() {
     // qemu-img info opens the image without its backing chain; so does
     // strata info without --backing-chain.
     let d = tempdir();
-    let base = d.path().join("base.qcow2");
-    let top = d.path().join("top.qcow2");
-    create(&[s(&base), "1M"]);
-    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
-    forget_backing_format(&top);
-    let expected = qemu_img_ok(&["info", "--output", "json", s(&top)]);
-    let r = strata(&["info", "--output", "json", s(&top)]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(r.stdout, expected);
+    let top = overlay_without_backing_format(d.path());
+    assert_succeeds_like_qemu_img(&["info", "--output", "json", s(&top)]);
 }
 
 #[test]
@@ -94,10 +116,7 @@ fn a_backing_loop_between_two_images_is_refused() {
         return;
     }
     let d = tempdir();
-    let a = d.path().join("a.qcow2");
-    let b = d.path().join("b.qcow2");
-    create(&[s(&a), "1M"]);
-    create(&["-b", "a.qcow2", "-F", "qcow2", s(&b)]);
+    let (a, b) = create_base_and_overlay(d.path(), "a.qcow2", "b.qcow2");
     qemu_img_ok(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
     for cmd in ["map", "info --backing-chain", "compare"] {
         let mut args: Vec<&str> = cmd.split(' ').collect();
@@ -133,17 +152,10 @@ fn a_missing_backing_file_is_a_clear_error() {
         return;
     }
     let d = tempdir();
-    let base = d.path().join("gone.qcow2");
-    let top = d.path().join("top.qcow2");
-    create(&[s(&base), "1M"]);
-    create(&["-b", "gone.qcow2", "-F", "qcow2", s(&top)]);
+    let (base, top) = create_base_and_overlay(d.path(), "gone.qcow2", "top.qcow2");
     std::fs::remove_file(&base).unwrap();
     let r = strata_bin(&["map", "--output", "json", s(&top)]);
-    assert_eq!(r.code, 1);
-    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
-    assert!(r.stderr.contains("top.qcow2"), "{}", r.stderr);
-    assert!(r.stderr.contains("gone.qcow2"), "{}", r.stderr);
-    assert!(r.stderr.contains("No such file"), "{}", r.stderr);
+    assert_fails_with(&r, 1, &["top.qcow2", "gone.qcow2", "No such file"]);
     assert!(r.stdout.is_empty());
 }
 
@@ -161,10 +173,7 @@ fn a_file_without_qcow2_magic_is_probed_as_raw_like_qemu_img() {
             .collect::<Vec<_>>(),
     )
     .unwrap();
-    let expected = qemu_img_ok(&["info", "--output", "json", s(&f)]);
-    let r = strata(&["info", "--output", "json", s(&f)]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(r.stdout, expected);
+    assert_succeeds_like_qemu_img(&["info", "--output", "json", s(&f)]);
     let expected = qemu_img_ok(&["map", "--output", "json", s(&f)]);
     assert_eq!(strata(&["map", "--output", "json", s(&f)]).stdout, expected);
 }
@@ -245,9 +254,7 @@ fn damaged_qcow2_images_give_errors_not_panics() {
     b.extend((0..4096u32).map(|i| (i * 31 % 256) as u8));
     std::fs::write(&bad, &b).unwrap();
     let r = strata_bin(&["info", s(&bad)]);
-    assert_eq!(r.code, 1);
-    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
-    assert!(r.stderr.contains("bad.qcow2"), "{}", r.stderr);
+    assert_fails_with(&r, 1, &["bad.qcow2"]);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
 
@@ -297,10 +304,7 @@ fn convert_refuses_to_overwrite_its_own_source() {
         return;
     }
     let d = tempdir();
-    let base = d.path().join("base.qcow2");
-    let top = d.path().join("top.qcow2");
-    create(&[s(&base), "1M"]);
-    create(&["-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    let (base, top) = create_base_and_overlay(d.path(), "base.qcow2", "top.qcow2");
     let before = std::fs::read(&base).unwrap();
     let r = strata(&["convert", "-O", "raw", s(&top), s(&base)]);
     assert_eq!(r.code, 1);
@@ -311,8 +315,7 @@ fn convert_refuses_to_overwrite_its_own_source() {
 #[test]
 fn unknown_formats_and_options_are_usage_errors() {
     let d = tempdir();
-    let f = d.path().join("x.img");
-    std::fs::write(&f, [0u8; 512]).unwrap();
+    let f = zeroed_file(d.path());
     let r = strata(&["info", "-f", "vmdk", s(&f)]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("unknown image format"), "{}", r.stderr);
@@ -327,8 +330,7 @@ fn unknown_formats_and_options_are_usage_errors() {
 #[test]
 fn check_of_a_raw_image_is_unsupported_with_qemu_img_exit_code() {
     let d = tempdir();
-    let f = d.path().join("x.img");
-    std::fs::write(&f, [0u8; 512]).unwrap();
+    let f = zeroed_file(d.path());
     let r = strata_bin(&["check", s(&f)]);
     assert_eq!(r.code, 63);
     assert!(r.stderr.contains("does not support checks"), "{}", r.stderr);

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use strata_image::create::{create_qcow2, CreateOptions};
-use strata_image::{Chain, FileStorage, ImageFormat, OpenOptions};
+use strata_image::repair::{repair, RepairMode, RepairReport};
+use strata_image::{Chain, FileStorage, ImageFormat, OpenOptions, Qcow2Image};
 
 /// One guest operation, applied to both twins.
 #[derive(Debug, Clone, Copy)]
@@ -42,14 +43,7 @@ fn apply_to_twins(ops: &[Op], q: &Path, s: &Path) {
     let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
     let cmd_refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(q, &cmd_refs);
-    let mut chain = Chain::open(
-        s,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mut chain = open_writable(s);
     for op in ops {
         op.apply(&mut chain);
     }
@@ -96,11 +90,58 @@ fn random_ops(seed: u64, size: u64, n: usize, align: u64) -> Vec<Op> {
         .collect()
 }
 
-fn check_clean(img: &Path) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-U", img.to_str().unwrap()])
+/// A path as a command-line argument (test paths are UTF-8).
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-img create -q -f qcow2 ARGS...`: options, then the image and,
+/// unless a backing file gives it, its size.
+fn qemu_create(args: &[&str]) {
+    let mut full = vec!["create", "-q", "-f", "qcow2"];
+    full.extend_from_slice(args);
+    qemu_img(&full);
+}
+
+/// `qemu-img info --output json IMG`.
+fn qemu_info(img: &Path) -> String {
+    qemu_img(&["info", "--output", "json", arg(img)])
+}
+
+/// The guest view of internal snapshot `snapshot` of `img`, as qemu-img
+/// converts it to the raw file `out`.
+fn qemu_snapshot_raw(img: &Path, snapshot: &str, out: &Path) -> Vec<u8> {
+    qemu_img(&["convert", "-l", snapshot, "-O", "raw", arg(img), arg(out)]);
+    std::fs::read(out).unwrap()
+}
+
+/// Runs `qemu-img ARGS` and returns its output, whatever its exit status.
+fn qemu_img_output(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("qemu-img")
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Creates `img` with Strata.
+fn strata_create(img: &Path, opts: &CreateOptions) {
+    create_qcow2(Box::new(FileStorage::create(img).unwrap()), img, opts).unwrap();
+}
+
+/// Opens the chain whose top is `img` for writing.
+fn open_writable(img: &Path) -> Chain {
+    Chain::open(
+        img,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn check_clean(img: &Path) {
+    let out = qemu_img_output(&["check", "-U", arg(img)]);
     assert!(
         out.status.success(),
         "qemu-img check {} failed:\n{}{}",
@@ -111,10 +152,7 @@ fn check_clean(img: &Path) {
 }
 
 fn compare(a: &Path, b: &Path) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["compare", "-U", a.to_str().unwrap(), b.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = qemu_img_output(&["compare", "-U", arg(a), arg(b)]);
     assert!(
         out.status.success(),
         "qemu-img compare: {}",
@@ -122,17 +160,17 @@ fn compare(a: &Path, b: &Path) {
     );
 }
 
+/// Asserts that Strata's image `s` passes `qemu-img check` and reads the
+/// same as its twin `q`.
+fn assert_twin_matches(q: &Path, s: &Path) {
+    check_clean(s);
+    compare(q, s);
+}
+
 /// Makes a base with data, and two overlays on it: one by qemu-img, one by Strata.
 fn twins(dir: &Path, create_opts: &str, opts: &CreateOptions, size: u64) -> (PathBuf, PathBuf) {
     let base = dir.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    qemu_create(&[arg(&base), &size.to_string()]);
     qemu_io(
         &base,
         &[
@@ -142,21 +180,12 @@ fn twins(dir: &Path, create_opts: &str, opts: &CreateOptions, size: u64) -> (Pat
     );
     let q = dir.join("q.qcow2");
     let o = format!("{create_opts}backing_file=base.qcow2,backing_fmt=qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &o,
-        q.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    qemu_create(&["-o", &o, arg(&q), &size.to_string()]);
     let s = dir.join("s.qcow2");
     let mut opts = opts.clone();
     opts.size = size;
     opts.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
-    create_qcow2(Box::new(FileStorage::create(&s).unwrap()), &s, &opts).unwrap();
+    strata_create(&s, &opts);
     (q, s)
 }
 
@@ -167,8 +196,7 @@ fn run_twin(create_opts: &str, opts: CreateOptions, seed: u64, align: u64) {
     check_clean(&s);
     let ops = random_ops(seed, size, 40, align);
     apply_to_twins(&ops, &q, &s);
-    check_clean(&s);
-    compare(&q, &s);
+    assert_twin_matches(&q, &s);
 }
 
 #[test]
@@ -190,43 +218,47 @@ fn strata_overlays_match_qemu_io_twins_with_extended_l2_v2_and_refcount_widths()
     if skip() {
         return;
     }
-    run_twin(
-        "extended_l2=on,",
-        CreateOptions {
-            extended_l2: true,
-            ..Default::default()
-        },
-        23,
-        2048,
-    );
-    run_twin(
-        "compat=0.10,",
-        CreateOptions {
-            compat_v2: true,
-            ..Default::default()
-        },
-        29,
-        65536,
-    );
-    run_twin(
-        "refcount_bits=1,",
-        CreateOptions {
-            refcount_bits: 1,
-            ..Default::default()
-        },
-        31,
-        65536,
-    );
-    run_twin(
-        "refcount_bits=64,cluster_size=512,",
-        CreateOptions {
-            refcount_bits: 64,
-            cluster_size: 512,
-            ..Default::default()
-        },
-        37,
-        512,
-    );
+    for (create_opts, opts, seed, align) in [
+        (
+            "extended_l2=on,",
+            CreateOptions {
+                extended_l2: true,
+                ..Default::default()
+            },
+            23,
+            2048,
+        ),
+        (
+            "compat=0.10,",
+            CreateOptions {
+                compat_v2: true,
+                ..Default::default()
+            },
+            29,
+            65536,
+        ),
+        (
+            "refcount_bits=1,",
+            CreateOptions {
+                refcount_bits: 1,
+                ..Default::default()
+            },
+            31,
+            65536,
+        ),
+        (
+            "refcount_bits=64,cluster_size=512,",
+            CreateOptions {
+                refcount_bits: 64,
+                cluster_size: 512,
+                ..Default::default()
+            },
+            37,
+            512,
+        ),
+    ] {
+        run_twin(create_opts, opts, seed, align);
+    }
 }
 
 #[test]
@@ -300,16 +332,10 @@ fn created_images_pass_qemu_img_check_and_report_their_options() {
     for (name, mut opts) in cases {
         let p = dir.path().join(format!("{name}.qcow2"));
         opts.size = if name == "big512" { 3 << 30 } else { 64 << 20 };
-        create_qcow2(Box::new(FileStorage::create(&p).unwrap()), &p, &opts).unwrap();
+        strata_create(&p, &opts);
         check_clean(&p);
-        let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-            "info",
-            "-U",
-            "--output",
-            "json",
-            p.to_str().unwrap(),
-        ]))
-        .unwrap();
+        let info = qemu_img(&["info", "-U", "--output", "json", arg(&p)]);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(info["virtual-size"], opts.size, "{name}");
         assert_eq!(info["cluster-size"], opts.cluster_size, "{name}");
         let data = &info["format-specific"]["data"];
@@ -336,33 +362,15 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
     if skip() {
         return;
     }
+    use strata_format::CompressionType::{Deflate, Zstd};
     use strata_image::convert::{convert, ConvertOptions};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        base.to_str().unwrap(),
-        "6M",
-    ]);
+    qemu_create(&["-o", "cluster_size=4096", arg(&base), "6M"]);
     qemu_io(&base, &["write -P 0x11 0 1M", "write -P 0x22 2100k 100k"]);
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qemu_create(&["-b", "base.qcow2", "-F", "qcow2", arg(&top)]);
     qemu_io(
         &top,
         &[
@@ -373,30 +381,10 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
     );
     let chain = Chain::open(&top, &OpenOptions::default()).unwrap();
     for (name, format, compress, ct) in [
-        (
-            "flat.qcow2",
-            ImageFormat::Qcow2,
-            false,
-            strata_format::CompressionType::Deflate,
-        ),
-        (
-            "zlib.qcow2",
-            ImageFormat::Qcow2,
-            true,
-            strata_format::CompressionType::Deflate,
-        ),
-        (
-            "zstd.qcow2",
-            ImageFormat::Qcow2,
-            true,
-            strata_format::CompressionType::Zstd,
-        ),
-        (
-            "flat.raw",
-            ImageFormat::Raw,
-            false,
-            strata_format::CompressionType::Deflate,
-        ),
+        ("flat.qcow2", ImageFormat::Qcow2, false, Deflate),
+        ("zlib.qcow2", ImageFormat::Qcow2, true, Deflate),
+        ("zstd.qcow2", ImageFormat::Qcow2, true, Zstd),
+        ("flat.raw", ImageFormat::Raw, false, Deflate),
     ] {
         let out = d.join(name);
         let create = CreateOptions {
@@ -419,7 +407,7 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
         }
         compare(&top, &out);
         if compress {
-            let map = qemu_img(&["map", "--output", "json", out.to_str().unwrap()]);
+            let map = qemu_img(&["map", "--output", "json", arg(&out)]);
             assert!(
                 map.contains("\"compressed\": true"),
                 "{name}: no compressed cluster in {map}"
@@ -437,48 +425,17 @@ fn writes_to_an_image_with_an_internal_snapshot_keep_the_snapshot_intact() {
     let d = dir.path();
     let q = d.join("q.qcow2");
     let size = 4u64 << 20;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        q.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_create(&["-o", "cluster_size=4096", arg(&q), "4M"]);
     qemu_io(&q, &["write -P 0x61 0 1M", "write -P 0x62 2M 512k"]);
-    qemu_img(&["snapshot", "-c", "snap1", q.to_str().unwrap()]);
-    let snap_before = d.join("snap-before.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        "snap1",
-        "-O",
-        "raw",
-        q.to_str().unwrap(),
-        snap_before.to_str().unwrap(),
-    ]);
+    qemu_img(&["snapshot", "-c", "snap1", arg(&q)]);
+    let snap_before = qemu_snapshot_raw(&q, "snap1", &d.join("snap-before.raw"));
     let s = d.join("s.qcow2");
     std::fs::copy(&q, &s).unwrap();
     let ops = random_ops(41, size, 40, 4096);
     apply_to_twins(&ops, &q, &s);
-    check_clean(&s);
-    compare(&q, &s);
-    let snap_after = d.join("snap-after.raw");
-    qemu_img(&[
-        "convert",
-        "-l",
-        "snap1",
-        "-O",
-        "raw",
-        s.to_str().unwrap(),
-        snap_after.to_str().unwrap(),
-    ]);
-    assert!(
-        std::fs::read(&snap_before).unwrap() == std::fs::read(&snap_after).unwrap(),
-        "snapshot changed"
-    );
+    assert_twin_matches(&q, &s);
+    let snap_after = qemu_snapshot_raw(&s, "snap1", &d.join("snap-after.raw"));
+    assert!(snap_before == snap_after, "snapshot changed");
 }
 
 #[test]
@@ -488,17 +445,10 @@ fn writing_past_the_end_or_to_a_read_only_or_corrupt_image_changes_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "1M"]);
+    qemu_create(&[arg(&p), "1M"]);
     let before = std::fs::read(&p).unwrap();
     {
-        let mut c = Chain::open(
-            &p,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = open_writable(&p);
         let e = c.write_at(&[1u8; 100], (1 << 20) - 50).unwrap_err();
         assert!(e.to_string().contains("outside the virtual disk"), "{e}");
         assert!(c.write_zeroes(2 << 20, 10, false).is_err());
@@ -517,14 +467,7 @@ fn writing_past_the_end_or_to_a_read_only_or_corrupt_image_changes_nothing() {
     bytes[79] |= 2;
     std::fs::write(&p, &bytes).unwrap();
     {
-        let mut c = Chain::open(
-            &p,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = open_writable(&p);
         let e = c.write_at(&[1u8; 100], 0).unwrap_err();
         assert!(e.to_string().contains("corrupt"), "{e}");
     }
@@ -599,10 +542,7 @@ fn invalid_create_options_are_refused_with_a_clear_error() {
 }
 
 fn qemu_check_code(img: &Path) -> i32 {
-    std::process::Command::new("qemu-img")
-        .args(["check", "-U", img.to_str().unwrap()])
-        .output()
-        .unwrap()
+    qemu_img_output(&["check", "-U", arg(img)])
         .status
         .code()
         .unwrap_or(-1)
@@ -615,16 +555,7 @@ fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
     }
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("q.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        q.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_create(&["-o", "lazy_refcounts=on", arg(&q), "4M"]);
     // qemu-io's abort leaves the dirty bit set and refcounts stale.
     let _ = std::process::Command::new("qemu-io")
         .args([
@@ -634,7 +565,7 @@ fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
             "write -P 0x72 1M 64k",
             "-c",
             "abort",
-            q.to_str().unwrap(),
+            arg(&q),
         ])
         .output()
         .unwrap();
@@ -647,26 +578,12 @@ fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
     std::fs::copy(&q, &s).unwrap();
     qemu_io(&q, &["write -P 0x73 2M 100k"]);
     {
-        let mut c = Chain::open(
-            &s,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = open_writable(&s);
         c.write_at(&vec![0x73; 100 << 10], 2 << 20).unwrap();
         c.flush().unwrap();
     }
-    check_clean(&s);
-    compare(&q, &s);
-    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
-        "info",
-        "--output",
-        "json",
-        s.to_str().unwrap(),
-    ]))
-    .unwrap();
+    assert_twin_matches(&q, &s);
+    let info: serde_json::Value = serde_json::from_str(&qemu_info(&s)).unwrap();
     assert_eq!(info["dirty-flag"], false);
 }
 
@@ -677,28 +594,20 @@ fn writing_an_image_with_bitmaps_drops_them_and_checks_clean() {
     }
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("q.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "4M"]);
+    qemu_create(&[arg(&q), "4M"]);
     qemu_io(&q, &["write -P 0x21 0 1M"]);
-    qemu_img(&["bitmap", "--add", q.to_str().unwrap(), "bm0"]);
-    qemu_img(&["bitmap", "--add", "--disable", q.to_str().unwrap(), "bm1"]);
+    qemu_img(&["bitmap", "--add", arg(&q), "bm0"]);
+    qemu_img(&["bitmap", "--add", "--disable", arg(&q), "bm1"]);
     qemu_io(&q, &["write -P 0x22 2M 64k"]);
     let s = dir.path().join("s.qcow2");
     std::fs::copy(&q, &s).unwrap();
     qemu_io(&q, &["write -P 0x23 100k 10k"]);
     {
-        let mut c = Chain::open(
-            &s,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let mut c = open_writable(&s);
         c.write_at(&vec![0x23; 10 << 10], 100 << 10).unwrap();
     }
-    check_clean(&s);
-    compare(&q, &s);
-    let info = qemu_img(&["info", "--output", "json", s.to_str().unwrap()]);
+    assert_twin_matches(&q, &s);
+    let info = qemu_info(&s);
     assert!(!info.contains("bm0"), "bitmaps should be gone: {info}");
 }
 
@@ -707,19 +616,9 @@ fn check_repair_fixes_leaks_and_rebuilds_refcounts_like_qemu_img() {
     if skip() {
         return;
     }
-    use strata_image::repair::{repair, RepairMode};
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_create(&["-o", "cluster_size=4096", arg(&p), "4M"]);
     qemu_io(
         &p,
         &[
@@ -742,14 +641,8 @@ fn check_repair_fixes_leaks_and_rebuilds_refcounts_like_qemu_img() {
     bytes[0x2000 + 2 * free_ci + 1] = 1;
     std::fs::write(&p, &bytes).unwrap();
     assert_eq!(qemu_check_code(&p), 3);
-    {
-        let mut img =
-            strata_image::Qcow2Image::open_rw(Box::new(FileStorage::open(&p, true).unwrap()), &p)
-                .unwrap();
-        let r = repair(&mut img, RepairMode::Leaks).unwrap();
-        assert_eq!(r.before.leaks, 1);
-        assert!(r.after.is_clean(), "{:?}", r.after.problems);
-    }
+    let r = repair_to_clean(&p, RepairMode::Leaks);
+    assert_eq!(r.before.leaks, 1);
     assert_eq!(qemu_check_code(&p), 0);
     // Corruption: zero the refcount of a used data cluster; -r all rebuilds.
     let mut bytes = std::fs::read(&p).unwrap();
@@ -757,19 +650,22 @@ fn check_repair_fixes_leaks_and_rebuilds_refcounts_like_qemu_img() {
     bytes[0x2000 + 2 * 30 + 1] = 0;
     std::fs::write(&p, &bytes).unwrap();
     assert_eq!(qemu_check_code(&p), 2);
-    {
-        let mut img =
-            strata_image::Qcow2Image::open_rw(Box::new(FileStorage::open(&p, true).unwrap()), &p)
-                .unwrap();
-        let r = repair(&mut img, RepairMode::All).unwrap();
-        assert!(r.before.corruptions > 0);
-        assert!(r.after.is_clean(), "{:?}", r.after.problems);
-    }
+    let r = repair_to_clean(&p, RepairMode::All);
+    assert!(r.before.corruptions > 0);
     assert_eq!(qemu_check_code(&p), 0);
     assert!(
         qemu_raw(&p, dir.path()) == view,
         "repair changed the guest view"
     );
+}
+
+/// Repairs the qcow2 image `p` with Strata in `mode` and asserts that it
+/// checks clean afterwards.
+fn repair_to_clean(p: &Path, mode: RepairMode) -> RepairReport {
+    let mut img = Qcow2Image::open_rw(Box::new(FileStorage::open(p, true).unwrap()), p).unwrap();
+    let r = repair(&mut img, mode).unwrap();
+    assert!(r.after.is_clean(), "{:?}", r.after.problems);
+    r
 }
 
 /// Copies a directory tree (the layers of one chain shape).
@@ -794,7 +690,7 @@ fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
     let dir = tempfile::tempdir().unwrap();
     let shapes = dir.path().join("shapes");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
-    run(script.to_str().unwrap(), &[shapes.to_str().unwrap()]);
+    run(arg(&script), &[arg(&shapes)]);
     let names = std::fs::read_to_string(shapes.join("SHAPES")).unwrap();
     let mut seen = 0;
     for (i, name) in names.lines().filter(|l| !l.is_empty()).enumerate() {
@@ -815,8 +711,7 @@ fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
             .virtual_size();
         let ops = random_ops(101 + i as u64, size, 25, 4096);
         apply_to_twins(&ops, &qt, &st);
-        check_clean(&st);
-        compare(&qt, &st);
+        assert_twin_matches(&qt, &st);
         seen += 1;
     }
     assert!(seen >= 15, "only {seen} shapes generated");
@@ -824,7 +719,7 @@ fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
 
 #[test]
 fn an_io_error_poisons_the_image_against_further_writes() {
-    use strata_image::{MemStorage, Qcow2Image, Storage};
+    use strata_image::{MemStorage, Storage};
     /// Fails the first write after `arm` is set, then works again.
     #[derive(Debug, Clone)]
     struct FailOnce(MemStorage, std::sync::Arc<std::sync::atomic::AtomicBool>);

@@ -159,3 +159,13 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("tempdir")
 }
+
+/// Asserts that `r` failed with exit code `code` and an error on stderr
+/// that starts with `strata: ` and mentions every one of `needles`.
+pub fn assert_fails_with(r: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(r.code, code, "{}", r.stderr);
+    assert!(r.stderr.starts_with("strata: "), "{}", r.stderr);
+    for needle in needles {
+        assert!(r.stderr.contains(needle), "{}", r.stderr);
+    }
+}
