@@ -1,6 +1,7 @@
 //! Image builders shared by the benchmarks: chains of qcow2 images made
 //! with Strata's own writer, on files in a temporary directory.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

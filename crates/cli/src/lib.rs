@@ -5,6 +5,7 @@
 //! `strata: <message>` and turns into a nonzero exit). Spelling, JSON and
 //! exit codes follow qemu-img so that scripts carry over.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::ffi::OsString;

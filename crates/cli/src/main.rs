@@ -5,6 +5,8 @@
 //! execs it for them, so that the image commands never load libvirt's C
 //! library and its dozens of dependencies (which costs ~20 ms at start).
 
+#![forbid(unsafe_code)]
+
 use std::ffi::OsString;
 
 fn main() {

@@ -7,6 +7,7 @@
 //!
 //! The field descriptions follow QEMU's `docs/interop/qcow2.rst`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod bitmap;

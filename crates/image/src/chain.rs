@@ -113,16 +113,16 @@ impl Image {
             },
         }
     }
-    /// What [`Image::read_mapped`] would read for `len` bytes at `guest`
-    /// mapped with `m`, mapped in place instead of copied, when the image
-    /// stores them uncompressed on a storage that can map.
-    pub fn mapped_data(&self, m: Mapping, guest: u64, len: usize) -> Result<Option<MappedBytes>> {
+    /// What [`Image::read_mapped`] would read for `len` bytes mapped with
+    /// `m`, mapped in place instead of copied, when the image stores them
+    /// uncompressed on a storage that can map.
+    pub fn mapped_data(&self, m: Mapping, len: usize) -> Result<Option<MappedBytes>> {
         match (self, m) {
             (Image::Qcow2(q), m) => q.mapped_data(m, len),
-            (Image::Raw(r), Mapping::Data { .. }) => r
+            (Image::Raw(r), Mapping::Data { host }) => r
                 .storage()
-                .mapped(guest, len)
-                .map_err(|e| Error::io(r.path(), "map data", guest, e)),
+                .mapped(host.0, len)
+                .map_err(|e| Error::io(r.path(), "map data", host.0, e)),
             (Image::Raw(_), _) => Ok(None),
         }
     }
@@ -565,20 +565,27 @@ fn read_in(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
 }
 
 /// The start of what [`read_below`] would read at `offset` (at most `len`
-/// bytes), mapped in place instead of copied, when one layer stores it
-/// uncompressed on a storage that can map (see [`Storage::mapped`]). The
-/// bytes may be fewer than `len`; `None` means: read instead.
-pub fn mapped_below(layers: &[Layer], offset: u64, len: u64) -> Result<Option<MappedBytes>> {
+/// bytes), mapped in place instead of copied, when one layer stores at
+/// least `min` bytes of it uncompressed on a storage that can map (see
+/// [`Storage::mapped`]). The bytes may be fewer than `len`; `None` means:
+/// read instead.
+pub fn mapped_below(
+    layers: &[Layer],
+    offset: u64,
+    len: u64,
+    min: u64,
+) -> Result<Option<MappedBytes>> {
     let size = layers.first().map_or(0, |l| l.image.virtual_size());
     let n = size.saturating_sub(offset).min(len);
-    if n == 0 {
+    if n == 0 || n < min {
         return Ok(None);
     }
     let r = resolve_in(layers, offset, n)?;
+    let n = r.extent.len.min(n);
     match layers.get(r.depth) {
-        Some(layer) if !r.past_end && r.extent.mapping.is_allocated() => {
-            let n = usize::try_from(r.extent.len.min(n)).unwrap_or(usize::MAX);
-            layer.image.mapped_data(r.extent.mapping, offset, n)
+        Some(layer) if !r.past_end && r.extent.mapping.is_allocated() && n >= min => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            layer.image.mapped_data(r.extent.mapping, n)
         }
         _ => Ok(None),
     }

@@ -55,42 +55,69 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
     /// The bytes `[offset, offset+len)` mapped into memory read-only, so a
     /// caller that only passes them on (a merge copying data) needs no copy
-    /// of its own. `None` when the backend cannot map or the range is not
-    /// wholly inside the storage: the caller reads instead.
+    /// of its own. `None` when the backend does not map, or cannot map this
+    /// range (not wholly inside the storage, a hole, an error while
+    /// mapping or paging it in): the caller reads instead, and a read
+    /// reports any error.
+    ///
+    /// The caller must hold the image's locks (or otherwise know that no
+    /// one truncates the file meanwhile): see [`MappedBytes`].
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
         let _ = (offset, len);
         Ok(None)
     }
 }
 
-/// Bytes of a file mapped into memory read-only, unmapped when dropped.
+/// Bytes of a storage mapped into memory read-only, unmapped when dropped
+/// (or, from a backend without files, a copy of them).
 ///
 /// A mapping reads the page cache in place: no copy into a buffer. It is
-/// created for one range just before it is read and dropped right after,
-/// so it adds at most that range to the resident memory. A process that
-/// truncates the file below the range in that window (ignoring the image
-/// locks Strata holds) makes the next access to it fail with `SIGBUS`:
-/// like any crash, this loses nothing (docs/crash-consistency.md).
+/// created for one range just before it is written elsewhere and dropped
+/// right after, so it adds at most that range to the resident memory. Its
+/// pages are read in when it is made (`MADV_POPULATE_READ`), so an I/O
+/// error shows there, as a fallback to reading, not as a signal. A process
+/// that truncated the file below the range after that, ignoring the image
+/// locks Strata holds, would make the next access fail with `SIGBUS` (in
+/// a `write`, with `EFAULT`): like any crash, this loses nothing
+/// (docs/crash-consistency.md).
 pub struct MappedBytes {
-    map: memmap2::Mmap,
+    bytes: Mapped,
+}
+
+enum Mapped {
+    Map(memmap2::Mmap),
+    Copy(Vec<u8>),
+}
+
+impl MappedBytes {
+    /// Bytes that stand in for a mapping (backends without files).
+    pub fn copied(bytes: Vec<u8>) -> MappedBytes {
+        MappedBytes {
+            bytes: Mapped::Copy(bytes),
+        }
+    }
 }
 
 impl std::ops::Deref for MappedBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.map
+        match &self.bytes {
+            Mapped::Map(m) => m,
+            Mapped::Copy(v) => v,
+        }
     }
 }
 
 impl fmt::Debug for MappedBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MappedBytes({} bytes)", self.map.len())
+        write!(f, "MappedBytes({} bytes)", self.len())
     }
 }
 
-/// Maps `[offset, offset+len)` of `file`, which is at least that long.
+/// Maps `[offset, offset+len)` of `file`, which is data (no holes) and at
+/// least that long, and reads its pages in. `None` if either fails.
 #[allow(unsafe_code)]
-fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedBytes> {
+fn map_range(file: &File, offset: u64, len: usize) -> Option<MappedBytes> {
     let mut opts = memmap2::MmapOptions::new();
     opts.offset(offset).len(len);
     // SAFETY: the mapping is read-only and the caller checked that the
@@ -100,8 +127,16 @@ fn map_range(file: &File, offset: u64, len: usize) -> io::Result<MappedBytes> {
     // locks), the range is used at once and unmapped, and a truncation
     // would raise SIGBUS (a crash, which the write protocol tolerates),
     // not corrupt memory.
-    let map = unsafe { opts.map(file)? };
-    Ok(MappedBytes { map })
+    let map = unsafe { opts.map(file) }.ok()?;
+    match map.advise(memmap2::Advice::PopulateRead) {
+        // EINVAL: a kernel before 5.14; the pages come in as they are read.
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(_) => return None,
+    }
+    Some(MappedBytes {
+        bytes: Mapped::Map(map),
+    })
 }
 
 /// A storage backed by a file.
@@ -379,13 +414,18 @@ impl Storage for FileStorage {
         Some(&self.file)
     }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
-        let inside = offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= self.len().unwrap_or(0));
-        if len == 0 || !inside {
+        let Some(end) = offset.checked_add(len as u64) else {
+            return Ok(None);
+        };
+        if len == 0 || end > self.len()? {
             return Ok(None);
         }
-        map_range(&self.file, offset, len).map(Some)
+        // Data all through, and inside the file: touching a hole through a
+        // mapping would allocate a page for it (on tmpfs, in the file).
+        match self.data_run(offset, len as u64) {
+            Ok((true, run)) if run == len as u64 => Ok(map_range(&self.file, offset, len)),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -571,6 +611,35 @@ mod tests {
         // Backends without files never map.
         let mem = MemStorage::from_bytes(bytes.clone());
         assert!(mem.mapped(0, 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn file_storage_never_maps_a_hole() {
+        // Touching a hole through a mapping would allocate a page for it
+        // (on tmpfs, in the file itself): holes are read instead.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).unwrap();
+        s.set_len(4 << 20).unwrap();
+        s.write_at(&[7u8; 65536], 1 << 20).unwrap();
+        s.sync().unwrap();
+        let (data, _) = s.data_run(0, 4096).unwrap();
+        if data {
+            return; // a file system without holes: nothing to test
+        }
+        assert!(s.mapped(0, 4096).unwrap().is_none());
+        assert!(s.mapped((1 << 20) - 4096, 8192).unwrap().is_none());
+        assert!(s.mapped((1 << 20) + 4096, 65536).unwrap().is_none());
+        assert_eq!(*s.mapped(1 << 20, 65536).unwrap().unwrap(), [7u8; 65536]);
+        assert_eq!(s.allocated_bytes().unwrap(), 65536);
+    }
+
+    #[test]
+    fn fault_storage_maps_copies_of_what_it_holds() {
+        let s = FaultStorage::new(vec![1, 2, 3, 4]);
+        assert_eq!(*s.mapped(1, 3).unwrap().unwrap(), [2, 3, 4]);
+        assert!(s.mapped(1, 4).unwrap().is_none());
+        assert!(s.mapped(0, 0).unwrap().is_none());
     }
 
     #[test]
@@ -799,6 +868,12 @@ impl Storage for FaultStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation, as one pwritev.
         self.write_at(&bufs.concat(), offset)
+    }
+    fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
+        // A copy, so that crash tests see the write pattern of files.
+        let mut bytes = vec![0u8; len];
+        let inside = self.read_at(&mut bytes, offset)?;
+        Ok((len > 0 && inside == len).then(|| MappedBytes::copied(bytes)))
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().current.len() as u64)

@@ -223,7 +223,7 @@ fn mapped_bytes_equal_read_bytes(img: &Path) -> u64 {
     let (mut pos, mut mapped) = (0u64, 0u64);
     let step = 100_003u64;
     while pos < size + step {
-        match mapped_below(layers, pos, step).unwrap() {
+        match mapped_below(layers, pos, step, 1).unwrap() {
             Some(m) => {
                 assert!(!m.is_empty() && m.len() as u64 <= step.min(size - pos));
                 let mut want = vec![0u8; m.len()];
@@ -279,6 +279,27 @@ fn mapped_data_is_the_data_a_read_gives() {
         dst.to_str().unwrap(),
     ]);
     assert_eq!(mapped_bytes_equal_read_bytes(&img), 0, "compressed");
+
+    // Metadata preallocation: every cluster is a data cluster, stored in
+    // a hole of the file until written. Holes are read, never mapped
+    // (touching one through a mapping would allocate it on tmpfs).
+    let pre = d.join("pre.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        pre.to_str().unwrap(),
+        "4M",
+    ]);
+    qemu_io(&pre, &["write -P 0x77 1M 64k"]);
+    let mapped = mapped_bytes_equal_read_bytes(&pre);
+    assert!(
+        mapped <= 65536,
+        "{mapped} bytes of a preallocated image mapped"
+    );
 
     let top = short_raw_backed(d);
     // The raw backing file's 1 MiB and the top's cluster at 2 MiB, and

@@ -25,6 +25,9 @@ use crate::progress::{Hooks, Progress};
 /// Bytes of guest data moved per read and write (the buffer size).
 pub const BUF_BYTES: usize = 4 << 20;
 
+/// Shortest stored run passed on mapped rather than read into the buffer.
+const MIN_MAPPED: u64 = 64 << 10;
+
 /// What to do with one guest extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -271,11 +274,13 @@ impl Runner<'_, '_, '_> {
                             }
                         );
                         if !joins && !source_zero {
-                            // Bytes stored uncompressed in a file go from
-                            // the page cache to the destination with no
-                            // copy into the buffer.
+                            // Runs of bytes stored uncompressed in a file
+                            // go from the page cache to the destination
+                            // with no copy into the buffer (short runs
+                            // are read and batched: fewer writes).
                             let want = (len - done).min(cap as u64);
-                            if let Some(m) = mapped_below(self.job.source_layers(), at, want)? {
+                            let layers = self.job.source_layers();
+                            if let Some(m) = mapped_below(layers, at, want, MIN_MAPPED)? {
                                 self.flush_batch()?;
                                 self.write_source(seg.kind, &m, at)?;
                                 done += m.len() as u64;

@@ -2,6 +2,8 @@
 //! libvirt's C library (snapshot, blockcommit, blockpull, demo). `strata`
 //! execs it for those; it accepts every other command too.
 
+#![forbid(unsafe_code)]
+
 fn main() {
     let code = strata_cli::main_with_args(std::env::args_os());
     std::process::exit(code);
