@@ -86,6 +86,13 @@ impl Image {
             Image::Raw(r) => r.virtual_size(),
         }
     }
+    /// The path the image was opened from.
+    pub fn path(&self) -> &Path {
+        match self {
+            Image::Qcow2(q) => q.path(),
+            Image::Raw(r) => r.path(),
+        }
+    }
     /// The storage the image lives on.
     pub fn storage(&self) -> &dyn Storage {
         match self {
@@ -117,14 +124,12 @@ impl Image {
     /// `m`, mapped in place instead of copied, when the image stores them
     /// uncompressed on a storage that can map.
     pub fn mapped_data(&self, m: Mapping, len: usize) -> Result<Option<MappedBytes>> {
-        match (self, m) {
-            (Image::Qcow2(q), m) => q.mapped_data(m, len),
-            (Image::Raw(r), Mapping::Data { host }) => r
-                .storage()
-                .mapped(host.0, len)
-                .map_err(|e| Error::io(r.path(), "map data", host.0, e)),
-            (Image::Raw(_), _) => Ok(None),
-        }
+        let Mapping::Data { host } = m else {
+            return Ok(None);
+        };
+        self.storage()
+            .mapped(host.0, len)
+            .map_err(|e| Error::io(self.path(), "map data", host.0, e))
     }
     /// The backing file name and format recorded in the image.
     pub fn backing(&self) -> (Option<&str>, Option<&str>) {

@@ -13,7 +13,7 @@ use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
 use crate::compress;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, Mapping};
-use crate::storage::{MappedBytes, Storage};
+use crate::storage::Storage;
 
 /// Bytes of L2 tables kept in the cache of one image.
 pub const L2_CACHE_BYTES: usize = 4 << 20;
@@ -430,20 +430,6 @@ impl Qcow2Image {
             }
         }
         Ok(())
-    }
-
-    /// What [`Qcow2Image::read_mapped`] would read for `len` bytes mapped
-    /// with `m`, mapped in place instead of copied (see
-    /// [`Storage::mapped`]): only uncompressed data on a storage that can
-    /// map; `None` otherwise.
-    pub fn mapped_data(&self, m: Mapping, len: usize) -> Result<Option<MappedBytes>> {
-        match m {
-            Mapping::Data { host } => self
-                .storage
-                .mapped(host.0, len)
-                .map_err(|e| Error::io(&self.path, "map data", host.0, e)),
-            _ => Ok(None),
-        }
     }
 
     /// Decompresses the cluster `d` describes (cached: the last one).

@@ -402,8 +402,9 @@ impl Storage for FileStorage {
             Ok(d) => Ok((false, (d as u64 - offset).min(len))),
             // ENXIO: no data after offset.
             Err(nix::errno::Errno::ENXIO) => Ok((false, len)),
-            // Filesystems without SEEK_DATA: everything is data.
-            Err(_) => Ok((true, len)),
+            // Filesystems without SEEK_DATA: everything up to the end is
+            // data.
+            Err(_) => Ok((true, (size - offset).min(len))),
         }
     }
     fn allocated_bytes(&self) -> io::Result<u64> {
@@ -414,16 +415,13 @@ impl Storage for FileStorage {
         Some(&self.file)
     }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
-        let Some(end) = offset.checked_add(len as u64) else {
-            return Ok(None);
-        };
-        if len == 0 || end > self.len()? {
-            return Ok(None);
-        }
-        // Data all through, and inside the file: touching a hole through a
-        // mapping would allocate a page for it (on tmpfs, in the file).
+        // Data all through (a data run ends at the end of the file):
+        // touching a hole through a mapping would allocate a page for it
+        // (on tmpfs, in the file), and past the end raise SIGBUS.
         match self.data_run(offset, len as u64) {
-            Ok((true, run)) if run == len as u64 => Ok(map_range(&self.file, offset, len)),
+            Ok((true, run)) if len > 0 && run == len as u64 => {
+                Ok(map_range(&self.file, offset, len))
+            }
             _ => Ok(None),
         }
     }
