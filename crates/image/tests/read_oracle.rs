@@ -33,16 +33,7 @@ fn assert_reads_like_qemu(img: &Path, dir: &Path) {
 fn two_layer(dir: &Path, opts: &str, top_opts: &str) -> PathBuf {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        base.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_create(&["-o", opts, base.to_str().unwrap(), "4M"]);
     qemu_io(
         &base,
         &[
@@ -52,15 +43,7 @@ fn two_layer(dir: &Path, opts: &str, top_opts: &str) -> PathBuf {
         ],
     );
     let o = format!("{top_opts}backing_file=base.qcow2,backing_fmt=qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &o,
-        top.to_str().unwrap(),
-    ]);
+    qemu_create(&["-o", &o, top.to_str().unwrap()]);
     qemu_io(
         &top,
         &[
@@ -152,18 +135,7 @@ fn a_backing_file_shorter_than_its_overlay_reads_zeros_past_its_end() {
 fn short_raw_backed(d: &Path) -> PathBuf {
     std::fs::write(d.join("base.raw"), vec![0x55u8; 1 << 20]).unwrap();
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-        "3M",
-    ]);
+    qemu_create(&["-b", "base.raw", "-F", "raw", top.to_str().unwrap(), "3M"]);
     qemu_io(&top, &["write -P 0x66 2M 4k"]);
     top
 }
@@ -284,16 +256,7 @@ fn mapped_data_is_the_data_a_read_gives() {
     // a hole of the file until written. Holes are read, never mapped
     // (touching one through a mapping would allocate it on tmpfs).
     let pre = d.join("pre.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        pre.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_create(&["-o", "preallocation=metadata", pre.to_str().unwrap(), "4M"]);
     qemu_io(&pre, &["write -P 0x77 1M 64k"]);
     let mapped = mapped_bytes_equal_read_bytes(&pre);
     assert!(

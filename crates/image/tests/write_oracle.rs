@@ -95,14 +95,6 @@ fn arg(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// `qemu-img create -q -f qcow2 ARGS...`: options, then the image and,
-/// unless a backing file gives it, its size.
-fn qemu_create(args: &[&str]) {
-    let mut full = vec!["create", "-q", "-f", "qcow2"];
-    full.extend_from_slice(args);
-    qemu_img(&full);
-}
-
 /// `qemu-img info --output json IMG`.
 fn qemu_info(img: &Path) -> String {
     qemu_img(&["info", "--output", "json", arg(img)])

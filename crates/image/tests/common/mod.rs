@@ -41,6 +41,14 @@ pub fn qemu_io(img: &Path, cmds: &[&str]) {
     run("qemu-io", &args);
 }
 
+/// `qemu-img create -q -f qcow2 ARGS...`: options, then the image and,
+/// unless a backing file gives it, its size.
+pub fn qemu_create(args: &[&str]) {
+    let mut full = vec!["create", "-q", "-f", "qcow2"];
+    full.extend_from_slice(args);
+    qemu_img(&full);
+}
+
 /// The guest view of `img` as qemu-img reads it.
 pub fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!(
