@@ -48,6 +48,19 @@ pub(crate) enum Kind {
     },
 }
 
+impl Kind {
+    /// Whether the source view is known to read as zeros (nothing to read).
+    fn source_zero(self) -> bool {
+        matches!(
+            self,
+            Kind::Diff {
+                source_zero: true,
+                ..
+            }
+        )
+    }
+}
+
 /// One classified extent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Seg {
@@ -167,13 +180,7 @@ pub(crate) fn plan(job: &mut dyn Job, cluster: u64) -> Result<Plan> {
                 }
                 last_cluster = Some(last);
                 growth += job.growth(pos, len)?;
-                if !matches!(
-                    seg.kind,
-                    Kind::Diff {
-                        source_zero: true,
-                        ..
-                    }
-                ) {
+                if !seg.kind.source_zero() {
                     check_compressed(job.source_layers(), pos, len)?;
                 }
             }
@@ -259,6 +266,7 @@ impl Runner<'_, '_, '_> {
                 }
                 Kind::Copy | Kind::Diff { .. } => {
                     self.flush_zero_run()?;
+                    let source_zero = seg.kind.source_zero();
                     let mut done = 0u64;
                     while done < len {
                         let at = pos + done;
@@ -266,13 +274,6 @@ impl Runner<'_, '_, '_> {
                             .batch
                             .as_ref()
                             .is_some_and(|b| b.kind == seg.kind && b.start + b.len as u64 == at);
-                        let source_zero = matches!(
-                            seg.kind,
-                            Kind::Diff {
-                                source_zero: true,
-                                ..
-                            }
-                        );
                         if !joins && !source_zero {
                             // Runs of bytes stored uncompressed in a file
                             // go from the page cache to the destination
@@ -298,11 +299,10 @@ impl Runner<'_, '_, '_> {
                         let filled = self.batch.as_ref().map_or(0, |b| b.len);
                         let n = (len - done).min((cap - filled) as u64) as usize;
                         let dst = &mut self.buf[filled..filled + n];
-                        match seg.kind {
-                            Kind::Diff {
-                                source_zero: true, ..
-                            } => dst.fill(0),
-                            _ => self.job.read_source(dst, at)?,
+                        if source_zero {
+                            dst.fill(0);
+                        } else {
+                            self.job.read_source(dst, at)?;
                         }
                         if let Some(b) = self.batch.as_mut() {
                             b.len += n;
