@@ -274,25 +274,33 @@ fn info_without_force_share_fails_while_a_writer_holds_the_image() {
         .args(["-f", "qcow2", s(&img)])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until qemu-io holds its lock (qemu-img info fails then).
-    let mut held = false;
-    for _ in 0..100 {
-        if qemu_img(&["info", s(&img)]).code != 0 {
-            held = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Once qemu-io answers a command it has the image open, and locked.
+    // (Polling with `qemu-img info` instead raced: a probe holding its
+    // read lock while qemu-io opened made qemu-io fail to lock.)
+    let mut stdin = writer.stdin.take().unwrap();
+    stdin.write_all(b"length\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
+        &mut answer,
+    )
+    .unwrap();
+    let qemu_img_refused = qemu_img(&["info", s(&img)]).code != 0;
     // Act
     let locked = strata(&["info", s(&img)]);
     let shared = strata(&["info", "-U", s(&img)]);
-    let _ = writer.stdin.as_mut().map(|i| i.write_all(b"quit\n"));
-    let _ = writer.wait();
+    stdin.write_all(b"quit\n").unwrap();
+    drop(stdin);
+    let out = writer.wait_with_output().unwrap();
     // Assert
-    assert!(held, "qemu-io never locked the image");
+    assert!(
+        answer.contains("MiB") && qemu_img_refused,
+        "qemu-io did not hold the image (answer {answer:?}; stderr: {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(locked.code, 1);
     assert!(locked.stderr.contains("busy.qcow2"), "{}", locked.stderr);
     assert_eq!(shared.code, 0, "{}", shared.stderr);
