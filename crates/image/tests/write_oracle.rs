@@ -680,9 +680,8 @@ fn strata_writes_match_qemu_io_twins_on_every_chain_shape() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let shapes = dir.path().join("shapes");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
-    run(arg(&script), &[arg(&shapes)]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/shared-chains.sh");
+    let shapes = PathBuf::from(run("bash", &[arg(&script), env!("CARGO_TARGET_TMPDIR")]).trim());
     let names = std::fs::read_to_string(shapes.join("SHAPES")).unwrap();
     let mut seen = 0;
     for (i, name) in names.lines().filter(|l| !l.is_empty()).enumerate() {

@@ -105,43 +105,25 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-/// Removes chain directories left by earlier test processes that are gone.
-fn remove_stale(base: &Path, prefix: &str) {
-    let Ok(rd) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix(prefix) {
-            if !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
 /// The directory of chain shapes made by testdata/make-chains.sh, built
-/// once per test process.
+/// once per test run and shared, read-only, by every test process
+/// (testdata/shared-chains.sh).
 pub fn chains() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let prefix = "strata-cli-chains-";
-        remove_stale(&base, prefix);
-        let dir = base.join(format!("{prefix}{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/shared-chains.sh");
         let o = Command::new("bash")
             .arg(&script)
-            .arg(&dir)
+            .arg(env!("CARGO_TARGET_TMPDIR"))
             .output()
-            .expect("run make-chains.sh");
+            .expect("run shared-chains.sh");
         assert!(
             o.status.success(),
             "{} failed: {}",
             script.display(),
             String::from_utf8_lossy(&o.stderr)
         );
-        dir
+        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
     })
 }
 

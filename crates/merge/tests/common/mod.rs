@@ -44,16 +44,15 @@ pub fn qemu_io(img: &Path, cmds: &[&str]) {
     run("qemu-io", &args);
 }
 
-/// The chain shapes of testdata/make-chains.sh, made once per test binary.
+/// The chain shapes of testdata/make-chains.sh, made once per test run and
+/// shared by every test process (testdata/shared-chains.sh). Read-only:
+/// tests work on twins.
 pub fn shapes() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/make-chains.sh");
-        run("bash", &[s(&script), s(d.path())]);
-        d
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/shared-chains.sh");
+        PathBuf::from(run("bash", &[s(&script), env!("CARGO_TARGET_TMPDIR")]).trim())
     })
-    .path()
 }
 
 /// Copies a shape's directory to `dest/name` (a twin); returns the top.
