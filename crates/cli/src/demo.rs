@@ -64,20 +64,20 @@ fn write_layer(path: &Path, writes: &[(u64, u64, u8)], zeroes: &[(u64, u64)]) ->
     Ok(())
 }
 
+/// A new directory under the system's temporary directory, kept after the
+/// demo so that the user can look at the images it made.
 fn unique_temp_dir() -> Result<PathBuf> {
     let base = std::env::temp_dir();
-    for i in 0..1000u32 {
-        let p = base.join(format!("strata-demo-{}-{i}", std::process::id()));
-        match std::fs::create_dir(&p) {
-            Ok(()) => return Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot create", p.display())),
-        }
-    }
-    anyhow::bail!(
-        "cannot create a temporary directory under {}",
-        base.display()
-    )
+    let dir = tempfile::Builder::new()
+        .prefix("strata-demo-")
+        .tempdir_in(&base)
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory under {}",
+                base.display()
+            )
+        })?;
+    Ok(dir.keep())
 }
 
 /// Runs the demo.
