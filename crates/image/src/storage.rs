@@ -230,11 +230,8 @@ fn writeback_helper(
     ranges: std::sync::mpsc::Receiver<(u64, u64, u64)>,
     flushes: &std::sync::atomic::AtomicU64,
 ) {
-    use std::os::fd::AsRawFd;
-    // A second open file description of the file (not a duplicate of the
-    // descriptor): a flush through it cannot consume a write error that
-    // the caller's `sync` must still report. Without /proc, no flushes.
-    let own = File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).ok();
+    // Without /proc, no flushes.
+    let own = own_description(f);
     let mut unflushed = 0u64;
     for (s, e, bytes) in ranges {
         let (Ok(start), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
@@ -256,6 +253,14 @@ fn writeback_helper(
             }
         }
     }
+}
+
+/// A second open file description of `f`'s file, not a duplicate of the
+/// descriptor: a flush through it cannot consume a write error that the
+/// owner of `f` must still see from its own `sync`. None without /proc.
+fn own_description(f: &File) -> Option<File> {
+    use std::os::fd::AsRawFd;
+    File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).ok()
 }
 
 impl Drop for Writeback {
@@ -583,6 +588,30 @@ mod tests {
         let flushes = s.writeback.state.lock().unwrap().flushes.clone();
         drop(s); // joins the helper thread
         assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_helper_flushes_through_an_open_file_description_of_its_own() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = File::create(&p).unwrap();
+        let mut own = own_description(&f).expect("/proc is mounted");
+        // Same file: what one writes, the other reads.
+        f.write_all(b"through the first").unwrap();
+        let mut text = String::new();
+        own.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "through the first");
+        // Not a duplicate descriptor: the file offset (kept per open file
+        // description, as write errors are) is not shared. A `try_clone`
+        // would share it.
+        f.seek(SeekFrom::Start(3)).unwrap();
+        own.seek(SeekFrom::Start(11)).unwrap();
+        assert_eq!(f.stream_position().unwrap(), 3);
+        let mut dup = f.try_clone().unwrap();
+        dup.seek(SeekFrom::Start(5)).unwrap();
+        assert_eq!(f.stream_position().unwrap(), 5, "control: dup shares it");
+        assert_eq!(own.stream_position().unwrap(), 11);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::*;
+use strata_libvirt::xml::STRATA_NS;
 use strata_libvirt::{
     blockcommit, snapshot_create, snapshot_delete, snapshot_list, snapshot_revert,
     BlockCommitOptions, Error, SnapshotCreateOptions,
@@ -265,6 +266,11 @@ fn the_seed_walk_through_on_a_real_libvirtd() {
     }
 
     // delete take-2
+    assert!(
+        d.virsh(&["dumpxml", "test", "--inactive"])
+            .contains(STRATA_NS),
+        "control: Strata's metadata is there"
+    );
     snapshot_delete(&conn, "test", "take-2", &mut Hooks::default()).unwrap();
     assert!(compare(&o2, &now));
     assert!(!d.virsh(&["snapshot-list", "test"]).contains("take-"));
@@ -283,9 +289,10 @@ fn the_seed_walk_through_on_a_real_libvirtd() {
     assert!(!o2.exists() && !o1.exists());
     let (ok, out) = qemu_img(&["check", &base.display().to_string()]);
     assert!(ok, "{out}");
+    // Not the word "strata": the images' own path may contain it.
     assert!(!d
         .virsh(&["dumpxml", "test", "--inactive"])
-        .contains("strata"));
+        .contains(STRATA_NS));
 
     // A started domain is refused, and nothing changes.
     let tiny = kvm.join("tiny.qcow2");
