@@ -144,8 +144,8 @@ impl Libvirtd {
 
     /// The tail of libvirtd's log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("log/libvirtd.log"))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(self.dir.path().join("log/libvirtd.log")).unwrap_or_default();
         let v: Vec<&str> = log.lines().collect();
         v[v.len().saturating_sub(lines)..].join("\n")
     }
@@ -189,6 +189,8 @@ pub struct Disk {
     pub target: String,
     pub path: PathBuf,
     pub format: String,
+    /// More XML inside `<disk>`, e.g. `<backingStore/>`.
+    pub extra: String,
 }
 
 impl Disk {
@@ -197,7 +199,13 @@ impl Disk {
             target: target.into(),
             path: path.into(),
             format: format.into(),
+            extra: String::new(),
         }
+    }
+
+    pub fn with_extra(mut self, xml: &str) -> Disk {
+        self.extra = xml.into();
+        self
     }
 }
 
@@ -222,6 +230,36 @@ pub struct Boot {
     pub serial: String,
 }
 
+impl Boot {
+    /// The files QEMU opened (its `file` protocol nodes), sorted.
+    pub fn opened_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let mut w = n.splitn(3, ' ');
+                let (_, drv, file) = (w.next()?, w.next()?, w.next()?);
+                (drv == "file").then(|| PathBuf::from(file))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// The files of `path`'s backing chain as the image headers say
+/// (`qemu-img info --backing-chain`), sorted.
+pub fn chain_files(path: &Path) -> Vec<PathBuf> {
+    let out = qemu_img(&["info", "-U", "--backing-chain", &path.display().to_string()]);
+    let mut v: Vec<PathBuf> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("image: "))
+        .map(PathBuf::from)
+        .collect();
+    v.sort();
+    v
+}
+
 /// How long one boot may take (TCG on a shared, loaded machine).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -230,9 +268,10 @@ pub fn domain_xml(name: &str, g: &GuestImage, disks: &[Disk], serial: &Path) -> 
     for d in disks {
         devs.push_str(&format!(
             "<disk type='file' device='disk'><driver name='qemu' type='{}'/>\
-             <source file='{}'/><target dev='{}' bus='virtio'/></disk>",
+             <source file='{}'/>{}<target dev='{}' bus='virtio'/></disk>",
             d.format,
             d.path.display(),
+            d.extra,
             d.target
         ));
     }
@@ -391,7 +430,10 @@ fn block_nodes(json: &str) -> Vec<String> {
 
 /// `qemu-img` with these arguments; panics on failure.
 pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
     assert!(
         out.status.success(),
         "qemu-img {}: {}{}",
@@ -420,7 +462,10 @@ pub fn qemu_io(path: &Path, format: &str, cmd: &str) {
 
 /// sha256 of a file, as `sha256sum` prints it.
 pub fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
