@@ -20,7 +20,8 @@
 # `apt-get update` when apt's lists do not know a package yet). Needs no root
 # except for that update. Needs: apt, dpkg-deb, gzip.
 #
-# The guest (kernel command line: console=ttyS0 strata.disks=N):
+# The guest's /init is scripts/guest/init (kernel command line: console=ttyS0
+# strata.disks=N); on the serial console it prints
 #   STRATA-GUEST up                     once /init runs
 #   STRATA-SHA256 vda <sha256 of /dev/vda>   for each virtio disk, in name order
 #   STRATA-DONE <number of disks>
@@ -42,7 +43,8 @@ done
 export DEBIAN_FRONTEND=noninteractive
 mkdir -p "$1"
 base=$(cd "$1" && pwd)
-self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
+self="$here/$(basename "$0")"
 
 META=linux-image-cloud-amd64
 BUSYBOX=busybox-static
@@ -72,7 +74,7 @@ if ! resolve; then
     resolve || die "no installable $META (kernel: '${kpkg:-?}' '${kver:-?}') or $BUSYBOX ('${bver:-?}') in apt's sources"
 fi
 versions=$(printf '%s %s\n%s %s\n' "$kpkg" "$kver" "$BUSYBOX" "$bver")
-key=$({ cat "$self"; echo "$versions"; } | sha256sum | cut -c1-16)
+key=$({ cat "$self" "$here/init"; echo "$versions"; } | sha256sum | cut -c1-16)
 dir="$base/strata-guest-$key"
 
 exec 9>"$base/strata-guest.lock"
@@ -89,18 +91,33 @@ tmp="$dir.building"
 mkdir -p "$tmp/debs" "$tmp/x" "$tmp/root"
 trap 'rm -rf "$tmp"' EXIT
 
-(
+if ! (
     cd "$tmp/debs"
     # As root, apt's download sandbox user cannot write here: no need for it.
     apt-get -q -o APT::Sandbox::User=root download "$kpkg=$kver" "$BUSYBOX=$bver" >/dev/null </dev/null
-) || die "apt-get download $kpkg=$kver $BUSYBOX=$bver failed"
+); then
+    # apt's lists may be stale (the mirror has newer versions): update once
+    # and start again, versions and key included.
+    if [ -z "${STRATA_GUEST_RETRIED:-}" ]; then
+        echo "build-guest.sh: apt-get download failed; apt-get update and retry" >&2
+        rm -rf "$tmp"
+        trap - EXIT
+        exec 9>&-
+        apt-get -q -o DPkg::Lock::Timeout=300 update >/dev/null </dev/null ||
+            die "apt-get update failed (it needs root and Debian's mirrors)"
+        STRATA_GUEST_RETRIED=1 exec bash "$self" "$base"
+    fi
+    die "apt-get download $kpkg=$kver $BUSYBOX=$bver failed"
+fi
 for deb in "$tmp"/debs/*.deb; do
     dpkg-deb -x "$deb" "$tmp/x"
 done
 
 kernel=$(find "$tmp/x/boot" -maxdepth 1 -name 'vmlinuz-*' | head -1)
 config=$(find "$tmp/x/boot" -maxdepth 1 -name 'config-*' | head -1)
-[ -n "$kernel" ] && [ -n "$config" ] || die "$kpkg has no /boot/vmlinuz-* or /boot/config-*"
+if [ -z "$kernel" ] || [ -z "$config" ]; then
+    die "$kpkg has no /boot/vmlinuz-* or /boot/config-*"
+fi
 uname_r=${kernel##*/vmlinuz-}
 moddir="$tmp/x/lib/modules/$uname_r"
 bb="$tmp/x/bin/busybox"
@@ -112,7 +129,7 @@ done
 root="$tmp/root"
 mkdir -p "$root"/{bin,dev,proc,sys,lib/modules}
 cp "$bb" "$root/bin/busybox"
-for applet in sh mount insmod sleep sha256sum cut cat ls poweroff echo sed; do
+for applet in sh mount insmod sleep sha256sum cut cat ls poweroff echo sed seq; do
     ln -s busybox "$root/bin/$applet"
 done
 
@@ -150,45 +167,7 @@ for m in "${MODULES[@]}"; do
     add_module "$m"
 done
 
-cat >"$root/init" <<'INIT'
-#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-echo "STRATA-GUEST up"
-fail() {
-    echo "STRATA-ERROR $*"
-    poweroff -f
-    sleep 60
-}
-for m in $(cat /lib/modules/load); do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m"
-done
-want=$(sed -n 's/.*strata\.disks=\([0-9][0-9]*\).*/\1/p' /proc/cmdline)
-want=${want:-1}
-# Wait up to 30 s for the disks (vda, vdb, ...) to appear.
-n=0
-for _ in $(seq 1 300); do
-    n=0
-    for d in /sys/block/vd*; do
-        [ -e "$d" ] && [ -b "/dev/${d##*/}" ] && n=$((n + 1))
-    done
-    [ "$n" -ge "$want" ] && break
-    sleep 0.1
-done
-[ "$n" -ge "$want" ] || fail "found $n virtio disks, want $want: $(ls /sys/block)"
-for d in /sys/block/vd*; do
-    name=${d##*/}
-    sum=$(sha256sum "/dev/$name" | cut -d' ' -f1) || fail "reading /dev/$name"
-    echo "STRATA-SHA256 $name $sum"
-done
-echo "STRATA-DONE $n"
-poweroff -f
-INIT
-# `seq` is an applet too.
-ln -s busybox "$root/bin/seq"
+cp "$here/init" "$root/init"
 chmod 755 "$root/init"
 
 (cd "$root" && find . | sort | "$bb" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -9n >"$tmp/initrd.img"

@@ -71,9 +71,9 @@ fn s(p: &Path) -> String {
 
 #[test]
 fn harness_raw_disk_and_qcow2_chain_read_as_qemu_img_does() {
+    let Some(lv) = Libvirtd::start() else { return };
     let g = guest_image();
     eprintln!("guest: {}", g.versions.replace('\n', "; "));
-    let Some(lv) = Libvirtd::start() else { return };
     let work = tempfile::tempdir().unwrap();
     let dir = std::fs::canonicalize(work.path()).unwrap();
 
@@ -162,8 +162,8 @@ const DOM: &str = "test";
 
 impl Seed {
     fn new() -> Option<Seed> {
-        let g = guest_image();
         let lv = Libvirtd::start()?;
+        let g = guest_image();
         let work = tempfile::tempdir().unwrap();
         let dir = std::fs::canonicalize(work.path()).unwrap();
         let kvm = dir.join("kvm");
@@ -350,8 +350,8 @@ fn blockpull_on_libvirt_made_chain_keeps_the_current_state() {
 #[test]
 #[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn create_on_a_disk_with_empty_backing_store_keeps_the_data() {
-    let g = guest_image();
     let Some(lv) = Libvirtd::start() else { return };
+    let g = guest_image();
     let work = tempfile::tempdir().unwrap();
     let dir = std::fs::canonicalize(work.path()).unwrap();
     let base = dir.join("empty-bs.qcow2");
