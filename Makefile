@@ -8,7 +8,7 @@ CARGO      ?= cargo
 DEPS_FLAGS ?= --libvirt
 STRATA     := target/release/strata
 
-.PHONY: all deps build demo test lint fmt fixtures chains clean fuzz fuzz-smoke hostile bench bench-qemu
+.PHONY: all deps build demo test lint fmt fixtures chains clean fuzz fuzz-smoke hostile bench bench-qemu guest test-guest
 
 all: build
 
@@ -49,6 +49,13 @@ fixtures:
 CHAINS_DIR ?= target/chains
 chains:
 	testdata/make-chains.sh $(CHAINS_DIR)
+
+# The tiny Linux guest of the booted-guest tests (docs/libvirt.md), cached
+# where the tests look for it; test-guest runs those tests, the ignored ones too.
+guest:
+	scripts/guest/build-guest.sh $(or $(CARGO_TARGET_DIR),target)/tmp
+test-guest: deps
+	$(CARGO) nextest run -p strata-libvirt --test booted_guest --run-ignored all --no-fail-fast
 
 # Fuzzing (cargo-fuzz on the stable toolchain via RUSTC_BOOTSTRAP; see
 # docs/hostile-images.md). fuzz: every target FUZZ_SECONDS each; fuzz-smoke:
