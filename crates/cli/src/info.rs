@@ -16,7 +16,7 @@ use crate::{localtime, open_options, OutputFormat};
 #[derive(Debug, Clone)]
 pub struct InfoArgs {
     /// The image.
-    pub file: String,
+    pub file: std::path::PathBuf,
     /// Its format (`None`: probe the top image only).
     pub format: Option<String>,
     /// Take no locks (`-U`).
@@ -307,9 +307,9 @@ fn dump_human(out: &mut String, d: &QDict, level: usize, path: Option<&str>) {
 pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32> {
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
     opts.no_backing = !args.backing_chain;
-    let chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let chain = Chain::open(&args.file, &opts)?;
     let mut infos = Vec::new();
-    let mut name = args.file.clone();
+    let mut name = args.file.to_string_lossy().into_owned();
     for (i, layer) in chain.layers().iter().enumerate() {
         if i > 0 {
             name = path_combine(&name, layer.named_as.as_deref().unwrap_or(""));

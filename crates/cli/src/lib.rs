@@ -87,7 +87,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Show which layer holds each guest range, and where.
     Map {
@@ -101,7 +101,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Check an image's metadata for consistency.
     Check {
@@ -121,7 +121,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
     Compare {
@@ -141,9 +141,9 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// First image.
-        file1: String,
+        file1: PathBuf,
         /// Second image.
-        file2: String,
+        file2: PathBuf,
     },
     /// Write the chain's guest view to a new image.
     Convert {
@@ -167,9 +167,9 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// Source image.
-        src: String,
+        src: PathBuf,
         /// Destination file.
-        dst: String,
+        dst: PathBuf,
     },
     /// Create a new image or overlay (qemu-img create).
     Create {
@@ -194,7 +194,7 @@ enum Command {
         #[arg(short = 'q')]
         quiet: bool,
         /// The new image.
-        file: String,
+        file: PathBuf,
         /// Virtual size (k, M, G, T suffixes); the backing file's by default.
         size: Option<String>,
     },
@@ -208,7 +208,7 @@ enum Command {
         #[arg(short = 'c')]
         commands: Vec<String>,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Merge an image's data into its backing file (qemu-img commit).
     Commit {
