@@ -9,7 +9,7 @@ use std::io::Write;
 use anyhow::{anyhow, bail, Context, Result};
 use strata_image::Chain;
 
-use crate::open_options;
+use crate::{open_options, NameFile};
 use crate::size::parse_size;
 
 /// Largest buffer used for one read or write (longer requests are split).
@@ -231,7 +231,7 @@ pub fn run(args: &IoArgs, out: &mut dyn Write) -> Result<i32> {
         .collect::<Result<Vec<_>>>()?;
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
-    let mut chain = Chain::open(&args.file, &opts).with_context(|| file.to_string())?;
+    let mut chain = Chain::open(&args.file, &opts).name_file(file)?;
     let mut failure = None;
     for (cmd, text) in cmds.iter().zip(&args.commands) {
         if let Err(e) = execute(&mut chain, cmd, out) {

@@ -746,10 +746,28 @@ where
     match result {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(err, "strata: {e:#}");
+            let _ = writeln!(err, "strata: {}", error_text(&e));
             error_code
         }
     }
+}
+
+/// The error and its causes joined with `: ` (as anyhow's `{:#}`), leaving
+/// out each cause whose text the message before it already includes: many
+/// errors say their cause in their own message (`open: No such file or
+/// directory`), and printing it again would say it twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 /// [`run`] on the process's standard output and error.
