@@ -468,3 +468,74 @@ fn create_temp_beside(dir: &Path, name: &std::ffi::OsStr) -> io::Result<(PathBuf
         "no free temporary name",
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_round_up_to_512_like_qemu_img() {
+        for (given, stored) in [(0, 0), (1, 512), (512, 512), (513, 1024), (65537, 66048)] {
+            assert_eq!(round_up_to_sector(given), stored, "{given}");
+        }
+        assert_eq!(round_up_to_sector(u64::MAX) % 512, 0);
+    }
+
+    #[test]
+    fn sizes_over_the_l1_limit_are_refused_by_validate() {
+        let opts = |size, cluster_size| CreateOptions {
+            size,
+            cluster_size,
+            ..CreateOptions::default()
+        };
+        // 64 KiB clusters: 32 MiB of L1 entries map 2^22 * 512 MiB = 2 PiB.
+        assert!(opts(2 << 50, 65536).validate().is_ok());
+        let e = opts(5 << 50, 65536).validate().unwrap_err().to_string();
+        assert!(e.contains("too large for file format 'qcow2'"), "{e}");
+        assert!(opts(5 << 50, 2 << 20).validate().is_ok());
+    }
+
+    #[test]
+    fn a_new_image_file_replaces_the_target_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("img");
+        std::fs::write(&target, b"old").unwrap();
+        let names = || {
+            let mut v: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        // Dropped: the old file stays, the temporary file goes.
+        let new = NewImageFile::begin(&target).unwrap();
+        new.storage().unwrap().write_at(b"new", 0).unwrap();
+        assert_eq!(names().len(), 2);
+        drop(new);
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        assert_eq!(names(), ["img"]);
+        // Committed: the new contents, one file.
+        let new = NewImageFile::begin(&target).unwrap();
+        new.storage().unwrap().write_at(b"new", 0).unwrap();
+        new.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert_eq!(names(), ["img"]);
+        // A new file where there was none.
+        let fresh = dir.path().join("fresh");
+        NewImageFile::begin(&fresh).unwrap().commit().unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_target_that_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = NewImageFile::begin(&fifo).unwrap_err().to_string();
+        assert!(e.contains("a FIFO"), "{e}");
+        let e = NewImageFile::begin(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -586,6 +586,27 @@ mod tests {
     }
 
     #[test]
+    fn open_refuses_a_fifo_and_a_directory_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Nobody writes to the FIFO: a blocking open would never return.
+        for writable in [false, true] {
+            let e = FileStorage::open(&fifo, writable).unwrap_err();
+            assert!(e.to_string().contains("a FIFO"), "{e}");
+            let e = FileStorage::open(dir.path(), false).unwrap_err();
+            assert!(e.to_string().contains("a directory"), "{e}");
+        }
+        // A regular file opens, and blocks as usual afterwards.
+        let f = dir.path().join("f");
+        std::fs::write(&f, [7u8; 512]).unwrap();
+        let s = FileStorage::open(&f, true).unwrap();
+        let flags = nix::fcntl::fcntl(&s.file, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        assert_eq!(s.len().unwrap(), 512);
+    }
+
+    #[test]
     fn file_storage_reports_holes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
