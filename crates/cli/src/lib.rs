@@ -556,7 +556,7 @@ where
             backing_chain,
             output,
             file,
-        } => info::run(
+        } => info::run_noting(
             &info::InfoArgs {
                 file,
                 format,
@@ -565,6 +565,7 @@ where
                 output,
             },
             out,
+            err,
         ),
         Command::Map {
             format,

@@ -529,3 +529,43 @@ fn file_names_that_are_not_utf8_work() {
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes[..4096].iter().all(|&b| b == 0x3c));
 }
+
+#[test]
+fn info_notes_a_backing_file_outside_the_top_images_directory_tree() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: vm/top.qcow2 -> ../base.qcow2 (climbs out), and
+    // vm/inside.qcow2 -> disks/b.qcow2 (stays inside).
+    let d = tempdir();
+    let vm = d.path().join("vm");
+    std::fs::create_dir_all(vm.join("disks")).unwrap();
+    create(&[s(&d.path().join("base.qcow2")), "1M"]);
+    create(&[s(&vm.join("disks/b.qcow2")), "1M"]);
+    let top = vm.join("top.qcow2");
+    let inside = vm.join("inside.qcow2");
+    create(&["-b", "../base.qcow2", "-F", "qcow2", s(&top)]);
+    create(&["-b", "disks/b.qcow2", "-F", "qcow2", s(&inside)]);
+    for chain in [&[][..], &["--backing-chain"][..]] {
+        let mut args = vec!["info"];
+        args.extend_from_slice(chain);
+        // Act
+        let mut out_args = args.clone();
+        out_args.push(s(&top));
+        let out = strata(&out_args);
+        let mut in_args = args.clone();
+        in_args.push(s(&inside));
+        let inn = strata(&in_args);
+        // Assert: a note on stderr; stdout stays qemu-img's.
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("\"../base.qcow2\"")
+                && out.stderr.contains("outside the directory tree of"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, qemu_img_ok(&out_args));
+        assert_eq!(inn.code, 0, "{}", inn.stderr);
+        assert_eq!(inn.stderr, "");
+    }
+}
