@@ -9,8 +9,8 @@ use std::io::Write;
 use anyhow::{anyhow, bail, Context, Result};
 use strata_image::Chain;
 
-use crate::{open_options, NameFile};
 use crate::size::parse_size;
+use crate::{open_options, NameFile};
 
 /// Largest buffer used for one read or write (longer requests are split).
 const CHUNK: u64 = 4 << 20;

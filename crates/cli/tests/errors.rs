@@ -436,7 +436,15 @@ fn a_fifo_or_directory_as_image_or_backing_file_is_refused_at_once() {
     nix_mkfifo(&fifo);
     std::fs::create_dir(d.path().join("dir")).unwrap();
     for (top, backing) in [("on-fifo.qcow2", "fifo"), ("on-dir.qcow2", "dir")] {
-        create(&["-u", "-b", backing, "-F", "raw", s(&d.path().join(top)), "1M"]);
+        create(&[
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "raw",
+            s(&d.path().join(top)),
+            "1M",
+        ]);
     }
     let out = d.path().join("out.raw");
     let deadline = std::time::Duration::from_secs(10);
@@ -469,7 +477,14 @@ fn a_fifo_or_directory_as_image_or_backing_file_is_refused_at_once() {
     }
     assert!(!out.exists());
     // A directory as the named backing file of `create` is refused too.
-    let r = strata(&["create", "-b", "dir", "-F", "raw", s(&d.path().join("new.qcow2"))]);
+    let r = strata(&[
+        "create",
+        "-b",
+        "dir",
+        "-F",
+        "raw",
+        s(&d.path().join("new.qcow2")),
+    ]);
     assert_fails_with(&r, 1, &["dir", "a directory"]);
 }
 
@@ -518,13 +533,24 @@ fn file_names_that_are_not_utf8_work() {
     };
     let os = |s: &'static str| OsStr::new(s);
     run(&[os("create"), os("-q"), img.as_os_str(), os("1M")]);
-    run(&[os("io"), os("-c"), os("write -P 0x3c 0 4k"), img.as_os_str()]);
+    run(&[
+        os("io"),
+        os("-c"),
+        os("write -P 0x3c 0 4k"),
+        img.as_os_str(),
+    ]);
     let info = run(&[os("info"), img.as_os_str()]);
     assert!(info.contains("virtual size: 1 MiB"), "{info}");
     run(&[os("map"), img.as_os_str()]);
     run(&[os("check"), img.as_os_str()]);
     run(&[os("check"), os("-r"), os("leaks"), img.as_os_str()]);
-    run(&[os("convert"), os("-O"), os("raw"), img.as_os_str(), out.as_os_str()]);
+    run(&[
+        os("convert"),
+        os("-O"),
+        os("raw"),
+        img.as_os_str(),
+        out.as_os_str(),
+    ]);
     run(&[os("compare"), img.as_os_str(), out.as_os_str()]);
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes[..4096].iter().all(|&b| b == 0x3c));

@@ -624,7 +624,10 @@ impl QemuIoHolds {
         std::io::BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut answer)
             .expect("qemu-io answer");
-        assert!(answer.contains("iB"), "qemu-io did not open {img:?}: {answer:?}");
+        assert!(
+            answer.contains("iB"),
+            "qemu-io did not open {img:?}: {answer:?}"
+        );
         QemuIoHolds {
             child,
             stdin: Some(stdin),
@@ -683,7 +686,17 @@ fn every_writing_command_is_refused_while_qemu_io_holds_the_image_and_changes_no
     let src = dir.join("src.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "2M"]);
     qemu_io_ok(&base, &["write -P 0x11 0 64k"]);
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top)]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
     qemu_io_ok(&top, &["write -P 0x22 64k 64k"]);
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "1M"]);
     // qemu-img itself refuses to replace a held image.
@@ -691,7 +704,11 @@ fn every_writing_command_is_refused_while_qemu_io_holds_the_image_and_changes_no
         let _holder = QemuIoHolds::start(&src);
         let q = qemu_img(&["create", "-f", "qcow2", s(&src), "1M"]);
         assert_ne!(q.code, 0, "qemu-img create replaced a held image");
-        assert!(q.stderr.contains("Failed to get \"write\" lock"), "{}", q.stderr);
+        assert!(
+            q.stderr.contains("Failed to get \"write\" lock"),
+            "{}",
+            q.stderr
+        );
     }
     // Act + Assert: every command that writes or replaces a file, on the
     // file qemu-io holds.
@@ -733,7 +750,11 @@ fn create_refuses_an_image_backed_by_itself_by_name_symlink_or_hard_link() {
     // touching nothing.
     let q = qemu_img(&["create", "-f", "qcow2", "-b", s(&x), "-F", "qcow2", s(&x)]);
     assert_ne!(q.code, 0);
-    assert!(q.stderr.contains("same filename as the backing file"), "{}", q.stderr);
+    assert!(
+        q.stderr.contains("same filename as the backing file"),
+        "{}",
+        q.stderr
+    );
     assert_eq!(read_file(&x), before);
     for name in [s(&x), "x.qcow2", "./x.qcow2", "sym.qcow2", "hard.qcow2"] {
         for extra in [&[][..], &["-u", "1M"][..]] {
@@ -747,7 +768,17 @@ fn create_refuses_an_image_backed_by_itself_by_name_symlink_or_hard_link() {
     }
     // A backing file whose own chain holds the image would make a loop.
     let y = d.path().join("y.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2", s(&y)]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "x.qcow2",
+        "-F",
+        "qcow2",
+        s(&y),
+    ]);
     let r = strata(&["create", "-b", "y.qcow2", "-F", "qcow2", s(&x)]);
     assert_fails_with(&r, 1, &["x.qcow2", "loop"]);
     assert_eq!(read_file(&x), before);
@@ -775,7 +806,10 @@ fn a_create_that_fails_leaves_the_old_file_as_it_was_and_prints_no_formatting_li
     let before = read_file(&old);
     // qemu-img refuses these sizes too.
     for size in ["5P", "4E"] {
-        assert_ne!(qemu_img(&["create", "-f", "qcow2", "/dev/null/x", size]).code, 0);
+        assert_ne!(
+            qemu_img(&["create", "-f", "qcow2", "/dev/null/x", size]).code,
+            0
+        );
         let r = strata(&["create", s(&old), size]);
         assert_fails_with(&r, 1, &["existing.qcow2", "too large"]);
         assert_eq!(r.stdout, "", "printed Formatting for a create that failed");

@@ -329,8 +329,10 @@ impl NewImageFile {
         };
         let dir = parent_dir(&target);
         let name = target.file_name().unwrap_or(target.as_os_str());
-        let (temp, file) = create_temp_beside(&dir, name)
-            .map_err(|e| Error::io(&target, "create a temporary file beside", 0, e))?;
+        let (temp, file) = create_temp_beside(&dir, name).map_err(|e| {
+            let what = format!("the new image's temporary file in {}", dir.display());
+            Error::io(&target, "create", 0, explained(e, &what))
+        })?;
         let mut new = NewImageFile {
             target,
             temp,
@@ -344,9 +346,10 @@ impl NewImageFile {
             if let Ok(m) = old_file.metadata() {
                 use std::os::unix::fs::{MetadataExt, PermissionsExt};
                 let mode = std::fs::Permissions::from_mode(m.mode() & 0o7777);
-                new.file
-                    .set_permissions(mode)
-                    .map_err(|e| Error::io(&new.temp, "set permissions", 0, e))?;
+                new.file.set_permissions(mode).map_err(|e| {
+                    let what = "giving the new image the old file's permissions";
+                    Error::io(&new.target, "create", 0, explained(e, what))
+                })?;
                 let _ = std::os::unix::fs::fchown(&new.file, Some(m.uid()), Some(m.gid()));
             }
         }
@@ -368,7 +371,7 @@ impl NewImageFile {
         let f = self
             .file
             .try_clone()
-            .map_err(|e| Error::io(&self.temp, "duplicate descriptor", 0, e))?;
+            .map_err(|e| Error::io(&self.temp, "open", 0, e))?;
         Ok(FileStorage::from_file(f, &self.target))
     }
 
@@ -377,14 +380,16 @@ impl NewImageFile {
     pub fn commit(mut self) -> Result<()> {
         self.file
             .sync_all()
-            .map_err(|e| Error::io(&self.target, "sync the new file", 0, e))?;
-        std::fs::rename(&self.temp, &self.target)
-            .map_err(|e| Error::io(&self.target, "rename the new file over", 0, e))?;
+            .map_err(|e| Error::io(&self.temp, "sync", 0, e))?;
+        std::fs::rename(&self.temp, &self.target).map_err(|e| {
+            let what = format!("renaming the new image {} over it", self.temp.display());
+            Error::io(&self.target, "create", 0, explained(e, &what))
+        })?;
         self.committed = true;
         let dir = parent_dir(&self.target);
         File::open(&dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(&dir, "sync directory", 0, e))?;
+            .map_err(|e| Error::io(&dir, "sync", 0, e))?;
         Ok(())
     }
 }
@@ -395,6 +400,11 @@ impl Drop for NewImageFile {
             let _ = std::fs::remove_file(&self.temp);
         }
     }
+}
+
+/// `e` with what was being done in front, keeping its kind.
+fn explained(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// The directory of `path` (`.` for a bare name).

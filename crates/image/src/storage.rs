@@ -367,8 +367,8 @@ fn file_len(file: &File) -> io::Result<u64> {
     use std::os::unix::fs::FileTypeExt;
     let m = file.metadata()?;
     if m.file_type().is_block_device() {
-        let end = nix::unistd::lseek(file, 0, nix::unistd::Whence::SeekEnd)
-            .map_err(io::Error::from)?;
+        let end =
+            nix::unistd::lseek(file, 0, nix::unistd::Whence::SeekEnd).map_err(io::Error::from)?;
         return Ok(end as u64);
     }
     Ok(m.len())

@@ -398,8 +398,15 @@ fn qemu_cannot_open_an_image_while_strata_replaces_it() {
     let (dir, path) = qcow2_image();
     let new = NewImageFile::begin(&path).expect("begin");
     let out = run("qemu-io", &["-c", "write 0 512"], &path);
-    assert!(!out.status.success(), "qemu-io opened the old image: {out:?}");
-    assert!(stderr(&out).contains("Failed to get \"write\" lock"), "{}", stderr(&out));
+    assert!(
+        !out.status.success(),
+        "qemu-io opened the old image: {out:?}"
+    );
+    assert!(
+        stderr(&out).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr(&out)
+    );
     let opts = CreateOptions {
         size: 3 << 20,
         ..CreateOptions::default()
@@ -410,6 +417,9 @@ fn qemu_cannot_open_an_image_while_strata_replaces_it() {
     let out = run("qemu-img", &["check"], &path);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = run("qemu-io", &["-c", "length"], &path);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 MiB"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 MiB"),
+        "{out:?}"
+    );
     assert_eq!(dir_names(dir.path()), ["img.qcow2"]);
 }
