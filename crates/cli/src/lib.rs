@@ -145,7 +145,9 @@ enum Command {
         /// Second image.
         file2: PathBuf,
     },
-    /// Write the chain's guest view to a new image.
+    /// Write the chain's guest view to a new image (built beside DST and
+    /// renamed over it when complete; refused while another process has
+    /// DST open).
     Convert {
         /// Source format.
         #[arg(short = 'f')]
@@ -171,7 +173,9 @@ enum Command {
         /// Destination file.
         dst: PathBuf,
     },
-    /// Create a new image or overlay (qemu-img create).
+    /// Create a new image or overlay (qemu-img create). An existing FILE
+    /// is replaced only once the new image is complete, and never while
+    /// another process has it open.
     Create {
         /// Format: qcow2 (default) or raw.
         #[arg(short = 'f')]
@@ -195,7 +199,8 @@ enum Command {
         quiet: bool,
         /// The new image.
         file: PathBuf,
-        /// Virtual size (k, M, G, T suffixes); the backing file's by default.
+        /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
+        /// backing file's by default.
         size: Option<String>,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
