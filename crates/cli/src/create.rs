@@ -270,7 +270,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
     p.opts.size = size;
     p.opts.backing = backing;
     if format == ImageFormat::Qcow2 {
-        check_qcow2_options(path, &p.opts).with_context(|| file.to_string())?;
+        check_qcow2_options(path, &p.opts).name_file(file)?;
     } else if p.given_compat.is_some()
         || p.opts.extended_l2
         || p.opts.lazy_refcounts

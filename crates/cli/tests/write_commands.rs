@@ -818,6 +818,23 @@ fn a_create_that_fails_leaves_the_old_file_as_it_was_and_prints_no_formatting_li
     let r = strata(&["create", "-o", "cluster_size=512", s(&old), "1P"]);
     assert_fails_with(&r, 1, &["too large"]);
     assert_eq!(read_file(&old), before);
+    // A header that cannot hold the backing name in one 512-byte cluster.
+    let long = "b".repeat(1000);
+    let r = strata(&[
+        "create",
+        "-u",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        &long,
+        "-F",
+        "qcow2",
+        s(&old),
+        "1M",
+    ]);
+    assert_fails_with(&r, 1, &["do not fit"]);
+    assert_eq!(r.stdout, "");
+    assert_eq!(read_file(&old), before);
     assert_eq!(names_in(d.path()), ["existing.qcow2"]);
 }
 
