@@ -908,3 +908,35 @@ fn sizes_are_rounded_up_to_512_bytes_like_qemu_img_create() {
         std::fs::metadata(&qraw).unwrap().len()
     );
 }
+
+#[test]
+fn a_convert_that_fails_leaves_the_existing_destination_as_it_was() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: a source whose L1 entry points far past its end, so that
+    // reading its data fails once the convert has started.
+    let d = tempdir();
+    let src = d.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "4M"]);
+    qemu_io_ok(&src, &["write -P 0x11 0 64k"]);
+    let mut bytes = read_file(&src);
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    bytes[l1..l1 + 8].copy_from_slice(&((1u64 << 63) | (1 << 40)).to_be_bytes());
+    std::fs::write(&src, &bytes).unwrap();
+    let dst = d.path().join("dst.img");
+    std::fs::write(&dst, b"the old contents").unwrap();
+    for fmt in ["raw", "qcow2"] {
+        // Act
+        let r = strata(&["convert", "-O", fmt, s(&src), s(&dst)]);
+        // Assert
+        assert_fails_with(&r, 1, &["src.qcow2", "outside the file"]);
+        let now = read_file(&dst);
+        assert!(
+            now == b"the old contents",
+            "-O {fmt}: the destination was changed ({} bytes now)",
+            now.len()
+        );
+        assert_eq!(names_in(d.path()), ["dst.img", "src.qcow2"]);
+    }
+}
