@@ -21,7 +21,7 @@ pub const EXIT_NOT_SUPPORTED: i32 = 63;
 #[derive(Debug, Clone)]
 pub struct CheckArgs {
     /// The image.
-    pub file: String,
+    pub file: std::path::PathBuf,
     /// Its format.
     pub format: Option<String>,
     /// Repair mode (`-r leaks|all`).
@@ -121,13 +121,13 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
         if args.force_share {
             bail!(
                 "{}: -r (repair) cannot be combined with -U (force share)",
-                args.file
+                args.file.display()
             );
         }
         return run_repair(args, mode, out, err);
     }
     let opts = open_options(args.format.as_deref(), args.force_share)?;
-    let chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let chain = Chain::open(&args.file, &opts)?;
     let image = &chain.top().image;
     let Some(q) = image.as_qcow2() else {
         return not_supported(args, image.format(), err);
@@ -155,14 +155,14 @@ fn print_report(
     if !args.quiet {
         match args.output {
             OutputFormat::Json => {
-                let d = report_json(&args.file, "qcow2", report);
+                let d = report_json(&args.file.to_string_lossy(), "qcow2", report);
                 writeln!(out, "{}", to_json_pretty(&QValue::Dict(d)))?;
             }
             OutputFormat::Human => out.write_all(report_human(report).as_bytes())?,
         }
     }
     if report.check_errors > 0 {
-        writeln!(err, "strata: {}: check failed", args.file)?;
+        writeln!(err, "strata: {}: check failed", args.file.display())?;
         return Ok(1);
     }
     Ok(report.exit_code())
@@ -172,7 +172,7 @@ fn not_supported(args: &CheckArgs, format: ImageFormat, err: &mut dyn Write) -> 
     writeln!(
         err,
         "strata: {}: this image format ({format}) does not support checks",
-        args.file
+        args.file.display()
     )?;
     Ok(EXIT_NOT_SUPPORTED)
 }
@@ -190,13 +190,13 @@ fn run_repair(
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
     opts.no_backing = true;
-    let mut chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let mut chain = Chain::open(&args.file, &opts)?;
     let layer = &mut chain.layers_mut()[0];
     let q = match &mut layer.image {
         strata_image::Image::Qcow2(q) => q,
         other => return not_supported(args, other.format(), err),
     };
-    let r = repair(q, mode).with_context(|| format!("{}: repair failed", args.file))?;
+    let r = repair(q, mode).with_context(|| format!("{}: repair failed", args.file.display()))?;
     for p in &r.before.problems {
         writeln!(err, "{}", p.message)?;
     }

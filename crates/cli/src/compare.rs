@@ -18,9 +18,9 @@ const SECTOR: u64 = 512;
 #[derive(Debug, Clone)]
 pub struct CompareArgs {
     /// First image.
-    pub file1: String,
+    pub file1: std::path::PathBuf,
     /// Second image.
-    pub file2: String,
+    pub file2: std::path::PathBuf,
     /// Format of the first (`-f`).
     pub format1: Option<String>,
     /// Format of the second (`-F`).
@@ -198,8 +198,8 @@ pub fn compare_chains(a: &Chain, b: &Chain, strict: bool) -> Result<Outcome> {
 pub fn run(args: &CompareArgs, out: &mut dyn Write) -> Result<i32> {
     let o1 = open_options(args.format1.as_deref(), args.force_share)?;
     let o2 = open_options(args.format2.as_deref(), args.force_share)?;
-    let a = Chain::open(std::path::Path::new(&args.file1), &o1)?;
-    let b = Chain::open(std::path::Path::new(&args.file2), &o2)?;
+    let a = Chain::open(&args.file1, &o1)?;
+    let b = Chain::open(&args.file2, &o2)?;
     let outcome = compare_chains(&a, &b, args.strict)?;
     let mut say = |s: &str| -> Result<()> {
         if !args.quiet {

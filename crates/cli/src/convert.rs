@@ -11,12 +11,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use strata_format::CompressionType;
 use strata_image::convert::ConvertOptions;
-use strata_image::create::CreateOptions;
+use strata_image::create::{round_up_to_sector, CreateOptions, NewImageFile};
 use strata_image::{Chain, FileStorage, ImageFormat, Storage};
 
 use crate::size::parse_size;
 
-use crate::open_options;
+use crate::{open_options, NameFile};
 
 /// Largest read from the source at a time.
 const READ_CHUNK: u64 = 4 << 20;
@@ -27,9 +27,9 @@ const SPARSE_BLOCK: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct ConvertArgs {
     /// Source image.
-    pub src: String,
+    pub src: std::path::PathBuf,
     /// Destination file.
-    pub dst: String,
+    pub dst: std::path::PathBuf,
     /// Source format (`-f`).
     pub format: Option<String>,
     /// Output format (`-O`).
@@ -52,15 +52,29 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Writes the guest view of `chain` into `dst` (created or truncated),
-/// calling `progress` with the bytes done so far.
+/// Writes the guest view of `chain` into a new file that replaces `dst`
+/// once complete, under `dst`'s write lock ([`NewImageFile`]): a convert
+/// that fails leaves `dst` as it was. Calls `progress` with the bytes done
+/// so far.
 pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    let new = NewImageFile::begin(dst).name_file(&dst.display().to_string())?;
+    convert_to_raw_into(chain, &new.storage()?, dst, progress)?;
+    new.commit()?;
+    Ok(())
+}
+
+/// [`convert_to_raw`] into `file` (empty; `dst` names it in errors).
+fn convert_to_raw_into(
+    chain: &Chain,
+    file: &FileStorage,
+    dst: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    // The size rounded up to 512 bytes, as qemu-img makes it.
     let size = chain.virtual_size();
     // A FileStorage: its writes start the kernel's writeback early, so the
     // final sync finds little left to write.
-    let file = FileStorage::create(dst)
-        .with_context(|| format!("{}: cannot create the output file", dst.display()))?;
-    file.set_len(size)
+    file.set_len(round_up_to_sector(size))
         .with_context(|| format!("{}: cannot size the output file", dst.display()))?;
     let mut buf = Vec::new();
     let mut pos = 0u64;
@@ -74,7 +88,7 @@ pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u
             let layer = &chain.layers()[r.depth];
             buf.resize(len as usize, 0);
             layer.image.read_mapped(r.extent.mapping, pos, &mut buf)?;
-            write_sparse(&file, dst, &buf, pos)?;
+            write_sparse(file, dst, &buf, pos)?;
         }
         pos += len;
         progress(pos, size);
@@ -179,13 +193,13 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
         ImageFormat::Raw => CreateOptions::default(),
     };
     let opts = open_options(args.format.as_deref(), args.force_share)?;
-    let chain = Chain::open(Path::new(&args.src), &opts)?;
-    let dst = Path::new(&args.dst);
+    let chain = Chain::open(&args.src, &opts)?;
+    let dst = args.dst.as_path();
     for l in chain.layers() {
         if same_file(&l.path, dst) {
             bail!(
                 "{}: the output file is {} of the source chain; refusing to overwrite it",
-                args.dst,
+                args.dst.display(),
                 l.path.display()
             );
         }

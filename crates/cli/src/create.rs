@@ -4,21 +4,24 @@
 //! stored as given; a backing file needs its format).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use strata_format::CompressionType;
 use strata_image::chain::resolve_backing_path;
-use strata_image::create::{create_qcow2, create_raw, CreateOptions, Preallocation};
-use strata_image::{Chain, FileStorage, ImageFormat, OpenOptions};
+use strata_image::create::{
+    check_qcow2_options, create_qcow2, create_raw, CreateOptions, NewImageFile, Preallocation,
+};
+use strata_image::{Chain, ImageFormat, OpenOptions};
 
 use crate::size::parse_size;
+use crate::NameFile;
 
 /// Arguments of `strata create`.
 #[derive(Debug, Clone, Default)]
 pub struct CreateArgs {
     /// The new image.
-    pub file: String,
+    pub file: PathBuf,
     /// Its format (`-f`, qcow2 by default).
     pub format: Option<String>,
     /// Backing file (`-b`), stored as given.
@@ -152,9 +155,53 @@ fn formatting_line(file: &str, p: &Parsed, size: u64, format: ImageFormat) -> St
     s
 }
 
+/// A file's identity (device, inode), following symbolic links; `None`
+/// when it does not exist (or cannot be examined).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// `path` made absolute and cleaned of `.` components, for comparing names
+/// of files that do not exist (yet).
+fn lexical(path: &Path) -> PathBuf {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .components()
+        .collect()
+}
+
+/// Refuses a backing file that is the new image itself, as qemu-img does
+/// ("Trying to create an image with the same filename as the backing
+/// file"), but by file identity, so that a symbolic or hard link to the
+/// image is caught too.
+fn refuse_self_backing(file: &Path, backing_path: &Path, name: &str) -> Result<()> {
+    let same = match (file_id(file), file_id(backing_path)) {
+        (Some(a), Some(b)) => a == b,
+        _ => lexical(file) == lexical(backing_path),
+    };
+    if same {
+        bail!(
+            "{}: Error: Trying to create an image with the same filename as the backing file \
+             ({name:?} is {} itself); refusing, nothing was changed",
+            file.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `strata create`.
+///
+/// Everything is checked before anything is touched: options, limits,
+/// the backing file (never the new image itself, nor a chain that contains
+/// it), the lock on an existing file. Only then is the `Formatting` line
+/// printed and the image built, beside the target under a temporary name,
+/// and renamed over it when complete ([`NewImageFile`]).
 pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
-    let file = args.file.as_str();
+    let path = args.file.as_path();
+    let file = path.display().to_string();
+    let file = file.as_str();
     let format = format_by_name(args.format.as_deref().unwrap_or("qcow2"))?;
     let mut p = Parsed::default();
     parse_options(&args.options, &mut p).with_context(|| file.to_string())?;
@@ -190,16 +237,28 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
     // Open the backing file, relative to the new image's directory, to
     // check it and to take its size when SIZE is not given.
     if let Some((name, bfmt)) = &backing {
+        let bpath = resolve_backing_path(path, name);
+        refuse_self_backing(path, &bpath, name)?;
         if !args.unsafe_backing || p.size.is_none() {
-            let path = resolve_backing_path(Path::new(file), name);
             let chain = Chain::open(
-                &path,
+                &bpath,
                 &OpenOptions {
                     format: Some(*bfmt),
                     ..OpenOptions::default()
                 },
             )
             .with_context(|| format!("{file}: could not open backing file {name:?}"))?;
+            // Replacing an image that the backing file's own chain uses
+            // would make a loop (and destroy that image).
+            if let Some(id) = file_id(path) {
+                if let Some(l) = chain.layers().iter().find(|l| file_id(&l.path) == Some(id)) {
+                    bail!(
+                        "{file}: the backing file {name:?} has {file} in its own backing chain \
+                         (as {}); refusing to make a loop, nothing was changed",
+                        l.path.display()
+                    );
+                }
+            }
             if p.size.is_none() {
                 p.size = Some(chain.virtual_size());
             }
@@ -211,7 +270,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
     p.opts.size = size;
     p.opts.backing = backing;
     if format == ImageFormat::Qcow2 {
-        p.opts.validate().with_context(|| file.to_string())?;
+        check_qcow2_options(path, &p.opts).name_file(file)?;
     } else if p.given_compat.is_some()
         || p.opts.extended_l2
         || p.opts.lazy_refcounts
@@ -219,12 +278,14 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
     {
         bail!("{file}: qcow2 options given for a raw image");
     }
+    // Lock (and check) the file being replaced, and make the new one
+    // beside it; the old file is untouched until the rename.
+    let new = NewImageFile::begin(path).name_file(file)?;
     if !args.quiet {
         writeln!(out, "{}", formatting_line(file, &p, size, format))?;
         out.flush()?;
     }
-    let path = Path::new(file);
-    let storage = FileStorage::create(path).with_context(|| format!("{file}: cannot create"))?;
+    let storage = new.storage().name_file(file)?;
     match format {
         ImageFormat::Qcow2 => {
             let mut img = create_qcow2(Box::new(storage), path, &p.opts)
@@ -234,6 +295,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
         ImageFormat::Raw => create_raw(&storage, path, size)
             .with_context(|| format!("{file}: cannot create the image"))?,
     }
+    new.commit().name_file(file)?;
     Ok(0)
 }
 

@@ -119,7 +119,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
     )?;
     crate::info::run(
         &InfoArgs {
-            file: s(&top),
+            file: s(&top).into(),
             format: None,
             force_share: false,
             backing_chain: true,
@@ -135,7 +135,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
     )?;
     crate::map::run(
         &MapArgs {
-            file: s(&top),
+            file: s(&top).into(),
             format: None,
             force_share: false,
             output: OutputFormat::Json,
@@ -150,8 +150,8 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
     )?;
     crate::convert::run(
         &ConvertArgs {
-            src: s(&top),
-            dst: s(&raw),
+            src: s(&top).into(),
+            dst: s(&raw).into(),
             format: None,
             output_format: "raw".into(),
             progress: false,
@@ -181,8 +181,8 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
     )?;
     let rc = crate::compare::run(
         &CompareArgs {
-            file1: s(&top),
-            file2: s(&raw),
+            file1: s(&top).into(),
+            file2: s(&raw).into(),
             format1: None,
             format2: Some("raw".into()),
             strict: false,

@@ -1,6 +1,7 @@
 //! `strata info`: what `qemu-img info` prints, in both output formats.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use strata_format::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_EXTERNAL_DATA};
@@ -16,7 +17,7 @@ use crate::{localtime, open_options, OutputFormat};
 #[derive(Debug, Clone)]
 pub struct InfoArgs {
     /// The image.
-    pub file: String,
+    pub file: std::path::PathBuf,
     /// Its format (`None`: probe the top image only).
     pub format: Option<String>,
     /// Take no locks (`-U`).
@@ -305,11 +306,62 @@ fn dump_human(out: &mut String, d: &QDict, level: usize, path: Option<&str>) {
 
 /// Runs `strata info`.
 pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32> {
+    run_noting(args, out, &mut std::io::sink())
+}
+
+/// Backing files of `chain` (and, when only the top is open, the file its
+/// backing name resolves to) that lie outside the directory tree of the top
+/// image: (name as recorded, where it resolves). Such a name climbs out
+/// (`../..`) or is absolute elsewhere; `commit` would write there.
+pub fn members_outside_top_tree(chain: &Chain) -> Vec<(String, PathBuf)> {
+    let top = chain.top();
+    let Some(top_dir) = std::fs::canonicalize(&top.path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return Vec::new();
+    };
+    let mut members: Vec<(String, PathBuf)> = chain
+        .layers()
+        .iter()
+        .skip(1)
+        .map(|l| (l.named_as.clone().unwrap_or_default(), l.path.clone()))
+        .collect();
+    if chain.layers().len() == 1 {
+        if let (Some(name), _) = top.image.backing() {
+            if !strata_image::chain::is_protocol_name(name) {
+                members.push((
+                    name.to_string(),
+                    strata_image::chain::resolve_backing_path(&top.path, name),
+                ));
+            }
+        }
+    }
+    members
+        .into_iter()
+        .filter_map(|(name, path)| {
+            let real = std::fs::canonicalize(&path).ok()?;
+            (!real.starts_with(&top_dir)).then_some((name, real))
+        })
+        .collect()
+}
+
+/// [`run`], with notes for people on `err`: a chain member outside the
+/// top image's directory tree. The output itself stays qemu-img's.
+pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
     opts.no_backing = !args.backing_chain;
-    let chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let chain = Chain::open(&args.file, &opts)?;
+    for (name, real) in members_outside_top_tree(&chain) {
+        writeln!(
+            err,
+            "strata: note: backing file {name:?} is {}, outside the directory tree of {}",
+            real.display(),
+            args.file.display()
+        )?;
+    }
     let mut infos = Vec::new();
-    let mut name = args.file.clone();
+    let mut name = args.file.to_string_lossy().into_owned();
     for (i, layer) in chain.layers().iter().enumerate() {
         if i > 0 {
             name = path_combine(&name, layer.named_as.as_deref().unwrap_or(""));

@@ -5,13 +5,12 @@
 //! image is flushed at the end either way.
 
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use strata_image::Chain;
 
-use crate::open_options;
 use crate::size::parse_size;
+use crate::{open_options, NameFile};
 
 /// Largest buffer used for one read or write (longer requests are split).
 const CHUNK: u64 = 4 << 20;
@@ -20,7 +19,7 @@ const CHUNK: u64 = 4 << 20;
 #[derive(Debug, Clone, Default)]
 pub struct IoArgs {
     /// The image.
-    pub file: String,
+    pub file: std::path::PathBuf,
     /// Its format (`-f`), probed when omitted.
     pub format: Option<String>,
     /// The commands (`-c`), in order.
@@ -223,7 +222,8 @@ pub fn execute(chain: &mut Chain, cmd: &IoCommand, out: &mut dyn Write) -> Resul
 
 /// Runs `strata io`.
 pub fn run(args: &IoArgs, out: &mut dyn Write) -> Result<i32> {
-    let file = args.file.as_str();
+    let file = args.file.display().to_string();
+    let file = file.as_str();
     let cmds = args
         .commands
         .iter()
@@ -231,7 +231,7 @@ pub fn run(args: &IoArgs, out: &mut dyn Write) -> Result<i32> {
         .collect::<Result<Vec<_>>>()?;
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
-    let mut chain = Chain::open(Path::new(file), &opts).with_context(|| file.to_string())?;
+    let mut chain = Chain::open(&args.file, &opts).name_file(file)?;
     let mut failure = None;
     for (cmd, text) in cmds.iter().zip(&args.commands) {
         if let Err(e) = execute(&mut chain, cmd, out) {

@@ -87,7 +87,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Show which layer holds each guest range, and where.
     Map {
@@ -101,7 +101,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Check an image's metadata for consistency.
     Check {
@@ -121,7 +121,7 @@ enum Command {
         #[arg(long = "output", value_enum, default_value_t)]
         output: OutputFormat,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
     Compare {
@@ -141,11 +141,13 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// First image.
-        file1: String,
+        file1: PathBuf,
         /// Second image.
-        file2: String,
+        file2: PathBuf,
     },
-    /// Write the chain's guest view to a new image.
+    /// Write the chain's guest view to a new image (built beside DST and
+    /// renamed over it when complete; refused while another process has
+    /// DST open).
     Convert {
         /// Source format.
         #[arg(short = 'f')]
@@ -167,11 +169,13 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         /// Source image.
-        src: String,
+        src: PathBuf,
         /// Destination file.
-        dst: String,
+        dst: PathBuf,
     },
-    /// Create a new image or overlay (qemu-img create).
+    /// Create a new image or overlay (qemu-img create). An existing FILE
+    /// is replaced only once the new image is complete, and never while
+    /// another process has it open.
     Create {
         /// Format: qcow2 (default) or raw.
         #[arg(short = 'f')]
@@ -194,8 +198,9 @@ enum Command {
         #[arg(short = 'q')]
         quiet: bool,
         /// The new image.
-        file: String,
-        /// Virtual size (k, M, G, T suffixes); the backing file's by default.
+        file: PathBuf,
+        /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
+        /// backing file's by default.
         size: Option<String>,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
@@ -208,7 +213,7 @@ enum Command {
         #[arg(short = 'c')]
         commands: Vec<String>,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Merge an image's data into its backing file (qemu-img commit).
     Commit {
@@ -556,7 +561,7 @@ where
             backing_chain,
             output,
             file,
-        } => info::run(
+        } => info::run_noting(
             &info::InfoArgs {
                 file,
                 format,
@@ -565,6 +570,7 @@ where
                 output,
             },
             out,
+            err,
         ),
         Command::Map {
             format,
@@ -746,10 +752,28 @@ where
     match result {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(err, "strata: {e:#}");
+            let _ = writeln!(err, "strata: {}", error_text(&e));
             error_code
         }
     }
+}
+
+/// The error and its causes joined with `: ` (as anyhow's `{:#}`), leaving
+/// out each cause whose text the message before it already includes: many
+/// errors say their cause in their own message (`open: No such file or
+/// directory`), and printing it again would say it twice.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 /// [`run`] on the process's standard output and error.

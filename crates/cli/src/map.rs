@@ -221,7 +221,7 @@ fn hex16(v: u64) -> String {
 #[derive(Debug, Clone)]
 pub struct MapArgs {
     /// The image.
-    pub file: String,
+    pub file: std::path::PathBuf,
     /// Its format (`None`: probe).
     pub format: Option<String>,
     /// Take no locks (`-U`).
@@ -254,14 +254,14 @@ pub fn entries_json(entries: &[MapEntry]) -> String {
 /// Runs `strata map`.
 pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
     let opts = open_options(args.format.as_deref(), args.force_share)?;
-    let chain = Chain::open(std::path::Path::new(&args.file), &opts)?;
+    let chain = Chain::open(&args.file, &opts)?;
     let entries = map_entries(&chain)?;
     match args.output {
         OutputFormat::Json => out.write_all(entries_json(&entries).as_bytes())?,
         OutputFormat::Human => {
             // Names as qemu-img shows them: backing names combined with
             // the name of the image recording them.
-            let mut names = vec![args.file.clone()];
+            let mut names = vec![args.file.to_string_lossy().into_owned()];
             for l in chain.layers().iter().skip(1) {
                 let prev = names.last().cloned().unwrap_or_default();
                 names.push(path_combine(&prev, l.named_as.as_deref().unwrap_or("")));
@@ -277,7 +277,7 @@ pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
                         "{}: the image contains compressed clusters at guest offset {:#x}, which the human \
                          map cannot show (File contains external, encrypted or compressed clusters); \
                          use --output json",
-                        args.file,
+                        args.file.display(),
                         e.start
                     );
                 }

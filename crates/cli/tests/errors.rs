@@ -393,3 +393,205 @@ fn check_of_a_leaky_image_exits_3_like_qemu_img() {
     assert_eq!(r.stdout, q.stdout);
     assert!(r.stderr.contains("Leaked cluster"), "{}", r.stderr);
 }
+
+/// Runs the `strata` binary with a deadline: a command that hangs is
+/// killed and reported as such (exit code `None`).
+fn strata_bin_within(args: &[&str], deadline: std::time::Duration) -> (Option<i32>, String) {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for strata") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return (status.code(), err);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, String::new());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_fifo_or_directory_as_image_or_backing_file_is_refused_at_once() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: a FIFO nobody writes to (opening it to read would wait
+    // forever), a directory, and qcow2 overlays naming each as backing
+    // file (a hostile image can name any host path).
+    let d = tempdir();
+    let fifo = d.path().join("fifo");
+    nix_mkfifo(&fifo);
+    std::fs::create_dir(d.path().join("dir")).unwrap();
+    for (top, backing) in [("on-fifo.qcow2", "fifo"), ("on-dir.qcow2", "dir")] {
+        create(&[
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "raw",
+            s(&d.path().join(top)),
+            "1M",
+        ]);
+    }
+    let out = d.path().join("out.raw");
+    let deadline = std::time::Duration::from_secs(10);
+    for (image, what) in [
+        ("fifo", "a FIFO"),
+        ("on-fifo.qcow2", "a FIFO"),
+        ("on-dir.qcow2", "a directory"),
+    ] {
+        let img = d.path().join(image);
+        let img = s(&img);
+        for args in [
+            vec!["info", img],
+            vec!["info", "--backing-chain", img],
+            vec!["map", img],
+            vec!["convert", "-O", "raw", img, s(&out)],
+            vec!["commit", img],
+            vec!["pull", img],
+            vec!["io", "-c", "read 0 512", img],
+        ] {
+            // `info` of the overlay alone does not open its backing file.
+            if args == ["info", img] && image != "fifo" {
+                continue;
+            }
+            let (code, err) = strata_bin_within(&args, deadline);
+            assert_eq!(code, Some(1), "strata {args:?} hung or did not fail: {err}");
+            assert!(err.contains(what), "strata {args:?}: {err}");
+            let named = if image == "fifo" { "fifo" } else { image };
+            assert!(err.contains(named), "strata {args:?}: {err}");
+        }
+    }
+    assert!(!out.exists());
+    // A directory as the named backing file of `create` is refused too.
+    let r = strata(&[
+        "create",
+        "-b",
+        "dir",
+        "-F",
+        "raw",
+        s(&d.path().join("new.qcow2")),
+    ]);
+    assert_fails_with(&r, 1, &["dir", "a directory"]);
+}
+
+/// Makes a FIFO at `path` with mkfifo(1).
+fn nix_mkfifo(path: &Path) {
+    let st = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(st.success());
+}
+
+#[test]
+fn rebase_onto_a_missing_file_says_its_cause_once() {
+    let d = tempdir();
+    let img = d.path().join("t.qcow2");
+    assert_eq!(strata(&["create", "-q", s(&img), "1M"]).code, 0);
+    let r = strata(&["rebase", "-b", "missing.qcow2", "-F", "qcow2", s(&img)]);
+    assert_fails_with(&r, 1, &["missing.qcow2", "No such file or directory"]);
+    assert_eq!(
+        r.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn file_names_that_are_not_utf8_work() {
+    if !qemu_available() {
+        return;
+    }
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempdir();
+    let img = d.path().join(OsStr::from_bytes(b"\xff.qcow2"));
+    let out = d.path().join(OsStr::from_bytes(b"\xfe.raw"));
+    let run = |args: &[&OsStr]| {
+        let mut argv: Vec<OsString> = vec!["strata".into()];
+        argv.extend(args.iter().map(|a| a.to_os_string()));
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        let code = strata_cli::run(argv, &mut o, &mut e);
+        let text = String::from_utf8_lossy(&e).into_owned();
+        assert_eq!(code, 0, "strata {args:?}: {text}");
+        String::from_utf8_lossy(&o).into_owned()
+    };
+    let os = |s: &'static str| OsStr::new(s);
+    run(&[os("create"), os("-q"), img.as_os_str(), os("1M")]);
+    run(&[
+        os("io"),
+        os("-c"),
+        os("write -P 0x3c 0 4k"),
+        img.as_os_str(),
+    ]);
+    let info = run(&[os("info"), img.as_os_str()]);
+    assert!(info.contains("virtual size: 1 MiB"), "{info}");
+    run(&[os("map"), img.as_os_str()]);
+    run(&[os("check"), img.as_os_str()]);
+    run(&[os("check"), os("-r"), os("leaks"), img.as_os_str()]);
+    run(&[
+        os("convert"),
+        os("-O"),
+        os("raw"),
+        img.as_os_str(),
+        out.as_os_str(),
+    ]);
+    run(&[os("compare"), img.as_os_str(), out.as_os_str()]);
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes[..4096].iter().all(|&b| b == 0x3c));
+}
+
+#[test]
+fn info_notes_a_backing_file_outside_the_top_images_directory_tree() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: vm/top.qcow2 -> ../base.qcow2 (climbs out), and
+    // vm/inside.qcow2 -> disks/b.qcow2 (stays inside).
+    let d = tempdir();
+    let vm = d.path().join("vm");
+    std::fs::create_dir_all(vm.join("disks")).unwrap();
+    create(&[s(&d.path().join("base.qcow2")), "1M"]);
+    create(&[s(&vm.join("disks/b.qcow2")), "1M"]);
+    let top = vm.join("top.qcow2");
+    let inside = vm.join("inside.qcow2");
+    create(&["-b", "../base.qcow2", "-F", "qcow2", s(&top)]);
+    create(&["-b", "disks/b.qcow2", "-F", "qcow2", s(&inside)]);
+    for chain in [&[][..], &["--backing-chain"][..]] {
+        let mut args = vec!["info"];
+        args.extend_from_slice(chain);
+        // Act
+        let mut out_args = args.clone();
+        out_args.push(s(&top));
+        let out = strata(&out_args);
+        let mut in_args = args.clone();
+        in_args.push(s(&inside));
+        let inn = strata(&in_args);
+        // Assert: a note on stderr; stdout stays qemu-img's.
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("\"../base.qcow2\"")
+                && out.stderr.contains("outside the directory tree of"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, qemu_img_ok(&out_args));
+        assert_eq!(inn.code, 0, "{}", inn.stderr);
+        assert_eq!(inn.stderr, "");
+    }
+}

@@ -597,3 +597,346 @@ mod libvirt {
         assert!(missing.stderr.starts_with("strata: "), "{}", missing.stderr);
     }
 }
+
+/// qemu-io holding an image open read-write (as a running VM does) until
+/// dropped.
+struct QemuIoHolds {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl QemuIoHolds {
+    /// Starts qemu-io on `img` and waits until it has the image open (it
+    /// answers a command only then), and so locked.
+    fn start(img: &Path) -> QemuIoHolds {
+        use std::io::{BufRead, Write};
+        use std::process::Stdio;
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2", s(img)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-io");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"length\n").expect("ask qemu-io");
+        let mut answer = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut answer)
+            .expect("qemu-io answer");
+        assert!(
+            answer.contains("iB"),
+            "qemu-io did not open {img:?}: {answer:?}"
+        );
+        QemuIoHolds {
+            child,
+            stdin: Some(stdin),
+        }
+    }
+}
+
+impl Drop for QemuIoHolds {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `args` while qemu-io holds `held`, and asserts that strata refuses
+/// with qemu-img's words and that every file in `dir` is byte-identical
+/// afterwards (and no other file appeared).
+fn refused_while_held(dir: &Path, held: &Path, args: &[&str]) {
+    let snapshot = || {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot();
+    let holder = QemuIoHolds::start(held);
+    let r = strata(args);
+    drop(holder);
+    assert_fails_with(&r, 1, &["Failed to get \"write\" lock", s(held)]);
+    assert!(
+        before == snapshot(),
+        "strata {args:?} changed the files in {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn every_writing_command_is_refused_while_qemu_io_holds_the_image_and_changes_nothing() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: base <- top with data in both, and a separate source.
+    let d = tempdir();
+    let dir = d.path();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let src = dir.join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "2M"]);
+    qemu_io_ok(&base, &["write -P 0x11 0 64k"]);
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io_ok(&top, &["write -P 0x22 64k 64k"]);
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "1M"]);
+    // qemu-img itself refuses to replace a held image.
+    {
+        let _holder = QemuIoHolds::start(&src);
+        let q = qemu_img(&["create", "-f", "qcow2", s(&src), "1M"]);
+        assert_ne!(q.code, 0, "qemu-img create replaced a held image");
+        assert!(
+            q.stderr.contains("Failed to get \"write\" lock"),
+            "{}",
+            q.stderr
+        );
+    }
+    // Act + Assert: every command that writes or replaces a file, on the
+    // file qemu-io holds.
+    let (b, t, sr) = (s(&base), s(&top), s(&src));
+    let cases: &[(&Path, Vec<&str>)] = &[
+        (&top, vec!["create", "-q", t, "4M"]),
+        (&top, vec!["create", "-f", "raw", t, "4M"]),
+        (&top, vec!["create", "-b", "base.qcow2", "-F", "qcow2", t]),
+        (&base, vec!["convert", "-O", "qcow2", sr, b]),
+        (&base, vec!["convert", "-O", "raw", sr, b]),
+        (&base, vec!["convert", "-c", "-O", "qcow2", sr, b]),
+        (&top, vec!["io", "-c", "write 0 512", t]),
+        (&top, vec!["check", "-r", "leaks", t]),
+        (&top, vec!["check", "-r", "all", t]),
+        (&top, vec!["rebase", "-u", "-b", "", t]),
+        (&top, vec!["rebase", "-b", "", t]),
+        (&top, vec!["commit", t]),
+        (&base, vec!["commit", t]),
+        (&top, vec!["pull", t]),
+    ];
+    for (held, args) in cases {
+        refused_while_held(dir, held, args);
+    }
+}
+
+#[test]
+fn create_refuses_an_image_backed_by_itself_by_name_symlink_or_hard_link() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let x = d.path().join("x.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&x), "1M"]);
+    qemu_io_ok(&x, &["write -P 0x5a 0 4k"]);
+    std::os::unix::fs::symlink("x.qcow2", d.path().join("sym.qcow2")).unwrap();
+    std::fs::hard_link(&x, d.path().join("hard.qcow2")).unwrap();
+    let before = read_file(&x);
+    // The oracle refuses the plain case (it compares the names as given),
+    // touching nothing.
+    let q = qemu_img(&["create", "-f", "qcow2", "-b", s(&x), "-F", "qcow2", s(&x)]);
+    assert_ne!(q.code, 0);
+    assert!(
+        q.stderr.contains("same filename as the backing file"),
+        "{}",
+        q.stderr
+    );
+    assert_eq!(read_file(&x), before);
+    for name in [s(&x), "x.qcow2", "./x.qcow2", "sym.qcow2", "hard.qcow2"] {
+        for extra in [&[][..], &["-u", "1M"][..]] {
+            let mut args = vec!["create", "-b", name, "-F", "qcow2", s(&x)];
+            args.extend_from_slice(extra);
+            let r = strata(&args);
+            assert_fails_with(&r, 1, &["same filename as the backing file"]);
+            assert!(!r.stdout.contains("Formatting"), "{}", r.stdout);
+            assert_eq!(read_file(&x), before, "{args:?} changed x.qcow2");
+        }
+    }
+    // A backing file whose own chain holds the image would make a loop.
+    let y = d.path().join("y.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "x.qcow2",
+        "-F",
+        "qcow2",
+        s(&y),
+    ]);
+    let r = strata(&["create", "-b", "y.qcow2", "-F", "qcow2", s(&x)]);
+    assert_fails_with(&r, 1, &["x.qcow2", "loop"]);
+    assert_eq!(read_file(&x), before);
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_create_that_fails_leaves_the_old_file_as_it_was_and_prints_no_formatting_line() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let old = d.path().join("existing.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&old), "1M"]);
+    qemu_io_ok(&old, &["write -P 0x77 0 64k"]);
+    let before = read_file(&old);
+    // qemu-img refuses these sizes too.
+    for size in ["5P", "4E"] {
+        assert_ne!(
+            qemu_img(&["create", "-f", "qcow2", "/dev/null/x", size]).code,
+            0
+        );
+        let r = strata(&["create", s(&old), size]);
+        assert_fails_with(&r, 1, &["existing.qcow2", "too large"]);
+        assert_eq!(r.stdout, "", "printed Formatting for a create that failed");
+        assert_eq!(read_file(&old), before, "size {size}");
+    }
+    let r = strata(&["create", "-o", "cluster_size=512", s(&old), "1P"]);
+    assert_fails_with(&r, 1, &["too large"]);
+    assert_eq!(read_file(&old), before);
+    // A header that cannot hold the backing name in one 512-byte cluster.
+    let long = "b".repeat(1000);
+    let r = strata(&[
+        "create",
+        "-u",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        &long,
+        "-F",
+        "qcow2",
+        s(&old),
+        "1M",
+    ]);
+    assert_fails_with(&r, 1, &["do not fit"]);
+    assert_eq!(r.stdout, "");
+    assert_eq!(read_file(&old), before);
+    assert_eq!(names_in(d.path()), ["existing.qcow2"]);
+}
+
+#[test]
+fn create_over_an_existing_image_replaces_it_whole_keeping_its_mode() {
+    if !qemu_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempdir();
+    let img = d.path().join("img.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    qemu_io_ok(&img, &["write -P 0x77 0 64k"]);
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("img.qcow2", d.path().join("link.qcow2")).unwrap();
+    // Through the link: the file it points to is replaced, the link stays.
+    strata_ok(&["create", "-q", s(&d.path().join("link.qcow2")), "3M"]);
+    let info = info_json(&img);
+    assert_eq!(info["virtual-size"], 3 * MIB);
+    check_clean(&img);
+    // The old data is gone: the new image reads zeros.
+    qemu_io_ok(&img, &["read -P 0 0 3M"]);
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    assert!(std::fs::symlink_metadata(d.path().join("link.qcow2"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(names_in(d.path()), ["img.qcow2", "link.qcow2"]);
+}
+
+#[test]
+fn sizes_are_rounded_up_to_512_bytes_like_qemu_img_create() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (qd, sd) = (d.path().join("qemu"), d.path().join("strata"));
+    std::fs::create_dir_all(&qd).unwrap();
+    std::fs::create_dir_all(&sd).unwrap();
+    for fmt in ["qcow2", "raw"] {
+        for size in ["1", "511", "512", "513", "1000", "65537", "1048575"] {
+            let name = format!("s{size}.{fmt}");
+            let (q, st) = (qd.join(&name), sd.join(&name));
+            let qout = qemu_img_ok(&["create", "-f", fmt, s(&q), size]);
+            let r = strata_ok(&["create", "-f", fmt, s(&st), size]);
+            // The same Formatting line (qemu-img prints the size as given).
+            assert_eq!(r.stdout.replace(s(&sd), s(&qd)), qout, "{fmt} {size}");
+            let (qi, si) = (info_json(&q), info_json(&st));
+            assert_eq!(si["virtual-size"], qi["virtual-size"], "{fmt} {size}");
+            if fmt == "raw" {
+                assert_eq!(
+                    std::fs::metadata(&st).unwrap().len(),
+                    std::fs::metadata(&q).unwrap().len(),
+                    "raw {size}"
+                );
+            } else {
+                check_clean(&st);
+            }
+        }
+    }
+    // convert's output has the rounded length too.
+    let src = sd.join("s513.qcow2");
+    let (qraw, sraw) = (qd.join("c.raw"), sd.join("c.raw"));
+    qemu_img_ok(&["convert", "-O", "raw", s(&src), s(&qraw)]);
+    strata_ok(&["convert", "-O", "raw", s(&src), s(&sraw)]);
+    assert_eq!(
+        std::fs::metadata(&sraw).unwrap().len(),
+        std::fs::metadata(&qraw).unwrap().len()
+    );
+}
+
+#[test]
+fn a_convert_that_fails_leaves_the_existing_destination_as_it_was() {
+    if !qemu_available() {
+        return;
+    }
+    // Arrange: a source whose L1 entry points far past its end, so that
+    // reading its data fails once the convert has started.
+    let d = tempdir();
+    let src = d.path().join("src.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "4M"]);
+    qemu_io_ok(&src, &["write -P 0x11 0 64k"]);
+    let mut bytes = read_file(&src);
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    bytes[l1..l1 + 8].copy_from_slice(&((1u64 << 63) | (1 << 40)).to_be_bytes());
+    std::fs::write(&src, &bytes).unwrap();
+    let dst = d.path().join("dst.img");
+    std::fs::write(&dst, b"the old contents").unwrap();
+    for fmt in ["raw", "qcow2"] {
+        // Act
+        let r = strata(&["convert", "-O", fmt, s(&src), s(&dst)]);
+        // Assert
+        assert_fails_with(&r, 1, &["src.qcow2", "outside the file"]);
+        let now = read_file(&dst);
+        assert!(
+            now == b"the old contents",
+            "-O {fmt}: the destination was changed ({} bytes now)",
+            now.len()
+        );
+        assert_eq!(names_in(d.path()), ["dst.img", "src.qcow2"]);
+    }
+}

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::chain::{Chain, Image, ImageFormat};
-use crate::create::{create_qcow2, create_raw, CreateOptions};
+use crate::create::{create_qcow2, create_raw, CreateOptions, NewImageFile};
 use crate::error::{Error, Result};
 use crate::storage::FileStorage;
 
@@ -24,11 +24,37 @@ pub struct ConvertOptions {
     pub compress: bool,
 }
 
-/// Writes the guest view of `src` into a new image at `dst` (truncated if
-/// it exists). Ranges that read as zeros are not written (the new image
-/// reads zeros there anyway). `progress(done, total)` is called per step.
+/// Writes the guest view of `src` into a new image at `dst`, which replaces
+/// the file at `dst` (if any) only once complete, under its write lock
+/// ([`NewImageFile`]): a convert that fails leaves `dst` as it was.
+/// Ranges that read as zeros are not written (the new image reads zeros
+/// there anyway). `progress(done, total)` is called per step.
 pub fn convert(
     src: &Chain,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    if opts.compress && opts.format != ImageFormat::Qcow2 {
+        return Err(Error::InvalidArgument(
+            "compression (-c) needs a qcow2 target".into(),
+        ));
+    }
+    if opts.format == ImageFormat::Qcow2 {
+        let mut c = opts.create.clone();
+        c.size = src.virtual_size();
+        c.backing = None;
+        crate::create::check_qcow2_options(dst, &c)?;
+    }
+    let new = NewImageFile::begin(dst)?;
+    convert_into(src, new.storage()?, dst, opts, progress)?;
+    new.commit()
+}
+
+/// [`convert`] into `storage` (an empty file; `dst` names it in errors).
+pub fn convert_into(
+    src: &Chain,
+    storage: FileStorage,
     dst: &Path,
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
@@ -39,7 +65,6 @@ pub fn convert(
             "compression (-c) needs a qcow2 target".into(),
         ));
     }
-    let storage = FileStorage::create(dst).map_err(|e| Error::io(dst, "create", 0, e))?;
     let mut target = match opts.format {
         ImageFormat::Raw => {
             create_raw(&storage, dst, size)?;

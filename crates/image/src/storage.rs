@@ -281,11 +281,21 @@ impl fmt::Debug for FileStorage {
 
 impl FileStorage {
     /// Opens `path` read-only or read-write.
+    ///
+    /// Only regular files and block devices are accepted, and the open
+    /// never blocks: a FIFO (which `open` would wait on until a writer
+    /// came, forever if none does), a character device, a socket or a
+    /// directory, named as an image or by a hostile backing name, is
+    /// refused with an error naming what it is (see [`check_file_type`]).
     pub fn open(path: &Path, writable: bool) -> io::Result<FileStorage> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)?;
+        check_file_type(&file)?;
+        clear_nonblock(&file)?;
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
@@ -314,6 +324,54 @@ impl FileStorage {
             writeback: Writeback::default(),
         }
     }
+}
+
+/// Accepts an open file as image storage only when it is a regular file or
+/// a block device; otherwise an error saying what it is ("a FIFO", "a
+/// directory", ...), in the words of QEMU's `file` driver.
+pub fn check_file_type(file: &File) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = file.metadata()?.file_type();
+    let what = if t.is_file() || t.is_block_device() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file or block device"),
+    ))
+}
+
+/// Clears `O_NONBLOCK` (set only so that opening could not hang) so that
+/// reads and writes block as usual.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Length of a file; for a block device (whose `st_size` is 0), the
+/// device's size.
+fn file_len(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = file.metadata()?;
+    if m.file_type().is_block_device() {
+        let end =
+            nix::unistd::lseek(file, 0, nix::unistd::Whence::SeekEnd).map_err(io::Error::from)?;
+        return Ok(end as u64);
+    }
+    Ok(m.len())
 }
 
 impl Storage for FileStorage {
@@ -380,7 +438,7 @@ impl Storage for FileStorage {
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        file_len(&self.file)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
@@ -525,6 +583,27 @@ mod tests {
         assert_eq!(buf, [2, 3, 0, 0, 0]);
         assert_eq!(s.read_at(&mut buf, 100).unwrap(), 0);
         assert_eq!(buf, [0; 5]);
+    }
+
+    #[test]
+    fn open_refuses_a_fifo_and_a_directory_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Nobody writes to the FIFO: a blocking open would never return.
+        for writable in [false, true] {
+            let e = FileStorage::open(&fifo, writable).unwrap_err();
+            assert!(e.to_string().contains("a FIFO"), "{e}");
+            let e = FileStorage::open(dir.path(), false).unwrap_err();
+            assert!(e.to_string().contains("a directory"), "{e}");
+        }
+        // A regular file opens, and blocks as usual afterwards.
+        let f = dir.path().join("f");
+        std::fs::write(&f, [7u8; 512]).unwrap();
+        let s = FileStorage::open(&f, true).unwrap();
+        let flags = nix::fcntl::fcntl(&s.file, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        assert_eq!(s.len().unwrap(), 512);
     }
 
     #[test]

@@ -350,3 +350,76 @@ fn killed_qemu_releases_locks() {
     drop(qemu); // kill + wait
     lock_file(&f, &path, LockMode::ReadWrite).expect("lock after qemu died");
 }
+
+/// The files in `dir`, sorted by name.
+fn dir_names(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .expect("list dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    v.sort();
+    v
+}
+
+/// (5) Replacing an image (create, convert) is refused while QEMU has it
+/// open, as `qemu-img create` refuses it; nothing is touched or left.
+#[test]
+fn replacing_an_image_qemu_holds_is_refused() {
+    use strata_image::create::NewImageFile;
+    if !have_qemu() {
+        return;
+    }
+    let (dir, path) = qcow2_image();
+    let before = std::fs::read(&path).expect("read image");
+    for args in [&[][..], &["-r"][..]] {
+        let expected: &[u64] = if args.is_empty() {
+            &[100, 101, 103, 201, 203]
+        } else {
+            &[100, 201, 203]
+        };
+        let _qemu = spawn_qemu_io(args, &path, expected);
+        let err = NewImageFile::begin(&path).expect_err("must be refused");
+        let msg = err.to_string();
+        assert!(msg.contains("Failed to get \"write\" lock"), "{msg}");
+        assert!(msg.contains("img.qcow2"), "{msg}");
+    }
+    assert_eq!(std::fs::read(&path).expect("read image"), before);
+    assert_eq!(dir_names(dir.path()), ["img.qcow2"]);
+}
+
+/// (6) While the new image is built, QEMU cannot open the old one (Strata
+/// holds its write lock); after the rename QEMU opens the new image.
+#[test]
+fn qemu_cannot_open_an_image_while_strata_replaces_it() {
+    use strata_image::create::{create_qcow2, CreateOptions, NewImageFile};
+    if !have_qemu() {
+        return;
+    }
+    let (dir, path) = qcow2_image();
+    let new = NewImageFile::begin(&path).expect("begin");
+    let out = run("qemu-io", &["-c", "write 0 512"], &path);
+    assert!(
+        !out.status.success(),
+        "qemu-io opened the old image: {out:?}"
+    );
+    assert!(
+        stderr(&out).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr(&out)
+    );
+    let opts = CreateOptions {
+        size: 3 << 20,
+        ..CreateOptions::default()
+    };
+    let storage = new.storage().expect("storage");
+    drop(create_qcow2(Box::new(storage), &path, &opts).expect("create"));
+    new.commit().expect("commit");
+    let out = run("qemu-img", &["check"], &path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run("qemu-io", &["-c", "length"], &path);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 MiB"),
+        "{out:?}"
+    );
+    assert_eq!(dir_names(dir.path()), ["img.qcow2"]);
+}
