@@ -170,13 +170,18 @@ pub fn domain_disks(conn: &Connect, domain: &str) -> Result<Vec<DiskInfo>> {
         .collect())
 }
 
+/// A disk a new snapshot takes, with its `--diskspec` file.
+type Chosen = (DomainDisk, Option<PathBuf>);
+/// A disk left out: (target, why).
+type Skipped = (String, String);
+
 /// The disks a new snapshot takes, each with its `--diskspec` file, and
 /// the ones it leaves out with the reason (as `virsh snapshot-create-as
 /// --disk-only` chooses).
 fn choose_disks(
     ctx: &Ctx<'_>,
     opts: &SnapshotCreateOptions,
-) -> Result<(Vec<(DomainDisk, Option<PathBuf>)>, Vec<(String, String)>)> {
+) -> Result<(Vec<Chosen>, Vec<Skipped>)> {
     let all = ctx.disks();
     let find = |t: &str| {
         all.iter()
@@ -446,11 +451,15 @@ pub(crate) fn garbage(
     let removable: HashSet<PathBuf> = ctx.removable().iter().map(|o| canon(&o.path)).collect();
     let mut files: Vec<&PathBuf> = graph.nodes.keys().collect();
     files.sort();
+    let unneeded: Vec<&PathBuf> = files
+        .into_iter()
+        .filter(|c| !needed.contains(*c) && !keep.contains(*c) && c.is_file())
+        .collect();
     let mut gc = Gc::default();
-    for c in files {
-        if needed.contains(c) || keep.contains(c) || !c.is_file() {
-            continue;
-        }
+    // First the files that stay whatever happens: not ours to remove, or
+    // read through by images Strata does not know.
+    let mut candidates = Vec::new();
+    for c in unneeded {
         if !removable.contains(c) {
             gc.kept.push((
                 c.clone(),
@@ -463,7 +472,7 @@ pub(crate) fn garbage(
         }
         let users = foreign_users(c, &known);
         if users.is_empty() {
-            gc.remove.push(c.clone());
+            candidates.push(c);
         } else {
             gc.kept.push((
                 c.clone(),
@@ -476,6 +485,19 @@ pub(crate) fn garbage(
                         .join(", ")
                 ),
             ));
+        }
+    }
+    // Then nothing a kept file reads through may go.
+    let kept_roots: Vec<PathBuf> = gc.kept.iter().map(|k| k.0.clone()).collect();
+    let read_by_kept = graph.closure(&kept_roots);
+    for c in candidates {
+        if read_by_kept.contains(c) {
+            gc.kept.push((
+                c.clone(),
+                "no snapshot or disk needs it, but a file kept above reads through it".into(),
+            ));
+        } else {
+            gc.remove.push(c.clone());
         }
     }
     gc
