@@ -475,7 +475,7 @@ fn multi_disk_xml(name: &str, dir: &Path) -> String {
 /// libvirt must open the chain the images describe and the guest must
 /// read the expected state. Paths have a space and a non-ASCII letter.
 fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
-    let conn = Connect::open(Some(&d.uri)).unwrap();
+    let mut conn = Connect::open(Some(&d.uri)).unwrap();
     let work = tempfile::tempdir().unwrap();
     let root = std::fs::canonicalize(work.path()).unwrap();
     let dir = root.join("kvm dïr");
@@ -609,5 +609,5 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     assert!(ok, "{out}");
 
     d.virsh(&["undefine", "multi", "--snapshots-metadata"]);
-    drop(conn);
+    conn.close().unwrap();
 }
