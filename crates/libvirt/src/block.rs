@@ -24,6 +24,10 @@ pub struct BlockCommitOptions {
     /// Remove the snapshots whose state the commit overwrites (their state
     /// lives in or below the base), with their files, instead of refusing.
     pub delete_snapshots: bool,
+    /// `virsh blockcommit --delete`: also remove the committed images
+    /// above the base that nothing needs any more when Strata did not
+    /// create them (its own and snapshots' overlays are removed anyway).
+    pub delete_merged: bool,
 }
 
 /// Options of [`blockpull`] (`virsh blockpull`).
@@ -129,7 +133,17 @@ pub fn blockcommit(
         roots.push(if t == target { base.clone() } else { a });
     }
     let needed = graph.closure(&roots);
-    let gc = garbage(&ctx, &graph, &needed, &[]);
+    let mut gc = garbage(&ctx, &graph, &needed, &[]);
+    if opts.delete_merged {
+        // The merged layers (top..base), asked to be removed: taken out of
+        // the kept list unless something else reads through them.
+        let merged: Vec<PathBuf> = chain.iter().take(k).map(|c| c.0.clone()).collect();
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut gc.kept)
+            .into_iter()
+            .partition(|(f, why)| merged.contains(f) && why.contains("did not create"));
+        gc.kept = stay;
+        gc.remove.extend(go.into_iter().map(|g| g.0));
+    }
     let removable: HashSet<PathBuf> = gc.remove.iter().cloned().collect();
 
     // 1. The commit (refusals come before anything is written). The

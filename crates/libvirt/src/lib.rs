@@ -35,9 +35,9 @@ pub use block::{blockcommit, blockpull, BlockCommitOptions, BlockPullOptions};
 pub use ctx::default_overlay_path;
 pub use error::{Error, Result};
 pub use snapshot::{
-    domain_disks, snapshot_create, snapshot_delete, snapshot_list, snapshot_revert,
-    snapshot_revert_with, DiskInfo, DiskSpec, Report, RevertOptions, SnapshotCreateOptions,
-    SnapshotDisk, SnapshotInfo,
+    domain_disks, snapshot_create, snapshot_delete, snapshot_delete_metadata, snapshot_dumpxml,
+    snapshot_list, snapshot_revert, snapshot_revert_with, DiskInfo, DiskSpec, Report,
+    RevertOptions, SnapshotCreateOptions, SnapshotDisk, SnapshotInfo,
 };
 pub use tree::render_tree;
 pub use virt::connect::Connect;

@@ -78,6 +78,10 @@ pub struct SnapshotInfo {
     pub current: bool,
     /// Its disks with external state.
     pub disks: Vec<SnapshotDisk>,
+    /// Whether any of its state is inside an image (an internal snapshot).
+    pub internal: bool,
+    /// The memory state file of a snapshot taken with `--memspec`.
+    pub memory_file: Option<PathBuf>,
 }
 
 /// What an operation did.
@@ -375,6 +379,70 @@ pub fn snapshot_create(
     Ok(report)
 }
 
+/// The snapshot's XML as libvirt keeps it (`virsh snapshot-dumpxml`).
+pub fn snapshot_dumpxml(conn: &Connect, domain: &str, name: &str) -> Result<String> {
+    let dom = Domain::lookup_by_name(conn, domain)
+        .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
+    let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&dom, name, 0).map_err(|_| {
+        Error::NoSuchSnapshot {
+            domain: domain.into(),
+            name: name.into(),
+        }
+    })?;
+    s.get_xml_desc(0)
+        .map_err(|e| Error::libvirt(format!("dump snapshot {name} XML"), e))
+}
+
+/// Removes snapshot `name` from libvirt's metadata only (`virsh
+/// snapshot-delete --metadata`): no file is merged or removed; the report
+/// lists the snapshot's files as kept. Its children get its parent.
+pub fn snapshot_delete_metadata(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let snap = ctx.snap(name)?;
+    let mut kept = Vec::new();
+    for t in snap.external_disks() {
+        if let Some((f, _)) = snap.state_file(&t) {
+            kept.push((f, format!("held {name}'s state of disk {t} (--metadata)")));
+        }
+        if let Some(o) = snap.overlay(&t).filter(|o| o.exists()) {
+            kept.push((
+                o,
+                format!("the overlay {name} created for disk {t} (--metadata)"),
+            ));
+        }
+    }
+    if let Some(m) = snap.info.memory_file.clone().filter(|m| m.exists()) {
+        kept.push((m, format!("the memory state of {name} (--metadata)")));
+    }
+    let parent = snap.info.parent.clone();
+    let mut txn = Txn::new(&ctx);
+    let run = (|| -> Result<()> {
+        txn.delete_snapshot_metadata(name)?;
+        for s in &ctx.snaps {
+            if s.info.parent.as_deref() == Some(name) {
+                let mut tree = s.tree.clone();
+                set_parent(&mut tree, parent.as_deref());
+                txn.define_snapshot(&tree, &s.info.name, false)?;
+            }
+        }
+        if snap.current {
+            if let Some(p) = &parent {
+                txn.define_snapshot(&ctx.snap(p)?.tree, p, true)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    Ok(Report {
+        snapshots_removed: vec![name.to_string()],
+        kept,
+        ..Report::default()
+    })
+}
+
 /// The domain's snapshots, oldest first, with their files.
 pub fn snapshot_list(conn: &Connect, domain: &str) -> Result<Vec<SnapshotInfo>> {
     let dom = Domain::lookup_by_name(conn, domain)
@@ -423,6 +491,8 @@ pub fn snapshot_list(conn: &Connect, domain: &str) -> Result<Vec<SnapshotInfo>> 
             parent: snap.info.parent.clone(),
             current,
             disks,
+            internal: snap.info.is_internal(),
+            memory_file: snap.info.memory_file.clone(),
         });
     }
     out.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
