@@ -205,3 +205,30 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolled_back_error_says_its_first_cause() {
+        let io = io::Error::from_raw_os_error(28); // ENOSPC
+        let inner = Error::Merge(strata_merge::MergeError::from(strata_image::Error::Io {
+            path: "/b".into(),
+            op: "write data",
+            offset: 65536,
+            cause: io,
+        }));
+        let e = Error::RolledBack {
+            cause: Box::new(Error::MergeFailed {
+                op: "commit /a into /b".into(),
+                state: "/a is unchanged".into(),
+                cause: Box::new(inner),
+            }),
+            problems: vec![],
+        };
+        let text = e.to_string();
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(text.contains("/a is unchanged"), "{text}");
+    }
+}

@@ -608,6 +608,72 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     let (ok, out) = qemu_img(&["check", base.to_str().unwrap()]);
     assert!(ok, "{out}");
 
+    // A snapshot with memory state (taken by libvirt with --memspec):
+    // refused unless disks only, and the memory file is named.
+    let mem = dir.join("m1.mem");
+    d.virsh(&["start", "multi"]);
+    d.virsh(&[
+        "snapshot-create-as",
+        "multi",
+        "m1",
+        "--memspec",
+        &format!("file={},snapshot=external", mem.display()),
+        "--diskspec",
+        "vda,snapshot=external",
+        "--diskspec",
+        "vdb,snapshot=no",
+    ]);
+    d.virsh(&["destroy", "multi"]);
+    let at_m1 = raw_view(&base);
+    write(&dir.join("test.m1"), 0, 4096, 0x66);
+    let e = snapshot_revert(&conn, "multi", "m1").unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&mem.display().to_string()) && msg.contains("--disks-only"),
+        "{msg}"
+    );
+    let r = strata_libvirt::snapshot_revert_with(
+        &conn,
+        "multi",
+        "m1",
+        &strata_libvirt::RevertOptions { disks_only: true },
+    )
+    .unwrap();
+    assert!(r.kept.iter().any(|k| k.0 == mem), "{r:?}");
+    assert!(mem.exists());
+    let seen = qemu_sees(d, "multi", "vda", &root);
+    assert_eq!(&seen.chain[1..], &[base.clone()]);
+    assert!(seen.view == at_m1, "the disks are back at m1");
+
+    // blockpull: the active image stands alone, QEMU opens it alone.
+    strata_libvirt::blockpull(
+        &conn,
+        "multi",
+        &strata_libvirt::BlockPullOptions {
+            disk: Some("vda".into()),
+            ..Default::default()
+        },
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    let seen = qemu_sees(d, "multi", "vda", &root);
+    assert_eq!(seen.chain.len(), 1, "{:?}", seen.chain);
+    assert!(seen.view == at_m1);
+
+    // An internal snapshot (libvirt makes one of a shut-off all-qcow2
+    // domain): delete is refused, and the snapshot stays in the image.
+    let solo = dir.join("solo.qcow2");
+    let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", solo.to_str().unwrap(), "1M"]);
+    assert!(ok, "{out}");
+    Domain::define_xml(&conn, &domain_xml("solo", &solo)).unwrap();
+    d.virsh(&["snapshot-create-as", "solo", "i1"]);
+    let e = snapshot_delete(&conn, "solo", "i1", &mut Hooks::default()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    let (_, list) = qemu_img(&["snapshot", "-l", "-U", solo.to_str().unwrap()]);
+    assert!(list.contains("i1"), "{list}");
+    d.virsh(&["snapshot-delete", "solo", "i1"]);
+    d.virsh(&["undefine", "solo"]);
+
     d.virsh(&["undefine", "multi", "--snapshots-metadata"]);
     conn.close().unwrap();
 }
