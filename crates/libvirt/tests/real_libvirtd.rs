@@ -642,7 +642,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     assert!(r.kept.iter().any(|k| k.0 == mem), "{r:?}");
     assert!(mem.exists());
     let seen = qemu_sees(d, "multi", "vda", &root);
-    assert_eq!(&seen.chain[1..], &[base.clone()]);
+    assert_eq!(seen.chain[1], base);
     assert!(seen.view == at_m1, "the disks are back at m1");
 
     // blockpull: the active image stands alone, QEMU opens it alone.
