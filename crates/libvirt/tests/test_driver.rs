@@ -913,3 +913,43 @@ fn deleting_an_internal_snapshot_is_refused_and_changes_nothing() {
     let e = snapshot_revert(&vm.conn, "vm", "inside").unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
 }
+
+#[test]
+fn blockcommit_keeps_a_merged_image_it_did_not_make_unless_asked_to_delete_it() {
+    for delete_merged in [false, true] {
+        let vm = TestVm::new();
+        // An overlay the user made by hand and pointed the domain at.
+        let manual = vm.root().join("manual.qcow2");
+        qemu(&[
+            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+            vm.base.to_str().unwrap(), manual.to_str().unwrap(),
+        ]);
+        write(&manual, 0, 4096, 0x77);
+        let xml = replace_disk(&vm.xml(), "vda", &manual, "");
+        virt::domain::Domain::define_xml(&vm.conn, &xml).unwrap();
+
+        let r = blockcommit(
+            &vm.conn,
+            "vm",
+            &BlockCommitOptions {
+                delete_merged,
+                ..BlockCommitOptions::default()
+            },
+            &mut Hooks::default(),
+        )
+        .unwrap();
+
+        assert_eq!(vm.active(), vm.base);
+        assert_eq!(view(&vm.base)[0], 0x77);
+        if delete_merged {
+            assert!(!manual.exists(), "--delete removes it: {r:?}");
+            assert_eq!(r.removed, vec![manual.clone()]);
+        } else {
+            assert!(manual.exists());
+            assert!(
+                r.kept.iter().any(|(f, why)| *f == manual && why.contains("did not create")),
+                "{r:?}"
+            );
+        }
+    }
+}
