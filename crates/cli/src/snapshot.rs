@@ -200,6 +200,9 @@ pub struct DeleteArgs {
     /// Remove libvirt's metadata only; no file is merged or removed.
     #[arg(long = "metadata")]
     metadata: bool,
+    /// Show the merges' progress (on a terminal).
+    #[arg(long = "verbose", short = 'p')]
+    verbose: bool,
 }
 
 /// `blockcommit` (virsh blockcommit DOMAIN DISK --active --pivot).
@@ -835,7 +838,9 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                 let r = if a.metadata {
                     strata_libvirt::snapshot_delete_metadata(conn, &domain, n)
                 } else {
-                    strata_libvirt::snapshot_delete(conn, &domain, n, &mut Hooks::default())
+                    with_bar("Block commit", a.verbose, |h| {
+                        strata_libvirt::snapshot_delete(conn, &domain, n, h)
+                    })
                 }
                 .with_context(|| format!("{domain}: snapshot delete {n}"))?;
                 writeln!(out, "Domain snapshot {n} deleted")?;

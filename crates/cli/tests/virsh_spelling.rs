@@ -121,6 +121,18 @@ fn snapshot_list_current_info_dumpxml_as_virsh() {
     assert!(xml.contains("<name>take-1</name>"), "{xml}");
 }
 
+/// Shuts the test driver's domain "vm" off again (the CLI keeps test:
+/// connections per thread, so this talks to the same driver state).
+fn stop(uri: &str) {
+    let r = strata(&["snapshot", "list", "vm", "-c", uri]);
+    assert_eq!(r.code, 0);
+    strata_cli::snapshot::with_connection(Some(uri), |conn| {
+        virt::domain::Domain::lookup_by_name(conn, "vm")?.destroy()?;
+        Ok(())
+    })
+    .unwrap();
+}
+
 #[test]
 fn revert_and_delete_take_virshs_options() {
     let d = tempdir();
@@ -133,6 +145,14 @@ fn revert_and_delete_take_virshs_options() {
     strata_ok(&["snapshot", "revert", "vm", "--current", "-c", u]);
     let cur = strata_ok(&["snapshot", "current", "vm", "--name", "-c", u]).stdout;
     assert_eq!(cur.trim(), "take-3");
+
+    let r = strata_ok(&["snapshot", "revert", "vm", "take-3", "--running", "-c", u]);
+    assert!(r.stdout.contains("Domain vm started"), "{}", r.stdout);
+    let busy = strata(&["snapshot", "delete", "vm", "take-3", "-c", u]);
+    assert_fails_with(&busy, 1, &["running", "shut it down first"]);
+    let dom = strata_ok(&["snapshot", "current", "vm", "--name", "-c", u]).stdout;
+    assert_eq!(dom.trim(), "take-3");
+    stop(&uri);
 
     let r = strata_ok(&[
         "snapshot",

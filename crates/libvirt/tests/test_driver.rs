@@ -921,8 +921,15 @@ fn blockcommit_keeps_a_merged_image_it_did_not_make_unless_asked_to_delete_it() 
         // An overlay the user made by hand and pointed the domain at.
         let manual = vm.root().join("manual.qcow2");
         qemu(&[
-            "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-            vm.base.to_str().unwrap(), manual.to_str().unwrap(),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            vm.base.to_str().unwrap(),
+            manual.to_str().unwrap(),
         ]);
         write(&manual, 0, 4096, 0x77);
         let xml = replace_disk(&vm.xml(), "vda", &manual, "");
@@ -947,7 +954,9 @@ fn blockcommit_keeps_a_merged_image_it_did_not_make_unless_asked_to_delete_it() 
         } else {
             assert!(manual.exists());
             assert!(
-                r.kept.iter().any(|(f, why)| *f == manual && why.contains("did not create")),
+                r.kept
+                    .iter()
+                    .any(|(f, why)| *f == manual && why.contains("did not create")),
                 "{r:?}"
             );
         }
