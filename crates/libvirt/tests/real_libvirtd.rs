@@ -674,6 +674,21 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     d.virsh(&["snapshot-delete", "solo", "i1"]);
     d.virsh(&["undefine", "solo"]);
 
+    // An empty <backingStore/> ("no backing file"): after Strata's
+    // create QEMU must still read the new overlay's backing file.
+    let eb = dir.join("eb.qcow2");
+    let (ok, out) = qemu_img(&["create", "-q", "-f", "qcow2", eb.to_str().unwrap(), "1M"]);
+    assert!(ok, "{out}");
+    write(&eb, 0, 4096, 0x11);
+    let xml =
+        domain_xml("eb", &eb).replace("<target dev='vda'", "<backingStore/><target dev='vda'");
+    Domain::define_xml(&conn, &xml).unwrap();
+    snapshot_create(&conn, "eb", "take-1", &SnapshotCreateOptions::default()).unwrap();
+    let seen = qemu_sees(d, "eb", "vda", &root);
+    assert_eq!(seen.chain, vec![dir.join("eb.take-1"), eb.clone()]);
+    assert!(seen.view == raw_view(&eb), "not an all-zero disk");
+    d.virsh(&["undefine", "eb", "--snapshots-metadata"]);
+
     d.virsh(&["undefine", "multi", "--snapshots-metadata"]);
     conn.close().unwrap();
 }
