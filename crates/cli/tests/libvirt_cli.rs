@@ -1,5 +1,6 @@
-//! The libvirt commands accept virsh's spelling (options the seed and
-//! virsh's manual use), on libvirt's in-process test driver.
+//! The libvirt commands of the command line, on libvirt's in-process test
+//! driver: virsh's spelling (the options the seed and virsh's manual use),
+//! and the per-domain lock seen from another process.
 #![cfg(feature = "libvirt")]
 
 mod common;
@@ -258,4 +259,29 @@ fn connect_after_the_subcommand_works_and_before_other_commands_is_left_alone() 
     assert_eq!(r.stdout.trim(), "");
     let r = strata(&["-c", &uri, "info", "nonexistent.qcow2"]);
     assert_ne!(r.code, 0);
+}
+
+#[test]
+fn an_operation_in_another_process_is_refused_while_the_domain_is_locked() {
+    let d = tempdir();
+    let (uri, dir) = test_domain(d.path());
+    let xml_before = std::fs::read_to_string(dir.parent().unwrap().join("node.xml")).unwrap();
+    strata_cli::snapshot::with_connection(Some(&uri), |conn| {
+        let _held = strata_libvirt::testing::lock_domain(conn, "vm")?;
+        // The strata binary: another process, another open file description.
+        let r = strata_bin(&["snapshot", "create", "vm", "take-1", "-c", &uri]);
+        assert_fails_with(
+            &r,
+            1,
+            &["busy", "another Strata operation", "nothing was changed"],
+        );
+        assert!(!dir.join("vm.take-1").exists());
+        Ok(())
+    })
+    .unwrap();
+    let after = std::fs::read_to_string(dir.parent().unwrap().join("node.xml")).unwrap();
+    assert_eq!(after, xml_before);
+    // Released with the guard.
+    let r = strata_bin(&["snapshot", "create", "vm", "take-1", "-c", &uri]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
