@@ -285,3 +285,62 @@ fn an_operation_in_another_process_is_refused_while_the_domain_is_locked() {
     let r = strata_bin(&["snapshot", "create", "vm", "take-1", "-c", &uri]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// A blockcommit into a base on a full filesystem (a 3 MiB tmpfs mounted
+/// in a private mount namespace, so nothing outlives the test): the error
+/// names the merge, what state each file is in and what to run next; the
+/// active image still reads the same and the base checks clean.
+/// Needs root (mount); skipped only with STRATA_SKIP_LIBVIRTD_TESTS=1.
+#[test]
+fn a_blockcommit_on_a_full_filesystem_says_what_state_each_file_is_in() {
+    let d = tempdir();
+    let w = std::fs::canonicalize(d.path()).unwrap();
+    std::fs::create_dir(w.join("small")).unwrap();
+    let script = format!(
+        r#"set -e
+W='{w}'
+mount -t tmpfs -o size=3M tmpfs "$W/small" || {{ echo NO-MOUNT; exit 0; }}
+qemu-img create -q -f qcow2 "$W/small/test.qcow2" 16M
+qemu-img create -q -f qcow2 -b "$W/small/test.qcow2" -F qcow2 "$W/top.qcow2"
+qemu-io -c "write -P 0x22 0 6M" "$W/top.qcow2" >/dev/null
+qemu-img convert -O raw "$W/top.qcow2" "$W/before.raw"
+cat > "$W/node.xml" <<X
+<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><os><type>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$W/top.qcow2'/><target dev='vda' bus='virtio'/></disk></devices><test:runstate>5</test:runstate></domain></node>
+X
+if '{bin}' blockcommit vm -c "test://$W/node.xml" 2>"$W/err"; then echo COMMIT-SUCCEEDED; fi
+echo "ERR: $(cat "$W/err")"
+qemu-img convert -O raw "$W/top.qcow2" "$W/after.raw"
+cmp -s "$W/before.raw" "$W/after.raw" && echo TOP-READS-THE-SAME
+qemu-img check -q "$W/small/test.qcow2" && echo BASE-CHECKS-CLEAN
+rm -f "$W/before.raw" "$W/after.raw" "$W/err"
+"#,
+        w = w.display(),
+        bin = env!("CARGO_BIN_EXE_strata"),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || text.contains("NO-MOUNT") {
+        if std::env::var("STRATA_SKIP_LIBVIRTD_TESTS").is_ok_and(|v| v == "1") {
+            eprintln!("SKIPPED (STRATA_SKIP_LIBVIRTD_TESTS=1): cannot mount a tmpfs: {text}");
+            return;
+        }
+        panic!("needs root to mount a small tmpfs in a private namespace: {text}");
+    }
+    assert!(!text.contains("COMMIT-SUCCEEDED"), "{text}");
+    for needle in [
+        "blockcommit: commit ",
+        " failed: ",
+        "top.qcow2, which is unchanged and reads the same",
+        "test.qcow2 may be partly written",
+        "libvirt's metadata is unchanged",
+        "run the same blockcommit again",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in {text}");
+    }
+    assert!(text.contains("TOP-READS-THE-SAME"), "{text}");
+    assert!(text.contains("BASE-CHECKS-CLEAN"), "{text}");
+}
