@@ -269,46 +269,19 @@ enum Command {
         /// The image.
         file: String,
     },
-    /// External snapshots of shut-off libvirt domains.
+    /// External snapshots of shut-off libvirt domains (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
         /// What to do.
         #[command(subcommand)]
-        action: SnapshotAction,
+        action: snapshot::SnapshotAction,
     },
     /// Commit a domain disk's active chain into its base and pivot to it.
     #[cfg(feature = "libvirt")]
-    Blockcommit {
-        /// The (shut-off) domain.
-        domain: String,
-        /// Disk target (e.g. vda); the only file-backed disk by default.
-        #[arg(long = "disk")]
-        disk: Option<String>,
-        /// The image to commit into (default: the bottom of the chain).
-        #[arg(long = "base")]
-        base: Option<PathBuf>,
-        /// Remove the snapshots whose state the commit overwrites.
-        #[arg(long = "delete-snapshots")]
-        delete_snapshots: bool,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-    },
+    Blockcommit(snapshot::BlockcommitArgs),
     /// Pull a domain disk's backing chain into its active image.
     #[cfg(feature = "libvirt")]
-    Blockpull {
-        /// The (shut-off) domain.
-        domain: String,
-        /// Disk target (e.g. vda); the only file-backed disk by default.
-        #[arg(long = "disk")]
-        disk: Option<String>,
-        /// Keep this image of the chain as backing file.
-        #[arg(long = "base")]
-        base: Option<PathBuf>,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-    },
+    Blockpull(snapshot::BlockpullArgs),
     /// Build a small chain and walk through what Strata can do.
     Demo {
         /// Directory for the demo files (a new temporary one by default).
@@ -319,65 +292,6 @@ enum Command {
         /// With -c: the existing shut-off domain to use.
         #[arg(long = "domain")]
         domain: Option<String>,
-    },
-}
-
-/// `strata snapshot` subcommands.
-#[cfg(feature = "libvirt")]
-#[derive(Debug, Subcommand)]
-enum SnapshotAction {
-    /// Take a disk-only external snapshot (a new overlay per disk).
-    Create {
-        /// The (shut-off) domain.
-        domain: String,
-        /// Snapshot name.
-        name: String,
-        /// Disk target to snapshot (repeatable; default: every file-backed disk).
-        #[arg(long = "disk")]
-        disks: Vec<String>,
-        /// Overlay file name (one disk).
-        #[arg(long = "file")]
-        file: Option<PathBuf>,
-        /// Description.
-        #[arg(long = "description")]
-        description: Option<String>,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-    },
-    /// List snapshots.
-    List {
-        /// The domain.
-        domain: String,
-        /// As a tree, like virsh snapshot-list --tree.
-        #[arg(long = "tree")]
-        tree: bool,
-        /// Output format.
-        #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-    },
-    /// Return the domain's disks to a snapshot's state.
-    Revert {
-        /// The (shut-off) domain.
-        domain: String,
-        /// Snapshot name.
-        name: String,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-    },
-    /// Remove a snapshot, keeping every other state.
-    Delete {
-        /// The (shut-off) domain.
-        domain: String,
-        /// Snapshot name.
-        name: String,
-        /// libvirt connection URI.
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
     },
 }
 
@@ -403,66 +317,43 @@ impl<T, E: std::error::Error + Send + Sync + 'static> NameFile<T> for std::resul
 }
 
 #[cfg(feature = "libvirt")]
-fn libvirt_command(c: Command) -> Option<(snapshot::LibvirtCommand, Option<String>)> {
+fn libvirt_command(c: Command) -> Option<snapshot::LibvirtCommand> {
     use snapshot::LibvirtCommand as L;
     Some(match c {
-        Command::Snapshot { action } => match action {
-            SnapshotAction::Create {
-                domain,
-                name,
-                disks,
-                file,
-                description,
-                uri,
-            } => (
-                L::Create {
-                    domain,
-                    name,
-                    disks,
-                    file,
-                    description,
-                },
-                uri,
-            ),
-            SnapshotAction::List {
-                domain,
-                tree,
-                output,
-                uri,
-            } => (
-                L::List {
-                    domain,
-                    tree,
-                    output,
-                },
-                uri,
-            ),
-            SnapshotAction::Revert { domain, name, uri } => (L::Revert { domain, name }, uri),
-            SnapshotAction::Delete { domain, name, uri } => (L::Delete { domain, name }, uri),
-        },
-        Command::Blockcommit {
-            domain,
-            disk,
-            base,
-            delete_snapshots,
-            uri,
-        } => (
-            L::BlockCommit {
-                domain,
-                disk,
-                base,
-                delete_snapshots,
-            },
-            uri,
-        ),
-        Command::Blockpull {
-            domain,
-            disk,
-            base,
-            uri,
-        } => (L::BlockPull { domain, disk, base }, uri),
+        Command::Snapshot { action } => L::Snapshot(action),
+        Command::Blockcommit(a) => L::Blockcommit(a),
+        Command::Blockpull(a) => L::Blockpull(a),
         _ => return None,
     })
+}
+
+/// virsh takes `-c URI` before the command (`virsh -c URI snapshot-list
+/// vm`); so does strata for the libvirt commands: the option is moved
+/// after the subcommand, where clap expects it.
+fn hoist_connect(args: Vec<OsString>) -> Vec<OsString> {
+    let is_libvirt = |a: Option<&OsString>| {
+        a.and_then(|a| a.to_str())
+            .is_some_and(|a| matches!(a, "snapshot" | "blockcommit" | "blockpull" | "demo"))
+    };
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let (uri, rest) = if first == "-c" || first == "--connect" {
+        match args.get(2) {
+            Some(u) => (u.clone(), 3),
+            None => return args,
+        }
+    } else if let Some(u) = first.strip_prefix("--connect=") {
+        (OsString::from(u), 2)
+    } else {
+        return args;
+    };
+    if !is_libvirt(args.get(rest)) {
+        return args;
+    }
+    let mut out: Vec<OsString> = args.iter().take(1).cloned().collect();
+    out.extend(args.iter().skip(rest).cloned());
+    out.push("-c".into());
+    out.push(uri);
+    out
 }
 
 /// Runs the commands that need libvirt's C library.
@@ -477,7 +368,7 @@ fn libvirt_runner(c: Command, out: &mut dyn Write, err: &mut dyn Write) -> Resul
             demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
         }
         c => match libvirt_command(c) {
-            Some((cmd, uri)) => snapshot::run(&cmd, uri.as_deref(), out),
+            Some(cmd) => snapshot::run(&cmd, out),
             None => Ok(1),
         },
     }
@@ -487,12 +378,12 @@ fn libvirt_runner(c: Command, out: &mut dyn Write, err: &mut dyn Write) -> Resul
 /// [`run_without_libvirt`]). False when it does not parse.
 pub fn needs_libvirt(args: &[OsString]) -> bool {
     #[cfg(feature = "libvirt")]
-    if let Ok(cli) = Cli::try_parse_from(args) {
+    if let Ok(cli) = Cli::try_parse_from(hoist_connect(args.to_vec())) {
         return matches!(
             cli.command,
             Command::Snapshot { .. }
-                | Command::Blockcommit { .. }
-                | Command::Blockpull { .. }
+                | Command::Blockcommit(..)
+                | Command::Blockpull(..)
                 | Command::Demo { .. }
         );
     }
@@ -536,7 +427,8 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cli = match Cli::try_parse_from(hoist_connect(args)) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 1 } else { 0 };
@@ -734,8 +626,8 @@ where
         ),
         #[cfg(feature = "libvirt")]
         c @ (Command::Snapshot { .. }
-        | Command::Blockcommit { .. }
-        | Command::Blockpull { .. }
+        | Command::Blockcommit(..)
+        | Command::Blockpull(..)
         | Command::Demo { .. }) => match libvirt {
             Some(f) => f(c, out, err),
             None => Err(anyhow::anyhow!(

@@ -10,7 +10,7 @@ use virt::connect::Connect;
 
 use crate::ctx::{canon, remove_files, Ctx, Graph, Txn};
 use crate::error::{Error, Result};
-use crate::snapshot::{commit_guarded, garbage, Report};
+use crate::snapshot::{commit_guarded, garbage, Gc, Report};
 use crate::xml;
 
 /// Options of [`blockcommit`] (`virsh blockcommit --active --pivot`).
@@ -24,6 +24,10 @@ pub struct BlockCommitOptions {
     /// Remove the snapshots whose state the commit overwrites (their state
     /// lives in or below the base), with their files, instead of refusing.
     pub delete_snapshots: bool,
+    /// `virsh blockcommit --delete`: also remove the committed images
+    /// above the base that nothing needs any more when Strata did not
+    /// create them (its own and snapshots' overlays are removed anyway).
+    pub delete_merged: bool,
 }
 
 /// Options of [`blockpull`] (`virsh blockpull`).
@@ -129,21 +133,48 @@ pub fn blockcommit(
         roots.push(if t == target { base.clone() } else { a });
     }
     let needed = graph.closure(&roots);
-    let gc = garbage(&ctx, &graph, &needed, &[]);
-    let removable: HashSet<PathBuf> = gc.0.iter().cloned().collect();
+    let mut gc = garbage(&ctx, &graph, &needed, &[]);
+    if opts.delete_merged {
+        // The merged layers (top..base), asked to be removed: taken out of
+        // the kept list unless something else reads through them.
+        let merged: Vec<PathBuf> = chain.iter().take(k).map(|c| c.0.clone()).collect();
+        let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut gc.kept)
+            .into_iter()
+            .partition(|(f, why)| merged.contains(f) && why.contains("did not create"));
+        gc.kept = stay;
+        gc.remove.extend(go.into_iter().map(|g| g.0));
+    }
+    let removable: HashSet<PathBuf> = gc.remove.iter().cloned().collect();
 
     // 1. The commit (refusals come before anything is written). The
     //    active image reads the same throughout; the domain still uses it.
     let top = canon(&src);
     let cr = commit_guarded(&top, &base, &removable, hooks).map_err(|e| match e {
-        Error::Merge(m) if !doomed.is_empty() => Error::InvalidArgument(format!(
-            "{m}; the domain still reads the same through {} (run the same blockcommit again \
-             to finish); snapshot(s) {} had their state in {}, which may be partly overwritten",
-            top.display(),
-            doomed.join(", "),
-            base.display()
-        )),
-        e => e,
+        Error::Merge(m) if matches!(m, strata_merge::MergeError::BaseInUse { .. }) => {
+            Error::Merge(m)
+        }
+        e => {
+            let doomed_note = if doomed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; snapshot(s) {} had their state in {}, which may be partly overwritten",
+                    doomed.join(", "),
+                    base.display()
+                )
+            };
+            Error::MergeFailed {
+                op: format!("commit {} into {}", top.display(), base.display()),
+                state: format!(
+                    "the domain still uses {}, which is unchanged and reads the same; {} may \
+                     be partly written; libvirt's metadata is unchanged{doomed_note}: fix the \
+                     cause and run the same blockcommit again to finish",
+                    top.display(),
+                    base.display()
+                ),
+                cause: Box::new(e),
+            }
+        }
     })?;
 
     // 2. libvirt: pivot, drop the destroyed snapshots.
@@ -182,7 +213,7 @@ pub fn blockcommit(
         return Err(txn.rollback(e));
     }
     txn.finish()?;
-    let (removed, mut warnings) = remove_files(&gc.0);
+    let (removed, mut warnings) = remove_files(&gc.remove);
     let mut report = Report {
         swapped: vec![(disk.target.clone(), base.clone())],
         merges: vec![format!(
@@ -193,7 +224,7 @@ pub fn blockcommit(
         )],
         removed,
         snapshots_removed: doomed,
-        warnings: gc.1,
+        kept: gc.kept,
         ..Report::default()
     };
     report.warnings.append(&mut warnings);
@@ -245,30 +276,41 @@ pub fn blockpull(
             dry_run: false,
         },
         hooks,
-    )?;
+    )
+    .map_err(|e| Error::MergeFailed {
+        op: format!("pull into {}", top.display()),
+        state: format!(
+            "{} may be partly written but reads the same, its backing files are unchanged, \
+             libvirt's metadata is unchanged: fix the cause and run the same blockpull again",
+            top.display()
+        ),
+        cause: Box::new(Error::Merge(e)),
+    })?;
     // The pull is done and changed no view: from here only bookkeeping.
     let graph = Graph::load(&ctx.known_files())?;
     let mut roots = ctx.state_roots(&[]);
     roots.extend(ctx.actives().into_iter().map(|a| a.1));
     let needed = graph.closure(&roots);
-    let (gc, warnings) = garbage(&ctx, &graph, &needed, &[]);
+    let Gc { remove: gc, kept } = garbage(&ctx, &graph, &needed, &[]);
     let mut report = Report {
         merges: vec![format!(
             "pulled {} image(s) into {}",
             pr.layers_pulled,
             top.display()
         )],
-        warnings,
+        kept,
         ..Report::default()
     };
-    if !gc.is_empty() {
-        let mut new_dom = ctx.xml.clone();
-        let owned: Vec<xml::OwnedFile> = ctx
-            .owned()
-            .into_iter()
-            .filter(|o| !gc.contains(&canon(&o.path)))
-            .collect();
-        xml::set_owned_files(&mut new_dom, &owned)?;
+    let mut new_dom = ctx.xml.clone();
+    let owned: Vec<xml::OwnedFile> = ctx
+        .owned()
+        .into_iter()
+        .filter(|o| !gc.contains(&canon(&o.path)))
+        .collect();
+    xml::set_owned_files(&mut new_dom, &owned)?;
+    // The active image's chain is shorter now.
+    xml::drop_backing_store(&mut new_dom, &disk.target);
+    if xml::write(&new_dom, "domain XML")? != xml::write(&ctx.xml, "domain XML")? {
         let mut txn = Txn::new(&ctx);
         if let Err(e) = txn.define_domain(&new_dom) {
             return Err(txn.rollback(e));

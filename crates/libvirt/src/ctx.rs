@@ -65,10 +65,131 @@ impl Snap {
     }
 }
 
+/// The per-domain lock: an exclusive `flock` on `<lock dir>/<key>.lock`,
+/// where the key is the domain's UUID (with a hash of the URI for
+/// libvirt's in-process test driver, whose domains are private to each
+/// connection). The lock dir is `$STRATA_LOCK_DIR`, else `/run/strata`
+/// when it can be created (root), else `$XDG_RUNTIME_DIR/strata`, else
+/// `strata-locks` in the temporary directory (removed when empty). The file is removed while
+/// still locked when the operation ends; a locker that finds its file was
+/// unlinked under it tries again, so two holders are impossible.
+#[derive(Debug)]
+pub(crate) struct DomainLock {
+    file: fs::File,
+    path: PathBuf,
+    remove_dir: bool,
+}
+
+/// (the directory, whether to remove it when empty after use).
+fn lock_dir() -> (PathBuf, bool) {
+    if let Some(d) = std::env::var_os("STRATA_LOCK_DIR").filter(|d| !d.is_empty()) {
+        return (PathBuf::from(d), false);
+    }
+    let run = PathBuf::from("/run/strata");
+    if run.is_dir() || fs::create_dir(&run).is_ok() {
+        // Every user's lock files in one place (sticky, like /tmp).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(&run, fs::Permissions::from_mode(0o1777));
+        return (run, false);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return (PathBuf::from(d).join("strata"), false);
+    }
+    (std::env::temp_dir().join("strata-locks"), true)
+}
+
+fn open_lock(path: &Path) -> std::io::Result<fs::File> {
+    let rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path);
+    match rw {
+        // Another user's lock file: flock works on a read-only descriptor.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => fs::File::open(path),
+        r => r,
+    }
+}
+
+impl DomainLock {
+    /// Takes the lock of the domain `uuid` or refuses with [`Error::Busy`].
+    pub fn acquire(conn: &Connect, domain: &str, uuid: &str) -> Result<DomainLock> {
+        use std::os::unix::fs::MetadataExt;
+        let mut key = uuid.to_string();
+        if conn
+            .get_type()
+            .is_ok_and(|t| t.eq_ignore_ascii_case("test"))
+        {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            conn.get_uri().unwrap_or_default().hash(&mut h);
+            key = format!("test-{:016x}-{uuid}", h.finish());
+        }
+        let (dir, remove_dir) = lock_dir();
+        let path = dir.join(format!("{key}.lock"));
+        for _ in 0..100 {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create lock directory", e))?;
+            let file = match open_lock(&path) {
+                Ok(f) => f,
+                // The directory was removed by a holder that just finished.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, "open lock file", e)),
+            };
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Busy {
+                        domain: domain.to_string(),
+                        lock: path,
+                    })
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(&path, "lock", e));
+                }
+            }
+            // The holder before us may have unlinked the file between our
+            // open and our lock: then we hold a lock nobody else can see.
+            let ours = file
+                .metadata()
+                .map_err(|e| Error::io(&path, "stat lock", e))?;
+            match fs::metadata(&path) {
+                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {
+                    return Ok(DomainLock {
+                        file,
+                        path,
+                        remove_dir,
+                    });
+                }
+                _ => continue,
+            }
+        }
+        Err(Error::Busy {
+            domain: domain.to_string(),
+            lock: path,
+        })
+    }
+}
+
+impl Drop for DomainLock {
+    fn drop(&mut self) {
+        // Unlinked while still held: see the type's documentation.
+        let _ = fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+        if self.remove_dir {
+            if let Some(dir) = self.path.parent() {
+                let _ = fs::remove_dir(dir); // only when empty
+            }
+        }
+    }
+}
+
 /// The domain and its snapshots, loaded once per operation.
 pub(crate) struct Ctx<'c> {
     pub conn: &'c Connect,
     pub dom: Domain,
+    /// Held for the whole operation; everything below was read under it.
+    pub _lock: DomainLock,
     pub name: String,
     /// The inactive definition as libvirt gave it.
     pub text: String,
@@ -88,11 +209,16 @@ fn state_name(dom: &Domain) -> String {
 }
 
 impl<'c> Ctx<'c> {
-    /// Looks the domain up, refuses an active one, loads its XML and
-    /// snapshots.
+    /// Looks the domain up, takes its lock ([`DomainLock`]), then refuses
+    /// an active domain and loads its XML and snapshots (so the plan is
+    /// made from what libvirt says under the lock).
     pub fn load(conn: &'c Connect, name: &str) -> Result<Ctx<'c>> {
         let dom = Domain::lookup_by_name(conn, name)
             .map_err(|e| Error::libvirt(format!("look up domain {name:?}"), e))?;
+        let uuid = dom
+            .get_uuid_string()
+            .map_err(|e| Error::libvirt("get domain UUID", e))?;
+        let lock = DomainLock::acquire(conn, name, &uuid)?;
         let active = dom
             .is_active()
             .map_err(|e| Error::libvirt("query domain state", e))?;
@@ -119,6 +245,7 @@ impl<'c> Ctx<'c> {
         Ok(Ctx {
             conn,
             dom,
+            _lock: lock,
             name: name.to_string(),
             text,
             xml,
@@ -189,9 +316,33 @@ impl<'c> Ctx<'c> {
         xml::owned_files(&self.xml)
     }
 
+    /// Overlays named as a snapshot's external `<source>` in libvirt's
+    /// snapshot metadata (libvirt or Strata made them for that snapshot).
+    pub fn snapshot_overlays(&self) -> Vec<OwnedFile> {
+        let mut v = Vec::new();
+        for s in &self.snaps {
+            for t in s.external_disks() {
+                if let Some(o) = s.overlay(&t) {
+                    v.push(OwnedFile { disk: t, path: o });
+                }
+            }
+        }
+        v
+    }
+
+    /// Files Strata may merge away and remove when nothing needs them:
+    /// the ones it created ([`Ctx::owned`]) and the overlays a snapshot's
+    /// metadata names ([`Ctx::snapshot_overlays`]), as libvirt 9.7+ itself
+    /// treats them. Anything else (the user's images) is never removed.
+    pub fn removable(&self) -> Vec<OwnedFile> {
+        let mut v = self.owned();
+        v.extend(self.snapshot_overlays());
+        v
+    }
+
     pub fn is_owned(&self, path: &Path) -> bool {
         let c = canon(path);
-        self.owned().iter().any(|o| canon(&o.path) == c)
+        self.removable().iter().any(|o| canon(&o.path) == c)
     }
 
     /// Every file the domain or its snapshots name, with its format when

@@ -9,9 +9,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// An error of a snapshot or block operation.
 ///
-/// The refusing kinds (`DomainActive`, `NoSuchSnapshot`, `SnapshotExists`,
-/// `NoSuchDisk`, `FileExists`, `SnapshotsDestroyed`, `InvalidArgument`)
-/// are returned before anything is changed. Any other error met part-way is
+/// The refusing kinds (`DomainActive`, `Busy`, `NoSuchSnapshot`,
+/// `SnapshotExists`, `NoSuchDisk`, `FileExists`, `SnapshotsDestroyed`,
+/// `Unsupported`, `InvalidArgument`) are returned before anything is
+/// changed. Any other error met part-way is
 /// returned after the rollback (see [`Error::RolledBack`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -80,6 +81,33 @@ pub enum Error {
         /// The snapshots whose state lives in or below `base`.
         snapshots: Vec<String>,
     },
+    /// A merge (commit or pull) failed part-way. Merges are not undone;
+    /// `state` says what each file holds now and what to run next.
+    #[error("{op} failed: {}; {state}", full_text(.cause.as_ref()))]
+    MergeFailed {
+        /// The merge ("commit /kvm/a into /kvm/b").
+        op: String,
+        /// The state each file is in, and what to do.
+        state: String,
+        /// The error (its full text, sources included, is said).
+        cause: Box<Error>,
+    },
+    /// Another operation on the same domain is running (Strata serialises
+    /// operations per domain with a lock file keyed by the domain's UUID).
+    #[error(
+        "domain {domain:?} is busy: another Strata operation on it is running (it holds {}); \
+         nothing was changed; run this again when it has finished",
+        .lock.display()
+    )]
+    Busy {
+        /// The domain.
+        domain: String,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// Something Strata does not do (said why, and what to do instead).
+    #[error("{0}")]
+    Unsupported(String),
     /// The caller asked for something invalid.
     #[error("{0}")]
     InvalidArgument(String),
@@ -111,13 +139,30 @@ pub enum Error {
     /// are removed, the domain XML and the snapshot metadata are as before.
     /// `problems` lists rollback steps that failed themselves (empty when
     /// the rollback was complete).
-    #[error("{cause}{}", rollback_note(.problems))]
+    #[error("{}{}", full_text(.cause.as_ref()), rollback_note(.problems))]
     RolledBack {
         /// The error that stopped the operation (said in the message).
         cause: Box<Error>,
         /// Rollback steps that failed.
         problems: Vec<String>,
     },
+}
+
+/// An error's message followed by each of its sources' (": "-separated,
+/// a source already said by the message is not repeated), so that the first
+/// cause (e.g. `No space left on device`) is never hidden.
+pub fn full_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cur = s.source();
+    }
+    text
 }
 
 fn rollback_note(problems: &[String]) -> String {
@@ -158,5 +203,32 @@ impl Error {
             Error::RolledBack { cause, .. } => cause.root(),
             e => e,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolled_back_error_says_its_first_cause() {
+        let io = io::Error::from_raw_os_error(28); // ENOSPC
+        let inner = Error::Merge(strata_merge::MergeError::from(strata_image::Error::Io {
+            path: "/b".into(),
+            op: "write data",
+            offset: 65536,
+            cause: io,
+        }));
+        let e = Error::RolledBack {
+            cause: Box::new(Error::MergeFailed {
+                op: "commit /a into /b".into(),
+                state: "/a is unchanged".into(),
+                cause: Box::new(inner),
+            }),
+            problems: vec![],
+        };
+        let text = e.to_string();
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(text.contains("/a is unchanged"), "{text}");
     }
 }

@@ -11,10 +11,15 @@
 //!   state and the domain's view unchanged.
 //! - [`blockcommit`] and [`blockpull`]: merges of the active chain.
 //!
-//! Rules (docs/libvirt.md): only shut-off domains; every operation is
-//! all-or-nothing for libvirt's view and the files it creates; Strata only
-//! ever removes files it created itself, recorded in the domain's
-//! `<metadata>` under [`xml::STRATA_NS`].
+//! Rules (docs/libvirt.md): only shut-off domains; one operation per
+//! domain at a time (a lock keyed by the domain's UUID, taken before the
+//! XML is read); every operation is all-or-nothing for libvirt's view and
+//! the files it creates; disks are chosen as `virsh snapshot-create-as
+//! --disk-only` chooses them; a changed disk's stale `<backingStore>` is
+//! dropped so that QEMU opens the chain the images describe; Strata only
+//! ever removes files it created itself (recorded in the domain's
+//! `<metadata>` under [`xml::STRATA_NS`]) and the overlays libvirt's
+//! snapshot metadata names; every file kept is reported with the reason.
 //!
 //! Layering: uses `strata-merge` for commit and pull and `strata-image`
 //! for creating overlays and reading chains; libvirt through the `virt`
@@ -35,8 +40,9 @@ pub use block::{blockcommit, blockpull, BlockCommitOptions, BlockPullOptions};
 pub use ctx::default_overlay_path;
 pub use error::{Error, Result};
 pub use snapshot::{
-    domain_disks, snapshot_create, snapshot_delete, snapshot_list, snapshot_revert, DiskInfo,
-    Report, SnapshotCreateOptions, SnapshotDisk, SnapshotInfo,
+    domain_disks, snapshot_create, snapshot_delete, snapshot_delete_metadata, snapshot_dumpxml,
+    snapshot_list, snapshot_revert, snapshot_revert_with, DiskInfo, DiskSpec, Report,
+    RevertOptions, SnapshotCreateOptions, SnapshotDisk, SnapshotInfo,
 };
 pub use tree::render_tree;
 pub use virt::connect::Connect;

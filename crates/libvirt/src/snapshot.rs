@@ -16,12 +16,29 @@ use crate::ctx::{
 use crate::error::{Error, Result};
 use crate::xml::{self, DomainDisk, NewSnapshot, OwnedFile};
 
+/// One `--diskspec` of `virsh snapshot-create-as`: what to do with a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Disk target (`vda`) or its source file.
+    pub disk: String,
+    /// `true`: `snapshot=external` (the default); `false`: `snapshot=no`.
+    pub external: bool,
+    /// `file=`: the overlay's path.
+    pub file: Option<PathBuf>,
+}
+
 /// Options of [`snapshot_create`] (`virsh snapshot-create-as --disk-only`).
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotCreateOptions {
-    /// Disk targets to snapshot (`vda`, ...); `None`: every file-backed
-    /// qcow2 or raw disk.
+    /// Disk targets to snapshot (`vda`, ...), and only those; `None`: the
+    /// disks `virsh snapshot-create-as --disk-only` takes (see
+    /// [`crate::xml::DomainDisk::snapshot_skip`]), changed by `diskspecs`.
     pub disks: Option<Vec<String>>,
+    /// virsh's `--diskspec`s: per disk, `snapshot=no` or an overlay file
+    /// name; a disk not named keeps its default. `snapshot=external` on a
+    /// `snapshot='no'` disk takes it (as libvirt does); on a cdrom,
+    /// read-only, shareable or non-file disk it is refused.
+    pub diskspecs: Vec<DiskSpec>,
     /// Path of the overlay (only with a single disk); `None`: libvirt's
     /// default, the current file name with its suffix replaced by the
     /// snapshot name.
@@ -61,6 +78,10 @@ pub struct SnapshotInfo {
     pub current: bool,
     /// Its disks with external state.
     pub disks: Vec<SnapshotDisk>,
+    /// Whether any of its state is inside an image (an internal snapshot).
+    pub internal: bool,
+    /// The memory state file of a snapshot taken with `--memspec`.
+    pub memory_file: Option<PathBuf>,
 }
 
 /// What an operation did.
@@ -76,6 +97,11 @@ pub struct Report {
     pub removed: Vec<PathBuf>,
     /// Snapshots removed from libvirt's metadata.
     pub snapshots_removed: Vec<String>,
+    /// Disks left out of a new snapshot: (target, why).
+    pub skipped: Vec<(String, String)>,
+    /// Files kept although the operation stopped needing them, or that the
+    /// user may expect to be gone: (file, why).
+    pub kept: Vec<(PathBuf, String)>,
     /// Things that did not stop the operation but deserve a look.
     pub warnings: Vec<String>,
 }
@@ -148,6 +174,90 @@ pub fn domain_disks(conn: &Connect, domain: &str) -> Result<Vec<DiskInfo>> {
         .collect())
 }
 
+/// A disk a new snapshot takes, with its `--diskspec` file.
+type Chosen = (DomainDisk, Option<PathBuf>);
+/// A disk left out: (target, why).
+type Skipped = (String, String);
+
+/// The disks a new snapshot takes, each with its `--diskspec` file, and
+/// the ones it leaves out with the reason (as `virsh snapshot-create-as
+/// --disk-only` chooses).
+fn choose_disks(
+    ctx: &Ctx<'_>,
+    opts: &SnapshotCreateOptions,
+) -> Result<(Vec<Chosen>, Vec<Skipped>)> {
+    let all = ctx.disks();
+    let find = |t: &str| {
+        all.iter()
+            .find(|d| d.target == t || d.source.as_deref() == Some(Path::new(t)))
+            .ok_or_else(|| Error::NoSuchDisk {
+                domain: ctx.name.clone(),
+                why: format!("no disk {t}"),
+            })
+    };
+    let mut specs: Vec<(&str, &DiskSpec)> = Vec::new();
+    for s in &opts.diskspecs {
+        let d = find(&s.disk)?;
+        if specs.iter().any(|(t, _)| *t == d.target) {
+            return Err(Error::InvalidArgument(format!(
+                "disk {} is named by two --diskspec",
+                d.target
+            )));
+        }
+        specs.push((d.target.as_str(), s));
+    }
+    if let Some(list) = &opts.disks {
+        for t in list {
+            find(t)?;
+        }
+    }
+    let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
+    for d in &all {
+        let spec = specs.iter().find(|(t, _)| *t == d.target).map(|s| s.1);
+        let listed = opts.disks.as_ref().map(|l| {
+            l.iter()
+                .any(|t| *t == d.target || d.source.as_deref() == Some(Path::new(t)))
+        });
+        let why = d.snapshot_skip();
+        match (spec, listed) {
+            (Some(s), _) if !s.external => {
+                skipped.push((d.target.clone(), "snapshot=no (--diskspec)".into()));
+            }
+            (_, Some(false)) => {
+                skipped.push((d.target.clone(), "not among the disks asked for".into()));
+            }
+            (Some(s), _) => match why {
+                // An explicit choice overrides the domain's snapshot='no'.
+                Some(_) if d.snapshot.as_deref() == Some("no") && d.is_eligible() => {
+                    chosen.push((d.clone(), s.file.clone()));
+                }
+                Some(w) => {
+                    return Err(Error::NoSuchDisk {
+                        domain: ctx.name.clone(),
+                        why: format!("disk {} cannot have an external snapshot: {w}", d.target),
+                    })
+                }
+                None => chosen.push((d.clone(), s.file.clone())),
+            },
+            (None, Some(true)) => match why {
+                Some(w) if !(d.snapshot.as_deref() == Some("no") && d.is_eligible()) => {
+                    return Err(Error::NoSuchDisk {
+                        domain: ctx.name.clone(),
+                        why: format!("disk {} cannot have an external snapshot: {w}", d.target),
+                    })
+                }
+                _ => chosen.push((d.clone(), None)),
+            },
+            (None, None) => match why {
+                Some(w) => skipped.push((d.target.clone(), w)),
+                None => chosen.push((d.clone(), None)),
+            },
+        }
+    }
+    Ok((chosen, skipped))
+}
+
 /// Creates a disk-only external snapshot `name` of the shut-off `domain`:
 /// a qcow2 overlay on each chosen disk's current file, the domain switched
 /// to the overlays, and the snapshot recorded in libvirt (redefined, made
@@ -167,17 +277,17 @@ pub fn snapshot_create(
         });
     }
     let all = ctx.disks();
-    let chosen: Vec<DomainDisk> = match &opts.disks {
-        Some(list) => list
-            .iter()
-            .map(|t| ctx.disk(Some(t)))
-            .collect::<Result<_>>()?,
-        None => all.iter().filter(|d| d.is_eligible()).cloned().collect(),
-    };
+    let (chosen, skipped) = choose_disks(&ctx, opts)?;
     if chosen.is_empty() {
         return Err(Error::NoSuchDisk {
             domain: domain.into(),
-            why: "no file-backed qcow2 or raw disk to snapshot".into(),
+            why: format!(
+                "no disk to snapshot{}",
+                skipped
+                    .iter()
+                    .map(|(t, w)| format!("; {t}: {w}"))
+                    .collect::<String>()
+            ),
         });
     }
     if opts.file.is_some() && chosen.len() != 1 {
@@ -188,7 +298,7 @@ pub fn snapshot_create(
     // Plan: (disk, current file, its format, overlay).
     let mut plan = Vec::new();
     let mut taken = BTreeSet::new();
-    for d in &chosen {
+    for (d, spec_file) in &chosen {
         let src = d.source.clone().unwrap_or_default();
         let src = std::path::absolute(&src).map_err(|e| Error::io(&src, "resolve path", e))?;
         let fmt = d
@@ -196,7 +306,7 @@ pub fn snapshot_create(
             .as_deref()
             .and_then(ImageFormat::from_name)
             .ok_or_else(|| Error::InvalidArgument(format!("disk {}: unknown format", d.target)))?;
-        let overlay = match &opts.file {
+        let overlay = match spec_file.as_ref().or(opts.file.as_ref()) {
             Some(f) => std::path::absolute(f).map_err(|e| Error::io(f, "resolve path", e))?,
             None => default_overlay_path(&src, name),
         };
@@ -222,6 +332,13 @@ pub fn snapshot_create(
         });
     }
     xml::set_owned_files(&mut new_dom, &owned)?;
+    // The definition saved with the snapshot: the chains of the disks it
+    // covers are probed again from the images, never taken from a
+    // recorded (possibly stale) <backingStore>.
+    let mut saved_domain = ctx.xml.clone();
+    for (target, _, _, _) in &plan {
+        xml::drop_backing_store(&mut saved_domain, target);
+    }
     let snap = xml::build_snapshot(NewSnapshot {
         name,
         description: opts.description.as_deref(),
@@ -234,11 +351,14 @@ pub fn snapshot_create(
                 (d.target.clone(), o)
             })
             .collect(),
-        domain: ctx.xml.clone(),
+        domain: saved_domain,
     })?;
 
     let mut txn = Txn::new(&ctx);
-    let mut report = Report::default();
+    let mut report = Report {
+        skipped,
+        ..Report::default()
+    };
     let run = (|| -> Result<()> {
         for (_, src, fmt, overlay) in &plan {
             let size = crate::ctx::image_of(src, Some(*fmt))?.virtual_size;
@@ -257,6 +377,70 @@ pub fn snapshot_create(
         report.swapped.push((target, overlay));
     }
     Ok(report)
+}
+
+/// The snapshot's XML as libvirt keeps it (`virsh snapshot-dumpxml`).
+pub fn snapshot_dumpxml(conn: &Connect, domain: &str, name: &str) -> Result<String> {
+    let dom = Domain::lookup_by_name(conn, domain)
+        .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
+    let s = virt::domain_snapshot::DomainSnapshot::lookup_by_name(&dom, name, 0).map_err(|_| {
+        Error::NoSuchSnapshot {
+            domain: domain.into(),
+            name: name.into(),
+        }
+    })?;
+    s.get_xml_desc(0)
+        .map_err(|e| Error::libvirt(format!("dump snapshot {name} XML"), e))
+}
+
+/// Removes snapshot `name` from libvirt's metadata only (`virsh
+/// snapshot-delete --metadata`): no file is merged or removed; the report
+/// lists the snapshot's files as kept. Its children get its parent.
+pub fn snapshot_delete_metadata(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
+    let ctx = Ctx::load(conn, domain)?;
+    let snap = ctx.snap(name)?;
+    let mut kept = Vec::new();
+    for t in snap.external_disks() {
+        if let Some((f, _)) = snap.state_file(&t) {
+            kept.push((f, format!("held {name}'s state of disk {t} (--metadata)")));
+        }
+        if let Some(o) = snap.overlay(&t).filter(|o| o.exists()) {
+            kept.push((
+                o,
+                format!("the overlay {name} created for disk {t} (--metadata)"),
+            ));
+        }
+    }
+    if let Some(m) = snap.info.memory_file.clone().filter(|m| m.exists()) {
+        kept.push((m, format!("the memory state of {name} (--metadata)")));
+    }
+    let parent = snap.info.parent.clone();
+    let mut txn = Txn::new(&ctx);
+    let run = (|| -> Result<()> {
+        txn.delete_snapshot_metadata(name)?;
+        for s in &ctx.snaps {
+            if s.info.parent.as_deref() == Some(name) {
+                let mut tree = s.tree.clone();
+                set_parent(&mut tree, parent.as_deref());
+                txn.define_snapshot(&tree, &s.info.name, false)?;
+            }
+        }
+        if snap.current {
+            if let Some(p) = &parent {
+                txn.define_snapshot(&ctx.snap(p)?.tree, p, true)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = run {
+        return Err(txn.rollback(e));
+    }
+    txn.finish()?;
+    Ok(Report {
+        snapshots_removed: vec![name.to_string()],
+        kept,
+        ..Report::default()
+    })
 }
 
 /// The domain's snapshots, oldest first, with their files.
@@ -307,44 +491,86 @@ pub fn snapshot_list(conn: &Connect, domain: &str) -> Result<Vec<SnapshotInfo>> 
             parent: snap.info.parent.clone(),
             current,
             disks,
+            internal: snap.info.is_internal(),
+            memory_file: snap.info.memory_file.clone(),
         });
     }
     out.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
     Ok(out)
 }
 
-/// Files to remove: owned, existing, not needed, and not read through by
-/// images Strata does not know. Returns (remove, warnings).
+/// What to do with the files an operation stops needing.
+#[derive(Debug, Default)]
+pub(crate) struct Gc {
+    /// Removable ([`Ctx::removable`]), existing, not needed, and not read
+    /// through by images Strata does not know: removed at the end.
+    pub remove: Vec<PathBuf>,
+    /// Not needed any more, but kept: (file, why).
+    pub kept: Vec<(PathBuf, String)>,
+}
+
+/// Sorts the files of `graph` nothing in `needed` (or `keep`) reads into
+/// those to remove and those kept, with the reason.
 pub(crate) fn garbage(
     ctx: &Ctx<'_>,
     graph: &Graph,
     needed: &HashSet<PathBuf>,
     keep: &[PathBuf],
-) -> (Vec<PathBuf>, Vec<String>) {
+) -> Gc {
     let known: HashSet<PathBuf> = graph.nodes.keys().cloned().collect();
-    let mut out = Vec::new();
-    let mut warnings = Vec::new();
-    for o in ctx.owned() {
-        let c = canon(&o.path);
-        if needed.contains(&c) || keep.contains(&c) || !c.is_file() || out.contains(&c) {
+    let removable: HashSet<PathBuf> = ctx.removable().iter().map(|o| canon(&o.path)).collect();
+    let mut files: Vec<&PathBuf> = graph.nodes.keys().collect();
+    files.sort();
+    let unneeded: Vec<&PathBuf> = files
+        .into_iter()
+        .filter(|c| !needed.contains(*c) && !keep.contains(*c) && c.is_file())
+        .collect();
+    let mut gc = Gc::default();
+    // First the files that stay whatever happens: not ours to remove, or
+    // read through by images Strata does not know.
+    let mut candidates = Vec::new();
+    for c in unneeded {
+        if !removable.contains(c) {
+            gc.kept.push((
+                c.clone(),
+                "no snapshot or disk needs it any more, but Strata did not create it and no \
+                 snapshot's metadata names it as its overlay (remove it yourself if it is not \
+                 wanted)"
+                    .into(),
+            ));
             continue;
         }
-        let users = foreign_users(&c, &known);
+        let users = foreign_users(c, &known);
         if users.is_empty() {
-            out.push(c);
+            candidates.push(c);
         } else {
-            warnings.push(format!(
-                "kept {}: no snapshot needs it, but {} use it as backing file",
-                c.display(),
-                users
-                    .iter()
-                    .map(|u| u.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            gc.kept.push((
+                c.clone(),
+                format!(
+                    "no snapshot needs it, but {} use it as backing file",
+                    users
+                        .iter()
+                        .map(|u| u.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
     }
-    (out, warnings)
+    // Then nothing a kept file reads through may go.
+    let kept_roots: Vec<PathBuf> = gc.kept.iter().map(|k| k.0.clone()).collect();
+    let read_by_kept = graph.closure(&kept_roots);
+    for c in candidates {
+        if read_by_kept.contains(c) {
+            gc.kept.push((
+                c.clone(),
+                "no snapshot or disk needs it, but a file kept above reads through it".into(),
+            ));
+        } else {
+            gc.remove.push(c.clone());
+        }
+    }
+    gc
 }
 
 fn owned_minus(ctx: &Ctx<'_>, gone: &[PathBuf]) -> Vec<OwnedFile> {
@@ -354,14 +580,58 @@ fn owned_minus(ctx: &Ctx<'_>, gone: &[PathBuf]) -> Vec<OwnedFile> {
         .collect()
 }
 
+/// Options of [`snapshot_revert_with`].
+#[derive(Debug, Clone, Default)]
+pub struct RevertOptions {
+    /// Revert the disks of a snapshot that also saved the memory state
+    /// (`--memspec`), dropping that state: the domain then starts from the
+    /// disks as they were, as after a power cut. Without it such a revert
+    /// is refused.
+    pub disks_only: bool,
+}
+
+/// [`snapshot_revert_with`] with the default options.
+pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
+    snapshot_revert_with(conn, domain, name, &RevertOptions::default())
+}
+
 /// Reverts the shut-off `domain`'s disks to the state captured by
 /// snapshot `name`: for each disk the snapshot covers, a new overlay on the
 /// file holding that state (never written, so every snapshot stays valid),
 /// the domain switched to it, `name` made current, and files Strata made
-/// that nothing needs any more removed.
-pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
+/// that nothing needs any more removed. Disks the snapshot does not cover
+/// are not touched. Internal snapshots are refused; snapshots with memory
+/// state unless `opts.disks_only`.
+pub fn snapshot_revert_with(
+    conn: &Connect,
+    domain: &str,
+    name: &str,
+    opts: &RevertOptions,
+) -> Result<Report> {
     let ctx = Ctx::load(conn, domain)?;
     let snap = ctx.snap(name)?;
+    if snap.info.is_internal() {
+        return Err(Error::Unsupported(format!(
+            "snapshot {name} is an internal snapshot (its state is inside the qcow2 image): \
+             Strata reverts external snapshots only; use virsh snapshot-revert {domain} {name}"
+        )));
+    }
+    let mut memory_kept = None;
+    if snap.info.memory == "external" {
+        let file = snap.info.memory_file.as_ref().map_or_else(
+            || "(no file named)".to_string(),
+            |f| f.display().to_string(),
+        );
+        if !opts.disks_only {
+            return Err(Error::Unsupported(format!(
+                "snapshot {name} also saved the domain's memory state, in {file}; Strata \
+                 reverts disks only, so that state would be dropped (the domain would start \
+                 from the disks as they were at {name}, as after a power cut); pass \
+                 --disks-only to revert the disks anyway (the memory file is kept)"
+            )));
+        }
+        memory_kept = snap.info.memory_file.clone();
+    }
     let targets = snap.external_disks();
     if targets.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -426,7 +696,16 @@ pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Repor
         ));
     }
     let keep: Vec<PathBuf> = plan.iter().filter(|p| p.5).map(|p| canon(&p.4)).collect();
-    let (gc, warnings) = garbage(&ctx, &graph, &needed, &keep);
+    let Gc {
+        remove: gc,
+        mut kept,
+    } = garbage(&ctx, &graph, &needed, &keep);
+    if let Some(m) = memory_kept {
+        kept.push((
+            m,
+            format!("the memory state of snapshot {name}, not restored (--disks-only)"),
+        ));
+    }
     let mut new_dom = ctx.xml.clone();
     let mut owned = owned_minus(&ctx, &gc);
     for (t, _, _, _, path, _) in &plan {
@@ -439,6 +718,10 @@ pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Repor
         }
     }
     xml::set_owned_files(&mut new_dom, &owned)?;
+    let mut snap_tree = snap.tree.clone();
+    for t in &targets {
+        xml::drop_snapshot_backing_store(&mut snap_tree, t);
+    }
 
     let mut txn = Txn::new(&ctx);
     let run = (|| -> Result<()> {
@@ -451,20 +734,21 @@ pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Repor
             }
         }
         txn.define_domain(&new_dom)?;
-        txn.define_snapshot(&snap.tree, name, true)?;
+        txn.define_snapshot(&snap_tree, name, true)?;
         Ok(())
     })();
     if let Err(e) = run {
         return Err(txn.rollback(e));
     }
     txn.finish()?;
-    let (removed, mut more) = remove_files(&gc);
-    let mut report = Report {
+    let (removed, warnings) = remove_files(&gc);
+    let report = Report {
         removed,
         warnings,
+        kept,
         ..Report::default()
     };
-    report.warnings.append(&mut more);
+    let mut report = report;
     for (t, _, _, _, path, _) in plan {
         report.created.push(path.clone());
         report.swapped.push((t, path));
@@ -477,10 +761,18 @@ pub fn snapshot_revert(conn: &Connect, domain: &str, name: &str) -> Result<Repor
 enum Merge {
     /// Commit `top` (the only image reading through `base`) into `base`,
     /// point `top`'s children at `base`, then `top` is not needed.
-    Commit { top: PathBuf, base: PathBuf },
+    Commit {
+        top: PathBuf,
+        base: PathBuf,
+        disk: String,
+    },
     /// Pull `base` (the only backing file of `top` nobody else needs) into
     /// `top`, then `base` is not needed.
-    Pull { top: PathBuf, base: PathBuf },
+    Pull {
+        top: PathBuf,
+        base: PathBuf,
+        disk: String,
+    },
 }
 
 /// Runs a commit, tolerating (with `force`) users of the base that are
@@ -523,8 +815,17 @@ pub fn snapshot_delete(
 ) -> Result<Report> {
     let ctx = Ctx::load(conn, domain)?;
     let snap = ctx.snap(name)?;
+    if snap.info.is_internal() {
+        return Err(Error::Unsupported(format!(
+            "snapshot {name} is an internal snapshot (its state is inside the qcow2 image): \
+             Strata deletes external snapshots only, and removing only the metadata would \
+             leave the state in the image; delete it with virsh snapshot-delete {domain} {name} \
+             (or qemu-img snapshot -d on the shut-off image); nothing was changed"
+        )));
+    }
     let graph = Graph::load(&ctx.known_files())?;
     let actives = ctx.actives();
+    let mut kept: Vec<(PathBuf, String)> = Vec::new();
     let mut roots = ctx.state_roots(&[name]);
     roots.extend(actives.iter().map(|a| a.1.clone()));
     let needed = graph.closure(&roots);
@@ -540,7 +841,17 @@ pub fn snapshot_delete(
             continue; // still a state of something, or simply unneeded
         }
         let kids = graph.children(&n, &needed);
-        let [c] = kids.as_slice() else { continue };
+        let [c] = kids.as_slice() else {
+            kept.push((
+                n.clone(),
+                format!(
+                    "held {name}'s state of disk {t}; {} images read through it, so it stays \
+                     as it is",
+                    kids.len()
+                ),
+            ));
+            continue;
+        };
         let c_active = actives.iter().any(|a| &a.1 == c);
         let c_ok = ctx.is_owned(c) && foreign_users(c, &known).is_empty();
         let n_ok = ctx.is_owned(&n) && foreign_users(&n, &known).is_empty();
@@ -548,26 +859,59 @@ pub fn snapshot_delete(
             merges.push(Merge::Commit {
                 top: c.clone(),
                 base: n,
+                disk: t.clone(),
             });
         } else if n_ok {
             merges.push(Merge::Pull {
                 top: c.clone(),
                 base: n,
+                disk: t.clone(),
             });
+        } else {
+            kept.push((
+                n.clone(),
+                format!(
+                    "held {name}'s state of disk {t}; not merged into {}: Strata did not create \
+                     it and no snapshot names it as its overlay (the user's image; \
+                     blockcommit folds the disk's chain into it when wanted)",
+                    c.display()
+                ),
+            ));
+        }
+    }
+    if let Some(m) = &snap.info.memory_file {
+        if m.exists() {
+            kept.push((
+                m.clone(),
+                format!("the memory state of snapshot {name} (Strata never removes memory files)"),
+            ));
         }
     }
 
     // Files about to go (for the commit guard): owned and unneeded now.
-    let (pre_gc, _) = garbage(&ctx, &graph, &needed, &[]);
-    let removable: HashSet<PathBuf> = pre_gc.into_iter().collect();
+    let pre_gc = garbage(&ctx, &graph, &needed, &[]);
+    let removable: HashSet<PathBuf> = pre_gc.remove.into_iter().collect();
     let mut report = Report::default();
     // Merges keep every needed view; they are not undone on a later
     // failure (docs/libvirt.md).
     let mut replaced: Vec<(PathBuf, PathBuf)> = Vec::new(); // (gone, now)
+    let mut rechained: Vec<String> = Vec::new(); // disks whose chains changed
     for m in &merges {
         match m {
-            Merge::Commit { top, base } => {
-                commit_guarded(top, base, &removable, hooks)?;
+            Merge::Commit { top, base, disk } => {
+                rechained.push(disk.clone());
+                commit_guarded(top, base, &removable, hooks).map_err(|e| Error::MergeFailed {
+                    op: format!("commit {} into {}", top.display(), base.display()),
+                    state: format!(
+                        "{} is unchanged; {} may be partly written, but only {} reads it and \
+                         still reads the same; libvirt's metadata is unchanged: fix the cause \
+                         and run the same delete again",
+                        top.display(),
+                        base.display(),
+                        top.display()
+                    ),
+                    cause: Box::new(e),
+                })?;
                 let node = graph
                     .node(base)
                     .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
@@ -593,7 +937,8 @@ pub fn snapshot_delete(
                 ));
                 replaced.push((top.clone(), base.clone()));
             }
-            Merge::Pull { top, base } => {
+            Merge::Pull { top, base, disk } => {
+                rechained.push(disk.clone());
                 let below = graph.node(base).and_then(|n| n.backing.clone());
                 strata_merge::pull(
                     top,
@@ -602,7 +947,18 @@ pub fn snapshot_delete(
                         dry_run: false,
                     },
                     hooks,
-                )?;
+                )
+                .map_err(|e| Error::MergeFailed {
+                    op: format!("pull {} into {}", base.display(), top.display()),
+                    state: format!(
+                        "{} may be partly written but reads the same; {} is unchanged; \
+                         libvirt's metadata is unchanged: fix the cause and run the same delete \
+                         again",
+                        top.display(),
+                        base.display()
+                    ),
+                    cause: Box::new(Error::Merge(e)),
+                })?;
                 report
                     .merges
                     .push(format!("pulled {} into {}", base.display(), top.display()));
@@ -621,7 +977,11 @@ pub fn snapshot_delete(
     };
     let roots: Vec<PathBuf> = roots.into_iter().map(swap).collect();
     let needed = graph.closure(&roots);
-    let (gc, mut warnings) = garbage(&ctx, &graph, &needed, &[]);
+    let Gc {
+        remove: gc,
+        kept: mut more_kept,
+    } = garbage(&ctx, &graph, &needed, &[]);
+    kept.append(&mut more_kept);
 
     // Snapshot metadata: the children get the deleted one's parent, and
     // any state that moved to another file is recorded there.
@@ -651,13 +1011,20 @@ pub fn snapshot_delete(
                 }
             }
         }
+        // The chains of merged disks changed under their state files.
+        for t in &rechained {
+            changed |= xml::drop_snapshot_backing_store(&mut tree, t);
+        }
         if changed {
             redefs.push((s.info.name.clone(), tree));
         }
     }
     let mut new_dom = ctx.xml.clone();
     xml::set_owned_files(&mut new_dom, &owned_minus(&ctx, &gc))?;
-    let dom_changed = !gc.is_empty();
+    for t in &rechained {
+        xml::drop_backing_store(&mut new_dom, t);
+    }
+    let dom_changed = xml::write(&new_dom, "domain XML")? != xml::write(&ctx.xml, "domain XML")?;
 
     let mut txn = Txn::new(&ctx);
     let run = (|| -> Result<()> {
@@ -685,10 +1052,10 @@ pub fn snapshot_delete(
         return Err(txn.rollback(e));
     }
     txn.finish()?;
-    let (removed, mut more) = remove_files(&gc);
-    warnings.append(&mut more);
+    let (removed, warnings) = remove_files(&gc);
     report.removed = removed;
     report.warnings = warnings;
+    report.kept = kept;
     report.snapshots_removed.push(name.to_string());
     Ok(report)
 }

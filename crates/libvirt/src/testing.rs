@@ -5,6 +5,18 @@ use std::cell::RefCell;
 
 use crate::error::{Error, Result};
 
+/// Takes the per-domain lock of `domain` as an operation does and holds it
+/// until the returned guard is dropped (for tests of the lock across
+/// processes).
+pub fn lock_domain(conn: &virt::connect::Connect, domain: &str) -> Result<impl Drop> {
+    let dom = virt::domain::Domain::lookup_by_name(conn, domain)
+        .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
+    let uuid = dom
+        .get_uuid_string()
+        .map_err(|e| Error::libvirt("get domain UUID", e))?;
+    crate::ctx::DomainLock::acquire(conn, domain, &uuid)
+}
+
 thread_local! {
     static FAIL_AT: RefCell<Option<String>> = const { RefCell::new(None) };
 }

@@ -83,6 +83,8 @@ mod tests {
             parent: parent.map(str::to_string),
             current,
             disks: vec![],
+            internal: false,
+            memory_file: None,
         }
     }
 

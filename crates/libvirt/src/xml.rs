@@ -75,16 +75,55 @@ pub struct DomainDisk {
     pub source: Option<PathBuf>,
     /// `<driver type=>` (`qcow2`, `raw`, ...).
     pub format: Option<String>,
+    /// `<readonly/>` is present.
+    pub readonly: bool,
+    /// `<shareable/>` is present.
+    pub shareable: bool,
+    /// `<disk snapshot=>` (`no`, `external`, `internal`), when given.
+    pub snapshot: Option<String>,
 }
 
 impl DomainDisk {
-    /// Whether Strata can snapshot it: a file-backed disk (not a cdrom or
-    /// floppy) with a source, in qcow2 or raw format.
+    /// Whether Strata can work on its image: a file-backed disk (not a
+    /// cdrom or floppy) with a source, in qcow2 or raw format. Such a
+    /// disk's file is a root of the file graph even when it is not
+    /// snapshotted (see [`DomainDisk::snapshot_skip`]).
     pub fn is_eligible(&self) -> bool {
         self.kind == "file"
             && self.device == "disk"
             && self.source.is_some()
             && matches!(self.format.as_deref(), Some("qcow2") | Some("raw"))
+    }
+
+    /// Why `virsh snapshot-create-as --disk-only` (without `--diskspec`)
+    /// leaves this disk out, or `None` when it takes an external snapshot
+    /// of it: cdrom and floppy devices, `snapshot='no'`, read-only and
+    /// shareable disks, and anything that is not a file-backed qcow2 or
+    /// raw disk with a source.
+    pub fn snapshot_skip(&self) -> Option<String> {
+        if self.device != "disk" {
+            return Some(format!("a {} device", self.device));
+        }
+        if self.snapshot.as_deref() == Some("no") {
+            return Some("snapshot='no' in the domain definition".into());
+        }
+        if self.readonly {
+            return Some("read-only (<readonly/>)".into());
+        }
+        if self.shareable {
+            return Some("shareable (<shareable/>)".into());
+        }
+        if self.kind != "file" {
+            return Some(format!("not a file-backed disk (type='{}')", self.kind));
+        }
+        if self.source.is_none() {
+            return Some("no source file".into());
+        }
+        match self.format.as_deref() {
+            Some("qcow2") | Some("raw") => None,
+            Some(f) => Some(format!("format {f} (only qcow2 and raw are handled)")),
+            None => Some("no <driver type=> (format unknown)".into()),
+        }
     }
 }
 
@@ -106,13 +145,49 @@ pub(crate) fn domain_disks(domain: &Element) -> Vec<DomainDisk> {
                 format: child(d, "driver")
                     .and_then(|s| attr(s, "type"))
                     .map(str::to_string),
+                readonly: child(d, "readonly").is_some(),
+                shareable: child(d, "shareable").is_some(),
+                snapshot: attr(d, "snapshot").map(str::to_string),
             })
         })
         .collect()
 }
 
-/// Sets `<source file=>` and `<driver type=>` of the disk `target`; nothing
-/// else of the document changes.
+fn disk_mut<'a>(domain: &'a mut Element, target: &str) -> Result<&'a mut Element> {
+    let what = "domain XML";
+    let devices =
+        child_mut(domain, "devices").ok_or_else(|| Error::xml(what, "no <devices> element"))?;
+    devices
+        .children
+        .iter_mut()
+        .filter_map(XMLNode::as_mut_element)
+        .find(|d| {
+            d.name == "disk" && child(d, "target").and_then(|t| attr(t, "dev")) == Some(target)
+        })
+        .ok_or_else(|| Error::xml(what, format!("no <disk> with target {target}")))
+}
+
+/// Removes the `<backingStore>` of the disk `target`, so that libvirt
+/// probes the chain from the image headers when it starts QEMU.
+///
+/// libvirt 9.0 trusts a `<backingStore>` in the persistent definition
+/// (written there by a snapshot of a running domain) and hands that chain
+/// to QEMU as it is; an empty `<backingStore/>` means "no backing file".
+/// Once Strata changes a disk's source or chain, what is recorded there is
+/// stale, so it goes; checked with QEMU's `query-named-block-nodes` in
+/// tests/real_libvirtd.rs. A disk without `target` is not an error.
+pub(crate) fn drop_backing_store(domain: &mut Element, target: &str) {
+    if let Ok(disk) = disk_mut(domain, target) {
+        disk.children.retain(|n| {
+            !n.as_element()
+                .is_some_and(|e| e.name == "backingStore" && e.namespace.is_none())
+        });
+    }
+}
+
+/// Sets `<source file=>` and `<driver type=>` of the disk `target` and
+/// drops its (now stale) `<backingStore>`; nothing else of the document
+/// changes.
 pub(crate) fn set_disk_source(
     domain: &mut Element,
     target: &str,
@@ -120,16 +195,8 @@ pub(crate) fn set_disk_source(
     format: &str,
 ) -> Result<()> {
     let what = "domain XML";
-    let devices =
-        child_mut(domain, "devices").ok_or_else(|| Error::xml(what, "no <devices> element"))?;
-    let disk = devices
-        .children
-        .iter_mut()
-        .filter_map(XMLNode::as_mut_element)
-        .find(|d| {
-            d.name == "disk" && child(d, "target").and_then(|t| attr(t, "dev")) == Some(target)
-        })
-        .ok_or_else(|| Error::xml(what, format!("no <disk> with target {target}")))?;
+    drop_backing_store(domain, target);
+    let disk = disk_mut(domain, target)?;
     let file = file
         .to_str()
         .ok_or_else(|| Error::InvalidArgument(format!("{}: not UTF-8", file.display())))?;
@@ -251,8 +318,20 @@ pub(crate) struct SnapXml {
     pub creation_time: i64,
     pub parent: Option<String>,
     pub disks: Vec<SnapDiskXml>,
+    /// `<memory snapshot=>` (`no`, `internal`, `external`; empty when absent).
+    pub memory: String,
+    /// `<memory file=>`: the memory state file of an external snapshot.
+    pub memory_file: Option<PathBuf>,
     /// The domain definition saved with the snapshot.
     pub domain: Option<Element>,
+}
+
+impl SnapXml {
+    /// Whether any state of the snapshot is inside an image
+    /// (`snapshot='internal'` disks or memory).
+    pub fn is_internal(&self) -> bool {
+        self.memory == "internal" || self.disks.iter().any(|d| d.snapshot == "internal")
+    }
 }
 
 pub(crate) fn read_snapshot(e: &Element) -> Result<SnapXml> {
@@ -272,7 +351,13 @@ pub(crate) fn read_snapshot(e: &Element) -> Result<SnapXml> {
                 .collect()
         })
         .unwrap_or_default();
+    let memory = child(e, "memory");
     Ok(SnapXml {
+        memory: memory
+            .and_then(|m| attr(m, "snapshot"))
+            .unwrap_or("")
+            .to_string(),
+        memory_file: memory.and_then(|m| attr(m, "file")).map(PathBuf::from),
         description: text_of(e, "description"),
         state: text_of(e, "state").unwrap_or_default(),
         creation_time: text_of(e, "creationTime")
@@ -367,6 +452,17 @@ pub(crate) fn set_snapshot_state_file(
     set_disk_source(domain, target, file, format)
 }
 
+/// [`drop_backing_store`] in the domain definition saved inside a
+/// snapshot; returns whether there was one to drop.
+pub(crate) fn drop_snapshot_backing_store(snap: &mut Element, target: &str) -> bool {
+    let Some(domain) = child_mut(snap, "domain") else {
+        return false;
+    };
+    let before = write(domain, "snapshot XML").ok();
+    drop_backing_store(domain, target);
+    before != write(domain, "snapshot XML").ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +513,51 @@ mod tests {
         assert_eq!(disks[1].source.as_deref(), Some(Path::new("/iso/x.iso")));
         assert!(text.contains("6695eb01-f6a4-8304-79aa-97f2502e193f"));
         assert!(text.contains("keep me"));
+    }
+
+    #[test]
+    fn swapping_a_disk_drops_its_stale_backing_store_only() {
+        let text = DOMAIN.replace(
+            "<target dev='vda' bus='virtio'/>",
+            "<backingStore type='file'><format type='qcow2'/><source file='/kvm/old'/>\
+             <backingStore/></backingStore><target dev='vda' bus='virtio'/>",
+        );
+        let text = text.replace(
+            "<target dev='hdc' bus='ide'/>",
+            "<backingStore/><target dev='hdc' bus='ide'/>",
+        );
+        let mut d = parse(&text, "t").unwrap();
+        set_disk_source(&mut d, "vda", Path::new("/kvm/test.take-1"), "qcow2").unwrap();
+        let out = write(&d, "t").unwrap();
+        assert!(!out.contains("/kvm/old"), "{out}");
+        assert_eq!(
+            out.matches("<backingStore").count(),
+            1,
+            "hdc keeps its own: {out}"
+        );
+    }
+
+    #[test]
+    fn disks_libvirt_leaves_out_of_a_disk_only_snapshot_say_why() {
+        let text = DOMAIN.replace(
+            "</devices>",
+            "<disk type='file' device='disk' snapshot='no'><driver type='qcow2'/>\
+             <source file='/a'/><target dev='vdb'/></disk>\
+             <disk type='file' device='disk'><driver type='raw'/><source file='/b'/>\
+             <target dev='vdc'/><readonly/></disk>\
+             <disk type='file' device='disk'><driver type='raw'/><source file='/c'/>\
+             <target dev='vdd'/><shareable/></disk>\
+             <disk type='block' device='disk'><driver type='raw'/><source dev='/dev/x'/>\
+             <target dev='vde'/></disk></devices>",
+        );
+        let d = parse(&text, "t").unwrap();
+        let why: Vec<Option<String>> = domain_disks(&d).iter().map(|d| d.snapshot_skip()).collect();
+        assert_eq!(why[0], None);
+        assert!(why[1].as_deref().unwrap().contains("cdrom"));
+        assert!(why[2].as_deref().unwrap().contains("snapshot='no'"));
+        assert!(why[3].as_deref().unwrap().contains("read-only"));
+        assert!(why[4].as_deref().unwrap().contains("shareable"));
+        assert!(why[5].as_deref().unwrap().contains("type='block'"));
     }
 
     #[test]

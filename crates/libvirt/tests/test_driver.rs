@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use strata_libvirt::xml::STRATA_NS;
@@ -34,6 +34,9 @@ fn state_file(vm: &TestVm, name: &str) -> PathBuf {
 
 fn all_clean(vm: &TestVm) {
     for f in vm.files() {
+        if f.extension().is_some_and(|e| e == "raw" || e == "mem") {
+            continue;
+        }
         qemu_img_check(&f);
     }
 }
@@ -498,4 +501,464 @@ fn only_chosen_disks_are_snapshotted() {
     // take-1 did not cover vdb: it stays where it is.
     assert_eq!(vm.active_of("vdb"), vm.root().join("test-vdb.take-2"));
     all_clean(&vm);
+}
+
+/// A domain with one of each kind of disk `virsh snapshot-create-as
+/// --disk-only` treats differently: qcow2 `vda` (0x11 in its first MiB),
+/// raw `vdb`, qcow2 `vdc` with `snapshot='no'`, read-only raw `vdd`,
+/// shareable raw `vde`, and an empty cdrom `hdc`. The directory has a
+/// space in its name.
+fn multi_disk_vm() -> TestVm {
+    TestVm::with_devices(|root| {
+        let dir = root.join("vm disks");
+        std::fs::create_dir(&dir).unwrap();
+        make_qcow2(&root.join("test.qcow2"), SIZE);
+        write(&root.join("test.qcow2"), 0, MIB as usize, 0x11);
+        make_qcow2(&dir.join("nosnap.qcow2"), SIZE);
+        for f in ["data.raw", "ro.raw", "shared.raw"] {
+            std::fs::write(dir.join(f), vec![0u8; MIB as usize]).unwrap();
+        }
+        let disk = |fmt: &str, file: &Path, dev: &str, extra: &str, attr: &str| {
+            format!(
+                "<disk type='file' device='disk'{attr}><driver name='qemu' type='{fmt}'/>\
+                 <source file='{}'/><target dev='{dev}' bus='virtio'/>{extra}</disk>",
+                file.display()
+            )
+        };
+        [
+            disk("qcow2", &root.join("test.qcow2"), "vda", "", ""),
+            disk("raw", &dir.join("data.raw"), "vdb", "", ""),
+            disk(
+                "qcow2",
+                &dir.join("nosnap.qcow2"),
+                "vdc",
+                "",
+                " snapshot='no'",
+            ),
+            disk("raw", &dir.join("ro.raw"), "vdd", "<readonly/>", ""),
+            disk("raw", &dir.join("shared.raw"), "vde", "<shareable/>", ""),
+            "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
+             <target dev='hdc' bus='ide'/><readonly/></disk>"
+                .to_string(),
+        ]
+        .concat()
+    })
+}
+
+#[test]
+fn create_takes_the_disks_virsh_takes_and_says_why_the_others_were_skipped() {
+    let vm = multi_disk_vm();
+    let d = vm.root().join("vm disks");
+    let fixed: Vec<PathBuf> = ["vdc", "vdd", "vde"].map(|t| vm.active_of(t)).to_vec();
+
+    let r = snapshot_create(&vm.conn, "vm", "take-1", &SnapshotCreateOptions::default()).unwrap();
+
+    assert_eq!(vm.active(), vm.root().join("test.take-1"));
+    assert_eq!(vm.active_of("vdb"), d.join("data.take-1"));
+    assert_eq!(
+        ["vdc", "vdd", "vde"].map(|t| vm.active_of(t)).to_vec(),
+        fixed
+    );
+    let skipped: Vec<&str> = r.skipped.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(skipped, ["vdc", "vdd", "vde", "hdc"]);
+    assert!(r.skipped[0].1.contains("snapshot='no'"), "{:?}", r.skipped);
+    assert!(r.skipped[1].1.contains("read-only"), "{:?}", r.skipped);
+    assert!(r.skipped[2].1.contains("shareable"), "{:?}", r.skipped);
+    assert!(r.skipped[3].1.contains("cdrom"), "{:?}", r.skipped);
+    let s = &snapshot_list(&vm.conn, "vm").unwrap()[0];
+    let covered: Vec<&str> = s.disks.iter().map(|k| k.disk.as_str()).collect();
+    assert_eq!(covered, ["vda", "vdb"]);
+    all_clean(&vm);
+}
+
+#[test]
+fn revert_leaves_disks_the_snapshot_does_not_cover_with_their_writes() {
+    let vm = multi_disk_vm();
+    create(&vm, "take-1", None);
+    let nosnap = vm.active_of("vdc");
+    write(&nosnap, 0, 4096, 0x5a);
+    write(&vm.active(), 0, 4096, 0x22);
+    let data_now = view(&nosnap);
+
+    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+
+    assert_eq!(vm.active_of("vdc"), nosnap, "vdc is not switched");
+    assert_eq!(view(&nosnap), data_now, "vdc keeps what was written since");
+    assert_eq!(view(&vm.active())[0], 0x11, "vda is back at take-1");
+    all_clean(&vm);
+}
+
+#[test]
+fn diskspecs_choose_files_and_leave_disks_out_as_virsh_does() {
+    use strata_libvirt::DiskSpec;
+    let vm = multi_disk_vm();
+    let file = vm.root().join("vm disks/vda at take 1.qcow2");
+    let r = snapshot_create(
+        &vm.conn,
+        "vm",
+        "take-1",
+        &SnapshotCreateOptions {
+            diskspecs: vec![
+                DiskSpec {
+                    disk: "vda".into(),
+                    external: true,
+                    file: Some(file.clone()),
+                },
+                DiskSpec {
+                    disk: "vdb".into(),
+                    external: false,
+                    file: None,
+                },
+                DiskSpec {
+                    disk: "vdc".into(),
+                    external: true,
+                    file: None,
+                },
+            ],
+            ..SnapshotCreateOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(vm.active(), file);
+    assert_eq!(vm.active_of("vdb"), vm.root().join("vm disks/data.raw"));
+    assert_eq!(
+        vm.active_of("vdc"),
+        vm.root().join("vm disks/nosnap.take-1"),
+        "an explicit diskspec overrides snapshot='no', as in libvirt"
+    );
+    assert!(r
+        .skipped
+        .iter()
+        .any(|s| s.0 == "vdb" && s.1.contains("--diskspec")));
+    // A read-only disk cannot be asked for.
+    let e = snapshot_create(
+        &vm.conn,
+        "vm",
+        "take-2",
+        &SnapshotCreateOptions {
+            diskspecs: vec![DiskSpec {
+                disk: "vdd".into(),
+                external: true,
+                file: None,
+            }],
+            ..SnapshotCreateOptions::default()
+        },
+    );
+    assert!(
+        matches!(&e, Err(Error::NoSuchDisk { why, .. }) if why.contains("read-only")),
+        "{e:?}"
+    );
+    all_clean(&vm);
+}
+
+#[test]
+fn create_drops_an_empty_backing_store_that_would_hide_the_backing_file() {
+    let vm = TestVm::new();
+    let xml = replace_disk(&vm.xml(), "vda", &vm.base, "<backingStore/>");
+    virt::domain::Domain::define_xml(&vm.conn, &xml).unwrap();
+    assert_eq!(
+        vm.backing_stores("vda"),
+        1,
+        "control: the test driver keeps it"
+    );
+
+    create(&vm, "take-1", None);
+
+    assert_eq!(vm.backing_stores("vda"), 0, "{}", vm.xml());
+    let snap = vm
+        .dom()
+        .list_all_snapshots(0)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .get_xml_desc(0)
+        .unwrap();
+    assert!(!snap.contains("<backingStore"), "{snap}");
+}
+
+#[test]
+fn every_operation_on_a_libvirt_made_chain_drops_the_stale_backing_store() {
+    let vm = TestVm::new();
+    vm.libvirt_snapshot("s1", &["vda"]);
+    vm.libvirt_snapshot("s2", &["vda"]);
+    assert_eq!(
+        vm.backing_stores("vda"),
+        3,
+        "control: s1 overlay, base, end"
+    );
+
+    // revert
+    snapshot_revert(&vm.conn, "vm", "s1").unwrap();
+    assert_eq!(vm.backing_stores("vda"), 0, "revert: {}", vm.xml());
+    let s1 = vm.active();
+
+    // create on top of a libvirt-made chain
+    vm.libvirt_snapshot("s3", &["vda"]);
+    assert!(vm.backing_stores("vda") > 0);
+    create(&vm, "take-4", None);
+    assert_eq!(vm.backing_stores("vda"), 0, "create: {}", vm.xml());
+    assert_eq!(
+        chain(&vm.active())[1],
+        chain(&s1)[0].with_file_name("test.s3")
+    );
+
+    // delete (merges change the chain under an unchanged source)
+    vm.libvirt_snapshot("s5", &["vda"]);
+    snapshot_delete(&vm.conn, "vm", "s5", &mut Hooks::default()).unwrap();
+    assert_eq!(vm.backing_stores("vda"), 0, "delete: {}", vm.xml());
+    for s in vm.dom().list_all_snapshots(0).unwrap() {
+        let x = s.get_xml_desc(0).unwrap();
+        let dom = &x[x.find("<domain").unwrap()..];
+        assert!(!dom.contains("<backingStore"), "{x}");
+    }
+
+    // blockpull, blockcommit
+    vm.libvirt_snapshot("s6", &["vda"]);
+    let base = chain(&vm.active())[2].clone();
+    blockpull(
+        &vm.conn,
+        "vm",
+        &BlockPullOptions {
+            base: Some(base),
+            ..BlockPullOptions::default()
+        },
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(vm.backing_stores("vda"), 0, "blockpull: {}", vm.xml());
+    vm.libvirt_snapshot("s7", &["vda"]);
+    blockcommit(
+        &vm.conn,
+        "vm",
+        &BlockCommitOptions {
+            delete_snapshots: true,
+            ..BlockCommitOptions::default()
+        },
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(vm.backing_stores("vda"), 0, "blockcommit: {}", vm.xml());
+    assert_eq!(vm.active(), vm.base);
+    all_clean(&vm);
+}
+
+#[test]
+fn deleting_libvirt_made_snapshots_merges_and_removes_their_overlays() {
+    let vm = TestVm::new();
+    vm.libvirt_snapshot("s1", &["vda"]);
+    write(&vm.active(), 2 * MIB, 4096, 0x22);
+    let at_s2 = view(&vm.active());
+    vm.libvirt_snapshot("s2", &["vda"]);
+    write(&vm.active(), 3 * MIB, 4096, 0x33);
+    let now = view(&vm.active());
+    let o1 = vm.root().join("test.s1");
+    let o2 = vm.root().join("test.s2");
+    let stray = vm.root().join("unrelated.qcow2");
+    make_qcow2(&stray, MIB);
+
+    let r = snapshot_delete(&vm.conn, "vm", "s1", &mut Hooks::default()).unwrap();
+
+    assert!(!o1.exists(), "s1's overlay was committed into the base");
+    assert_eq!(r.removed, vec![o1.clone()]);
+    assert_eq!(chain(&o2), vec![o2.clone(), vm.base.clone()]);
+    assert_eq!(view(&o2), now);
+    assert_eq!(view(&state_file(&vm, "s2")), at_s2);
+
+    let r = snapshot_delete(&vm.conn, "vm", "s2", &mut Hooks::default()).unwrap();
+    assert_eq!(view(&o2), now);
+    assert!(vm.base.exists() && o2.exists() && stray.exists());
+    assert!(
+        r.kept
+            .iter()
+            .any(|(f, why)| *f == vm.base && why.contains("did not create")),
+        "the user's base is kept, and the report says why: {:?}",
+        r.kept
+    );
+    assert!(vm.snapshot_names().is_empty());
+    all_clean(&vm);
+}
+
+#[test]
+fn a_second_operation_on_the_domain_is_refused_while_one_runs() {
+    let vm = TestVm::new();
+    create(&vm, "take-1", None);
+    write(&vm.active(), 0, 2 * MIB as usize, 0x22);
+    let files_before = vm.files();
+    let mut second: Option<Result<strata_libvirt::Report, Error>> = None;
+    let mut during = |_: strata_merge::Progress| {
+        if second.is_none() {
+            second = Some(snapshot_create(
+                &vm.conn,
+                "vm",
+                "take-2",
+                &SnapshotCreateOptions::default(),
+            ));
+        }
+    };
+    blockcommit(
+        &vm.conn,
+        "vm",
+        &BlockCommitOptions {
+            delete_snapshots: true,
+            ..BlockCommitOptions::default()
+        },
+        &mut Hooks {
+            progress: Some(&mut during),
+            ..Hooks::default()
+        },
+    )
+    .unwrap();
+    let second = second.expect("the commit reported progress");
+    assert!(
+        matches!(&second, Err(Error::Busy { .. })),
+        "the second operation is refused: {second:?}"
+    );
+    let msg = second.unwrap_err().to_string();
+    assert!(
+        msg.contains("busy") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert!(!vm.root().join("test.take-2").exists());
+    assert_eq!(vm.active(), vm.base, "the commit finished as asked");
+    assert!(files_before.contains(&vm.base));
+    assert!(vm.snapshot_names().is_empty());
+    // The lock is released with the operation.
+    create(&vm, "take-3", None);
+}
+
+/// Redefines a snapshot `name` of `vm` from `extra` (memory and disks
+/// elements) and the current domain definition.
+fn redefine_raw(vm: &TestVm, name: &str, extra: &str) {
+    let xml = format!(
+        "<domainsnapshot><name>{name}</name><state>running</state>\
+         <creationTime>1700000000</creationTime>{extra}{}</domainsnapshot>",
+        vm.xml()
+    );
+    virt::domain_snapshot::DomainSnapshot::create_xml(
+        &vm.dom(),
+        &xml,
+        virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE,
+    )
+    .unwrap();
+}
+
+#[test]
+fn reverting_a_snapshot_with_memory_state_needs_disks_only_and_names_the_file() {
+    use strata_libvirt::{snapshot_revert_with, RevertOptions};
+    let vm = TestVm::new();
+    let mem = vm.root().join("test.mem");
+    std::fs::write(&mem, b"memory").unwrap();
+    let o1 = vm.root().join("test.take-1");
+    qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        vm.base.to_str().unwrap(),
+        o1.to_str().unwrap(),
+    ]);
+    redefine_raw(
+        &vm,
+        "take-1",
+        &format!(
+            "<memory snapshot='external' file='{}'/><disks><disk name='vda' \
+             snapshot='external' type='file'><source file='{}'/></disk></disks>",
+            mem.display(),
+            o1.display()
+        ),
+    );
+    let xml = vm.xml();
+
+    let e = snapshot_revert(&vm.conn, "vm", "take-1").unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    assert!(
+        msg.contains(&mem.display().to_string()) && msg.contains("--disks-only"),
+        "{msg}"
+    );
+    assert_eq!(vm.xml(), xml, "nothing changed");
+
+    let r = snapshot_revert_with(
+        &vm.conn,
+        "vm",
+        "take-1",
+        &RevertOptions { disks_only: true },
+    )
+    .unwrap();
+    assert!(
+        r.kept
+            .iter()
+            .any(|(f, why)| *f == mem && why.contains("memory")),
+        "{r:?}"
+    );
+    assert!(mem.exists());
+    assert_eq!(chain(&vm.active())[1], vm.base);
+}
+
+#[test]
+fn deleting_an_internal_snapshot_is_refused_and_changes_nothing() {
+    let vm = TestVm::new();
+    redefine_raw(
+        &vm,
+        "inside",
+        "<memory snapshot='internal'/><disks><disk name='vda' snapshot='internal'/></disks>",
+    );
+    let e = snapshot_delete(&vm.conn, "vm", "inside", &mut Hooks::default()).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    assert!(e.to_string().contains("internal snapshot"), "{e}");
+    assert_eq!(vm.snapshot_names(), vec!["inside"]);
+    let e = snapshot_revert(&vm.conn, "vm", "inside").unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+}
+
+#[test]
+fn blockcommit_keeps_a_merged_image_it_did_not_make_unless_asked_to_delete_it() {
+    for delete_merged in [false, true] {
+        let vm = TestVm::new();
+        // An overlay the user made by hand and pointed the domain at.
+        let manual = vm.root().join("manual.qcow2");
+        qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            vm.base.to_str().unwrap(),
+            manual.to_str().unwrap(),
+        ]);
+        write(&manual, 0, 4096, 0x77);
+        let xml = replace_disk(&vm.xml(), "vda", &manual, "");
+        virt::domain::Domain::define_xml(&vm.conn, &xml).unwrap();
+
+        let r = blockcommit(
+            &vm.conn,
+            "vm",
+            &BlockCommitOptions {
+                delete_merged,
+                ..BlockCommitOptions::default()
+            },
+            &mut Hooks::default(),
+        )
+        .unwrap();
+
+        assert_eq!(vm.active(), vm.base);
+        assert_eq!(view(&vm.base)[0], 0x77);
+        if delete_merged {
+            assert!(!manual.exists(), "--delete removes it: {r:?}");
+            assert_eq!(r.removed, vec![manual.clone()]);
+        } else {
+            assert!(manual.exists());
+            assert!(
+                r.kept
+                    .iter()
+                    .any(|(f, why)| *f == manual && why.contains("did not create")),
+                "{r:?}"
+            );
+        }
+    }
 }

@@ -125,6 +125,107 @@ impl TestVm {
         }
     }
 
+    /// A shut-off test-driver domain `vm` whose `<devices>` are
+    /// `devices(root)` (root: the canonical temporary directory, where the
+    /// caller makes the images first).
+    pub fn with_devices(devices: impl FnOnce(&Path) -> String) -> TestVm {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let devices = devices(&root);
+        let node = format!(
+            "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+             <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
+             <memory>65536</memory><os><type>hvm</type></os>\
+             <devices>{devices}</devices><test:runstate>5</test:runstate></domain></node>"
+        );
+        let node_path = root.join("node.xml");
+        std::fs::write(&node_path, node).unwrap();
+        let conn = Connect::open(Some(&format!("test://{}", node_path.display()))).unwrap();
+        TestVm {
+            base: root.join("test.qcow2"),
+            dir,
+            conn,
+        }
+    }
+
+    /// Takes a snapshot the way libvirt does on a running domain
+    /// (`virsh snapshot-create-as --disk-only` with the default file
+    /// names): an overlay per `disks` target made with qemu-img, the
+    /// domain's disk switched to it with the whole chain written as nested
+    /// `<backingStore>`, and the snapshot recorded with the definition as
+    /// it was (its own `<backingStore>` included, ending in an empty one).
+    pub fn libvirt_snapshot(&self, name: &str, disks: &[&str]) {
+        let dom = self.dom();
+        let before = self.xml();
+        let parent = virt::domain_snapshot::DomainSnapshot::current(&dom, 0)
+            .ok()
+            .and_then(|s| s.get_name().ok());
+        let mut after = before.clone();
+        let mut snap_disks = String::new();
+        for t in disks {
+            let src = self.active_of(t);
+            let fmt = if src.extension().is_some_and(|e| e == "raw") {
+                "raw"
+            } else {
+                "qcow2"
+            };
+            let ov = strata_libvirt::default_overlay_path(&src, name);
+            qemu(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                fmt,
+                "-b",
+                src.to_str().unwrap(),
+                ov.to_str().unwrap(),
+            ]);
+            let mut bs = String::new();
+            for (i, l) in chain(&src).iter().enumerate() {
+                let f = if i == 0 { fmt } else { "qcow2" };
+                bs.push_str(&format!(
+                    "<backingStore type='file'><format type='{f}'/><source file='{}'/>",
+                    l.display()
+                ));
+            }
+            bs.push_str("<backingStore/>");
+            for _ in chain(&src) {
+                bs.push_str("</backingStore>");
+            }
+            after = replace_disk(&after, t, &ov, &bs);
+            snap_disks.push_str(&format!(
+                "<disk name='{t}' snapshot='external' type='file'><driver type='qcow2'/>\
+                 <source file='{}'/></disk>",
+                ov.display()
+            ));
+        }
+        let parent = parent
+            .map(|p| format!("<parent><name>{p}</name></parent>"))
+            .unwrap_or_default();
+        let snap = format!(
+            "<domainsnapshot><name>{name}</name><state>disk-snapshot</state>{parent}\
+             <creationTime>{}</creationTime><memory snapshot='no'/><disks>{snap_disks}</disks>\
+             {before}</domainsnapshot>",
+            1_700_000_000 + self.snapshot_names().len()
+        );
+        virt::domain_snapshot::DomainSnapshot::create_xml(
+            &dom,
+            &snap,
+            virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT,
+        )
+        .unwrap();
+        Domain::define_xml(&self.conn, &after).unwrap();
+    }
+
+    /// `<backingStore>` elements of disk `target` in the inactive XML.
+    pub fn backing_stores(&self, target: &str) -> usize {
+        disk_xml(&self.xml(), target)
+            .matches("<backingStore")
+            .count()
+    }
+
     pub fn root(&self) -> PathBuf {
         std::fs::canonicalize(self.dir.path()).unwrap()
     }
@@ -174,6 +275,50 @@ impl TestVm {
         v.sort();
         v
     }
+}
+
+/// Runs qemu-img, panicking on failure.
+pub fn qemu(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `<disk>...</disk>` text of disk `target` in a domain XML.
+pub fn disk_xml(xml: &str, target: &str) -> String {
+    let (start, end) = disk_span(xml, target);
+    xml[start..end].to_string()
+}
+
+fn disk_span(xml: &str, target: &str) -> (usize, usize) {
+    let t = xml.find(&format!("<target dev='{target}'")).unwrap();
+    let start = xml[..t].rfind("<disk ").unwrap();
+    let end = t + xml[t..].find("</disk>").unwrap() + "</disk>".len();
+    (start, end)
+}
+
+/// `xml` with disk `target`'s source set to `file` (qcow2) and its
+/// `<backingStore>` replaced by `backing_store`.
+pub fn replace_disk(xml: &str, target: &str, file: &Path, backing_store: &str) -> String {
+    let (start, end) = disk_span(xml, target);
+    let disk = &xml[start..end];
+    let mut d = disk.to_string();
+    if let Some(b) = d.find("<backingStore") {
+        let t = d.find("<target").unwrap();
+        d.replace_range(b..t, "");
+    }
+    let s = d.find("<source").unwrap();
+    let se = s + d[s..].find("/>").unwrap() + 2;
+    d.replace_range(
+        s..se,
+        &format!("<source file='{}'/>{backing_store}", file.display()),
+    );
+    let d = d.replacen("type='raw'", "type='qcow2'", 1);
+    format!("{}{d}{}", &xml[..start], &xml[end..])
 }
 
 impl Drop for TestVm {
