@@ -294,7 +294,6 @@ fn control_libvirt_made_chain_boots_with_its_current_state() {
 }
 
 #[test]
-#[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn revert_on_libvirt_made_snapshots_boots_the_snapshot_state() {
     let Some(t) = Seed::new() else { return };
     revert(&t, "take-1");
@@ -306,7 +305,6 @@ fn revert_on_libvirt_made_snapshots_boots_the_snapshot_state() {
 }
 
 #[test]
-#[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn create_on_libvirt_made_chain_keeps_the_current_state() {
     let Some(t) = Seed::new() else { return };
     let before = t.view_now();
@@ -325,7 +323,6 @@ fn delete_on_libvirt_made_snapshots_keeps_the_current_state() {
 }
 
 #[test]
-#[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn blockcommit_on_libvirt_made_chain_keeps_the_current_state() {
     let Some(t) = Seed::new() else { return };
     let before = t.view_now();
@@ -335,7 +332,6 @@ fn blockcommit_on_libvirt_made_chain_keeps_the_current_state() {
 }
 
 #[test]
-#[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn blockpull_on_libvirt_made_chain_keeps_the_current_state() {
     let Some(t) = Seed::new() else { return };
     let before = t.view_now();
@@ -348,7 +344,6 @@ fn blockpull_on_libvirt_made_chain_keeps_the_current_state() {
 /// no backing file"), then `strata snapshot create`: QEMU must open the new
 /// overlay with its backing file.
 #[test]
-#[ignore = "issue 12: stale backingStore (fixed on h1-libvirt)"]
 fn create_on_a_disk_with_empty_backing_store_keeps_the_data() {
     let Some(lv) = Libvirtd::start() else { return };
     let g = guest_image();
