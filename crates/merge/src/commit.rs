@@ -577,15 +577,7 @@ impl Failure {
         if matches!(cause, MergeError::Cancelled) {
             return cause;
         }
-        let space = if cause.is_no_space() {
-            let full = cause.failed_file().unwrap_or_else(|| self.base.clone());
-            format!(
-                "free space on the filesystem that holds {}; then ",
-                full.display()
-            )
-        } else {
-            String::new()
-        };
+        let space = cause.remedy(&self.base);
         let mut files = Vec::new();
         let (top_state, leaky) = match step {
             Step::Copy => (

@@ -1,7 +1,7 @@
 //! Errors of the merge engine.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Result alias for the merge engine.
 pub type Result<T> = std::result::Result<T, MergeError>;
@@ -142,6 +142,39 @@ impl MergeError {
             MergeError::Failed { cause, .. } => cause.is_no_space(),
             MergeError::Io { source, .. } => matches!(source.raw_os_error(), Some(28 | 122)),
             _ => false,
+        }
+    }
+
+    /// The OS error number of the first error behind this one.
+    fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            MergeError::Image(e) => e.first_io_error().and_then(|f| f.raw_os_error),
+            MergeError::Failed { cause, .. } => cause.raw_os_error(),
+            MergeError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// What to do about the cause before running the command again (ends
+    /// with "; then " when there is something), for a failure's `next`.
+    pub(crate) fn remedy(&self, default_file: &Path) -> String {
+        let file = self
+            .failed_file()
+            .unwrap_or_else(|| default_file.to_path_buf());
+        if self.is_no_space() {
+            format!(
+                "free space on the filesystem that holds {}; then ",
+                file.display()
+            )
+        } else if self.raw_os_error() == Some(14) {
+            // EFAULT: a write from a mapping of a source whose pages
+            // vanished (the source was truncated under the merge).
+            "a source file of the merge was probably truncated while it was being read \
+             (EFAULT on a write from its mapping): make sure no other process changes the \
+             chain's files; then "
+                .to_string()
+        } else {
+            String::new()
         }
     }
 

@@ -332,15 +332,7 @@ fn fail(
     if matches!(cause, MergeError::Cancelled) {
         return cause;
     }
-    let space = if cause.is_no_space() {
-        let full = cause.failed_file().unwrap_or_else(|| top.to_path_buf());
-        format!(
-            "free space on the filesystem that holds {}; then ",
-            full.display()
-        )
-    } else {
-        String::new()
-    };
+    let space = cause.remedy(top);
     let old = old_backing.map_or_else(|| "(none)".to_string(), |b| format!("{b:?}"));
     let top_state = if switching {
         format!(
