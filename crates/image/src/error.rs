@@ -113,7 +113,7 @@ pub enum Error {
     /// refuses further writes. `first` is that error (file, operation,
     /// offset, errno text), the one that explains what went wrong.
     #[error(
-        "{}: no further writes after an earlier failure: {}",
+        "{}: no further writes after an earlier I/O error: {}",
         .path.display(),
         .first.as_ref().map_or_else(|| "unknown I/O error".to_string(), ToString::to_string)
     )]

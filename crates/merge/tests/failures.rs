@@ -23,11 +23,25 @@ use strata_merge::{
 };
 
 /// A file on a filesystem with `limit` bytes for it: writes and length
-/// changes past the limit fail with ENOSPC.
+/// changes past the limit fail with ENOSPC. Also, from operation number
+/// `fail_from` on (writes, length changes and syncs), every operation
+/// fails with ENOSPC, as when a delayed allocation finds the disk full
+/// at writeback (at any moment, a sync of metadata included).
 #[derive(Debug, Clone)]
 struct Full {
     inner: FaultStorage,
     limit: Arc<AtomicU64>,
+    ops: Arc<AtomicU64>,
+    fail_from: Arc<AtomicU64>,
+}
+
+impl Full {
+    fn op(&self) -> io::Result<()> {
+        if self.ops.fetch_add(1, Ordering::SeqCst) >= self.fail_from.load(Ordering::SeqCst) {
+            return Err(enospc());
+        }
+        Ok(())
+    }
 }
 
 fn enospc() -> io::Error {
@@ -39,6 +53,7 @@ impl Storage for Full {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.op()?;
         let end = offset + buf.len() as u64;
         if end > self.limit.load(Ordering::SeqCst) && end > self.inner.len()? {
             return Err(enospc());
@@ -49,12 +64,14 @@ impl Storage for Full {
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.op()?;
         if len > self.limit.load(Ordering::SeqCst) && len > self.inner.len()? {
             return Err(enospc());
         }
         self.inner.set_len(len)
     }
     fn sync(&self) -> io::Result<()> {
+        self.op()?;
         self.inner.sync()
     }
 }
@@ -138,6 +155,8 @@ fn full(bytes: &[u8], limit: u64) -> Full {
     Full {
         inner: FaultStorage::new(bytes.to_vec()),
         limit: Arc::new(AtomicU64::new(limit)),
+        ops: Arc::default(),
+        fail_from: Arc::new(AtomicU64::new(u64::MAX)),
     }
 }
 
@@ -573,4 +592,91 @@ fn confinement_refuses_a_top_outside_the_directory() {
         e.to_string().contains("is outside the allowed directory"),
         "{e}"
     );
+}
+
+fn leaks_of(bytes: &[u8]) -> u64 {
+    let img =
+        Qcow2Image::open(Box::new(FaultStorage::new(bytes.to_vec())), Path::new("x")).unwrap();
+    strata_image::check::check(&img).unwrap().leaks
+}
+
+/// Runs `merge` with the destination failing with ENOSPC from operation
+/// N on, for every N of a full run; for each failure that left leaked
+/// clusters in the destination, writes the files to a directory and
+/// returns it with the number of leaks.
+fn leaky_failures(
+    base0: &[u8],
+    top0: &[u8],
+    into_base: bool,
+    merge: &dyn Fn(&Full, &Full) -> strata_merge::Result<()>,
+    dir: &Path,
+) -> Vec<(PathBuf, u64)> {
+    let (base, top) = (full(base0, u64::MAX), full(top0, u64::MAX));
+    merge(&base, &top).unwrap();
+    let dest = |b: &Full, t: &Full| if into_base { b.clone() } else { t.clone() };
+    let total = dest(&base, &top).ops.load(Ordering::SeqCst);
+    let mut out = Vec::new();
+    // At most about 48 crash points, spread over the run.
+    for n in (0..total).step_by((total as usize).div_ceil(48).max(1)) {
+        let (base, top) = (full(base0, u64::MAX), full(top0, u64::MAX));
+        dest(&base, &top).fail_from.store(n, Ordering::SeqCst);
+        // The last operations are the syncs of closing the images, after
+        // the merge returned.
+        let Err(e) = merge(&base, &top) else {
+            continue;
+        };
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+        let d = dest(&base, &top).inner.current();
+        assert_no_corruption(&d, "destination");
+        let leaks = leaks_of(&d);
+        if leaks == 0 {
+            continue;
+        }
+        out.push((n, base.inner.current(), top.inner.current(), leaks));
+    }
+    // Four of them, spread over the run, keep the test fast.
+    let step = out.len().div_ceil(4).max(1);
+    out.into_iter()
+        .step_by(step)
+        .map(|(n, b, t, leaks)| {
+            let run = dir.join(format!("{}-{n}", if into_base { "commit" } else { "pull" }));
+            std::fs::create_dir(&run).unwrap();
+            std::fs::write(run.join("base.qcow2"), b).unwrap();
+            std::fs::write(run.join("top.qcow2"), t).unwrap();
+            (run, leaks)
+        })
+        .collect()
+}
+
+#[test]
+fn the_rerun_of_a_merge_stopped_by_a_full_disk_reclaims_what_it_leaked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base0, top0) = build_pair(dir.path());
+    let expected = view(&dir.path().join("top.qcow2"));
+    let commits = leaky_failures(&base0, &top0, true, &commit_on, dir.path());
+    assert!(!commits.is_empty(), "no commit failure left leaks");
+    for (run, leaked) in &commits {
+        let r = commit(
+            &run.join("top.qcow2"),
+            &CommitOptions::default(),
+            &mut Hooks::default(),
+        )
+        .unwrap();
+        assert_eq!(r.leaks_reclaimed, *leaked, "{}", run.display());
+        assert_clean(&run.join("base.qcow2"));
+        assert_eq!(view(&run.join("base.qcow2")), expected, "{}", run.display());
+    }
+    let pulls = leaky_failures(&base0, &top0, false, &pull_on, dir.path());
+    assert!(!pulls.is_empty(), "no pull failure left leaks");
+    for (run, leaked) in &pulls {
+        let r = pull(
+            &run.join("top.qcow2"),
+            &PullOptions::default(),
+            &mut Hooks::default(),
+        )
+        .unwrap();
+        assert_eq!(r.leaks_reclaimed, *leaked, "{}", run.display());
+        assert_clean(&run.join("top.qcow2"));
+        assert_eq!(view(&run.join("top.qcow2")), expected, "{}", run.display());
+    }
 }
