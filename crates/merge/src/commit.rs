@@ -474,6 +474,10 @@ pub fn commit_open(
         base_cluster,
         last_grown: None,
     };
+    // What each source is before anything is read from it, to insist on
+    // the same files, no shorter, before the top is changed.
+    let mut sources = open::Sources::default();
+    sources.record(upper)?;
     let plan = walk::plan(&mut job, base_cluster)?;
     let mut report = CommitReport {
         top,
@@ -503,6 +507,11 @@ pub fn commit_open(
     report.stats = grow_copy_flush(&mut job, size, base_size, total, hooks)
         .map_err(|e| failure.fail(e, Step::Copy))?;
     drop(job);
+    // A source truncated or replaced under the copy read as zeros (or as
+    // another file): the top must not be emptied or re-pointed then.
+    sources
+        .verify(upper, "commit")
+        .map_err(|e| failure.fail(e, Step::Copy))?;
 
     // 4. Re-point the top at a deeper base: the layers in between now add
     //    nothing the base does not hold.

@@ -285,3 +285,60 @@ pub(crate) fn confine(path: &Path, dir: Option<&Path>) -> Result<()> {
         p.display()
     )))
 }
+
+/// The identity (device, inode, when a file) and length of every source
+/// file when the merge began.
+#[derive(Debug, Default)]
+pub(crate) struct Sources(Vec<(PathBuf, Option<FileId>, u64)>);
+
+impl Sources {
+    pub(crate) fn record(&mut self, layers: &[Layer]) -> Result<()> {
+        for l in layers {
+            let len = l
+                .image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(&l.path, "stat", e))?;
+            let id = match l.image.storage().file() {
+                Some(_) => Some(layer_id(l)?),
+                None => None,
+            };
+            self.0.push((l.path.clone(), id, len));
+        }
+        Ok(())
+    }
+
+    /// Fails when a source file is shorter than it was, or when its path
+    /// now names another file than the one read.
+    pub(crate) fn verify(&self, layers: &[Layer], op: &'static str) -> Result<()> {
+        for ((path, id, len), l) in self.0.iter().zip(layers) {
+            let now = l
+                .image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(path, "stat", e))?;
+            if now < *len {
+                return Err(MergeError::SourceChanged {
+                    path: path.clone(),
+                    why: format!(
+                        "was truncated from {len} to {now} bytes while the {op} read it \
+                         (by another process ignoring the image locks); what was read from it \
+                         past its new end cannot be trusted"
+                    ),
+                });
+            }
+            if let Some(id) = id {
+                if file_id(path).ok().as_ref() != Some(id) {
+                    return Err(MergeError::SourceChanged {
+                        path: path.clone(),
+                        why: format!(
+                            "was replaced by another file while the {op} read it (by another \
+                             process ignoring the image locks)"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -680,3 +680,48 @@ fn the_rerun_of_a_merge_stopped_by_a_full_disk_reclaims_what_it_leaked() {
         assert_eq!(view(&run.join("top.qcow2")), expected, "{}", run.display());
     }
 }
+
+#[test]
+fn a_source_truncated_under_a_commit_fails_it_before_the_top_is_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(&top, &["write -P 0x66 0 8M"]);
+    let top_len = std::fs::metadata(&top).unwrap().len();
+    let mut truncated = false;
+    let mut cb = |_p: strata_merge::Progress| {
+        if !truncated {
+            truncated = true;
+            let f = std::fs::OpenOptions::new().write(true).open(&top).unwrap();
+            f.set_len(top_len / 2).unwrap();
+        }
+    };
+    let mut hooks = Hooks {
+        progress: Some(&mut cb),
+        cancel: None,
+    };
+    let e = commit(&top, &CommitOptions::default(), &mut hooks)
+        .expect_err("commit must fail when its source was truncated");
+    let msg = e.to_string();
+    assert!(msg.starts_with("commit failed: "), "{msg}");
+    assert!(
+        msg.contains(&format!("{}: was truncated", top.display())),
+        "{msg}"
+    );
+    // The top was neither emptied nor re-pointed: its L2 tables (at the
+    // start of the file) still map every cluster.
+    assert_eq!(own_allocated(&top), 8 << 20);
+    assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
+}
