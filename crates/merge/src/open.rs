@@ -310,7 +310,12 @@ impl Sources {
 
     /// Fails when a source file is shorter than it was, or when its path
     /// now names another file than the one read.
-    pub(crate) fn verify(&self, layers: &[Layer], op: &'static str) -> Result<()> {
+    /// `layers` are the layers recorded, in the same order.
+    pub(crate) fn verify<'l>(
+        &self,
+        layers: impl IntoIterator<Item = &'l Layer>,
+        op: &'static str,
+    ) -> Result<()> {
         for ((path, id, len), l) in self.0.iter().zip(layers) {
             let now = l
                 .image

@@ -216,6 +216,10 @@ fn run_backing_job(
     let lens = crate::commit::file_lens(chain.layers())?;
     let granule = granule_of(&chain.top().image);
     let cluster = cluster_of(&chain.top().image);
+    let separate = match &reference {
+        Reference::Separate(c) => Some(*c),
+        Reference::Shared(_) => None,
+    };
     let mut job = BackingJob {
         chain,
         reference,
@@ -229,7 +233,7 @@ fn run_backing_job(
     // the same files, no shorter, before the header switch.
     let mut sources = open::Sources::default();
     sources.record(job.chain.layers().get(1..).unwrap_or(&[]))?;
-    if let Reference::Separate(c) = &job.reference {
+    if let Some(c) = separate {
         sources.record(c.layers())?;
     }
     let plan = walk::plan(&mut job, cluster)?;
@@ -251,8 +255,10 @@ fn run_backing_job(
     if switch {
         // A source truncated or replaced under the copy read as zeros
         // (or as another file): keep the old backing file then.
+        let read = chain.layers().get(1..).unwrap_or(&[]).iter();
+        let new_chain = separate.map(Chain::layers).unwrap_or(&[]).iter();
         sources
-            .verify(chain.layers().get(1..).unwrap_or(&[]), op)
+            .verify(read.chain(new_chain), op)
             .map_err(|e| failure(e, false))?;
         if let Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
             q.set_backing(new_backing)

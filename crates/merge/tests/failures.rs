@@ -725,3 +725,39 @@ fn a_source_truncated_under_a_commit_fails_it_before_the_top_is_emptied() {
     assert_eq!(own_allocated(&top), 8 << 20);
     assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
 }
+
+#[test]
+fn a_new_backing_file_truncated_under_a_rebase_fails_it_and_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, top, before) = raw_pair(dir.path());
+    let new = dir.path().join("new.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&new), "8M"]);
+    qemu_io(&new, &["write -P 0x77 0 8M"]);
+    let mut truncated = false;
+    let mut cb = |_p: strata_merge::Progress| {
+        if !truncated {
+            truncated = true;
+            let f = std::fs::OpenOptions::new().write(true).open(&new).unwrap();
+            f.set_len(1 << 20).unwrap();
+        }
+    };
+    let mut hooks = Hooks {
+        progress: Some(&mut cb),
+        cancel: None,
+    };
+    let e = rebase(
+        &top,
+        Some(("new.raw", ImageFormat::Raw)),
+        &RebaseOptions::default(),
+        &mut hooks,
+    )
+    .expect_err("rebase must fail when the new backing file was truncated");
+    assert!(e.to_string().starts_with("rebase failed: "), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("{}: was truncated", new.display())),
+        "{e}"
+    );
+    assert_eq!(backing_of(&top).as_deref(), Some("base.raw"));
+    assert_eq!(view(&top), before);
+}
