@@ -288,3 +288,35 @@ fn pull_on_a_full_filesystem_says_enospc_and_the_rerun_after_freeing_space_finis
     no_corruption(&top);
     drop(fs);
 }
+
+#[test]
+fn io_on_a_full_filesystem_names_enospc_and_never_says_reopen() {
+    if !loop_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fs = LoopFs::new(dir.path(), 16);
+    let img = fs.mnt.join("disk.qcow2");
+    create(&img, None, "32M");
+    let _filler = fs.fill_leaving(1 << 20);
+    let r = strata_bin(&[
+        "io",
+        "-c",
+        "write -P 0x5a 0 4M",
+        "-c",
+        "write -P 0x5b 8M 4M",
+        "-c",
+        "flush",
+        p(&img),
+    ]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("No space left on device (os error 28)"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(p(&img)), "{}", r.stderr);
+    assert!(!r.stderr.contains("reopen"), "{}", r.stderr);
+    no_corruption(&img);
+    drop(fs);
+}
