@@ -207,6 +207,17 @@ impl Poison {
     pub(crate) fn is_set(&self) -> bool {
         self.set.load(std::sync::atomic::Ordering::SeqCst)
     }
+    /// `AtomicBool`-style access, for call sites with no error at hand
+    /// (prefer [`Poison::set`], which keeps the error for the message).
+    #[allow(dead_code)]
+    pub(crate) fn store(&self, poisoned: bool, order: std::sync::atomic::Ordering) {
+        self.set.store(poisoned, order);
+    }
+    /// `AtomicBool`-style access: whether the image is poisoned.
+    #[allow(dead_code)]
+    pub(crate) fn load(&self, order: std::sync::atomic::Ordering) -> bool {
+        self.set.load(order)
+    }
     /// The error that poisoned the image.
     pub(crate) fn first(&self) -> Option<FirstError> {
         self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
