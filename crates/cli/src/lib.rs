@@ -238,8 +238,8 @@ enum Command {
         /// Also look for users of the base directly in DIR (repeatable).
         #[arg(long = "users-in", value_name = "DIR")]
         users_in: Vec<String>,
-        /// Refuse any image of the chain outside DIR (backing names that
-        /// climb out with `..`, absolute names, symbolic links).
+        /// Refuse any image of the chain whose path, with `..` and symbolic
+        /// links resolved, is not under DIR.
         #[arg(long = "confine", value_name = "DIR")]
         confine: Option<String>,
         /// The top image.
@@ -256,8 +256,8 @@ enum Command {
         /// Print the plan and change nothing.
         #[arg(long = "dry-run")]
         dry_run: bool,
-        /// Refuse any image of the chain outside DIR (backing names that
-        /// climb out with `..`, absolute names, symbolic links).
+        /// Refuse any image of the chain whose path, with `..` and symbolic
+        /// links resolved, is not under DIR.
         #[arg(long = "confine", value_name = "DIR")]
         confine: Option<String>,
         /// The image.
@@ -280,7 +280,8 @@ enum Command {
         /// Print the plan and change nothing (safe mode).
         #[arg(long = "dry-run")]
         dry_run: bool,
-        /// Refuse any image of the old or new chain outside DIR (safe mode).
+        /// Refuse any image of the old or new chain whose path, with `..`
+        /// and symbolic links resolved, is not under DIR (safe mode).
         #[arg(long = "confine", value_name = "DIR")]
         confine: Option<String>,
         /// The image.

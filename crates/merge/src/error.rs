@@ -19,7 +19,7 @@ pub enum MergeError {
     /// Other images use the commit's base as their backing file: the
     /// commit would change what they read.
     #[error(
-        "{}: refusing to commit: it is the backing file of {}; committing into it would change what {} read (use force to override). Looked for users of the base in: {}",
+        "{}: refusing to commit: it is the backing file of {}; committing into it would change what {} read (`--force` overrides). Looked for users of the base in: {}",
         .base.display(),
         list(.users),
         if .users.len() == 1 { "that image would" } else { "those images would" },
