@@ -216,6 +216,14 @@ enum Command {
         file: PathBuf,
     },
     /// Merge an image's data into its backing file (qemu-img commit).
+    ///
+    /// Before writing, Strata looks for other images that use the base as
+    /// their backing file (and would see it change): every file with a
+    /// qcow2 header directly in the base's directory, in the top's
+    /// directory and in each --users-in DIR (not in their subdirectories).
+    /// If one is found, the commit is refused (--force overrides) and the
+    /// refusal lists where Strata looked; --dry-run shows the plan and the
+    /// users found instead.
     Commit {
         /// The image to commit into (default: the immediate backing file).
         #[arg(short = 'b')]
@@ -232,6 +240,13 @@ enum Command {
         /// Commit even when other images use the base as their backing file.
         #[arg(long = "force")]
         force: bool,
+        /// Also look for users of the base directly in DIR (repeatable).
+        #[arg(long = "users-in", value_name = "DIR")]
+        users_in: Vec<String>,
+        /// Refuse any image of the chain whose path, with `..` and symbolic
+        /// links resolved, is not under DIR.
+        #[arg(long = "confine", value_name = "DIR")]
+        confine: Option<String>,
         /// The top image.
         file: String,
     },
@@ -246,6 +261,10 @@ enum Command {
         /// Print the plan and change nothing.
         #[arg(long = "dry-run")]
         dry_run: bool,
+        /// Refuse any image of the chain whose path, with `..` and symbolic
+        /// links resolved, is not under DIR.
+        #[arg(long = "confine", value_name = "DIR")]
+        confine: Option<String>,
         /// The image.
         file: String,
     },
@@ -266,6 +285,10 @@ enum Command {
         /// Print the plan and change nothing (safe mode).
         #[arg(long = "dry-run")]
         dry_run: bool,
+        /// Refuse any image of the old or new chain whose path, with `..`
+        /// and symbolic links resolved, is not under DIR (safe mode).
+        #[arg(long = "confine", value_name = "DIR")]
+        confine: Option<String>,
         /// The image.
         file: String,
     },
@@ -580,6 +603,8 @@ where
             progress,
             dry_run,
             force,
+            users_in,
+            confine,
             file,
         } => merge::commit(
             &merge::CommitArgs {
@@ -589,6 +614,8 @@ where
                 progress,
                 dry_run,
                 force,
+                users_in,
+                confine,
             },
             out,
         ),
@@ -596,6 +623,7 @@ where
             base,
             progress,
             dry_run,
+            confine,
             file,
         } => merge::pull(
             &merge::PullArgs {
@@ -603,6 +631,7 @@ where
                 base,
                 progress,
                 dry_run,
+                confine,
             },
             out,
         ),
@@ -612,6 +641,7 @@ where
             backing_format,
             progress,
             dry_run,
+            confine,
             file,
         } => merge::rebase(
             &merge::RebaseArgs {
@@ -621,6 +651,7 @@ where
                 unsafe_mode,
                 progress,
                 dry_run,
+                confine,
             },
             out,
         ),

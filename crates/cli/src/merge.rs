@@ -29,6 +29,10 @@ pub struct CommitArgs {
     pub dry_run: bool,
     /// Commit even when other images use the base as backing file.
     pub force: bool,
+    /// More directories to look for users of the base in (`--users-in`).
+    pub users_in: Vec<String>,
+    /// Refuse any image of the chain outside this directory (`--confine`).
+    pub confine: Option<String>,
 }
 
 /// Arguments of `strata pull`.
@@ -42,6 +46,8 @@ pub struct PullArgs {
     pub progress: bool,
     /// Print the plan and change nothing.
     pub dry_run: bool,
+    /// Refuse any image of the chain outside this directory (`--confine`).
+    pub confine: Option<String>,
 }
 
 /// Arguments of `strata rebase`.
@@ -59,6 +65,8 @@ pub struct RebaseArgs {
     pub progress: bool,
     /// Print the plan and change nothing (safe mode only).
     pub dry_run: bool,
+    /// Refuse any image of the chains outside this directory (`--confine`).
+    pub confine: Option<String>,
 }
 
 /// A progress bar on stderr when asked for and stderr is a terminal;
@@ -134,6 +142,8 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
         force: args.force,
         dry_run: args.dry_run,
         also_check: Vec::new(),
+        users_in: args.users_in.iter().map(PathBuf::from).collect(),
+        confine_to: args.confine.as_ref().map(PathBuf::from),
     };
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
@@ -155,7 +165,16 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
         if !args.keep_top {
             writeln!(out, "  {} would be emptied afterwards", args.file)?;
         }
+        print_guard(out, &r)?;
         return Ok(0);
+    }
+    if r.leaks_reclaimed > 0 {
+        writeln!(
+            out,
+            "Reclaimed {} leaked cluster(s) of {} (left by an earlier failed run) before committing.",
+            r.leaks_reclaimed,
+            r.base.display()
+        )?;
     }
     writeln!(out, "Image committed.")?;
     Ok(0)
@@ -167,13 +186,15 @@ pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
         base: args.base.as_ref().map(PathBuf::from),
         dry_run: args.dry_run,
     };
+    let confine = args.confine.as_ref().map(PathBuf::from);
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
     let mut hooks = Hooks {
         progress: Some(&mut cb),
         cancel: None,
     };
-    let r = strata_merge::pull(Path::new(&args.file), &opts, &mut hooks);
+    let r =
+        strata_merge::pull_confined(Path::new(&args.file), &opts, confine.as_deref(), &mut hooks);
     bar.finish();
     let r = r.name_file(&args.file)?;
     if r.dry_run {
@@ -186,8 +207,48 @@ pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
             r.layers_pulled, args.file
         );
         print_plan(out, &what, &r.plan)?;
+    } else if r.leaks_reclaimed > 0 {
+        writeln!(
+            out,
+            "Reclaimed {} leaked cluster(s) of {} (left by an earlier failed run) before pulling.",
+            r.leaks_reclaimed, args.file
+        )?;
     }
     Ok(0)
+}
+
+/// What the shared-base guard found, for a dry run.
+fn print_guard(out: &mut dyn Write, r: &strata_merge::CommitReport) -> Result<()> {
+    if r.users_searched.is_empty() {
+        return Ok(());
+    }
+    let places = r
+        .users_searched
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if r.base_users.is_empty() {
+        writeln!(
+            out,
+            "  no other image uses {} as backing file (looked in: {places})",
+            r.base.display()
+        )?;
+    } else {
+        let users = r
+            .base_users
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        writeln!(
+            out,
+            "  {} is the backing file of {users}, whose view the commit would change: \
+             without --force the commit is refused (looked in: {places})",
+            r.base.display()
+        )?;
+    }
+    Ok(())
 }
 
 fn format_by_name(name: &str) -> Result<ImageFormat> {
@@ -213,6 +274,9 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
         if args.dry_run {
             bail!("{file}: --dry-run applies to the safe rebase only (without -u)");
         }
+        if args.confine.is_some() {
+            bail!("{file}: --confine applies to the safe rebase only (without -u)");
+        }
         let opts = OpenOptions {
             writable: true,
             no_backing: true,
@@ -234,6 +298,7 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let opts = RebaseOptions {
         dry_run: args.dry_run,
+        confine_to: args.confine.as_ref().map(PathBuf::from),
     };
     let r = strata_merge::rebase(Path::new(file), new, &opts, &mut hooks);
     bar.finish();

@@ -109,12 +109,19 @@ pub enum Error {
         /// Why it cannot be written.
         why: String,
     },
-    /// An earlier I/O error left the image in an unknown state; it refuses
-    /// further writes.
-    #[error("{}: an earlier I/O error left the image unusable for writing; reopen it", .path.display())]
+    /// An earlier I/O error stopped the write path of this open image; it
+    /// refuses further writes. `first` is that error (file, operation,
+    /// offset, errno text), the one that explains what went wrong.
+    #[error(
+        "{}: no further writes after an earlier I/O error: {}",
+        .path.display(),
+        .first.as_ref().map_or_else(|| "unknown I/O error".to_string(), ToString::to_string)
+    )]
     Poisoned {
         /// The image.
         path: PathBuf,
+        /// The error that poisoned it (`None` if it was not recorded).
+        first: Option<FirstError>,
     },
     /// The caller asked for something invalid.
     #[error("{0}")]
@@ -125,6 +132,96 @@ pub enum Error {
     /// The image is locked by another process.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+}
+
+/// The first error of an image's write path, kept when it poisons the
+/// image: the file, the operation, the host offset and the errno text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstError {
+    /// The message of the error as it was returned (file, operation,
+    /// offset and cause).
+    pub message: String,
+    /// The OS error number, when it was an OS error (e.g. 28, ENOSPC).
+    pub raw_os_error: Option<i32>,
+    /// The kind of the underlying I/O error.
+    pub kind: Option<io::ErrorKind>,
+}
+
+impl std::fmt::Display for FirstError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl FirstError {
+    /// Whether the first error was "no space left on device" (ENOSPC) or
+    /// "disk quota exceeded" (EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.raw_os_error, Some(28 | 122))
+            || matches!(
+                self.kind,
+                Some(io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+            )
+    }
+}
+
+impl Error {
+    /// The underlying I/O error, when this is one (directly, or the first
+    /// error of a poisoned image).
+    pub fn first_io_error(&self) -> Option<FirstError> {
+        match self {
+            Error::Io { cause, .. } => Some(FirstError {
+                message: self.to_string(),
+                raw_os_error: cause.raw_os_error(),
+                kind: Some(cause.kind()),
+            }),
+            Error::Poisoned { first, .. } => first.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// The poisoned state of an open image: set by the first I/O error of its
+/// write path, which it keeps, so that the later refusals can name it.
+#[derive(Debug, Default)]
+pub(crate) struct Poison {
+    set: std::sync::atomic::AtomicBool,
+    first: std::sync::Mutex<Option<FirstError>>,
+}
+
+impl Poison {
+    /// Poisons the image with `e`, unless it is already poisoned (the first
+    /// error is kept).
+    pub(crate) fn set(&self, e: &Error) {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e.first_io_error().unwrap_or_else(|| FirstError {
+                message: e.to_string(),
+                raw_os_error: None,
+                kind: None,
+            }));
+        }
+        self.set.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Whether an error poisoned the image.
+    pub(crate) fn is_set(&self) -> bool {
+        self.set.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// `AtomicBool`-style access, for call sites with no error at hand
+    /// (prefer [`Poison::set`], which keeps the error for the message).
+    #[allow(dead_code)]
+    pub(crate) fn store(&self, poisoned: bool, order: std::sync::atomic::Ordering) {
+        self.set.store(poisoned, order);
+    }
+    /// `AtomicBool`-style access: whether the image is poisoned.
+    #[allow(dead_code)]
+    pub(crate) fn load(&self, order: std::sync::atomic::Ordering) -> bool {
+        self.set.load(order)
+    }
+    /// The error that poisoned the image.
+    pub(crate) fn first(&self) -> Option<FirstError> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// " at offset N" for operations where the offset means something.

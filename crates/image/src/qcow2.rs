@@ -90,7 +90,7 @@ pub struct Qcow2Image {
     /// Write state, when opened for writing.
     pub(crate) rw: Option<Box<crate::write::WriteState>>,
     /// Set by the first I/O error of the write path: no more writes.
-    pub(crate) poisoned: std::sync::atomic::AtomicBool,
+    pub(crate) poisoned: crate::error::Poison,
     /// Where the next compressed cluster may be packed.
     pub(crate) compressed_tail: crate::write::CompressedTail,
 }
@@ -162,7 +162,7 @@ impl Qcow2Image {
             snapshots,
             file_len,
             rw: None,
-            poisoned: std::sync::atomic::AtomicBool::new(false),
+            poisoned: crate::error::Poison::default(),
             compressed_tail: Default::default(),
         })
     }

@@ -16,7 +16,6 @@
 //!    durable. A crash in between leaks them; nothing points at freed space.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
@@ -118,8 +117,9 @@ impl Qcow2Image {
     }
 
     fn io_err(&self, op: &'static str, offset: u64, e: std::io::Error) -> Error {
-        self.poisoned.store(true, Ordering::SeqCst);
-        Error::io(&self.path, op, offset, e)
+        let e = Error::io(&self.path, op, offset, e);
+        self.poisoned.set(&e);
+        e
     }
 
     pub(crate) fn write_bytes(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
@@ -162,9 +162,10 @@ impl Qcow2Image {
     /// preparation: refuse a corrupt image, repair a dirty one, clear
     /// autoclear bits.
     pub(crate) fn begin_write(&mut self) -> Result<()> {
-        if self.poisoned.load(Ordering::SeqCst) {
+        if self.poisoned.is_set() {
             return Err(Error::Poisoned {
                 path: self.path.clone(),
+                first: self.poisoned.first(),
             });
         }
         if self.ws()?.prepared {
@@ -233,7 +234,7 @@ impl Qcow2Image {
             let (storage, ws, path) = self.split()?;
             ws.refcounts
                 .write_blocks(storage, path)
-                .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?;
+                .inspect_err(|e| self.poisoned.set(e))?;
         }
         let table_dirty = self.ws()?.refcounts.table_dirty();
         if table_dirty {
@@ -242,7 +243,7 @@ impl Qcow2Image {
                 let (storage, ws, path) = self.split()?;
                 ws.refcounts
                     .write_table(storage, path)
-                    .inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))?
+                    .inspect_err(|e| self.poisoned.set(e))?
             };
             if let Some((off, clusters)) = moved {
                 self.sync()?;
@@ -963,9 +964,10 @@ impl Qcow2Image {
         if self.rw.is_none() {
             return Ok(());
         }
-        if self.poisoned.load(Ordering::SeqCst) {
+        if self.poisoned.is_set() {
             return Err(Error::Poisoned {
                 path: self.path.clone(),
+                first: self.poisoned.first(),
             });
         }
         self.commit_metadata()?;
@@ -1071,7 +1073,7 @@ impl Qcow2Image {
 
     /// Whether the image has a `poisoned` state from an earlier I/O error.
     pub fn is_poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::SeqCst)
+        self.poisoned.is_set()
     }
 }
 
@@ -1292,7 +1294,7 @@ impl Drop for Qcow2Image {
     /// pending in memory is committed in protocol order. Errors cannot be
     /// reported here; callers who care call [`Qcow2Image::flush`] first.
     fn drop(&mut self) {
-        if self.rw.is_some() && !self.poisoned.load(Ordering::SeqCst) {
+        if self.rw.is_some() && !self.poisoned.is_set() {
             let _ = self.flush();
         }
     }

@@ -51,7 +51,16 @@ fn main() -> ExitCode {
                 .and_then(|f| ImageFormat::from_name(f))
                 .unwrap_or(ImageFormat::Qcow2);
             let nb = (!new.is_empty()).then_some((new, fmt));
-            rebase(&top, nb, &RebaseOptions { dry_run }, &mut hooks).map(|r| format!("{r:#?}"))
+            rebase(
+                &top,
+                nb,
+                &RebaseOptions {
+                    dry_run,
+                    ..RebaseOptions::default()
+                },
+                &mut hooks,
+            )
+            .map(|r| format!("{r:#?}"))
         }
         _ => {
             eprintln!("unknown operation {op}");

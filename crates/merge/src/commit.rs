@@ -34,9 +34,15 @@ pub struct CommitOptions {
     pub force: bool,
     /// Plan only: open (read-only), check, compute the plan, change nothing.
     pub dry_run: bool,
-    /// More images to check for the guard, besides those in the base's
-    /// directory (e.g. the disks of other domains).
+    /// More images to check for the guard, besides those in the
+    /// directories it searches (e.g. the disks of other domains).
     pub also_check: Vec<PathBuf>,
+    /// More directories the guard searches for users of the base, besides
+    /// the base's and the top's directories (CLI: `--users-in DIR`).
+    pub users_in: Vec<PathBuf>,
+    /// When set, every image of the chain (the top included) must lie
+    /// under this directory (CLI: `--confine DIR`).
+    pub confine_to: Option<PathBuf>,
 }
 
 /// What [`commit`] did (or, with `dry_run`, would do).
@@ -61,6 +67,17 @@ pub struct CommitReport {
     pub top_emptied: bool,
     /// Whether this was a dry run.
     pub dry_run: bool,
+    /// Images found using the base as their backing file (other than the
+    /// chain merged) whose view the commit changes: a real commit is
+    /// refused then unless forced; a dry run reports them here.
+    pub base_users: Vec<PathBuf>,
+    /// Where the guard looked for such users: directories (not their
+    /// subdirectories), then the files named by `also_check`. Empty when
+    /// the guard was not run (`force`).
+    pub users_searched: Vec<PathBuf>,
+    /// Leaked clusters of the base released before copying (a failed
+    /// earlier run, e.g. out of space, may have left them).
+    pub leaks_reclaimed: u64,
 }
 
 /// The commit as a walk: source = the layers above the base, destination =
@@ -239,8 +256,11 @@ fn changes_base_view(upper: &[Layer], base: &mut Chain, size: u64) -> Result<boo
 /// for them). Then runs [`commit_open`] on the open images.
 pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result<CommitReport> {
     const OP: &str = "commit";
+    let confine_to = opts.confine_to.as_deref();
+    open::confine(top, confine_to)?;
     let probe_opts = OpenOptions {
         force_share: true,
+        confine_to: opts.confine_to.clone(),
         ..OpenOptions::default()
     };
     // Discover the chain (validated: names, formats, loops, depth), then
@@ -272,6 +292,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         &OpenOptions {
             format: Some(base_format),
             writable,
+            confine_to: opts.confine_to.clone(),
             ..OpenOptions::default()
         },
     )?;
@@ -303,22 +324,43 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     if write_top {
         open::refuse_unwritable(top_chain.top(), OP)?;
     }
+    let mut base_leaks = 0;
     if writable {
         open::refuse_unwritable(base.top(), OP)?;
-        open::refuse_damaged(base.top(), OP)?;
+        base_leaks = open::refuse_damaged(base.top(), OP)?;
     }
     // The guard: nobody else may read through the base, unless the commit
     // leaves what the base reads as it is (the rerun of a commit stopped
     // after its base was flushed: e.g. `-b` after the top was re-pointed,
     // when the former intermediate layers still name the base).
+    // A dry run reports the users instead of being refused.
+    let mut base_users = Vec::new();
+    let mut users_searched = Vec::new();
     if !opts.force {
         let exclude = probe_ids.get(..k).unwrap_or(&[]).to_vec();
-        let users = open::users_of(&base_path, &exclude, &opts.also_check)?;
+        let dirs = open::search_places(&base_path, top, &opts.users_in);
+        let users = open::users_of(&base_path, &exclude, &dirs, &opts.also_check)?;
+        users_searched = dirs;
+        users_searched.extend(opts.also_check.iter().cloned());
         if !users.is_empty() && changes_base_view(upper, &mut base, probe.virtual_size())? {
-            return Err(MergeError::BaseInUse {
-                base: base_path,
-                users,
-            });
+            if !opts.dry_run {
+                return Err(MergeError::BaseInUse {
+                    base: base_path,
+                    users,
+                    searched: users_searched,
+                });
+            }
+            base_users = users;
+        }
+    }
+    // Leaked clusters in the base (what a run stopped by a full disk
+    // leaves) are released first, so that the rerun has the space back.
+    let mut leaks_reclaimed = 0;
+    if writable && base_leaks > 0 {
+        if let Image::Qcow2(q) = &mut base.layers_mut()[0].image {
+            leaks_reclaimed =
+                strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
+                    .leaks_fixed;
         }
     }
 
@@ -329,7 +371,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     } else {
         None
     };
-    let report = commit_open(
+    let mut report = commit_open(
         CommitParts {
             upper,
             base: &mut base,
@@ -340,6 +382,9 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         hooks,
     )?;
     drop(locks);
+    report.base_users = base_users;
+    report.users_searched = users_searched;
+    report.leaks_reclaimed = leaks_reclaimed;
     Ok(report)
 }
 
@@ -429,6 +474,10 @@ pub fn commit_open(
         base_cluster,
         last_grown: None,
     };
+    // What each source is before anything is read from it, to insist on
+    // the same files, no shorter, before the top is changed.
+    let mut sources = open::Sources::default();
+    sources.record(upper)?;
     let plan = walk::plan(&mut job, base_cluster)?;
     let mut report = CommitReport {
         top,
@@ -440,11 +489,61 @@ pub fn commit_open(
         top_repointed: None,
         top_emptied: false,
         dry_run: opts.dry_run,
+        base_users: Vec::new(),
+        users_searched: Vec::new(),
+        leaks_reclaimed: 0,
     };
     if opts.dry_run {
         return Ok(report);
     }
 
+    let total = report.plan.total_bytes();
+    let failure = Failure {
+        top: report.top.clone(),
+        middle: upper.iter().skip(1).map(|l| l.path.clone()).collect(),
+        base: report.base.clone(),
+    };
+    // 1.-3.
+    report.stats = grow_copy_flush(&mut job, size, base_size, total, hooks)
+        .map_err(|e| failure.fail(e, Step::Copy))?;
+    drop(job);
+    // A source truncated or replaced under the copy read as zeros (or as
+    // another file): the top must not be emptied or re-pointed then.
+    sources
+        .verify(upper, "commit")
+        .map_err(|e| failure.fail(e, Step::Copy))?;
+
+    // 4. Re-point the top at a deeper base: the layers in between now add
+    //    nothing the base does not hold.
+    if let (true, Some((name, format))) = (k > 1, backing) {
+        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
+            q.set_backing(Some((name, format.name())))
+                .map_err(|e| failure.fail(e.into(), Step::Repoint))?;
+        }
+        report.top_repointed = Some(name.to_string());
+    }
+    // 5. Empty the top: every cluster reads through to the base.
+    if !opts.keep_top {
+        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
+            q.deallocate(0, size)
+                .and_then(|()| q.flush())
+                .map_err(|e| failure.fail(e.into(), Step::Empty))?;
+        }
+        report.top_emptied = true;
+    }
+    Ok(report)
+}
+
+/// Steps 1-3: grow the base, copy, make the base durable (also after an
+/// error or a cancellation: what was written is flushed if it can be).
+/// The first error is the one returned.
+fn grow_copy_flush(
+    job: &mut CommitJob<'_>,
+    size: u64,
+    base_size: u64,
+    total: u64,
+    hooks: &mut Hooks<'_>,
+) -> Result<Stats> {
     // 1. Grow the base to the top's size (the new part reads as zeros, as
     //    the top already sees past the base's end).
     if size > base_size {
@@ -453,28 +552,82 @@ pub fn commit_open(
             Image::Raw(r) => r.resize(size)?,
         }
     }
-    // 2. Copy. 3. Make the base durable (also on cancellation).
-    let total = report.plan.total_bytes();
-    let copied = walk::execute(&mut job, total, hooks);
-    job.base.flush()?;
-    report.stats = copied?;
-    drop(job);
+    // 2. Copy. 3. Make the base durable.
+    let copied = walk::execute(job, total, hooks);
+    let flushed = job.base.flush();
+    let stats = copied?;
+    flushed?;
+    Ok(stats)
+}
 
-    // 4. Re-point the top at a deeper base: the layers in between now add
-    //    nothing the base does not hold.
-    if let (true, Some((name, format))) = (k > 1, backing) {
-        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
-            q.set_backing(Some((name, format.name())))?;
+/// Where a commit stopped, for the error message.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Steps 1-3: growing, copying into or flushing the base.
+    Copy,
+    /// Step 4: re-pointing the top at a deeper base.
+    Repoint,
+    /// Step 5: emptying the top.
+    Empty,
+}
+
+/// The files of a commit, to describe what a failure left.
+struct Failure {
+    top: PathBuf,
+    middle: Vec<PathBuf>,
+    base: PathBuf,
+}
+
+impl Failure {
+    /// Wraps the first error of a commit that had started writing with the
+    /// state of every file and what to run next (a cancellation is left as
+    /// it is: it is not a failure).
+    fn fail(&self, cause: MergeError, step: Step) -> MergeError {
+        if matches!(cause, MergeError::Cancelled) {
+            return cause;
         }
-        report.top_repointed = Some(name.to_string());
-    }
-    // 5. Empty the top: every cluster reads through to the base.
-    if !opts.keep_top {
-        if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
-            q.deallocate(0, size)?;
-            q.flush()?;
+        let space = cause.remedy(&self.base);
+        let mut files = Vec::new();
+        let (top_state, leaky) = match step {
+            Step::Copy => (
+                "not changed: it reads the same as before and still names its backing file",
+                self.base.clone(),
+            ),
+            Step::Repoint => (
+                "reads the same as before (its header names either the old or the new \
+                 backing file; both read the same)",
+                self.top.clone(),
+            ),
+            Step::Empty => (
+                "reads the same as before: partly emptied; what was emptied reads the same \
+                 bytes from the base; it may hold leaked clusters",
+                self.top.clone(),
+            ),
+        };
+        files.push((self.top.clone(), top_state.to_string()));
+        for m in &self.middle {
+            files.push((m.clone(), "not changed".to_string()));
         }
-        report.top_emptied = true;
+        files.push((
+            self.base.clone(),
+            match step {
+                Step::Copy => "partly written, only in ranges the top itself holds (the top's \
+                               view does not read them from the base); it may hold leaked \
+                               clusters"
+                    .to_string(),
+                _ => "holds the whole committed view, durably".to_string(),
+            },
+        ));
+        let next = format!(
+            "{space}run `strata check -r leaks {}` to reclaim leaked clusters, then run the \
+             same command again to finish the commit",
+            leaky.display()
+        );
+        MergeError::Failed {
+            op: "commit",
+            cause: Box::new(cause),
+            files,
+            next,
+        }
     }
-    Ok(report)
 }

@@ -28,5 +28,7 @@ pub mod walk;
 pub use commit::{commit, commit_open, CommitOptions, CommitParts, CommitReport};
 pub use error::{MergeError, Result};
 pub use progress::{Hooks, Progress};
-pub use pull::{pull, pull_open, rebase, PullOptions, PullReport, RebaseOptions, RebaseReport};
+pub use pull::{
+    pull, pull_confined, pull_open, rebase, PullOptions, PullReport, RebaseOptions, RebaseReport,
+};
 pub use walk::{FileGrowth, Plan, Stats};

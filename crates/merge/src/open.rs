@@ -104,7 +104,8 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
 }
 
 /// Refuses a layer whose header says it is damaged (read, not written).
-pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<()> {
+/// Returns the number of leaked clusters the check found (harmless).
+pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<u64> {
     if let Image::Qcow2(q) = &layer.image {
         if q.header().corrupt() {
             return Err(MergeError::Refused {
@@ -141,8 +142,9 @@ pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<()> {
                 ),
             });
         }
+        return Ok(report.leaks);
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Opens one image alone (no backing files), with QEMU-compatible locks.
@@ -185,26 +187,55 @@ fn read_backing_name(path: &Path) -> std::io::Result<Option<String>> {
     Ok(String::from_utf8(name).ok())
 }
 
-/// Images that name `base` as their backing file: every regular file with
-/// a qcow2 magic in `base`'s directory, and the `also` paths; files in
-/// `exclude` (the chain being merged) are not counted.
-pub(crate) fn users_of(base: &Path, exclude: &[FileId], also: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let base_id = file_id(base)?;
-    let dir = match base.parent() {
+/// Where [`users_of`] looks for images that use a base: the base's
+/// directory, the top's directory and the caller's directories (each once),
+/// then the caller's files.
+pub(crate) fn search_places(base: &Path, top: &Path, dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let dir_of = |p: &Path| match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let mut places: Vec<PathBuf> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for d in [dir_of(base), dir_of(top)]
+        .into_iter()
+        .chain(dirs.iter().cloned())
+    {
+        let canon = std::fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
+        if !seen.contains(&canon) {
+            seen.push(canon.clone());
+            places.push(canon);
+        }
+    }
+    places
+}
+
+/// Images that name `base` as their backing file: every regular file with
+/// a qcow2 magic directly in one of the directories `dirs` (not in their
+/// subdirectories), and the `also` paths; files in `exclude` (the chain
+/// being merged) are not counted.
+pub(crate) fn users_of(
+    base: &Path,
+    exclude: &[FileId],
+    dirs: &[PathBuf],
+    also: &[PathBuf],
+) -> Result<Vec<PathBuf>> {
+    let base_id = file_id(base)?;
     let mut candidates = Vec::new();
-    let entries = std::fs::read_dir(&dir).map_err(|e| MergeError::io(&dir, "list directory", e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| MergeError::io(&dir, "list directory", e))?;
-        let path = entry.path();
-        if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            candidates.push((path, false));
+    for dir in dirs {
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| MergeError::io(dir, "list directory", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| MergeError::io(dir, "list directory", e))?;
+            let path = entry.path();
+            if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                candidates.push((path, false));
+            }
         }
     }
     candidates.extend(also.iter().map(|p| (p.clone(), true)));
-    let mut users = Vec::new();
+    let mut users: Vec<PathBuf> = Vec::new();
+    let mut user_ids: Vec<FileId> = Vec::new();
     for (path, named) in candidates {
         let Some(id) = try_id(&path) else {
             if named {
@@ -216,7 +247,7 @@ pub(crate) fn users_of(base: &Path, exclude: &[FileId], also: &[PathBuf]) -> Res
             }
             continue;
         };
-        if id == base_id || exclude.contains(&id) {
+        if id == base_id || exclude.contains(&id) || user_ids.contains(&id) {
             continue;
         }
         let name = match read_backing_name(&path) {
@@ -229,10 +260,90 @@ pub(crate) fn users_of(base: &Path, exclude: &[FileId], also: &[PathBuf]) -> Res
         if is_protocol_name(&name) {
             continue;
         }
-        if try_id(&resolve_backing_path(&path, &name)) == Some(base_id) && !users.contains(&path) {
+        if try_id(&resolve_backing_path(&path, &name)) == Some(base_id) {
             users.push(path);
+            user_ids.push(id);
         }
     }
     users.sort();
     Ok(users)
+}
+
+/// Refuses `path` when it does not lie under `dir` (both resolved:
+/// symbolic links and `..` followed).
+pub(crate) fn confine(path: &Path, dir: Option<&Path>) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    let d = std::fs::canonicalize(dir).map_err(|e| MergeError::io(dir, "resolve directory", e))?;
+    let p = std::fs::canonicalize(path).map_err(|e| MergeError::io(path, "resolve path", e))?;
+    if p.starts_with(&d) {
+        return Ok(());
+    }
+    Err(MergeError::InvalidArgument(format!(
+        "{}: is outside the allowed directory {} (resolved: {})",
+        path.display(),
+        d.display(),
+        p.display()
+    )))
+}
+
+/// The identity (device, inode, when a file) and length of every source
+/// file when the merge began.
+#[derive(Debug, Default)]
+pub(crate) struct Sources(Vec<(PathBuf, Option<FileId>, u64)>);
+
+impl Sources {
+    pub(crate) fn record(&mut self, layers: &[Layer]) -> Result<()> {
+        for l in layers {
+            let len = l
+                .image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(&l.path, "stat", e))?;
+            let id = match l.image.storage().file() {
+                Some(_) => Some(layer_id(l)?),
+                None => None,
+            };
+            self.0.push((l.path.clone(), id, len));
+        }
+        Ok(())
+    }
+
+    /// Fails when a source file is shorter than it was, or when its path
+    /// now names another file than the one read.
+    /// `layers` are the layers recorded, in the same order.
+    pub(crate) fn verify<'l>(
+        &self,
+        layers: impl IntoIterator<Item = &'l Layer>,
+        op: &'static str,
+    ) -> Result<()> {
+        for ((path, id, len), l) in self.0.iter().zip(layers) {
+            let now = l
+                .image
+                .storage()
+                .len()
+                .map_err(|e| MergeError::io(path, "stat", e))?;
+            if now < *len {
+                return Err(MergeError::SourceChanged {
+                    path: path.clone(),
+                    why: format!(
+                        "was truncated from {len} to {now} bytes while the {op} read it \
+                         (by another process ignoring the image locks); what was read from it \
+                         past its new end cannot be trusted"
+                    ),
+                });
+            }
+            if let Some(id) = id {
+                if file_id(path).ok().as_ref() != Some(id) {
+                    return Err(MergeError::SourceChanged {
+                        path: path.clone(),
+                        why: format!(
+                            "was replaced by another file while the {op} read it (by another \
+                             process ignoring the image locks)"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }

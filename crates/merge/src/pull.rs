@@ -48,6 +48,9 @@ pub struct PullReport {
     pub stats: Stats,
     /// Whether this was a dry run.
     pub dry_run: bool,
+    /// Leaked clusters of the top released before copying (a failed
+    /// earlier run, e.g. out of space, may have left them).
+    pub leaks_reclaimed: u64,
 }
 
 /// Options of [`rebase`] (safe mode: `strata rebase -b NEW -F FMT`).
@@ -55,6 +58,9 @@ pub struct PullReport {
 pub struct RebaseOptions {
     /// Plan only: change nothing.
     pub dry_run: bool,
+    /// When set, every image of the old and the new chain (the top
+    /// included) must lie under this directory (CLI: `--confine DIR`).
+    pub confine_to: Option<PathBuf>,
 }
 
 /// What [`rebase`] did (or, with `dry_run`, would do).
@@ -210,6 +216,10 @@ fn run_backing_job(
     let lens = crate::commit::file_lens(chain.layers())?;
     let granule = granule_of(&chain.top().image);
     let cluster = cluster_of(&chain.top().image);
+    let separate = match &reference {
+        Reference::Separate(c) => Some(*c),
+        Reference::Shared(_) => None,
+    };
     let mut job = BackingJob {
         chain,
         reference,
@@ -219,30 +229,103 @@ fn run_backing_job(
         last_grown: None,
         op,
     };
+    // What each source is before anything is read from it, to insist on
+    // the same files, no shorter, before the header switch.
+    let mut sources = open::Sources::default();
+    sources.record(job.chain.layers().get(1..).unwrap_or(&[]))?;
+    if let Some(c) = separate {
+        sources.record(c.layers())?;
+    }
     let plan = walk::plan(&mut job, cluster)?;
     if dry_run {
         return Ok((plan, Stats::default()));
     }
+    let top = job.chain.top().path.clone();
+    let old_backing = job.chain.top().image.backing().0.map(str::to_string);
+    let failure =
+        |e: MergeError, switching: bool| fail(op, e, &top, old_backing.as_deref(), switching);
     let done = walk::execute(&mut job, plan.total_bytes(), hooks);
     drop(job);
     // The copies, their tables and refcounts are durable before the header
-    // stops naming the old backing file (also on cancellation).
-    chain.flush()?;
-    let stats = done?;
+    // stops naming the old backing file (also on cancellation). The first
+    // error is the one reported.
+    let flushed = chain.flush();
+    let stats = done.map_err(|e| failure(e, false))?;
+    flushed.map_err(|e| failure(e.into(), false))?;
     if switch {
+        // A source truncated or replaced under the copy read as zeros
+        // (or as another file): keep the old backing file then.
+        let read = chain.layers().get(1..).unwrap_or(&[]).iter();
+        let new_chain = separate.map(Chain::layers).unwrap_or(&[]).iter();
+        sources
+            .verify(read.chain(new_chain), op)
+            .map_err(|e| failure(e, false))?;
         if let Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
-            q.set_backing(new_backing)?;
+            q.set_backing(new_backing)
+                .map_err(|e| failure(e.into(), true))?;
         }
     }
     Ok((plan, stats))
 }
 
-fn open_top(top: &Path, dry_run: bool) -> Result<Chain> {
+/// Wraps the first error of a pull or rebase that had started writing
+/// with the state of the files and what to run next (a cancellation is
+/// left as it is).
+fn fail(
+    op: &'static str,
+    cause: MergeError,
+    top: &Path,
+    old_backing: Option<&str>,
+    switching: bool,
+) -> MergeError {
+    if matches!(cause, MergeError::Cancelled) {
+        return cause;
+    }
+    let space = cause.remedy(top);
+    let old = old_backing.map_or_else(|| "(none)".to_string(), |b| format!("{b:?}"));
+    let top_state = if switching {
+        format!(
+            "reads the same as before: it holds everything it read through its backing chain, \
+             durably; its header names either the old backing file {old} or the new one"
+        )
+    } else {
+        format!(
+            "still names its backing file {old} and reads through it as before; it may hold \
+             leaked clusters"
+        )
+    };
+    let mut files = vec![(top.to_path_buf(), top_state)];
+    let next = if let MergeError::SourceChanged { path, .. } = &cause {
+        files.push((path.clone(), "changed by another process".to_string()));
+        format!(
+            "find out what changed {} and restore it; then run `strata check -r leaks {}` and \
+             the same command again",
+            path.display(),
+            top.display()
+        )
+    } else {
+        format!(
+            "{space}run `strata check -r leaks {}` to reclaim leaked clusters, then run the \
+             same command again to finish the {op}",
+            top.display()
+        )
+    };
+    MergeError::Failed {
+        op,
+        cause: Box::new(cause),
+        files,
+        next,
+    }
+}
+
+fn open_top(top: &Path, dry_run: bool, confine_to: Option<&Path>) -> Result<Chain> {
+    open::confine(top, confine_to)?;
     Ok(Chain::open(
         top,
         &OpenOptions {
             format: Some(ImageFormat::Qcow2),
             writable: !dry_run,
+            confine_to: confine_to.map(Path::to_path_buf),
             ..OpenOptions::default()
         },
     )?)
@@ -256,15 +339,31 @@ fn open_top(top: &Path, dry_run: bool) -> Result<Chain> {
 /// Opens the chain, refuses damaged layers and an unwritable top before
 /// anything is written, then runs [`pull_open`].
 pub fn pull(top: &Path, opts: &PullOptions, hooks: &mut Hooks<'_>) -> Result<PullReport> {
+    pull_confined(top, opts, None, hooks)
+}
+
+/// [`pull`], refusing any image of the chain (the top included) that does
+/// not lie under `confine_to` (CLI: `--confine DIR`) before anything is
+/// written.
+pub fn pull_confined(
+    top: &Path,
+    opts: &PullOptions,
+    confine_to: Option<&Path>,
+    hooks: &mut Hooks<'_>,
+) -> Result<PullReport> {
     const OP: &str = "pull";
-    let mut chain = open_top(top, opts.dry_run)?;
+    let mut chain = open_top(top, opts.dry_run, confine_to)?;
     let n = chain.layers().len();
     let k = match &opts.base {
         Some(b) => open::find_layer(&chain, top, b)?,
         None => n,
     };
-    for l in chain.layers().get(..k).unwrap_or(&[]) {
-        open::refuse_damaged(l, OP)?;
+    let mut top_leaks = 0;
+    for (i, l) in chain.layers().get(..k).unwrap_or(&[]).iter().enumerate() {
+        let leaks = open::refuse_damaged(l, OP)?;
+        if i == 0 {
+            top_leaks = leaks;
+        }
     }
     if !opts.dry_run && k > 1 {
         open::refuse_unwritable(chain.top(), OP)?;
@@ -273,13 +372,25 @@ pub fn pull(top: &Path, opts: &PullOptions, hooks: &mut Hooks<'_>) -> Result<Pul
         Some(l) => Some((open::backing_name_for(top, l)?, l.image.format())),
         None => None,
     };
-    pull_open(
+    // Leaked clusters in the top (what a run stopped by a full disk leaves)
+    // are released first, so that the rerun has the space back.
+    let mut leaks_reclaimed = 0;
+    if !opts.dry_run && k > 1 && top_leaks > 0 {
+        if let Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
+            leaks_reclaimed =
+                strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
+                    .leaks_fixed;
+        }
+    }
+    let mut report = pull_open(
         &mut chain,
         k,
         new.as_ref().map(|(name, f)| (name.as_str(), *f)),
         opts.dry_run,
         hooks,
-    )
+    )?;
+    report.leaks_reclaimed = leaks_reclaimed;
+    Ok(report)
 }
 
 /// Pulls an open chain: the layers between the top and layer `keep` (the
@@ -339,6 +450,7 @@ pub fn pull_open(
         plan,
         stats,
         dry_run,
+        leaks_reclaimed: 0,
     })
 }
 
@@ -355,7 +467,8 @@ pub fn rebase(
     hooks: &mut Hooks<'_>,
 ) -> Result<RebaseReport> {
     const OP: &str = "rebase";
-    let mut chain = open_top(top, opts.dry_run)?;
+    let confine_to = opts.confine_to.as_deref();
+    let mut chain = open_top(top, opts.dry_run, confine_to)?;
     for l in chain.layers() {
         open::refuse_damaged(l, OP)?;
     }
@@ -392,6 +505,7 @@ pub fn rebase(
                     &OpenOptions {
                         format: Some(format),
                         force_share: true,
+                        confine_to: opts.confine_to.clone(),
                         ..OpenOptions::default()
                     },
                 )?;
@@ -406,10 +520,12 @@ pub fn rebase(
                     }
                 }
                 drop(probe);
+                open::confine(&path, confine_to)?;
                 let c = Chain::open(
                     &path,
                     &OpenOptions {
                         format: Some(format),
+                        confine_to: opts.confine_to.clone(),
                         ..OpenOptions::default()
                     },
                 )?;
