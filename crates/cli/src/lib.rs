@@ -227,7 +227,7 @@ enum Command {
     Commit {
         /// The image to commit into (default: the immediate backing file).
         #[arg(short = 'b')]
-        base: Option<String>,
+        base: Option<PathBuf>,
         /// Do not empty the top image afterwards.
         #[arg(short = 'd')]
         keep_top: bool,
@@ -242,19 +242,19 @@ enum Command {
         force: bool,
         /// Also look for users of the base directly in DIR (repeatable).
         #[arg(long = "users-in", value_name = "DIR")]
-        users_in: Vec<String>,
+        users_in: Vec<PathBuf>,
         /// Refuse any image of the chain whose path, with `..` and symbolic
         /// links resolved, is not under DIR.
         #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<String>,
+        confine: Option<PathBuf>,
         /// The top image.
-        file: String,
+        file: PathBuf,
     },
     /// Copy the backing chain's data into an image (qemu-img rebase -b BASE/'').
     Pull {
         /// Keep this image of the chain as backing file (default: none).
         #[arg(short = 'b')]
-        base: Option<String>,
+        base: Option<PathBuf>,
         /// Show a progress bar (on a terminal).
         #[arg(short = 'p')]
         progress: bool,
@@ -264,9 +264,9 @@ enum Command {
         /// Refuse any image of the chain whose path, with `..` and symbolic
         /// links resolved, is not under DIR.
         #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<String>,
+        confine: Option<PathBuf>,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// Change an image's backing file (qemu-img rebase).
     Rebase {
@@ -288,9 +288,9 @@ enum Command {
         /// Refuse any image of the old or new chain whose path, with `..`
         /// and symbolic links resolved, is not under DIR (safe mode).
         #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<String>,
+        confine: Option<PathBuf>,
         /// The image.
-        file: String,
+        file: PathBuf,
     },
     /// External snapshots of shut-off libvirt domains (virsh's spelling).
     #[cfg(feature = "libvirt")]
@@ -322,18 +322,19 @@ enum Command {
 /// (every engine error names its file; this avoids saying it twice).
 pub(crate) trait NameFile<T> {
     /// The error with `file` in front, when it does not already say it.
-    fn name_file(self, file: &str) -> Result<T>;
+    fn name_file(self, file: impl AsRef<std::path::Path>) -> Result<T>;
 }
 
 impl<T, E: std::error::Error + Send + Sync + 'static> NameFile<T> for std::result::Result<T, E> {
-    fn name_file(self, file: &str) -> Result<T> {
+    fn name_file(self, file: impl AsRef<std::path::Path>) -> Result<T> {
+        let file = file.as_ref().display().to_string();
         self.map_err(|e| {
-            let named = e.to_string().contains(file);
+            let named = e.to_string().contains(&file);
             let e = anyhow::Error::new(e);
             if named {
                 e
             } else {
-                e.context(file.to_string())
+                e.context(file)
             }
         })
     }

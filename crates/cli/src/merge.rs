@@ -5,7 +5,7 @@
 
 use crate::NameFile;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -18,9 +18,9 @@ use crate::size::size_to_str;
 #[derive(Debug, Clone, Default)]
 pub struct CommitArgs {
     /// The top image.
-    pub file: String,
+    pub file: PathBuf,
     /// The image to commit into (`-b`); the top's backing file by default.
-    pub base: Option<String>,
+    pub base: Option<PathBuf>,
     /// Leave the top's data in place (`-d`).
     pub keep_top: bool,
     /// Progress bar on a terminal (`-p`).
@@ -30,31 +30,31 @@ pub struct CommitArgs {
     /// Commit even when other images use the base as backing file.
     pub force: bool,
     /// More directories to look for users of the base in (`--users-in`).
-    pub users_in: Vec<String>,
+    pub users_in: Vec<PathBuf>,
     /// Refuse any image of the chain outside this directory (`--confine`).
-    pub confine: Option<String>,
+    pub confine: Option<PathBuf>,
 }
 
 /// Arguments of `strata pull`.
 #[derive(Debug, Clone, Default)]
 pub struct PullArgs {
     /// The top image.
-    pub file: String,
+    pub file: PathBuf,
     /// Keep this image of the chain (and what is below) as backing file.
-    pub base: Option<String>,
+    pub base: Option<PathBuf>,
     /// Progress bar on a terminal (`-p`).
     pub progress: bool,
     /// Print the plan and change nothing.
     pub dry_run: bool,
     /// Refuse any image of the chain outside this directory (`--confine`).
-    pub confine: Option<String>,
+    pub confine: Option<PathBuf>,
 }
 
 /// Arguments of `strata rebase`.
 #[derive(Debug, Clone, Default)]
 pub struct RebaseArgs {
     /// The image whose backing file changes.
-    pub file: String,
+    pub file: PathBuf,
     /// The new backing file (`-b`; empty: none).
     pub backing: String,
     /// Its format (`-F`).
@@ -66,7 +66,7 @@ pub struct RebaseArgs {
     /// Print the plan and change nothing (safe mode only).
     pub dry_run: bool,
     /// Refuse any image of the chains outside this directory (`--confine`).
-    pub confine: Option<String>,
+    pub confine: Option<PathBuf>,
 }
 
 /// A progress bar on stderr when asked for and stderr is a terminal;
@@ -137,13 +137,13 @@ pub fn print_plan(out: &mut dyn Write, what: &str, plan: &Plan) -> Result<()> {
 /// Runs `strata commit`.
 pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
     let opts = CommitOptions {
-        base: args.base.as_ref().map(PathBuf::from),
+        base: args.base.clone(),
         keep_top: args.keep_top,
         force: args.force,
         dry_run: args.dry_run,
         also_check: Vec::new(),
-        users_in: args.users_in.iter().map(PathBuf::from).collect(),
-        confine_to: args.confine.as_ref().map(PathBuf::from),
+        users_in: args.users_in.clone(),
+        confine_to: args.confine.clone(),
     };
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
@@ -151,19 +151,19 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
         progress: Some(&mut cb),
         cancel: None,
     };
-    let r = strata_merge::commit(Path::new(&args.file), &opts, &mut hooks);
+    let r = strata_merge::commit(&args.file, &opts, &mut hooks);
     bar.finish();
     let r = r.name_file(&args.file)?;
     if r.dry_run {
         let what = format!(
             "commit {} layer(s) of {} into {}",
             r.layers_merged,
-            args.file,
+            args.file.display(),
             r.base.display()
         );
         print_plan(out, &what, &r.plan)?;
         if !args.keep_top {
-            writeln!(out, "  {} would be emptied afterwards", args.file)?;
+            writeln!(out, "  {} would be emptied afterwards", args.file.display())?;
         }
         print_guard(out, &r)?;
         return Ok(0);
@@ -183,35 +183,36 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
 /// Runs `strata pull`.
 pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
     let opts = PullOptions {
-        base: args.base.as_ref().map(PathBuf::from),
+        base: args.base.clone(),
         dry_run: args.dry_run,
     };
-    let confine = args.confine.as_ref().map(PathBuf::from);
+    let confine = args.confine.clone();
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
     let mut hooks = Hooks {
         progress: Some(&mut cb),
         cancel: None,
     };
-    let r =
-        strata_merge::pull_confined(Path::new(&args.file), &opts, confine.as_deref(), &mut hooks);
+    let r = strata_merge::pull_confined(&args.file, &opts, confine.as_deref(), &mut hooks);
     bar.finish();
     let r = r.name_file(&args.file)?;
     if r.dry_run {
         let onto = match &args.base {
-            Some(b) => format!("keeping {b} as backing file"),
+            Some(b) => format!("keeping {} as backing file", b.display()),
             None => "leaving it without backing file".to_string(),
         };
         let what = format!(
             "pull {} layer(s) into {}, {onto}",
-            r.layers_pulled, args.file
+            r.layers_pulled,
+            args.file.display()
         );
         print_plan(out, &what, &r.plan)?;
     } else if r.leaks_reclaimed > 0 {
         writeln!(
             out,
             "Reclaimed {} leaked cluster(s) of {} (left by an earlier failed run) before pulling.",
-            r.leaks_reclaimed, args.file
+            r.leaks_reclaimed,
+            args.file.display()
         )?;
     }
     Ok(0)
@@ -258,7 +259,9 @@ fn format_by_name(name: &str) -> Result<ImageFormat> {
 
 /// Runs `strata rebase`.
 pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
-    let file = args.file.as_str();
+    let path = args.file.as_path();
+    let file = path.display().to_string();
+    let file = file.as_str();
     let new = if args.backing.is_empty() {
         None
     } else {
@@ -282,7 +285,7 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
             no_backing: true,
             ..OpenOptions::default()
         };
-        let mut chain = Chain::open(Path::new(file), &opts).name_file(file)?;
+        let mut chain = Chain::open(path, &opts).name_file(file)?;
         let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
             bail!("{file}: only qcow2 images have a backing file");
         };
@@ -298,9 +301,9 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
     };
     let opts = RebaseOptions {
         dry_run: args.dry_run,
-        confine_to: args.confine.as_ref().map(PathBuf::from),
+        confine_to: args.confine.clone(),
     };
-    let r = strata_merge::rebase(Path::new(file), new, &opts, &mut hooks);
+    let r = strata_merge::rebase(path, new, &opts, &mut hooks);
     bar.finish();
     let r = r.name_file(file)?;
     if r.dry_run {

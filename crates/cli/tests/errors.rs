@@ -554,6 +554,37 @@ fn file_names_that_are_not_utf8_work() {
     run(&[os("compare"), img.as_os_str(), out.as_os_str()]);
     let bytes = std::fs::read(&out).unwrap();
     assert!(bytes[..4096].iter().all(|&b| b == 0x3c));
+    // The merges too: an overlay named in non-UTF-8 bytes on an image
+    // (whose name, written into the overlay's header, is UTF-8),
+    // committed into it, pulled, rebased.
+    let base = d.path().join("base.qcow2");
+    run(&[os("create"), os("-q"), base.as_os_str(), os("1M")]);
+    let top = d.path().join(OsStr::from_bytes(b"\xfd.qcow2"));
+    let back = [os("-b"), base.as_os_str(), os("-F"), os("qcow2")];
+    let mut create_top = vec![os("create"), os("-q"), os("-f"), os("qcow2")];
+    create_top.extend(back);
+    create_top.push(top.as_os_str());
+    run(&create_top);
+    run(&[
+        os("io"),
+        os("-c"),
+        os("write -P 0x5a 0 4k"),
+        top.as_os_str(),
+    ]);
+    let dry = run(&[os("commit"), os("--dry-run"), top.as_os_str()]);
+    assert!(dry.contains("commit 1 layer(s)"), "{dry}");
+    run(&[os("commit"), top.as_os_str()]);
+    run(&[os("pull"), top.as_os_str()]);
+    run(&[os("rebase"), os("-u"), os("-b"), os(""), top.as_os_str()]);
+    run(&[
+        os("convert"),
+        os("-O"),
+        os("raw"),
+        top.as_os_str(),
+        out.as_os_str(),
+    ]);
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes[..4096].iter().all(|&b| b == 0x5a));
 }
 
 #[test]
