@@ -7,6 +7,7 @@
 //! the new structures in force. The old structures become unreferenced
 //! (their clusters count zero in the new ones).
 
+use strata_format::header::INCOMPAT_CORRUPT;
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFLAG_COPIED};
 use strata_format::{L1Entry, L2Entry};
@@ -52,7 +53,7 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     let needs = match mode {
         RepairMode::Leaks => before.leaks > 0,
-        RepairMode::All => !before.is_clean() || img.header.dirty(),
+        RepairMode::All => !before.is_clean() || img.header.dirty() || img.header.corrupt(),
     };
     if needs {
         match mode {
@@ -73,7 +74,15 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
             }
         }
     }
-    let after = check::check(img)?;
+    let mut after = check::check(img)?;
+    if img.header.corrupt() && after.corruptions == 0 && after.check_errors == 0 {
+        // As QEMU after a repair that left no corruption: the image is
+        // consistent again (the corrupt bit is incompatible feature bit 1).
+        img.header.incompatible_features &= !INCOMPAT_CORRUPT;
+        img.write_header()?;
+        img.sync()?;
+        after = check::check(img)?;
+    }
     Ok(RepairReport {
         before,
         after,
@@ -217,7 +226,8 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
         ws.refcounts = fresh;
         ws.pending_frees.clear();
     }
-    Ok(())
+    // The old structures are free now; the overlap check must know.
+    img.load_metadata_map()
 }
 
 fn read_table(img: &Qcow2Image) -> Result<Vec<u64>> {

@@ -19,11 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
+use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::Refcounts;
+use crate::alloc::{Meta, MetadataMap, Refcounts};
 use crate::error::{Error, Result};
 use crate::qcow2::Qcow2Image;
 
@@ -54,6 +54,11 @@ pub(crate) struct WriteState {
     pub(crate) dirty_l1: BTreeSet<usize>,
     /// Data bytes written since the last metadata commit.
     pub(crate) unsynced_bytes: u64,
+    /// Set when a write was refused for corrupt metadata (an overlap, an
+    /// invalid entry): the image was marked corrupt, and nothing more is
+    /// written, not even the metadata still pending in memory (as a crash
+    /// would lose it; the protocol makes that safe).
+    pub(crate) halted: bool,
 }
 
 /// An L2 table with entries not yet on disk.
@@ -167,6 +172,7 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
+        self.refuse_if_halted()?;
         if self.ws()?.prepared {
             return Ok(());
         }
@@ -201,6 +207,172 @@ impl Qcow2Image {
         }
         self.ws()?.prepared = true;
         Ok(())
+    }
+
+    /// Refuses to go on after a write was refused for corrupt metadata.
+    fn refuse_if_halted(&self) -> Result<()> {
+        if self.rw.as_ref().is_some_and(|w| w.halted) {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "a write was refused because the image's metadata is corrupt; the image \
+                      is marked corrupt and takes no more writes (run `strata check -r all`)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt, as QEMU's `qcow2_signal_corruption` does
+    /// for a fatal corruption: on v3 images the corrupt bit (incompatible
+    /// feature bit 1) is set in the header, written alone and synced; v2
+    /// images have no such bit. Either way the image takes no more writes
+    /// in this session. Returns `err`, the corruption found.
+    pub(crate) fn fatal_corruption(&mut self, err: Error) -> Error {
+        if let Some(ws) = self.rw.as_deref_mut() {
+            if ws.halted {
+                return err;
+            }
+            ws.halted = true;
+        }
+        if self.header.version >= 3 {
+            self.header.incompatible_features |= INCOMPAT_CORRUPT;
+            let bits = self.header.incompatible_features.to_be_bytes();
+            // Offset 72: incompatible_features, present in every v3 header.
+            if self.write_bytes(&bits, 72, "mark image corrupt").is_ok() {
+                let _ = self.sync();
+            }
+        }
+        err
+    }
+
+    /// Marks the image corrupt when `r` failed for an overlap with metadata.
+    pub(crate) fn on_overlap<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e @ Error::MetadataOverlap { .. }) => Err(self.fatal_corruption(e)),
+            r => r,
+        }
+    }
+
+    /// Refuses (and marks the image corrupt) a write of `[off, off+len)`
+    /// that would land on metadata other than `allowed`.
+    pub(crate) fn guard_write(
+        &mut self,
+        op: &str,
+        off: u64,
+        len: u64,
+        allowed: &[Meta],
+    ) -> Result<()> {
+        let Some(ws) = self.rw.as_deref() else {
+            return Ok(());
+        };
+        let r = ws
+            .refcounts
+            .meta
+            .guard(&self.path, || op.to_string(), off, len, allowed);
+        self.on_overlap(r)
+    }
+
+    /// Builds the map of the image's metadata the overlap check uses: the
+    /// header cluster, the active and every snapshot's L1 table and the
+    /// L2 tables they point at, the refcount table and blocks, the
+    /// snapshot table, the bitmap directory and bitmap tables. Only the
+    /// L1 tables are read (the L2 tables' offsets are in them), so this
+    /// costs a few small reads at open.
+    pub(crate) fn load_metadata_map(&mut self) -> Result<()> {
+        let cb = self.geometry.cluster_bits();
+        let cs = self.geometry.cluster_size();
+        let Some(ws) = self.rw.as_deref() else {
+            return Ok(());
+        };
+        let mut meta = MetadataMap::new(cb);
+        // The refcount structures, as the allocator knows them.
+        let rc = &ws.refcounts;
+        meta.add(
+            rc.table_offset,
+            u64::from(rc.table_clusters) << cb,
+            Meta::RefcountTable,
+        );
+        for e in &rc.table {
+            let off = e & strata_format::refcount::REFTABLE_OFFSET_MASK;
+            if off != 0 {
+                meta.add(off, cs, Meta::RefcountBlock);
+            }
+        }
+        if let Some((off, n)) = rc.table_moved {
+            meta.add(off, u64::from(n) << cb, Meta::RefcountTable);
+        }
+        meta.add(0, cs, Meta::Header);
+        meta.add(
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+            Meta::ActiveL1,
+        );
+        for e in &self.l1 {
+            if let Some(off) = L1Entry(*e).l2_offset() {
+                meta.add(off.0, cs, Meta::ActiveL2);
+            }
+        }
+        if self.header.nb_snapshots > 0 {
+            meta.add(
+                self.header.snapshots_offset,
+                self.snapshot_table_len(),
+                Meta::SnapshotTable,
+            );
+        }
+        let file_len = self.storage_len()?;
+        for sn in &self.snapshots {
+            let bytes = u64::from(sn.l1_size) * 8;
+            let in_file = sn
+                .l1_table_offset
+                .checked_add(bytes)
+                .is_some_and(|e| e <= file_len);
+            if bytes == 0 || bytes > strata_format::limits::MAX_L1_BYTES || !in_file {
+                // `check` reports it; a table outside the file protects
+                // nothing (and must not keep the allocator from growing
+                // the file).
+                continue;
+            }
+            meta.add(sn.l1_table_offset, bytes, Meta::InactiveL1);
+            let mut raw = vec![0u8; bytes as usize];
+            self.storage
+                .read_at(&mut raw, sn.l1_table_offset)
+                .map_err(|e| {
+                    Error::io(&self.path, "read snapshot L1 table", sn.l1_table_offset, e)
+                })?;
+            for e in strata_format::table::decode_u64_table(&raw) {
+                if let Some(off) = L1Entry(e).l2_offset() {
+                    meta.add(off.0, cs, Meta::InactiveL2);
+                }
+            }
+        }
+        if let Some((nb, dir_size, dir_off)) = self.header.bitmaps() {
+            let in_file = dir_off.checked_add(dir_size).is_some_and(|e| e <= file_len);
+            if in_file && dir_size > 0 && dir_size <= strata_format::bitmap::MAX_DIRECTORY_SIZE {
+                meta.add(dir_off, dir_size, Meta::BitmapDirectory);
+                let mut dir = vec![0u8; dir_size as usize];
+                self.storage
+                    .read_at(&mut dir, dir_off)
+                    .map_err(|e| Error::io(&self.path, "read bitmap directory", dir_off, e))?;
+                if let Ok(entries) = strata_format::bitmap::parse_directory(&dir, nb, dir_off) {
+                    for b in entries {
+                        let end = b.table_offset.checked_add(b.table_bytes());
+                        if end.is_some_and(|e| e <= file_len) {
+                            meta.add(b.table_offset, b.table_bytes(), Meta::BitmapTable);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(ws) = self.rw.as_deref_mut() {
+            ws.refcounts.meta = meta;
+        }
+        Ok(())
+    }
+
+    /// Bytes from the snapshot table's start to the end of its last entry.
+    fn snapshot_table_len(&self) -> u64 {
+        self.snapshot_table_end
+            .saturating_sub(self.header.snapshots_offset)
     }
 
     /// Writes the header (with extensions and backing name) to cluster 0.
@@ -263,15 +435,20 @@ impl Qcow2Image {
     /// Allocates `n` contiguous clusters; returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
         let cb = self.geometry.cluster_bits();
-        let (storage, ws, path) = self.split()?;
-        let first = ws.refcounts.alloc_contiguous(storage, path, n)?;
-        Ok(first << cb)
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            ws.refcounts.alloc_contiguous(storage, path, n)
+        };
+        Ok(self.on_overlap(r)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
     fn alloc_run(&mut self, max: u64) -> Result<(u64, u64)> {
-        let (storage, ws, path) = self.split()?;
-        ws.refcounts.alloc_run(storage, path, max)
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            ws.refcounts.alloc_run(storage, path, max)
+        };
+        self.on_overlap(r)
     }
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
@@ -291,17 +468,31 @@ impl Qcow2Image {
                 )
             })?;
         let e = L1Entry(self.l1[i]);
+        let cs = self.geometry.cluster_size();
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
+            // Its entries are written in place: it must be nothing else.
+            self.guard_write(
+                &format!("L2 table write (L1 index {l1i})"),
+                off.0,
+                cs,
+                &[Meta::ActiveL2],
+            )?;
             return Ok(off.0);
         }
-        let cs = self.geometry.cluster_size() as usize;
         let content = match e.l2_offset() {
             Some(old) => self.l2_table(old.0)?.as_ref().clone(),
-            None => vec![0u8; cs],
+            None => vec![0u8; cs as usize],
         };
         let new = self.alloc_contiguous(1)?;
         self.write_bytes(&content, new, "write L2 table")?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
+        if let Some(ws) = self.rw.as_deref_mut() {
+            let meta = &mut ws.refcounts.meta;
+            if let Some(old) = e.l2_offset() {
+                meta.remove(old.0, cs, Meta::ActiveL2);
+            }
+            meta.add(new, cs, Meta::ActiveL2);
+        }
         self.l2_cache
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
@@ -321,6 +512,11 @@ impl Qcow2Image {
         let ws = self.ws()?;
         if ws.dirty_l2.is_empty() && ws.dirty_l1.is_empty() && ws.unsynced_bytes == 0 {
             return Ok(());
+        }
+        let l1_entries: Vec<usize> = ws.dirty_l1.iter().copied().collect();
+        for i in l1_entries {
+            let at = self.header.l1_table_offset + 8 * i as u64;
+            self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
         }
         self.barrier()?;
         let es = self.geometry.l2_entry_size();
@@ -666,6 +862,21 @@ impl Qcow2Image {
                 }
             }
         }
+        for (h, _, len) in &runs {
+            let r = self
+                .rw
+                .as_deref()
+                .map(|ws| {
+                    ws.refcounts
+                        .meta
+                        .guard(&self.path, || "data write".into(), *h, *len, &[])
+                })
+                .unwrap_or(Ok(()));
+            if r.is_err() {
+                drop(runs);
+                return self.on_overlap(r);
+            }
+        }
         let mut written = 0;
         for (h, bufs, len) in &runs {
             self.storage
@@ -688,6 +899,16 @@ impl Qcow2Image {
         if plans.iter().all(|p| p.new == p.old) {
             return Ok(());
         }
+        // The clusters this frees are released at the next flush, after
+        // the new entries are on disk: their refcount blocks must be
+        // readable now, or the entries would change and the free fail
+        // (QEMU 060, "Discarding with an unaligned refblock").
+        let frees: Vec<u64> = plans
+            .iter()
+            .filter(|p| p.new != p.old)
+            .flat_map(|p| p.frees.iter().copied())
+            .collect();
+        self.check_freeable(&frees)?;
         let taken = self.ws()?.dirty_l2.remove(&toff);
         let mut d = match taken {
             Some(d) => d,
@@ -723,6 +944,25 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Loads the refcount blocks of `clusters` (to be freed): a block the
+    /// refcount table places at an unaligned offset, or outside the file,
+    /// is a fatal corruption, as in QEMU (the image is marked corrupt).
+    fn check_freeable(&mut self, clusters: &[u64]) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            clusters
+                .iter()
+                .try_for_each(|ci| ws.refcounts.get(storage, path, *ci).map(|_| ()))
+        };
+        match r {
+            Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
+            r => r,
+        }
+    }
+
     /// Makes `[offset, offset+len)` read as zeros. With `unmap`, host
     /// clusters are released where possible. v2 images (no zero flag)
     /// get explicit zeros.
@@ -738,9 +978,17 @@ impl Qcow2Image {
 
     /// Discards `[offset, offset+len)` as QEMU's qcow2 driver does: whole
     /// clusters only; they then read as zeros on v3 images (when there is
-    /// a backing file or they were allocated) and fall through to the
-    /// backing file on v2 images.
+    /// a backing file or they were allocated) and become unallocated on v2
+    /// images without a backing file. On a v2 image with a backing file
+    /// nothing changes (QEMU 290): there is no zero flag to hide it.
     pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        if has_backing && self.header.version < 3 {
+            // A v2 image has no zero flag: a discarded cluster would
+            // expose the backing file's data. QEMU does nothing then
+            // (qcow2_co_pdiscard returns ENOTSUP, which discard ignores).
+            self.check_range(offset, len)?;
+            return self.refuse_if_halted();
+        }
         let zero_backing = |b: &mut [u8], _| {
             b.fill(0);
             Ok(())
@@ -968,6 +1216,7 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
+        self.refuse_if_halted()?;
         self.commit_metadata()?;
         self.barrier()?;
         // Space released below may be reused: stop packing into it.
@@ -976,13 +1225,19 @@ impl Qcow2Image {
         if frees.is_empty() {
             return Ok(());
         }
-        {
+        let r = {
             let (storage, ws, path) = self.split()?;
+            let mut r = Ok(());
             for ci in frees {
-                ws.refcounts.adjust(storage, path, ci, -1)?;
+                r = ws.refcounts.adjust(storage, path, ci, -1).map(|_| ());
+                if r.is_err() {
+                    break;
+                }
             }
             ws.refcounts.rewind();
-        }
+            r
+        };
+        self.on_overlap(r)?;
         self.barrier()
     }
 
@@ -1024,6 +1279,11 @@ impl Qcow2Image {
             self.write_header()?;
             self.sync()?;
             self.l1 = l1;
+            if let Some(ws) = self.rw.as_deref_mut() {
+                let meta = &mut ws.refcounts.meta;
+                meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
+                meta.add(new_off, need * 8, Meta::ActiveL1);
+            }
             if old_l1.1 > 0 {
                 let cb = self.geometry.cluster_bits();
                 let first = old_l1.0 >> cb;

@@ -1,0 +1,418 @@
+//! Scenarios of QEMU's qemu-iotests (060, 080, 137, 271, 290), replayed
+//! on twin images: each image is built as the iotest builds it
+//! (`qemu-img create`, `qemu-io`, then the iotest's `poke_file` byte
+//! patches), copied, and the same operation is applied by qemu-io to one
+//! copy and by Strata to the other. QEMU, run live, is the oracle: refused
+//! by one ⇔ refused by the other, the corrupt bit set on both or neither,
+//! the file bytes equal when both refused (QEMU writes nothing but the
+//! corrupt bit), the same `qemu-img check` verdict, the same guest view.
+//! docs/qemu-iotests.md lists the scenarios and what is skipped.
+
+mod common;
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use strata_image::repair::{repair, RepairMode};
+use strata_image::{Chain, FileStorage, Image, OpenOptions, Qcow2Image};
+
+// The layout qemu-img gives a fresh 64 MiB image with 64 KiB clusters
+// (060 makes the same assumption).
+const RT: u64 = 0x10000;
+const RB: u64 = 0x20000;
+const L1: u64 = 0x30000;
+const L2: u64 = 0x40000;
+
+fn arg(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `poke_file`: writes `bytes` at `offset` of `path`.
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Runs a command; returns whether it succeeded and its output.
+fn try_run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// One guest operation, spelled for qemu-io and applied by Strata.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write(u64, u64),
+    WriteCompressed(u64, u64),
+    Discard(u64, u64),
+}
+
+impl Op {
+    fn qemu_io(self) -> String {
+        match self {
+            Op::Write(o, l) => format!("write -P 0x2a {o} {l}"),
+            Op::WriteCompressed(o, l) => format!("write -c -P 0x2a {o} {l}"),
+            Op::Discard(o, l) => format!("discard {o} {l}"),
+        }
+    }
+
+    /// Applies the operation with Strata (open, operate, flush, close).
+    fn strata(self, img: &Path) -> Result<(), String> {
+        let opts = OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let mut chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
+        match self {
+            Op::Write(o, l) => chain.write_at(&vec![0x2a; l as usize], o),
+            Op::Discard(o, l) => chain.discard(o, l),
+            Op::WriteCompressed(o, l) => match &mut chain.layers_mut()[0].image {
+                Image::Qcow2(q) => q.write_compressed(o, &vec![0x2a; l as usize], &|b, _| {
+                    b.fill(0);
+                    Ok(())
+                }),
+                Image::Raw(_) => panic!("not qcow2"),
+            },
+        }
+        .map_err(|e| e.to_string())?;
+        chain.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// The twin images of one scenario, in a temporary directory.
+struct Twin {
+    _dir: tempfile::TempDir,
+    qemu: PathBuf,
+    strata: PathBuf,
+}
+
+/// Builds the scenario's image with `build` (given the path to create),
+/// then copies it into the QEMU twin and the Strata twin.
+fn twin(build: impl FnOnce(&Path, &Path)) -> Twin {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    build(&img, dir.path());
+    let qemu = dir.path().join("qemu.qcow2");
+    let strata = dir.path().join("strata.qcow2");
+    std::fs::copy(&img, &qemu).unwrap();
+    std::fs::rename(&img, &strata).unwrap();
+    Twin {
+        _dir: dir,
+        qemu,
+        strata,
+    }
+}
+
+fn create(img: &Path, opts: &str, size: &str) {
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, arg(img), size]);
+}
+
+fn qio(img: &Path, cmd: &str) {
+    qemu_io(img, &[cmd]);
+}
+
+/// The incompatible_features field of a v3 header.
+fn incompatible(img: &Path) -> u64 {
+    let b = std::fs::read(img).unwrap();
+    u64::from_be_bytes(b[72..80].try_into().unwrap())
+}
+
+fn corrupt_bit(img: &Path) -> bool {
+    incompatible(img) & 2 != 0
+}
+
+/// `qemu-img check` exit code (0 clean, 2 corruptions, 3 leaks, 1 failed).
+fn check_code(img: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", "-U", arg(img)])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// What each tool did with the operation.
+#[derive(Debug)]
+struct Outcome {
+    qemu_ok: bool,
+    qemu_said: String,
+    strata: Result<(), String>,
+}
+
+/// Applies `op` with qemu-io (`overlap-check=all`, as 060's OPEN_RW) to the
+/// QEMU twin and with Strata to the other, and compares what they did.
+fn same_outcome(t: &Twin, op: Op) -> Outcome {
+    let open = format!("open -o overlap-check=all {}", arg(&t.qemu));
+    let (qemu_ok, qemu_said) = try_run("qemu-io", &["-c", &open, "-c", &op.qemu_io()]);
+    // qemu-io reports a failed command on stderr, not always in its status.
+    let qemu_ok = qemu_ok && !qemu_said.contains("failed");
+    let strata = op.strata(&t.strata);
+    let o = Outcome {
+        qemu_ok,
+        qemu_said,
+        strata,
+    };
+    assert_eq!(o.qemu_ok, o.strata.is_ok(), "refused by one only: {o:#?}");
+    assert_eq!(
+        corrupt_bit(&t.qemu),
+        corrupt_bit(&t.strata),
+        "corrupt bit differs: {o:#?}"
+    );
+    if !o.qemu_ok {
+        assert_same_bytes(&t.qemu, &t.strata);
+    } else {
+        let (same, said) = try_run("qemu-img", &["compare", "-U", arg(&t.qemu), arg(&t.strata)]);
+        assert!(same, "guest views differ: {said}");
+    }
+    assert_eq!(
+        check_code(&t.qemu),
+        check_code(&t.strata),
+        "qemu-img check verdicts differ: {o:#?}"
+    );
+    o
+}
+
+/// Both tools refused: the files must be byte for byte what QEMU left.
+fn assert_same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("files differ at byte {i:#x} after a refused operation");
+    }
+    assert_eq!(x.len(), y.len(), "file lengths differ");
+}
+
+/// `check -r all` on both twins: QEMU's and Strata's repairs must both
+/// leave a clean image with the corrupt bit cleared.
+fn repair_both(t: &Twin) {
+    let (ok, said) = try_run("qemu-img", &["check", "-q", "-r", "all", arg(&t.qemu)]);
+    assert!(ok, "qemu-img check -r all failed: {said}");
+    let mut img = Qcow2Image::open_rw(
+        Box::new(FileStorage::open(&t.strata, true).unwrap()),
+        &t.strata,
+    )
+    .unwrap();
+    repair(&mut img, RepairMode::All).unwrap();
+    drop(img);
+    assert_eq!(check_code(&t.strata), 0);
+    assert_eq!(corrupt_bit(&t.qemu), corrupt_bit(&t.strata));
+    assert!(!corrupt_bit(&t.strata), "repair left the corrupt bit set");
+}
+
+fn refused_with(o: &Outcome, structure: &str) {
+    let e = o.strata.as_ref().unwrap_err();
+    assert!(
+        e.contains("Preventing invalid write on metadata")
+            && e.contains(&format!("overlaps with {structure}")),
+        "Strata's error should name {structure}: {e}\n(QEMU said: {})",
+        o.qemu_said
+    );
+}
+
+// ---- 060: overlapping data structures -----------------------------------
+
+#[test]
+fn iotest_060_l2_reference_into_l1_is_refused_and_marks_corrupt() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        // The first L1 entry points at the L1 table itself.
+        poke(img, L1, b"\x80\x00\x00\x00\x00\x03\x00\x00");
+    });
+    let o = same_outcome(&t, Op::Write(0, 512));
+    assert!(corrupt_bit(&t.strata));
+    refused_with(&o, "active L1 table");
+    // A corrupt image takes no more writes.
+    assert!(Op::Write(0, 512).strata(&t.strata).is_err());
+}
+
+#[test]
+fn iotest_060_data_cluster_in_refcount_block_is_refused_then_repaired() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        f.set_len(L2 + 65536).unwrap();
+        poke(img, L1, b"\x80\x00\x00\x00\x00\x04\x00\x00");
+        poke(img, RB + 8, b"\x00\x01");
+        // The data cluster of guest offset 0 is the refcount block.
+        poke(img, L2, b"\x80\x00\x00\x00\x00\x02\x00\x00");
+    });
+    let o = same_outcome(&t, Op::Write(0, 512));
+    refused_with(&o, "refcount block");
+    repair_both(&t);
+    same_outcome(&t, Op::Write(0, 512));
+}
+
+#[test]
+fn iotest_060_data_cluster_in_inactive_l2_table_is_refused() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write -P 1 0 512");
+        qemu_img(&["snapshot", "-c", "foo", arg(img)]);
+        qio(img, "write -P 2 0 512");
+        // The active data cluster is the snapshot's L2 table.
+        poke(img, 0x80000, b"\x80\x00\x00\x00\x00\x04\x00\x00");
+    });
+    let o = same_outcome(&t, Op::Write(0, 512));
+    refused_with(&o, "inactive L2 table");
+}
+
+#[test]
+fn iotest_060_unallocated_image_header_is_not_overwritten() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write 0 64k");
+        poke(img, RB, b"\x00\x00");
+    });
+    let o = same_outcome(&t, Op::Write(65536, 65536));
+    refused_with(&o, "qcow2_header");
+}
+
+#[test]
+fn iotest_060_issue_repro_zeroed_refcounts_of_header_and_tables() {
+    if skip() {
+        return;
+    }
+    // Issue 15's repro: the first four refcounts (header, refcount table,
+    // refcount block, L1 table) zeroed; the first write allocated the
+    // header cluster and overwrote it.
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        poke(img, RB, &[0; 8]);
+    });
+    let o = same_outcome(&t, Op::Write(0, 65536));
+    refused_with(&o, "qcow2_header");
+}
+
+#[test]
+fn iotest_060_empty_refcount_table() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        poke(img, RT, &[0; 8]);
+    });
+    let o = same_outcome(&t, Op::Write(0, 65536));
+    refused_with(&o, "qcow2_header");
+}
+
+#[test]
+fn iotest_060_empty_refcount_table_with_valid_l1_and_l2() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write 0 64k");
+        poke(img, RT, &[0; 8]);
+    });
+    same_outcome(&t, Op::Write(0, 131072));
+}
+
+#[test]
+fn iotest_060_empty_refcount_block() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        poke(img, RB, &[0; 8]);
+    });
+    same_outcome(&t, Op::Write(0, 65536));
+}
+
+#[test]
+fn iotest_060_empty_refcount_block_with_compressed_write() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write 64k 64k");
+        poke(img, RB, &[0; 8]);
+    });
+    same_outcome(&t, Op::WriteCompressed(0, 65536));
+}
+
+#[test]
+fn iotest_060_discard_with_an_unaligned_refblock_changes_no_l2_entry() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write 0 128k");
+        // The refcount table's first entry points at an unaligned block.
+        poke(img, RT, b"\x00\x00\x00\x00\x00\x00\x2a\x00");
+    });
+    let o = same_outcome(&t, Op::Discard(0, 65537));
+    assert!(corrupt_bit(&t.strata), "{o:?}");
+}
+
+// ---- 290: discard on v2 and v3 images, with and without a backing file --
+
+fn map_json(img: &Path) -> String {
+    qemu_img(&["map", "-U", "--output=json", arg(img)])
+}
+
+fn iotest_290_case(compat: &str, backing: bool) {
+    let t = twin(|img, dir| {
+        if backing {
+            let base = dir.join("base.qcow2");
+            create(&base, "compat=1.1", "128k");
+            qio(&base, "write -P 0xff 0 128k");
+            let opts = format!("compat={compat},backing_file=base.qcow2,backing_fmt=qcow2");
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, arg(img)]);
+        } else {
+            create(img, &format!("compat={compat}"), "128k");
+        }
+        qio(img, "write -P 0x01 0 128k");
+    });
+    same_outcome(&t, Op::Discard(0, 131072));
+    assert_eq!(map_json(&t.qemu), map_json(&t.strata), "maps differ");
+}
+
+#[test]
+fn iotest_290_discard_on_v2_and_v3_without_a_backing_file() {
+    if skip() {
+        return;
+    }
+    iotest_290_case("0.10", false);
+    iotest_290_case("1.1", false);
+}
+
+#[test]
+fn iotest_290_discard_on_v3_with_a_backing_file_reads_zeros() {
+    if skip() {
+        return;
+    }
+    iotest_290_case("1.1", true);
+}
+
+#[test]
+fn iotest_290_discard_on_v2_with_a_backing_file_keeps_the_data() {
+    if skip() {
+        return;
+    }
+    iotest_290_case("0.10", true);
+}
