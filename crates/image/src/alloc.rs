@@ -90,6 +90,10 @@ impl Meta {
 pub(crate) struct MetadataMap {
     cluster_bits: u32,
     clusters: BTreeMap<u64, u16>,
+    /// Metadata that could not be located (a snapshot L1 table at an
+    /// unaligned offset): nothing can be checked, so every write is
+    /// refused, as QEMU's full overlap check refuses it (iotest 080).
+    unknown: Option<(u64, String)>,
 }
 
 impl MetadataMap {
@@ -97,7 +101,13 @@ impl MetadataMap {
         MetadataMap {
             cluster_bits,
             clusters: BTreeMap::new(),
+            unknown: None,
         }
+    }
+
+    /// Records that the metadata at `off` cannot be located (`what`).
+    pub(crate) fn set_unknown(&mut self, off: u64, what: String) {
+        self.unknown.get_or_insert((off, what));
     }
 
     /// Cluster indices covering `[off, off+len)` (empty for `len` 0 or an
@@ -167,6 +177,16 @@ impl MetadataMap {
         len: u64,
         allowed: &[Meta],
     ) -> Result<()> {
+        if let Some((at, what)) = &self.unknown {
+            return Err(Error::corrupt(
+                path,
+                *at,
+                format!(
+                    "{what}; {} refused, since the overlap check cannot protect it",
+                    op()
+                ),
+            ));
+        }
         match self.overlap(off, len, allowed) {
             None => Ok(()),
             Some((at, kind)) => Err(Self::error(path, op(), off, len, at, kind)),

@@ -322,6 +322,16 @@ impl Qcow2Image {
         let file_len = self.storage_len()?;
         for sn in &self.snapshots {
             let bytes = u64::from(sn.l1_size) * 8;
+            if !self.geometry.is_aligned(sn.l1_table_offset) {
+                meta.set_unknown(
+                    sn.l1_table_offset,
+                    format!(
+                        "the L1 table of snapshot {:?} is not cluster-aligned",
+                        sn.name
+                    ),
+                );
+                continue;
+            }
             let in_file = sn
                 .l1_table_offset
                 .checked_add(bytes)

@@ -416,3 +416,174 @@ fn iotest_290_discard_on_v2_with_a_backing_file_keeps_the_data() {
     }
     iotest_290_case("0.10", true);
 }
+
+// ---- 080: qcow2 header input validation ---------------------------------
+
+/// Opens `img` read-only and reads its first sector, as 080's
+/// `qemu-io -c 'read 0 512'`; Ok when both worked.
+fn strata_read(img: &Path) -> Result<(), String> {
+    let chain = Chain::open(img, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let mut b = [0u8; 512];
+    chain.read_at(&mut b, 0).map_err(|e| e.to_string())
+}
+
+fn qemu_read(img: &Path) -> (bool, String) {
+    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(img)]);
+    (
+        ok && !said.contains("failed") && !said.contains("can't open"),
+        said,
+    )
+}
+
+/// 080's header patches, in the test's order: each set of pokes is
+/// applied to a fresh 64 MiB image (or, as in the test, on top of the
+/// previous set of the same group).
+const HEADER_SIZE: u64 = 100;
+const BACKING_OFFSET: u64 = 8;
+const BACKING_SIZE: u64 = 16;
+const L1_SIZE: u64 = 36;
+const L1_OFFSET: u64 = 40;
+const RT_OFFSET: u64 = 48;
+const RT_CLUSTERS: u64 = 56;
+const NB_SNAPSHOTS: u64 = 60;
+const SNAPSHOTS_OFFSET: u64 = 64;
+
+type Pokes = &'static [(u64, &'static [u8])];
+
+const IOTEST_080_GROUPS: &[(&str, &[Pokes])] = &[
+    (
+        "huge header size",
+        &[
+            &[(HEADER_SIZE, b"\xff\xff\xff\xff")],
+            &[(HEADER_SIZE, b"\x7f\xff\xff\xff")],
+        ],
+    ),
+    (
+        "huge unknown header extension",
+        &[
+            &[
+                (BACKING_OFFSET, b"\xff\xff\xff\xff\xff\xff\xff\xff"),
+                (104, b"\x12\x34\x56\x78"),
+                (108, b"\x7f\xff\xff\xff"),
+            ],
+            &[(BACKING_OFFSET, b"\x00\x00\x00\x00\x00\x00\x00\x6c")],
+            &[(BACKING_OFFSET, b"\x00\x00\x00\x00\x00\x00\x00\x00")],
+        ],
+    ),
+    (
+        "huge refcount table size",
+        &[
+            &[(RT_CLUSTERS, b"\xff\xff\xff\xff")],
+            &[(RT_CLUSTERS, b"\x00\x02\x00\x01")],
+        ],
+    ),
+    (
+        "misaligned refcount table",
+        &[&[(RT_OFFSET, b"\x12\x34\x56\x78\x90\xab\xcd\xef")]],
+    ),
+    (
+        "huge refcount offset",
+        &[&[
+            (RT_OFFSET, b"\xff\xff\xff\xff\xff\xff\x00\x00"),
+            (RT_CLUSTERS, b"\x00\x00\x00\x7f"),
+        ]],
+    ),
+    (
+        "invalid snapshot table",
+        &[
+            &[(NB_SNAPSHOTS, b"\xff\xff\xff\xff")],
+            &[(NB_SNAPSHOTS, b"\x7f\xff\xff\xff")],
+            &[
+                (SNAPSHOTS_OFFSET, b"\xff\xff\xff\xff\xff\xff\x00\x00"),
+                (NB_SNAPSHOTS, b"\x00\x00\xff\xff"),
+            ],
+            // Issue 15 defect 2: a wild offset with zero snapshots.
+            &[
+                (SNAPSHOTS_OFFSET, b"\x12\x34\x56\x78\x90\xab\xcd\xef"),
+                (NB_SNAPSHOTS, b"\x00\x00\x00\x00"),
+            ],
+        ],
+    ),
+    (
+        "invalid L1 table",
+        &[
+            &[(L1_SIZE, b"\xff\xff\xff\xff")],
+            &[(L1_SIZE, b"\x7f\xff\xff\xff")],
+            &[
+                (L1_OFFSET, b"\x7f\xff\xff\xff\xff\xff\x00\x00"),
+                (L1_SIZE, b"\x00\x00\xff\xff"),
+            ],
+            &[
+                (L1_OFFSET, b"\x12\x34\x56\x78\x90\xab\xcd\xef"),
+                (L1_SIZE, b"\x00\x00\x00\x01"),
+            ],
+        ],
+    ),
+    (
+        "invalid backing file size",
+        &[&[
+            (BACKING_OFFSET, b"\x00\x00\x00\x00\x00\x00\x10\x00"),
+            (BACKING_SIZE, b"\xff\xff\xff\xff"),
+        ]],
+    ),
+];
+
+#[test]
+fn iotest_080_bad_headers_are_refused_where_qemu_refuses_them() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    let mut differ = Vec::new();
+    for (group, steps) in IOTEST_080_GROUPS {
+        create(&img, "compat=1.1", "64M");
+        for (i, pokes) in steps.iter().enumerate() {
+            for (at, bytes) in pokes.iter() {
+                poke(&img, *at, bytes);
+            }
+            let (qemu_ok, said) = qemu_read(&img);
+            let strata = strata_read(&img);
+            if qemu_ok != strata.is_ok() {
+                differ.push(format!(
+                    "{group} #{i}: qemu {} ({}), strata {strata:?}",
+                    if qemu_ok { "reads" } else { "refuses" },
+                    said.trim()
+                ));
+            }
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "080 verdicts differ:\n{}",
+        differ.join("\n")
+    );
+}
+
+/// 080's last two cases: a snapshot whose L1 table offset or size is
+/// invalid; a write with the inactive-L2 overlap check.
+fn iotest_080_snapshot_l1(patch: (u64, &[u8])) {
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write 0 512");
+        qemu_img(&["snapshot", "-c", "test", arg(img)]);
+        poke(img, patch.0, patch.1);
+    });
+    same_outcome(&t, Op::Write(0, 4096));
+}
+
+#[test]
+fn iotest_080_invalid_snapshot_l1_table_offset() {
+    if skip() {
+        return;
+    }
+    iotest_080_snapshot_l1((0x70000, b"\x00\x00\x00\x00\x00\x40\x02\x00"));
+}
+
+#[test]
+fn iotest_080_invalid_snapshot_l1_table_size() {
+    if skip() {
+        return;
+    }
+    iotest_080_snapshot_l1((0x70008, b"\x10\x00\x00\x00"));
+}
