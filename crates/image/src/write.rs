@@ -600,6 +600,34 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Reads entry `idx` of the L2 table at `toff` for a write through
+    /// it. An entry QEMU calls invalid (a subcluster both allocated and
+    /// zero, an allocated subcluster without a host cluster, an unaligned
+    /// host offset) is a fatal corruption: the write is refused before
+    /// anything of it is written and the image is marked corrupt, as QEMU
+    /// does (iotest 271).
+    fn entry_for_write(&mut self, table: &[u8], toff: u64, idx: u64) -> Result<L2Entry> {
+        let geo = self.geometry;
+        let e = L2Entry::read(table, geo, idx).map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        match e.validate(geo) {
+            Ok(()) => Ok(e),
+            Err(what) => {
+                let at = toff + idx * geo.l2_entry_size();
+                let err = Error::corrupt(
+                    &self.path,
+                    at,
+                    format!(
+                        "invalid cluster entry (L2 offset {toff:#x}, L2 index {idx:#x}): {what}"
+                    ),
+                );
+                Err(self.fatal_corruption(err))
+            }
+        }
+    }
+
     fn freed_by(&self, e: L2Entry) -> Vec<u64> {
         let geo = self.geometry;
         if let Some(d) = e.compressed_descriptor(geo) {
@@ -814,10 +842,7 @@ impl Qcow2Image {
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
                 let idx = geo.l2_index(GuestOffset(cstart));
-                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                let e = self.entry_for_write(&table, toff, idx)?;
                 let slice = &data[(a - off) as usize..(b - off) as usize];
                 plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
             }
@@ -1115,10 +1140,7 @@ impl Qcow2Image {
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
             let idx = geo.l2_index(GuestOffset(cstart));
-            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                path: self.path.clone(),
-                source,
-            })?;
+            let e = self.entry_for_write(&table, toff, idx)?;
             let a = start.max(cstart) - cstart;
             let b = end.min(cstart + cs) - cstart;
             let whole = a == 0 && b >= cs.min(self.virtual_size() - cstart);
@@ -1495,10 +1517,7 @@ impl Qcow2Image {
         for (i, cluster) in data.chunks(cs as usize).enumerate() {
             let g = off + i as u64 * cs;
             let idx = geo.l2_index(GuestOffset(g));
-            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                path: self.path.clone(),
-                source,
-            })?;
+            let e = self.entry_for_write(&table, toff, idx)?;
             let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
                 plain.push((g, cluster));
                 continue;
