@@ -178,14 +178,15 @@ impl MetadataMap {
         allowed: &[Meta],
     ) -> Result<()> {
         if let Some((at, what)) = &self.unknown {
-            return Err(Error::corrupt(
-                path,
-                *at,
-                format!(
-                    "{what}; {} refused, since the overlap check cannot protect it",
+            // Not a corruption found by the write: refuse, mark nothing.
+            return Err(Error::ReadOnly {
+                path: path.to_path_buf(),
+                why: format!(
+                    "{what} (host offset {at:#x}); {} refused, since the overlap check \
+                     cannot protect it",
                     op()
                 ),
-            ));
+            });
         }
         match self.overlap(off, len, allowed) {
             None => Ok(()),

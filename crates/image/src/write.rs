@@ -253,6 +253,18 @@ impl Qcow2Image {
         }
     }
 
+    /// Marks the image corrupt when an allocation failed on corrupt
+    /// refcount structures (an overlap, an unaligned refcount block), as
+    /// QEMU's allocator does (iotest 060, "unaligned reftable entry").
+    fn on_alloc_error<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e @ (Error::MetadataOverlap { .. } | Error::Corrupt { .. })) => {
+                Err(self.fatal_corruption(e))
+            }
+            r => r,
+        }
+    }
+
     /// Refuses (and marks the image corrupt) a write of `[off, off+len)`
     /// that would land on metadata other than `allowed`.
     pub(crate) fn guard_write(
@@ -449,7 +461,7 @@ impl Qcow2Image {
             let (storage, ws, path) = self.split()?;
             ws.refcounts.alloc_contiguous(storage, path, n)
         };
-        Ok(self.on_overlap(r)? << cb)
+        Ok(self.on_alloc_error(r)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
@@ -458,7 +470,7 @@ impl Qcow2Image {
             let (storage, ws, path) = self.split()?;
             ws.refcounts.alloc_run(storage, path, max)
         };
-        self.on_overlap(r)
+        self.on_alloc_error(r)
     }
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
@@ -634,7 +646,10 @@ impl Qcow2Image {
             let (a, b) = d.host_clusters(geo);
             return (a..=b).collect();
         }
+        // An unaligned host offset is not freed (it is leaked), as QEMU's
+        // "Cannot free unaligned cluster": which cluster it meant is unknown.
         e.host_cluster()
+            .filter(|h| geo.is_aligned(h.0))
             .map(|h| vec![h.0 >> geo.cluster_bits()])
             .unwrap_or_default()
     }
@@ -1140,7 +1155,16 @@ impl Qcow2Image {
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
             let idx = geo.l2_index(GuestOffset(cstart));
-            let e = self.entry_for_write(&table, toff, idx)?;
+            // A discard only drops the entry (an unaligned one leaks its
+            // cluster, as in QEMU); zeroing may write through it.
+            let e = if let ZeroMode::Zero { .. } = mode {
+                self.entry_for_write(&table, toff, idx)?
+            } else {
+                L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?
+            };
             let a = start.max(cstart) - cstart;
             let b = end.min(cstart + cs) - cstart;
             let whole = a == 0 && b >= cs.min(self.virtual_size() - cstart);
