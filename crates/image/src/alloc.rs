@@ -111,7 +111,8 @@ impl MetadataMap {
     }
 
     /// Cluster indices covering `[off, off+len)` (empty for `len` 0 or an
-    /// overflowing range).
+    /// overflowing range: nothing is recorded for a structure that cannot
+    /// be in the file).
     fn span(&self, off: u64, len: u64) -> std::ops::Range<u64> {
         match off.checked_add(len) {
             Some(end) if len > 0 => {
@@ -144,7 +145,12 @@ impl MetadataMap {
     /// in `allowed`: its host offset and the kind reported.
     pub(crate) fn overlap(&self, off: u64, len: u64, allowed: &[Meta]) -> Option<(u64, Meta)> {
         let mask = allowed.iter().fold(0u16, |m, k| m | k.bit());
-        let span = self.span(off, len);
+        if len == 0 {
+            return None;
+        }
+        // A range running past 2^64 is checked up to the end (never skipped).
+        let last = off.saturating_add(len - 1) >> self.cluster_bits;
+        let span = (off >> self.cluster_bits)..=last;
         self.clusters
             .range(span)
             .find(|(_, bits)| *bits & !mask != 0)
@@ -738,5 +744,86 @@ impl Refcounts {
             );
         }
         old
+    }
+}
+
+#[cfg(test)]
+mod metadata_map_tests {
+    use super::*;
+
+    // 64 KiB clusters.
+    const CB: u32 = 16;
+
+    #[test]
+    fn overlap_reports_the_first_kind_in_qemus_order() {
+        let mut m = MetadataMap::new(CB);
+        m.add(0x20000, 0x10000, Meta::InactiveL2);
+        m.add(0x20000, 0x10000, Meta::RefcountBlock);
+        assert_eq!(
+            m.overlap(0x20000, 512, &[]),
+            Some((0x20000, Meta::RefcountBlock))
+        );
+        // An allowed kind is skipped; the other one is still reported.
+        assert_eq!(
+            m.overlap(0x2_0100, 1, &[Meta::RefcountBlock]),
+            Some((0x20000, Meta::InactiveL2))
+        );
+    }
+
+    #[test]
+    fn ranges_are_cluster_granular_and_end_exclusive() {
+        let mut m = MetadataMap::new(CB);
+        // A snapshot table of 100 bytes at an unaligned offset.
+        m.add(0x3_fff0, 100, Meta::SnapshotTable);
+        assert!(m.overlap(0x30000, 0x10000, &[]).is_some());
+        assert!(m.overlap(0x40000, 1, &[]).is_some());
+        assert_eq!(m.overlap(0x50000, 0x10000, &[]), None);
+        // A write ending exactly where the metadata begins does not touch it.
+        assert_eq!(m.overlap(0x20000, 0x10000, &[]), None);
+    }
+
+    #[test]
+    fn removing_one_role_keeps_the_others() {
+        let mut m = MetadataMap::new(CB);
+        m.add(0x40000, 0x10000, Meta::ActiveL2);
+        m.add(0x40000, 0x10000, Meta::InactiveL2);
+        m.remove(0x40000, 0x10000, Meta::ActiveL2);
+        assert_eq!(
+            m.overlap(0x40000, 1, &[]),
+            Some((0x40000, Meta::InactiveL2))
+        );
+        m.remove(0x40000, 0x10000, Meta::InactiveL2);
+        assert_eq!(m.overlap(0x40000, 1, &[]), None);
+    }
+
+    #[test]
+    fn hostile_ranges_neither_panic_nor_match() {
+        let mut m = MetadataMap::new(CB);
+        m.add(u64::MAX - 10, 100, Meta::BitmapTable); // overflows: ignored
+        m.add(0x10000, 0, Meta::BitmapTable); // empty: ignored
+        assert_eq!(m.overlap(0, u64::MAX, &[]), None);
+        assert_eq!(m.overlap(u64::MAX, 2, &[]), None);
+        // A write range that overflows is still checked up to the end.
+        m.add(0xffff_0000_0000, 0x10000, Meta::ActiveL2);
+        assert!(m.overlap(0xfff0_0000_0000, u64::MAX, &[]).is_some());
+    }
+
+    #[test]
+    fn unknown_metadata_refuses_every_write() {
+        let mut m = MetadataMap::new(CB);
+        m.set_unknown(
+            0x400200,
+            "the L1 table of snapshot \"a\" is not cluster-aligned".into(),
+        );
+        let e = m
+            .guard(
+                Path::new("t.qcow2"),
+                || "data write".into(),
+                0x900000,
+                512,
+                &[],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("not cluster-aligned"), "{e}");
     }
 }

@@ -69,6 +69,10 @@ pub(crate) struct DirtyTable {
     hi: u64,
 }
 
+/// Most bytes of snapshot L1 tables read to build the overlap check's
+/// map (an image past it refuses writes).
+const SNAPSHOT_L1_BUDGET: u64 = 32 << 20;
+
 /// Metadata changes are committed (barrier, then pointer writes) when
 /// this many bytes of dirty L2 tables are held...
 const MAX_DIRTY_TABLE_BYTES: u64 = 16 << 20;
@@ -332,8 +336,17 @@ impl Qcow2Image {
             );
         }
         let file_len = self.storage_len()?;
+        // Snapshots usually share L1 tables' contents, rarely their
+        // offsets: read each distinct table once, and at most
+        // SNAPSHOT_L1_BUDGET bytes in all (a hostile image could name one
+        // 32 MiB table from 65536 snapshots).
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = SNAPSHOT_L1_BUDGET;
         for sn in &self.snapshots {
             let bytes = u64::from(sn.l1_size) * 8;
+            if !seen.insert((sn.l1_table_offset, bytes)) {
+                continue;
+            }
             if !self.geometry.is_aligned(sn.l1_table_offset) {
                 meta.set_unknown(
                     sn.l1_table_offset,
@@ -355,6 +368,17 @@ impl Qcow2Image {
                 continue;
             }
             meta.add(sn.l1_table_offset, bytes, Meta::InactiveL1);
+            let Some(left) = budget.checked_sub(bytes) else {
+                meta.set_unknown(
+                    sn.l1_table_offset,
+                    format!(
+                        "the snapshots' L1 tables exceed {} MiB",
+                        SNAPSHOT_L1_BUDGET >> 20
+                    ),
+                );
+                break;
+            };
+            budget = left;
             let mut raw = vec![0u8; bytes as usize];
             self.storage
                 .read_at(&mut raw, sn.l1_table_offset)
@@ -378,7 +402,9 @@ impl Qcow2Image {
                 if let Ok(entries) = strata_format::bitmap::parse_directory(&dir, nb, dir_off) {
                     for b in entries {
                         let end = b.table_offset.checked_add(b.table_bytes());
-                        if end.is_some_and(|e| e <= file_len) {
+                        let valid = b.validate(cs, self.header.size, dir_off).is_ok()
+                            && b.table_bytes() <= strata_format::limits::MAX_L1_BYTES;
+                        if valid && end.is_some_and(|e| e <= file_len) {
                             meta.add(b.table_offset, b.table_bytes(), Meta::BitmapTable);
                         }
                     }
