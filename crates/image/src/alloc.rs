@@ -257,14 +257,6 @@ impl Refcounts {
             ));
         }
         let table = decode_u64_table(&raw);
-        let mut meta = MetadataMap::new(cluster_bits);
-        meta.add(table_offset, bytes as u64, Meta::RefcountTable);
-        for e in &table {
-            let off = e & REFTABLE_OFFSET_MASK;
-            if off != 0 {
-                meta.add(off, 1 << cluster_bits, Meta::RefcountBlock);
-            }
-        }
         Ok(Refcounts {
             cluster_bits,
             order,
@@ -278,7 +270,8 @@ impl Refcounts {
             old_table: None,
             free_hint: 0,
             end_hint: file_len.div_ceil(1 << cluster_bits),
-            meta,
+            // Filled by Qcow2Image::load_metadata_map, which knows the rest.
+            meta: MetadataMap::new(cluster_bits),
         })
     }
 

@@ -244,8 +244,12 @@ fn iotest_060_l2_reference_into_l1_is_refused_and_marks_corrupt() {
     let o = same_outcome(&t, Op::Write(0, 512));
     assert!(corrupt_bit(&t.strata));
     refused_with(&o, "active L1 table");
-    // A corrupt image takes no more writes.
+    // A corrupt image takes no more writes...
     assert!(Op::Write(0, 512).strata(&t.strata).is_err());
+    // ... but still opens read-only, on both.
+    let (ok, said) = try_run("qemu-io", &["-r", "-c", "read 0 512", arg(&t.qemu)]);
+    assert!(ok && !said.contains("failed"), "{said}");
+    strata_read(&t.strata).unwrap();
 }
 
 #[test]
