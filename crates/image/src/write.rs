@@ -898,11 +898,13 @@ impl Qcow2Image {
     fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         // Allocate new clusters, in runs; their entries get the offsets.
+        // Only plans that write need one: a plan without writes (a cluster
+        // zeroed whole next to partly zeroed ones) only changes its entry.
         let mut need: Vec<(usize, usize)> = Vec::new();
         for (t, (_, plans)) in tables.iter().enumerate() {
             need.extend(
                 (0..plans.len())
-                    .filter(|i| plans[*i].dest.is_none())
+                    .filter(|i| plans[*i].dest.is_none() && !plans[*i].writes.is_empty())
                     .map(|i| (t, i)),
             );
         }

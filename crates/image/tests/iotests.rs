@@ -864,3 +864,26 @@ fn iotest_039_check_r_leaks_refuses_a_dirty_image() {
     assert_eq!(before, std::fs::read(&t.strata).unwrap());
     assert_eq!(incompatible(&t.strata) & 1, 1);
 }
+
+#[test]
+fn iotest_271_write_zeroes_over_several_compressed_clusters_keeps_the_image_clean() {
+    if skip() {
+        return;
+    }
+    // Issue 15 defect 5: the middle cluster, zeroed whole, got a host
+    // cluster without COPIED ('ERROR OFLAG_COPIED data cluster').
+    let t = twin(|img, _| {
+        create(img, "extended_l2=on", "1M");
+        qemu_io(
+            img,
+            &[
+                "write -c -P 1 0 64k",
+                "write -c -P 2 64k 64k",
+                "write -c -P 3 128k 64k",
+                "write -c -P 4 192k 64k",
+            ],
+        );
+    });
+    same_outcome(&t, Op::Zero(98304, 131072));
+    assert_eq!(check_code(&t.strata), 0);
+}
