@@ -114,7 +114,13 @@ fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
     let per = refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
     let (storage, ws, path) = img.split()?;
     let mut fixed = 0;
-    let covered = ws.refcounts.table.len() as u64 * per;
+    // The clusters `check` compares (QEMU's nb_clusters), not every
+    // cluster the refcount table could cover: with 1-bit refcounts one
+    // table cluster covers 2^32 clusters, and walking them all took a
+    // minute where QEMU takes milliseconds (iotest 112).
+    let covered = (ws.refcounts.table.len() as u64)
+        .saturating_mul(per)
+        .min(expected.len() as u64);
     for ci in 0..covered {
         let want = expected.get(ci as usize).copied().unwrap_or(0);
         let have = ws.refcounts.get(storage, path, ci)?;
