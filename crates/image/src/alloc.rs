@@ -398,10 +398,14 @@ impl Refcounts {
     /// Refuses to allocate clusters `[first, first+n)` when any holds
     /// metadata (their refcount said free: the refcounts are corrupt).
     fn guard_alloc(&self, path: &Path, first: u64, n: u64) -> Result<()> {
+        self.guard_alloc_as(path, first, n, "allocation")
+    }
+
+    fn guard_alloc_as(&self, path: &Path, first: u64, n: u64, what: &str) -> Result<()> {
         let cb = self.cluster_bits;
         self.meta.guard(
             path,
-            || format!("allocation of {n} cluster(s)"),
+            || format!("{what} of {n} cluster(s)"),
             first << cb,
             n << cb,
             &[],
@@ -457,7 +461,7 @@ impl Refcounts {
             return Ok(None);
         }
         let block_ci = bi * per;
-        self.guard_alloc(path, block_ci, 1)?;
+        self.guard_alloc_as(path, block_ci, 1, "placement of a new refcount block")?;
         self.meta.add(
             block_ci << self.cluster_bits,
             self.cluster_size(),

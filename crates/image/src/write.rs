@@ -260,11 +260,27 @@ impl Qcow2Image {
     /// Marks the image corrupt when an allocation failed on corrupt
     /// refcount structures (an overlap, an unaligned refcount block), as
     /// QEMU's allocator does (iotest 060, "unaligned reftable entry").
-    fn on_alloc_error<T>(&mut self, r: Result<T>) -> Result<T> {
+    fn on_alloc_error<T>(&mut self, r: Result<T>, purpose: &str) -> Result<T> {
         match r {
-            Err(e @ (Error::MetadataOverlap { .. } | Error::Corrupt { .. })) => {
+            Err(Error::MetadataOverlap {
+                path,
+                op,
+                offset,
+                len,
+                structure,
+                structure_offset,
+            }) => {
+                let e = Error::MetadataOverlap {
+                    path,
+                    op: format!("{op} for {purpose}"),
+                    offset,
+                    len,
+                    structure,
+                    structure_offset,
+                };
                 Err(self.fatal_corruption(e))
             }
+            Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
             r => r,
         }
     }
@@ -480,23 +496,24 @@ impl Qcow2Image {
         self.sync()
     }
 
-    /// Allocates `n` contiguous clusters; returns the host offset.
-    pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+    /// Allocates `n` contiguous clusters for `purpose` ("an L2 table",
+    /// named in errors); returns the host offset.
+    pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
         let cb = self.geometry.cluster_bits();
         let r = {
             let (storage, ws, path) = self.split()?;
             ws.refcounts.alloc_contiguous(storage, path, n)
         };
-        Ok(self.on_alloc_error(r)? << cb)
+        Ok(self.on_alloc_error(r, purpose)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
-    fn alloc_run(&mut self, max: u64) -> Result<(u64, u64)> {
+    fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
         let r = {
             let (storage, ws, path) = self.split()?;
             ws.refcounts.alloc_run(storage, path, max)
         };
-        self.on_alloc_error(r)
+        self.on_alloc_error(r, purpose)
     }
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
@@ -531,7 +548,7 @@ impl Qcow2Image {
             Some(old) => self.l2_table(old.0)?.as_ref().clone(),
             None => vec![0u8; cs as usize],
         };
-        let new = self.alloc_contiguous(1)?;
+        let new = self.alloc_contiguous(1, "an L2 table")?;
         self.write_bytes(&content, new, "write L2 table")?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
@@ -910,7 +927,7 @@ impl Qcow2Image {
         }
         let mut k = 0;
         while k < need.len() {
-            let (first, n) = self.alloc_run((need.len() - k) as u64)?;
+            let (first, n) = self.alloc_run((need.len() - k) as u64, "data clusters")?;
             for j in 0..n as usize {
                 let (t, i) = need[k + j];
                 let p = &mut tables[t].1[i];
@@ -1349,7 +1366,7 @@ impl Qcow2Image {
         }
         if need > self.l1.len() as u64 {
             let clusters = self.geometry.clusters_for(need * 8);
-            let new_off = self.alloc_contiguous(clusters)?;
+            let new_off = self.alloc_contiguous(clusters, "the L1 table")?;
             let mut l1 = self.l1.clone();
             l1.resize(need as usize, 0);
             let mut raw = strata_format::table::encode_u64_table(&l1);
@@ -1454,7 +1471,8 @@ impl Qcow2Image {
             }
             let mut k = 0;
             while k < plans.len() {
-                let (first, n) = self.alloc_run((plans.len() - k) as u64)?;
+                let (first, n) =
+                    self.alloc_run((plans.len() - k) as u64, "preallocated clusters")?;
                 for j in 0..n as usize {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
@@ -1590,7 +1608,7 @@ impl Qcow2Image {
                 ws.refcounts.adjust(storage, path, ci, 1)?;
                 tail
             } else {
-                self.alloc_contiguous(geo.clusters_for(len))?
+                self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
             };
             self.compressed_tail.next = start + len;
             let word = strata_format::CompressedDescriptor::encode(
