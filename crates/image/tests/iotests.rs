@@ -217,6 +217,8 @@ fn repair_both(t: &Twin) {
     assert_eq!(check_code(&t.strata), 0);
     assert_eq!(corrupt_bit(&t.qemu), corrupt_bit(&t.strata));
     assert!(!corrupt_bit(&t.strata), "repair left the corrupt bit set");
+    let (same, said) = try_run("qemu-img", &["compare", arg(&t.qemu), arg(&t.strata)]);
+    assert!(same, "guest views differ after the repairs: {said}");
 }
 
 fn refused_with(o: &Outcome, structure: &str) {
@@ -301,6 +303,8 @@ fn iotest_060_unallocated_image_header_is_not_overwritten() {
     });
     let o = same_outcome(&t, Op::Write(65536, 65536));
     refused_with(&o, "qcow2_header");
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
@@ -317,6 +321,8 @@ fn iotest_060_issue_repro_zeroed_refcounts_of_header_and_tables() {
     });
     let o = same_outcome(&t, Op::Write(0, 65536));
     refused_with(&o, "qcow2_header");
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
@@ -330,6 +336,8 @@ fn iotest_060_empty_refcount_table() {
     });
     let o = same_outcome(&t, Op::Write(0, 65536));
     refused_with(&o, "qcow2_header");
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
@@ -343,6 +351,8 @@ fn iotest_060_empty_refcount_table_with_valid_l1_and_l2() {
         poke(img, RT, &[0; 8]);
     });
     same_outcome(&t, Op::Write(0, 131072));
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
@@ -355,6 +365,8 @@ fn iotest_060_empty_refcount_block() {
         poke(img, RB, &[0; 8]);
     });
     same_outcome(&t, Op::Write(0, 65536));
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
@@ -368,6 +380,8 @@ fn iotest_060_empty_refcount_block_with_compressed_write() {
         poke(img, RB, &[0; 8]);
     });
     same_outcome(&t, Op::WriteCompressed(0, 65536));
+    // 060 repairs it with check -r all: so must Strata.
+    repair_both(&t);
 }
 
 #[test]
