@@ -573,7 +573,8 @@ impl Header {
             ));
         }
         let l1_table_offset = raw.l1_table_offset.get();
-        if l1_size > 0 && (l1_table_offset == 0 || !geometry.is_aligned(l1_table_offset)) {
+        // QEMU checks the alignment even of an empty table.
+        if !geometry.is_aligned(l1_table_offset) || (l1_size > 0 && l1_table_offset == 0) {
             return Err(FormatError::with_detail(
                 "L1 table offset invalid (zero or not cluster-aligned)",
                 40,
@@ -622,6 +623,21 @@ impl Header {
         if nb_snapshots > 0 && (snapshots_offset == 0 || !geometry.is_aligned(snapshots_offset)) {
             return Err(FormatError::with_detail(
                 "snapshot table offset invalid (zero or not cluster-aligned)",
+                64,
+                format!("{snapshots_offset:#x}"),
+            ));
+        }
+        // As QEMU's qcow2_validate_table: the offset must be aligned and
+        // the table must fit below 2^63 even when there are no snapshots
+        // (iotest 080).
+        let table_min = u64::from(nb_snapshots) * crate::snapshot::FIXED_LEN as u64;
+        if !geometry.is_aligned(snapshots_offset)
+            || snapshots_offset
+                .checked_add(table_min)
+                .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(FormatError::with_detail(
+                "snapshot table offset invalid (not cluster-aligned or too large)",
                 64,
                 format!("{snapshots_offset:#x}"),
             ));
@@ -997,6 +1013,17 @@ mod tests {
         b[32..36].copy_from_slice(&2u32.to_be_bytes());
         let e = Header::parse(&b).unwrap_err();
         assert!(e.what.contains("encrypted"));
+    }
+
+    #[test]
+    fn a_wild_snapshot_table_offset_is_refused_even_without_snapshots() {
+        // iotest 080: nb_snapshots 0 (bytes 60..64), snapshots_offset
+        // 0x1234567890abcdef (bytes 64..72): QEMU refuses to open it.
+        let mut b = v3_bytes();
+        b[60..64].copy_from_slice(&0u32.to_be_bytes());
+        b[64..72].copy_from_slice(&0x1234_5678_90ab_cdefu64.to_be_bytes());
+        let e = Header::parse(&b).unwrap_err();
+        assert_eq!(e.offset, 64, "{e}");
     }
 
     #[test]

@@ -197,6 +197,33 @@ impl L2Entry {
         })
     }
 
+    /// Checks the whole entry as QEMU does before it writes through it
+    /// (`qcow2_get_subcluster_type` returning `QCOW2_SUBCLUSTER_INVALID`,
+    /// or an unaligned host offset): no subcluster both allocated and
+    /// zero, no allocated subcluster without a host cluster, an aligned
+    /// host offset. Compressed entries are not checked (QEMU ignores their
+    /// bitmap), nor the zero flag of extended entries (unused there).
+    pub fn validate(&self, geometry: Geometry) -> std::result::Result<(), &'static str> {
+        if self.compressed() {
+            return Ok(());
+        }
+        let host = self.host_cluster();
+        if host.is_some_and(|h| !geometry.is_aligned(h.0)) {
+            return Err("cluster offset not aligned to the cluster size");
+        }
+        if !geometry.extended_l2() {
+            return Ok(());
+        }
+        let alloc = self.bitmap & 0xffff_ffff;
+        if alloc & (self.bitmap >> 32) != 0 {
+            return Err("subcluster both allocated and zero");
+        }
+        if host.is_none() && alloc != 0 {
+            return Err("subcluster allocated in an unallocated cluster");
+        }
+        Ok(())
+    }
+
     /// The state of subcluster `sc` (always 0 for standard entries).
     /// Combinations the spec forbids are errors (with `sc` as the offset;
     /// the caller adds the location).

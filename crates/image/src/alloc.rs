@@ -10,7 +10,7 @@
 //! New refcount blocks are placed at the first cluster of the range they
 //! describe, so they describe themselves and no recursion is needed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
@@ -18,6 +18,188 @@ use strata_format::table::decode_u64_table;
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
+
+/// A kind of metadata the overlap check protects, in QEMU's order and
+/// with QEMU's names (`qcow2_check_metadata_overlap`): when a cluster
+/// holds several, the first one is reported, as QEMU does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Meta {
+    /// Cluster 0 and the header extensions in it.
+    Header = 0,
+    /// The active L1 table.
+    ActiveL1,
+    /// An L2 table the active L1 table points at.
+    ActiveL2,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The snapshot table.
+    SnapshotTable,
+    /// A snapshot's L1 table.
+    InactiveL1,
+    /// An L2 table a snapshot's L1 table points at.
+    InactiveL2,
+    /// The bitmap directory.
+    BitmapDirectory,
+    /// A bitmap table (not checked by QEMU; Strata protects it too).
+    BitmapTable,
+}
+
+const ALL_META: [Meta; 10] = [
+    Meta::Header,
+    Meta::ActiveL1,
+    Meta::ActiveL2,
+    Meta::RefcountTable,
+    Meta::RefcountBlock,
+    Meta::SnapshotTable,
+    Meta::InactiveL1,
+    Meta::InactiveL2,
+    Meta::BitmapDirectory,
+    Meta::BitmapTable,
+];
+
+impl Meta {
+    /// QEMU's name for it (`metadata_ol_names`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Meta::Header => "qcow2_header",
+            Meta::ActiveL1 => "active L1 table",
+            Meta::ActiveL2 => "active L2 table",
+            Meta::RefcountTable => "refcount table",
+            Meta::RefcountBlock => "refcount block",
+            Meta::SnapshotTable => "snapshot table",
+            Meta::InactiveL1 => "inactive L1 table",
+            Meta::InactiveL2 => "inactive L2 table",
+            Meta::BitmapDirectory => "bitmap directory",
+            Meta::BitmapTable => "bitmap table",
+        }
+    }
+    fn bit(self) -> u16 {
+        1 << self as u8
+    }
+}
+
+/// The host clusters holding metadata, and which kinds each holds: a
+/// sorted map built when the image is opened for writing and kept up to
+/// date by the writer as it allocates, moves and drops tables. Every data
+/// write and every allocation is checked against it before anything is
+/// written (docs/crash-consistency.md, "Metadata overlap protection").
+#[derive(Debug, Default, Clone)]
+pub(crate) struct MetadataMap {
+    cluster_bits: u32,
+    clusters: BTreeMap<u64, u16>,
+    /// Metadata that could not be located (a snapshot L1 table at an
+    /// unaligned offset): nothing can be checked, so every write is
+    /// refused, as QEMU's full overlap check refuses it (iotest 080).
+    unknown: Option<(u64, String)>,
+}
+
+impl MetadataMap {
+    pub(crate) fn new(cluster_bits: u32) -> MetadataMap {
+        MetadataMap {
+            cluster_bits,
+            clusters: BTreeMap::new(),
+            unknown: None,
+        }
+    }
+
+    /// Records that the metadata at `off` cannot be located (`what`).
+    pub(crate) fn set_unknown(&mut self, off: u64, what: String) {
+        self.unknown.get_or_insert((off, what));
+    }
+
+    /// Cluster indices covering `[off, off+len)` (empty for `len` 0 or an
+    /// overflowing range: nothing is recorded for a structure that cannot
+    /// be in the file).
+    fn span(&self, off: u64, len: u64) -> std::ops::Range<u64> {
+        match off.checked_add(len) {
+            Some(end) if len > 0 => {
+                (off >> self.cluster_bits)..((end - 1) >> self.cluster_bits) + 1
+            }
+            _ => 0..0,
+        }
+    }
+
+    /// Records `[off, off+len)` as holding `kind`.
+    pub(crate) fn add(&mut self, off: u64, len: u64, kind: Meta) {
+        for ci in self.span(off, len) {
+            *self.clusters.entry(ci).or_insert(0) |= kind.bit();
+        }
+    }
+
+    /// Forgets that `[off, off+len)` holds `kind` (other kinds stay).
+    pub(crate) fn remove(&mut self, off: u64, len: u64, kind: Meta) {
+        for ci in self.span(off, len) {
+            if let Some(bits) = self.clusters.get_mut(&ci) {
+                *bits &= !kind.bit();
+                if *bits == 0 {
+                    self.clusters.remove(&ci);
+                }
+            }
+        }
+    }
+
+    /// The first metadata cluster in `[off, off+len)` holding a kind not
+    /// in `allowed`: its host offset and the kind reported.
+    pub(crate) fn overlap(&self, off: u64, len: u64, allowed: &[Meta]) -> Option<(u64, Meta)> {
+        let mask = allowed.iter().fold(0u16, |m, k| m | k.bit());
+        if len == 0 {
+            return None;
+        }
+        // A range running past 2^64 is checked up to the end (never skipped).
+        let last = off.saturating_add(len - 1) >> self.cluster_bits;
+        let span = (off >> self.cluster_bits)..=last;
+        self.clusters
+            .range(span)
+            .find(|(_, bits)| *bits & !mask != 0)
+            .and_then(|(ci, bits)| {
+                let kind = ALL_META.into_iter().find(|k| bits & !mask & k.bit() != 0)?;
+                Some((ci << self.cluster_bits, kind))
+            })
+    }
+
+    /// The error for a write of `[off, off+len)` (described by `op`)
+    /// that would overwrite `kind` at `at`.
+    pub(crate) fn error(path: &Path, op: String, off: u64, len: u64, at: u64, kind: Meta) -> Error {
+        Error::MetadataOverlap {
+            path: path.to_path_buf(),
+            op,
+            offset: off,
+            len,
+            structure: kind.name(),
+            structure_offset: at,
+        }
+    }
+
+    /// Refuses a write of `[off, off+len)` that lands on metadata other
+    /// than `allowed`.
+    pub(crate) fn guard(
+        &self,
+        path: &Path,
+        op: impl FnOnce() -> String,
+        off: u64,
+        len: u64,
+        allowed: &[Meta],
+    ) -> Result<()> {
+        if let Some((at, what)) = &self.unknown {
+            // Not a corruption found by the write: refuse, mark nothing.
+            return Err(Error::ReadOnly {
+                path: path.to_path_buf(),
+                why: format!(
+                    "{what} (host offset {at:#x}); {} refused, since the overlap check \
+                     cannot protect it",
+                    op()
+                ),
+            });
+        }
+        match self.overlap(off, len, allowed) {
+            None => Ok(()),
+            Some((at, kind)) => Err(Self::error(path, op(), off, len, at, kind)),
+        }
+    }
+}
 
 /// Most clusters the allocator hands out in one run.
 pub const MAX_RUN_CLUSTERS: u64 = 1 << 16;
@@ -47,6 +229,8 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     /// First cluster past the file and everything allocated this session.
     end_hint: u64,
+    /// Where the image's metadata lies; allocations never land there.
+    pub(crate) meta: MetadataMap,
 }
 
 impl Refcounts {
@@ -72,10 +256,11 @@ impl Refcounts {
                 "refcount table extends past the end of the file",
             ));
         }
+        let table = decode_u64_table(&raw);
         Ok(Refcounts {
             cluster_bits,
             order,
-            table: decode_u64_table(&raw),
+            table,
             table_offset,
             table_clusters,
             blocks: HashMap::new(),
@@ -85,6 +270,8 @@ impl Refcounts {
             old_table: None,
             free_hint: 0,
             end_hint: file_len.div_ceil(1 << cluster_bits),
+            // Filled by Qcow2Image::load_metadata_map, which knows the rest.
+            meta: MetadataMap::new(cluster_bits),
         })
     }
 
@@ -170,8 +357,23 @@ impl Refcounts {
         let order = self.order;
         let bi = ci / per;
         let at = ci << self.cluster_bits;
+        self.block(storage, path, bi)?
+            .ok_or_else(|| Error::corrupt(path, at, "no refcount block for cluster"))?;
+        if !self.dirty_blocks.contains(&bi) {
+            // The block will be written back: it must not lie on other metadata.
+            let off = self.block_offset(bi);
+            let cs = self.cluster_size();
+            self.meta.guard(
+                path,
+                || format!("refcount block write (reftable index {bi:#x})"),
+                off,
+                cs,
+                &[Meta::RefcountBlock],
+            )?;
+        }
         let b = self
-            .block(storage, path, bi)?
+            .blocks
+            .get_mut(&bi)
             .ok_or_else(|| Error::corrupt(path, at, "no refcount block for cluster"))?;
         if !refcount::set(b, order, ci % per, value) {
             return Err(Error::Unsupported {
@@ -181,6 +383,33 @@ impl Refcounts {
         }
         self.dirty_blocks.insert(bi);
         Ok(())
+    }
+
+    /// Host offset of refcount block `bi` as the table records it (0: none).
+    fn block_offset(&self, bi: u64) -> u64 {
+        usize::try_from(bi)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .copied()
+            .unwrap_or(0)
+            & REFTABLE_OFFSET_MASK
+    }
+
+    /// Refuses to allocate clusters `[first, first+n)` when any holds
+    /// metadata (their refcount said free: the refcounts are corrupt).
+    fn guard_alloc(&self, path: &Path, first: u64, n: u64) -> Result<()> {
+        self.guard_alloc_as(path, first, n, "allocation")
+    }
+
+    fn guard_alloc_as(&self, path: &Path, first: u64, n: u64, what: &str) -> Result<()> {
+        let cb = self.cluster_bits;
+        self.meta.guard(
+            path,
+            || format!("{what} of {n} cluster(s)"),
+            first << cb,
+            n << cb,
+            &[],
+        )
     }
 
     /// Adds `delta` (±1) to the refcount of cluster `ci`.
@@ -232,6 +461,12 @@ impl Refcounts {
             return Ok(None);
         }
         let block_ci = bi * per;
+        self.guard_alloc_as(path, block_ci, 1, "placement of a new refcount block")?;
+        self.meta.add(
+            block_ci << self.cluster_bits,
+            self.cluster_size(),
+            Meta::RefcountBlock,
+        );
         let mut b = vec![0u8; self.cluster_size() as usize];
         // The block describes itself: refcount 1 at index 0.
         refcount::set(&mut b, self.order, 0, 1);
@@ -312,6 +547,7 @@ impl Refcounts {
                 what: "refcount table would exceed its size limit".into(),
             });
         }
+        self.guard_alloc(path, start, k + t + n)?;
         if t > 0 {
             let old_len = self.table.len() as u64;
             self.table.resize(entries as usize, 0);
@@ -322,12 +558,27 @@ impl Refcounts {
                 for ci in first..first + u64::from(clusters) {
                     self.set_existing(storage, path, ci, 0)?;
                 }
+                self.meta.remove(
+                    off,
+                    u64::from(clusters) << self.cluster_bits,
+                    Meta::RefcountTable,
+                );
             } else {
                 self.old_table = Some((self.table_offset, self.table_clusters));
             }
             self.table_moved = Some(((start + k) << self.cluster_bits, t as u32));
+            self.meta.add(
+                (start + k) << self.cluster_bits,
+                t * cs,
+                Meta::RefcountTable,
+            );
         }
         for (j, bi) in blocks.iter().enumerate() {
+            self.meta.add(
+                (start + j as u64) << self.cluster_bits,
+                cs,
+                Meta::RefcountBlock,
+            );
             self.blocks.insert(*bi, vec![0u8; cs as usize]);
             self.dirty_blocks.insert(*bi);
             if let Some(e) = usize::try_from(*bi)
@@ -366,6 +617,7 @@ impl Refcounts {
             }
             ci += 1;
         }
+        self.guard_alloc(path, ci, 1)?;
         let first = ci;
         let mut n = 0;
         while n < max {
@@ -377,7 +629,7 @@ impl Refcounts {
                     break;
                 }
             }
-            if self.get(storage, path, c)? != 0 {
+            if self.get(storage, path, c)? != 0 || self.guard_alloc(path, c, 1).is_err() {
                 break;
             }
             self.set_existing(storage, path, c, 1)?;
@@ -474,6 +726,101 @@ impl Refcounts {
             self.table_offset = off;
             self.table_clusters = clusters;
         }
-        self.old_table.take()
+        let old = self.old_table.take();
+        if let Some((off, clusters)) = old {
+            self.meta.remove(
+                off,
+                u64::from(clusters) << self.cluster_bits,
+                Meta::RefcountTable,
+            );
+            // The new table may share clusters with nothing else; keep its role.
+            self.meta.add(
+                self.table_offset,
+                u64::from(self.table_clusters) << self.cluster_bits,
+                Meta::RefcountTable,
+            );
+        }
+        old
+    }
+}
+
+#[cfg(test)]
+mod metadata_map_tests {
+    use super::*;
+
+    // 64 KiB clusters.
+    const CB: u32 = 16;
+
+    #[test]
+    fn overlap_reports_the_first_kind_in_qemus_order() {
+        let mut m = MetadataMap::new(CB);
+        m.add(0x20000, 0x10000, Meta::InactiveL2);
+        m.add(0x20000, 0x10000, Meta::RefcountBlock);
+        assert_eq!(
+            m.overlap(0x20000, 512, &[]),
+            Some((0x20000, Meta::RefcountBlock))
+        );
+        // An allowed kind is skipped; the other one is still reported.
+        assert_eq!(
+            m.overlap(0x2_0100, 1, &[Meta::RefcountBlock]),
+            Some((0x20000, Meta::InactiveL2))
+        );
+    }
+
+    #[test]
+    fn ranges_are_cluster_granular_and_end_exclusive() {
+        let mut m = MetadataMap::new(CB);
+        // A snapshot table of 100 bytes at an unaligned offset.
+        m.add(0x3_fff0, 100, Meta::SnapshotTable);
+        assert!(m.overlap(0x30000, 0x10000, &[]).is_some());
+        assert!(m.overlap(0x40000, 1, &[]).is_some());
+        assert_eq!(m.overlap(0x50000, 0x10000, &[]), None);
+        // A write ending exactly where the metadata begins does not touch it.
+        assert_eq!(m.overlap(0x20000, 0x10000, &[]), None);
+    }
+
+    #[test]
+    fn removing_one_role_keeps_the_others() {
+        let mut m = MetadataMap::new(CB);
+        m.add(0x40000, 0x10000, Meta::ActiveL2);
+        m.add(0x40000, 0x10000, Meta::InactiveL2);
+        m.remove(0x40000, 0x10000, Meta::ActiveL2);
+        assert_eq!(
+            m.overlap(0x40000, 1, &[]),
+            Some((0x40000, Meta::InactiveL2))
+        );
+        m.remove(0x40000, 0x10000, Meta::InactiveL2);
+        assert_eq!(m.overlap(0x40000, 1, &[]), None);
+    }
+
+    #[test]
+    fn hostile_ranges_neither_panic_nor_match() {
+        let mut m = MetadataMap::new(CB);
+        m.add(u64::MAX - 10, 100, Meta::BitmapTable); // overflows: ignored
+        m.add(0x10000, 0, Meta::BitmapTable); // empty: ignored
+        assert_eq!(m.overlap(0, u64::MAX, &[]), None);
+        assert_eq!(m.overlap(u64::MAX, 2, &[]), None);
+        // A write range that overflows is still checked up to the end.
+        m.add(0xffff_0000_0000, 0x10000, Meta::ActiveL2);
+        assert!(m.overlap(0xfff0_0000_0000, u64::MAX, &[]).is_some());
+    }
+
+    #[test]
+    fn unknown_metadata_refuses_every_write() {
+        let mut m = MetadataMap::new(CB);
+        m.set_unknown(
+            0x400200,
+            "the L1 table of snapshot \"a\" is not cluster-aligned".into(),
+        );
+        let e = m
+            .guard(
+                Path::new("t.qcow2"),
+                || "data write".into(),
+                0x900000,
+                512,
+                &[],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("not cluster-aligned"), "{e}");
     }
 }

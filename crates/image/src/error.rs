@@ -123,6 +123,29 @@ pub enum Error {
         /// The error that poisoned it (`None` if it was not recorded).
         first: Option<FirstError>,
     },
+    /// A write or an allocation would have landed on the image's
+    /// metadata (QEMU's overlap check): it was refused before anything
+    /// was written, and the image was marked corrupt (v3 images).
+    #[error(
+        "{}: Preventing invalid write on metadata (overlaps with {structure} at host offset \
+         {structure_offset:#x}): {op} at host offset {offset:#x}+{len:#x} refused; the image \
+         is marked corrupt (repair it with `strata check -r all`)",
+        .path.display()
+    )]
+    MetadataOverlap {
+        /// The image.
+        path: PathBuf,
+        /// What was about to be written ("data write for guest offset 0x0", ...).
+        op: String,
+        /// Host offset of the refused write.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// QEMU's name of the structure it overlaps ("refcount block", ...).
+        structure: &'static str,
+        /// Host offset of the overlapped cluster of that structure.
+        structure_offset: u64,
+    },
     /// The caller asked for something invalid.
     #[error("{0}")]
     InvalidArgument(String),

@@ -18,11 +18,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY};
+use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::Refcounts;
+use crate::alloc::{Meta, MetadataMap, Refcounts};
 use crate::error::{Error, Result};
 use crate::qcow2::Qcow2Image;
 
@@ -53,6 +53,11 @@ pub(crate) struct WriteState {
     pub(crate) dirty_l1: BTreeSet<usize>,
     /// Data bytes written since the last metadata commit.
     pub(crate) unsynced_bytes: u64,
+    /// Set when a write was refused for corrupt metadata (an overlap, an
+    /// invalid entry): the image was marked corrupt, and nothing more is
+    /// written, not even the metadata still pending in memory (as a crash
+    /// would lose it; the protocol makes that safe).
+    pub(crate) halted: bool,
 }
 
 /// An L2 table with entries not yet on disk.
@@ -62,6 +67,10 @@ pub(crate) struct DirtyTable {
     lo: u64,
     hi: u64,
 }
+
+/// Most bytes of snapshot L1 tables read to build the overlap check's
+/// map (an image past it refuses writes).
+const SNAPSHOT_L1_BUDGET: u64 = 32 << 20;
 
 /// Metadata changes are committed (barrier, then pointer writes) when
 /// this many bytes of dirty L2 tables are held...
@@ -168,6 +177,7 @@ impl Qcow2Image {
                 first: self.poisoned.first(),
             });
         }
+        self.refuse_if_halted()?;
         if self.ws()?.prepared {
             return Ok(());
         }
@@ -202,6 +212,232 @@ impl Qcow2Image {
         }
         self.ws()?.prepared = true;
         Ok(())
+    }
+
+    /// Refuses to go on after a write was refused for corrupt metadata.
+    fn refuse_if_halted(&self) -> Result<()> {
+        if self.rw.as_ref().is_some_and(|w| w.halted) {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "a write was refused because the image's metadata is corrupt; the image \
+                      is marked corrupt and takes no more writes (run `strata check -r all`)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the image corrupt, as QEMU's `qcow2_signal_corruption` does
+    /// for a fatal corruption: on v3 images the corrupt bit (incompatible
+    /// feature bit 1) is set in the header, written alone and synced; v2
+    /// images have no such bit. Either way the image takes no more writes
+    /// in this session. Returns `err`, the corruption found.
+    pub(crate) fn fatal_corruption(&mut self, err: Error) -> Error {
+        if let Some(ws) = self.rw.as_deref_mut() {
+            if ws.halted {
+                return err;
+            }
+            ws.halted = true;
+        }
+        if self.header.version >= 3 {
+            self.header.incompatible_features |= INCOMPAT_CORRUPT;
+            let bits = self.header.incompatible_features.to_be_bytes();
+            // Offset 72: incompatible_features, present in every v3 header.
+            if self.write_bytes(&bits, 72, "mark image corrupt").is_ok() {
+                let _ = self.sync();
+            }
+        }
+        err
+    }
+
+    /// Marks the image corrupt when `r` failed for an overlap with metadata.
+    pub(crate) fn on_overlap<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e @ Error::MetadataOverlap { .. }) => Err(self.fatal_corruption(e)),
+            r => r,
+        }
+    }
+
+    /// Marks the image corrupt when an allocation failed on corrupt
+    /// refcount structures (an overlap, an unaligned refcount block), as
+    /// QEMU's allocator does (iotest 060, "unaligned reftable entry").
+    fn on_alloc_error<T>(&mut self, r: Result<T>, purpose: &str) -> Result<T> {
+        match r {
+            Err(Error::MetadataOverlap {
+                path,
+                op,
+                offset,
+                len,
+                structure,
+                structure_offset,
+            }) => {
+                let e = Error::MetadataOverlap {
+                    path,
+                    op: format!("{op} for {purpose}"),
+                    offset,
+                    len,
+                    structure,
+                    structure_offset,
+                };
+                Err(self.fatal_corruption(e))
+            }
+            Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
+            r => r,
+        }
+    }
+
+    /// Refuses (and marks the image corrupt) a write of `[off, off+len)`
+    /// that would land on metadata other than `allowed`.
+    pub(crate) fn guard_write(
+        &mut self,
+        op: &str,
+        off: u64,
+        len: u64,
+        allowed: &[Meta],
+    ) -> Result<()> {
+        let Some(ws) = self.rw.as_deref() else {
+            return Ok(());
+        };
+        let r = ws
+            .refcounts
+            .meta
+            .guard(&self.path, || op.to_string(), off, len, allowed);
+        self.on_overlap(r)
+    }
+
+    /// Builds the map of the image's metadata the overlap check uses: the
+    /// header cluster, the active and every snapshot's L1 table and the
+    /// L2 tables they point at, the refcount table and blocks, the
+    /// snapshot table, the bitmap directory and bitmap tables. Only the
+    /// L1 tables are read (the L2 tables' offsets are in them), so this
+    /// costs a few small reads at open.
+    pub(crate) fn load_metadata_map(&mut self) -> Result<()> {
+        let cb = self.geometry.cluster_bits();
+        let cs = self.geometry.cluster_size();
+        let Some(ws) = self.rw.as_deref() else {
+            return Ok(());
+        };
+        let mut meta = MetadataMap::new(cb);
+        // The refcount structures, as the allocator knows them.
+        let rc = &ws.refcounts;
+        meta.add(
+            rc.table_offset,
+            u64::from(rc.table_clusters) << cb,
+            Meta::RefcountTable,
+        );
+        for e in &rc.table {
+            let off = e & strata_format::refcount::REFTABLE_OFFSET_MASK;
+            if off != 0 {
+                meta.add(off, cs, Meta::RefcountBlock);
+            }
+        }
+        if let Some((off, n)) = rc.table_moved {
+            meta.add(off, u64::from(n) << cb, Meta::RefcountTable);
+        }
+        meta.add(0, cs, Meta::Header);
+        meta.add(
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+            Meta::ActiveL1,
+        );
+        for e in &self.l1 {
+            if let Some(off) = L1Entry(*e).l2_offset() {
+                meta.add(off.0, cs, Meta::ActiveL2);
+            }
+        }
+        if self.header.nb_snapshots > 0 {
+            meta.add(
+                self.header.snapshots_offset,
+                self.snapshot_table_len(),
+                Meta::SnapshotTable,
+            );
+        }
+        let file_len = self.storage_len()?;
+        // Snapshots usually share L1 tables' contents, rarely their
+        // offsets: read each distinct table once, and at most
+        // SNAPSHOT_L1_BUDGET bytes in all (a hostile image could name one
+        // 32 MiB table from 65536 snapshots).
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = SNAPSHOT_L1_BUDGET;
+        for sn in &self.snapshots {
+            let bytes = u64::from(sn.l1_size) * 8;
+            if !seen.insert((sn.l1_table_offset, bytes)) {
+                continue;
+            }
+            if !self.geometry.is_aligned(sn.l1_table_offset) {
+                meta.set_unknown(
+                    sn.l1_table_offset,
+                    format!(
+                        "the L1 table of snapshot {:?} is not cluster-aligned",
+                        sn.name
+                    ),
+                );
+                continue;
+            }
+            let in_file = sn
+                .l1_table_offset
+                .checked_add(bytes)
+                .is_some_and(|e| e <= file_len);
+            if bytes == 0 || bytes > strata_format::limits::MAX_L1_BYTES || !in_file {
+                // `check` reports it; a table outside the file protects
+                // nothing (and must not keep the allocator from growing
+                // the file).
+                continue;
+            }
+            meta.add(sn.l1_table_offset, bytes, Meta::InactiveL1);
+            let Some(left) = budget.checked_sub(bytes) else {
+                meta.set_unknown(
+                    sn.l1_table_offset,
+                    format!(
+                        "the snapshots' L1 tables exceed {} MiB",
+                        SNAPSHOT_L1_BUDGET >> 20
+                    ),
+                );
+                break;
+            };
+            budget = left;
+            let mut raw = vec![0u8; bytes as usize];
+            self.storage
+                .read_at(&mut raw, sn.l1_table_offset)
+                .map_err(|e| {
+                    Error::io(&self.path, "read snapshot L1 table", sn.l1_table_offset, e)
+                })?;
+            for e in strata_format::table::decode_u64_table(&raw) {
+                if let Some(off) = L1Entry(e).l2_offset() {
+                    meta.add(off.0, cs, Meta::InactiveL2);
+                }
+            }
+        }
+        if let Some((nb, dir_size, dir_off)) = self.header.bitmaps() {
+            let in_file = dir_off.checked_add(dir_size).is_some_and(|e| e <= file_len);
+            if in_file && dir_size > 0 && dir_size <= strata_format::bitmap::MAX_DIRECTORY_SIZE {
+                meta.add(dir_off, dir_size, Meta::BitmapDirectory);
+                let mut dir = vec![0u8; dir_size as usize];
+                self.storage
+                    .read_at(&mut dir, dir_off)
+                    .map_err(|e| Error::io(&self.path, "read bitmap directory", dir_off, e))?;
+                if let Ok(entries) = strata_format::bitmap::parse_directory(&dir, nb, dir_off) {
+                    for b in entries {
+                        let end = b.table_offset.checked_add(b.table_bytes());
+                        let valid = b.validate(cs, self.header.size, dir_off).is_ok()
+                            && b.table_bytes() <= strata_format::limits::MAX_L1_BYTES;
+                        if valid && end.is_some_and(|e| e <= file_len) {
+                            meta.add(b.table_offset, b.table_bytes(), Meta::BitmapTable);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(ws) = self.rw.as_deref_mut() {
+            ws.refcounts.meta = meta;
+        }
+        Ok(())
+    }
+
+    /// Bytes from the snapshot table's start to the end of its last entry.
+    fn snapshot_table_len(&self) -> u64 {
+        self.snapshot_table_end
+            .saturating_sub(self.header.snapshots_offset)
     }
 
     /// Writes the header (with extensions and backing name) to cluster 0.
@@ -261,18 +497,24 @@ impl Qcow2Image {
         self.sync()
     }
 
-    /// Allocates `n` contiguous clusters; returns the host offset.
-    pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+    /// Allocates `n` contiguous clusters for `purpose` ("an L2 table",
+    /// named in errors); returns the host offset.
+    pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
         let cb = self.geometry.cluster_bits();
-        let (storage, ws, path) = self.split()?;
-        let first = ws.refcounts.alloc_contiguous(storage, path, n)?;
-        Ok(first << cb)
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            ws.refcounts.alloc_contiguous(storage, path, n)
+        };
+        Ok(self.on_alloc_error(r, purpose)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
-    fn alloc_run(&mut self, max: u64) -> Result<(u64, u64)> {
-        let (storage, ws, path) = self.split()?;
-        ws.refcounts.alloc_run(storage, path, max)
+    fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            ws.refcounts.alloc_run(storage, path, max)
+        };
+        self.on_alloc_error(r, purpose)
     }
 
     /// The L2 table for L1 index `l1i`, made writable: allocated when
@@ -292,17 +534,31 @@ impl Qcow2Image {
                 )
             })?;
         let e = L1Entry(self.l1[i]);
+        let cs = self.geometry.cluster_size();
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
+            // Its entries are written in place: it must be nothing else.
+            self.guard_write(
+                &format!("L2 table write (L1 index {l1i})"),
+                off.0,
+                cs,
+                &[Meta::ActiveL2],
+            )?;
             return Ok(off.0);
         }
-        let cs = self.geometry.cluster_size() as usize;
         let content = match e.l2_offset() {
             Some(old) => self.l2_table(old.0)?.as_ref().clone(),
-            None => vec![0u8; cs],
+            None => vec![0u8; cs as usize],
         };
-        let new = self.alloc_contiguous(1)?;
+        let new = self.alloc_contiguous(1, "an L2 table")?;
         self.write_bytes(&content, new, "write L2 table")?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
+        if let Some(ws) = self.rw.as_deref_mut() {
+            let meta = &mut ws.refcounts.meta;
+            if let Some(old) = e.l2_offset() {
+                meta.remove(old.0, cs, Meta::ActiveL2);
+            }
+            meta.add(new, cs, Meta::ActiveL2);
+        }
         self.l2_cache
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
@@ -322,6 +578,11 @@ impl Qcow2Image {
         let ws = self.ws()?;
         if ws.dirty_l2.is_empty() && ws.dirty_l1.is_empty() && ws.unsynced_bytes == 0 {
             return Ok(());
+        }
+        let l1_entries: Vec<usize> = ws.dirty_l1.iter().copied().collect();
+        for i in l1_entries {
+            let at = self.header.l1_table_offset + 8 * i as u64;
+            self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
         }
         self.barrier()?;
         let es = self.geometry.l2_entry_size();
@@ -395,13 +656,44 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Reads entry `idx` of the L2 table at `toff` for a write through
+    /// it. An entry QEMU calls invalid (a subcluster both allocated and
+    /// zero, an allocated subcluster without a host cluster, an unaligned
+    /// host offset) is a fatal corruption: the write is refused before
+    /// anything of it is written and the image is marked corrupt, as QEMU
+    /// does (iotest 271).
+    fn entry_for_write(&mut self, table: &[u8], toff: u64, idx: u64) -> Result<L2Entry> {
+        let geo = self.geometry;
+        let e = L2Entry::read(table, geo, idx).map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        match e.validate(geo) {
+            Ok(()) => Ok(e),
+            Err(what) => {
+                let at = toff + idx * geo.l2_entry_size();
+                let err = Error::corrupt(
+                    &self.path,
+                    at,
+                    format!(
+                        "invalid cluster entry (L2 offset {toff:#x}, L2 index {idx:#x}): {what}"
+                    ),
+                );
+                Err(self.fatal_corruption(err))
+            }
+        }
+    }
+
     fn freed_by(&self, e: L2Entry) -> Vec<u64> {
         let geo = self.geometry;
         if let Some(d) = e.compressed_descriptor(geo) {
             let (a, b) = d.host_clusters(geo);
             return (a..=b).collect();
         }
+        // An unaligned host offset is not freed (it is leaked), as QEMU's
+        // "Cannot free unaligned cluster": which cluster it meant is unknown.
         e.host_cluster()
+            .filter(|h| geo.is_aligned(h.0))
             .map(|h| vec![h.0 >> geo.cluster_bits()])
             .unwrap_or_default()
     }
@@ -609,10 +901,7 @@ impl Qcow2Image {
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
                 let idx = geo.l2_index(GuestOffset(cstart));
-                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                let e = self.entry_for_write(&table, toff, idx)?;
                 let slice = &data[(a - off) as usize..(b - off) as usize];
                 plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
             }
@@ -627,17 +916,19 @@ impl Qcow2Image {
     fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         // Allocate new clusters, in runs; their entries get the offsets.
+        // Only plans that write need one: a plan without writes (a cluster
+        // zeroed whole next to partly zeroed ones) only changes its entry.
         let mut need: Vec<(usize, usize)> = Vec::new();
         for (t, (_, plans)) in tables.iter().enumerate() {
             need.extend(
                 (0..plans.len())
-                    .filter(|i| plans[*i].dest.is_none())
+                    .filter(|i| plans[*i].dest.is_none() && !plans[*i].writes.is_empty())
                     .map(|i| (t, i)),
             );
         }
         let mut k = 0;
         while k < need.len() {
-            let (first, n) = self.alloc_run((need.len() - k) as u64)?;
+            let (first, n) = self.alloc_run((need.len() - k) as u64, "data clusters")?;
             for j in 0..n as usize {
                 let (t, i) = need[k + j];
                 let p = &mut tables[t].1[i];
@@ -667,6 +958,21 @@ impl Qcow2Image {
                 }
             }
         }
+        for (h, _, len) in &runs {
+            let r = self
+                .rw
+                .as_deref()
+                .map(|ws| {
+                    ws.refcounts
+                        .meta
+                        .guard(&self.path, || "data write".into(), *h, *len, &[])
+                })
+                .unwrap_or(Ok(()));
+            if r.is_err() {
+                drop(runs);
+                return self.on_overlap(r);
+            }
+        }
         let mut written = 0;
         for (h, bufs, len) in &runs {
             self.storage
@@ -689,6 +995,16 @@ impl Qcow2Image {
         if plans.iter().all(|p| p.new == p.old) {
             return Ok(());
         }
+        // The clusters this frees are released at the next flush, after
+        // the new entries are on disk: their refcount blocks must be
+        // readable now, or the entries would change and the free fail
+        // (QEMU 060, "Discarding with an unaligned refblock").
+        let frees: Vec<u64> = plans
+            .iter()
+            .filter(|p| p.new != p.old)
+            .flat_map(|p| p.frees.iter().copied())
+            .collect();
+        self.check_freeable(&frees)?;
         let taken = self.ws()?.dirty_l2.remove(&toff);
         let mut d = match taken {
             Some(d) => d,
@@ -724,6 +1040,25 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Loads the refcount blocks of `clusters` (to be freed): a block the
+    /// refcount table places at an unaligned offset, or outside the file,
+    /// is a fatal corruption, as in QEMU (the image is marked corrupt).
+    fn check_freeable(&mut self, clusters: &[u64]) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let r = {
+            let (storage, ws, path) = self.split()?;
+            clusters
+                .iter()
+                .try_for_each(|ci| ws.refcounts.get(storage, path, *ci).map(|_| ()))
+        };
+        match r {
+            Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
+            r => r,
+        }
+    }
+
     /// Makes `[offset, offset+len)` read as zeros. With `unmap`, host
     /// clusters are released where possible. v2 images (no zero flag)
     /// get explicit zeros.
@@ -739,9 +1074,17 @@ impl Qcow2Image {
 
     /// Discards `[offset, offset+len)` as QEMU's qcow2 driver does: whole
     /// clusters only; they then read as zeros on v3 images (when there is
-    /// a backing file or they were allocated) and fall through to the
-    /// backing file on v2 images.
+    /// a backing file or they were allocated) and become unallocated on v2
+    /// images without a backing file. On a v2 image with a backing file
+    /// nothing changes (QEMU 290): there is no zero flag to hide it.
     pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        if has_backing && self.header.version < 3 {
+            // A v2 image has no zero flag: a discarded cluster would
+            // expose the backing file's data. QEMU does nothing then
+            // (qcow2_co_pdiscard returns ENOTSUP, which discard ignores).
+            self.check_range(offset, len)?;
+            return self.refuse_if_halted();
+        }
         let zero_backing = |b: &mut [u8], _| {
             b.fill(0);
             Ok(())
@@ -858,10 +1201,16 @@ impl Qcow2Image {
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
             let idx = geo.l2_index(GuestOffset(cstart));
-            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                path: self.path.clone(),
-                source,
-            })?;
+            // A discard only drops the entry (an unaligned one leaks its
+            // cluster, as in QEMU); zeroing may write through it.
+            let e = if let ZeroMode::Zero { .. } = mode {
+                self.entry_for_write(&table, toff, idx)?
+            } else {
+                L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?
+            };
             let a = start.max(cstart) - cstart;
             let b = end.min(cstart + cs) - cstart;
             let whole = a == 0 && b >= cs.min(self.virtual_size() - cstart);
@@ -970,6 +1319,7 @@ impl Qcow2Image {
                 first: self.poisoned.first(),
             });
         }
+        self.refuse_if_halted()?;
         self.commit_metadata()?;
         self.barrier()?;
         // Space released below may be reused: stop packing into it.
@@ -978,13 +1328,19 @@ impl Qcow2Image {
         if frees.is_empty() {
             return Ok(());
         }
-        {
+        let r = {
             let (storage, ws, path) = self.split()?;
+            let mut r = Ok(());
             for ci in frees {
-                ws.refcounts.adjust(storage, path, ci, -1)?;
+                r = ws.refcounts.adjust(storage, path, ci, -1).map(|_| ());
+                if r.is_err() {
+                    break;
+                }
             }
             ws.refcounts.rewind();
-        }
+            r
+        };
+        self.on_overlap(r)?;
         self.barrier()
     }
 
@@ -1012,7 +1368,7 @@ impl Qcow2Image {
         }
         if need > self.l1.len() as u64 {
             let clusters = self.geometry.clusters_for(need * 8);
-            let new_off = self.alloc_contiguous(clusters)?;
+            let new_off = self.alloc_contiguous(clusters, "the L1 table")?;
             let mut l1 = self.l1.clone();
             l1.resize(need as usize, 0);
             let mut raw = strata_format::table::encode_u64_table(&l1);
@@ -1026,6 +1382,11 @@ impl Qcow2Image {
             self.write_header()?;
             self.sync()?;
             self.l1 = l1;
+            if let Some(ws) = self.rw.as_deref_mut() {
+                let meta = &mut ws.refcounts.meta;
+                meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
+                meta.add(new_off, need * 8, Meta::ActiveL1);
+            }
             if old_l1.1 > 0 {
                 let cb = self.geometry.cluster_bits();
                 let first = old_l1.0 >> cb;
@@ -1112,7 +1473,8 @@ impl Qcow2Image {
             }
             let mut k = 0;
             while k < plans.len() {
-                let (first, n) = self.alloc_run((plans.len() - k) as u64)?;
+                let (first, n) =
+                    self.alloc_run((plans.len() - k) as u64, "preallocated clusters")?;
                 for j in 0..n as usize {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
@@ -1227,10 +1589,7 @@ impl Qcow2Image {
         for (i, cluster) in data.chunks(cs as usize).enumerate() {
             let g = off + i as u64 * cs;
             let idx = geo.l2_index(GuestOffset(g));
-            let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                path: self.path.clone(),
-                source,
-            })?;
+            let e = self.entry_for_write(&table, toff, idx)?;
             let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
                 plain.push((g, cluster));
                 continue;
@@ -1251,7 +1610,7 @@ impl Qcow2Image {
                 ws.refcounts.adjust(storage, path, ci, 1)?;
                 tail
             } else {
-                self.alloc_contiguous(geo.clusters_for(len))?
+                self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
             };
             self.compressed_tail.next = start + len;
             let word = strata_format::CompressedDescriptor::encode(
