@@ -57,7 +57,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// that fails leaves `dst` as it was. Calls `progress` with the bytes done
 /// so far.
 pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-    let new = NewImageFile::begin(dst).name_file(&dst.display().to_string())?;
+    let new = NewImageFile::begin(dst).name_file(dst)?;
     convert_to_raw_into(chain, &new.storage()?, dst, progress)?;
     new.commit()?;
     Ok(())
