@@ -334,6 +334,7 @@ rm -f "$W/before.raw" "$W/after.raw" "$W/err"
     for needle in [
         "blockcommit: commit ",
         " failed: ",
+        "No space left on device",
         "top.qcow2, which is unchanged and reads the same",
         "test.qcow2 may be partly written",
         "libvirt's metadata is unchanged",
