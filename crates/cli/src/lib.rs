@@ -59,10 +59,24 @@ pub fn open_options(format: Option<&str>, force_share: bool) -> Result<OpenOptio
     })
 }
 
+/// `--version`: the package version and the git revision built from
+/// (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("STRATA_GIT_REV"),
+    ")"
+);
+
+/// The whole command line's clap definition (man pages, completions).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "strata",
-    version,
+    version = VERSION,
     about = "qcow2 backing-chain engine: inspect, compare, convert (qemu-img spelling)"
 )]
 struct Cli {
