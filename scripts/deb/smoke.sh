@@ -44,8 +44,8 @@ cleanup() {
         fi
         echo "(nothing of strata left in /usr)"
         if [ "$installed_completion" = 1 ]; then
-            step apt-get remove -y bash-completion '# installed by this script'
-            apt-get remove -y bash-completion 2>&1 | grep -E '^(Removing|E:)' || true
+            step apt-get purge -y bash-completion '# installed by this script'
+            apt-get purge -y bash-completion 2>&1 | grep -E '^(Removing|Purging|E:)' || true
         fi
     fi
 }
