@@ -114,6 +114,48 @@ fn version_names_the_package_version_and_git_revision() {
     }
 }
 
+/// The build script, compiled on its own and run outside any git checkout
+/// (a release tarball), says `unknown`; STRATA_GIT_REV overrides it.
+#[test]
+fn build_script_falls_back_to_unknown_without_git() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("build-script");
+    run(Command::new("rustc")
+        .args(["--edition", "2021", "-o"])
+        .arg(&script)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("build.rs")));
+    let unpacked = tmp.path().join("strata-cli-0.1.0");
+    std::fs::create_dir(&unpacked).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"),
+        unpacked.join("Cargo.toml"),
+    )
+    .unwrap();
+    let emitted = |rev: Option<&str>| {
+        let mut cmd = Command::new(&script);
+        cmd.env("CARGO_MANIFEST_DIR", &unpacked)
+            // Outside any repository, even if TMPDIR lies inside one.
+            .env("GIT_CEILING_DIRECTORIES", tmp.path())
+            .env_remove("STRATA_GIT_REV");
+        if let Some(r) = rev {
+            cmd.env("STRATA_GIT_REV", r);
+        }
+        stdout(&mut cmd)
+    };
+    let out = emitted(None);
+    assert!(
+        out.lines()
+            .any(|l| l == "cargo:rustc-env=STRATA_GIT_REV=unknown"),
+        "{out}"
+    );
+    let out = emitted(Some("abc1234"));
+    assert!(
+        out.lines()
+            .any(|l| l == "cargo:rustc-env=STRATA_GIT_REV=abc1234"),
+        "{out}"
+    );
+}
+
 #[test]
 fn man_pages_cover_every_command_and_render() {
     let dir = tempfile::tempdir().unwrap();
