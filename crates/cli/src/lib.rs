@@ -31,6 +31,7 @@ pub mod qjson;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+pub mod svg;
 
 /// `--output` of the inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -113,7 +114,7 @@ enum Command {
         force_share: bool,
         /// Output format.
         #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
+        output: map::MapOutput,
         /// The image.
         file: String,
     },
