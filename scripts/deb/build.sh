@@ -15,7 +15,9 @@
 # BINARIES=...) reach the `make install` below.
 #
 # Depends come from dpkg-shlibdeps (dpkg-dev) when it is installed, versioned
-# as Debian's shlibs files say; otherwise from ldd and dpkg -S, unversioned.
+# as Debian's shlibs files say; otherwise (or with DEB_NO_SHLIBDEPS=1) from
+# the libraries the binary names (readelf -d, or all that ldd lists) and
+# dpkg -S, unversioned.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -42,7 +44,7 @@ ${MAKE:-make} --no-print-directory install DESTDIR="$stage/all" PREFIX=/usr GEN_
 # shlibs-based dependencies of one binary, as a Depends list.
 shlib_depends() {
     local bin=$1
-    if command -v dpkg-shlibdeps >/dev/null; then
+    if [ "${DEB_NO_SHLIBDEPS:-0}" != 1 ] && command -v dpkg-shlibdeps >/dev/null; then
         # dpkg-shlibdeps wants to run in a source tree.
         mkdir -p "$stage/src/debian"
         printf 'Source: strata\n\nPackage: strata\nArchitecture: any\n' >"$stage/src/debian/control"
@@ -51,8 +53,15 @@ shlib_depends() {
             sed -n 's/^shlibs:Depends=//p'
         return
     fi
-    local lib pkgs=()
-    for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 }'); do
+    # The libraries the binary names itself (readelf, when binutils is
+    # there); ldd alone also lists their dependencies.
+    local lib pkgs=() needed=""
+    if command -v readelf >/dev/null; then
+        needed=$(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p')
+    fi
+    for lib in $(ldd "$bin" | awk -v needed="$needed" '
+        BEGIN { n = split(needed, want, "\n"); for (i = 1; i <= n; i++) keep[want[i]] = 1 }
+        $2 == "=>" && $3 ~ /^\// && (n == 0 || ($1 in keep)) { print $3 }'); do
         pkg=$(dpkg -S "$lib" 2>/dev/null || dpkg -S "$(realpath "$lib")" 2>/dev/null) ||
             die "$bin links $lib, which no installed package owns"
         pkgs+=("${pkg%%:*}")
@@ -105,8 +114,11 @@ EOF
 
 all=$stage/all
 man_pages=$(cd "$all" && find usr/share/man/man1 -name 'strata*.1' ! -name strata-libvirt.1 | sort)
+# (Assignments, so that a failure stops the script.)
+strata_depends=$(shlib_depends "$all/usr/bin/strata")
+helper_depends=$(shlib_depends "$all/usr/bin/strata-libvirt")
 # shellcheck disable=SC2086 # one path a word
-package strata "$(shlib_depends "$all/usr/bin/strata")" \
+package strata "$strata_depends" \
     "qcow2 backing-chain engine (qemu-img spelling)" \
     " Offline image surgery on qcow2 chains: info, map, check, compare, convert,
  create, commit, pull, rebase and qemu-io style I/O, tested against qemu-img.
@@ -115,7 +127,7 @@ package strata "$(shlib_depends "$all/usr/bin/strata")" \
     usr/share/bash-completion/completions/strata \
     usr/share/zsh/vendor-completions/_strata \
     usr/share/fish/vendor_completions.d/strata.fish
-package strata-libvirt "strata (= $version), $(shlib_depends "$all/usr/bin/strata-libvirt")" \
+package strata-libvirt "strata (= $version), $helper_depends" \
     "strata's libvirt commands: offline external snapshots" \
     " strata snapshot create/list/revert/delete, blockcommit and blockpull for
  shut-off libvirt domains, without starting QEMU. strata runs them through

@@ -83,10 +83,10 @@ tmux send-keys -t "$session" 'strata com' Tab Tab
 sleep 1
 screen=$(tmux capture-pane -p -t "$session" | sed '/^$/d')
 echo "$screen"
-grep -q commit <<<"$screen" && grep -q compare <<<"$screen" || {
+if ! grep -q commit <<<"$screen" || ! grep -q compare <<<"$screen"; then
     echo "smoke: bash did not offer commit and compare" >&2
     exit 1
-}
+fi
 # One more letter makes it unique: TAB completes the word.
 tmux send-keys -t "$session" 'm' Tab
 sleep 1
