@@ -9,7 +9,7 @@ DEPS_FLAGS ?= --libvirt
 STRATA     := target/release/strata
 
 .PHONY: all deps build demo test lint fmt fixtures chains clean fuzz fuzz-smoke hostile bench bench-qemu
-.PHONY: release-bins gen install deb
+.PHONY: release-bins gen install uninstall deb
 
 all: build
 
@@ -107,6 +107,13 @@ install: gen
 	install -m 644 $(GEN_DIR)/completions/strata.bash $(DESTDIR)$(BASHCOMPDIR)/strata
 	install -m 644 $(GEN_DIR)/completions/_strata $(DESTDIR)$(ZSHCOMPDIR)/_strata
 	install -m 644 $(GEN_DIR)/completions/strata.fish $(DESTDIR)$(FISHCOMPDIR)/strata.fish
+
+# What install put there, and nothing else (the pages from a fresh list).
+uninstall: gen
+	rm -f $(DESTDIR)$(BINDIR)/strata $(DESTDIR)$(BINDIR)/strata-libvirt \
+		$(DESTDIR)$(BASHCOMPDIR)/strata $(DESTDIR)$(ZSHCOMPDIR)/_strata \
+		$(DESTDIR)$(FISHCOMPDIR)/strata.fish
+	cd $(GEN_DIR)/man && for p in *.1; do rm -f "$(DESTDIR)$(MANDIR)/man1/$$p"; done
 
 deb:
 	DEB_OUT=$(DEB_OUT) scripts/deb/build.sh

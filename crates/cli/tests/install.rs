@@ -318,7 +318,7 @@ fn tree(root: &Path) -> Vec<(String, u32)> {
 // The Makefile installs both programs: the default features.
 #[cfg(feature = "libvirt")]
 #[test]
-fn make_install_lays_out_binaries_pages_and_completions_under_destdir() {
+fn make_install_lays_out_binaries_pages_and_completions_under_destdir_and_uninstall_removes_them() {
     let tmp = tempfile::tempdir().unwrap();
     for (prefix, args) in [("usr", vec!["PREFIX=/usr"]), ("usr/local", vec![])] {
         let dest = tmp
@@ -362,6 +362,13 @@ fn make_install_lays_out_binaries_pages_and_completions_under_destdir() {
         // The installed program runs.
         let line = stdout(Command::new(dest.join(prefix).join("bin/strata")).arg("--version"));
         assert!(line.starts_with(&format!("strata {VERSION} ")), "{line}");
+        // And uninstall takes all of it away again.
+        let mut cmd = make(&["uninstall"]);
+        cmd.arg(format!("DESTDIR={}", dest.display()))
+            .arg(format!("GEN_DIR={}", gen.display()))
+            .args(&args);
+        run(&mut cmd);
+        assert_eq!(tree(&dest), vec![], "left after make uninstall");
     }
 }
 
