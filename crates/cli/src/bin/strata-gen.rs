@@ -134,6 +134,116 @@ fn see_also(pages: &[String]) -> Roff {
     roff
 }
 
+/// A few worked examples per page: (command line, what it does).
+fn examples(page: &str) -> &'static [(&'static str, &'static str)] {
+    match page {
+        "strata-info" => &[
+            (
+                "strata info --backing-chain top.qcow2",
+                "Describe every image of the chain.",
+            ),
+            (
+                "strata info --output json base.qcow2",
+                "The same keys as qemu-img info.",
+            ),
+        ],
+        "strata-map" => &[
+            (
+                "strata map --output json top.qcow2",
+                "Which layer answers each range, as qemu-img map.",
+            ),
+            (
+                "strata map --output svg top.qcow2 > chain.svg",
+                "The same as a picture: a strip per layer.",
+            ),
+        ],
+        "strata-check" => &[
+            (
+                "strata check img.qcow2",
+                "Exit 0 clean, 2 corrupted, 3 leaked clusters only.",
+            ),
+            ("strata check -r leaks img.qcow2", "Free leaked clusters."),
+        ],
+        "strata-create" => &[
+            (
+                "strata create -f qcow2 disk.qcow2 20G",
+                "A new empty image.",
+            ),
+            (
+                "strata create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2",
+                "An overlay on base.qcow2 (an external snapshot by hand).",
+            ),
+        ],
+        "strata-convert" => &[(
+            "strata convert -O qcow2 -c top.qcow2 flat.qcow2",
+            "The chain's guest view as one compressed image.",
+        )],
+        "strata-commit" => &[
+            (
+                "strata commit top.qcow2",
+                "Merge top.qcow2 into its backing file and empty it.",
+            ),
+            (
+                "strata commit -b base.qcow2 --dry-run top.qcow2",
+                "Show what committing down to base.qcow2 would do.",
+            ),
+        ],
+        "strata-pull" => &[
+            (
+                "strata pull top.qcow2",
+                "Copy the whole chain into top.qcow2; it stands alone after.",
+            ),
+            (
+                "strata pull -b base.qcow2 top.qcow2",
+                "Copy the layers above base.qcow2 only.",
+            ),
+        ],
+        "strata-rebase" => &[
+            (
+                "strata rebase -b new.qcow2 -F qcow2 top.qcow2",
+                "Change the backing file, copying what differs so that top reads the same.",
+            ),
+            (
+                "strata rebase -u -b moved/base.qcow2 -F qcow2 top.qcow2",
+                "Only rewrite the name (the file was moved).",
+            ),
+        ],
+        "strata-io" => &[(
+            "strata io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' img.qcow2",
+            "Write a pattern and read it back, as qemu-io does.",
+        )],
+        "strata-snapshot-create" => &[(
+            "strata snapshot create vm take-1",
+            "A disk-only external snapshot of the shut-off domain vm.",
+        )],
+        "strata-snapshot-revert" => &[(
+            "strata snapshot revert vm take-1",
+            "Return vm's disks to take-1 (libvirt cannot, for external snapshots).",
+        )],
+        "strata-snapshot-delete" => &[(
+            "strata snapshot delete vm take-2",
+            "Remove take-2, keeping the state of every other snapshot.",
+        )],
+        "strata-snapshot-list" => &[("strata snapshot list --tree vm", "The snapshots as a tree.")],
+        _ => &[],
+    }
+}
+
+fn examples_section(page: &str) -> Option<Roff> {
+    let list = examples(page);
+    if list.is_empty() {
+        return None;
+    }
+    let mut roff = Roff::default();
+    roff.control("SH", ["EXAMPLES"]);
+    for (cmd, what) in list {
+        roff.control("TP", []);
+        roff.text([bold(*cmd)]);
+        roff.text([roman(*what)]);
+    }
+    Some(roff)
+}
+
 fn render(man: &Man, extra: &[Roff], path: &Path) -> Result<()> {
     let mut buf = Vec::new();
     man.render(&mut buf)?;
@@ -198,7 +308,11 @@ fn man_pages(dir: &Path) -> Result<Vec<PathBuf>> {
                 .map(page_name),
         );
         let path = dir.join(format!("{name}.1"));
-        render(&man(sub.clone()), &[see_also(&also)], &path)?;
+        let extra: Vec<Roff> = examples_section(&name)
+            .into_iter()
+            .chain([see_also(&also)])
+            .collect();
+        render(&man(sub.clone()), &extra, &path)?;
         written.push(path);
     }
 
