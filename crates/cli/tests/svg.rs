@@ -352,3 +352,44 @@ fn svg_map_of_a_tib_disk_keeps_a_single_write_visible() {
     let svg = ok(&["map", "--output", "svg", s(&top)]);
     assert!(svg.len() < 16 * 1024, "{} bytes", svg.len());
 }
+
+#[test]
+fn svg_map_of_a_16_deep_chain_shows_every_layer_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = |i: usize| format!("l{i:02}.qcow2");
+    ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&dir.path().join(name(0))),
+        "16M",
+    ]);
+    for i in 1..16 {
+        let prev = name(i - 1);
+        ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &prev,
+            "-F",
+            "qcow2",
+            s(&dir.path().join(name(i))),
+        ]);
+    }
+    // Layer i (from the bottom) writes MiB i; the top layer's MiB 15.
+    for i in 0..16 {
+        let w = format!("write -P {} {}M 64k", i + 1, i);
+        ok(&["io", "-c", &w, s(&dir.path().join(name(i)))]);
+    }
+    let names: Vec<String> = (0..16).rev().map(name).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let answers = check_picture(&dir.path().join(name(15)), &names, 16 << 20);
+    for depth in 0..16u64 {
+        // MiB i is answered by the layer that wrote it, at depth 15 - i.
+        let col = (15 - depth) * 50;
+        assert_eq!(answers[col as usize], Some(depth), "column {col}");
+    }
+}
