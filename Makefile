@@ -9,6 +9,7 @@ DEPS_FLAGS ?= --libvirt
 STRATA     := target/release/strata
 
 .PHONY: all deps build demo test lint fmt fixtures chains clean fuzz fuzz-smoke hostile bench bench-qemu guest test-guest
+.PHONY: release-bins gen install uninstall deb
 
 all: build
 
@@ -77,6 +78,52 @@ bench:
 	$(CARGO) bench -p strata-benches
 bench-qemu: build
 	benches/compare-qemu.sh
+
+# Installing: `make install` (PREFIX=/usr/local, DESTDIR honoured) puts both
+# binaries, the man pages and the bash, zsh and fish completions in place;
+# `make deb` builds target/debian/strata_VERSION_ARCH.deb and
+# strata-libvirt_VERSION_ARCH.deb with dpkg-deb (scripts/deb/build.sh).
+# BINARIES is where the built programs are; NO_BUILD=1 skips the release
+# build (the tests install their own debug build that way).
+TARGET_DIR  ?= $(or $(CARGO_TARGET_DIR),target)
+BINARIES    ?= $(TARGET_DIR)/release
+GEN_DIR     ?= $(TARGET_DIR)/gen
+DEB_OUT     ?= $(TARGET_DIR)/debian
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+BINDIR      ?= $(PREFIX)/bin
+MANDIR      ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+
+release-bins:
+	$(CARGO) build --release -p strata-cli --bins
+
+# Man pages and completions from the clap definitions (strata-gen).
+gen: $(if $(NO_BUILD),,release-bins)
+	rm -rf $(GEN_DIR)
+	$(BINARIES)/strata-gen man $(GEN_DIR)/man >/dev/null
+	$(BINARIES)/strata-gen completions $(GEN_DIR)/completions >/dev/null
+
+install: gen
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(BASHCOMPDIR) \
+		$(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	install -m 755 $(BINARIES)/strata $(BINARIES)/strata-libvirt $(DESTDIR)$(BINDIR)/
+	install -m 644 $(GEN_DIR)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -m 644 $(GEN_DIR)/completions/strata.bash $(DESTDIR)$(BASHCOMPDIR)/strata
+	install -m 644 $(GEN_DIR)/completions/_strata $(DESTDIR)$(ZSHCOMPDIR)/_strata
+	install -m 644 $(GEN_DIR)/completions/strata.fish $(DESTDIR)$(FISHCOMPDIR)/strata.fish
+
+# What install put there, and nothing else (the pages from a fresh list).
+uninstall: gen
+	rm -f $(DESTDIR)$(BINDIR)/strata $(DESTDIR)$(BINDIR)/strata-libvirt \
+		$(DESTDIR)$(BASHCOMPDIR)/strata $(DESTDIR)$(ZSHCOMPDIR)/_strata \
+		$(DESTDIR)$(FISHCOMPDIR)/strata.fish
+	cd $(GEN_DIR)/man && for p in *.1; do rm -f "$(DESTDIR)$(MANDIR)/man1/$$p"; done
+
+deb:
+	DEB_OUT=$(DEB_OUT) scripts/deb/build.sh
 
 clean:
 	$(CARGO) clean

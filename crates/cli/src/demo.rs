@@ -138,7 +138,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             file: s(&top).into(),
             format: None,
             force_share: false,
-            output: OutputFormat::Json,
+            output: crate::map::MapOutput::Json,
         },
         out,
     )?;

@@ -31,6 +31,7 @@ pub mod qjson;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+pub mod svg;
 
 /// `--output` of the inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -59,10 +60,24 @@ pub fn open_options(format: Option<&str>, force_share: bool) -> Result<OpenOptio
     })
 }
 
+/// `--version`: the package version and the git revision built from
+/// (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("STRATA_GIT_REV"),
+    ")"
+);
+
+/// The whole command line's clap definition (man pages, completions).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "strata",
-    version,
+    version = VERSION,
     about = "qcow2 backing-chain engine: inspect, compare, convert (qemu-img spelling)"
 )]
 struct Cli {
@@ -99,7 +114,7 @@ enum Command {
         force_share: bool,
         /// Output format.
         #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
+        output: map::MapOutput,
         /// The image.
         file: PathBuf,
     },

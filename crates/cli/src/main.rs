@@ -28,7 +28,8 @@ fn exec_libvirt(args: &[OsString]) -> i32 {
     let Some(helper) = helper.filter(|p| p.is_file()) else {
         eprintln!(
             "strata: this command needs libvirt, and strata-libvirt was not found next to \
-             the strata binary (build the strata-cli package with its default features)"
+             the strata binary (install the strata-libvirt package, or build the strata-cli \
+             crate with its default features)"
         );
         return 1;
     };

@@ -29,7 +29,7 @@ use strata_format::{GuestOffset, L2Entry};
 use strata_image::{Chain, Layer, Mapping};
 
 use crate::info::path_combine;
-use crate::{open_options, OutputFormat};
+use crate::open_options;
 
 /// One line of `qemu-img map --output json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +217,18 @@ fn hex16(v: u64) -> String {
     format!("{s:<16}")
 }
 
+/// `--output` of `strata map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum MapOutput {
+    /// Text for people, as qemu-img prints it.
+    #[default]
+    Human,
+    /// JSON with qemu-img's keys.
+    Json,
+    /// An SVG picture: a strip per layer and who answers (see [`crate::svg`]).
+    Svg,
+}
+
 /// Arguments of `strata map`.
 #[derive(Debug, Clone)]
 pub struct MapArgs {
@@ -226,8 +238,8 @@ pub struct MapArgs {
     pub format: Option<String>,
     /// Take no locks (`-U`).
     pub force_share: bool,
-    /// Human or JSON.
-    pub output: OutputFormat,
+    /// Human, JSON or SVG.
+    pub output: MapOutput,
 }
 
 /// The JSON text of `entries`, byte for byte as qemu-img prints it.
@@ -251,21 +263,31 @@ pub fn entries_json(entries: &[MapEntry]) -> String {
     s
 }
 
+/// The layers' names as qemu-img shows them: backing names combined with
+/// the name of the image recording them.
+fn layer_names(args: &MapArgs, chain: &Chain) -> Vec<String> {
+    // Names as qemu-img shows them: backing names combined with the name
+    // of the image recording them.
+    let mut names = vec![args.file.to_string_lossy().into_owned()];
+    for l in chain.layers().iter().skip(1) {
+        let prev = names.last().cloned().unwrap_or_default();
+        names.push(path_combine(&prev, l.named_as.as_deref().unwrap_or("")));
+    }
+    names
+}
+
 /// Runs `strata map`.
 pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
     let opts = open_options(args.format.as_deref(), args.force_share)?;
     let chain = Chain::open(&args.file, &opts)?;
     let entries = map_entries(&chain)?;
     match args.output {
-        OutputFormat::Json => out.write_all(entries_json(&entries).as_bytes())?,
-        OutputFormat::Human => {
-            // Names as qemu-img shows them: backing names combined with
-            // the name of the image recording them.
-            let mut names = vec![args.file.to_string_lossy().into_owned()];
-            for l in chain.layers().iter().skip(1) {
-                let prev = names.last().cloned().unwrap_or_default();
-                names.push(path_combine(&prev, l.named_as.as_deref().unwrap_or("")));
-            }
+        MapOutput::Json => out.write_all(entries_json(&entries).as_bytes())?,
+        MapOutput::Svg => out.write_all(
+            crate::svg::render(&chain, &layer_names(args, &chain), &entries)?.as_bytes(),
+        )?,
+        MapOutput::Human => {
+            let names = layer_names(args, &chain);
             let mut s = format!(
                 "{:<16}{:<16}{:<16}{}\n",
                 "Offset", "Length", "Mapped to", "File"
