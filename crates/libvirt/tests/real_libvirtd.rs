@@ -144,7 +144,7 @@ fn domain_xml(name: &str, disk: &Path) -> String {
          <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
          <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
          <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-         <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
+         </devices></domain>",
         disk.display()
     )
 }
@@ -461,7 +461,7 @@ fn multi_disk_xml(name: &str, dir: &Path) -> String {
          <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
          <devices>{}{}{}{}<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
          <target dev='hdc' bus='ide'/><readonly/></disk>\
-         <graphics type='vnc' autoport='yes' listen='127.0.0.1'/></devices></domain>",
+         </devices></domain>",
         disk("qcow2", "test.qcow2", "vda", "", ""),
         disk("raw", "data.raw", "vdb", "", ""),
         disk("qcow2", "nosnap.qcow2", "vdc", " snapshot='no'", ""),
