@@ -31,6 +31,8 @@ pub mod qjson;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+#[cfg(feature = "libvirt")]
+pub use snapshot::cancel_on_signals;
 
 /// `--output` of the inspection commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]

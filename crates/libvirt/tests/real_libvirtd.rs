@@ -636,7 +636,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
         &conn,
         "multi",
         "m1",
-        &strata_libvirt::RevertOptions { disks_only: true },
+        &strata_libvirt::RevertOptions { disks_only: true, ..Default::default() },
     )
     .unwrap();
     assert!(r.kept.iter().any(|k| k.0 == mem), "{r:?}");

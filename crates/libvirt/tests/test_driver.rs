@@ -885,7 +885,7 @@ fn reverting_a_snapshot_with_memory_state_needs_disks_only_and_names_the_file() 
         &vm.conn,
         "vm",
         "take-1",
-        &RevertOptions { disks_only: true },
+        &RevertOptions { disks_only: true, ..Default::default() },
     )
     .unwrap();
     assert!(
