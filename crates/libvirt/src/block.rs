@@ -10,8 +10,8 @@ use virt::connect::Connect;
 
 use crate::ctx::{canon, remove_files, Ctx, Graph, Txn};
 use crate::error::{Error, Result};
-use crate::snapshot::{commit_guarded, garbage, Gc, Report};
 use crate::live;
+use crate::snapshot::{commit_guarded, garbage, Gc, Report};
 use crate::xml;
 
 /// Options of [`blockcommit`] (`virsh blockcommit --active --pivot`).
@@ -56,7 +56,10 @@ pub struct BlockPullOptions {
 }
 
 /// The active chain of a disk, canonical paths, top first.
-pub(crate) fn active_chain(src: &Path, format: Option<ImageFormat>) -> Result<Vec<(PathBuf, ImageFormat)>> {
+pub(crate) fn active_chain(
+    src: &Path,
+    format: Option<ImageFormat>,
+) -> Result<Vec<(PathBuf, ImageFormat)>> {
     let c = Chain::open(
         src,
         &OpenOptions {
@@ -442,7 +445,9 @@ fn live_pull(
     hooks: &mut Hooks<'_>,
 ) -> Result<Report> {
     let chain = live::checked_chain(&ctx, target, chain)?;
-    let k = base.as_ref().and_then(|b| chain.iter().position(|c| c == b));
+    let k = base
+        .as_ref()
+        .and_then(|b| chain.iter().position(|c| c == b));
     live::run_pull(&mut ctx, target, &chain, k, opts.bandwidth, hooks)?;
     ctx.refresh()?;
     let (removed, kept, warnings) = live::after_jobs(&ctx, &[target.to_string()], &[], &[])?;

@@ -32,9 +32,9 @@
 
 mod block;
 mod ctx;
+pub mod error;
 mod jobs;
 mod live;
-pub mod error;
 mod snapshot;
 pub mod testing;
 mod tree;

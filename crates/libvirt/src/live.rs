@@ -30,21 +30,23 @@ pub(crate) fn live_chain(live: &Element, target: &str) -> Vec<PathBuf> {
     let Some(devices) = live.get_child("devices") else {
         return Vec::new();
     };
-    let Some(disk) = devices.children.iter().filter_map(XMLNode::as_element).find(|d| {
-        d.name == "disk"
-            && d.get_child("target")
-                .and_then(|t| t.attributes.get("dev"))
-                .is_some_and(|t| t == target)
-    }) else {
+    let Some(disk) = devices
+        .children
+        .iter()
+        .filter_map(XMLNode::as_element)
+        .find(|d| {
+            d.name == "disk"
+                && d.get_child("target")
+                    .and_then(|t| t.attributes.get("dev"))
+                    .is_some_and(|t| t == target)
+        })
+    else {
         return Vec::new();
     };
     let mut v = Vec::new();
     let mut cur = Some(disk);
     while let Some(e) = cur {
-        match e
-            .get_child("source")
-            .and_then(|s| s.attributes.get("file"))
-        {
+        match e.get_child("source").and_then(|s| s.attributes.get("file")) {
             Some(f) => v.push(PathBuf::from(f)),
             None => break,
         }
@@ -58,11 +60,7 @@ fn live_name(ctx: &Ctx<'_>, target: &str, path: &Path) -> Result<String> {
     let live = ctx.live.as_ref().ok_or_else(|| not_running(ctx))?;
     let c = canon(path);
     let chain = live_chain(live, target);
-    let p = chain
-        .iter()
-        .find(|p| canon(p) == c)
-        .cloned()
-        .unwrap_or(c);
+    let p = chain.iter().find(|p| canon(p) == c).cloned().unwrap_or(c);
     Ok(path_str(&p)?.to_string())
 }
 
@@ -146,17 +144,18 @@ pub(crate) fn snapshot_create(
     }
     root.children.push(XMLNode::Element(disks));
     let snap_xml = xml::write(&root, "snapshot XML")?;
-    let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+    let mut flags =
+        sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
     if quiesce {
         flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
     }
     crate::testing::fail_point("live_snapshot")?;
+    let state = ctx.state_name();
     DomainSnapshot::create_xml(&ctx.dom, &snap_xml, flags).map_err(|e| {
-        let agent = e.message().to_ascii_lowercase().contains("agent");
-        if quiesce && agent {
+        if quiesce {
             Error::Unsupported(format!(
-                "--quiesce: the QEMU guest agent of domain {:?} did not answer, so its file \
-                 systems cannot be frozen: {} (quiescing needs a \
+                "--quiesce: the guest agent of domain {:?} ({state}) could not freeze its file \
+                 systems: libvirt: {} (quiescing needs the domain running, not paused, a \
                  <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel> \
                  in the domain and qemu-guest-agent running in the guest); nothing was changed \
                  (the snapshot is atomic); run it without --quiesce for a crash-consistent \
