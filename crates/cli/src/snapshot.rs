@@ -692,7 +692,7 @@ pub fn run_on(conn: &Connect, cmd: &LibvirtCommand, out: &mut dyn Write) -> Resu
             if r.swapped.is_empty() {
                 writeln!(out, "Commit complete")?;
             } else {
-                writeln!(out, "Successfully pivoted")?;
+                writeln!(out, "Successfully committed and pivoted")?;
             }
             print_report(out, &r)?;
         }
