@@ -9,7 +9,7 @@
 use std::ffi::CString;
 use std::os::raw::c_ulong;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_merge::{Hooks, Progress};
 use virt::domain::Domain;
@@ -177,8 +177,6 @@ pub(crate) fn wait(
     ready_ends: bool,
     hooks: &mut Hooks<'_>,
 ) -> Result<Waited> {
-    let mut seen = false;
-    let t0 = Instant::now();
     loop {
         if hooks.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             // The job may have ended in between: then there is nothing to abort.
@@ -193,7 +191,15 @@ pub(crate) fn wait(
             });
         }
         match job_info(dom, disk)? {
-            None if seen || t0.elapsed() > Duration::from_secs(2) => {
+            // libvirt registers the job before the start call returns, so
+            // no job means it ended.
+            None if ready_ends => {
+                return Err(Error::InvalidArgument(format!(
+                    "the active block commit of disk {disk} ended without becoming ready to \
+                     pivot (libvirtd's log says why); the domain keeps its chain"
+                )));
+            }
+            None => {
                 if let Some(p) = hooks.progress.as_mut() {
                     p(Progress {
                         done_bytes: 1,
@@ -202,9 +208,7 @@ pub(crate) fn wait(
                 }
                 return Ok(Waited::Finished);
             }
-            None => {}
             Some(i) => {
-                seen = true;
                 if let Some(p) = hooks.progress.as_mut() {
                     p(Progress {
                         done_bytes: i.cur,

@@ -353,6 +353,17 @@ pub(crate) fn after_jobs(
             }
             let mut tree = s.tree.clone();
             let mut changed = false;
+            // A child of a dropped snapshot gets its nearest surviving
+            // ancestor (libvirt re-parented it already; the redefinition
+            // below must say the same).
+            let mut parent = s.info.parent.clone();
+            while let Some(p) = parent.as_ref().filter(|p| drop_snaps.contains(p)) {
+                parent = ctx.snap(p)?.info.parent.clone();
+            }
+            if parent != s.info.parent {
+                crate::snapshot::set_parent(&mut tree, parent.as_deref());
+                changed = true;
+            }
             for t in targets {
                 changed |= xml::drop_snapshot_backing_store(&mut tree, t);
             }
@@ -362,11 +373,19 @@ pub(crate) fn after_jobs(
         }
         Ok(())
     })();
+    let after = |e: Error| Error::MergeFailed {
+        op: "the bookkeeping after libvirt's live job".into(),
+        state: "the job itself completed and QEMU uses the new chain; libvirt's snapshot \
+                metadata was put back as before, so it may still list snapshots whose state \
+                the job overwrote (remove those with strata snapshot delete --metadata)"
+            .into(),
+        cause: Box::new(e),
+    };
     if let Err(e) = run {
-        return Err(txn.rollback(e));
+        return Err(after(txn.rollback(e)));
     }
-    txn.finish()?;
-    finish_domain(ctx, &owned, targets)?;
+    txn.finish().map_err(after)?;
+    finish_domain(ctx, &owned, targets).map_err(after)?;
     let (removed, warnings) = remove_files(&remove);
     Ok((removed, kept, warnings))
 }

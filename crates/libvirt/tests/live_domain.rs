@@ -302,6 +302,54 @@ fn the_seed_workflow_on_a_running_domain() {
     assert_eq!(t.view(), v3, "pull keeps the view");
     t.states_hold("after blockpull");
 
+    // 4b. blockcommit --top (an inner layer) into the base: take-2 (its
+    //     state is the base since take-1's delete) and take-3 (reads
+    //     through the base) go; take-5's state (the top) and
+    //     the domain's view stay.
+    snapshot_create(&t.conn, DOM, "take-5", &SnapshotCreateOptions::default()).unwrap();
+    t.states.insert("take-5".into(), v3.clone());
+    let o5 = t.agree("create take-5");
+    t.write(0x66, "6M");
+    let v5 = t.view();
+    let refused = blockcommit(
+        &t.conn,
+        DOM,
+        &BlockCommitOptions {
+            top: Some(o3.clone()),
+            base: Some(base.clone()),
+            ..Default::default()
+        },
+        &mut Hooks::default(),
+    );
+    assert!(
+        matches!(refused, Err(Error::SnapshotsDestroyed { ref snapshots, .. }) if snapshots == &["take-2", "take-3"]),
+        "{refused:?}"
+    );
+    let r = blockcommit(
+        &t.conn,
+        DOM,
+        &BlockCommitOptions {
+            top: Some(o3.clone()),
+            shallow: true,
+            delete_snapshots: true,
+            ..Default::default()
+        },
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(r.snapshots_removed, vec!["take-2", "take-3"]);
+    t.states.remove("take-2");
+    t.states.remove("take-3");
+    assert_eq!(t.agree("blockcommit --top --shallow"), o5);
+    assert_eq!(chain_files(&o5), {
+        let mut v = vec![base.clone(), o5.clone()];
+        v.sort();
+        v
+    });
+    assert_eq!(t.view(), v5, "an inner commit keeps the view");
+    t.states_hold("after blockcommit --top");
+    let v3 = v5;
+
     // 5. blockcommit --active --pivot into the base, snapshots deleted.
     blockcommit(
         &t.conn,
