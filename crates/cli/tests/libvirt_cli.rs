@@ -417,7 +417,7 @@ fn an_interrupted_live_blockcommit_leaves_a_valid_chain_and_the_next_one_succeed
     ]);
     let before = guest::sha256_view(&top, &dir);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+    let child = Command::new(env!("CARGO_BIN_EXE_strata"))
         .args([
             "-c",
             u,

@@ -303,6 +303,9 @@ pub(crate) fn run_pull(
     Ok(())
 }
 
+/// What [`after_jobs`] did: (files removed, files kept with why, warnings).
+pub(crate) type AfterJobs = (Vec<PathBuf>, Vec<(PathBuf, String)>, Vec<String>);
+
 /// The bookkeeping after live jobs changed disk `target`'s chain: files
 /// owned and not needed any more are removed (as offline), the owned list
 /// and `<backingStore>` of the persistent definition updated, stale
@@ -312,7 +315,7 @@ pub(crate) fn after_jobs(
     targets: &[String],
     drop_snaps: &[String],
     extra_remove: &[PathBuf],
-) -> Result<(Vec<PathBuf>, Vec<(PathBuf, String)>, Vec<String>)> {
+) -> Result<AfterJobs> {
     let graph = Graph::load(&ctx.known_files())?;
     let except: Vec<&str> = drop_snaps.iter().map(String::as_str).collect();
     let mut roots = ctx.state_roots(&except);
