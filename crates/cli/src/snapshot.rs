@@ -1,6 +1,7 @@
 //! The libvirt commands (cargo feature `libvirt`): `strata snapshot
 //! create|list|revert|delete`, `strata blockcommit`, `strata blockpull`,
-//! for shut-off domains, through strata-libvirt. The connection URI comes
+//! through strata-libvirt (offline for shut-off domains, libvirt's live
+//! jobs for running ones). The connection URI comes
 //! from `-c`, else `LIBVIRT_DEFAULT_URI`, else libvirt's default.
 //!
 //! libvirt's in-process test driver (`test:///...`) keeps its state in
