@@ -294,7 +294,7 @@ enum Command {
         /// The image.
         file: PathBuf,
     },
-    /// External snapshots of shut-off libvirt domains (virsh's spelling).
+    /// External snapshots of libvirt domains, shut off or running (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
         /// What to do.
