@@ -388,11 +388,135 @@ fn the_seed_workflow_on_a_running_domain() {
     assert_eq!(t.view(), v3, "reverted to take-4");
     t.states_hold("after revert --force");
 
+    // 7. A guest that keeps writing (init's strata.mode=write: a numbered
+    //    block at 8 MiB, each one said on the console once durable) during
+    //    a live create, an active commit with pivot, a create and a pull.
+    let src = t.persistent_source();
+    let before = raw_of(&src, &dir);
+    t.cmdline("strata.disks=1 strata.mode=write");
+    let _ = std::fs::remove_file(&t.dom.serial);
+    t.lv.virsh(&["start", DOM]);
+    let mut n = t.wait_wrote(3);
+    snapshot_create(&t.conn, DOM, "take-w1", &SnapshotCreateOptions::default()).unwrap();
+    t.agree("create while the guest writes");
+    n = t.wait_wrote(n + 3);
+    blockcommit(
+        &t.conn,
+        DOM,
+        &BlockCommitOptions {
+            delete_snapshots: true,
+            ..Default::default()
+        },
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(t.agree("blockcommit while the guest writes"), base);
+    n = t.wait_wrote(n + 3);
+    snapshot_create(&t.conn, DOM, "take-w2", &SnapshotCreateOptions::default()).unwrap();
+    let ow2 = t.agree("create take-w2 while the guest writes");
+    n = t.wait_wrote(n + 3);
+    blockpull(
+        &t.conn,
+        DOM,
+        &BlockPullOptions::default(),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_eq!(t.agree("blockpull while the guest writes"), ow2);
+    assert_eq!(
+        chain_files(&ow2),
+        vec![ow2.clone()],
+        "the pull made it stand alone"
+    );
+    n = t.wait_wrote(n + 3);
+    t.lv.virsh(&["destroy", DOM]);
+    let last = t.wait_wrote(n);
+    let after = raw_of(&ow2, &dir);
+    let got = counter(&after);
+    assert!(
+        got == last || got == last + 1,
+        "the disk holds write {got}; the guest said {last} was durable"
+    );
+    let state_w2 = raw_of(&base, &dir);
+    let at_w2 = counter(&state_w2);
+    assert!(
+        at_w2 >= 3 && at_w2 <= got,
+        "take-w2's state holds write {at_w2}"
+    );
+    let w = 8 << 20;
+    for (what, img) in [("the disk", &after), ("take-w2's state", &state_w2)] {
+        assert!(
+            img[..w] == before[..w] && img[w + 4096..] == before[w + 4096..],
+            "{what}: everything but the guest's block is as before"
+        );
+    }
+    qemu_img(&["check", &s(&ow2)]);
+    qemu_img(&["check", &s(&base)]);
+    t.cmdline("strata.disks=1");
+
     // The guest reads what the files hold.
+    let want = sha256_view(&ow2, &dir);
     let src = t.persistent_source();
     let files = chain_files(&src);
     let boot = t.dom.boot(&t.lv).unwrap();
-    assert_eq!(boot.sums["vda"], v3, "the guest reads take-4's state");
+    assert_eq!(boot.sums["vda"], want, "the guest reads what it wrote");
     assert_eq!(boot.opened_files(), files, "QEMU opened the headers' chain");
     t.conn.close().unwrap();
+}
+
+/// The guest view of `img` as raw bytes.
+fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
+    let raw = dir.join("view.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
+    let v = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    v
+}
+
+/// The number of the guest's write at 8 MiB (0: none).
+fn counter(view: &[u8]) -> u64 {
+    let b = &view[8 << 20..(8 << 20) + 18];
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|t| t.strip_prefix("STRATA-W "))
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl T {
+    /// Sets the guest kernel's command line (persistent definition).
+    fn cmdline(&self, args: &str) {
+        let xml = self.lv.virsh(&["dumpxml", "--inactive", DOM]);
+        let i = xml.find("strata.disks=").unwrap();
+        let j = i + xml[i..].find("</cmdline>").unwrap();
+        let new = format!("{}{args}{}", &xml[..i], &xml[j..]);
+        let f = self.dir.join("redefine.xml");
+        std::fs::write(&f, new).unwrap();
+        self.lv.virsh(&["define", &s(&f)]);
+        std::fs::remove_file(&f).unwrap();
+    }
+
+    /// Waits until the guest said write `n` (or later) was durable;
+    /// returns the last one it said.
+    fn wait_wrote(&self, n: u64) -> u64 {
+        let t0 = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.dom.serial).unwrap_or_default();
+            assert!(!log.contains("STRATA-ERROR"), "the guest failed:\n{log}");
+            let last = log
+                .lines()
+                .filter_map(|l| l.trim_end().strip_prefix("STRATA-WROTE "))
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            if last >= n {
+                return last;
+            }
+            assert!(
+                t0.elapsed() < BOOT_TIMEOUT,
+                "the guest did not say write {n} within {BOOT_TIMEOUT:?}:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
