@@ -371,6 +371,27 @@ fn the_seed_workflow_on_a_running_domain() {
     t.states.insert("take-4".into(), v3.clone());
     t.agree("create take-4");
     t.write(0x55, "5M");
+    // 5b. delete of the current leaf: its state file (take-4's overlay)
+    //     pulled into the active image by libvirt's pull job.
+    let o4 = t.persistent_source();
+    let v4 = t.view();
+    snapshot_create(&t.conn, DOM, "take-4b", &SnapshotCreateOptions::default()).unwrap();
+    t.states.insert("take-4b".into(), v4);
+    let o4b = t.agree("create take-4b");
+    t.write(0x77, "7M");
+    let v4b = t.view();
+    let r = snapshot_delete(&t.conn, DOM, "take-4b", &mut Hooks::default()).unwrap();
+    assert!(r.merges[0].contains("live block pull"), "{r:?}");
+    t.states.remove("take-4b");
+    assert_eq!(t.agree("delete take-4b"), o4b);
+    assert_eq!(chain_files(&o4b), {
+        let mut v = vec![base.clone(), o4b.clone()];
+        v.sort();
+        v
+    });
+    assert!(!o4.exists(), "take-4's overlay pulled up and removed");
+    assert_eq!(t.view(), v4b, "delete keeps the domain's view");
+    t.states_hold("after delete take-4b");
     let e = snapshot_revert_with(&t.conn, DOM, "take-4", &RevertOptions::default());
     assert!(matches!(e, Err(Error::RevertRunning { .. })), "{e:?}");
     let r = snapshot_revert_with(
