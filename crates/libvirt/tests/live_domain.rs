@@ -415,9 +415,38 @@ fn the_seed_workflow_on_a_running_domain() {
     let src = t.persistent_source();
     let before = raw_of(&src, &dir);
     t.cmdline("strata.disks=1 strata.mode=write");
+    t.agent_channel();
     let _ = std::fs::remove_file(&t.dom.serial);
     t.lv.virsh(&["start", DOM]);
     let mut n = t.wait_wrote(3);
+    // --quiesce on a running domain with an agent channel but no agent
+    // in the guest: libvirt's "not connected", said clearly, nothing done.
+    let e = snapshot_create(
+        &t.conn,
+        DOM,
+        "take-q2",
+        &SnapshotCreateOptions {
+            quiesce: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--quiesce") && e.contains("agent") && e.contains("nothing was changed"),
+        "{e}"
+    );
+    eprintln!("quiesce without an answering agent: {e}");
+    assert!(!src
+        .with_file_name(format!(
+            "{}.take-q2",
+            src.file_stem().unwrap().to_string_lossy()
+        ))
+        .exists());
+    assert!(snapshot_list(&t.conn, DOM)
+        .unwrap()
+        .iter()
+        .all(|s| s.name != "take-q2"));
     snapshot_create(&t.conn, DOM, "take-w1", &SnapshotCreateOptions::default()).unwrap();
     t.agree("create while the guest writes");
     n = t.wait_wrote(n + 3);
@@ -511,6 +540,21 @@ impl T {
         let i = xml.find("strata.disks=").unwrap();
         let j = i + xml[i..].find("</cmdline>").unwrap();
         let new = format!("{}{args}{}", &xml[..i], &xml[j..]);
+        let f = self.dir.join("redefine.xml");
+        std::fs::write(&f, new).unwrap();
+        self.lv.virsh(&["define", &s(&f)]);
+        std::fs::remove_file(&f).unwrap();
+    }
+
+    /// Adds a guest agent channel (the test guest runs no agent).
+    fn agent_channel(&self) {
+        let xml = self.lv.virsh(&["dumpxml", "--inactive", DOM]);
+        let new = xml.replacen(
+            "</devices>",
+            "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>\
+             </channel></devices>",
+            1,
+        );
         let f = self.dir.join("redefine.xml");
         std::fs::write(&f, new).unwrap();
         self.lv.virsh(&["define", &s(&f)]);
