@@ -155,6 +155,25 @@ fn revert_and_delete_take_virshs_options() {
     assert_fails_with(&busy, 1, &["running", "--force"]);
     let busy = strata(&["snapshot", "delete", "vm", "take-3", "-c", u]);
     assert_fails_with(&busy, 1, &["not supported"]);
+    // --force stops it, reverts, and --running starts it again.
+    let r = strata_ok(&[
+        "snapshot",
+        "revert",
+        "vm",
+        "take-3",
+        "--force",
+        "--running",
+        "-c",
+        u,
+    ]);
+    assert!(
+        r.stdout
+            .contains("Domain vm was running: stopped it (--force)")
+            && r.stdout.contains("Domain vm reverted to snapshot take-3")
+            && r.stdout.contains("Domain vm started"),
+        "{}",
+        r.stdout
+    );
     let dom = strata_ok(&["snapshot", "current", "vm", "--name", "-c", u]).stdout;
     assert_eq!(dom.trim(), "take-3");
     stop(&uri);
