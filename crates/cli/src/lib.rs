@@ -31,6 +31,8 @@ pub mod qjson;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+#[cfg(feature = "libvirt")]
+pub use snapshot::cancel_on_signals;
 pub mod svg;
 
 /// `--output` of the inspection commands.
@@ -307,7 +309,7 @@ enum Command {
         /// The image.
         file: PathBuf,
     },
-    /// External snapshots of shut-off libvirt domains (virsh's spelling).
+    /// External snapshots of libvirt domains, shut off or running (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
         /// What to do.

@@ -1,6 +1,7 @@
 //! The libvirt commands (cargo feature `libvirt`): `strata snapshot
 //! create|list|revert|delete`, `strata blockcommit`, `strata blockpull`,
-//! for shut-off domains, through strata-libvirt. The connection URI comes
+//! through strata-libvirt (offline for shut-off domains, libvirt's live
+//! jobs for running ones). The connection URI comes
 //! from `-c`, else `LIBVIRT_DEFAULT_URI`, else libvirt's default.
 //!
 //! libvirt's in-process test driver (`test:///...`) keeps its state in
@@ -12,7 +13,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -111,7 +113,8 @@ pub struct CreateArgs {
     /// Accepted: Strata's snapshots are always atomic (all or nothing).
     #[arg(long = "atomic")]
     atomic: bool,
-    /// Refused: needs the guest agent of a running domain.
+    /// Freeze the guest's file systems (running domains, through the QEMU
+    /// guest agent; an error when it does not answer).
     #[arg(long = "quiesce")]
     quiesce: bool,
     /// Refused: memory state needs a running domain.
@@ -184,6 +187,9 @@ pub struct RevertArgs {
     /// Revert the disks of a snapshot with memory state, dropping that state.
     #[arg(long = "disks-only")]
     disks_only: bool,
+    /// Revert a running or paused domain: stop it first (virsh destroy).
+    #[arg(long = "force")]
+    force: bool,
 }
 
 /// `snapshot delete`.
@@ -219,7 +225,8 @@ pub struct BlockcommitArgs {
     /// The image to commit into (default: the bottom of the chain).
     #[arg(long = "base")]
     base: Option<PathBuf>,
-    /// The image to commit from: only the active image is supported.
+    /// The image to commit from (default: the active image; an inner
+    /// image on running domains only).
     #[arg(long = "top")]
     top: Option<PathBuf>,
     /// Commit into the active image's immediate backing file.
@@ -243,6 +250,12 @@ pub struct BlockcommitArgs {
     /// Remove the snapshots whose state the commit overwrites.
     #[arg(long = "delete-snapshots")]
     delete_snapshots: bool,
+    /// Bandwidth limit of the live job, MiB/s (bytes/s with --bytes).
+    #[arg(long = "bandwidth", default_value_t = 0)]
+    bandwidth: u64,
+    /// --bandwidth is in bytes/s.
+    #[arg(long = "bytes")]
+    bytes: bool,
 }
 
 /// `blockpull` (virsh blockpull DOMAIN DISK).
@@ -265,6 +278,20 @@ pub struct BlockpullArgs {
     /// Show progress (on a terminal).
     #[arg(long = "verbose", short = 'p')]
     verbose: bool,
+    /// Bandwidth limit of the live job, MiB/s (bytes/s with --bytes).
+    #[arg(long = "bandwidth", default_value_t = 0)]
+    bandwidth: u64,
+    /// --bandwidth is in bytes/s.
+    #[arg(long = "bytes")]
+    bytes: bool,
+}
+
+fn bandwidth(n: u64, bytes: bool) -> u64 {
+    if bytes {
+        n
+    } else {
+        n.saturating_mul(1 << 20)
+    }
 }
 
 /// One libvirt command with its arguments.
@@ -562,13 +589,52 @@ impl Bar {
     }
 }
 
+/// Set by the signal thread of [`cancel_on_signals`]: the running merge
+/// or live block job stops (a live job is aborted; the chain stays valid).
+static CANCEL: AtomicBool = AtomicBool::new(false);
+/// An operation that can be cancelled is running.
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+/// For the `strata-libvirt` binary only: SIGINT and SIGTERM cancel a
+/// running merge or live block job (which is aborted cleanly: the chain
+/// stays valid, and the command fails saying so); outside one they end
+/// the process at once, as before. The signals are blocked in every
+/// thread and taken by one thread with `sigwait` (no async handler).
+/// Call it before any other thread starts.
+pub fn cancel_on_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("strata-signals".into())
+        .spawn(move || loop {
+            let Ok(sig) = set.wait() else { return };
+            if ARMED.load(Ordering::SeqCst) {
+                if !CANCEL.swap(true, Ordering::SeqCst) {
+                    eprintln!("\n{sig}: cancelling the block job (the chain stays as it was)...");
+                }
+            } else {
+                std::process::exit(128 + sig as i32);
+            }
+        });
+    if spawned.is_err() {
+        let _ = set.thread_unblock();
+    }
+}
+
 fn with_bar<T>(label: &'static str, verbose: bool, f: impl FnOnce(&mut Hooks<'_>) -> T) -> T {
     let mut bar = Bar::new(label, verbose);
     let mut cb = |p: strata_merge::Progress| bar.update(p);
+    ARMED.store(true, Ordering::SeqCst);
     let r = f(&mut Hooks {
         progress: Some(&mut cb),
-        ..Hooks::default()
+        cancel: Some(&CANCEL),
     });
+    ARMED.store(false, Ordering::SeqCst);
     bar.done();
     r
 }
@@ -611,49 +677,24 @@ pub fn run_on(conn: &Connect, cmd: &LibvirtCommand, out: &mut dyn Write) -> Resu
         LibvirtCommand::Blockcommit(a) => {
             let domain = a.target.domain()?;
             let disk = one_name(&a.path_pos, &a.path)?;
-            let mut base = a.base.clone();
-            if let Some(top) = &a.top {
-                let disks = strata_libvirt::domain_disks(conn, &domain)?;
-                let active = disks
-                    .iter()
-                    .find(|d| match &disk {
-                        Some(x) => d.disk == *x || d.source == Path::new(x),
-                        None => disks.len() == 1,
-                    })
-                    .map(|d| d.source.clone());
-                let same = active.as_ref().is_some_and(|s| {
-                    std::fs::canonicalize(s).ok() == std::fs::canonicalize(top).ok()
-                });
-                if !same {
-                    bail!(
-                        "--top {}: Strata commits the active image only (offline, a commit of \
-                         an inner layer is a snapshot delete: strata snapshot delete)",
-                        top.display()
-                    );
-                }
-            }
-            if a.shallow {
-                let disks = strata_libvirt::domain_disks(conn, &domain)?;
-                let d = disks
-                    .iter()
-                    .find(|d| match &disk {
-                        Some(x) => d.disk == *x || d.source == Path::new(x),
-                        None => disks.len() == 1,
-                    })
-                    .ok_or_else(|| anyhow!("--shallow: name the disk (PATH|DISK)"))?;
-                base = d.chain.get(1).cloned();
-            }
             let opts = BlockCommitOptions {
                 disk,
-                base,
+                base: a.base.clone(),
                 delete_snapshots: a.delete_snapshots,
                 delete_merged: a.delete,
+                top: a.top.clone(),
+                shallow: a.shallow,
+                bandwidth: bandwidth(a.bandwidth, a.bytes),
             };
             let r = with_bar("Block commit", a.verbose, |h| {
                 strata_libvirt::blockcommit(conn, &domain, &opts, h)
             })
             .with_context(|| format!("{domain}: blockcommit"))?;
-            writeln!(out, "Successfully committed and pivoted")?;
+            if r.swapped.is_empty() {
+                writeln!(out, "Commit complete")?;
+            } else {
+                writeln!(out, "Successfully committed and pivoted")?;
+            }
             print_report(out, &r)?;
         }
         LibvirtCommand::Blockpull(a) => {
@@ -661,6 +702,7 @@ pub fn run_on(conn: &Connect, cmd: &LibvirtCommand, out: &mut dyn Write) -> Resu
             let opts = BlockPullOptions {
                 disk: one_name(&a.path_pos, &a.path)?,
                 base: a.base.clone(),
+                bandwidth: bandwidth(a.bandwidth, a.bytes),
             };
             let r = with_bar("Block Pull", a.verbose, |h| {
                 strata_libvirt::blockpull(conn, &domain, &opts, h)
@@ -677,17 +719,10 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
     match action {
         SnapshotAction::Create(a) => {
             let domain = a.target.domain()?;
-            if a.quiesce {
-                bail!(
-                    "--quiesce: refused: quiescing needs the QEMU guest agent of a running \
-                     domain; Strata snapshots shut-off domains, whose disks are already \
-                     consistent (take a live snapshot with virsh snapshot-create-as --quiesce)"
-                );
-            }
             if a.memspec.is_some() {
                 bail!(
                     "--memspec: refused: a memory state exists only while the domain runs; \
-                     Strata snapshots shut-off domains (disk-only)"
+                     Strata takes disk-only snapshots"
                 );
             }
             let _ = (a.disk_only, a.atomic); // always so
@@ -707,6 +742,7 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                     .collect::<Result<_>>()?,
                 file: a.file.clone(),
                 description: a.description.clone(),
+                quiesce: a.quiesce,
             };
             let r = strata_libvirt::snapshot_create(conn, &domain, &name, &opts)
                 .with_context(|| format!("{domain}: snapshot create {name}"))?;
@@ -799,9 +835,13 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                 &name,
                 &RevertOptions {
                     disks_only: a.disks_only,
+                    force: a.force,
                 },
             )
             .with_context(|| format!("{domain}: snapshot revert {name}"))?;
+            if r.stopped {
+                writeln!(out, "Domain {domain} was running: stopped it (--force)")?;
+            }
             writeln!(out, "Domain {domain} reverted to snapshot {name}")?;
             print_report(out, &r)?;
             if a.running || a.paused {

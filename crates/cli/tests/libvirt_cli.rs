@@ -149,8 +149,31 @@ fn revert_and_delete_take_virshs_options() {
 
     let r = strata_ok(&["snapshot", "revert", "vm", "take-3", "--running", "-c", u]);
     assert!(r.stdout.contains("Domain vm started"), "{}", r.stdout);
+    // Running: a revert without --force is refused; a delete is libvirt's
+    // live job, which the test driver does not have (nothing changes).
+    let busy = strata(&["snapshot", "revert", "vm", "take-3", "-c", u]);
+    assert_fails_with(&busy, 1, &["running", "--force"]);
     let busy = strata(&["snapshot", "delete", "vm", "take-3", "-c", u]);
-    assert_fails_with(&busy, 1, &["running", "shut it down first"]);
+    assert_fails_with(&busy, 1, &["not supported"]);
+    // --force stops it, reverts, and --running starts it again.
+    let r = strata_ok(&[
+        "snapshot",
+        "revert",
+        "vm",
+        "take-3",
+        "--force",
+        "--running",
+        "-c",
+        u,
+    ]);
+    assert!(
+        r.stdout
+            .contains("Domain vm was running: stopped it (--force)")
+            && r.stdout.contains("Domain vm reverted to snapshot take-3")
+            && r.stdout.contains("Domain vm started"),
+        "{}",
+        r.stdout
+    );
     let dom = strata_ok(&["snapshot", "current", "vm", "--name", "-c", u]).stdout;
     assert_eq!(dom.trim(), "take-3");
     stop(&uri);
@@ -344,4 +367,153 @@ rm -f "$W/before.raw" "$W/after.raw" "$W/err"
     }
     assert!(text.contains("TOP-READS-THE-SAME"), "{text}");
     assert!(text.contains("BASE-CHECKS-CLEAN"), "{text}");
+}
+
+/// A real private libvirtd and QEMU (the booted-guest harness's), for the
+/// live commands.
+#[path = "../../libvirt/tests/guest/mod.rs"]
+mod guest;
+
+/// SIGTERM to `strata blockcommit` while libvirt's live job runs (slowed
+/// by a bandwidth limit): the job is aborted, the running domain keeps a
+/// valid chain, and the next blockcommit succeeds.
+#[test]
+fn an_interrupted_live_blockcommit_leaves_a_valid_chain_and_the_next_one_succeeds() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let Some(lv) = guest::Libvirtd::start() else {
+        return;
+    };
+    let work = tempdir();
+    let dir = std::fs::canonicalize(work.path()).unwrap();
+    let base = dir.join("intr.qcow2");
+    guest::qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    guest::qemu_io(&base, "qcow2", "write -P 0x11 0 2M");
+    let xml = dir.join("intr.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>intr</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <memballoon model='none'/></devices></domain>",
+            base.display()
+        ),
+    )
+    .unwrap();
+    lv.virsh(&["define", s(&xml)]);
+    lv.virsh(&["start", "--paused", "intr"]);
+    let u = lv.uri.as_str();
+    let r = strata_ok(&[
+        "-c",
+        u,
+        "snapshot",
+        "create",
+        "intr",
+        "take-1",
+        "--disk-only",
+        "--atomic",
+    ]);
+    assert!(
+        r.stdout.contains("Domain snapshot take-1 created"),
+        "{}",
+        r.stdout
+    );
+    let top = dir.join("intr.take-1");
+    assert!(lv.virsh(&["domblklist", "intr"]).contains(s(&top)));
+    let dev = "/machine/peripheral/virtio-disk0/virtio-backend";
+    lv.virsh(&[
+        "qemu-monitor-command",
+        "intr",
+        "--hmp",
+        &format!("qemu-io -d {dev} \"write -P 0x22 0 4M\""),
+    ]);
+    lv.virsh(&[
+        "qemu-monitor-command",
+        "intr",
+        "--hmp",
+        &format!("qemu-io -d {dev} \"flush\""),
+    ]);
+    let before = guest::sha256_view(&top, &dir);
+
+    let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "-c",
+            u,
+            "blockcommit",
+            "intr",
+            "vda",
+            "--active",
+            "--pivot",
+            "--verbose",
+        ])
+        .args(["--bandwidth", "65536", "--bytes", "--delete-snapshots"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let jobs = lv
+            .try_virsh(&["blockjob", "intr", "vda"])
+            .unwrap_or_default();
+        if jobs.contains("Commit") || jobs.contains("Bandwidth") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no job started: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let t1 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(
+        t1.elapsed() < Duration::from_secs(20),
+        "the abort took {:?}",
+        t1.elapsed()
+    );
+    // The domain runs on the same chain, with no job left.
+    assert_eq!(lv.state("intr"), "paused");
+    let jobs = lv.virsh(&["blockjob", "intr", "vda"]);
+    assert!(
+        !jobs.contains("Commit") && !jobs.contains("Bandwidth"),
+        "{jobs}"
+    );
+    assert!(lv.virsh(&["domblklist", "intr"]).contains(s(&top)));
+    assert!(lv
+        .virsh(&["dumpxml", "--inactive", "intr"])
+        .contains(s(&top)));
+    guest::qemu_img(&["check", "-U", s(&top)]);
+    assert_eq!(guest::sha256_view(&top, &dir), before);
+    assert!(lv
+        .virsh(&["snapshot-list", "intr", "--name"])
+        .contains("take-1"));
+
+    // The next operation succeeds.
+    let r = strata_ok(&[
+        "-c",
+        u,
+        "blockcommit",
+        "intr",
+        "vda",
+        "--active",
+        "--pivot",
+        "--delete-snapshots",
+    ]);
+    assert!(r.stdout.contains("pivoted"), "{}", r.stdout);
+    assert!(lv.virsh(&["domblklist", "intr"]).contains(s(&base)));
+    assert!(!top.exists(), "the committed overlay is removed");
+    lv.virsh(&["destroy", "intr"]);
+    assert_eq!(guest::sha256_view(&base, &dir), before);
+    lv.virsh(&["undefine", "intr"]);
 }

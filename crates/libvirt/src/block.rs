@@ -10,6 +10,7 @@ use virt::connect::Connect;
 
 use crate::ctx::{canon, remove_files, Ctx, Graph, Txn};
 use crate::error::{Error, Result};
+use crate::live;
 use crate::snapshot::{commit_guarded, garbage, Gc, Report};
 use crate::xml;
 
@@ -28,6 +29,16 @@ pub struct BlockCommitOptions {
     /// above the base that nothing needs any more when Strata did not
     /// create them (its own and snapshots' overlays are removed anyway).
     pub delete_merged: bool,
+    /// `--top`: the image to commit from, a file of the active chain;
+    /// `None`: the active image (an active commit, with the pivot). An
+    /// inner layer is committed only on a running domain (libvirt's
+    /// job); offline that is a snapshot delete.
+    pub top: Option<PathBuf>,
+    /// `--shallow`: commit into the immediate backing file of the top.
+    pub shallow: bool,
+    /// Bandwidth limit of a live job, bytes per second (0: none; offline
+    /// merges ignore it).
+    pub bandwidth: u64,
 }
 
 /// Options of [`blockpull`] (`virsh blockpull`).
@@ -39,10 +50,16 @@ pub struct BlockPullOptions {
     /// image's backing file; `None`: pull everything, the active image
     /// then stands alone.
     pub base: Option<PathBuf>,
+    /// Bandwidth limit of a live job, bytes per second (0: none; offline
+    /// merges ignore it).
+    pub bandwidth: u64,
 }
 
 /// The active chain of a disk, canonical paths, top first.
-fn active_chain(src: &Path, format: Option<ImageFormat>) -> Result<Vec<(PathBuf, ImageFormat)>> {
+pub(crate) fn active_chain(
+    src: &Path,
+    format: Option<ImageFormat>,
+) -> Result<Vec<(PathBuf, ImageFormat)>> {
     let c = Chain::open(
         src,
         &OpenOptions {
@@ -84,7 +101,7 @@ pub fn blockcommit(
     opts: &BlockCommitOptions,
     hooks: &mut Hooks<'_>,
 ) -> Result<Report> {
-    let ctx = Ctx::load(conn, domain)?;
+    let ctx = Ctx::load_any(conn, domain)?;
     let disk = ctx.disk(opts.disk.as_deref())?;
     let target = disk.target.clone();
     let src = disk.source.clone().unwrap_or_default();
@@ -98,23 +115,53 @@ pub fn blockcommit(
             src.display()
         )));
     }
+    let t = match &opts.top {
+        Some(p) if canon(p) == chain[0].0 => 0,
+        Some(p) => find_in_chain(&chain, p, "--top")?,
+        None => 0,
+    };
+    if t > 0 && ctx.live.is_none() {
+        return Err(Error::Unsupported(format!(
+            "--top {}: on a shut-off domain Strata commits the active image only (a commit of \
+             an inner layer is a snapshot delete: strata snapshot delete); on a running \
+             domain libvirt commits inner layers",
+            opts.top.as_deref().unwrap_or(Path::new("")).display()
+        )));
+    }
     let k = match &opts.base {
+        Some(_) if opts.shallow => {
+            return Err(Error::InvalidArgument(
+                "--shallow and --base are exclusive".into(),
+            ))
+        }
         Some(b) => find_in_chain(&chain, b, "blockcommit")?,
+        None if opts.shallow => t + 1,
         None => chain.len() - 1,
     };
+    if k <= t || k >= chain.len() {
+        return Err(Error::InvalidArgument(format!(
+            "disk {target}: the base must be below the top in the chain of {}",
+            src.display()
+        )));
+    }
     let (base, base_fmt) = chain
         .get(k)
         .cloned()
         .ok_or_else(|| Error::InvalidArgument("no base".into()))?;
     let graph = Graph::load(&ctx.known_files())?;
 
-    // Snapshots whose state reads through the base.
+    // Snapshots whose state reads through the base, not through the top
+    // (the top's view does not change; everything else reading the base
+    // does).
+    let top_file = chain[t].0.clone();
     let doomed: Vec<String> = ctx
         .snaps
         .iter()
         .filter(|s| {
-            s.state_file(&target)
-                .is_some_and(|(f, _)| graph.closure(&[canon(&f)]).contains(&base))
+            s.state_file(&target).is_some_and(|(f, _)| {
+                let c = graph.closure(&[canon(&f)]);
+                c.contains(&base) && !c.contains(&top_file)
+            })
         })
         .map(|s| s.info.name.clone())
         .collect();
@@ -126,6 +173,9 @@ pub fn blockcommit(
             base,
             snapshots: doomed,
         });
+    }
+    if ctx.live.is_some() {
+        return live_commit(ctx, &target, &chain, t, k, doomed, opts, hooks);
     }
     let doomed_refs: Vec<&str> = doomed.iter().map(String::as_str).collect();
     let mut roots = ctx.state_roots(&doomed_refs);
@@ -241,7 +291,7 @@ pub fn blockpull(
     opts: &BlockPullOptions,
     hooks: &mut Hooks<'_>,
 ) -> Result<Report> {
-    let ctx = Ctx::load(conn, domain)?;
+    let ctx = Ctx::load_any(conn, domain)?;
     let disk = ctx.disk(opts.disk.as_deref())?;
     let src = disk.source.clone().unwrap_or_default();
     let chain = active_chain(
@@ -268,6 +318,9 @@ pub fn blockpull(
         }
         None => None,
     };
+    if ctx.live.is_some() {
+        return live_pull(ctx, &disk.target, &chain, base, opts, hooks);
+    }
     let top = canon(&src);
     let pr = strata_merge::pull(
         &top,
@@ -321,4 +374,92 @@ pub fn blockpull(
         report.warnings.append(&mut w);
     }
     Ok(report)
+}
+
+/// [`blockcommit`] on a running domain: libvirt's commit job (an active
+/// commit pivots to the base), then the bookkeeping as offline.
+#[allow(clippy::too_many_arguments)]
+fn live_commit(
+    mut ctx: Ctx<'_>,
+    target: &str,
+    chain: &[(PathBuf, ImageFormat)],
+    t: usize,
+    k: usize,
+    doomed: Vec<String>,
+    opts: &BlockCommitOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<Report> {
+    let chain = live::checked_chain(&ctx, target, chain)?;
+    let base = chain[k].clone();
+    live::run_commit(&mut ctx, target, &chain, t, k, opts.bandwidth, hooks).map_err(|e| {
+        if doomed.is_empty() {
+            e
+        } else {
+            Error::MergeFailed {
+                op: format!("live commit into {}", base.display()),
+                state: format!(
+                    "the domain keeps its chain; snapshot(s) {} had their state in or below {}, \
+                     which may be partly overwritten; run the same blockcommit again to finish",
+                    doomed.join(", "),
+                    base.display()
+                ),
+                cause: Box::new(e),
+            }
+        }
+    })?;
+    ctx.refresh()?;
+    let merged: Vec<PathBuf> = if opts.delete_merged {
+        chain[t..k].to_vec()
+    } else {
+        Vec::new()
+    };
+    let (removed, kept, warnings) =
+        live::after_jobs(&ctx, &[target.to_string()], &doomed, &merged)?;
+    let mut report = Report {
+        merges: vec![format!(
+            "committed {} ({} image(s)) into {} (libvirt's live block commit)",
+            chain[t].display(),
+            k - t,
+            base.display()
+        )],
+        removed,
+        snapshots_removed: doomed,
+        kept,
+        warnings,
+        ..Report::default()
+    };
+    if t == 0 {
+        report.swapped.push((target.to_string(), base));
+    }
+    Ok(report)
+}
+
+/// [`blockpull`] on a running domain: libvirt's pull job, then the
+/// bookkeeping as offline.
+fn live_pull(
+    mut ctx: Ctx<'_>,
+    target: &str,
+    chain: &[(PathBuf, ImageFormat)],
+    base: Option<PathBuf>,
+    opts: &BlockPullOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<Report> {
+    let chain = live::checked_chain(&ctx, target, chain)?;
+    let k = base
+        .as_ref()
+        .and_then(|b| chain.iter().position(|c| c == b));
+    live::run_pull(&mut ctx, target, &chain, k, opts.bandwidth, hooks)?;
+    ctx.refresh()?;
+    let (removed, kept, warnings) = live::after_jobs(&ctx, &[target.to_string()], &[], &[])?;
+    Ok(Report {
+        merges: vec![format!(
+            "pulled {} image(s) into {} (libvirt's live block pull)",
+            k.map_or(chain.len() - 1, |k| k - 1),
+            chain[0].display()
+        )],
+        removed,
+        kept,
+        warnings,
+        ..Report::default()
+    })
 }

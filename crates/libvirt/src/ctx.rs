@@ -195,6 +195,9 @@ pub(crate) struct Ctx<'c> {
     pub text: String,
     pub xml: Element,
     pub snaps: Vec<Snap>,
+    /// The domain runs (or is paused): its live definition, what QEMU
+    /// has open. `None`: shut off.
+    pub live: Option<Element>,
 }
 
 fn state_name(dom: &Domain) -> String {
@@ -209,10 +212,15 @@ fn state_name(dom: &Domain) -> String {
 }
 
 impl<'c> Ctx<'c> {
-    /// Looks the domain up, takes its lock ([`DomainLock`]), then refuses
-    /// an active domain and loads its XML and snapshots (so the plan is
-    /// made from what libvirt says under the lock).
-    pub fn load(conn: &'c Connect, name: &str) -> Result<Ctx<'c>> {
+    /// Looks the domain up, takes its lock ([`DomainLock`]), then loads its
+    /// XML and snapshots (so the plan is made from what libvirt says under
+    /// the lock); a running or paused (persistent) domain comes with its
+    /// live definition in [`Ctx::live`].
+    pub fn load_any(conn: &'c Connect, name: &str) -> Result<Ctx<'c>> {
+        Ctx::load_inner(conn, name, true)
+    }
+
+    fn load_inner(conn: &'c Connect, name: &str, allow_active: bool) -> Result<Ctx<'c>> {
         let dom = Domain::lookup_by_name(conn, name)
             .map_err(|e| Error::libvirt(format!("look up domain {name:?}"), e))?;
         let uuid = dom
@@ -222,12 +230,51 @@ impl<'c> Ctx<'c> {
         let active = dom
             .is_active()
             .map_err(|e| Error::libvirt("query domain state", e))?;
-        if active {
+        if active && !allow_active {
             return Err(Error::DomainActive {
                 domain: name.to_string(),
                 state: state_name(&dom),
             });
         }
+        let mut ctx = Ctx {
+            conn,
+            dom,
+            _lock: lock,
+            name: name.to_string(),
+            text: String::new(),
+            xml: Element::new("domain"),
+            snaps: Vec::new(),
+            live: None,
+        };
+        ctx.refresh()?;
+        if ctx.live.is_some()
+            && !ctx
+                .dom
+                .is_persistent()
+                .map_err(|e| Error::libvirt("query domain persistence", e))?
+        {
+            return Err(Error::Unsupported(format!(
+                "domain {name:?} is transient (it has no persistent definition): Strata keeps \
+                 its records in the persistent definition; define it first (virsh dumpxml \
+                 {name} > {name}.xml; virsh define {name}.xml); nothing was changed"
+            )));
+        }
+        Ok(ctx)
+    }
+
+    /// The domain's state name ("running", "paused", ...).
+    pub fn state_name(&self) -> String {
+        state_name(&self.dom)
+    }
+
+    /// Reads the domain XML (inactive and, when active, live) and the
+    /// snapshots again (after a live job changed them, or the domain was
+    /// stopped).
+    pub fn refresh(&mut self) -> Result<()> {
+        let dom = &self.dom;
+        let active = dom
+            .is_active()
+            .map_err(|e| Error::libvirt("query domain state", e))?;
         let text = dom
             .get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
             .map_err(|e| Error::libvirt("dump domain XML", e))?;
@@ -242,15 +289,19 @@ impl<'c> Ctx<'c> {
         snaps.sort_by(|a, b| {
             (a.info.creation_time, &a.info.name).cmp(&(b.info.creation_time, &b.info.name))
         });
-        Ok(Ctx {
-            conn,
-            dom,
-            _lock: lock,
-            name: name.to_string(),
-            text,
-            xml,
-            snaps,
-        })
+        let live = if active {
+            let t = dom
+                .get_xml_desc(sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(|e| Error::libvirt("dump live domain XML", e))?;
+            Some(xml::parse(&t, "live domain XML")?)
+        } else {
+            None
+        };
+        self.text = text;
+        self.xml = xml;
+        self.snaps = snaps;
+        self.live = live;
+        Ok(())
     }
 
     pub fn snap(&self, name: &str) -> Result<&Snap> {

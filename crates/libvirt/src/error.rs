@@ -36,6 +36,29 @@ pub enum Error {
         /// Its state ("running", "paused", ...).
         state: String,
     },
+    /// A live block job was cancelled (Ctrl-C / SIGTERM, or the caller's
+    /// cancel flag) and aborted; the chain is as it was before the job.
+    #[error(
+        "the block job on disk {disk} was cancelled and aborted: the domain keeps its chain \
+         as it was before the job (an image the job was writing into may hold part of the \
+         copied data, which every image above it hides); nothing else was changed"
+    )]
+    Cancelled {
+        /// The disk target.
+        disk: String,
+    },
+    /// A revert of a running or paused domain, without `force`.
+    #[error(
+        "domain {domain:?} is {state}: a revert discards its current state; stop it first \
+         (virsh destroy {domain}), or pass --force, which stops it, reverts, and with \
+         --running / --paused starts it again; nothing was changed"
+    )]
+    RevertRunning {
+        /// The domain.
+        domain: String,
+        /// Its state ("running", "paused", ...).
+        state: String,
+    },
     /// No snapshot of that name.
     #[error("domain {domain:?} has no snapshot {name:?}")]
     NoSuchSnapshot {

@@ -45,6 +45,10 @@ pub struct SnapshotCreateOptions {
     pub file: Option<PathBuf>,
     /// The snapshot's description.
     pub description: Option<String>,
+    /// Freeze the guest's file systems for the snapshot (`--quiesce`):
+    /// running domains only, through the QEMU guest agent; an error when
+    /// it does not answer (nothing is changed then).
+    pub quiesce: bool,
 }
 
 /// One disk of a snapshot.
@@ -104,6 +108,8 @@ pub struct Report {
     pub kept: Vec<(PathBuf, String)>,
     /// Things that did not stop the operation but deserve a look.
     pub warnings: Vec<String>,
+    /// The domain was running and was stopped first (revert `--force`).
+    pub stopped: bool,
 }
 
 /// A disk of the domain as [`domain_disks`] reports it.
@@ -269,7 +275,14 @@ pub fn snapshot_create(
     opts: &SnapshotCreateOptions,
 ) -> Result<Report> {
     check_name(name)?;
-    let ctx = Ctx::load(conn, domain)?;
+    let ctx = Ctx::load_any(conn, domain)?;
+    if opts.quiesce && ctx.live.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "--quiesce: domain {domain:?} is shut off: quiescing needs the QEMU guest agent of \
+             a running domain, and a shut-off domain's disks are consistent already; \
+             nothing was changed"
+        )));
+    }
     if ctx.snap(name).is_ok() {
         return Err(Error::SnapshotExists {
             domain: domain.into(),
@@ -321,6 +334,13 @@ pub fn snapshot_create(
             return Err(Error::FileExists(overlay));
         }
         plan.push((d.target.clone(), src, fmt, overlay));
+    }
+    if ctx.live.is_some() {
+        let p: Vec<(String, PathBuf)> = plan.iter().map(|p| (p.0.clone(), p.3.clone())).collect();
+        let mut report =
+            crate::live::snapshot_create(ctx, name, &p, opts.quiesce, opts.description.as_deref())?;
+        report.skipped = skipped;
+        return Ok(report);
     }
     let mut new_dom = ctx.xml.clone();
     let mut owned = ctx.owned();
@@ -397,7 +417,7 @@ pub fn snapshot_dumpxml(conn: &Connect, domain: &str, name: &str) -> Result<Stri
 /// snapshot-delete --metadata`): no file is merged or removed; the report
 /// lists the snapshot's files as kept. Its children get its parent.
 pub fn snapshot_delete_metadata(conn: &Connect, domain: &str, name: &str) -> Result<Report> {
-    let ctx = Ctx::load(conn, domain)?;
+    let ctx = Ctx::load_any(conn, domain)?;
     let snap = ctx.snap(name)?;
     let mut kept = Vec::new();
     for t in snap.external_disks() {
@@ -588,6 +608,10 @@ pub struct RevertOptions {
     /// disks as they were, as after a power cut. Without it such a revert
     /// is refused.
     pub disks_only: bool,
+    /// Revert a running or paused domain: stop it first
+    /// (`virDomainDestroy`; its current state is what the revert discards
+    /// anyway). Without it such a revert is refused.
+    pub force: bool,
 }
 
 /// [`snapshot_revert_with`] with the default options.
@@ -608,13 +632,20 @@ pub fn snapshot_revert_with(
     name: &str,
     opts: &RevertOptions,
 ) -> Result<Report> {
-    let ctx = Ctx::load(conn, domain)?;
+    let mut ctx = Ctx::load_any(conn, domain)?;
     let snap = ctx.snap(name)?;
     if snap.info.is_internal() {
         return Err(Error::Unsupported(format!(
             "snapshot {name} is an internal snapshot (its state is inside the qcow2 image): \
              Strata reverts external snapshots only; use virsh snapshot-revert {domain} {name}"
         )));
+    }
+    let was_live = ctx.live.is_some();
+    if was_live && !opts.force {
+        return Err(Error::RevertRunning {
+            domain: domain.into(),
+            state: ctx.state_name(),
+        });
     }
     let mut memory_kept = None;
     if snap.info.memory == "external" {
@@ -632,6 +663,22 @@ pub fn snapshot_revert_with(
         }
         memory_kept = snap.info.memory_file.clone();
     }
+    if was_live {
+        // Everything that refuses without a look at the files is done:
+        // stop the domain (its state is what the revert discards), then
+        // revert it offline from what libvirt says now.
+        ctx.dom
+            .destroy()
+            .map_err(|e| Error::libvirt("stop the domain for the revert (--force)", e))?;
+        ctx.refresh()?;
+        if ctx.live.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "domain {domain:?} is still running after virDomainDestroy"
+            )));
+        }
+    }
+    let ctx = ctx;
+    let snap = ctx.snap(name)?;
     let targets = snap.external_disks();
     if targets.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -746,6 +793,7 @@ pub fn snapshot_revert_with(
         removed,
         warnings,
         kept,
+        stopped: was_live,
         ..Report::default()
     };
     let mut report = report;
@@ -813,8 +861,8 @@ pub fn snapshot_delete(
     name: &str,
     hooks: &mut Hooks<'_>,
 ) -> Result<Report> {
-    let ctx = Ctx::load(conn, domain)?;
-    let snap = ctx.snap(name)?;
+    let mut ctx = Ctx::load_any(conn, domain)?;
+    let snap = ctx.snap(name)?.clone();
     if snap.info.is_internal() {
         return Err(Error::Unsupported(format!(
             "snapshot {name} is an internal snapshot (its state is inside the qcow2 image): \
@@ -888,6 +936,41 @@ pub fn snapshot_delete(
         }
     }
 
+    // On a running domain, a merge of files QEMU has open is libvirt's
+    // live job; the others are Strata's own (QEMU does not have them open).
+    let mut live_chains: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    if ctx.live.is_some() {
+        for m in &merges {
+            let (Merge::Commit { top, disk, .. } | Merge::Pull { top, disk, .. }) = m;
+            if !crate::live::in_live_chain(&ctx, disk, top) {
+                continue;
+            }
+            let d = ctx.disk(Some(disk))?;
+            let headers = crate::block::active_chain(
+                &d.source.clone().unwrap_or_default(),
+                d.format.as_deref().and_then(ImageFormat::from_name),
+            )?;
+            let chain = crate::live::checked_chain(&ctx, disk, &headers)?;
+            if let Merge::Pull { top, .. } = m {
+                if chain.first() != Some(top) {
+                    return Err(Error::Unsupported(format!(
+                        "deleting {name} needs a pull into {}, an inner image of disk {disk}'s \
+                         chain: libvirt pulls into the active image only; shut the domain down \
+                         and run the same delete again (offline); nothing was changed",
+                        top.display()
+                    )));
+                }
+            }
+            live_chains.push((disk.clone(), chain));
+        }
+    }
+    let live_chain_of = |disk: &str, top: &Path| -> Option<Vec<PathBuf>> {
+        live_chains
+            .iter()
+            .find(|(d, c)| d == disk && c.contains(&canon(top)))
+            .map(|(_, c)| c.clone())
+    };
+
     // Files about to go (for the commit guard): owned and unneeded now.
     let pre_gc = garbage(&ctx, &graph, &needed, &[]);
     let removable: HashSet<PathBuf> = pre_gc.remove.into_iter().collect();
@@ -898,6 +981,54 @@ pub fn snapshot_delete(
     let mut rechained: Vec<String> = Vec::new(); // disks whose chains changed
     for m in &merges {
         match m {
+            Merge::Commit { top, base, disk } if live_chain_of(disk, top).is_some() => {
+                rechained.push(disk.clone());
+                let chain = live_chain_of(disk, top).unwrap_or_default();
+                let t = chain.iter().position(|c| c == top).unwrap_or(0);
+                crate::live::run_commit(&mut ctx, disk, &chain, t, t + 1, 0, hooks)?;
+                // QEMU rebased the image above `top` in its chain; any
+                // other image reading through `top` (not open in QEMU)
+                // is rebased here, header only, as offline.
+                let node = graph
+                    .node(base)
+                    .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
+                let base_str = path_str(base)?.to_string();
+                for k in graph.children(top, &needed) {
+                    if chain.contains(&k) {
+                        continue;
+                    }
+                    let mut c = Chain::open(
+                        &k,
+                        &OpenOptions {
+                            format: Some(ImageFormat::Qcow2),
+                            writable: true,
+                            no_backing: true,
+                            ..OpenOptions::default()
+                        },
+                    )?;
+                    if let strata_image::Image::Qcow2(q) = &mut c.layers_mut()[0].image {
+                        q.set_backing(Some((&base_str, node.format.name())))?;
+                    }
+                }
+                report.merges.push(format!(
+                    "committed {} into {} (libvirt's live block commit)",
+                    top.display(),
+                    base.display()
+                ));
+                replaced.push((top.clone(), base.clone()));
+            }
+            Merge::Pull { top, base, disk } if live_chain_of(disk, top).is_some() => {
+                rechained.push(disk.clone());
+                let chain = live_chain_of(disk, top).unwrap_or_default();
+                let k = chain.iter().position(|c| c == base).map(|k| k + 1);
+                let k = k.filter(|k| *k < chain.len());
+                crate::live::run_pull(&mut ctx, disk, &chain, k, 0, hooks)?;
+                report.merges.push(format!(
+                    "pulled {} into {} (libvirt's live block pull)",
+                    base.display(),
+                    top.display()
+                ));
+            }
             Merge::Commit { top, base, disk } => {
                 rechained.push(disk.clone());
                 commit_guarded(top, base, &removable, hooks).map_err(|e| Error::MergeFailed {
@@ -966,7 +1097,11 @@ pub fn snapshot_delete(
         }
     }
 
-    // The new state of things.
+    // The new state of things (live jobs changed libvirt's definitions).
+    if ctx.live.is_some() && !live_chains.is_empty() {
+        ctx.refresh()?;
+    }
+    let ctx = ctx;
     let graph = Graph::load(&ctx.known_files())?;
     let swap = |p: PathBuf| -> PathBuf {
         replaced

@@ -304,7 +304,7 @@ fn the_seed_walk_through(d: &Libvirtd) {
         .virsh(&["dumpxml", "test", "--inactive"])
         .contains(STRATA_NS));
 
-    // A started domain is refused, and nothing changes.
+    // A started domain: a live snapshot; a revert without force is refused.
     let tiny = kvm.join("tiny.qcow2");
     let (ok, out) = qemu_img(&[
         "create",
@@ -318,9 +318,12 @@ fn the_seed_walk_through(d: &Libvirtd) {
     let vm2 = Domain::define_xml(&conn, &domain_xml("tiny", &tiny)).unwrap();
     match vm2.create() {
         Ok(_) => {
-            let e = snapshot_create(&conn, "tiny", "take-1", &SnapshotCreateOptions::default());
-            assert!(matches!(e, Err(Error::DomainActive { .. })), "{e:?}");
-            assert!(!kvm.join("tiny.take-1").exists());
+            // Live: libvirt's own snapshot; a revert without force is refused.
+            snapshot_create(&conn, "tiny", "take-1", &SnapshotCreateOptions::default()).unwrap();
+            assert!(kvm.join("tiny.take-1").exists());
+            let e = snapshot_revert(&conn, "tiny", "take-1");
+            assert!(matches!(e, Err(Error::RevertRunning { .. })), "{e:?}");
+            assert!(vm2.is_active().unwrap());
             vm2.destroy().unwrap();
         }
         Err(e) => panic!("QEMU did not start under the private libvirtd: {e}"),
@@ -636,7 +639,10 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
         &conn,
         "multi",
         "m1",
-        &strata_libvirt::RevertOptions { disks_only: true },
+        &strata_libvirt::RevertOptions {
+            disks_only: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert!(r.kept.iter().any(|k| k.0 == mem), "{r:?}");

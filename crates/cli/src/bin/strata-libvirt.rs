@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 fn main() {
+    // Ctrl-C / SIGTERM abort a live block job cleanly (before any thread).
+    strata_cli::cancel_on_signals();
     let code = strata_cli::main_with_args(std::env::args_os());
     std::process::exit(code);
 }
