@@ -58,6 +58,9 @@ pub(crate) struct WriteState {
     /// written, not even the metadata still pending in memory (as a crash
     /// would lose it; the protocol makes that safe).
     pub(crate) halted: bool,
+    /// The persistent dirty bitmaps kept up to date in this session
+    /// (loaded at the first write; docs/crash-consistency.md).
+    pub(crate) bitmaps: Option<crate::bitmap::BitmapState>,
 }
 
 /// An L2 table with entries not yet on disk.
@@ -189,24 +192,32 @@ impl Qcow2Image {
                         .into(),
             });
         }
-        let bitmaps = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        if self.header.dirty() || bitmaps {
-            // A dirty image's refcounts may be stale: rebuild them. Bitmaps
-            // Strata does not maintain are dropped (the spec: a writer that
-            // does not update what an autoclear bit protects clears the
-            // bit), and the rebuild frees their clusters. The header, with
-            // these changes, is written once the new refcounts are durable.
+        // Bitmaps are kept (and kept up to date) when their directory is
+        // valid; an unusable directory is dropped, as a writer without
+        // bitmap support must (clearing the autoclear bit).
+        let keep = self.bitmaps_prepare()?;
+        let drop_bitmaps = !keep && self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        let kept = if keep {
+            self.header.autoclear_features & AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        if self.header.dirty() || drop_bitmaps {
+            // A dirty image's refcounts may be stale: rebuild them (the
+            // rebuild counts the bitmaps' clusters). Dropped bitmaps' clusters
+            // are freed by the rebuild. The header, with these changes, is
+            // written once the new refcounts are durable.
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
-            if bitmaps {
+            if drop_bitmaps {
                 self.header
                     .extensions
                     .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
             }
-            self.header.autoclear_features = 0;
+            self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
-        if self.header.autoclear_features != 0 {
-            self.header.autoclear_features = 0;
+        if self.header.autoclear_features != kept {
+            self.header.autoclear_features = kept;
             self.write_header()?;
             self.sync()?;
         }
@@ -844,6 +855,7 @@ impl Qcow2Image {
     pub fn write(&mut self, offset: u64, data: &[u8], backing: BackingRead) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         self.begin_write()?;
+        self.bitmaps_before_change(offset, data.len() as u64)?;
         let mut done = 0u64;
         while done < data.len() as u64 {
             let n = (data.len() as u64 - done).min(WRITE_BATCH);
@@ -1118,6 +1130,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         self.check_range(offset, len)?;
         self.begin_write()?;
+        self.bitmaps_before_change(offset, len)?;
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let size = self.virtual_size();
@@ -1322,6 +1335,9 @@ impl Qcow2Image {
         self.refuse_if_halted()?;
         self.commit_metadata()?;
         self.barrier()?;
+        // The guest data is durable: the bitmaps that track it may be
+        // saved (their old clusters join the frees below).
+        self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
         let frees = std::mem::take(&mut self.ws()?.pending_frees);
@@ -1349,6 +1365,12 @@ impl Qcow2Image {
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
         let old = self.virtual_size();
+        if new_size != old && self.has_live_bitmaps() {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "resizing an image with persistent dirty bitmaps is not supported".into(),
+            });
+        }
         if new_size < old {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
@@ -1405,6 +1427,8 @@ impl Qcow2Image {
     /// else: the unsafe `rebase -u`). `None` removes the backing file.
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.begin_write()?;
+        // Flush first: it may move the bitmap directory (a header change).
+        self.flush()?;
         let mut h = self.header.clone();
         h.extensions
             .retain(|e| !matches!(e, strata_format::Extension::BackingFormat(_)));
@@ -1420,7 +1444,6 @@ impl Qcow2Image {
             path: self.path.clone(),
             source,
         })?;
-        self.flush()?;
         self.header = h;
         self.write_header()?;
         self.sync()
@@ -1563,6 +1586,10 @@ impl Qcow2Image {
             (data.len() as u64).min(self.virtual_size().saturating_sub(offset)),
         )?;
         self.begin_write()?;
+        self.bitmaps_before_change(
+            offset,
+            (data.len() as u64).min(self.virtual_size().saturating_sub(offset)),
+        )?;
         let mut done = 0u64;
         while done < data.len() as u64 {
             let pos = offset + done;
