@@ -162,7 +162,7 @@ fn twins(dir: &Path, create_opts: &[&str], size: &str, g: &str) -> (std::path::P
     qemu_io(&q, &["write -P 7 0 256k"]);
     qemu_img(&["bitmap", "--add", "-g", g, arg(&q), "on"]);
     qemu_img(&["bitmap", "--add", arg(&q), "b64"]);
-    qemu_img(&["bitmap", "--add", "--disable", "-g", g, arg(&q), "off"]);
+    qemu_img(&["bitmap", "--add", "-g", g, arg(&q), "off"]);
     qemu_io(&q, &["write -P 8 0 64k"]);
     qemu_img(&["bitmap", "--disable", arg(&q), "off"]);
     let s = dir.join("s.qcow2");
@@ -265,4 +265,191 @@ fn v2_images_have_no_bitmaps() {
     qemu_create(&["-o", "compat=0.10", arg(&p), "1M"]);
     let q = Qcow2Image::open(Box::new(FileStorage::open(&p, false).unwrap()), &p).unwrap();
     assert!(q.bitmaps().unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------
+// Crashes at every write and sync (FaultStorage): every bitmap is either
+// flagged in use or consistent and dirty wherever the guest view changed.
+// ---------------------------------------------------------------------
+
+use strata_image::{FaultStorage, Image, Layer, MemStorage};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn mem_image(bytes: Vec<u8>) -> Qcow2Image {
+    Qcow2Image::open(Box::new(MemStorage::from_bytes(bytes)), Path::new("b.qcow2")).unwrap()
+}
+
+fn guest_view(img: Qcow2Image) -> Vec<u8> {
+    let c = Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))]).unwrap();
+    let mut v = vec![0u8; c.virtual_size() as usize];
+    c.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// Per bitmap of `initial`: its name, flags and dirty granules.
+fn bitmap_state(img: &Qcow2Image) -> Vec<(String, bool, bool, Option<strata_image::DirtyBitmap>)> {
+    img.bitmaps()
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let bits = (!b.in_use).then(|| img.dirty_bitmap(&b.name).unwrap());
+            (b.name, b.in_use, b.auto, bits)
+        })
+        .collect()
+}
+
+fn check_crash_state(label: &str, bytes: Vec<u8>, initial: &[u8], dir: &Path, qemu: bool) {
+    let before = bitmap_state(&mem_image(initial.to_vec()));
+    let before_view = guest_view(mem_image(initial.to_vec()));
+    let img = mem_image(bytes.clone());
+    let after = bitmap_state(&img);
+    let view = guest_view(img);
+    let names = |s: &[(String, bool, bool, Option<_>)]| -> Vec<String> {
+        s.iter().map(|b| b.0.clone()).collect()
+    };
+    assert_eq!(names(&before), names(&after), "{label}: bitmap list changed");
+    for ((name, _, auto, old), (_, in_use, auto_now, new)) in before.iter().zip(&after) {
+        assert_eq!(auto, auto_now, "{label}: {name} auto flag changed");
+        if !auto {
+            // Disabled: exactly as it was.
+            assert!(!in_use, "{label}: disabled {name} flagged in use");
+            let (o, n) = (old.as_ref().unwrap(), new.as_ref().unwrap());
+            let a: Vec<_> = o.extents(0, u64::MAX).collect();
+            assert_eq!(a, n.extents(0, u64::MAX).collect::<Vec<_>>(), "{label}: {name}");
+            continue;
+        }
+        let Some(new) = new else {
+            continue; // in use: untrusted, which is allowed
+        };
+        let old = old.as_ref().unwrap();
+        let g = new.granularity() as usize;
+        for start in (0..view.len()).step_by(g) {
+            let end = (start + g).min(view.len());
+            let changed = view[start..end] != before_view[start..end];
+            let was = old.is_dirty(start as u64);
+            if (changed || was) && !new.is_dirty(start as u64) {
+                panic!(
+                    "{label}: bitmap {name} claims granule {start:#x} clean, but it {}",
+                    if was { "was dirty before" } else { "changed" }
+                );
+            }
+        }
+    }
+    if qemu {
+        let p = dir.join("crash.qcow2");
+        std::fs::write(&p, &bytes).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-U", arg(&p)])
+            .output()
+            .unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 3,
+            "{label}: qemu-img check exit {code}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // QEMU reads the same flags and the same bits.
+        let qb = qemu_bitmaps(&p);
+        for (b, (name, in_use, _, bits)) in qb.iter().zip(&after) {
+            assert_eq!(b["name"], name.as_str());
+            let q_in_use = b["flags"].as_array().unwrap().iter().any(|f| f == "in-use");
+            assert_eq!(q_in_use, *in_use, "{label}: {name} in-use flag as QEMU reads it");
+            if let Some(bits) = bits {
+                let ours: Vec<_> = bits.extents(0, u64::MAX).collect();
+                assert_eq!(qemu_dirty(&p, name), ours, "{label}: {name} as QEMU reads it");
+            }
+        }
+    }
+}
+
+fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = FaultStorage::new(initial.clone());
+    {
+        let img = Qcow2Image::open_rw(Box::new(reference.clone()), Path::new("b.qcow2")).unwrap();
+        let mut c =
+            Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))]).unwrap();
+        for op in ops {
+            op.strata(&mut c);
+        }
+    }
+    let total = reference.ops();
+    assert!(total > 10, "workload too small: {total} operations");
+    eprintln!("{total} storage operations to crash at");
+    check_crash_state("no crash", reference.current(), &initial, dir.path(), true);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for n in 0..total {
+        let st = FaultStorage::new(initial.clone());
+        st.crash_at(n);
+        {
+            let img = Qcow2Image::open_rw(Box::new(st.clone()), Path::new("b.qcow2")).unwrap();
+            let mut c =
+                Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))])
+                    .unwrap();
+            for op in ops {
+                let r = match *op {
+                    Op::Write(o, l, p) => c.write_at(&vec![p; l as usize], o),
+                    Op::Zero(o, l, u) => c.write_zeroes(o, l, u),
+                    Op::Discard(o, l) => c.discard(o, l),
+                    Op::Flush => c.flush(),
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+        assert!(st.crashed(), "crash point {n} not reached");
+        let seed = rng.next() | 1;
+        let subsets: Vec<(&str, Box<dyn FnMut(usize) -> bool>)> = vec![
+            ("none", Box::new(|_| false)),
+            ("all", Box::new(|_| true)),
+            ("random", {
+                let mut r = Rng(seed);
+                Box::new(move |_| r.next().is_multiple_of(2))
+            }),
+        ];
+        for (i, (name, mut keep)) in subsets.into_iter().enumerate() {
+            let label = format!("crash at op {n}/{total}, subset {name}");
+            let qemu = (n + i as u64).is_multiple_of(qemu_every);
+            check_crash_state(&label, st.durable_image(&mut *keep), &initial, dir.path(), qemu);
+        }
+    }
+}
+
+#[test]
+fn bitmaps_survive_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    qemu_create(&["-o", "cluster_size=4096", arg(&p), "1M"]);
+    qemu_io(&p, &["write -P 5 0 64k"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", arg(&p), "fine"]);
+    qemu_img(&["bitmap", "--add", "-g", "64k", arg(&p), "coarse"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", arg(&p), "off"]);
+    qemu_io(&p, &["write -P 6 8k 4k", "write -P 6 900k 1k"]);
+    qemu_img(&["bitmap", "--disable", arg(&p), "off"]);
+    let initial = std::fs::read(&p).unwrap();
+    let ops = [
+        Op::Write(1000, 10_000, 1),
+        Op::Write(300_000, 70_000, 2),
+        Op::Flush,
+        Op::Zero(4096, 8192, false),
+        Op::Discard(0, 16384),
+        Op::Write(600_000, 100, 4),
+        Op::Flush,
+        Op::Zero(700_000, 200_000, true),
+        Op::Write(1_000_000, 48_576, 5),
+    ];
+    crash_everywhere_with_bitmaps(initial, &ops, 7);
 }
