@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use strata_image::{ImageFormat, OpenOptions};
 
+pub mod bitmap;
 pub mod bitmaps;
 pub mod check;
 pub mod compare;
@@ -202,6 +203,15 @@ enum Command {
         /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
         /// backing file's by default.
         size: Option<String>,
+    },
+    /// Add, remove, clear, enable, disable or merge persistent dirty
+    /// bitmaps (qemu-img bitmap): (--add [-g SIZE] | --remove | --clear |
+    /// --enable | --disable | --merge SRC [-b SRC_FILE [-F FMT]])... [-f FMT]
+    /// FILE BITMAP.
+    Bitmap {
+        /// The options and operations, in order, then FILE and BITMAP.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io {
@@ -586,6 +596,7 @@ where
             },
             out,
         ),
+        Command::Bitmap { args } => bitmap::run(&args, out),
         Command::Io {
             format,
             commands,

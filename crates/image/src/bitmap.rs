@@ -455,30 +455,7 @@ impl Qcow2Image {
         let mut old = Vec::new();
         let mut new_tables = Vec::new();
         for t in &mut s.tracked {
-            let n = (t.bits.len() as u64).div_ceil(cs).max(1);
-            let mut table = Vec::with_capacity(n as usize);
-            let mut clusters = Vec::new();
-            for i in 0..n as usize {
-                let lo = (i * cs as usize).min(t.bits.len());
-                let hi = (lo + cs as usize).min(t.bits.len());
-                let chunk = &t.bits[lo..hi];
-                if chunk.iter().all(|b| *b == 0) {
-                    table.push(0u64);
-                    continue;
-                }
-                let at = self.alloc_contiguous(1, "bitmap data")?;
-                let mut buf = chunk.to_vec();
-                buf.resize(cs as usize, 0);
-                self.write_bytes(&buf, at, "write bitmap data")?;
-                clusters.push(at >> cb);
-                table.push(at);
-            }
-            let tclusters = self.geometry.clusters_for(n * 8);
-            let toff = self.alloc_contiguous(tclusters, "a bitmap table")?;
-            let mut raw = strata_format::table::encode_u64_table(&table);
-            raw.resize((tclusters * cs) as usize, 0);
-            self.write_bytes(&raw, toff, "write bitmap table")?;
-            clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
+            let (toff, n, clusters) = self.write_bitmap_bits(&t.bits)?;
             old.push((t.table, std::mem::replace(&mut t.clusters, clusters)));
             t.table = (toff, n * 8);
             new_tables.push((t.table, n as u32));
@@ -533,6 +510,37 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Writes a bitmap's bits to new data clusters (all-zero clusters
+    /// become table entry 0) and a new table; returns the table's offset,
+    /// its entry count and every cluster used. Nothing points at them yet.
+    fn write_bitmap_bits(&mut self, bits: &[u8]) -> Result<(u64, u64, Vec<u64>)> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let n = (bits.len() as u64).div_ceil(cs).max(1);
+        let mut table = Vec::with_capacity(n as usize);
+        let mut clusters = Vec::new();
+        for chunk in bits.chunks(cs as usize) {
+            if chunk.iter().all(|b| *b == 0) {
+                table.push(0u64);
+                continue;
+            }
+            let at = self.alloc_contiguous(1, "bitmap data")?;
+            let mut buf = chunk.to_vec();
+            buf.resize(cs as usize, 0);
+            self.write_bytes(&buf, at, "write bitmap data")?;
+            clusters.push(at >> cb);
+            table.push(at);
+        }
+        table.resize(n as usize, 0);
+        let tclusters = self.geometry.clusters_for(n * 8);
+        let toff = self.alloc_contiguous(tclusters, "a bitmap table")?;
+        let mut raw = strata_format::table::encode_u64_table(&table);
+        raw.resize((tclusters * cs) as usize, 0);
+        self.write_bytes(&raw, toff, "write bitmap table")?;
+        clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
+        Ok((toff, n, clusters))
+    }
+
     /// Whether the image carries bitmaps this session keeps up to date
     /// or keeps as they are (resize refuses those).
     pub(crate) fn has_live_bitmaps(&self) -> bool {
@@ -540,6 +548,303 @@ impl Qcow2Image {
             .as_deref()
             .and_then(|w| w.bitmaps.as_ref())
             .is_some_and(|s| !s.entries.is_empty())
+    }
+}
+
+/// One change to an image's bitmaps, as `qemu-img bitmap` spells them.
+#[derive(Debug, Clone, Copy)]
+pub enum BitmapEdit<'a> {
+    /// Creates the bitmap, empty: with `granularity` bytes per bit (QEMU's
+    /// default when `None`: the cluster size, within 4 KiB..=64 KiB),
+    /// enabled unless `disabled`.
+    Add {
+        /// Bytes per bit, a power of two in 512..=2 GiB.
+        granularity: Option<u64>,
+        /// Create it disabled (not tracking writes).
+        disabled: bool,
+    },
+    /// Deletes the bitmap (an inconsistent one too).
+    Remove,
+    /// Clears every bit.
+    Clear,
+    /// Makes the bitmap track writes.
+    Enable,
+    /// Stops the bitmap from tracking writes.
+    Disable,
+    /// Sets every bit that is set in the given bitmap (at this bitmap's
+    /// granularity: a granule is set when any dirty byte falls in it).
+    Merge(&'a DirtyBitmap),
+}
+
+impl BitmapEdit<'_> {
+    /// The operation's name as qemu-img reports it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BitmapEdit::Add { .. } => "add",
+            BitmapEdit::Remove => "remove",
+            BitmapEdit::Clear => "clear",
+            BitmapEdit::Enable => "enable",
+            BitmapEdit::Disable => "disable",
+            BitmapEdit::Merge(_) => "merge",
+        }
+    }
+}
+
+/// A bitmap while the directory is rewritten.
+struct Work {
+    name: String,
+    granularity_bits: u8,
+    flags: u32,
+    /// The bits (a consistent bitmap), rewritten to new clusters.
+    bits: Option<Vec<u8>>,
+    /// An inconsistent bitmap keeps its table.
+    kept: Option<(u64, u32)>,
+    /// Clusters it used, freed when rewritten or removed.
+    old_clusters: Vec<u64>,
+    old_table: Option<(u64, u64)>,
+}
+
+impl Qcow2Image {
+    /// Applies one `qemu-img bitmap` operation to bitmap `name`, durably:
+    /// pending writes are flushed (and the bitmaps saved) first, then the
+    /// bitmaps go to new clusters, a new directory is written, the header
+    /// points at it, and the old clusters are freed, in the order of
+    /// docs/crash-consistency.md. The errors are QEMU's.
+    pub fn edit_bitmap(&mut self, name: &str, edit: BitmapEdit<'_>) -> Result<()> {
+        let fail = |why: String| {
+            Err(Error::InvalidArgument(format!(
+                "Operation {} on bitmap {name} failed: {why}",
+                edit.name()
+            )))
+        };
+        self.begin_write()?;
+        if self.header.version < 3 {
+            return fail(format!(
+                "Can't make bitmap '{name}' persistent in '{}': Cannot store dirty bitmaps in qcow2 v2 files",
+                self.path.display()
+            ));
+        }
+        self.flush()?;
+        let (mut works, old_dir) = self.bitmap_works()?;
+        let mut removed = None;
+        let pos = works.iter().position(|w| w.name == name);
+        let size = self.header.size;
+        match (edit, pos) {
+            (BitmapEdit::Add { granularity, disabled }, None) => {
+                let cs = self.geometry.cluster_size();
+                let g = granularity.unwrap_or(cs.clamp(4096, 65536));
+                if !g.is_power_of_two() || g < 512 {
+                    return fail("Granularity must be power of 2 and at least 512".into());
+                }
+                let gb = g.trailing_zeros() as u8;
+                if gb > strata_format::bitmap::MAX_GRANULARITY_BITS {
+                    return fail(format!(
+                        "Granularity exceeds maximum ({} bytes)",
+                        1u64 << strata_format::bitmap::MAX_GRANULARITY_BITS
+                    ));
+                }
+                if name.len() > usize::from(strata_format::bitmap::MAX_NAME_SIZE) {
+                    return fail(format!(
+                        "Can't make bitmap '{name}' persistent in '{}': Name length exceeds maximum (1023 characters)",
+                        self.path.display()
+                    ));
+                }
+                if works.len() >= MAX_BITMAPS as usize {
+                    return fail("Too many bitmaps".into());
+                }
+                let len = bits_len(size, gb);
+                if len > MAX_PHYS_SIZE {
+                    return fail("Too much space will be occupied by the bitmap".into());
+                }
+                works.push(Work {
+                    name: name.to_string(),
+                    granularity_bits: gb,
+                    flags: if disabled { 0 } else { strata_format::bitmap::FLAG_AUTO },
+                    bits: Some(vec![0u8; len as usize]),
+                    kept: None,
+                    old_clusters: Vec::new(),
+                    old_table: None,
+                });
+            }
+            (BitmapEdit::Add { .. }, Some(_)) => {
+                return fail(format!("Bitmap already exists: {name}"));
+            }
+            (_, None) => return fail(format!("Dirty bitmap '{name}' not found")),
+            (BitmapEdit::Remove, Some(i)) => removed = Some(works.remove(i)),
+            (edit, Some(i)) => {
+                let w = &mut works[i];
+                let Some(bits) = w.bits.as_mut() else {
+                    return fail(format!(
+                        "Bitmap '{name}' is inconsistent and cannot be used"
+                    ));
+                };
+                match edit {
+                    BitmapEdit::Clear => bits.fill(0),
+                    BitmapEdit::Enable => w.flags |= strata_format::bitmap::FLAG_AUTO,
+                    BitmapEdit::Disable => w.flags &= !strata_format::bitmap::FLAG_AUTO,
+                    BitmapEdit::Merge(src) => {
+                        let gb = w.granularity_bits;
+                        for (s, l) in src.extents(0, size) {
+                            set_bits(bits, s >> gb, (s + l - 1) >> gb);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.write_bitmap_directory(works, removed, old_dir)?;
+        // Free the replaced clusters (and reload the session's bitmaps).
+        self.flush()
+    }
+
+    /// Every bitmap of the image with its bits (consistent ones) and the
+    /// clusters it occupies. Called after a flush: nothing is in use on
+    /// disk because of this session.
+    fn bitmap_works(&self) -> Result<(Vec<Work>, Option<(u64, u64)>)> {
+        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) else {
+            return Ok((Vec::new(), None));
+        };
+        let cb = self.geometry.cluster_bits();
+        let mut works = Vec::new();
+        for (i, e) in s.entries.iter().enumerate() {
+            let table = (e.table_offset, e.table_bytes());
+            let tracked = s.tracked.iter().find(|t| t.index == i);
+            let (bits, kept, old_clusters) = if let Some(t) = tracked {
+                (Some(t.bits.clone()), None, t.clusters.clone())
+            } else if e.in_use() {
+                // Its table stays; when it is removed, only the table
+                // clusters are freed (its data may be garbage: leaked).
+                let first = e.table_offset >> cb;
+                let n = self.geometry.clusters_for(e.table_bytes());
+                (None, Some((e.table_offset, e.table_size)), (first..first + n).collect())
+            } else {
+                let (b, c) = self.load_bitmap_bits(e)?;
+                (Some(b), None, c)
+            };
+            works.push(Work {
+                name: e.name.clone(),
+                granularity_bits: e.granularity_bits,
+                flags: e.flags,
+                bits,
+                kept,
+                old_clusters,
+                old_table: Some(table),
+            });
+        }
+        Ok((works, Some((s.dir_offset, s.raw_dir.len() as u64))))
+    }
+
+    /// Writes the bitmaps (new clusters), a barrier, the new directory, a
+    /// barrier, the header pointing at it (synced); queues the replaced
+    /// clusters for freeing; reloads the session's bitmap state.
+    fn write_bitmap_directory(
+        &mut self,
+        works: Vec<Work>,
+        removed: Option<Work>,
+        old_dir: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let mut dir = Vec::new();
+        let mut frees = Vec::new();
+        let mut tables = Vec::new();
+        if let Some(w) = removed {
+            frees.extend_from_slice(&w.old_clusters);
+            if let Some((o, b)) = w.old_table {
+                tables.push((o, b, false));
+            }
+        }
+        // The old directory goes once the new one is in place.
+        if let Some((o, b)) = old_dir {
+            let first = o >> cb;
+            frees.extend(first..first + self.geometry.clusters_for(b));
+        }
+        for w in &works {
+            let (toff, n) = match (&w.bits, w.kept) {
+                (Some(bits), _) => {
+                    let (toff, n, _) = self.write_bitmap_bits(bits)?;
+                    frees.extend_from_slice(&w.old_clusters);
+                    if let Some((o, b)) = w.old_table {
+                        tables.push((o, b, false));
+                    }
+                    tables.push((toff, n * 8, true));
+                    (toff, n as u32)
+                }
+                (None, Some(kept)) => kept,
+                (None, None) => continue,
+            };
+            strata_format::bitmap::encode_entry(
+                &mut dir,
+                toff,
+                n,
+                w.flags,
+                w.granularity_bits,
+                w.name.as_bytes(),
+            );
+        }
+        self.barrier()?;
+        self.header
+            .extensions
+            .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
+        let mut new_dir = None;
+        if works.is_empty() {
+            self.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        } else {
+            let n = self.geometry.clusters_for(dir.len() as u64);
+            let doff = self.alloc_contiguous(n, "the bitmap directory")?;
+            let mut raw = dir.clone();
+            raw.resize((n * cs) as usize, 0);
+            self.write_bytes(&raw, doff, "write bitmap directory")?;
+            self.barrier()?;
+            let at = self
+                .header
+                .extensions
+                .iter()
+                .position(|e| matches!(e, strata_format::Extension::Unknown { .. }))
+                .unwrap_or(self.header.extensions.len());
+            self.header.extensions.insert(
+                at,
+                strata_format::Extension::Bitmaps {
+                    nb_bitmaps: works.len() as u32,
+                    directory_size: dir.len() as u64,
+                    directory_offset: doff,
+                },
+            );
+            self.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            new_dir = Some((doff, dir.len() as u64));
+        }
+        self.header.layout().map_err(|source| Error::Format {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.write_header()?;
+        self.sync()?;
+        if let Some(ws) = self.rw.as_deref_mut() {
+            let meta = &mut ws.refcounts.meta;
+            for (o, b, add) in tables {
+                if add {
+                    meta.add(o, b, Meta::BitmapTable);
+                } else {
+                    meta.remove(o, b, Meta::BitmapTable);
+                }
+            }
+            if let Some((o, b)) = old_dir {
+                meta.remove(o, b, Meta::BitmapDirectory);
+            }
+            if let Some((o, b)) = new_dir {
+                meta.add(o, b, Meta::BitmapDirectory);
+            }
+            ws.pending_frees.append(&mut frees);
+            ws.bitmaps = None;
+        }
+        if !self.bitmaps_prepare()? {
+            return Err(Error::corrupt(
+                &self.path,
+                0,
+                "the bitmap directory just written does not read back",
+            ));
+        }
+        Ok(())
     }
 }
 

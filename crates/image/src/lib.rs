@@ -21,7 +21,7 @@ pub mod repair;
 pub mod storage;
 pub mod write;
 
-pub use bitmap::{BitmapInfo, DirtyBitmap};
+pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
 pub use chain::{Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
