@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use strata_image::{BitmapEdit, Chain, Image};
 
 use crate::size::parse_size;
@@ -190,7 +190,6 @@ fn merge_source(
                 Image::Qcow2(q) => find(q),
                 _ => Err(missing()),
             }
-            .with_context(|| format!("merge source {}", f.display()))
         }
     }
 }

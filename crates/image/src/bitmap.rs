@@ -675,7 +675,7 @@ impl Qcow2Image {
                 let w = &mut works[i];
                 let Some(bits) = w.bits.as_mut() else {
                     return fail(format!(
-                        "Bitmap '{name}' is inconsistent and cannot be used"
+                        "Bitmap '{name}' is inconsistent and cannot be used\nTry --remove to delete this bitmap from disk"
                     ));
                 };
                 match edit {
