@@ -257,3 +257,199 @@ fn info_lists_bitmaps_exactly_as_qemu_img_human_and_json() {
     both(&q, &t, &["--remove", "broken"]);
     assert_same_bitmaps(&q, &t);
 }
+
+// ---------------------------------------------------------------------
+// commit, pull and safe rebase on chains whose images carry bitmaps.
+// ---------------------------------------------------------------------
+
+fn raw_view(img: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{}.view.raw", img.file_name().unwrap().to_str().unwrap()));
+    qemu_img_ok(&["convert", "-U", "-O", "raw", s(img), s(&out)]);
+    std::fs::read(out).unwrap()
+}
+
+/// Whether the dirty ranges `d` cover byte `off`.
+fn covers(d: &[(u64, u64)], off: u64) -> bool {
+    d.iter().any(|(st, l)| off >= *st && off < st + l)
+}
+
+/// Every enabled bitmap of `img` (after) is dirty wherever the guest
+/// view changed between `before` and `after`, and wherever it was dirty
+/// before (`old`); disabled ones are unchanged.
+fn assert_never_loses_a_bit(
+    label: &str,
+    img: &Path,
+    old: &[(String, bool, Vec<(u64, u64)>)],
+    before: &[u8],
+    after: &[u8],
+) {
+    let now = bitmaps_json(img);
+    let names: Vec<_> = now.iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    let old_names: Vec<_> = old.iter().map(|b| b.0.clone()).collect();
+    assert_eq!(names, old_names, "{label}: bitmap list changed");
+    for ((name, auto, old_d), b) in old.iter().zip(&now) {
+        let flags = b["flags"].as_array().unwrap();
+        assert!(!flags.iter().any(|f| f == "in-use"), "{label}: {name} left in use");
+        let d = qemu_dirty(img, name);
+        if !auto {
+            assert_eq!(&d, old_d, "{label}: disabled {name} changed");
+            continue;
+        }
+        for (st, l) in old_d {
+            assert!(covers(&d, *st) && covers(&d, st + l - 1), "{label}: {name} lost {st:#x}");
+        }
+        let g = b["granularity"].as_u64().unwrap() as usize;
+        for start in (0..after.len()).step_by(g) {
+            let end = (start + g).min(after.len());
+            let b_end = end.min(before.len());
+            let changed = start >= before.len() || after[start..end] != before[start..b_end];
+            assert!(
+                !changed || covers(&d, start as u64),
+                "{label}: {name} claims {start:#x} clean but the guest view changed"
+            );
+        }
+    }
+}
+
+fn bitmap_snapshot(img: &Path) -> Vec<(String, bool, Vec<(u64, u64)>)> {
+    bitmaps_json(img)
+        .iter()
+        .map(|b| {
+            let name = b["name"].as_str().unwrap().to_string();
+            let auto = b["flags"].as_array().unwrap().iter().any(|f| f == "auto");
+            let d = qemu_dirty(img, &name);
+            (name, auto, d)
+        })
+        .collect()
+}
+
+/// base (bitmaps "b-on" 64k, "b-off" disabled) <- top (bitmaps "t-on"
+/// 128k, "t-off" disabled), with data, zeros and discards in the top.
+fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_io("qcow2", &base, &["write -P 0x11 0 3M", "write -P 0x12 6M 1M"]);
+    qemu_img_ok(&["bitmap", "--add", s(&base), "b-on"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(&base), "b-off"]);
+    qemu_io("qcow2", &base, &["write -P 0x13 7M 4k"]);
+    qemu_img_ok(&["bitmap", "--disable", s(&base), "b-off"]);
+    qemu_img_ok(&[
+        "create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top),
+    ]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "128k", s(&top), "t-on"]);
+    qemu_img_ok(&["bitmap", "--add", s(&top), "t-off"]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x21 100k 10k",
+            "write -P 0x22 2M 1M",
+            "write -z 512k 64k",
+            "discard 6M 128k",
+            "write -P 0x23 5M 4k",
+        ],
+    );
+    qemu_img_ok(&["bitmap", "--disable", s(&top), "t-off"]);
+    (base, top)
+}
+
+/// Runs `q` (qemu-img) on one copy of the chain and `st` (strata) on
+/// another; checks both against the rules, and that Strata's bitmaps
+/// agree with QEMU's.
+fn merge_twins(q: &[&str], st: &[&str], changed_image: &str) {
+    let dir = tempdir();
+    let qd = dir.path().join("q");
+    let sd = dir.path().join("s");
+    std::fs::create_dir_all(&qd).unwrap();
+    std::fs::create_dir_all(&sd).unwrap();
+    chain_with_bitmaps(&qd);
+    chain_with_bitmaps(&sd);
+    let new = |d: &Path| {
+        let n = d.join("new.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&n), "8M"]);
+        qemu_io("qcow2", &n, &["write -P 0x11 0 1M", "write -P 0x31 4M 1M"]);
+        n
+    };
+    new(&qd);
+    new(&sd);
+    let img = |d: &Path| d.join(changed_image);
+    let views = |d: &Path| (raw_view(&d.join(changed_image), d), bitmap_snapshot(&img(d)));
+    let (before, old) = views(&sd);
+    let run = |d: &Path, args: &[&str], strata_run: bool| {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{dir}", d.to_str().unwrap()))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if strata_run {
+            let r = strata(&args);
+            assert_eq!(r.code, 0, "strata {args:?}: {}", r.stderr);
+        } else {
+            qemu_img_ok(&args);
+        }
+    };
+    run(&qd, q, false);
+    run(&sd, st, true);
+    let after = raw_view(&img(&sd), &sd);
+    assert_never_loses_a_bit(&format!("{st:?}"), &img(&sd), &old, &before, &after);
+    for name in ["base.qcow2", "top.qcow2"] {
+        let (qi, si) = (qd.join(name), sd.join(name));
+        check_clean(&si);
+        let (qb, sb) = (bitmaps_json(&qi), bitmaps_json(&si));
+        assert_eq!(qb, sb, "{st:?}: {name}: bitmap lists differ from qemu-img's");
+        for b in &qb {
+            let n = b["name"].as_str().unwrap();
+            let (qr, sr) = (qemu_dirty(&qi, n), qemu_dirty(&si, n));
+            // Never cleaner than QEMU.
+            for (o, l) in &qr {
+                assert!(
+                    covers(&sr, *o) && covers(&sr, o + l - 1),
+                    "{st:?}: {name}: {n}: QEMU has {o:#x}+{l:#x} dirty, Strata {sr:x?}"
+                );
+            }
+            assert_eq!(qr, sr, "{st:?}: {name}: {n}: dirty ranges differ from qemu-img's");
+        }
+    }
+}
+
+#[test]
+fn commit_keeps_bitmaps_and_dirties_the_base_where_the_top_landed() {
+    if !qemu_available() {
+        return;
+    }
+    merge_twins(
+        &["commit", "-q", "{dir}/top.qcow2"],
+        &["commit", "{dir}/top.qcow2"],
+        "base.qcow2",
+    );
+    merge_twins(
+        &["commit", "-q", "-d", "{dir}/top.qcow2"],
+        &["commit", "-d", "{dir}/top.qcow2"],
+        "base.qcow2",
+    );
+}
+
+#[test]
+fn pull_keeps_the_tops_bitmaps_and_loses_no_dirty_bit() {
+    if !qemu_available() {
+        return;
+    }
+    merge_twins(
+        &["rebase", "-b", "", "{dir}/top.qcow2"],
+        &["pull", "{dir}/top.qcow2"],
+        "top.qcow2",
+    );
+}
+
+#[test]
+fn safe_rebase_keeps_the_tops_bitmaps_and_loses_no_dirty_bit() {
+    if !qemu_available() {
+        return;
+    }
+    merge_twins(
+        &["rebase", "-b", "{dir}/new.qcow2", "-F", "qcow2", "{dir}/top.qcow2"],
+        &["rebase", "-b", "{dir}/new.qcow2", "-F", "qcow2", "{dir}/top.qcow2"],
+        "top.qcow2",
+    );
+}

@@ -1121,6 +1121,21 @@ impl Qcow2Image {
         self.zero_range(offset, len, ZeroMode::Deallocate, &zero_backing)
     }
 
+    /// Empties the image after its data was committed into its backing
+    /// file: every whole cluster becomes unallocated and reads through to
+    /// the backing file, which now holds the same data. The guest view
+    /// does not change, so the persistent dirty bitmaps are left as they
+    /// are (as QEMU's `bdrv_make_empty` leaves them). Only for that case:
+    /// [`Qcow2Image::deallocate`] marks them.
+    pub fn make_empty(&mut self) -> Result<()> {
+        let zero_backing = |b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        };
+        let size = self.virtual_size();
+        self.zero_range_marking(0, size, ZeroMode::Deallocate, &zero_backing, false)
+    }
+
     fn zero_range(
         &mut self,
         offset: u64,
@@ -1128,9 +1143,24 @@ impl Qcow2Image {
         mode: ZeroMode,
         backing: BackingRead,
     ) -> Result<()> {
+        self.zero_range_marking(offset, len, mode, backing, true)
+    }
+
+    /// [`Self::zero_range`]; `mark`: the guest view may change, so the
+    /// bitmaps are marked (and flagged in use) first.
+    fn zero_range_marking(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+        backing: BackingRead,
+        mark: bool,
+    ) -> Result<()> {
         self.check_range(offset, len)?;
         self.begin_write()?;
-        self.bitmaps_before_change(offset, len)?;
+        if mark {
+            self.bitmaps_before_change(offset, len)?;
+        }
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let size = self.virtual_size();
