@@ -169,6 +169,9 @@ enum Command {
         /// Force share on the source: take no locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
+        #[arg(long = "bitmaps")]
+        bitmaps: bool,
         /// Source image.
         src: PathBuf,
         /// Destination file.
@@ -558,6 +561,7 @@ where
             options,
             progress,
             force_share,
+            bitmaps,
             src,
             dst,
         } => convert::run(
@@ -570,6 +574,7 @@ where
                 compress,
                 options,
                 force_share,
+                bitmaps,
             },
             out,
             err,

@@ -453,3 +453,36 @@ fn safe_rebase_keeps_the_tops_bitmaps_and_loses_no_dirty_bit() {
         "top.qcow2",
     );
 }
+
+#[test]
+fn convert_bitmaps_copies_them_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let (src, _) = twins(dir.path(), "cluster_size=65536");
+    qemu_img_ok(&["bitmap", "--add", "--disable", "-g", "4k", s(&src), "off"]);
+    qemu_img_ok(&["bitmap", "--add", "-g", "1M", s(&src), "coarse"]);
+    qemu_io("qcow2", &src, &["write -P 9 9M 5k"]);
+    for opts in ["cluster_size=65536", "cluster_size=4096"] {
+        let (q, t) = (dir.path().join("q.out"), dir.path().join("s.out"));
+        qemu_img_ok(&["convert", "--bitmaps", "-O", "qcow2", "-o", opts, s(&src), s(&q)]);
+        let r = strata(&["convert", "--bitmaps", "-O", "qcow2", "-o", opts, s(&src), s(&t)]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_same_bitmaps(&q, &t);
+        assert_eq!(bitmaps_json(&t).len(), 3);
+        assert!(!qemu_dirty(&t, "coarse").is_empty());
+    }
+    // Refusals: a raw target, an inconsistent bitmap.
+    let raw = dir.path().join("out.raw");
+    let r = strata(&["convert", "--bitmaps", "-O", "raw", s(&src), s(&raw)]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("does not support bitmaps"), "{}", r.stderr);
+    flag_in_use(&src, 1);
+    let out = dir.path().join("bad.qcow2");
+    let q = qemu_img(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&out)]);
+    let r = strata(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&out)]);
+    assert_eq!((q.code, r.code), (1, 1), "{} / {}", q.stderr, r.stderr);
+    assert!(r.stderr.contains("inconsistent"), "{}", r.stderr);
+    assert!(!out.exists(), "a refused convert creates nothing");
+}

@@ -390,6 +390,7 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
                 format,
                 create,
                 compress,
+                bitmaps: false,
             },
             &mut |_, _| {},
         )
