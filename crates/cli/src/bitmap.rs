@@ -150,8 +150,7 @@ pub fn run(args: &[OsString], _out: &mut dyn Write) -> Result<i32> {
             Image::Qcow2(q) => q,
             _ => bail!("{}: bitmaps need a qcow2 image", a.file.display()),
         };
-        q.edit_bitmap(&a.bitmap, edit)
-            .map_err(|e| anyhow!("{e}"))?;
+        q.edit_bitmap(&a.bitmap, edit).map_err(|e| anyhow!("{e}"))?;
     }
     chain.flush().name_file(&a.file)?;
     Ok(0)
@@ -173,9 +172,8 @@ fn merge_source(
         if !q.bitmaps()?.iter().any(|b| b.name == name) {
             return Err(missing());
         }
-        q.dirty_bitmap(name).map_err(|e| {
-            anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap)
-        })
+        q.dirty_bitmap(name)
+            .map_err(|e| anyhow!("Operation merge on bitmap {} failed: {e}", a.bitmap))
     };
     match &a.source_file {
         None => match &chain.layers()[0].image {

@@ -24,10 +24,24 @@ fn qemu_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
     let dir = tempdir();
     let sock = dir.path().join("nbd.sock");
     let o = Command::new("qemu-nbd")
-        .args(["--fork", "-r", "-f", "qcow2", "-B", name, "-k", s(&sock), s(img)])
+        .args([
+            "--fork",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            s(&sock),
+            s(img),
+        ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "qemu-nbd: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "qemu-nbd: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
         s(&sock)
@@ -49,7 +63,11 @@ fn qemu_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
 
 fn check_clean(img: &Path) {
     let r = qemu_img(&["check", "-U", s(img)]);
-    assert_eq!(r.code, 0, "qemu-img check {img:?}: {}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "qemu-img check {img:?}: {}{}",
+        r.stdout, r.stderr
+    );
 }
 
 /// Same bitmap list, same dirty ranges of every consistent bitmap.
@@ -61,7 +79,11 @@ fn assert_same_bitmaps(q: &Path, st: &Path) {
             continue;
         }
         let name = b["name"].as_str().unwrap();
-        assert_eq!(qemu_dirty(q, name), qemu_dirty(st, name), "dirty ranges of {name}");
+        assert_eq!(
+            qemu_dirty(q, name),
+            qemu_dirty(st, name),
+            "dirty ranges of {name}"
+        );
     }
     check_clean(st);
 }
@@ -114,17 +136,40 @@ fn strata_bitmap_matches_qemu_img_bitmap_for_every_subcommand_sequence() {
         return;
     }
     let sequences: &[&[&[&str]]] = &[
-        &[&["--add", "b"], &["--add", "-g", "4k", "c"], &["--add", "--disable", "d"]],
+        &[
+            &["--add", "b"],
+            &["--add", "-g", "4k", "c"],
+            &["--add", "--disable", "d"],
+        ],
         &[&["--add", "b"], &["--add", "b"]],
-        &[&["--remove", "nope"], &["--clear", "nope"], &["--enable", "nope"]],
+        &[
+            &["--remove", "nope"],
+            &["--clear", "nope"],
+            &["--enable", "nope"],
+        ],
         &[&["--disable", "--add", "x"]],
-        &[&["--add", "-g", "1M", "big"], &["--merge", "a", "big"], &["--disable", "big"]],
+        &[
+            &["--add", "-g", "1M", "big"],
+            &["--merge", "a", "big"],
+            &["--disable", "big"],
+        ],
         &[&["--add", "-g", "512", "fine"], &["--merge", "a", "fine"]],
-        &[&["--add", "--disable", "-g", "128k", "d"], &["--merge", "a", "d"], &["--enable", "d"]],
+        &[
+            &["--add", "--disable", "-g", "128k", "d"],
+            &["--merge", "a", "d"],
+            &["--enable", "d"],
+        ],
         &[&["--clear", "a"], &["--add", "a"]],
         &[&["--remove", "a"]],
-        &[&["--remove", "a"], &["--add", "-g", "2M", "n"], &["--remove", "n"]],
-        &[&["--add", "-g", "1000", "bad"], &["--add", "-g", "256", "bad"]],
+        &[
+            &["--remove", "a"],
+            &["--add", "-g", "2M", "n"],
+            &["--remove", "n"],
+        ],
+        &[
+            &["--add", "-g", "1000", "bad"],
+            &["--add", "-g", "256", "bad"],
+        ],
         &[&["-g", "64k", "--enable", "a"]],
         &[&["--add", "--merge", "a", "--disable", "m"]],
         &[&["--merge", "nope", "a"]],
@@ -138,7 +183,14 @@ fn strata_bitmap_matches_qemu_img_bitmap_for_every_subcommand_sequence() {
             }
             // Writes after the edits dirty the enabled bitmaps alike.
             qemu_io("qcow2", &q, &["write -P 3 5M 100k", "write -z 9M 1M"]);
-            strata(&["io", "-c", "write -P 3 5M 100k", "-c", "write -z 9M 1M", s(&t)]);
+            strata(&[
+                "io",
+                "-c",
+                "write -P 3 5M 100k",
+                "-c",
+                "write -z 9M 1M",
+                s(&t),
+            ]);
             assert_same_bitmaps(&q, &t);
         }
     }
@@ -231,7 +283,9 @@ fn info_lists_bitmaps_exactly_as_qemu_img_human_and_json() {
     flag_in_use(&q, 2);
     let section = |t: &str| {
         let from = t.find("    bitmaps:").expect("bitmaps listed");
-        let to = t[from..].find("refcount bits").map_or(t.len(), |e| from + e);
+        let to = t[from..]
+            .find("refcount bits")
+            .map_or(t.len(), |e| from + e);
         t[from..to].to_string()
     };
     let qh = qemu_img_ok(&["info", "-U", s(&q)]);
@@ -263,7 +317,10 @@ fn info_lists_bitmaps_exactly_as_qemu_img_human_and_json() {
 // ---------------------------------------------------------------------
 
 fn raw_view(img: &Path, dir: &Path) -> Vec<u8> {
-    let out = dir.join(format!("{}.view.raw", img.file_name().unwrap().to_str().unwrap()));
+    let out = dir.join(format!(
+        "{}.view.raw",
+        img.file_name().unwrap().to_str().unwrap()
+    ));
     qemu_img_ok(&["convert", "-U", "-O", "raw", s(img), s(&out)]);
     std::fs::read(out).unwrap()
 }
@@ -279,24 +336,33 @@ fn covers(d: &[(u64, u64)], off: u64) -> bool {
 fn assert_never_loses_a_bit(
     label: &str,
     img: &Path,
-    old: &[(String, bool, Vec<(u64, u64)>)],
+    old: &[Snapshot],
     before: &[u8],
     after: &[u8],
 ) {
     let now = bitmaps_json(img);
-    let names: Vec<_> = now.iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<_> = now
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
     let old_names: Vec<_> = old.iter().map(|b| b.0.clone()).collect();
     assert_eq!(names, old_names, "{label}: bitmap list changed");
     for ((name, auto, old_d), b) in old.iter().zip(&now) {
         let flags = b["flags"].as_array().unwrap();
-        assert!(!flags.iter().any(|f| f == "in-use"), "{label}: {name} left in use");
+        assert!(
+            !flags.iter().any(|f| f == "in-use"),
+            "{label}: {name} left in use"
+        );
         let d = qemu_dirty(img, name);
         if !auto {
             assert_eq!(&d, old_d, "{label}: disabled {name} changed");
             continue;
         }
         for (st, l) in old_d {
-            assert!(covers(&d, *st) && covers(&d, st + l - 1), "{label}: {name} lost {st:#x}");
+            assert!(
+                covers(&d, *st) && covers(&d, st + l - 1),
+                "{label}: {name} lost {st:#x}"
+            );
         }
         let g = b["granularity"].as_u64().unwrap() as usize;
         for start in (0..after.len()).step_by(g) {
@@ -311,7 +377,10 @@ fn assert_never_loses_a_bit(
     }
 }
 
-fn bitmap_snapshot(img: &Path) -> Vec<(String, bool, Vec<(u64, u64)>)> {
+/// A bitmap's name, whether it is enabled, and its dirty ranges.
+type Snapshot = (String, bool, Vec<(u64, u64)>);
+
+fn bitmap_snapshot(img: &Path) -> Vec<Snapshot> {
     bitmaps_json(img)
         .iter()
         .map(|b| {
@@ -329,13 +398,25 @@ fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    qemu_io("qcow2", &base, &["write -P 0x11 0 3M", "write -P 0x12 6M 1M"]);
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -P 0x11 0 3M", "write -P 0x12 6M 1M"],
+    );
     qemu_img_ok(&["bitmap", "--add", s(&base), "b-on"]);
     qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(&base), "b-off"]);
     qemu_io("qcow2", &base, &["write -P 0x13 7M 4k"]);
     qemu_img_ok(&["bitmap", "--disable", s(&base), "b-off"]);
     qemu_img_ok(&[
-        "create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
     ]);
     qemu_img_ok(&["bitmap", "--add", "-g", "128k", s(&top), "t-on"]);
     qemu_img_ok(&["bitmap", "--add", s(&top), "t-off"]);
@@ -374,7 +455,12 @@ fn merge_twins(q: &[&str], st: &[&str], changed_image: &str) {
     new(&qd);
     new(&sd);
     let img = |d: &Path| d.join(changed_image);
-    let views = |d: &Path| (raw_view(&d.join(changed_image), d), bitmap_snapshot(&img(d)));
+    let views = |d: &Path| {
+        (
+            raw_view(&d.join(changed_image), d),
+            bitmap_snapshot(&img(d)),
+        )
+    };
     let (before, old) = views(&sd);
     let run = |d: &Path, args: &[&str], strata_run: bool| {
         let args: Vec<String> = args
@@ -397,7 +483,10 @@ fn merge_twins(q: &[&str], st: &[&str], changed_image: &str) {
         let (qi, si) = (qd.join(name), sd.join(name));
         check_clean(&si);
         let (qb, sb) = (bitmaps_json(&qi), bitmaps_json(&si));
-        assert_eq!(qb, sb, "{st:?}: {name}: bitmap lists differ from qemu-img's");
+        assert_eq!(
+            qb, sb,
+            "{st:?}: {name}: bitmap lists differ from qemu-img's"
+        );
         for b in &qb {
             let n = b["name"].as_str().unwrap();
             let (qr, sr) = (qemu_dirty(&qi, n), qemu_dirty(&si, n));
@@ -408,7 +497,10 @@ fn merge_twins(q: &[&str], st: &[&str], changed_image: &str) {
                     "{st:?}: {name}: {n}: QEMU has {o:#x}+{l:#x} dirty, Strata {sr:x?}"
                 );
             }
-            assert_eq!(qr, sr, "{st:?}: {name}: {n}: dirty ranges differ from qemu-img's");
+            assert_eq!(
+                qr, sr,
+                "{st:?}: {name}: {n}: dirty ranges differ from qemu-img's"
+            );
         }
     }
 }
@@ -448,8 +540,22 @@ fn safe_rebase_keeps_the_tops_bitmaps_and_loses_no_dirty_bit() {
         return;
     }
     merge_twins(
-        &["rebase", "-b", "{dir}/new.qcow2", "-F", "qcow2", "{dir}/top.qcow2"],
-        &["rebase", "-b", "{dir}/new.qcow2", "-F", "qcow2", "{dir}/top.qcow2"],
+        &[
+            "rebase",
+            "-b",
+            "{dir}/new.qcow2",
+            "-F",
+            "qcow2",
+            "{dir}/top.qcow2",
+        ],
+        &[
+            "rebase",
+            "-b",
+            "{dir}/new.qcow2",
+            "-F",
+            "qcow2",
+            "{dir}/top.qcow2",
+        ],
         "top.qcow2",
     );
 }
@@ -466,8 +572,26 @@ fn convert_bitmaps_copies_them_like_qemu_img() {
     qemu_io("qcow2", &src, &["write -P 9 9M 5k"]);
     for opts in ["cluster_size=65536", "cluster_size=4096"] {
         let (q, t) = (dir.path().join("q.out"), dir.path().join("s.out"));
-        qemu_img_ok(&["convert", "--bitmaps", "-O", "qcow2", "-o", opts, s(&src), s(&q)]);
-        let r = strata(&["convert", "--bitmaps", "-O", "qcow2", "-o", opts, s(&src), s(&t)]);
+        qemu_img_ok(&[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(&src),
+            s(&q),
+        ]);
+        let r = strata(&[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(&src),
+            s(&t),
+        ]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         assert_same_bitmaps(&q, &t);
         assert_eq!(bitmaps_json(&t).len(), 3);
@@ -477,7 +601,11 @@ fn convert_bitmaps_copies_them_like_qemu_img() {
     let raw = dir.path().join("out.raw");
     let r = strata(&["convert", "--bitmaps", "-O", "raw", s(&src), s(&raw)]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("does not support bitmaps"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not support bitmaps"),
+        "{}",
+        r.stderr
+    );
     flag_in_use(&src, 1);
     let out = dir.path().join("bad.qcow2");
     let q = qemu_img(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&out)]);

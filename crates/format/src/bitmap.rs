@@ -358,12 +358,15 @@ mod tests {
         encode_entry(&mut dir, 0x50000, 1, FLAG_AUTO, 16, b"b0");
         encode_entry(&mut dir, 0x60000, 2, 0, 9, b"longer-name");
         let es = parse_directory(&dir, 2, 0).unwrap();
-        assert_eq!(dir, [entry(0x50000, 1, FLAG_AUTO, b"b0"), {
-            let mut e = entry(0x60000, 2, 0, b"longer-name");
-            e[17] = 9;
-            e
-        }]
-        .concat());
+        assert_eq!(
+            dir,
+            [entry(0x50000, 1, FLAG_AUTO, b"b0"), {
+                let mut e = entry(0x60000, 2, 0, b"longer-name");
+                e[17] = 9;
+                e
+            }]
+            .concat()
+        );
         assert_eq!(es[1].granularity_bits, 9);
         assert_eq!(es[1].table_size, 2);
     }

@@ -14,21 +14,30 @@
 //! bitmap flagged in_use (untrusted, QEMU's rule) or consistent, never
 //! clean where the guest changed.
 //!
-//! ```no_run
+//! ```
 //! use std::path::Path;
-//! use strata_image::{FileStorage, Qcow2Image};
+//! use strata_image::create::{create_qcow2, CreateOptions};
+//! use strata_image::{BitmapEdit, MemStorage, Qcow2Image};
 //!
 //! # fn main() -> strata_image::Result<()> {
 //! let path = Path::new("disk.qcow2");
-//! let img = Qcow2Image::open(Box::new(FileStorage::open(path, false)?), path)?;
+//! let disk = MemStorage::new();
+//! let opts = CreateOptions { size: 1 << 30, ..Default::default() };
+//! let mut img = create_qcow2(Box::new(disk.clone()), path, &opts)?;
+//! // A backup tool starts tracking changes (qemu-img bitmap --add).
+//! img.edit_bitmap("since-full", BitmapEdit::Add { granularity: None, disabled: false })?;
+//! // The guest writes 4 KiB at 5 MiB (the backing read is unused here).
+//! img.write(5 << 20, &[0xab; 4096], &|b: &mut [u8], _| { b.fill(0); Ok(()) })?;
+//! drop(img); // closing saves the bitmaps
+//!
+//! // Later: which ranges must the incremental backup copy?
+//! let img = Qcow2Image::open(Box::new(disk), path)?;
 //! for b in img.bitmaps()? {
-//!     println!("{} granularity {} in_use {} auto {}", b.name, b.granularity, b.in_use, b.auto);
+//!     println!("{}: granularity {}, in use {}, enabled {}", b.name, b.granularity, b.in_use, b.auto);
 //! }
-//! // What changed since the backup that created bitmap "b0":
-//! let dirty = img.dirty_bitmap("b0")?;
-//! for (start, len) in dirty.extents(0, img.virtual_size()) {
-//!     println!("copy {start:#x}+{len:#x}");
-//! }
+//! let dirty = img.dirty_bitmap("since-full")?;
+//! let extents: Vec<(u64, u64)> = dirty.extents(0, img.virtual_size()).collect();
+//! assert_eq!(extents, [(5 << 20, 64 << 10)]); // one 64 KiB granule
 //! # Ok(())
 //! # }
 //! ```
@@ -286,8 +295,7 @@ impl Qcow2Image {
         let needed = len.div_ceil(cs);
         let file_len = self.storage_len()?;
         let table_bytes = needed * 8;
-        if e
-            .table_offset
+        if e.table_offset
             .checked_add(e.table_bytes())
             .is_none_or(|end| end > file_len)
             || needed > u64::from(e.table_size)
@@ -295,7 +303,10 @@ impl Qcow2Image {
             return Err(Error::corrupt(
                 &self.path,
                 e.table_offset,
-                format!("bitmap table of {:?} extends past the end of the file", e.name),
+                format!(
+                    "bitmap table of {:?} extends past the end of the file",
+                    e.name
+                ),
             ));
         }
         let mut raw = vec![0u8; table_bytes as usize];
@@ -590,6 +601,9 @@ impl BitmapEdit<'_> {
     }
 }
 
+/// A host byte range: offset and length.
+type HostRange = (u64, u64);
+
 /// A bitmap while the directory is rewritten.
 struct Work {
     name: String,
@@ -630,7 +644,13 @@ impl Qcow2Image {
         let pos = works.iter().position(|w| w.name == name);
         let size = self.header.size;
         match (edit, pos) {
-            (BitmapEdit::Add { granularity, disabled }, None) => {
+            (
+                BitmapEdit::Add {
+                    granularity,
+                    disabled,
+                },
+                None,
+            ) => {
                 let cs = self.geometry.cluster_size();
                 let g = granularity.unwrap_or(cs.clamp(4096, 65536));
                 if !g.is_power_of_two() || g < 512 {
@@ -659,7 +679,11 @@ impl Qcow2Image {
                 works.push(Work {
                     name: name.to_string(),
                     granularity_bits: gb,
-                    flags: if disabled { 0 } else { strata_format::bitmap::FLAG_AUTO },
+                    flags: if disabled {
+                        0
+                    } else {
+                        strata_format::bitmap::FLAG_AUTO
+                    },
                     bits: Some(vec![0u8; len as usize]),
                     kept: None,
                     old_clusters: Vec::new(),
@@ -700,7 +724,7 @@ impl Qcow2Image {
     /// Every bitmap of the image with its bits (consistent ones) and the
     /// clusters it occupies. Called after a flush: nothing is in use on
     /// disk because of this session.
-    fn bitmap_works(&self) -> Result<(Vec<Work>, Option<(u64, u64)>)> {
+    fn bitmap_works(&self) -> Result<(Vec<Work>, Option<HostRange>)> {
         let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) else {
             return Ok((Vec::new(), None));
         };
@@ -716,7 +740,11 @@ impl Qcow2Image {
                 // clusters are freed (its data may be garbage: leaked).
                 let first = e.table_offset >> cb;
                 let n = self.geometry.clusters_for(e.table_bytes());
-                (None, Some((e.table_offset, e.table_size)), (first..first + n).collect())
+                (
+                    None,
+                    Some((e.table_offset, e.table_size)),
+                    (first..first + n).collect(),
+                )
             } else {
                 let (b, c) = self.load_bitmap_bits(e)?;
                 (Some(b), None, c)
@@ -781,6 +809,12 @@ impl Qcow2Image {
                 w.granularity_bits,
                 w.name.as_bytes(),
             );
+        }
+        if dir.len() as u64 > MAX_DIRECTORY_SIZE {
+            return Err(Error::InvalidArgument(
+                "the bitmap directory would exceed its size limit (too many or too long names)"
+                    .into(),
+            ));
         }
         self.barrier()?;
         self.header

@@ -187,9 +187,7 @@ fn source_bitmaps(
         ));
     }
     let Some(q) = src.top().image.as_qcow2() else {
-        return Err(Error::InvalidArgument(
-            "Source lacks bitmap support".into(),
-        ));
+        return Err(Error::InvalidArgument("Source lacks bitmap support".into()));
     };
     let mut out = Vec::new();
     for b in q.bitmaps()? {

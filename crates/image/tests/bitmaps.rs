@@ -85,7 +85,15 @@ pub fn qemu_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
     run(
         "qemu-nbd",
         &[
-            "--fork", "-r", "-f", "qcow2", "-B", name, "-k", arg(&sock), arg(img),
+            "--fork",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            arg(&sock),
+            arg(img),
         ],
     );
     let opts = format!(
@@ -134,7 +142,10 @@ fn assert_twins_agree(q: &Path, s: &Path) {
     for b in &qb {
         let name = b["name"].as_str().unwrap();
         let qd = qemu_dirty(q, name);
-        assert!(!qd.is_empty(), "{name} has no dirty range: the test proves nothing");
+        assert!(
+            !qd.is_empty(),
+            "{name} has no dirty range: the test proves nothing"
+        );
         assert_eq!(qd, qemu_dirty(s, name), "dirty ranges of {name} differ");
         if !b["flags"].as_array().unwrap().iter().any(|f| f == "in-use") {
             assert_eq!(qd, strata_dirty(s, name), "library view of {name}");
@@ -153,7 +164,12 @@ fn dir_raw(img: &Path) -> Vec<u8> {
 
 /// An image with an enabled bitmap "on" (granularity `g`, already dirty
 /// at 0-64k), an enabled default "b64" and a disabled "off"; and its twin.
-fn twins(dir: &Path, create_opts: &[&str], size: &str, g: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+fn twins(
+    dir: &Path,
+    create_opts: &[&str],
+    size: &str,
+    g: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let q = dir.join("q.qcow2");
     let mut args: Vec<&str> = create_opts.to_vec();
     args.push(arg(&q));
@@ -248,10 +264,19 @@ fn an_image_written_by_strata_keeps_autoclear_and_no_bitmap_in_use() {
     }
     let q = Qcow2Image::open(Box::new(FileStorage::open(&s, false).unwrap()), &s).unwrap();
     assert_eq!(q.header().autoclear_features & 1, 1);
-    let names: Vec<_> = q.bitmaps().unwrap().into_iter().map(|b| (b.name, b.auto)).collect();
+    let names: Vec<_> = q
+        .bitmaps()
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.name, b.auto))
+        .collect();
     assert_eq!(
         names,
-        [("on".into(), true), ("b64".into(), true), ("off".into(), false)]
+        [
+            ("on".into(), true),
+            ("b64".into(), true),
+            ("off".into(), false)
+        ]
     );
 }
 
@@ -274,6 +299,9 @@ fn v2_images_have_no_bitmaps() {
 
 use strata_image::{FaultStorage, Image, Layer, MemStorage};
 
+/// Chooses which unsynced writes reached the disk.
+type Keep = Box<dyn FnMut(usize) -> bool>;
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -285,11 +313,16 @@ impl Rng {
 }
 
 fn mem_image(bytes: Vec<u8>) -> Qcow2Image {
-    Qcow2Image::open(Box::new(MemStorage::from_bytes(bytes)), Path::new("b.qcow2")).unwrap()
+    Qcow2Image::open(
+        Box::new(MemStorage::from_bytes(bytes)),
+        Path::new("b.qcow2"),
+    )
+    .unwrap()
 }
 
 fn guest_view(img: Qcow2Image) -> Vec<u8> {
-    let c = Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))]).unwrap();
+    let c =
+        Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))]).unwrap();
     let mut v = vec![0u8; c.virtual_size() as usize];
     c.read_at(&mut v, 0).unwrap();
     v
@@ -316,7 +349,11 @@ fn check_crash_state(label: &str, bytes: Vec<u8>, initial: &[u8], dir: &Path, qe
     let names = |s: &[(String, bool, bool, Option<_>)]| -> Vec<String> {
         s.iter().map(|b| b.0.clone()).collect()
     };
-    assert_eq!(names(&before), names(&after), "{label}: bitmap list changed");
+    assert_eq!(
+        names(&before),
+        names(&after),
+        "{label}: bitmap list changed"
+    );
     for ((name, _, auto, old), (_, in_use, auto_now, new)) in before.iter().zip(&after) {
         assert_eq!(auto, auto_now, "{label}: {name} auto flag changed");
         if !auto {
@@ -324,7 +361,11 @@ fn check_crash_state(label: &str, bytes: Vec<u8>, initial: &[u8], dir: &Path, qe
             assert!(!in_use, "{label}: disabled {name} flagged in use");
             let (o, n) = (old.as_ref().unwrap(), new.as_ref().unwrap());
             let a: Vec<_> = o.extents(0, u64::MAX).collect();
-            assert_eq!(a, n.extents(0, u64::MAX).collect::<Vec<_>>(), "{label}: {name}");
+            assert_eq!(
+                a,
+                n.extents(0, u64::MAX).collect::<Vec<_>>(),
+                "{label}: {name}"
+            );
             continue;
         }
         let Some(new) = new else {
@@ -362,10 +403,17 @@ fn check_crash_state(label: &str, bytes: Vec<u8>, initial: &[u8], dir: &Path, qe
         for (b, (name, in_use, _, bits)) in qb.iter().zip(&after) {
             assert_eq!(b["name"], name.as_str());
             let q_in_use = b["flags"].as_array().unwrap().iter().any(|f| f == "in-use");
-            assert_eq!(q_in_use, *in_use, "{label}: {name} in-use flag as QEMU reads it");
+            assert_eq!(
+                q_in_use, *in_use,
+                "{label}: {name} in-use flag as QEMU reads it"
+            );
             if let Some(bits) = bits {
                 let ours: Vec<_> = bits.extents(0, u64::MAX).collect();
-                assert_eq!(qemu_dirty(&p, name), ours, "{label}: {name} as QEMU reads it");
+                assert_eq!(
+                    qemu_dirty(&p, name),
+                    ours,
+                    "{label}: {name} as QEMU reads it"
+                );
             }
         }
     }
@@ -376,8 +424,8 @@ fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) 
     let reference = FaultStorage::new(initial.clone());
     {
         let img = Qcow2Image::open_rw(Box::new(reference.clone()), Path::new("b.qcow2")).unwrap();
-        let mut c =
-            Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))]).unwrap();
+        let mut c = Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))])
+            .unwrap();
         for op in ops {
             op.strata(&mut c);
         }
@@ -409,7 +457,7 @@ fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) 
         }
         assert!(st.crashed(), "crash point {n} not reached");
         let seed = rng.next() | 1;
-        let subsets: Vec<(&str, Box<dyn FnMut(usize) -> bool>)> = vec![
+        let subsets: Vec<(&str, Keep)> = vec![
             ("none", Box::new(|_| false)),
             ("all", Box::new(|_| true)),
             ("random", {
@@ -420,7 +468,13 @@ fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) 
         for (i, (name, mut keep)) in subsets.into_iter().enumerate() {
             let label = format!("crash at op {n}/{total}, subset {name}");
             let qemu = (n + i as u64).is_multiple_of(qemu_every);
-            check_crash_state(&label, st.durable_image(&mut *keep), &initial, dir.path(), qemu);
+            check_crash_state(
+                &label,
+                st.durable_image(&mut *keep),
+                &initial,
+                dir.path(),
+                qemu,
+            );
         }
     }
 }
