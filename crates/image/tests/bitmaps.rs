@@ -507,3 +507,180 @@ fn bitmaps_survive_a_crash_at_every_write_and_sync() {
     ];
     crash_everywhere_with_bitmaps(initial, &ops, 7);
 }
+
+// ---------------------------------------------------------------------
+// Hostile bytes in the bitmap directory and tables: errors, never panics.
+// ---------------------------------------------------------------------
+
+/// The bitmap directory's and first bitmap table's offsets and lengths.
+fn bitmap_regions(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let h = strata_format::Header::parse(&bytes[..65536.min(bytes.len())]).unwrap();
+    let (nb, size, off) = h.bitmaps().unwrap();
+    let dir = &bytes[off as usize..(off + size) as usize];
+    let es = strata_format::bitmap::parse_directory(dir, nb, off).unwrap();
+    let mut out = vec![(off as usize, size as usize)];
+    for e in es {
+        out.push((e.table_offset as usize, e.table_bytes() as usize));
+    }
+    out
+}
+
+#[test]
+fn damaged_bitmap_directories_and_tables_give_errors_not_panics() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _) = twins(dir.path(), &["-o", "cluster_size=4096"], "4M", "4k");
+    let good = std::fs::read(&q).unwrap();
+    let regions = bitmap_regions(&good);
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let zeros = |b: &mut [u8], _| {
+        b.fill(0);
+        Ok(())
+    };
+    for round in 0..400 {
+        let mut bytes = good.clone();
+        let (off, len) = regions[(rng.next() % regions.len() as u64) as usize];
+        for _ in 0..1 + rng.next() % 4 {
+            let at = off + (rng.next() % len as u64) as usize;
+            bytes[at] = match rng.next() % 3 {
+                0 => 0xff,
+                1 => 0,
+                _ => rng.next() as u8,
+            };
+        }
+        let img = mem_image(bytes.clone());
+        if let Ok(list) = img.bitmaps() {
+            for b in list {
+                if let Ok(d) = img.dirty_bitmap(&b.name) {
+                    let _ = d.extents(0, u64::MAX).count();
+                }
+            }
+        }
+        // Writing through it: the bitmaps are kept, or dropped when the
+        // directory is unusable; the image stays usable either way.
+        let m = MemStorage::from_bytes(bytes);
+        if let Ok(mut w) = Qcow2Image::open_rw(Box::new(m.clone()), Path::new("h.qcow2")) {
+            let r = w.write(4096, &[round as u8; 512], &zeros);
+            let r = r.and_then(|()| w.flush());
+            if r.is_ok() {
+                let back = mem_image(m.to_bytes());
+                let _ = back.bitmaps();
+            }
+        }
+    }
+}
+
+#[test]
+fn bitmap_edits_survive_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    use strata_image::BitmapEdit;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    qemu_create(&["-o", "cluster_size=4096", arg(&p), "1M"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", arg(&p), "a"]);
+    qemu_io(&p, &["write -P 5 0 64k", "write -P 6 512k 4k"]);
+    let initial = std::fs::read(&p).unwrap();
+    let src = mem_image(initial.clone()).dirty_bitmap("a").unwrap();
+    let edits = |img: &mut Qcow2Image| -> strata_image::Result<()> {
+        img.edit_bitmap(
+            "b",
+            BitmapEdit::Add {
+                granularity: Some(65536),
+                disabled: false,
+            },
+        )?;
+        img.edit_bitmap("b", BitmapEdit::Merge(&src))?;
+        img.edit_bitmap("a", BitmapEdit::Disable)?;
+        img.edit_bitmap("a", BitmapEdit::Remove)?;
+        img.edit_bitmap("b", BitmapEdit::Clear)
+    };
+    // The states each step leaves: the bitmap list with each one's bits.
+    let reference = FaultStorage::new(initial.clone());
+    let mut states = vec![summary(&mem_image(initial.clone()))];
+    {
+        let mut img = Qcow2Image::open_rw(Box::new(reference.clone()), Path::new("e")).unwrap();
+        edits(&mut img).unwrap();
+    }
+    let total = reference.ops();
+    // Rebuild the intermediate states by stopping after each edit.
+    for k in 1..=5 {
+        let st = FaultStorage::new(initial.clone());
+        let mut img = Qcow2Image::open_rw(Box::new(st.clone()), Path::new("e")).unwrap();
+        let all = [
+            BitmapEdit::Add {
+                granularity: Some(65536),
+                disabled: false,
+            },
+            BitmapEdit::Merge(&src),
+            BitmapEdit::Disable,
+            BitmapEdit::Remove,
+            BitmapEdit::Clear,
+        ];
+        let names = ["b", "b", "a", "a", "b"];
+        for i in 0..k {
+            img.edit_bitmap(names[i], all[i]).unwrap();
+        }
+        drop(img);
+        states.push(summary(&mem_image(st.current())));
+    }
+    assert!(total > 20, "{total} operations");
+    let mut rng = Rng(0x5151_7788_9911_2233);
+    for n in 0..total {
+        let st = FaultStorage::new(initial.clone());
+        st.crash_at(n);
+        if let Ok(mut img) = Qcow2Image::open_rw(Box::new(st.clone()), Path::new("e")) {
+            let _ = edits(&mut img);
+        }
+        assert!(st.crashed());
+        let seed = rng.next() | 1;
+        let subsets: Vec<(&str, Keep)> = vec![
+            ("none", Box::new(|_| false)),
+            ("all", Box::new(|_| true)),
+            ("random", {
+                let mut r = Rng(seed);
+                Box::new(move |_| r.next().is_multiple_of(2))
+            }),
+        ];
+        for (name, mut keep) in subsets {
+            let label = format!("crash at op {n}/{total}, subset {name}");
+            let bytes = st.durable_image(&mut *keep);
+            let got = summary(&mem_image(bytes.clone()));
+            assert!(
+                states.contains(&got),
+                "{label}: {got:?} is none of {states:?}"
+            );
+            if n % 5 == 0 {
+                let c = dir.path().join("crash.qcow2");
+                std::fs::write(&c, &bytes).unwrap();
+                let out = std::process::Command::new("qemu-img")
+                    .args(["check", "-U", arg(&c)])
+                    .output()
+                    .unwrap();
+                let code = out.status.code().unwrap_or(-1);
+                assert!(
+                    code == 0 || code == 3,
+                    "{label}: qemu-img check exit {code}"
+                );
+            }
+        }
+    }
+}
+
+/// A bitmap's name, in_use and auto flags, and dirty extents.
+type Summary = (String, bool, bool, Vec<(u64, u64)>);
+
+/// Each bitmap's name, flags and dirty extents.
+fn summary(img: &Qcow2Image) -> Vec<Summary> {
+    img.bitmaps()
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let d = img.dirty_bitmap(&b.name).unwrap();
+            (b.name, b.in_use, b.auto, d.extents(0, u64::MAX).collect())
+        })
+        .collect()
+}
