@@ -367,8 +367,11 @@ fn assert_never_loses_a_bit(
         let g = b["granularity"].as_u64().unwrap() as usize;
         for start in (0..after.len()).step_by(g) {
             let end = (start + g).min(after.len());
-            let b_end = end.min(before.len());
-            let changed = start >= before.len() || after[start..end] != before[start..b_end];
+            // Past the old end the disk grew: nothing before, zeros now
+            // (QEMU leaves such granules clean).
+            let prev = before.get(start..end.min(before.len())).unwrap_or(&[]);
+            let changed = after[start..start + prev.len()] != *prev
+                || after[start + prev.len()..end].iter().any(|b| *b != 0);
             assert!(
                 !changed || covers(&d, start as u64),
                 "{label}: {name} claims {start:#x} clean but the guest view changed"
@@ -394,7 +397,7 @@ fn bitmap_snapshot(img: &Path) -> Vec<Snapshot> {
 
 /// base (bitmaps "b-on" 64k, "b-off" disabled) <- top (bitmaps "t-on"
 /// 128k, "t-off" disabled), with data, zeros and discards in the top.
-fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
+fn chain_with_bitmaps(dir: &Path, top_size: Option<&str>) -> (PathBuf, PathBuf) {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
@@ -407,7 +410,7 @@ fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
     qemu_img_ok(&["bitmap", "--add", "-g", "4k", s(&base), "b-off"]);
     qemu_io("qcow2", &base, &["write -P 0x13 7M 4k"]);
     qemu_img_ok(&["bitmap", "--disable", s(&base), "b-off"]);
-    qemu_img_ok(&[
+    let mut args = vec![
         "create",
         "-q",
         "-f",
@@ -417,7 +420,9 @@ fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
         "-F",
         "qcow2",
         s(&top),
-    ]);
+    ];
+    args.extend(top_size);
+    qemu_img_ok(&args);
     qemu_img_ok(&["bitmap", "--add", "-g", "128k", s(&top), "t-on"]);
     qemu_img_ok(&["bitmap", "--add", s(&top), "t-off"]);
     qemu_io(
@@ -431,6 +436,9 @@ fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
             "write -P 0x23 5M 4k",
         ],
     );
+    if top_size.is_some() {
+        qemu_io("qcow2", &top, &["write -P 0x24 10M 8k"]);
+    }
     qemu_img_ok(&["bitmap", "--disable", s(&top), "t-off"]);
     (base, top)
 }
@@ -439,13 +447,17 @@ fn chain_with_bitmaps(dir: &Path) -> (PathBuf, PathBuf) {
 /// another; checks both against the rules, and that Strata's bitmaps
 /// agree with QEMU's.
 fn merge_twins(q: &[&str], st: &[&str], changed_image: &str) {
+    merge_twins_sized(q, st, changed_image, None)
+}
+
+fn merge_twins_sized(q: &[&str], st: &[&str], changed_image: &str, top_size: Option<&str>) {
     let dir = tempdir();
     let qd = dir.path().join("q");
     let sd = dir.path().join("s");
     std::fs::create_dir_all(&qd).unwrap();
     std::fs::create_dir_all(&sd).unwrap();
-    chain_with_bitmaps(&qd);
-    chain_with_bitmaps(&sd);
+    chain_with_bitmaps(&qd, top_size);
+    chain_with_bitmaps(&sd, top_size);
     let new = |d: &Path| {
         let n = d.join("new.qcow2");
         qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&n), "8M"]);
@@ -519,6 +531,19 @@ fn commit_keeps_bitmaps_and_dirties_the_base_where_the_top_landed() {
         &["commit", "-q", "-d", "{dir}/top.qcow2"],
         &["commit", "-d", "{dir}/top.qcow2"],
         "base.qcow2",
+    );
+}
+
+#[test]
+fn commit_into_a_smaller_base_grows_its_bitmaps_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    merge_twins_sized(
+        &["commit", "-q", "{dir}/top.qcow2"],
+        &["commit", "{dir}/top.qcow2"],
+        "base.qcow2",
+        Some("12M"),
     );
 }
 

@@ -721,6 +721,44 @@ impl Qcow2Image {
         self.flush()
     }
 
+    /// Before growing the disk to `new_size`: rewrites every consistent
+    /// bitmap with a table that covers `new_size` (the new part clean).
+    /// A bigger table is valid for the old size too, so a crash before
+    /// the header's size switch leaves consistent bitmaps.
+    pub(crate) fn bitmaps_grow(&mut self, new_size: u64) -> Result<()> {
+        self.flush()?;
+        let (mut works, old_dir) = self.bitmap_works()?;
+        for w in &mut works {
+            if let Some(bits) = w.bits.as_mut() {
+                let len = bits_len(new_size, w.granularity_bits);
+                if len > MAX_PHYS_SIZE {
+                    return Err(Error::InvalidArgument(format!(
+                        "bitmap {:?} would exceed its size limit at {new_size} bytes",
+                        w.name
+                    )));
+                }
+                bits.resize(len as usize, 0);
+            }
+        }
+        self.write_bitmap_directory(works, None, old_dir)
+    }
+
+    /// Loads the session's bitmap state again (after a size change).
+    pub(crate) fn bitmaps_reload(&mut self) -> Result<()> {
+        if let Some(ws) = self.rw.as_deref_mut() {
+            ws.bitmaps = None;
+        }
+        if self.bitmaps_prepare()? {
+            Ok(())
+        } else {
+            Err(Error::corrupt(
+                &self.path,
+                0,
+                "the bitmap directory does not read back after the resize",
+            ))
+        }
+    }
+
     /// Every bitmap of the image with its bits (consistent ones) and the
     /// clusters it occupies. Called after a flush: nothing is in use on
     /// disk because of this session.

@@ -1395,12 +1395,7 @@ impl Qcow2Image {
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
         let old = self.virtual_size();
-        if new_size != old && self.has_live_bitmaps() {
-            return Err(Error::Unsupported {
-                path: self.path.clone(),
-                what: "resizing an image with persistent dirty bitmaps is not supported".into(),
-            });
-        }
+
         if new_size < old {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
@@ -1417,6 +1412,12 @@ impl Qcow2Image {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} needs an L1 table over the limit"
             )));
+        }
+        // Bitmaps first get tables that cover the new size (valid for the
+        // old one too), the new part clean, as QEMU grows them.
+        let bitmaps = new_size > old && self.has_live_bitmaps();
+        if bitmaps {
+            self.bitmaps_grow(new_size)?;
         }
         if need > self.l1.len() as u64 {
             let clusters = self.geometry.clusters_for(need * 8);
@@ -1449,6 +1450,10 @@ impl Qcow2Image {
             self.header.size = new_size;
             self.write_header()?;
             self.sync()?;
+        }
+        if bitmaps {
+            // Track the whole new size from here on.
+            self.bitmaps_reload()?;
         }
         Ok(())
     }

@@ -23,6 +23,8 @@ enum Op {
     Zero(u64, u64, bool),
     Discard(u64, u64),
     Flush,
+    /// Grow the disk to this size.
+    Resize(u64),
 }
 
 impl Op {
@@ -33,15 +35,24 @@ impl Op {
             Op::Zero(o, l, true) => format!("write -z -u {o} {l}"),
             Op::Discard(o, l) => format!("discard {o} {l}"),
             Op::Flush => "flush".into(),
+            Op::Resize(n) => format!("truncate {n}"),
         }
     }
 
     fn strata(self, c: &mut Chain) {
+        self.try_strata(c).unwrap()
+    }
+
+    fn try_strata(self, c: &mut Chain) -> strata_image::Result<()> {
         match self {
-            Op::Write(o, l, p) => c.write_at(&vec![p; l as usize], o).unwrap(),
-            Op::Zero(o, l, unmap) => c.write_zeroes(o, l, unmap).unwrap(),
-            Op::Discard(o, l) => c.discard(o, l).unwrap(),
-            Op::Flush => c.flush().unwrap(),
+            Op::Write(o, l, p) => c.write_at(&vec![p; l as usize], o),
+            Op::Zero(o, l, unmap) => c.write_zeroes(o, l, unmap),
+            Op::Discard(o, l) => c.discard(o, l),
+            Op::Flush => c.flush(),
+            Op::Resize(n) => match &mut c.layers_mut()[0].image {
+                Image::Qcow2(q) => q.resize(n),
+                Image::Raw(_) => unreachable!("qcow2 only"),
+            },
         }
     }
 }
@@ -375,7 +386,13 @@ fn check_crash_state(label: &str, bytes: Vec<u8>, initial: &[u8], dir: &Path, qe
         let g = new.granularity() as usize;
         for start in (0..view.len()).step_by(g) {
             let end = (start + g).min(view.len());
-            let changed = view[start..end] != before_view[start..end];
+            // Past the old end the disk grew: it read as nothing before,
+            // zeros now (QEMU leaves such granules clean).
+            let prev = before_view
+                .get(start..end.min(before_view.len()))
+                .unwrap_or(&[]);
+            let changed = view[start..start + prev.len()] != *prev
+                || view[start + prev.len()..end].iter().any(|b| *b != 0);
             let was = old.is_dirty(start as u64);
             if (changed || was) && !new.is_dirty(start as u64) {
                 panic!(
@@ -444,13 +461,7 @@ fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) 
                 Chain::from_layers(vec![Layer::new("b.qcow2".into(), None, Image::Qcow2(img))])
                     .unwrap();
             for op in ops {
-                let r = match *op {
-                    Op::Write(o, l, p) => c.write_at(&vec![p; l as usize], o),
-                    Op::Zero(o, l, u) => c.write_zeroes(o, l, u),
-                    Op::Discard(o, l) => c.discard(o, l),
-                    Op::Flush => c.flush(),
-                };
-                if r.is_err() {
+                if op.try_strata(&mut c).is_err() {
                     break;
                 }
             }
@@ -477,6 +488,28 @@ fn crash_everywhere_with_bitmaps(initial: Vec<u8>, ops: &[Op], qemu_every: u64) 
             );
         }
     }
+}
+
+#[test]
+fn growing_bitmaps_survive_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.qcow2");
+    qemu_create(&["-o", "cluster_size=4096", arg(&p), "512k"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", arg(&p), "fine"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", arg(&p), "off"]);
+    qemu_io(&p, &["write -P 6 8k 4k"]);
+    qemu_img(&["bitmap", "--disable", arg(&p), "off"]);
+    let initial = std::fs::read(&p).unwrap();
+    let ops = [
+        Op::Write(1000, 10_000, 1),
+        Op::Resize(3 << 20),
+        Op::Write(2 << 20, 5000, 2),
+        Op::Flush,
+    ];
+    crash_everywhere_with_bitmaps(initial, &ops, 5);
 }
 
 #[test]
@@ -683,4 +716,30 @@ fn summary(img: &Qcow2Image) -> Vec<Summary> {
             (b.name, b.in_use, b.auto, d.extents(0, u64::MAX).collect())
         })
         .collect()
+}
+
+#[test]
+fn growing_an_image_grows_its_bitmaps_clean_like_qemu_img_resize() {
+    if skip() {
+        return;
+    }
+    for g in ["64k", "4k", "1M"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, s) = twins(dir.path(), &["-o", "cluster_size=4096"], "4M", g);
+        qemu_img(&["resize", "-q", arg(&q), "40M"]);
+        qemu_io(&q, &["write -P 3 30M 8k", "write -P 4 1M 4k"]);
+        {
+            let mut img =
+                Qcow2Image::open_rw(Box::new(FileStorage::open(&s, true).unwrap()), &s).unwrap();
+            img.resize(40 << 20).unwrap();
+            let zeros = |b: &mut [u8], _| {
+                b.fill(0);
+                Ok(())
+            };
+            img.write(30 << 20, &[3; 8192], &zeros).unwrap();
+            img.write(1 << 20, &[4; 4096], &zeros).unwrap();
+            img.flush().unwrap();
+        }
+        assert_twins_agree(&q, &s);
+    }
 }
