@@ -121,8 +121,36 @@ pub fn parse(args: &[OsString]) -> Result<BitmapArgs> {
     Ok(a)
 }
 
+/// The usage text (`strata bitmap --help`).
+pub const USAGE: &str = "\
+Usage: strata bitmap (--add [-g SIZE] | --remove | --clear | --enable | --disable
+                     | --merge SRC [-b SRC_FILE [-F SRC_FMT]])... [-f FMT] FILE BITMAP
+
+Change the persistent dirty bitmaps of a qcow2 image, as qemu-img bitmap does.
+The operations run in order; each is durable before the next starts.
+
+  --add            create BITMAP, empty and enabled
+  -g, --granularity SIZE
+                   bytes per bit for --add (a power of two, 512..2G; default:
+                   the cluster size within 4k..64k)
+  --remove         delete BITMAP
+  --clear          clear every bit of BITMAP
+  --enable         make BITMAP track writes
+  --disable        stop BITMAP from tracking writes
+  --merge SRC      set every bit of BITMAP that is set in bitmap SRC
+  -b, --source-file SRC_FILE
+                   read SRC from SRC_FILE (default: FILE itself)
+  -F, --source-format SRC_FMT
+                   format of SRC_FILE
+  -f, --format FMT format of FILE
+";
+
 /// Runs `strata bitmap`; returns the exit code.
-pub fn run(args: &[OsString], _out: &mut dyn Write) -> Result<i32> {
+pub fn run(args: &[OsString], out: &mut dyn Write) -> Result<i32> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        out.write_all(USAGE.as_bytes())?;
+        return Ok(0);
+    }
     let a = parse(args)?;
     let mut opts = open_options(a.format.as_deref(), false)?;
     opts.writable = true;
@@ -148,7 +176,11 @@ pub fn run(args: &[OsString], _out: &mut dyn Write) -> Result<i32> {
         };
         let q = match &mut chain.layers_mut()[0].image {
             Image::Qcow2(q) => q,
-            _ => bail!("{}: bitmaps need a qcow2 image", a.file.display()),
+            _ => bail!(
+                "Operation {} on bitmap {} failed: Format driver 'raw' does not support bitmaps",
+                edit.name(),
+                a.bitmap
+            ),
         };
         q.edit_bitmap(&a.bitmap, edit).map_err(|e| anyhow!("{e}"))?;
     }

@@ -207,10 +207,11 @@ enum Command {
         /// backing file's by default.
         size: Option<String>,
     },
-    /// Add, remove, clear, enable, disable or merge persistent dirty
-    /// bitmaps (qemu-img bitmap): (--add [-g SIZE] | --remove | --clear |
-    /// --enable | --disable | --merge SRC [-b SRC_FILE [-F FMT]])... [-f FMT]
-    /// FILE BITMAP.
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img bitmap).
+    ///
+    /// (--add [-g SIZE] | --remove | --clear | --enable | --disable |
+    /// --merge SRC [-b SRC_FILE [-F FMT]])... [-f FMT] FILE BITMAP
+    #[command(disable_help_flag = true)]
     Bitmap {
         /// The options and operations, in order, then FILE and BITMAP.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
