@@ -172,8 +172,6 @@ pub(crate) struct BitmapState {
     tracked: Vec<Tracked>,
     /// The directory on disk flags the tracked bitmaps in use.
     in_use_on_disk: bool,
-    /// Bits were set since the last save.
-    changed: bool,
 }
 
 impl Qcow2Image {
@@ -398,7 +396,6 @@ impl Qcow2Image {
                 dir_offset: off,
                 tracked,
                 in_use_on_disk: false,
-                changed: false,
             });
         }
         Ok(true)
@@ -419,7 +416,6 @@ impl Qcow2Image {
                 let gb = t.granularity_bits;
                 set_bits(&mut t.bits, off >> gb, (off + len - 1) >> gb);
             }
-            s.changed = true;
         }
         if s.in_use_on_disk {
             return Ok(());
@@ -498,7 +494,6 @@ impl Qcow2Image {
         self.sync()?;
         s.dir_offset = doff;
         s.in_use_on_disk = false;
-        s.changed = false;
         // The header points at the new directory: the old one and the
         // replaced tables may go (at the caller's frees, after a barrier).
         let ws = self
@@ -552,8 +547,8 @@ impl Qcow2Image {
         Ok((toff, n, clusters))
     }
 
-    /// Whether the image carries bitmaps this session keeps up to date
-    /// or keeps as they are (resize refuses those).
+    /// Whether the image carries bitmaps (tracked or kept as they are):
+    /// a resize must grow their tables first.
     pub(crate) fn has_live_bitmaps(&self) -> bool {
         self.rw
             .as_deref()
