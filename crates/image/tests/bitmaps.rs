@@ -743,3 +743,142 @@ fn growing_an_image_grows_its_bitmaps_clean_like_qemu_img_resize() {
         assert_twins_agree(&q, &s);
     }
 }
+
+// ---------------------------------------------------------------------
+// Model: a set of granules per bitmap. Random writes, zero writes,
+// discards, flushes, reopens and edits; after each step the bits are
+// exactly the model's (QEMU marks exactly the granules a request
+// touches).
+// ---------------------------------------------------------------------
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+    use strata_image::create::{create_qcow2, CreateOptions};
+    use strata_image::BitmapEdit;
+
+    const SIZE: u64 = 2 << 20;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u64, u64),
+        Zero(u64, u64, bool),
+        Discard(u64, u64),
+        Flush,
+        Reopen,
+        Clear(usize),
+        Toggle(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let range = (0..SIZE - 1).prop_flat_map(|o| (Just(o), 1..(SIZE - o).min(300_000)));
+        prop_oneof![
+            4 => range.clone().prop_map(|(o, l)| Step::Write(o, l)),
+            2 => (range.clone(), any::<bool>()).prop_map(|((o, l), u)| Step::Zero(o, l, u)),
+            2 => range.prop_map(|(o, l)| Step::Discard(o, l)),
+            1 => Just(Step::Flush),
+            1 => Just(Step::Reopen),
+            1 => (0..3usize).prop_map(Step::Clear),
+            1 => (0..3usize).prop_map(Step::Toggle),
+        ]
+    }
+
+    const NAMES: [&str; 3] = ["g4k", "g64k", "g1m"];
+    const GRAN: [u64; 3] = [4096, 65536, 1 << 20];
+
+    fn open(m: &MemStorage) -> Qcow2Image {
+        Qcow2Image::open_rw(Box::new(m.clone()), Path::new("m.qcow2")).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn bitmaps_hold_exactly_the_granules_the_requests_touched(
+            steps in proptest::collection::vec(step(), 1..25),
+            cluster_bits in prop_oneof![Just(12u32), Just(16u32)],
+        ) {
+            let m = MemStorage::new();
+            let mut img = create_qcow2(
+                Box::new(m.clone()),
+                Path::new("m.qcow2"),
+                &CreateOptions { size: SIZE, cluster_size: 1 << cluster_bits, ..Default::default() },
+            )
+            .unwrap();
+            for (n, g) in NAMES.iter().zip(GRAN) {
+                img.edit_bitmap(n, BitmapEdit::Add { granularity: Some(g), disabled: false }).unwrap();
+            }
+            let mut model: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); 3];
+            let mut enabled = [true; 3];
+            let zeros = |b: &mut [u8], _| {
+                b.fill(0);
+                Ok(())
+            };
+            for s in &steps {
+                let touched = match *s {
+                    Step::Write(o, l) => {
+                        img.write(o, &vec![0x5a; l as usize], &zeros).unwrap();
+                        Some((o, l))
+                    }
+                    Step::Zero(o, l, u) => {
+                        img.write_zeroes(o, l, u, &zeros).unwrap();
+                        Some((o, l))
+                    }
+                    Step::Discard(o, l) => {
+                        img.discard(o, l, false).unwrap();
+                        Some((o, l))
+                    }
+                    Step::Flush => {
+                        img.flush().unwrap();
+                        None
+                    }
+                    Step::Reopen => {
+                        drop(img);
+                        img = open(&m);
+                        None
+                    }
+                    Step::Clear(i) => {
+                        img.edit_bitmap(NAMES[i], BitmapEdit::Clear).unwrap();
+                        model[i].clear();
+                        None
+                    }
+                    Step::Toggle(i) => {
+                        let e = if enabled[i] { BitmapEdit::Disable } else { BitmapEdit::Enable };
+                        img.edit_bitmap(NAMES[i], e).unwrap();
+                        enabled[i] = !enabled[i];
+                        None
+                    }
+                };
+                if let Some((o, l)) = touched {
+                    for i in 0..3 {
+                        if enabled[i] {
+                            model[i].extend(o / GRAN[i]..=(o + l - 1) / GRAN[i]);
+                        }
+                    }
+                }
+                for i in 0..3 {
+                    let d = img.dirty_bitmap(NAMES[i]).unwrap();
+                    let got: BTreeSet<u64> = d
+                        .extents(0, SIZE)
+                        .flat_map(|(s, l)| s / GRAN[i]..(s + l).div_ceil(GRAN[i]))
+                        .collect();
+                    prop_assert_eq!(&got, &model[i], "{} after {:?}", NAMES[i], s);
+                }
+            }
+            drop(img);
+            // What is on disk after close is the model too, and consistent.
+            let img = mem_image(m.to_bytes());
+            for (i, b) in img.bitmaps().unwrap().iter().enumerate() {
+                prop_assert!(!b.in_use);
+                prop_assert_eq!(b.auto, enabled[i]);
+                let got: BTreeSet<u64> = img
+                    .dirty_bitmap(&b.name)
+                    .unwrap()
+                    .extents(0, SIZE)
+                    .flat_map(|(s, l)| s / GRAN[i]..(s + l).div_ceil(GRAN[i]))
+                    .collect();
+                prop_assert_eq!(&got, &model[i]);
+            }
+        }
+    }
+}
