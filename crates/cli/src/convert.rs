@@ -42,6 +42,8 @@ pub struct ConvertArgs {
     pub options: Option<String>,
     /// Take no locks on the source (`-U`).
     pub force_share: bool,
+    /// Copy the persistent dirty bitmaps (`--bitmaps`, qcow2 to qcow2).
+    pub bitmaps: bool,
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -185,6 +187,9 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
         "qcow2" => ImageFormat::Qcow2,
         other => bail!("unknown output format {other:?}: strata converts to raw or qcow2"),
     };
+    if target == ImageFormat::Raw && args.bitmaps {
+        bail!("Format driver 'raw' does not support bitmaps");
+    }
     if target == ImageFormat::Raw && (args.compress || args.options.is_some()) {
         bail!("-c and -o apply to qcow2 output only (-O qcow2)");
     }
@@ -223,6 +228,7 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
                 format: ImageFormat::Qcow2,
                 create,
                 compress: args.compress,
+                bitmaps: args.bitmaps,
             };
             strata_image::convert::convert(&chain, dst, &o, &mut progress)?
         }

@@ -158,6 +158,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             compress: false,
             options: None,
             force_share: false,
+            bitmaps: false,
         },
         out,
         err,

@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use strata_image::{ImageFormat, OpenOptions};
 
+pub mod bitmap;
 pub mod bitmaps;
 pub mod check;
 pub mod compare;
@@ -185,6 +186,9 @@ enum Command {
         /// Force share on the source: take no locks.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
+        #[arg(long = "bitmaps")]
+        bitmaps: bool,
         /// Source image.
         src: PathBuf,
         /// Destination file.
@@ -219,6 +223,16 @@ enum Command {
         /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
         /// backing file's by default.
         size: Option<String>,
+    },
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img bitmap).
+    ///
+    /// (--add [-g SIZE] | --remove | --clear | --enable | --disable |
+    /// --merge SRC [-b SRC_FILE [-F FMT]])... [-f FMT] FILE BITMAP
+    #[command(disable_help_flag = true)]
+    Bitmap {
+        /// The options and operations, in order, then FILE and BITMAP.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io {
@@ -565,6 +579,7 @@ where
             options,
             progress,
             force_share,
+            bitmaps,
             src,
             dst,
         } => convert::run(
@@ -577,6 +592,7 @@ where
                 compress,
                 options,
                 force_share,
+                bitmaps,
             },
             out,
             err,
@@ -603,6 +619,7 @@ where
             },
             out,
         ),
+        Command::Bitmap { args } => bitmap::run(&args, out),
         Command::Io {
             format,
             commands,

@@ -95,6 +95,31 @@ pub fn entry_len(name_size: u16, extra_data_size: u32) -> u64 {
     (ENTRY_FIXED_LEN as u64 + u64::from(name_size) + u64::from(extra_data_size)).div_ceil(8) * 8
 }
 
+/// Appends one directory entry (no extra data), padded to 8 bytes, to
+/// `out`. `name` must be at most [`MAX_NAME_SIZE`] bytes (longer names are
+/// cut there).
+pub fn encode_entry(
+    out: &mut Vec<u8>,
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+    granularity_bits: u8,
+    name: &[u8],
+) {
+    let name = name.get(..usize::from(MAX_NAME_SIZE)).unwrap_or(name);
+    let start = out.len();
+    out.extend_from_slice(&table_offset.to_be_bytes()); // bitmap_table_offset
+    out.extend_from_slice(&table_size.to_be_bytes()); // bitmap_table_size
+    out.extend_from_slice(&flags.to_be_bytes()); // flags
+    out.push(TYPE_DIRTY_TRACKING); // type
+    out.push(granularity_bits); // granularity_bits
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes()); // name_size
+    out.extend_from_slice(&0u32.to_be_bytes()); // extra_data_size
+    out.extend_from_slice(name);
+    let len = out.len() - start;
+    out.resize(start + len.div_ceil(8) * 8, 0);
+}
+
 impl BitmapDirEntry {
     /// Whether the in_use flag is set (the data is inconsistent).
     pub fn in_use(&self) -> bool {
@@ -325,6 +350,25 @@ mod tests {
         for e in &es {
             e.validate(65536, 1 << 30, 0x70000).unwrap();
         }
+    }
+
+    #[test]
+    fn encoded_entries_parse_back() {
+        let mut dir = Vec::new();
+        encode_entry(&mut dir, 0x50000, 1, FLAG_AUTO, 16, b"b0");
+        encode_entry(&mut dir, 0x60000, 2, 0, 9, b"longer-name");
+        let es = parse_directory(&dir, 2, 0).unwrap();
+        assert_eq!(
+            dir,
+            [entry(0x50000, 1, FLAG_AUTO, b"b0"), {
+                let mut e = entry(0x60000, 2, 0, b"longer-name");
+                e[17] = 9;
+                e
+            }]
+            .concat()
+        );
+        assert_eq!(es[1].granularity_bits, 9);
+        assert_eq!(es[1].table_size, 2);
     }
 
     #[test]

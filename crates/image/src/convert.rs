@@ -22,6 +22,9 @@ pub struct ConvertOptions {
     pub create: CreateOptions,
     /// Compress data clusters (qcow2 only).
     pub compress: bool,
+    /// Copy the top image's persistent dirty bitmaps (qcow2 to qcow2,
+    /// as `qemu-img convert --bitmaps`).
+    pub bitmaps: bool,
 }
 
 /// Writes the guest view of `src` into a new image at `dst`, which replaces
@@ -39,6 +42,9 @@ pub fn convert(
         return Err(Error::InvalidArgument(
             "compression (-c) needs a qcow2 target".into(),
         ));
+    }
+    if opts.bitmaps {
+        source_bitmaps(src, opts.format)?;
     }
     if opts.format == ImageFormat::Qcow2 {
         let mut c = opts.create.clone();
@@ -65,6 +71,11 @@ pub fn convert_into(
             "compression (-c) needs a qcow2 target".into(),
         ));
     }
+    let bitmaps = if opts.bitmaps {
+        source_bitmaps(src, opts.format)?
+    } else {
+        Vec::new()
+    };
     let mut target = match opts.format {
         ImageFormat::Raw => {
             create_raw(&storage, dst, size)?;
@@ -145,6 +156,49 @@ pub fn convert_into(
         Image::Raw(r) => r.flush()?,
         Image::Qcow2(q) => q.flush()?,
     }
+    // The bitmaps, after the data (whose writes must not mark them).
+    if let Image::Qcow2(q) = &mut target {
+        for (b, bits) in &bitmaps {
+            q.edit_bitmap(
+                &b.name,
+                crate::bitmap::BitmapEdit::Add {
+                    granularity: Some(b.granularity),
+                    disabled: !b.auto,
+                },
+            )?;
+            q.edit_bitmap(&b.name, crate::bitmap::BitmapEdit::Merge(bits))?;
+        }
+        q.flush()?;
+    }
     progress(size, size);
     Ok(())
+}
+
+/// The top image's bitmaps and their bits, for `--bitmaps`; QEMU's
+/// refusals (a raw side, an inconsistent bitmap) before anything is
+/// written.
+fn source_bitmaps(
+    src: &Chain,
+    format: ImageFormat,
+) -> Result<Vec<(crate::bitmap::BitmapInfo, crate::bitmap::DirtyBitmap)>> {
+    if format != ImageFormat::Qcow2 {
+        return Err(Error::InvalidArgument(
+            "Format driver 'raw' does not support bitmaps".into(),
+        ));
+    }
+    let Some(q) = src.top().image.as_qcow2() else {
+        return Err(Error::InvalidArgument("Source lacks bitmap support".into()));
+    };
+    let mut out = Vec::new();
+    for b in q.bitmaps()? {
+        if b.in_use {
+            return Err(Error::InvalidArgument(format!(
+                "Failed to populate bitmap {0}: Bitmap '{0}' is inconsistent and cannot be used",
+                b.name
+            )));
+        }
+        let bits = q.dirty_bitmap(&b.name)?;
+        out.push((b, bits));
+    }
+    Ok(out)
 }

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub(crate) mod alloc;
+pub mod bitmap;
 pub mod chain;
 pub mod check;
 pub mod compress;
@@ -20,6 +21,7 @@ pub mod repair;
 pub mod storage;
 pub mod write;
 
+pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
 pub use chain::{Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};

@@ -194,6 +194,7 @@ impl Qcow2Image {
             dirty_l1: Default::default(),
             unsynced_bytes: 0,
             halted: false,
+            bitmaps: None,
         }));
         img.load_metadata_map()?;
         Ok(img)

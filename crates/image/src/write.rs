@@ -58,6 +58,9 @@ pub(crate) struct WriteState {
     /// written, not even the metadata still pending in memory (as a crash
     /// would lose it; the protocol makes that safe).
     pub(crate) halted: bool,
+    /// The persistent dirty bitmaps kept up to date in this session
+    /// (loaded at the first write; docs/crash-consistency.md).
+    pub(crate) bitmaps: Option<crate::bitmap::BitmapState>,
 }
 
 /// An L2 table with entries not yet on disk.
@@ -189,24 +192,32 @@ impl Qcow2Image {
                         .into(),
             });
         }
-        let bitmaps = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        if self.header.dirty() || bitmaps {
-            // A dirty image's refcounts may be stale: rebuild them. Bitmaps
-            // Strata does not maintain are dropped (the spec: a writer that
-            // does not update what an autoclear bit protects clears the
-            // bit), and the rebuild frees their clusters. The header, with
-            // these changes, is written once the new refcounts are durable.
+        // Bitmaps are kept (and kept up to date) when their directory is
+        // valid; an unusable directory is dropped, as a writer without
+        // bitmap support must (clearing the autoclear bit).
+        let keep = self.bitmaps_prepare()?;
+        let drop_bitmaps = !keep && self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        let kept = if keep {
+            self.header.autoclear_features & AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        if self.header.dirty() || drop_bitmaps {
+            // A dirty image's refcounts may be stale: rebuild them (the
+            // rebuild counts the bitmaps' clusters). Dropped bitmaps' clusters
+            // are freed by the rebuild. The header, with these changes, is
+            // written once the new refcounts are durable.
             self.header.incompatible_features &= !INCOMPAT_DIRTY;
-            if bitmaps {
+            if drop_bitmaps {
                 self.header
                     .extensions
                     .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
             }
-            self.header.autoclear_features = 0;
+            self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
-        if self.header.autoclear_features != 0 {
-            self.header.autoclear_features = 0;
+        if self.header.autoclear_features != kept {
+            self.header.autoclear_features = kept;
             self.write_header()?;
             self.sync()?;
         }
@@ -844,6 +855,7 @@ impl Qcow2Image {
     pub fn write(&mut self, offset: u64, data: &[u8], backing: BackingRead) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         self.begin_write()?;
+        self.bitmaps_before_change(offset, data.len() as u64)?;
         let mut done = 0u64;
         while done < data.len() as u64 {
             let n = (data.len() as u64 - done).min(WRITE_BATCH);
@@ -1109,6 +1121,21 @@ impl Qcow2Image {
         self.zero_range(offset, len, ZeroMode::Deallocate, &zero_backing)
     }
 
+    /// Empties the image after its data was committed into its backing
+    /// file: every whole cluster becomes unallocated and reads through to
+    /// the backing file, which now holds the same data. The guest view
+    /// does not change, so the persistent dirty bitmaps are left as they
+    /// are (as QEMU's `bdrv_make_empty` leaves them). Only for that case:
+    /// [`Qcow2Image::deallocate`] marks them.
+    pub fn make_empty(&mut self) -> Result<()> {
+        let zero_backing = |b: &mut [u8], _| {
+            b.fill(0);
+            Ok(())
+        };
+        let size = self.virtual_size();
+        self.zero_range_marking(0, size, ZeroMode::Deallocate, &zero_backing, false)
+    }
+
     fn zero_range(
         &mut self,
         offset: u64,
@@ -1116,8 +1143,24 @@ impl Qcow2Image {
         mode: ZeroMode,
         backing: BackingRead,
     ) -> Result<()> {
+        self.zero_range_marking(offset, len, mode, backing, true)
+    }
+
+    /// [`Self::zero_range`]; `mark`: the guest view may change, so the
+    /// bitmaps are marked (and flagged in use) first.
+    fn zero_range_marking(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+        backing: BackingRead,
+        mark: bool,
+    ) -> Result<()> {
         self.check_range(offset, len)?;
         self.begin_write()?;
+        if mark {
+            self.bitmaps_before_change(offset, len)?;
+        }
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let size = self.virtual_size();
@@ -1322,6 +1365,9 @@ impl Qcow2Image {
         self.refuse_if_halted()?;
         self.commit_metadata()?;
         self.barrier()?;
+        // The guest data is durable: the bitmaps that track it may be
+        // saved (their old clusters join the frees below).
+        self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
         let frees = std::mem::take(&mut self.ws()?.pending_frees);
@@ -1349,6 +1395,7 @@ impl Qcow2Image {
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         self.begin_write()?;
         let old = self.virtual_size();
+
         if new_size < old {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
@@ -1365,6 +1412,12 @@ impl Qcow2Image {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} needs an L1 table over the limit"
             )));
+        }
+        // Bitmaps first get tables that cover the new size (valid for the
+        // old one too), the new part clean, as QEMU grows them.
+        let bitmaps = new_size > old && self.has_live_bitmaps();
+        if bitmaps {
+            self.bitmaps_grow(new_size)?;
         }
         if need > self.l1.len() as u64 {
             let clusters = self.geometry.clusters_for(need * 8);
@@ -1398,6 +1451,10 @@ impl Qcow2Image {
             self.write_header()?;
             self.sync()?;
         }
+        if bitmaps {
+            // Track the whole new size from here on.
+            self.bitmaps_reload()?;
+        }
         Ok(())
     }
 
@@ -1405,6 +1462,8 @@ impl Qcow2Image {
     /// else: the unsafe `rebase -u`). `None` removes the backing file.
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.begin_write()?;
+        // Flush first: it may move the bitmap directory (a header change).
+        self.flush()?;
         let mut h = self.header.clone();
         h.extensions
             .retain(|e| !matches!(e, strata_format::Extension::BackingFormat(_)));
@@ -1420,7 +1479,6 @@ impl Qcow2Image {
             path: self.path.clone(),
             source,
         })?;
-        self.flush()?;
         self.header = h;
         self.write_header()?;
         self.sync()
@@ -1563,6 +1621,10 @@ impl Qcow2Image {
             (data.len() as u64).min(self.virtual_size().saturating_sub(offset)),
         )?;
         self.begin_write()?;
+        self.bitmaps_before_change(
+            offset,
+            (data.len() as u64).min(self.virtual_size().saturating_sub(offset)),
+        )?;
         let mut done = 0u64;
         while done < data.len() as u64 {
             let pos = offset + done;

@@ -324,6 +324,7 @@ fn hostile_child_entry() {
             format: ImageFormat::Raw,
             create: CreateOptions::default(),
             compress: false,
+            bitmaps: false,
         };
         match convert(&chain, &dst, &opts, &mut |_, _| {}) {
             Ok(()) => println!("CONVERT-OK"),

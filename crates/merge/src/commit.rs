@@ -525,7 +525,9 @@ pub fn commit_open(
     // 5. Empty the top: every cluster reads through to the base.
     if !opts.keep_top {
         if let Image::Qcow2(q) = &mut top_chain.layers_mut()[0].image {
-            q.deallocate(0, size)
+            // The base holds the top's data now: the top's guest view, and
+            // so its bitmaps, do not change.
+            q.make_empty()
                 .and_then(|()| q.flush())
                 .map_err(|e| failure.fail(e.into(), Step::Empty))?;
         }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use strata_format::header::{has_qcow2_magic, AUTOCLEAR_BITMAPS};
+use strata_format::header::has_qcow2_magic;
 use strata_image::chain::{is_protocol_name, resolve_backing_path};
 use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
 
@@ -80,8 +80,9 @@ pub(crate) fn backing_name_for(top: &Path, layer: &Layer) -> Result<String> {
 }
 
 /// Refuses an image the operation must not write: corrupt bit set, dirty
-/// (lazy refcounts not repaired), or carrying persistent bitmaps (the
-/// write path cannot keep them yet), before anything is written.
+/// (lazy refcounts not repaired), or carrying a bitmap directory the write
+/// path cannot keep (it would drop the bitmaps), before anything is
+/// written. Valid persistent bitmaps are kept up to date by the write path.
 pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
     let Image::Qcow2(q) = &layer.image else {
         return Ok(());
@@ -91,8 +92,18 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
-    } else if h.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
-        "the image has persistent dirty bitmaps, which Strata's write path cannot keep up to date yet"
+    } else if let Err(e) = q.bitmaps().and_then(|bs| {
+        // Every consistent bitmap's bits must load, or the write path
+        // would drop them.
+        bs.iter()
+            .filter(|b| !b.in_use)
+            .try_for_each(|b| q.dirty_bitmap(&b.name).map(|_| ()))
+    }) {
+        return Err(MergeError::Refused {
+            path: layer.path.clone(),
+            op,
+            why: format!("its persistent dirty bitmaps cannot be read ({e}); remove them first (`strata bitmap --remove`)"),
+        });
     } else {
         return Ok(());
     };

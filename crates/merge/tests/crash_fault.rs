@@ -408,6 +408,87 @@ struct Checker {
     /// path-based rerun.
     sample: u64,
     tally: Tally,
+    /// Per image with persistent bitmaps: its guest view and bitmaps
+    /// before the merge (see [`check_bitmaps`]).
+    bitmaps: Vec<BitmapOrig>,
+}
+
+/// An image's guest view and its bitmaps (name, enabled, dirty bits)
+/// before the merge.
+struct BitmapOrig {
+    name: String,
+    view: Vec<u8>,
+    bitmaps: Vec<(String, bool, strata_image::DirtyBitmap)>,
+}
+
+fn bitmap_origs(files: &Files) -> Vec<BitmapOrig> {
+    let d = disks(files, None);
+    let mut out = Vec::new();
+    for name in files.keys().filter(|n| format_of(n) == ImageFormat::Qcow2) {
+        let chain = chain_of(&d, name, false).unwrap();
+        let Some(q) = chain.top().image.as_qcow2() else {
+            continue;
+        };
+        let bitmaps: Vec<_> = q
+            .bitmaps()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.name.clone(), b.auto, q.dirty_bitmap(&b.name).unwrap()))
+            .collect();
+        if !bitmaps.is_empty() {
+            out.push(BitmapOrig {
+                name: name.clone(),
+                view: read_view(&chain),
+                bitmaps,
+            });
+        }
+    }
+    out
+}
+
+/// After any crash, each image keeps its bitmaps; each enabled one is
+/// flagged in use, or dirty wherever it was before and wherever the
+/// image's guest view changed; a disabled one is unchanged.
+fn check_bitmaps(origs: &[BitmapOrig], files: &Files, label: &str) {
+    let d = disks(files, None);
+    for o in origs {
+        let chain = chain_of(&d, &o.name, false).unwrap();
+        let view = read_view(&chain);
+        let q = chain.top().image.as_qcow2().unwrap();
+        let now = q.bitmaps().unwrap();
+        let names: Vec<_> = now.iter().map(|b| b.name.as_str()).collect();
+        let before: Vec<_> = o.bitmaps.iter().map(|b| b.0.as_str()).collect();
+        assert_eq!(names, before, "{label}: {}: bitmap list changed", o.name);
+        for ((name, auto, old), b) in o.bitmaps.iter().zip(&now) {
+            if b.in_use {
+                assert!(*auto, "{label}: {}: disabled {name} flagged in use", o.name);
+                continue;
+            }
+            let new = q.dirty_bitmap(name).unwrap();
+            let g = new.granularity() as usize;
+            for start in (0..view.len()).step_by(g) {
+                let end = (start + g).min(view.len());
+                let prev = o.view.get(start..end.min(o.view.len())).unwrap_or(&[]);
+                let changed = view[start..start + prev.len()] != *prev
+                    || view[start + prev.len()..end].iter().any(|x| *x != 0);
+                let was = old.is_dirty(start as u64);
+                if *auto {
+                    assert!(
+                        !(changed || was) || new.is_dirty(start as u64),
+                        "{label}: {}: {name} claims {start:#x} clean (changed {changed}, was dirty {was})",
+                        o.name
+                    );
+                } else {
+                    assert_eq!(
+                        was,
+                        new.is_dirty(start as u64),
+                        "{label}: {}: disabled {name}",
+                        o.name
+                    );
+                }
+            }
+        }
+    }
 }
 
 impl Checker {
@@ -428,6 +509,8 @@ impl Checker {
             assert_opens_uncorrupted(files, label);
             // (b) The top reads as before.
             assert_top_view(files, &self.orig, label);
+            // Bitmaps: in use, or dirty wherever the view changed.
+            check_bitmaps(&self.bitmaps, files, label);
             // (c) The same merge, run again, completes.
             let d = disks(files, None);
             run(self.op, &d)
@@ -546,6 +629,7 @@ fn crash_everywhere(name: &str, files: Files, op: Op, stride: u64) -> Tally {
         qemu_checked: HashSet::new(),
         sample: 8,
         tally: Tally::default(),
+        bitmaps: bitmap_origs(&files),
     };
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let points: Vec<u64> = (0..total)
@@ -678,7 +762,25 @@ fn build(imgs: &[Img]) -> Files {
         );
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         qemu_img(&refs);
-        let io: Vec<&str> = i.io.iter().map(String::as_str).collect();
+        // qemu-io commands, in runs; `qemu-img ARGS` entries (FILE: the
+        // image) run in between, in order.
+        let mut io: Vec<&str> = Vec::new();
+        for c in &i.io {
+            if let Some(rest) = c.strip_prefix("qemu-img ") {
+                if !io.is_empty() {
+                    qemu_io(&p, &io);
+                    io.clear();
+                }
+                let args: Vec<String> = rest
+                    .split_whitespace()
+                    .map(|a| a.replace("FILE", s(&p)))
+                    .collect();
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                qemu_img(&refs);
+            } else {
+                io.push(c);
+            }
+        }
         if !io.is_empty() {
             qemu_io(&p, &io);
         }
@@ -741,6 +843,51 @@ fn commit_into_a_growing_qcow2_base_survives_a_crash_at_every_operation() {
         1,
     );
     assert_covered(&t, 100);
+}
+
+#[test]
+fn commit_and_pull_with_bitmaps_survive_a_crash_at_every_operation() {
+    // Base and top carry enabled and disabled bitmaps, already dirty
+    // somewhere; the base grows.
+    let chain = || {
+        build(&[
+            img(
+                "base.qcow2",
+                "-f qcow2 -o cluster_size=4096 FILE 1M",
+                &[
+                    "write -P 0xa1 0 300k",
+                    "qemu-img bitmap --add -g 4k FILE b-on",
+                    "qemu-img bitmap --add -g 64k FILE b-off",
+                    "write -P 0xa2 600k 8k",
+                    "qemu-img bitmap --disable FILE b-off",
+                ],
+                vec![],
+            ),
+            img(
+                TOP,
+                "-f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 FILE 1536k",
+                &[
+                    "qemu-img bitmap --add -g 16k FILE t-on",
+                    "qemu-img bitmap --add FILE t-off",
+                    "write -P 0xb1 1200k 4k",
+                    "qemu-img bitmap --disable FILE t-off",
+                ],
+                scattered(7, 0, 36 * K, 40, 6 * K),
+            ),
+        ])
+    };
+    let t = crash_everywhere(
+        "commit with bitmaps",
+        chain(),
+        Op::Commit {
+            base: "base.qcow2",
+            dash_b: false,
+        },
+        1,
+    );
+    assert_covered(&t, 30);
+    let t = crash_everywhere("pull with bitmaps", chain(), Op::Pull { keep: None }, 1);
+    assert_covered(&t, 30);
 }
 
 #[test]
