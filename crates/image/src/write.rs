@@ -189,6 +189,27 @@ impl Qcow2Image {
                         .into(),
             });
         }
+        if self.header.refcount_table_offset == 0 || self.header.refcount_table_clusters == 0 {
+            // Opened so that check can report it (as QEMU); nothing can be
+            // allocated without a refcount table (iotests 060, 108).
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "the refcount table is missing (offset 0 or size 0); writes are refused \
+                      (run `strata check -r all` to rebuild it)"
+                    .into(),
+            });
+        }
+        if let Some(sn) = self.snapshots.iter().find(|s| !s.l1_size_is_valid()) {
+            // QEMU's overlap check refuses such writes too (iotest 080).
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: format!(
+                    "snapshot {:?} names an L1 table of {} entries, more than the limit; \
+                     writes are refused",
+                    sn.name, sn.l1_size
+                ),
+            });
+        }
         let bitmaps = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         if self.header.dirty() || bitmaps {
             // A dirty image's refcounts may be stale: rebuild them. Bitmaps
