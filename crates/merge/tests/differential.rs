@@ -80,8 +80,69 @@ fn pull_matches_qemu_img_rebase_to_nothing_on_every_shape() {
     }
 }
 
+/// Every image file of a twin directory, sorted by name.
+fn images_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2" || x == "raw"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 15 defect 9: `qemu-img commit -b BASE TOP` writes BASE alone:
+/// the top keeps its data and its backing file, the layers between are
+/// unchanged. Every file of the twins reads the same and names the same
+/// backing file afterwards; only the base changed.
 #[test]
 fn commit_with_deep_base_matches_qemu_img_commit_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = twin("depth12", dir.path(), "qemu");
+    let s_top = twin("depth12", dir.path(), "strata");
+    let q_base = q_top.with_file_name("layer4.qcow2");
+    let s_base = s_top.with_file_name("layer4.qcow2");
+    let before = view(&s_top);
+    let s_files = images_in(s_top.parent().unwrap());
+    let untouched: Vec<(PathBuf, Vec<u8>)> = s_files
+        .iter()
+        .filter(|p| **p != s_base)
+        .map(|p| (p.clone(), std::fs::read(p).unwrap()))
+        .collect();
+
+    qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
+    let opts = CommitOptions {
+        base: Some(s_base.clone()),
+        ..CommitOptions::default()
+    };
+    let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
+
+    assert_eq!(r.layers_merged, 7);
+    assert_eq!(r.top_repointed, None);
+    assert!(!r.top_emptied);
+    for (p, bytes) in &untouched {
+        assert!(
+            std::fs::read(p).unwrap() == *bytes,
+            "{} changed: only the base may",
+            p.display()
+        );
+    }
+    let q_files = images_in(q_top.parent().unwrap());
+    assert_eq!(q_files.len(), s_files.len());
+    for (q, st) in q_files.iter().zip(&s_files) {
+        assert_same(q, st);
+        assert_eq!(backing_of(q), backing_of(st), "{}", st.display());
+        assert_clean(st);
+    }
+    assert_eq!(view(&s_base), before);
+    assert_eq!(view(&s_top), before);
+}
+
+/// Strata's own mode (`shorten_chain`, what the libvirt layer uses): the
+/// top is re-pointed at the base and emptied, the layers between dropped
+/// from its chain. The base is what qemu-img's commit -b leaves.
+#[test]
+fn commit_shorten_chain_repoints_and_empties_the_top() {
     let dir = tempfile::tempdir().unwrap();
     let q_top = twin("depth12", dir.path(), "qemu");
     let s_top = twin("depth12", dir.path(), "strata");
@@ -92,6 +153,7 @@ fn commit_with_deep_base_matches_qemu_img_commit_b() {
     qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
     let opts = CommitOptions {
         base: Some(s_base.clone()),
+        shorten_chain: true,
         ..CommitOptions::default()
     };
     let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
@@ -105,6 +167,71 @@ fn commit_with_deep_base_matches_qemu_img_commit_b() {
     assert_eq!(own_allocated(&s_top), 0);
     assert_clean(&s_base);
     assert_clean(&s_top);
+}
+
+/// Issue 15 defect 9, 040's relative paths: a relative `-b` names the
+/// base as an image of the chain records it (here, relative to the
+/// directory of the layer above it, not to the top's nor the working
+/// directory's): qemu-img finds it; so must Strata.
+#[test]
+fn commit_b_with_a_name_relative_to_the_chain_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tops = Vec::new();
+    for twin_name in ["qemu", "strata"] {
+        let d = dir.path().join(twin_name);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        let (base, mid, top) = (
+            d.join("sub/b.qcow2"),
+            d.join("sub/m.qcow2"),
+            d.join("t.qcow2"),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&mid),
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "sub/m.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ]);
+        qemu_io(&base, &["write -P 1 0 64k"]);
+        qemu_io(&mid, &["write -P 2 64k 64k"]);
+        qemu_io(&top, &["write -P 3 128k 64k"]);
+        tops.push(top);
+    }
+    let before = view(&tops[1]);
+    // The working directory is the test's, where no b.qcow2 exists.
+    qemu_img(&["commit", "-q", "-b", "b.qcow2", s(&tops[0])]);
+    let opts = CommitOptions {
+        base: Some(PathBuf::from("b.qcow2")),
+        ..CommitOptions::default()
+    };
+    let r = commit(&tops[1], &opts, &mut Hooks::default()).unwrap();
+    assert_eq!(r.layers_merged, 2);
+    for rel in ["sub/b.qcow2", "sub/m.qcow2", "t.qcow2"] {
+        let (q, st) = (
+            dir.path().join("qemu").join(rel),
+            dir.path().join("strata").join(rel),
+        );
+        assert_same(&q, &st);
+        assert_eq!(backing_of(&q), backing_of(&st), "{rel}");
+        assert_clean(&st);
+    }
+    assert_eq!(view(&dir.path().join("strata/sub/b.qcow2")), before);
 }
 
 #[test]
