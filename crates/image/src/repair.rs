@@ -63,13 +63,21 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
     let before = check::check(img)?;
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     let needs = match mode {
-        RepairMode::Leaks => before.leaks > 0,
+        RepairMode::Leaks => before.leaks > 0 || only_copied_flags(&before),
         RepairMode::All => !before.is_clean() || img.header.dirty() || img.header.corrupt(),
     };
     if needs {
         match mode {
             RepairMode::Leaks => {
                 leaks_fixed = fix_leaks(img)?;
+                // As QEMU's check_oflag_copied under -r leaks: COPIED
+                // flags are repaired when the refcounts are otherwise
+                // right (a leak fixed may have brought a refcount to one;
+                // iotest 112).
+                let mid = check::check(img)?;
+                if only_copied_flags(&mid) {
+                    corruptions_fixed = fix_copied_flags(img)?;
+                }
             }
             RepairMode::All => {
                 rebuild_refcounts(img)?;
@@ -105,6 +113,19 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
         leaks_fixed,
         corruptions_fixed,
     })
+}
+
+/// Whether the only problems of `r` are COPIED flags that disagree with
+/// the refcounts (no leaks, no other corruption, no check error): then
+/// the refcounts can be trusted to fix them, even under `-r leaks`.
+fn only_copied_flags(r: &CheckReport) -> bool {
+    r.leaks == 0
+        && r.check_errors == 0
+        && r.corruptions > 0
+        && r.problems_omitted == 0
+        && r.problems
+            .iter()
+            .all(|p| p.message.starts_with("ERROR OFLAG_COPIED"))
 }
 
 /// Lowers every refcount that exceeds the references to the referenced
