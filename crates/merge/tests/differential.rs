@@ -356,3 +356,280 @@ fn commit_keep_top_leaves_the_top_allocated() {
     assert_eq!(view(&base_of(&top)), before);
     assert_eq!(view(&top), before);
 }
+
+/// qemu-iotests' `io writev OFFSET SIZE STEP COUNT` (common.pattern):
+/// COUNT writes of SIZE bytes, STEP apart, each with its own pattern.
+fn io_writev(offset: u64, size: u64, step: u64, count: u64, pattern_base: u64) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            format!(
+                "write -P {} {} {size}",
+                (pattern_base + i) % 256,
+                offset + i * step
+            )
+        })
+        .collect()
+}
+
+/// The overlay's map as (start, length, depth, present) runs, merged:
+/// which layer answers each range. Strata hides a base's data with zero
+/// clusters where qemu-img rebase writes zero-filled data clusters (same
+/// guest view, less space; docs/qemu-iotests.md), so `zero`, `data` and
+/// offsets are not compared.
+fn who_answers(img: &Path) -> Vec<(u64, u64, u64, bool)> {
+    let m: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "-U", "--output=json", s(img)])).unwrap();
+    let mut out: Vec<(u64, u64, u64, bool)> = Vec::new();
+    for e in m.as_array().unwrap() {
+        let run = (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["depth"].as_u64().unwrap(),
+            e["present"].as_bool().unwrap(),
+        );
+        match out.last_mut() {
+            Some(l) if l.2 == run.2 && l.3 == run.3 && l.0 + l.1 == run.0 => l.1 += run.1,
+            _ => out.push(run),
+        }
+    }
+    out
+}
+
+fn qemu_io_all(img: &Path, cmds: &[String]) {
+    qemu_io(img, &cmds.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// 020: commit an image into its backing file, clusters alternating
+/// between the two (512-byte writes 1 KiB apart, whole clusters), at
+/// offset 0 and past 4 GiB of a 6 GiB disk. The base ends as qemu-img's
+/// (the same guest view), the top is emptied on both, both check clean.
+#[test]
+fn iotest_020_commit_into_the_backing_file_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tops = Vec::new();
+    for name in ["qemu", "strata", "orig"] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let (base, top) = (d.join("t.qcow2.base"), d.join("t.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "6G"]);
+        let mut cmds = Vec::new();
+        for offset in [0u64, 4 << 30] {
+            cmds.extend(io_writev(offset, 512, 1024, 64, 0));
+            cmds.extend(io_writev(offset + 65536, 65536, 65536, 1, 0x40));
+        }
+        qemu_io_all(&base, &cmds);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.qcow2.base",
+            "-F",
+            "qcow2",
+            s(&top),
+            "6G",
+        ]);
+        let mut cmds = Vec::new();
+        for offset in [0u64, 4 << 30] {
+            cmds.extend(io_writev(offset + 512, 512, 1024, 64, 0x80));
+            cmds.extend(io_writev(offset + 131072, 65536, 65536, 1, 0xc0));
+        }
+        qemu_io_all(&top, &cmds);
+        tops.push(top);
+    }
+    qemu_img(&["commit", "-q", s(&tops[0])]);
+    let r = commit(&tops[1], &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert!(r.top_emptied);
+    let base = |t: &Path| t.with_file_name("t.qcow2.base");
+    assert_same(&base(&tops[0]), &base(&tops[1]));
+    // The base now reads as the top did.
+    assert_same(&tops[2], &base(&tops[1]));
+    assert_same(&tops[2], &tops[1]);
+    assert_eq!(own_allocated(&tops[0]), 0);
+    assert_eq!(own_allocated(&tops[1]), 0);
+    for t in &tops[..2] {
+        assert_clean(t);
+        assert_clean(&base(t));
+    }
+}
+
+/// 024: safe rebase onto another backing file, with the allocation table
+/// of the test (old base 11 -- 11 --, new base 22 22 -- --, overlay 33 33
+/// 33 33 -- -- -- --, twice): the overlay reads the same, maps the same
+/// and names the same backing file as after qemu-img's rebase.
+#[test]
+fn iotest_024_rebase_onto_another_backing_file_matches_qemu_img() {
+    const CS: u64 = 65536;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tops = Vec::new();
+    for name in ["qemu", "strata"] {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let (old, new, top) = (
+            d.join("t.qcow2.base_old"),
+            d.join("t.qcow2.base_new"),
+            d.join("t.qcow2"),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&old), "1G"]);
+        qemu_io_all(
+            &old,
+            &(0..8)
+                .map(|i| format!("write -P 0x11 {} {CS}", i * 2 * CS))
+                .collect::<Vec<_>>(),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&new), "1G"]);
+        qemu_io_all(
+            &new,
+            &(0..4)
+                .map(|i| format!("write -P 0x22 {} {}", i * 4 * CS, 2 * CS))
+                .collect::<Vec<_>>(),
+        );
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.qcow2.base_old",
+            "-F",
+            "qcow2",
+            s(&top),
+            "1G",
+        ]);
+        qemu_io(
+            &top,
+            &[
+                &format!("write -P 0x33 0 {}", 4 * CS),
+                &format!("write -P 0x33 {} {}", 8 * CS, 4 * CS),
+            ],
+        );
+        tops.push(top);
+    }
+    qemu_img(&[
+        "rebase",
+        "-q",
+        "-b",
+        "t.qcow2.base_new",
+        "-F",
+        "qcow2",
+        s(&tops[0]),
+    ]);
+    rebase(
+        &tops[1],
+        Some(("t.qcow2.base_new", ImageFormat::Qcow2)),
+        &RebaseOptions::default(),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    // The test's reads: what the overlay showed before the rebase.
+    let expect = [
+        0x33, 0x33, 0x33, 0x33, 0x11, 0, 0x11, 0, 0x33, 0x33, 0x33, 0x33, 0x11, 0, 0x11, 0,
+    ];
+    let reads: Vec<String> = expect
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("read -P {p} {} {CS}", i as u64 * CS))
+        .collect();
+    qemu_io_all(&tops[1], &reads);
+    assert_same(&tops[0], &tops[1]);
+    assert_eq!(backing_of(&tops[0]), backing_of(&tops[1]));
+    assert_eq!(
+        who_answers(&tops[0]),
+        who_answers(&tops[1]),
+        "the overlays allocate differently"
+    );
+    assert_clean(&tops[1]);
+}
+
+/// 024's "rebase in a subdirectory": the new backing name is relative to
+/// the overlay (in subdir/), not to the working directory; cluster 3, the
+/// same in both bases, stays unallocated in the overlay, as with qemu-img.
+#[test]
+fn iotest_024_rebase_in_a_subdirectory_matches_qemu_img() {
+    const CS: u64 = 65536;
+    let dir = tempfile::tempdir().unwrap();
+    let mut tops = Vec::new();
+    for name in ["qemu", "strata"] {
+        let d = dir.path().join(name).join("subdir");
+        std::fs::create_dir_all(&d).unwrap();
+        let (old, new, top) = (
+            d.join("t.qcow2.base_old"),
+            d.join("t.qcow2.base_new"),
+            d.join("t.qcow2"),
+        );
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&old), "1M"]);
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&new), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.qcow2.base_old",
+            "-F",
+            "qcow2",
+            s(&top),
+            "1M",
+        ]);
+        qemu_io(
+            &old,
+            &[
+                &format!("write -P 0x11 0 {}", 2 * CS),
+                &format!("write -P 0x11 {} {CS}", 3 * CS),
+            ],
+        );
+        qemu_io(
+            &new,
+            &[
+                &format!("write -P 0x22 {CS} {}", 2 * CS),
+                &format!("write -P 0x11 {} {CS}", 3 * CS),
+            ],
+        );
+        tops.push(top);
+    }
+    let out = std::process::Command::new("qemu-img")
+        .current_dir(dir.path().join("qemu"))
+        .args([
+            "rebase",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.qcow2.base_new",
+            "-F",
+            "qcow2",
+        ])
+        .arg("subdir/t.qcow2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rebase(
+        &tops[1],
+        Some(("t.qcow2.base_new", ImageFormat::Qcow2)),
+        &RebaseOptions::default(),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    assert_same(&tops[0], &tops[1]);
+    assert_eq!(backing_of(&tops[1]).as_deref(), Some("t.qcow2.base_new"));
+    assert_eq!(backing_of(&tops[0]), backing_of(&tops[1]));
+    assert_eq!(
+        who_answers(&tops[0]),
+        who_answers(&tops[1]),
+        "the overlays allocate differently"
+    );
+    qemu_io(
+        &tops[1],
+        &[
+            &format!("read -P 0x11 0 {CS}"),
+            &format!("read -P 0x11 {CS} {CS}"),
+            &format!("read -P 0x00 {} {CS}", 2 * CS),
+            &format!("read -P 0x11 {} {CS}", 3 * CS),
+        ],
+    );
+}
