@@ -7,7 +7,9 @@
 //! the new structures in force. The old structures become unreferenced
 //! (their clusters count zero in the new ones).
 
-use strata_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use strata_format::header::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFLAG_COPIED};
 use strata_format::{L1Entry, L2Entry};
@@ -59,6 +61,15 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
                    rebuild, which `check -r all` does"
                 .into(),
         });
+    }
+    // As QEMU opening an image read-write: autoclear bits it does not
+    // know are cleared (iotest 036). Known ones (bitmaps, raw external
+    // data) are left to the code that maintains what they protect.
+    let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+    if img.header.autoclear_features & !known != 0 {
+        img.header.autoclear_features &= known;
+        img.write_header()?;
+        img.sync()?;
     }
     let before = check::check(img)?;
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);

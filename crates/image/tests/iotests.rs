@@ -1259,3 +1259,138 @@ fn iotest_061_write_zeroes_on_v2_reads_zeros() {
     let t = twin(|img, _| create(img, "compat=0.10", "64M"));
     same_result(&t, &[Op::Zero(0, 128 << 10)], false);
 }
+
+// ---- 036: feature bits --------------------------------------------------
+
+/// qcow2.py `set-feature-bit KIND BIT`: kind 0 incompatible (offset 72),
+/// 1 compatible (80), 2 autoclear (88).
+fn set_feature_bit(img: &Path, kind: u64, bit: u32) {
+    let at = 72 + 8 * kind;
+    let b = std::fs::read(img).unwrap();
+    let v = u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap()) | 1 << bit;
+    poke(img, at, &v.to_be_bytes());
+}
+
+/// qcow2.py `del-header-ext 0x6803f857` then `add-header-ext-stdio` with
+/// `table` (None: no feature table at all): the extension area after the
+/// 112-byte header qemu-img writes holds only the feature table.
+fn set_feature_table(img: &Path, table: Option<&[u8]>) {
+    let mut ext = Vec::new();
+    if let Some(t) = table {
+        ext.extend_from_slice(&0x6803_f857u32.to_be_bytes());
+        ext.extend_from_slice(&(t.len() as u32).to_be_bytes());
+        ext.extend_from_slice(t);
+        ext.resize(ext.len().next_multiple_of(8), 0);
+    }
+    ext.extend_from_slice(&[0; 8]);
+    // Clear what the old table took, then write the new area.
+    poke(img, 112, &[0; 512]);
+    poke(img, 112, &ext);
+}
+
+/// One feature table entry: type, bit number, 46 bytes of name.
+fn feature(kind: u8, bit: u8, name: &str) -> Vec<u8> {
+    let mut e = vec![kind, bit];
+    let mut n = name.as_bytes().to_vec();
+    n.resize(46, 0);
+    e.extend(n);
+    e
+}
+
+/// 036: images with unknown incompatible feature bits (61, 62, 63), with
+/// and without a feature table naming some of them. QEMU refuses to open
+/// every one, naming the features it has names for and the bits of the
+/// others; Strata refuses them too, with the same names and bits.
+#[test]
+fn iotest_036_unknown_incompatible_feature_bits_are_refused_and_named() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    let table = |entries: &[Vec<u8>]| entries.concat();
+    let cases: Vec<(&[u32], Option<Vec<u8>>)> = vec![
+        (&[63], None),
+        (&[63], Some(table(&[feature(0, 63, "Test feature")]))),
+        (&[61, 62, 63], None),
+        (
+            &[61, 62, 63],
+            Some(table(&[feature(0, 63, "Test feature")])),
+        ),
+        (
+            &[61, 62, 63],
+            Some(table(&[feature(0, 61, "Test feature")])),
+        ),
+        (
+            &[61, 62, 63],
+            Some(table(&[feature(0, 61, "test1"), feature(0, 62, "test2")])),
+        ),
+        (
+            &[61, 62, 63],
+            Some(table(&[
+                feature(0, 61, "test1"),
+                feature(0, 62, "test2"),
+                feature(0, 63, "test3"),
+            ])),
+        ),
+        (
+            &[61, 62, 63],
+            Some(table(&[
+                feature(1, 61, "test1"),
+                feature(0, 62, "test2"),
+                feature(2, 63, "test3"),
+                feature(0, 60, "test4"),
+            ])),
+        ),
+    ];
+    for (bits, t) in &cases {
+        create(&img, "compat=1.1", "64M");
+        for bit in *bits {
+            set_feature_bit(&img, 0, *bit);
+        }
+        set_feature_table(&img, t.as_deref());
+        let (ok, said) = try_run("qemu-img", &["info", arg(&img)]);
+        assert!(!ok, "qemu-img opened it: {said}");
+        let e = strata_read(&img).expect_err("Strata opened it");
+        // What QEMU names (a feature's name, or "Unknown incompatible
+        // feature: <mask>" for the rest), Strata must name too.
+        for name in ["Test feature", "test1", "test2", "test3"] {
+            assert_eq!(
+                said.contains(name),
+                e.contains(name),
+                "{bits:?}: {name:?}\nqemu: {said}\nstrata: {e}"
+            );
+        }
+    }
+}
+
+/// 036's last case: an unknown autoclear bit is harmless; `check -r all`
+/// (which opens the image read-write) clears it, on both twins alike.
+#[test]
+fn iotest_036_unknown_autoclear_bit_is_cleared_by_repair() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        set_feature_bit(img, 2, 63);
+    });
+    assert_eq!(check_code(&t.qemu), 0);
+    assert_eq!(strata_check_code(&t.strata), 0);
+    let (ok, said) = try_run("qemu-img", &["check", "-q", "-r", "all", arg(&t.qemu)]);
+    assert!(ok, "{said}");
+    let mut img = Qcow2Image::open_rw(
+        Box::new(FileStorage::open(&t.strata, true).unwrap()),
+        &t.strata,
+    )
+    .unwrap();
+    repair(&mut img, RepairMode::All).unwrap();
+    drop(img);
+    let autoclear = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        u64::from_be_bytes(b[88..96].try_into().unwrap())
+    };
+    assert_eq!(autoclear(&t.qemu), 0, "QEMU cleared the bit");
+    assert_eq!(autoclear(&t.strata), autoclear(&t.qemu));
+    assert_eq!(check_code(&t.strata), 0);
+}
