@@ -1536,13 +1536,14 @@ impl Qcow2Image {
                 .len()
                 .map_err(|e| Error::io(&self.path, "stat", 0, e))?;
             let cs = geo.cluster_size();
+            let zeros = vec![0u8; cs as usize];
             let (mut start, mut end) = (u64::MAX, 0);
             for p in &plans {
                 let dest = p.dest.unwrap_or(0);
                 start = start.min(dest);
                 end = end.max(dest + cs);
                 if fill == PreallocFill::Zeros || dest < len {
-                    self.write_bytes(&vec![0u8; cs as usize], dest, "write zeros")?;
+                    self.write_bytes(&zeros, dest, "write zeros")?;
                 }
             }
             // The clusters must exist in the file (they read as zeros).
