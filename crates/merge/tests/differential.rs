@@ -711,3 +711,40 @@ fn iotest_028_backing_file_smaller_than_the_image_matches_qemu_img() {
         assert_clean(&base(t));
     }
 }
+
+/// `-b` naming the top's own backing file: qemu-img still implies `-d`
+/// (the top keeps its clusters); so does Strata. With `shorten_chain` (the
+/// libvirt layer's mode) the top is emptied, as before.
+#[test]
+fn commit_b_naming_the_backing_file_keeps_the_top_unless_the_chain_is_shortened() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = twin("cluster64k", dir.path(), "qemu");
+    let s_top = twin("cluster64k", dir.path(), "strata");
+    let l_top = twin("cluster64k", dir.path(), "libvirt");
+    let (q_base, s_base, l_base) = (base_of(&q_top), base_of(&s_top), base_of(&l_top));
+    let own = own_allocated(&s_top);
+    assert!(own > 0);
+
+    qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
+    let opts = CommitOptions {
+        base: Some(s_base.clone()),
+        ..CommitOptions::default()
+    };
+    let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
+    assert!(!r.top_emptied);
+    assert_eq!(own_allocated(&q_top), own, "qemu-img keeps the top");
+    assert_eq!(own_allocated(&s_top), own);
+    assert_same(&q_base, &s_base);
+    assert_same(&q_top, &s_top);
+
+    let shorten = CommitOptions {
+        base: Some(l_base.clone()),
+        shorten_chain: true,
+        ..CommitOptions::default()
+    };
+    let r = commit(&l_top, &shorten, &mut Hooks::default()).unwrap();
+    assert!(r.top_emptied);
+    assert_eq!(own_allocated(&l_top), 0);
+    assert_same(&q_base, &l_base);
+    assert_same(&q_top, &l_top);
+}
