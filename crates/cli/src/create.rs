@@ -90,11 +90,11 @@ fn parse_options(specs: &[String], p: &mut Parsed) -> Result<()> {
                     }
                 }
                 "preallocation" => {
-                    o.preallocation = match v {
-                        "off" => Preallocation::Off,
-                        "metadata" => Preallocation::Metadata,
-                        _ => bail!(
-                            "unsupported preallocation mode {v:?}: Strata supports off and metadata"
+                    o.preallocation = match Preallocation::from_name(v) {
+                        Some(p) => p,
+                        None => bail!(
+                            "invalid preallocation mode {v:?}: expected off, metadata, falloc \
+                             or full"
                         ),
                     };
                     p.given_prealloc = Some(v.to_string());

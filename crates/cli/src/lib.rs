@@ -257,11 +257,18 @@ enum Command {
     /// users found instead.
     Commit {
         /// The image to commit into (default: the immediate backing file).
+        /// As qemu-img, only BASE changes then: the top keeps its data and
+        /// its backing file (-b implies -d). A relative BASE is found as
+        /// qemu-img finds it, through the names and directories of the chain.
         #[arg(short = 'b')]
         base: Option<PathBuf>,
         /// Do not empty the top image afterwards.
         #[arg(short = 'd')]
         keep_top: bool,
+        /// With -b: then re-point the top at BASE and empty it (unless -d),
+        /// dropping the images between from its chain.
+        #[arg(long = "shorten-chain", requires = "base")]
+        shorten_chain: bool,
         /// Show a progress bar (on a terminal).
         #[arg(short = 'p')]
         progress: bool,
@@ -635,6 +642,7 @@ where
         Command::Commit {
             base,
             keep_top,
+            shorten_chain,
             progress,
             dry_run,
             force,
@@ -646,6 +654,7 @@ where
                 file,
                 base,
                 keep_top,
+                shorten_chain,
                 progress,
                 dry_run,
                 force,

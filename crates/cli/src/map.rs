@@ -26,7 +26,7 @@ use std::io::Write;
 
 use anyhow::Result;
 use strata_format::{GuestOffset, L2Entry};
-use strata_image::{Chain, Layer, Mapping};
+use strata_image::{check, Chain, Layer, Mapping};
 
 use crate::info::path_combine;
 use crate::open_options;
@@ -137,6 +137,41 @@ fn unallocated_zero(
     Ok(())
 }
 
+/// Data entries for the guest range `[start, start+len)` stored at `host`
+/// in `layer`'s file, split where the file has holes or ends: those parts
+/// read as zeros (`zero: true`, still `data` with an offset). QEMU asks
+/// the file so only for images it takes for metadata-preallocated
+/// (`qcow2_detect_metadata_preallocation`; iotests 080, 121, 061).
+fn file_holes(
+    layer: &Layer,
+    start: u64,
+    len: u64,
+    host: u64,
+    depth: u64,
+    out: &mut Vec<MapEntry>,
+) -> Result<()> {
+    let storage = layer.image.storage();
+    let mut done = 0;
+    while done < len {
+        let (data, run) = storage
+            .data_run(host + done, len - done)
+            .map_err(|e| anyhow::anyhow!("{}: seek data/hole: {e}", layer.path.display()))?;
+        let run = run.clamp(1, len - done);
+        out.push(MapEntry {
+            start: start + done,
+            length: run,
+            depth,
+            present: true,
+            zero: !data,
+            data: true,
+            compressed: false,
+            offset: Some(host + done),
+        });
+        done += run;
+    }
+    Ok(())
+}
+
 /// The chain's merged map entries, as qemu-img prints them.
 pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
     let size = chain.virtual_size();
@@ -158,6 +193,9 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
     }
     let mut pos = 0u64;
     let mut fresh = Vec::new();
+    // Per layer: whether QEMU would ask its file about holes (see
+    // `file_holes`), decided once, as QEMU does.
+    let mut recurse = std::collections::HashMap::new();
     while pos < size {
         let r = chain.resolve(pos, size - pos)?;
         let len = r.extent.len.min(size - pos);
@@ -189,7 +227,17 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
                     fresh.push(entry(true, true, false, false, host.map(|h| h.0)));
                 }
                 Mapping::Data { host } => {
-                    fresh.push(entry(true, false, true, false, Some(host.0)));
+                    let layer = &layers[r.depth];
+                    if *recurse.entry(r.depth).or_insert_with(|| {
+                        layer
+                            .image
+                            .as_qcow2()
+                            .is_some_and(check::detect_metadata_preallocation)
+                    }) {
+                        file_holes(layer, pos, len, host.0, r.depth as u64, &mut fresh)?;
+                    } else {
+                        fresh.push(entry(true, false, true, false, Some(host.0)));
+                    }
                 }
                 Mapping::Compressed(_) => {
                     fresh.push(entry(true, false, true, true, None));

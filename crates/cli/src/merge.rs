@@ -23,6 +23,9 @@ pub struct CommitArgs {
     pub base: Option<PathBuf>,
     /// Leave the top's data in place (`-d`).
     pub keep_top: bool,
+    /// With `-b`: re-point the top at the base and empty it
+    /// (`--shorten-chain`).
+    pub shorten_chain: bool,
     /// Progress bar on a terminal (`-p`).
     pub progress: bool,
     /// Print the plan and change nothing.
@@ -139,6 +142,7 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
     let opts = CommitOptions {
         base: args.base.clone(),
         keep_top: args.keep_top,
+        shorten_chain: args.shorten_chain,
         force: args.force,
         dry_run: args.dry_run,
         also_check: Vec::new(),
@@ -162,7 +166,7 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
             r.base.display()
         );
         print_plan(out, &what, &r.plan)?;
-        if !args.keep_top {
+        if !args.keep_top && (args.base.is_none() || args.shorten_chain) {
             writeln!(out, "  {} would be emptied afterwards", args.file.display())?;
         }
         print_guard(out, &r)?;

@@ -173,6 +173,69 @@ pub fn compute_refcounts(img: &Qcow2Image) -> Result<Vec<u64>> {
     Ok((0..c.refs.len).map(|i| c.refs.get(i)).collect())
 }
 
+/// QEMU's `qcow2_detect_metadata_preallocation`: whether noticeably more
+/// clusters have a refcount than the file has disk blocks for (an image
+/// made with `preallocation=metadata`, or one whose data clusters were
+/// punched or truncated away). QEMU's block status then asks the file
+/// whether a data cluster is a hole (or past its end), and `qemu-img map`
+/// reports such ranges as zeros. Any error (an unreadable or misaligned
+/// refcount block) gives `false`, as in QEMU.
+pub fn detect_metadata_preallocation(img: &Qcow2Image) -> bool {
+    detect_preallocation(img).unwrap_or(false)
+}
+
+fn detect_preallocation(img: &Qcow2Image) -> Option<bool> {
+    let h = &img.header;
+    let bits = h.cluster_bits;
+    let cs = 1u64 << bits;
+    let file_length = img.storage.len().ok()?;
+    let real_clusters = img.storage.allocated_bytes().ok()? / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let end_cluster = file_length.div_ceil(cs);
+    let per_block = refcount::entries_per_block(bits, h.refcount_order);
+    let table_len = (u64::from(h.refcount_table_clusters) << bits) / 8;
+    let mut count = 0u64;
+    let mut block: Option<(u64, Vec<u8>)> = None;
+    let mut i = 0u64;
+    while i < end_cluster && count < threshold {
+        let bi = i / per_block;
+        if bi >= table_len {
+            // No refcount block covers the rest: all zero.
+            break;
+        }
+        if block.as_ref().is_none_or(|(b, _)| *b != bi) {
+            let mut e = [0u8; 8];
+            img.storage
+                .read_at(&mut e, h.refcount_table_offset.checked_add(bi * 8)?)
+                .ok()?;
+            let off = u64::from_be_bytes(e) & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                // An empty block: skip the clusters it would cover.
+                i = (bi + 1) * per_block;
+                continue;
+            }
+            if !img.geometry.is_aligned(off) {
+                return None;
+            }
+            let mut b = vec![0u8; cs as usize];
+            img.storage.read_at(&mut b, off).ok()?;
+            if b.iter().all(|x| *x == 0) {
+                // Nothing counted here: skip the block whole (a hostile
+                // table of many empty blocks must not cost 2^35 steps).
+                i = (bi + 1) * per_block;
+                continue;
+            }
+            block = Some((bi, b));
+        }
+        let b = block.as_ref().map(|(_, b)| b.as_slice()).unwrap_or(&[]);
+        if refcount::get(b, h.refcount_order, i % per_block).unwrap_or(0) != 0 {
+            count += 1;
+        }
+        i += 1;
+    }
+    Some(count >= threshold)
+}
+
 /// Expected refcounts: a `u16` per cluster, wider counts in a side map.
 struct RefArray {
     small: Vec<u16>,

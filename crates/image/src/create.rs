@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::lock::{ImageLock, LockMode};
 use crate::qcow2::Qcow2Image;
 use crate::storage::{FileStorage, Storage};
+use crate::write::PreallocFill;
 
 /// Preallocation modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,8 +22,38 @@ pub enum Preallocation {
     /// Nothing allocated up front.
     #[default]
     Off,
-    /// Every L2 table and data cluster allocated (data reads as zeros).
+    /// Every L2 table and data cluster allocated (data reads as zeros;
+    /// the file is sparse).
     Metadata,
+    /// As `Metadata`, and the data clusters' space reserved with
+    /// `posix_fallocate`.
+    Falloc,
+    /// As `Metadata`, and the data clusters written with zeros.
+    Full,
+}
+
+impl Preallocation {
+    /// qemu-img's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+
+    /// The mode qemu-img names `name`.
+    pub fn from_name(name: &str) -> Option<Preallocation> {
+        [
+            Preallocation::Off,
+            Preallocation::Metadata,
+            Preallocation::Falloc,
+            Preallocation::Full,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
 }
 
 /// Options of a new qcow2 image, as `qemu-img create -o`.
@@ -125,6 +156,16 @@ impl CreateOptions {
             if name.is_empty() || name.len() > limits::MAX_BACKING_NAME as usize {
                 return bad("backing file name must be 1 to 1023 bytes".into());
             }
+            // Preallocated standard L2 entries would hide the backing
+            // file; extended ones leave every subcluster unallocated.
+            // qemu-img's words (issue 15 defect 4).
+            if self.preallocation != Preallocation::Off && !self.extended_l2 {
+                return bad(
+                    "Backing file and preallocation can only be used at the same time if \
+                     extended_l2 is on"
+                        .into(),
+                );
+            }
         }
         let geo = Geometry::new(bits, self.extended_l2)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -178,8 +219,14 @@ pub fn create_qcow2(
     if size > 0 {
         img.resize(size)?;
     }
-    if opts.preallocation == Preallocation::Metadata {
-        img.preallocate_metadata()?;
+    let fill = match opts.preallocation {
+        Preallocation::Off => None,
+        Preallocation::Metadata => Some(PreallocFill::Sparse),
+        Preallocation::Falloc => Some(PreallocFill::Fallocate),
+        Preallocation::Full => Some(PreallocFill::Zeros),
+    };
+    if let Some(fill) = fill {
+        img.preallocate(fill)?;
     }
     img.flush()?;
     Ok(img)

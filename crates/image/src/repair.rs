@@ -7,9 +7,13 @@
 //! the new structures in force. The old structures become unreferenced
 //! (their clusters count zero in the new ones).
 
-use strata_format::header::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use strata_format::header::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
-use strata_format::table::{decode_u64_table, encode_u64_table, OFLAG_COPIED};
+use strata_format::table::{
+    decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
+};
 use strata_format::{L1Entry, L2Entry};
 
 use crate::alloc::Refcounts;
@@ -60,18 +64,36 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
                 .into(),
         });
     }
+    // As QEMU opening an image read-write: autoclear bits it does not
+    // know are cleared (iotest 036). Known ones (bitmaps, raw external
+    // data) are left to the code that maintains what they protect.
+    let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+    if img.header.autoclear_features & !known != 0 {
+        img.header.autoclear_features &= known;
+        img.write_header()?;
+        img.sync()?;
+    }
     let before = check::check(img)?;
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     let needs = match mode {
-        RepairMode::Leaks => before.leaks > 0,
+        RepairMode::Leaks => before.leaks > 0 || only_copied_flags(&before),
         RepairMode::All => !before.is_clean() || img.header.dirty() || img.header.corrupt(),
     };
     if needs {
         match mode {
             RepairMode::Leaks => {
                 leaks_fixed = fix_leaks(img)?;
+                // As QEMU's check_oflag_copied under -r leaks: COPIED
+                // flags are repaired when the refcounts are otherwise
+                // right (a leak fixed may have brought a refcount to one;
+                // iotest 112).
+                let mid = check::check(img)?;
+                if only_copied_flags(&mid) {
+                    corruptions_fixed = fix_copied_flags(img)?;
+                }
             }
             RepairMode::All => {
+                fix_misaligned_zero_clusters(img)?;
                 rebuild_refcounts(img)?;
                 corruptions_fixed = fix_copied_flags(img)?;
                 img.flush()?;
@@ -105,6 +127,19 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
         leaks_fixed,
         corruptions_fixed,
     })
+}
+
+/// Whether the only problems of `r` are COPIED flags that disagree with
+/// the refcounts (no leaks, no other corruption, no check error): then
+/// the refcounts can be trusted to fix them, even under `-r leaks`.
+fn only_copied_flags(r: &CheckReport) -> bool {
+    r.leaks == 0
+        && r.check_errors == 0
+        && r.corruptions > 0
+        && r.problems_omitted == 0
+        && r.problems
+            .iter()
+            .all(|p| p.message.starts_with("ERROR OFLAG_COPIED"))
 }
 
 /// Lowers every refcount that exceeds the references to the referenced
@@ -266,6 +301,102 @@ fn read_table(img: &Qcow2Image) -> Result<Vec<u64>> {
             )
         })?;
     Ok(decode_u64_table(&raw))
+}
+
+/// QEMU's `fix_l2_entry_by_zero` under `check -r all`: a preallocated
+/// zero cluster (no data) whose host offset is not cluster-aligned becomes
+/// a plain zero cluster (extended L2: every allocated subcluster zero, no
+/// host cluster), in the active and the snapshots' L2 tables, before the
+/// refcounts are rebuilt (so the bogus offset is not counted; iotest 060).
+/// Returns the number of entries changed.
+fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
+    let geo = img.geometry;
+    let cs = geo.cluster_size();
+    let file_len = img
+        .storage
+        .len()
+        .map_err(|e| Error::io(&img.path, "stat", 0, e))?;
+    // Every L2 table of every L1 table, each once.
+    let mut l1s = vec![img.l1.clone()];
+    for sn in &img.snapshots {
+        let bytes = u64::from(sn.l1_size) * 8;
+        let inside = sn
+            .l1_table_offset
+            .checked_add(bytes)
+            .is_some_and(|e| e <= file_len);
+        if !sn.l1_size_is_valid() || !geo.is_aligned(sn.l1_table_offset) || !inside {
+            continue;
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        img.storage
+            .read_at(&mut raw, sn.l1_table_offset)
+            .map_err(|e| Error::io(&img.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
+        l1s.push(decode_u64_table(&raw));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut fixed = 0;
+    for l1 in l1s {
+        for e in l1 {
+            let Some(l2) = L1Entry(e).l2_offset() else {
+                continue;
+            };
+            if !geo.is_aligned(l2.0) || l2.0.saturating_add(cs) > file_len || !seen.insert(l2.0) {
+                continue;
+            }
+            let mut table = img.l2_table(l2.0)?.as_ref().clone();
+            let mut changed = false;
+            for idx in 0..geo.l2_entries() {
+                let mut entry =
+                    L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                        path: img.path.clone(),
+                        source,
+                    })?;
+                let host = entry.word & OFFSET_MASK;
+                if entry.compressed() || host == 0 || geo.is_aligned(host) {
+                    continue;
+                }
+                let alloc_bits = entry.bitmap & 0xffff_ffff;
+                let contains_data = if geo.extended_l2() {
+                    alloc_bits != 0
+                } else {
+                    entry.word & OFLAG_ZERO == 0
+                };
+                if contains_data {
+                    continue;
+                }
+                entry = if geo.extended_l2() {
+                    L2Entry {
+                        word: 0,
+                        bitmap: (entry.bitmap | alloc_bits << 32) & !0xffff_ffff,
+                    }
+                } else {
+                    L2Entry {
+                        word: OFLAG_ZERO,
+                        bitmap: 0,
+                    }
+                };
+                entry
+                    .write(&mut table, geo, idx)
+                    .map_err(|source| Error::Format {
+                        path: img.path.clone(),
+                        source,
+                    })?;
+                changed = true;
+                fixed += 1;
+            }
+            if changed {
+                img.write_bytes(&table, l2.0, "write L2 table")?;
+                img.l2_cache
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(l2.0, std::sync::Arc::new(table));
+            }
+        }
+    }
+    if fixed > 0 {
+        img.sync()?;
+    }
+    Ok(fixed)
 }
 
 /// Sets COPIED on active L1 and L2 entries exactly where the refcount is

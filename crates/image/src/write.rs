@@ -192,6 +192,27 @@ impl Qcow2Image {
                         .into(),
             });
         }
+        if self.header.refcount_table_offset == 0 || self.header.refcount_table_clusters == 0 {
+            // Opened so that check can report it (as QEMU); nothing can be
+            // allocated without a refcount table (iotests 060, 108).
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "the refcount table is missing (offset 0 or size 0); writes are refused \
+                      (run `strata check -r all` to rebuild it)"
+                    .into(),
+            });
+        }
+        if let Some(sn) = self.snapshots.iter().find(|s| !s.l1_size_is_valid()) {
+            // QEMU's overlap check refuses such writes too (iotest 080).
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: format!(
+                    "snapshot {:?} names an L1 table of {} entries, more than the limit; \
+                     writes are refused",
+                    sn.name, sn.l1_size
+                ),
+            });
+        }
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid; an unusable directory is dropped, as a writer without
         // bitmap support must (clearing the autoclear bit).
@@ -1496,10 +1517,34 @@ impl Qcow2Image {
     }
 }
 
+/// How [`Qcow2Image::preallocate`] provides the data clusters' space
+/// (qemu-img's `preallocation=metadata|falloc|full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreallocFill {
+    /// The file is extended sparse: the clusters are holes (`metadata`).
+    Sparse,
+    /// The clusters' space is reserved with `posix_fallocate` (`falloc`).
+    Fallocate,
+    /// The clusters are written with zeros (`full`).
+    Zeros,
+}
+
 impl Qcow2Image {
-    /// Allocates every L2 table and data cluster of the disk (entries
-    /// point at clusters that read as zeros: the file is extended sparse).
+    /// Allocates every L2 table and data cluster of the disk, as qemu-img
+    /// `preallocation=metadata` does (see [`Qcow2Image::preallocate`]).
     pub fn preallocate_metadata(&mut self) -> Result<()> {
+        self.preallocate(PreallocFill::Sparse)
+    }
+
+    /// Allocates every L2 table and data cluster of the disk, as qemu-img
+    /// does: the L2 entries are plain data entries (no zero flag: the
+    /// clusters read as zeros because they are holes, reserved or zeroed
+    /// space), and with extended L2 entries every subcluster is left
+    /// unallocated, so that reads still fall through to a backing file
+    /// (qemu-img allows a backing file only then; iotest 271 / issue 15
+    /// defect 4). A cluster the allocator found inside the old end of the
+    /// file (which may hold stale bytes) is written with zeros.
+    pub fn preallocate(&mut self, fill: PreallocFill) -> Result<()> {
         self.begin_write()?;
         let geo = self.geometry;
         let cb = geo.cluster_bits();
@@ -1537,47 +1582,63 @@ impl Qcow2Image {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
                     p.dest = Some(host);
-                    p.new = if geo.extended_l2() {
-                        L2Entry {
-                            word: host | OFLAG_COPIED,
-                            bitmap: 0xffff_ffff << 32,
-                        }
-                    } else {
-                        L2Entry {
-                            word: host | OFLAG_COPIED | OFLAG_ZERO,
-                            bitmap: 0,
-                        }
+                    p.new = L2Entry {
+                        word: host | OFLAG_COPIED,
+                        bitmap: 0,
                     };
-                    if self.header.version < 3 {
-                        // No zero flag on v2: the data clusters must read zeros.
-                        p.new.word &= !OFLAG_ZERO;
-                        p.writes
-                            .push((0, Chunk::Owned(vec![0u8; geo.cluster_size() as usize])));
-                    }
                 }
                 k += n as usize;
             }
-            let mut end = 0;
-            for p in &mut plans {
-                let dest = p.dest.unwrap_or(0);
-                end = end.max(dest + geo.cluster_size());
-                for (at, bytes) in std::mem::take(&mut p.writes) {
-                    self.write_bytes(bytes.bytes(), dest + at, "write data")?;
-                }
-            }
-            // The clusters must exist in the file (they read as zeros).
             let len = self
                 .storage
                 .len()
                 .map_err(|e| Error::io(&self.path, "stat", 0, e))?;
+            let cs = geo.cluster_size();
+            let zeros = vec![0u8; cs as usize];
+            let (mut start, mut end) = (u64::MAX, 0);
+            for p in &plans {
+                let dest = p.dest.unwrap_or(0);
+                start = start.min(dest);
+                end = end.max(dest + cs);
+                if fill == PreallocFill::Zeros || dest < len {
+                    self.write_bytes(&zeros, dest, "write zeros")?;
+                }
+            }
+            // The clusters must exist in the file (they read as zeros).
             if end > len {
                 self.storage
                     .set_len(end)
                     .map_err(|e| Error::io(&self.path, "extend file", end, e))?;
             }
+            if fill == PreallocFill::Fallocate && start < end {
+                self.fallocate(start, end - start)?;
+            }
             self.barrier()?;
             self.update_l2(toff, &plans)?;
             c += in_table;
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2Image {
+    /// Reserves `[offset, offset+len)` of the file (`posix_fallocate`);
+    /// storages without a file get zeros written instead.
+    fn fallocate(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(f) = self.storage.file() {
+            let (o, l) = (
+                i64::try_from(offset).map_err(|_| Error::InvalidArgument("offset".into()))?,
+                i64::try_from(len).map_err(|_| Error::InvalidArgument("length".into()))?,
+            );
+            return nix::fcntl::posix_fallocate(f, o, l)
+                .map_err(|e| self.io_err("fallocate", offset, std::io::Error::from(e)));
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write_bytes(&chunk[..n], offset + done, "write zeros")?;
+            done += n as u64;
         }
         Ok(())
     }

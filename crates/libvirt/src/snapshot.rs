@@ -833,6 +833,9 @@ pub(crate) fn commit_guarded(
 ) -> Result<strata_merge::CommitReport> {
     let mut opts = CommitOptions {
         base: Some(base.to_path_buf()),
+        // The disk's chain becomes top -> base, the top emptied (not
+        // qemu-img's -b, which writes the base alone).
+        shorten_chain: true,
         dry_run: true,
         ..CommitOptions::default()
     };

@@ -1,13 +1,21 @@
 //! Commit: merge the top image (and the layers between it and the base)
 //! into the base, then empty the top.
 //!
+//! As `qemu-img commit`: without `-b` the top is committed into its
+//! backing file and emptied (unless `-d`); with `-b BASE` the top and the
+//! layers between are committed into BASE and nothing else changes (the
+//! top keeps its data and its backing file; `-b` implies `-d`). With
+//! [`CommitOptions::shorten_chain`] (Strata's own mode, which the libvirt
+//! layer uses) the top is then re-pointed at BASE and emptied, dropping the
+//! layers between from its chain.
+//!
 //! Protocol (docs/merge-protocol.md): grow the base if needed; copy every
 //! extent the merged layers allocate into the base (data as data, zeros as
-//! zeros); flush the base; when the base is deeper than the immediate
-//! backing file, re-point the top at the base (one header write); then
-//! empty the top (every cluster unallocated) and flush. At every moment the
-//! top reads the same; a rerun after a crash redoes the idempotent copy and
-//! finishes.
+//! zeros); flush the base; when the chain is shortened and the base is
+//! deeper than the immediate backing file, re-point the top at the base
+//! (one header write); then, when emptying, empty the top (every cluster
+//! unallocated) and flush. At every moment the top reads the same; a rerun
+//! after a crash redoes the idempotent copy and finishes.
 
 use std::path::{Path, PathBuf};
 
@@ -23,12 +31,21 @@ use crate::walk::{self, Job, Kind, Plan, Seg, Stats};
 /// guard and dry run).
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
-    /// The image to commit into (`-b`): a file of the top's backing chain,
-    /// as a path (relative to the working directory or to the top's
-    /// directory). `None`: the top's immediate backing file.
+    /// The image to commit into (`-b`): a file of the top's backing chain.
+    /// A relative path is resolved as qemu-img resolves it: equal to a
+    /// backing name some image of the chain records, or relative to the
+    /// directory of an image of the chain (top first); else relative to
+    /// the working directory. `None`: the top's immediate backing file.
+    /// Given, the top is not emptied (as qemu-img) unless
+    /// [`CommitOptions::shorten_chain`].
     pub base: Option<PathBuf>,
     /// Leave the top's clusters in place instead of emptying it (`-d`).
     pub keep_top: bool,
+    /// With `base`: after the commit, re-point the top at the base (when
+    /// deeper than the top's backing file) and empty it unless
+    /// `keep_top`: the chain becomes top -> base. Strata's own mode (CLI:
+    /// `--shorten-chain`); qemu-img's `-b` leaves the top as it is.
+    pub shorten_chain: bool,
     /// Commit even when other images use the base as their backing file
     /// and the commit would change what the base reads.
     pub force: bool,
@@ -272,11 +289,19 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         });
     }
     let k = match &opts.base {
-        Some(b) => open::find_layer(&first, top, b)?,
+        Some(b) => open::find_commit_base(&first, top, b)?,
         None => 1,
     };
+    // qemu-img's -b: the base alone is written (-b implies -d).
+    let base_only = opts.base.is_some() && !opts.shorten_chain;
+    let eff = CommitOptions {
+        keep_top: opts.keep_top || base_only,
+        ..opts.clone()
+    };
+    let opts = &eff;
     let writable = !opts.dry_run;
-    let write_top = writable && (!opts.keep_top || k > 1);
+    let repoint = k > 1 && !base_only;
+    let write_top = writable && (!opts.keep_top || repoint);
     let mut locks: Vec<Chain> = Vec::new();
     let mut top_chain = open::open_alone(top, ImageFormat::Qcow2, write_top)?;
     for l in first.layers().get(1..k).unwrap_or(&[]) {
@@ -366,7 +391,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
 
     // The name the top will record for a deeper base (step 4), found
     // before anything is written.
-    let top_name = if k > 1 && !opts.dry_run {
+    let top_name = if repoint && !opts.dry_run {
         Some(open::backing_name_for(top, &probe.layers()[k])?)
     } else {
         None
@@ -408,7 +433,10 @@ pub struct CommitParts<'a> {
     pub top: &'a mut Chain,
     /// The backing name (as the top's header is to record it, relative to
     /// the top's directory) and format of the base, recorded in the top
-    /// when k > 1. Required then (unless a dry run); ignored when k = 1.
+    /// when k > 1. Required then to empty the top (the layers between
+    /// would show through otherwise); `None` with k > 1 and
+    /// `opts.keep_top` commits into the base alone (qemu-img's `-b`).
+    /// Ignored when k = 1.
     pub backing: Option<(&'a str, ImageFormat)>,
 }
 
@@ -444,7 +472,8 @@ pub fn commit_open(
         ));
     };
     let top = top_layer.path.clone();
-    let writes_top = !opts.dry_run && (!opts.keep_top || k > 1);
+    let repoint = k > 1 && backing.is_some();
+    let writes_top = !opts.dry_run && (!opts.keep_top || repoint);
     if writes_top && top_chain.top().image.format() != ImageFormat::Qcow2 {
         return Err(MergeError::InvalidArgument(format!(
             "{}: commit: only a qcow2 top can be emptied or re-pointed",
@@ -453,9 +482,10 @@ pub fn commit_open(
     }
     let backing = match backing {
         Some(b) => Some(b),
-        None if k > 1 && !opts.dry_run => {
+        None if k > 1 && !opts.dry_run && !opts.keep_top => {
             return Err(MergeError::InvalidArgument(format!(
-                "{}: commit into a deeper base needs the backing name to record in the top",
+                "{}: emptying the top after a commit into a deeper base needs the backing \
+                 name to record in the top",
                 top.display()
             )))
         }

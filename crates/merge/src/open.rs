@@ -38,6 +38,39 @@ fn try_id(path: &Path) -> Option<FileId> {
 }
 
 /// The index of the layer of `chain` (below the top) that is the file
+/// `wanted` (commit's `-b`), found as qemu-img's `bdrv_find_backing_image` finds `-b`:
+/// for each image of the chain from the top down, the backing file it
+/// names is `wanted` when it records exactly that name, or when `wanted`
+/// (if relative, taken relative to that image's directory) is the same
+/// file. Failing that, `wanted` relative to the working directory (a
+/// Strata extension qemu-img does not have).
+pub(crate) fn find_commit_base(chain: &Chain, top: &Path, wanted: &Path) -> Result<usize> {
+    let layers = chain.layers();
+    let name = wanted.to_string_lossy();
+    for (i, l) in layers.iter().enumerate().skip(1) {
+        if l.named_as.as_deref() == Some(&*name) {
+            return Ok(i);
+        }
+        let parent = if i == 1 { top } else { &layers[i - 1].path };
+        let id = try_id(&resolve_backing_path(parent, &name));
+        if id.is_some() && id == try_id(&l.path) {
+            return Ok(i);
+        }
+    }
+    if let Some(id) = try_id(wanted) {
+        for (i, l) in layers.iter().enumerate().skip(1) {
+            if try_id(&l.path) == Some(id) {
+                return Ok(i);
+            }
+        }
+    }
+    Err(MergeError::NotInChain {
+        top: top.to_path_buf(),
+        base: wanted.to_path_buf(),
+    })
+}
+
+/// The index of the layer of `chain` (below the top) that is the file
 /// `wanted`: as given (relative to the working directory), or else
 /// relative to the top's directory (how qemu-img reads `-b`).
 pub(crate) fn find_layer(chain: &Chain, top: &Path, wanted: &Path) -> Result<usize> {

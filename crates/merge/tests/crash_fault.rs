@@ -186,6 +186,8 @@ fn run_on_files(op: Op, dir: &Path) -> strata_merge::Result<()> {
         Op::Commit { base, dash_b } => {
             let opts = CommitOptions {
                 base: dash_b.then(|| dir.join(base)),
+                // The protocol under test re-points and empties the top.
+                shorten_chain: dash_b,
                 ..CommitOptions::default()
             };
             commit(&top, &opts, &mut hooks)?;

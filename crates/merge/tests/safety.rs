@@ -358,6 +358,7 @@ fn the_rerun_of_a_commit_b_stopped_after_the_repoint_is_not_refused_by_the_guard
     let before = view(&top);
     let opts = CommitOptions {
         base: Some(base.clone()),
+        shorten_chain: true,
         ..CommitOptions::default()
     };
     let stopped = CommitOptions {
