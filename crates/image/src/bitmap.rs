@@ -358,18 +358,18 @@ impl Qcow2Image {
     }
 
     /// First-write preparation of the bitmaps: loads the directory and
-    /// the bits of every enabled, consistent bitmap. Returns `false` when
-    /// the directory is unusable (then the caller drops the bitmaps, the
-    /// old behaviour, as a writer without bitmap support must).
-    pub(crate) fn bitmaps_prepare(&mut self) -> Result<bool> {
+    /// the bits of every enabled, consistent bitmap. Returns `Some(why)`
+    /// when the directory or a table is unusable (damaged); I/O errors are
+    /// errors.
+    pub(crate) fn bitmaps_prepare(&mut self) -> Result<Option<String>> {
         let Some((_, _, off)) = self.has_bitmaps_ext() else {
-            return Ok(true);
+            return Ok(None);
         };
         let (raw_dir, entries) = match self.read_bitmap_directory() {
             Ok(Some(d)) => d,
-            Ok(None) => return Ok(true),
+            Ok(None) => return Ok(None),
             Err(e @ Error::Io { .. }) => return Err(e),
-            Err(_) => return Ok(false),
+            Err(e) => return Ok(Some(e.to_string())),
         };
         let mut tracked = Vec::new();
         for (index, e) in entries.iter().enumerate() {
@@ -379,7 +379,7 @@ impl Qcow2Image {
             let (bits, clusters) = match self.load_bitmap_bits(e) {
                 Ok(b) => b,
                 Err(err @ Error::Io { .. }) => return Err(err),
-                Err(_) => return Ok(false),
+                Err(err) => return Ok(Some(format!("bitmap {:?}: {err}", e.name))),
             };
             tracked.push(Tracked {
                 index,
@@ -398,7 +398,7 @@ impl Qcow2Image {
                 in_use_on_disk: false,
             });
         }
-        Ok(true)
+        Ok(None)
     }
 
     /// Before a guest change: flags every tracked bitmap in use on disk
@@ -743,14 +743,13 @@ impl Qcow2Image {
         if let Some(ws) = self.rw.as_deref_mut() {
             ws.bitmaps = None;
         }
-        if self.bitmaps_prepare()? {
-            Ok(())
-        } else {
-            Err(Error::corrupt(
+        match self.bitmaps_prepare()? {
+            None => Ok(()),
+            Some(why) => Err(Error::corrupt(
                 &self.path,
                 0,
-                "the bitmap directory does not read back after the resize",
-            ))
+                format!("the bitmap directory does not read back after the resize: {why}"),
+            )),
         }
     }
 
@@ -904,11 +903,11 @@ impl Qcow2Image {
             ws.pending_frees.append(&mut frees);
             ws.bitmaps = None;
         }
-        if !self.bitmaps_prepare()? {
+        if let Some(why) = self.bitmaps_prepare()? {
             return Err(Error::corrupt(
                 &self.path,
                 0,
-                "the bitmap directory just written does not read back",
+                format!("the bitmap directory just written does not read back: {why}"),
             ));
         }
         Ok(())

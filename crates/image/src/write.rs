@@ -214,26 +214,27 @@ impl Qcow2Image {
             });
         }
         // Bitmaps are kept (and kept up to date) when their directory is
-        // valid; an unusable directory is dropped, as a writer without
-        // bitmap support must (clearing the autoclear bit).
-        let keep = self.bitmaps_prepare()?;
-        let drop_bitmaps = !keep && self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        let kept = if keep {
-            self.header.autoclear_features & AUTOCLEAR_BITMAPS
-        } else {
-            0
-        };
-        if self.header.dirty() || drop_bitmaps {
-            // A dirty image's refcounts may be stale: rebuild them (the
-            // rebuild counts the bitmaps' clusters). Dropped bitmaps' clusters
-            // are freed by the rebuild. The header, with these changes, is
-            // written once the new refcounts are durable.
-            self.header.incompatible_features &= !INCOMPAT_DIRTY;
-            if drop_bitmaps {
-                self.header
-                    .extensions
-                    .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
+        // valid. A damaged one is refused, as QEMU refuses to open the image
+        // read-write: dropping it would make the next incremental backup
+        // miss every change from here on.
+        if let Some(why) = self.bitmaps_prepare()? {
+            if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+                return Err(Error::ReadOnly {
+                    path: self.path.clone(),
+                    why: format!(
+                        "its persistent dirty bitmaps cannot be read ({why}); writing would \
+                         have to drop them; writes are refused (`strata convert` copies the \
+                         image without its bitmaps)"
+                    ),
+                });
             }
+        }
+        let kept = self.header.autoclear_features & AUTOCLEAR_BITMAPS;
+        if self.header.dirty() {
+            // A dirty image's refcounts may be stale: rebuild them (the
+            // rebuild counts the bitmaps' clusters). The header, with these
+            // changes, is written once the new refcounts are durable.
+            self.header.incompatible_features &= !INCOMPAT_DIRTY;
             self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }

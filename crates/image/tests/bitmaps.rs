@@ -591,8 +591,8 @@ fn damaged_bitmap_directories_and_tables_give_errors_not_panics() {
                 }
             }
         }
-        // Writing through it: the bitmaps are kept, or dropped when the
-        // directory is unusable; the image stays usable either way.
+        // Writing through it: the bitmaps are kept, or the write is
+        // refused when they cannot be read; never a panic.
         let m = MemStorage::from_bytes(bytes);
         if let Ok(mut w) = Qcow2Image::open_rw(Box::new(m.clone()), Path::new("h.qcow2")) {
             let r = w.write(4096, &[round as u8; 512], &zeros);
@@ -603,6 +603,44 @@ fn damaged_bitmap_directories_and_tables_give_errors_not_panics() {
             }
         }
     }
+}
+
+/// A damaged bitmap directory (an unaligned bitmap table offset): QEMU
+/// refuses to open the image for writing; Strata refuses the write, says
+/// why, and leaves the file byte for byte as it was. (Dropping the bitmaps
+/// instead would make the next incremental backup miss every change.)
+#[test]
+fn a_damaged_bitmap_directory_refuses_writes_like_qemu_and_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (q, s) = twins(dir.path(), &[], "16M", "64k");
+    let mut bytes = std::fs::read(&q).unwrap();
+    let (dir_off, _) = bitmap_regions(&bytes)[0];
+    // The first entry's bitmap_table_offset (its first 8 bytes).
+    bytes[dir_off..dir_off + 8].copy_from_slice(&0x12345u64.to_be_bytes());
+    std::fs::write(&q, &bytes).unwrap();
+    std::fs::write(&s, &bytes).unwrap();
+
+    let qemu = std::process::Command::new("qemu-io")
+        .args(["-c", "write -P 9 0 4k", arg(&q)])
+        .output()
+        .unwrap();
+    let mut c = open_writable(&s);
+    let r = c.write_at(&[9u8; 4096], 0).and_then(|()| c.flush());
+    drop(c);
+
+    let qtext =
+        String::from_utf8_lossy(&qemu.stdout).into_owned() + &String::from_utf8_lossy(&qemu.stderr);
+    assert!(
+        !qemu.status.success() || qtext.contains("Could not open"),
+        "QEMU refuses it: {qtext}"
+    );
+    assert_eq!(std::fs::read(&q).unwrap(), bytes, "QEMU wrote nothing");
+    let err = r.expect_err("Strata refuses the write").to_string();
+    assert!(err.contains("bitmaps cannot be read"), "{err}");
+    assert_eq!(std::fs::read(&s).unwrap(), bytes, "Strata wrote nothing");
 }
 
 #[test]
