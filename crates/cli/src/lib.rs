@@ -29,6 +29,7 @@ pub mod localtime;
 pub mod map;
 pub mod merge;
 pub mod qjson;
+pub mod resize;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
@@ -233,6 +234,27 @@ enum Command {
         /// The options and operations, in order, then FILE and BITMAP.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
+    },
+    /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
+    /// -SIZE; shrinking needs --shrink.
+    Resize {
+        /// Image format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Allow the image to shrink (data past the new end is lost).
+        #[arg(long = "shrink")]
+        shrink: bool,
+        /// Preallocation of the new area: off (the only mode Strata supports yet).
+        #[arg(long = "preallocation", value_name = "MODE")]
+        preallocation: Option<String>,
+        /// Quiet: do not print `Image resized.`.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        file: PathBuf,
+        /// New size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io {
@@ -620,6 +642,25 @@ where
             out,
         ),
         Command::Bitmap { args } => bitmap::run(&args, out),
+        Command::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            file,
+            size,
+        } => resize::run(
+            &resize::ResizeArgs {
+                file,
+                format,
+                shrink,
+                preallocation,
+                quiet,
+                size,
+            },
+            out,
+            err,
+        ),
         Command::Io {
             format,
             commands,

@@ -1,0 +1,119 @@
+//! `strata resize`: change an image's virtual size (qemu-img resize).
+//!
+//! `SIZE` is absolute or relative (`+1G`, `-512M`). Shrinking needs
+//! `--shrink`, as in qemu-img, whose messages are kept word for word. A
+//! qcow2 size must be a multiple of 512 bytes; a raw file takes any
+//! length. The image is opened for writing, under QEMU's write lock.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use strata_image::resize::{resize_chain, resize_refusal, ResizeRefusal};
+use strata_image::Chain;
+
+use crate::size::parse_size;
+use crate::{open_options, NameFile};
+
+/// Arguments of `strata resize`.
+#[derive(Debug, Clone, Default)]
+pub struct ResizeArgs {
+    /// The image.
+    pub file: PathBuf,
+    /// Its format (`-f`), probed when omitted.
+    pub format: Option<String>,
+    /// Allow a smaller size (`--shrink`).
+    pub shrink: bool,
+    /// `--preallocation` (only `off` is supported).
+    pub preallocation: Option<String>,
+    /// Quiet (`-q`): do not print `Image resized.`.
+    pub quiet: bool,
+    /// The size: `N`, `+N` or `-N` with qemu-img's suffixes.
+    pub size: String,
+}
+
+/// A parsed `[+|-]SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeChange {
+    /// The new size.
+    Absolute(u64),
+    /// Grow by this much.
+    Grow(u64),
+    /// Shrink by this much.
+    Shrink(u64),
+}
+
+impl SizeChange {
+    /// Parses `SIZE`, `+SIZE` or `-SIZE`.
+    pub fn parse(s: &str) -> Result<SizeChange> {
+        let parsed = |t: &str| {
+            parse_size(t).map_err(|_| {
+                anyhow::anyhow!(
+                    "Invalid image size specified. You may use k, M, G, T, P or E suffixes for"
+                        .to_string()
+                        + "\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+                )
+            })
+        };
+        Ok(if let Some(t) = s.strip_prefix('+') {
+            SizeChange::Grow(parsed(t)?)
+        } else if let Some(t) = s.strip_prefix('-') {
+            SizeChange::Shrink(parsed(t)?)
+        } else {
+            SizeChange::Absolute(parsed(s)?)
+        })
+    }
+
+    /// The new size for an image of `current` bytes; qemu-img's message
+    /// when it is not positive.
+    pub fn apply(self, current: u64) -> Result<u64> {
+        let new = match self {
+            SizeChange::Absolute(n) => Some(n),
+            SizeChange::Grow(n) => current.checked_add(n),
+            SizeChange::Shrink(n) => current.checked_sub(n),
+        };
+        match new {
+            Some(n) if n > 0 && n <= i64::MAX as u64 => Ok(n),
+            Some(n) if n > 0 => bail!("Image size too large"),
+            _ => bail!("New image size must be positive"),
+        }
+    }
+}
+
+/// Runs `strata resize`; prints `Image resized.` as qemu-img does.
+pub fn run(args: &ResizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    match args.preallocation.as_deref() {
+        None | Some("off") => {}
+        Some(p @ ("metadata" | "falloc" | "full")) => {
+            bail!("--preallocation={p} is not supported by Strata yet (only off)")
+        }
+        Some(p) => bail!("Invalid preallocation mode: '{p}'"),
+    }
+    let change = SizeChange::parse(&args.size)?;
+    let mut opts = open_options(args.format.as_deref(), false)?;
+    opts.writable = true;
+    opts.no_backing = true;
+    let file = args.file.display().to_string();
+    let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
+    let new_size = change.apply(chain.top().image.virtual_size())?;
+    match resize_refusal(&chain, new_size, args.shrink) {
+        Some(ResizeRefusal::ShrinkNotAllowed) => {
+            writeln!(
+                err,
+                "strata: warning: Shrinking an image will delete all data beyond the \
+                 shrunken image's end. Before performing such an operation, make sure \
+                 there is no important data there."
+            )?;
+            bail!("Use the --shrink option to perform a shrink operation.");
+        }
+        Some(ResizeRefusal::NotSectorMultiple) => {
+            bail!("The new size must be a multiple of 512")
+        }
+        Some(_) | None => {}
+    }
+    resize_chain(&mut chain, new_size, args.shrink).name_file(&file)?;
+    if !args.quiet {
+        writeln!(out, "Image resized.")?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,319 @@
+//! `strata resize` against `qemu-img resize` on twins: the same virtual
+//! size, a clean `qemu-img check`, the same guest view, and qemu-img's
+//! refusals word for word.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn strata_ok(args: &[&str]) -> Run {
+    let r = strata(args);
+    assert_eq!(r.code, 0, "strata {args:?}: {}{}", r.stdout, r.stderr);
+    r
+}
+
+fn virtual_size(img: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img_ok(&["info", "-U", "--output", "json", s(img)])).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+fn check_clean(img: &Path) {
+    let r = qemu_img(&["check", s(img)]);
+    assert_eq!(
+        r.code,
+        0,
+        "qemu-img check {}: {}{}",
+        img.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn identical(a: &Path, b: &Path) {
+    let r = qemu_img(&["compare", s(a), s(b)]);
+    assert_eq!(
+        r.code,
+        0,
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+/// A qcow2 image of `size` with data written by qemu-io, and its twin.
+fn qcow2_twins(dir: &Path, size: &str, writes: &[&str]) -> (PathBuf, PathBuf) {
+    let a = dir.join("strata.qcow2");
+    let b = dir.join("qemu.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&a), size]);
+    if !writes.is_empty() {
+        qemu_io("qcow2", &a, writes);
+    }
+    std::fs::copy(&a, &b).unwrap();
+    (a, b)
+}
+
+/// Runs the same resize on both twins and checks they agree.
+fn resize_both(a: &Path, b: &Path, args: &[&str]) {
+    let size = *args.last().unwrap();
+    let opts = &args[..args.len() - 1];
+    let mut sa: Vec<&str> = vec!["resize"];
+    sa.extend(opts);
+    sa.extend([s(a), size]);
+    let r = strata_ok(&sa);
+    assert_eq!(r.stdout, "Image resized.\n");
+    let mut qa: Vec<&str> = vec!["resize"];
+    qa.extend(opts);
+    qa.extend([s(b), size]);
+    qemu_img_ok(&qa);
+    assert_eq!(virtual_size(a), virtual_size(b), "{args:?}");
+}
+
+#[test]
+fn resize_grows_qcow2_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(d.path(), "1M", &["write -P 7 0 64k", "write -P 9 960k 64k"]);
+    resize_both(&a, &b, &["+3M"]);
+    assert_eq!(virtual_size(&a), 4 << 20);
+    resize_both(&a, &b, &["3G"]); // needs a larger L1 table
+    check_clean(&a);
+    identical(&a, &b);
+}
+
+#[test]
+fn resize_grows_raw_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&a), "1M"]);
+    qemu_io("raw", &a, &["write -P 5 4k 8k"]);
+    std::fs::copy(&a, &b).unwrap();
+    resize_both(&a, &b, &["-f", "raw", "+1000"]);
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), (1 << 20) + 1000);
+    assert_eq!(
+        std::fs::metadata(&a).unwrap().len(),
+        std::fs::metadata(&b).unwrap().len()
+    );
+    identical(&a, &b);
+}
+
+#[test]
+fn resize_refuses_to_shrink_without_shrink_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(d.path(), "1M", &[]);
+    let before = std::fs::read(&a).unwrap();
+    let q = qemu_img(&["resize", s(&b), "512k"]);
+    assert_eq!(q.code, 1);
+    assert!(q
+        .stderr
+        .contains("Use the --shrink option to perform a shrink operation."));
+    let r = strata(&["resize", s(&a), "512k"]);
+    assert_fails_with(
+        &r,
+        1,
+        &[
+            "Use the --shrink option to perform a shrink operation.",
+            "Shrinking an image will delete all data beyond the shrunken image's end",
+        ],
+    );
+    let r = strata(&["resize", s(&a), "-4k"]);
+    assert_fails_with(&r, 1, &["Use the --shrink option"]);
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        before,
+        "a refused resize changed the file"
+    );
+}
+
+#[test]
+fn resize_refuses_sizes_qemu_img_refuses() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(d.path(), "1M", &[]);
+    for (size, msg) in [
+        ("2000001", "The new size must be a multiple of 512"),
+        ("-2M", "New image size must be positive"),
+    ] {
+        let q = qemu_img(&["resize", "--shrink", s(&b), size]);
+        assert_eq!(q.code, 1, "{size}");
+        assert!(q.stderr.contains(msg), "qemu-img {size}: {}", q.stderr);
+        let r = strata(&["resize", "--shrink", s(&a), size]);
+        assert_fails_with(&r, 1, &[msg]);
+    }
+    let r = strata(&["resize", "--preallocation=bogus", s(&a), "2M"]);
+    assert_fails_with(&r, 1, &["Invalid preallocation mode"]);
+    assert_eq!(virtual_size(&a), 1 << 20);
+}
+
+#[test]
+fn resize_shrinks_qcow2_with_shrink_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(
+        d.path(),
+        "2M",
+        &["write -P 1 0 1M", "write -P 2 1M 1M", "write -z 100k 4k"],
+    );
+    // 700k is not a whole number of 64k clusters: the partial cluster stays.
+    resize_both(&a, &b, &["--shrink", "700k"]);
+    check_clean(&a);
+    identical(&a, &b);
+    // Grown again, the area past the old end reads as zeros in both.
+    resize_both(&a, &b, &["+1M"]);
+    check_clean(&a);
+    identical(&a, &b);
+}
+
+#[test]
+fn resize_shrinks_qcow2_with_internal_snapshots_keeping_them() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(d.path(), "1M", &["write -P 3 0 1M"]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&a)]);
+    qemu_img_ok(&["snapshot", "-c", "s1", s(&b)]);
+    resize_both(&a, &b, &["--shrink", "256k"]);
+    check_clean(&a);
+    identical(&a, &b);
+    // The snapshot still reads the same through qemu-img in both twins.
+    let snap_a = d.path().join("snap-a.raw");
+    let snap_b = d.path().join("snap-b.raw");
+    qemu_img_ok(&[
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        s(&a),
+        s(&snap_a),
+    ]);
+    qemu_img_ok(&[
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        s(&b),
+        s(&snap_b),
+    ]);
+    let data = std::fs::read(&snap_a).unwrap();
+    assert_eq!(data, std::fs::read(&snap_b).unwrap());
+    assert!(data.iter().all(|&b| b == 3));
+}
+
+#[test]
+fn resize_shrinks_raw_with_shrink_to_any_length() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&a), "1M"]);
+    qemu_io("raw", &a, &["write -P 5 0 1M"]);
+    std::fs::copy(&a, &b).unwrap();
+    resize_both(&a, &b, &["-f", "raw", "--shrink", "1000"]);
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 1000);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn resize_of_an_overlay_leaves_its_backing_file_alone() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_io("qcow2", &base, &["write -P 4 0 1M"]);
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    for t in [&a, &b] {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(t),
+        ]);
+    }
+    qemu_io("qcow2", &a, &["write -P 6 0 64k"]);
+    qemu_io("qcow2", &b, &["write -P 6 0 64k"]);
+    let base_before = std::fs::read(&base).unwrap();
+    resize_both(&a, &b, &["+1M"]);
+    check_clean(&a);
+    identical(&a, &b);
+    assert_eq!(std::fs::read(&base).unwrap(), base_before);
+}
+
+#[test]
+fn resize_grows_an_image_with_a_persistent_bitmap_and_refuses_to_shrink_it() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, b) = qcow2_twins(d.path(), "1M", &[]);
+    qemu_img_ok(&["bitmap", "--add", s(&a), "bm"]);
+    qemu_img_ok(&["bitmap", "--add", s(&b), "bm"]);
+    resize_both(&a, &b, &["2M"]);
+    check_clean(&a);
+    let r = strata(&["resize", "--shrink", s(&a), "512k"]);
+    assert_fails_with(
+        &r,
+        1,
+        &["persistent bitmaps", "not supported by Strata yet"],
+    );
+    assert_eq!(virtual_size(&a), 2 << 20);
+    check_clean(&a);
+}
+
+#[test]
+fn resize_is_refused_while_another_process_has_the_image_open() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, _) = qcow2_twins(d.path(), "1M", &[]);
+    let mut child = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", s(&a)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until qemu-io holds its locks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = qemu_img(&["info", s(&a)]);
+        if r.code != 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = strata(&["resize", s(&a), "2M"]);
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert_fails_with(&r, 1, &["Failed to get \"write\" lock"]);
+    assert_eq!(virtual_size(&a), 1 << 20);
+}
