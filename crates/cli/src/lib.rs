@@ -23,6 +23,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod demo;
+pub mod dot;
 pub mod info;
 pub mod io;
 pub mod localtime;
@@ -102,9 +103,9 @@ enum Command {
         /// Describe every image of the backing chain.
         #[arg(long = "backing-chain")]
         backing_chain: bool,
-        /// Output format.
+        /// Output format (dot: a Graphviz graph of the chain).
         #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
+        output: dot::GraphOutput,
         /// The image.
         file: PathBuf,
     },
@@ -530,17 +531,30 @@ where
             backing_chain,
             output,
             file,
-        } => info::run_noting(
-            &info::InfoArgs {
-                file,
-                format,
-                force_share,
-                backing_chain,
-                output,
-            },
-            out,
-            err,
-        ),
+        } => match output.plain() {
+            Some(output) => info::run_noting(
+                &info::InfoArgs {
+                    file,
+                    format,
+                    force_share,
+                    backing_chain,
+                    output,
+                },
+                out,
+                err,
+            ),
+            None => info::run_dot(
+                &info::InfoArgs {
+                    file,
+                    format,
+                    force_share,
+                    backing_chain,
+                    output: OutputFormat::Json,
+                },
+                out,
+                err,
+            ),
+        },
         Command::Map {
             format,
             force_share,
