@@ -28,6 +28,7 @@ pub mod info;
 pub mod io;
 pub mod localtime;
 pub mod map;
+pub mod measure;
 pub mod merge;
 pub mod qjson;
 pub mod resize;
@@ -235,6 +236,31 @@ enum Command {
         /// The options and operations, in order, then FILE and BITMAP.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
+    },
+    /// How large a new image would be (qemu-img measure): for a new
+    /// image of --size, or for converting FILE to -O FMT.
+    Measure {
+        /// Input format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw (default) or qcow2.
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        /// Output format options: cluster_size, compat, refcount_bits,
+        /// extended_l2, preallocation, backing_file (comma-separated name=value).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Measure a new empty image of this size (instead of FILE).
+        #[arg(long = "size", value_name = "SIZE")]
+        size: Option<String>,
+        /// Force share: take no locks on the input.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// The input image.
+        file: Option<PathBuf>,
     },
     /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
     /// -SIZE; shrinking needs --shrink.
@@ -656,6 +682,26 @@ where
             out,
         ),
         Command::Bitmap { args } => bitmap::run(&args, out),
+        Command::Measure {
+            format,
+            output_format,
+            options,
+            size,
+            force_share,
+            output,
+            file,
+        } => measure::run(
+            &measure::MeasureArgs {
+                file,
+                size,
+                format,
+                output_format,
+                options,
+                force_share,
+                output,
+            },
+            out,
+        ),
         Command::Resize {
             format,
             shrink,
