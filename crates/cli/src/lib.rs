@@ -271,7 +271,7 @@ enum Command {
         /// Allow the image to shrink (data past the new end is lost).
         #[arg(long = "shrink")]
         shrink: bool,
-        /// Preallocation of the new area: off (the only mode Strata supports yet).
+        /// Preallocation of the new area: off, metadata (qcow2), falloc or full.
         #[arg(long = "preallocation", value_name = "MODE")]
         preallocation: Option<String>,
         /// Quiet: do not print `Image resized.`.

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use strata_image::resize::{resize_chain, resize_refusal, ResizeRefusal};
+use strata_image::resize::{resize_chain, resize_refusal, ResizePrealloc, ResizeRefusal};
 use strata_image::Chain;
 
 use crate::size::parse_size;
@@ -24,7 +24,7 @@ pub struct ResizeArgs {
     pub format: Option<String>,
     /// Allow a smaller size (`--shrink`).
     pub shrink: bool,
-    /// `--preallocation` (only `off` is supported).
+    /// `--preallocation`: off, metadata (qcow2), falloc or full.
     pub preallocation: Option<String>,
     /// Quiet (`-q`): do not print `Image resized.`.
     pub quiet: bool,
@@ -82,36 +82,31 @@ impl SizeChange {
 
 /// Runs `strata resize`; prints `Image resized.` as qemu-img does.
 pub fn run(args: &ResizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
-    match args.preallocation.as_deref() {
-        None | Some("off") => {}
-        Some(p @ ("metadata" | "falloc" | "full")) => {
-            bail!("--preallocation={p} is not supported by Strata yet (only off)")
-        }
+    let prealloc = match args.preallocation.as_deref() {
+        None | Some("off") => ResizePrealloc::Off,
+        Some("metadata") => ResizePrealloc::Metadata,
+        Some("falloc") => ResizePrealloc::Falloc,
+        Some("full") => ResizePrealloc::Full,
         Some(p) => bail!("Invalid preallocation mode: '{p}'"),
-    }
+    };
     let change = SizeChange::parse(&args.size)?;
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
-    opts.no_backing = true;
     let file = args.file.display().to_string();
     let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
     let new_size = change.apply(chain.top().image.virtual_size())?;
-    match resize_refusal(&chain, new_size, args.shrink) {
-        Some(ResizeRefusal::ShrinkNotAllowed) => {
+    if let Some(r) = resize_refusal(&chain, new_size, args.shrink, prealloc) {
+        if r == ResizeRefusal::ShrinkNotAllowed {
             writeln!(
                 err,
                 "strata: warning: Shrinking an image will delete all data beyond the \
                  shrunken image's end. Before performing such an operation, make sure \
                  there is no important data there."
             )?;
-            bail!("Use the --shrink option to perform a shrink operation.");
         }
-        Some(ResizeRefusal::NotSectorMultiple) => {
-            bail!("The new size must be a multiple of 512")
-        }
-        Some(_) | None => {}
+        bail!("{}", r.message());
     }
-    resize_chain(&mut chain, new_size, args.shrink).name_file(&file)?;
+    resize_chain(&mut chain, new_size, args.shrink, prealloc).name_file(&file)?;
     if !args.quiet {
         writeln!(out, "Image resized.")?;
     }

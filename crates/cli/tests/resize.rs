@@ -317,3 +317,116 @@ fn resize_is_refused_while_another_process_has_the_image_open() {
     assert_fails_with(&r, 1, &["Failed to get \"write\" lock"]);
     assert_eq!(virtual_size(&a), 1 << 20);
 }
+
+/// `qemu-img map --output json` without host offsets (they may differ).
+fn map_shape(img: &Path) -> String {
+    let m: serde_json::Value =
+        serde_json::from_str(&qemu_img_ok(&["map", "--output", "json", s(img)])).unwrap();
+    let mut v = m.as_array().unwrap().clone();
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    serde_json::to_string(&v).unwrap()
+}
+
+#[test]
+fn resize_grow_of_an_overlay_over_a_longer_backing_file_reads_zeros_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_io("qcow2", &base, &["write -P 9 0 4M"]);
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    for t in [&a, &b] {
+        // 1000k: the old end is inside a cluster.
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(t),
+            "1000k",
+        ]);
+    }
+    resize_both(&a, &b, &["3M"]);
+    check_clean(&a);
+    identical(&a, &b);
+    assert_eq!(map_shape(&a), map_shape(&b));
+    // The backing file's tail does not show through.
+    qemu_io("qcow2", &a, &["read -P 0 1000k 2072k"]);
+}
+
+#[test]
+fn resize_preallocation_full_and_falloc_allocate_the_new_area_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    for mode in ["full", "falloc"] {
+        let d = tempdir();
+        let opt = format!("--preallocation={mode}");
+        let (a, b) = qcow2_twins(d.path(), "1000k", &["write -P 1 0 64k"]);
+        resize_both(&a, &b, &[&opt, "+1M"]);
+        check_clean(&a);
+        identical(&a, &b);
+        assert_eq!(map_shape(&a), map_shape(&b), "{mode}");
+
+        let ra = d.path().join("a.raw");
+        let rb = d.path().join("b.raw");
+        // Each made by qemu-img (a copy would not keep the holes).
+        qemu_img_ok(&["create", "-q", "-f", "raw", s(&ra), "1M"]);
+        qemu_img_ok(&["create", "-q", "-f", "raw", s(&rb), "1M"]);
+        resize_both(&ra, &rb, &["-f", "raw", &opt, "+1M"]);
+        assert_eq!(std::fs::read(&ra).unwrap(), std::fs::read(&rb).unwrap());
+        assert_eq!(map_shape(&ra), map_shape(&rb), "raw {mode}");
+    }
+}
+
+#[test]
+fn resize_refuses_preallocation_where_qemu_img_does_and_metadata_on_qcow2() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let ra = d.path().join("a.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&ra), "1M"]);
+    let rb = d.path().join("b.raw");
+    std::fs::copy(&ra, &rb).unwrap();
+    for (args, msg) in [
+        (
+            &["--preallocation=metadata", "+1M"][..],
+            "Unsupported preallocation mode: metadata",
+        ),
+        (
+            &["--shrink", "--preallocation=full", "512k"][..],
+            "Preallocation can only be used for growing images",
+        ),
+    ] {
+        let size = *args.last().unwrap();
+        let opts = &args[..args.len() - 1];
+        let mut q = vec!["resize", "-f", "raw"];
+        q.extend(opts);
+        let mut st = q.clone();
+        q.extend([s(&rb), size]);
+        st.extend([s(&ra), size]);
+        let qr = qemu_img(&q);
+        assert_eq!(qr.code, 1, "{args:?}");
+        assert!(qr.stderr.contains(msg), "qemu-img {args:?}: {}", qr.stderr);
+        assert_fails_with(&strata(&st), 1, &[msg]);
+    }
+    assert_eq!(std::fs::metadata(&ra).unwrap().len(), 1 << 20);
+    let (a, _) = qcow2_twins(d.path(), "1M", &[]);
+    let r = strata(&["resize", "--preallocation=metadata", s(&a), "2M"]);
+    assert_fails_with(
+        &r,
+        1,
+        &["--preallocation=metadata", "not supported by Strata"],
+    );
+    assert_eq!(virtual_size(&a), 1 << 20);
+}

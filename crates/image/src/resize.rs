@@ -1,7 +1,14 @@
 //! `resize`: change an image's virtual size as `qemu-img resize` does.
 //!
 //! Growing a qcow2 image is [`Qcow2Image::resize`] (a larger L1 table
-//! when needed, bitmaps grown, the new area unallocated). Shrinking is
+//! when needed, bitmaps grown, the new area unallocated); when the
+//! backing file is longer than the old size, the new area is then made to
+//! read as zeros, as QEMU's `bdrv_co_truncate` does (`BDRV_REQ_ZERO_WRITE`:
+//! explicit zeros for the partial cluster at the old end, zero clusters
+//! after it), so that the backing file's tail does not show through.
+//! `--preallocation=full`/`falloc` write zeros over the new area (data
+//! clusters, or file blocks for raw); `metadata` is refused (raw has no
+//! metadata, as in QEMU; for qcow2 Strata does not do it yet). Shrinking is
 //! done here: the whole clusters past the new end are deallocated (their
 //! host clusters freed, shared ones kept for the internal snapshots that
 //! still use them), then the header's size is changed. Like QEMU, the L1
@@ -12,6 +19,22 @@ use crate::chain::{Chain, Image};
 use crate::error::{Error, Result};
 use crate::qcow2::Qcow2Image;
 
+/// `--preallocation` of the area a resize adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ResizePrealloc {
+    /// Nothing allocated.
+    #[default]
+    Off,
+    /// qcow2: the new clusters allocated, reading as zeros (refused:
+    /// not done yet).
+    Metadata,
+    /// Blocks allocated (done as `Full`: zeros written).
+    Falloc,
+    /// Zeros written over the new area.
+    Full,
+}
+
 /// Why a resize was refused before anything was written (the CLI turns
 /// these into qemu-img's messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,53 +44,118 @@ pub enum ResizeRefusal {
     ShrinkNotAllowed,
     /// A qcow2 size must be a multiple of 512 bytes.
     NotSectorMultiple,
+    /// Preallocation asked for a shrink.
+    PreallocShrink,
+    /// The mode does not exist for this format (raw has no metadata).
+    PreallocUnsupported,
+    /// qcow2 `metadata` preallocation of the new area: not done by
+    /// Strata yet.
+    PreallocNotYet,
+}
+
+impl ResizeRefusal {
+    /// qemu-img's message.
+    pub fn message(self) -> &'static str {
+        match self {
+            ResizeRefusal::ShrinkNotAllowed => {
+                "Use the --shrink option to perform a shrink operation."
+            }
+            ResizeRefusal::NotSectorMultiple => "The new size must be a multiple of 512",
+            ResizeRefusal::PreallocShrink => "Preallocation can only be used for growing images",
+            ResizeRefusal::PreallocUnsupported => "Unsupported preallocation mode: metadata",
+            ResizeRefusal::PreallocNotYet => {
+                "--preallocation=metadata is not supported by Strata's resize yet \
+                 (use off, falloc or full)"
+            }
+        }
+    }
 }
 
 /// Checks a resize of the chain's top image to `new_size` before any
 /// write: `None` when it may go ahead.
-pub fn resize_refusal(chain: &Chain, new_size: u64, shrink: bool) -> Option<ResizeRefusal> {
+pub fn resize_refusal(
+    chain: &Chain,
+    new_size: u64,
+    shrink: bool,
+    prealloc: ResizePrealloc,
+) -> Option<ResizeRefusal> {
     let top = &chain.top().image;
-    if matches!(top, Image::Qcow2(_)) && !new_size.is_multiple_of(512) {
+    let qcow2 = matches!(top, Image::Qcow2(_));
+    if qcow2 && !new_size.is_multiple_of(512) {
         return Some(ResizeRefusal::NotSectorMultiple);
     }
-    if new_size < top.virtual_size() && !shrink {
+    let smaller = new_size < top.virtual_size();
+    if smaller && !shrink {
         return Some(ResizeRefusal::ShrinkNotAllowed);
+    }
+    if smaller && prealloc != ResizePrealloc::Off {
+        return Some(ResizeRefusal::PreallocShrink);
+    }
+    if prealloc == ResizePrealloc::Metadata {
+        return Some(if qcow2 {
+            ResizeRefusal::PreallocNotYet
+        } else {
+            ResizeRefusal::PreallocUnsupported
+        });
     }
     None
 }
 
-/// Resizes the top image of a writable chain to `new_size` (grow or,
-/// with `shrink`, shrink), as `qemu-img resize [--shrink]`.
-pub fn resize_chain(chain: &mut Chain, new_size: u64, shrink: bool) -> Result<()> {
-    match resize_refusal(chain, new_size, shrink) {
-        Some(ResizeRefusal::ShrinkNotAllowed) => {
-            return Err(Error::InvalidArgument(
-                "Use the --shrink option to perform a shrink operation.".into(),
-            ))
-        }
-        Some(ResizeRefusal::NotSectorMultiple) => {
-            return Err(Error::InvalidArgument(
-                "The new size must be a multiple of 512".into(),
-            ))
-        }
-        None => {}
+/// Largest buffer of zeros written at once.
+const ZERO_CHUNK: u64 = 4 << 20;
+
+fn write_zeros(chain: &mut Chain, from: u64, to: u64) -> Result<()> {
+    let buf = vec![0u8; ZERO_CHUNK.min(to - from) as usize];
+    let mut off = from;
+    while off < to {
+        let n = (to - off).min(ZERO_CHUNK);
+        chain.write_at(&buf[..n as usize], off)?;
+        off += n;
     }
-    let layers = chain.layers_mut();
-    let top = match layers.first_mut() {
+    Ok(())
+}
+
+/// Resizes the top image of a writable chain (opened with its backing
+/// files) to `new_size`: grow or, with `shrink`, shrink, as `qemu-img
+/// resize [--shrink] [--preallocation=MODE]`.
+pub fn resize_chain(
+    chain: &mut Chain,
+    new_size: u64,
+    shrink: bool,
+    prealloc: ResizePrealloc,
+) -> Result<()> {
+    if let Some(r) = resize_refusal(chain, new_size, shrink, prealloc) {
+        return Err(Error::InvalidArgument(r.message().into()));
+    }
+    let old = chain.top().image.virtual_size();
+    let backing_len = chain.layers().get(1).map(|l| l.image.virtual_size());
+    let top = match chain.layers_mut().first_mut() {
         Some(l) => &mut l.image,
         None => return Err(Error::InvalidArgument("empty chain".into())),
     };
+    let qcow2 = matches!(top, Image::Qcow2(_));
     match top {
-        Image::Raw(r) => r.truncate(new_size),
+        Image::Raw(r) => r.truncate(new_size)?,
+        Image::Qcow2(q) if new_size < old => return shrink_qcow2(q, new_size),
         Image::Qcow2(q) => {
-            if new_size < q.virtual_size() {
-                shrink_qcow2(q, new_size)
-            } else {
-                q.resize(new_size)?;
-                q.flush()
-            }
+            q.resize(new_size)?;
+            q.flush()?;
         }
     }
+    if new_size <= old {
+        return chain.flush();
+    }
+    match prealloc {
+        ResizePrealloc::Off => {
+            if qcow2 && backing_len.is_some_and(|b| b > old) {
+                chain.write_zeroes(old, new_size - old, true)?;
+            }
+        }
+        ResizePrealloc::Falloc | ResizePrealloc::Full => write_zeros(chain, old, new_size)?,
+        // Refused above.
+        ResizePrealloc::Metadata => {}
+    }
+    chain.flush()
 }
 
 /// Shrinks a qcow2 image to `new_size` (a multiple of 512).
