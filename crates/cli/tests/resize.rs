@@ -430,3 +430,79 @@ fn resize_refuses_preallocation_where_qemu_img_does_and_metadata_on_qcow2() {
     );
     assert_eq!(virtual_size(&a), 1 << 20);
 }
+
+/// Each refusal as qemu-img gives it, on a twin: exit 1, the message,
+/// and neither file changed.
+fn refused_like_qemu_img(a: &Path, b: &Path, opts: &[&str], size: &str, msg: &str) {
+    let before = std::fs::read(a).unwrap();
+    let mut q = vec!["resize"];
+    q.extend(opts);
+    let mut st = q.clone();
+    q.extend([s(b), size]);
+    st.extend([s(a), size]);
+    let qr = qemu_img(&q);
+    assert_eq!(qr.code, 1, "qemu-img {q:?}: {}", qr.stdout);
+    assert!(qr.stderr.contains(msg), "qemu-img {q:?}: {}", qr.stderr);
+    assert_fails_with(&strata(&st), 1, &[msg]);
+    assert_eq!(std::fs::read(a).unwrap(), before, "{st:?} changed the file");
+}
+
+#[test]
+fn resize_refuses_an_image_with_an_inconsistent_bitmap_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let (a, _) = qcow2_twins(d.path(), "1M", &[]);
+    qemu_img_ok(&["bitmap", "--add", s(&a), "bm"]);
+    // qemu-io killed while it has the image open leaves the bitmap in use.
+    let r = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 64k",
+            "-c",
+            "sigraise 9",
+            s(&a),
+        ])
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    let b = d.path().join("twin.qcow2");
+    std::fs::copy(&a, &b).unwrap();
+    let msg = "Bitmap 'bm' is inconsistent and cannot be used";
+    refused_like_qemu_img(&a, &b, &[], "2M", msg);
+    refused_like_qemu_img(&a, &b, &["--shrink"], "512k", msg);
+}
+
+#[test]
+fn resize_refuses_a_v2_image_with_snapshots_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let a = d.path().join("a.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&a),
+        "1M",
+    ]);
+    qemu_img_ok(&["snapshot", "-c", "s", s(&a)]);
+    let b = d.path().join("b.qcow2");
+    std::fs::copy(&a, &b).unwrap();
+    refused_like_qemu_img(
+        &a,
+        &b,
+        &[],
+        "2M",
+        "Can't resize a v2 image which has snapshots",
+    );
+    // qemu-img's own checks come before the driver's.
+    refused_like_qemu_img(&a, &b, &[], "1000", "Use the --shrink option");
+}

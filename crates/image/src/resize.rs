@@ -37,13 +37,19 @@ pub enum ResizePrealloc {
 
 /// Why a resize was refused before anything was written (the CLI turns
 /// these into qemu-img's messages).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ResizeRefusal {
+    /// A persistent bitmap is flagged in use (not saved cleanly): QEMU
+    /// cannot resize it, so it refuses any resize.
+    InconsistentBitmap(String),
     /// The new size is smaller and shrinking was not allowed.
     ShrinkNotAllowed,
     /// A qcow2 size must be a multiple of 512 bytes.
     NotSectorMultiple,
+    /// A version 2 image with internal snapshots (their L1 tables record
+    /// no size) cannot be resized.
+    V2Snapshots,
     /// Preallocation asked for a shrink.
     PreallocShrink,
     /// The mode does not exist for this format (raw has no metadata).
@@ -55,19 +61,27 @@ pub enum ResizeRefusal {
 
 impl ResizeRefusal {
     /// qemu-img's message.
-    pub fn message(self) -> &'static str {
-        match self {
+    pub fn message(&self) -> String {
+        let m = match self {
+            ResizeRefusal::InconsistentBitmap(name) => {
+                return format!(
+                    "Bitmap '{name}' is inconsistent and cannot be used \
+                     (remove it with `strata bitmap --remove FILE {name}`)"
+                )
+            }
             ResizeRefusal::ShrinkNotAllowed => {
                 "Use the --shrink option to perform a shrink operation."
             }
             ResizeRefusal::NotSectorMultiple => "The new size must be a multiple of 512",
+            ResizeRefusal::V2Snapshots => "Can't resize a v2 image which has snapshots",
             ResizeRefusal::PreallocShrink => "Preallocation can only be used for growing images",
             ResizeRefusal::PreallocUnsupported => "Unsupported preallocation mode: metadata",
             ResizeRefusal::PreallocNotYet => {
                 "--preallocation=metadata is not supported by Strata's resize yet \
                  (use off, falloc or full)"
             }
-        }
+        };
+        m.to_string()
     }
 }
 
@@ -79,17 +93,31 @@ pub fn resize_refusal(
     shrink: bool,
     prealloc: ResizePrealloc,
 ) -> Option<ResizeRefusal> {
+    // qemu-img's order: its own checks, then the driver's truncate.
     let top = &chain.top().image;
     let qcow2 = matches!(top, Image::Qcow2(_));
-    if qcow2 && !new_size.is_multiple_of(512) {
-        return Some(ResizeRefusal::NotSectorMultiple);
-    }
     let smaller = new_size < top.virtual_size();
     if smaller && !shrink {
         return Some(ResizeRefusal::ShrinkNotAllowed);
     }
     if smaller && prealloc != ResizePrealloc::Off {
         return Some(ResizeRefusal::PreallocShrink);
+    }
+    if qcow2 && !new_size.is_multiple_of(512) {
+        return Some(ResizeRefusal::NotSectorMultiple);
+    }
+    if let Image::Qcow2(q) = top {
+        if q.header().version < 3 && !q.snapshots().is_empty() {
+            return Some(ResizeRefusal::V2Snapshots);
+        }
+        // An unreadable directory is left to the write path to judge.
+        if let Some(b) = q
+            .bitmaps()
+            .ok()
+            .and_then(|l| l.into_iter().find(|b| b.in_use))
+        {
+            return Some(ResizeRefusal::InconsistentBitmap(b.name));
+        }
     }
     if prealloc == ResizePrealloc::Metadata {
         return Some(if qcow2 {
