@@ -153,7 +153,7 @@ pub fn resize_chain(
     prealloc: ResizePrealloc,
 ) -> Result<()> {
     if let Some(r) = resize_refusal(chain, new_size, shrink, prealloc) {
-        return Err(Error::InvalidArgument(r.message().into()));
+        return Err(Error::InvalidArgument(r.message()));
     }
     let old = chain.top().image.virtual_size();
     let backing_len = chain.layers().get(1).map(|l| l.image.virtual_size());
