@@ -506,3 +506,37 @@ fn resize_refuses_a_v2_image_with_snapshots_like_qemu_img() {
     // qemu-img's own checks come before the driver's.
     refused_like_qemu_img(&a, &b, &[], "1000", "Use the --shrink option");
 }
+
+#[test]
+fn resize_shrink_then_grow_of_an_overlay_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "2M"]);
+    qemu_io("qcow2", &base, &["write -P 8 0 2M"]);
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    for t in [&a, &b] {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(t),
+        ]);
+        qemu_io("qcow2", t, &["write -P 6 512k 1M"]);
+    }
+    resize_both(&a, &b, &["--shrink", "700k"]);
+    check_clean(&a);
+    identical(&a, &b);
+    resize_both(&a, &b, &["2M"]);
+    check_clean(&a);
+    identical(&a, &b);
+    assert_eq!(map_shape(&a), map_shape(&b));
+}
