@@ -251,7 +251,7 @@ enum Command {
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Measure a new empty image of this size (instead of FILE).
-        #[arg(long = "size", value_name = "SIZE")]
+        #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
         size: Option<String>,
         /// Force share: take no locks on the input.
         #[arg(short = 'U', long = "force-share")]

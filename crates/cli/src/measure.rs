@@ -250,12 +250,13 @@ pub fn measure(args: &MeasureArgs) -> Result<Measure> {
         (None, Some(_)) => None,
     };
     let size = match &args.size {
-        Some(s) => Some(parse_size(s).map_err(|_| {
-            anyhow::anyhow!(
-                "Invalid image size specified. Must be between 0 and {}.",
-                i64::MAX
-            )
-        })?),
+        Some(s) if s.trim_start().starts_with('-') => bail!(
+            "Invalid image size specified. Must be between 0 and {}.",
+            i64::MAX
+        ),
+        Some(s) => Some(
+            parse_size(s).map_err(|_| anyhow::anyhow!("Invalid image size specified: '{s}'."))?,
+        ),
         None => None,
     };
     if !qcow2 {

@@ -49,9 +49,9 @@ impl SizeChange {
         let parsed = |t: &str| {
             parse_size(t).map_err(|_| {
                 anyhow::anyhow!(
-                    "Invalid image size specified. You may use k, M, G, T, P or E suffixes for"
-                        .to_string()
-                        + "\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+                    "Parameter 'size' expects a non-negative number below 2^64\n\
+                     Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                     and exabytes, respectively."
                 )
             })
         };

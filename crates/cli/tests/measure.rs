@@ -33,6 +33,7 @@ const OUTPUTS: &[&[&str]] = &[
     &["-O", "qcow2", "-o", "extended_l2=on"],
     &["-O", "qcow2", "-o", "backing_file=other.qcow2"],
     &["-O", "qcow2", "-o", "preallocation=full"],
+    &["-O", "qcow2", "-o", "preallocation=metadata"],
 ];
 
 fn measure_each_way(img: &Path, extra: &[&str]) {
@@ -232,6 +233,11 @@ fn measure_refuses_what_qemu_img_refuses() {
         (
             &["-O", "qcow2"],
             "Either --size N or one filename must be specified.",
+        ),
+        (&["--size", "1X"], "Invalid image size specified: '1X'."),
+        (
+            &["--size", "-5"],
+            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
         ),
     ];
     for (args, msg) in cases {

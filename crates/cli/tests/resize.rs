@@ -148,6 +148,14 @@ fn resize_refuses_sizes_qemu_img_refuses() {
     for (size, msg) in [
         ("2000001", "The new size must be a multiple of 512"),
         ("-2M", "New image size must be positive"),
+        (
+            "1X",
+            "Parameter 'size' expects a non-negative number below 2^64",
+        ),
+        (
+            "+1X",
+            "Parameter 'size' expects a non-negative number below 2^64",
+        ),
     ] {
         let q = qemu_img(&["resize", "--shrink", s(&b), size]);
         assert_eq!(q.code, 1, "{size}");
