@@ -12,7 +12,8 @@
 //! done here: the whole clusters past the new end are deallocated (their
 //! host clusters freed, shared ones kept for the internal snapshots that
 //! still use them), then the header's size is changed. Like QEMU, the L1
-//! table keeps its size (a larger table than the size needs is valid).
+//! table keeps its size (a larger table than the size needs is valid),
+//! and the file is cut after its last cluster in use.
 //! Images with persistent bitmaps are not shrunk by Strata yet.
 
 use crate::chain::{Chain, Image};
@@ -209,5 +210,34 @@ fn shrink_qcow2(q: &mut Qcow2Image, new_size: u64) -> Result<()> {
     q.header.size = new_size;
     q.write_header()?;
     q.sync()?;
-    q.flush()
+    q.flush()?;
+    truncate_tail(q)
+}
+
+/// Cuts the file after its last cluster in use, as QEMU does after a
+/// shrink (the freed clusters at the end of the file go back to the file
+/// system). Called after the header and the frees are durable: every
+/// cluster past the cut has refcount 0 and nothing points at it.
+fn truncate_tail(q: &mut Qcow2Image) -> Result<()> {
+    let cs = q.geometry().cluster_size();
+    let path = q.path().to_path_buf();
+    let len = q
+        .storage()
+        .len()
+        .map_err(|e| Error::io(&path, "stat", 0, e))?;
+    let mut end = len.div_ceil(cs);
+    {
+        let (storage, ws, path) = q.split()?;
+        while end > 0 && ws.refcounts.get(storage, path, end - 1)? == 0 {
+            end -= 1;
+        }
+    }
+    let cut = end * cs;
+    if cut < len {
+        q.storage()
+            .set_len(cut)
+            .map_err(|e| Error::io(&path, "truncate the tail", cut, e))?;
+        q.sync()?;
+    }
+    Ok(())
 }
