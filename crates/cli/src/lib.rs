@@ -271,7 +271,8 @@ enum Command {
         /// Allow the image to shrink (data past the new end is lost).
         #[arg(long = "shrink")]
         shrink: bool,
-        /// Preallocation of the new area: off, metadata (qcow2), falloc or full.
+        /// Preallocation of the new area: off, falloc or full (metadata is
+        /// refused: raw has none, and Strata does not do it for qcow2 yet).
         #[arg(long = "preallocation", value_name = "MODE")]
         preallocation: Option<String>,
         /// Quiet: do not print `Image resized.`.

@@ -24,7 +24,7 @@ pub struct ResizeArgs {
     pub format: Option<String>,
     /// Allow a smaller size (`--shrink`).
     pub shrink: bool,
-    /// `--preallocation`: off, metadata (qcow2), falloc or full.
+    /// `--preallocation`: off, falloc or full (metadata is refused).
     pub preallocation: Option<String>,
     /// Quiet (`-q`): do not print `Image resized.`.
     pub quiet: bool,
