@@ -346,6 +346,20 @@ pub fn members_outside_top_tree(chain: &Chain) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
+/// `info --output dot`: the chain as a Graphviz digraph, drawn from the
+/// JSON `--output json` prints (see [`crate::dot::chain_dot`]).
+pub fn run_dot(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    let json_args = InfoArgs {
+        output: OutputFormat::Json,
+        ..args.clone()
+    };
+    let mut json = Vec::new();
+    run_noting(&json_args, &mut json, err)?;
+    let v: serde_json::Value = serde_json::from_slice(&json)?;
+    out.write_all(crate::dot::chain_dot(&v).as_bytes())?;
+    Ok(0)
+}
+
 /// [`run`], with notes for people on `err`: a chain member outside the
 /// top image's directory tree. The output itself stays qemu-img's.
 pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {

@@ -23,12 +23,15 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod demo;
+pub mod dot;
 pub mod info;
 pub mod io;
 pub mod localtime;
 pub mod map;
+pub mod measure;
 pub mod merge;
 pub mod qjson;
+pub mod resize;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
@@ -101,9 +104,9 @@ enum Command {
         /// Describe every image of the backing chain.
         #[arg(long = "backing-chain")]
         backing_chain: bool,
-        /// Output format.
+        /// Output format (dot: a Graphviz graph of the chain).
         #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
+        output: dot::GraphOutput,
         /// The image.
         file: PathBuf,
     },
@@ -233,6 +236,53 @@ enum Command {
         /// The options and operations, in order, then FILE and BITMAP.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
+    },
+    /// How large a new image would be (qemu-img measure): for a new
+    /// image of --size, or for converting FILE to -O FMT.
+    Measure {
+        /// Input format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Output format: raw (default) or qcow2.
+        #[arg(short = 'O')]
+        output_format: Option<String>,
+        /// Output format options: cluster_size, compat, refcount_bits,
+        /// extended_l2, preallocation, backing_file (comma-separated name=value).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Measure a new empty image of this size (instead of FILE).
+        #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
+        size: Option<String>,
+        /// Force share: take no locks on the input.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Output format.
+        #[arg(long = "output", value_enum, default_value_t)]
+        output: OutputFormat,
+        /// The input image.
+        file: Option<PathBuf>,
+    },
+    /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
+    /// -SIZE; shrinking needs --shrink.
+    Resize {
+        /// Image format (qcow2 or raw); probed when omitted.
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Allow the image to shrink (data past the new end is lost).
+        #[arg(long = "shrink")]
+        shrink: bool,
+        /// Preallocation of the new area: off, falloc or full (metadata is
+        /// refused: raw has none, and Strata does not do it for qcow2 yet).
+        #[arg(long = "preallocation", value_name = "MODE")]
+        preallocation: Option<String>,
+        /// Quiet: do not print `Image resized.`.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image.
+        file: PathBuf,
+        /// New size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
     },
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io {
@@ -515,17 +565,30 @@ where
             backing_chain,
             output,
             file,
-        } => info::run_noting(
-            &info::InfoArgs {
-                file,
-                format,
-                force_share,
-                backing_chain,
-                output,
-            },
-            out,
-            err,
-        ),
+        } => match output.plain() {
+            Some(output) => info::run_noting(
+                &info::InfoArgs {
+                    file,
+                    format,
+                    force_share,
+                    backing_chain,
+                    output,
+                },
+                out,
+                err,
+            ),
+            None => info::run_dot(
+                &info::InfoArgs {
+                    file,
+                    format,
+                    force_share,
+                    backing_chain,
+                    output: OutputFormat::Json,
+                },
+                out,
+                err,
+            ),
+        },
         Command::Map {
             format,
             force_share,
@@ -627,6 +690,45 @@ where
             out,
         ),
         Command::Bitmap { args } => bitmap::run(&args, out),
+        Command::Measure {
+            format,
+            output_format,
+            options,
+            size,
+            force_share,
+            output,
+            file,
+        } => measure::run(
+            &measure::MeasureArgs {
+                file,
+                size,
+                format,
+                output_format,
+                options,
+                force_share,
+                output,
+            },
+            out,
+        ),
+        Command::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            file,
+            size,
+        } => resize::run(
+            &resize::ResizeArgs {
+                file,
+                format,
+                shrink,
+                preallocation,
+                quiet,
+                size,
+            },
+            out,
+            err,
+        ),
         Command::Io {
             format,
             commands,

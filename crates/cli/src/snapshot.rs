@@ -142,9 +142,10 @@ pub struct ListArgs {
     /// Names only, one per line.
     #[arg(long = "name")]
     name: bool,
-    /// Output format.
+    /// Output format (dot: the snapshot tree as a Graphviz graph, with
+    /// each snapshot's files).
     #[arg(long = "output", value_enum, default_value_t)]
-    output: OutputFormat,
+    output: crate::dot::GraphOutput,
 }
 
 /// `snapshot current`.
@@ -760,7 +761,12 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
             if a.leaves {
                 snaps.retain(|s| !all.iter().any(|c| c.parent.as_deref() == Some(&s.name)));
             }
-            match (a.output, a.tree, a.name) {
+            let Some(output) = a.output.plain() else {
+                let dot = crate::dot::snapshot_tree_dot(&list_json(&snaps));
+                out.write_all(dot.as_bytes())?;
+                return Ok(0);
+            };
+            match (output, a.tree, a.name) {
                 (OutputFormat::Json, _, _) => {
                     writeln!(out, "{}", serde_json::to_string_pretty(&list_json(&snaps))?)?;
                 }

@@ -169,7 +169,13 @@ fn man_pages_cover_every_command_and_render() {
         .collect();
     let expected: BTreeSet<String> = expected_pages().iter().map(|p| format!("{p}.1")).collect();
     assert_eq!(written, expected);
-    for must in ["strata.1", "strata-commit.1", "strata-map.1"] {
+    for must in [
+        "strata.1",
+        "strata-commit.1",
+        "strata-map.1",
+        "strata-resize.1",
+        "strata-measure.1",
+    ] {
         assert!(written.contains(must), "{must}");
     }
     #[cfg(feature = "libvirt")]

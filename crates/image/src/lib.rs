@@ -18,6 +18,7 @@ pub mod mapping;
 pub mod qcow2;
 pub mod raw;
 pub mod repair;
+pub mod resize;
 pub mod storage;
 pub mod write;
 

@@ -124,6 +124,16 @@ impl RawImage {
         self.size = size;
         Ok(())
     }
+    /// Sets the virtual size to `size`, growing or shrinking the file
+    /// (`qemu-img resize [--shrink]` on raw: the file length is exactly
+    /// `size`).
+    pub fn truncate(&mut self, size: u64) -> Result<()> {
+        self.storage
+            .set_len(size)
+            .map_err(|e| Error::io(&self.path, "resize", size, e))?;
+        self.size = size;
+        self.flush()
+    }
     /// Makes writes durable.
     pub fn flush(&mut self) -> Result<()> {
         self.storage
