@@ -379,15 +379,10 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
         }
     }
     // Leaked clusters in the base (what a run stopped by a full disk
-    // leaves) are released first, so that the rerun has the space back.
-    let mut leaks_reclaimed = 0;
-    if writable && base_leaks > 0 {
-        if let Image::Qcow2(q) = &mut base.layers_mut()[0].image {
-            leaks_reclaimed =
-                strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
-                    .leaks_fixed;
-        }
-    }
+    // leaves) are released before the copy, so that the rerun has the
+    // space back: once the plan pass has found nothing to refuse, since a
+    // commit that fails must not have written the base.
+    let reclaim = writable && base_leaks > 0;
 
     // The name the top will record for a deeper base (step 4), found
     // before anything is written.
@@ -396,7 +391,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     } else {
         None
     };
-    let mut report = commit_open(
+    let mut report = commit_parts(
         CommitParts {
             upper,
             base: &mut base,
@@ -404,12 +399,12 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
             backing: top_name.as_deref().map(|name| (name, base_format)),
         },
         opts,
+        reclaim,
         hooks,
     )?;
     drop(locks);
     report.base_users = base_users;
     report.users_searched = users_searched;
-    report.leaks_reclaimed = leaks_reclaimed;
     Ok(report)
 }
 
@@ -457,6 +452,18 @@ pub struct CommitParts<'a> {
 pub fn commit_open(
     parts: CommitParts<'_>,
     opts: &CommitOptions,
+    hooks: &mut Hooks<'_>,
+) -> Result<CommitReport> {
+    commit_parts(parts, opts, false, hooks)
+}
+
+/// [`commit_open`]; with `reclaim`, the base's leaked clusters are
+/// released after the plan pass (which refuses bad sources before anything
+/// is written) and before the copy.
+fn commit_parts(
+    parts: CommitParts<'_>,
+    opts: &CommitOptions,
+    reclaim: bool,
     hooks: &mut Hooks<'_>,
 ) -> Result<CommitReport> {
     let CommitParts {
@@ -525,6 +532,13 @@ pub fn commit_open(
     };
     if opts.dry_run {
         return Ok(report);
+    }
+    if reclaim {
+        if let Image::Qcow2(q) = &mut job.base.layers_mut()[0].image {
+            report.leaks_reclaimed =
+                strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
+                    .leaks_fixed;
+        }
     }
 
     let total = report.plan.total_bytes();

@@ -204,15 +204,20 @@ fn granule_of(image: &Image) -> u64 {
 
 /// Runs a backing job on an open, writable chain: plan, then (unless a dry
 /// run) copy, flush, and only then switch the backing file.
+/// With `reclaim`, the top's leaked clusters are released once the plan
+/// pass has found nothing to refuse, before the copy; their count is
+/// returned.
+#[allow(clippy::too_many_arguments)]
 fn run_backing_job(
     chain: &mut Chain,
     reference: Reference<'_>,
     new_backing: Option<(&str, &str)>,
     switch: bool,
     dry_run: bool,
+    reclaim: bool,
     op: &'static str,
     hooks: &mut Hooks<'_>,
-) -> Result<(Plan, Stats)> {
+) -> Result<(Plan, Stats, u64)> {
     let lens = crate::commit::file_lens(chain.layers())?;
     let granule = granule_of(&chain.top().image);
     let cluster = cluster_of(&chain.top().image);
@@ -238,7 +243,14 @@ fn run_backing_job(
     }
     let plan = walk::plan(&mut job, cluster)?;
     if dry_run {
-        return Ok((plan, Stats::default()));
+        return Ok((plan, Stats::default(), 0));
+    }
+    let mut reclaimed = 0;
+    if reclaim {
+        if let Image::Qcow2(q) = &mut job.chain.layers_mut()[0].image {
+            reclaimed = strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
+                .leaks_fixed;
+        }
     }
     let top = job.chain.top().path.clone();
     let old_backing = job.chain.top().image.backing().0.map(str::to_string);
@@ -265,7 +277,7 @@ fn run_backing_job(
                 .map_err(|e| failure(e.into(), true))?;
         }
     }
-    Ok((plan, stats))
+    Ok((plan, stats, reclaimed))
 }
 
 /// Wraps the first error of a pull or rebase that had started writing
@@ -373,24 +385,17 @@ pub fn pull_confined(
         None => None,
     };
     // Leaked clusters in the top (what a run stopped by a full disk leaves)
-    // are released first, so that the rerun has the space back.
-    let mut leaks_reclaimed = 0;
-    if !opts.dry_run && k > 1 && top_leaks > 0 {
-        if let Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
-            leaks_reclaimed =
-                strata_image::repair::repair(q, strata_image::repair::RepairMode::Leaks)?
-                    .leaks_fixed;
-        }
-    }
-    let mut report = pull_open(
+    // are released before the copy, so that the rerun has the space back
+    // (after the plan pass: a pull that fails must not have written).
+    let reclaim = !opts.dry_run && k > 1 && top_leaks > 0;
+    pull_chain(
         &mut chain,
         k,
         new.as_ref().map(|(name, f)| (name.as_str(), *f)),
         opts.dry_run,
+        reclaim,
         hooks,
-    )?;
-    report.leaks_reclaimed = leaks_reclaimed;
-    Ok(report)
+    )
 }
 
 /// Pulls an open chain: the layers between the top and layer `keep` (the
@@ -415,6 +420,19 @@ pub fn pull_open(
     dry_run: bool,
     hooks: &mut Hooks<'_>,
 ) -> Result<PullReport> {
+    pull_chain(chain, keep, new_backing, dry_run, false, hooks)
+}
+
+/// [`pull_open`]; with `reclaim`, the top's leaked clusters are released
+/// after the plan pass and before the copy.
+fn pull_chain(
+    chain: &mut Chain,
+    keep: usize,
+    new_backing: Option<(&str, ImageFormat)>,
+    dry_run: bool,
+    reclaim: bool,
+    hooks: &mut Hooks<'_>,
+) -> Result<PullReport> {
     const OP: &str = "pull";
     let n = chain.layers().len();
     if keep == 0 || keep > n {
@@ -430,12 +448,13 @@ pub fn pull_open(
         )));
     }
     let new_ref = new_backing.map(|(name, f)| (name, f.name()));
-    let (plan, stats) = run_backing_job(
+    let (plan, stats, leaks_reclaimed) = run_backing_job(
         chain,
         Reference::Shared(keep),
         new_ref,
         keep > 1,
         dry_run,
+        reclaim,
         OP,
         hooks,
     )?;
@@ -450,7 +469,7 @@ pub fn pull_open(
         plan,
         stats,
         dry_run,
-        leaks_reclaimed: 0,
+        leaks_reclaimed,
     })
 }
 
@@ -541,12 +560,13 @@ pub fn rebase(
         None => Reference::Shared(shared),
     };
     let fmt_name = new_backing.map(|(name, f)| (name, f.name()));
-    let (plan, stats) = run_backing_job(
+    let (plan, stats, _) = run_backing_job(
         &mut chain,
         reference,
         fmt_name,
         true,
         opts.dry_run,
+        false,
         OP,
         hooks,
     )?;

@@ -53,6 +53,20 @@ fn commit_of_a_top_with_a_bad_compressed_cluster_fails_before_writing_the_base()
     merge_target::merge(&data);
 }
 
+/// Finding F5 (merge target, 2026-12-01, the CI fuzz smoke run): the
+/// rerun of a failed merge reclaims the leaked clusters it left (issue 13),
+/// and did so before the plan pass, so a commit that the plan pass then
+/// refused (a compressed cluster of the top that does not decompress) had
+/// already rewritten the base's refcount block. Leaks are now reclaimed
+/// after the plan pass, just before the copy.
+#[test]
+fn a_commit_refused_by_the_plan_pass_does_not_reclaim_the_bases_leaks_first() {
+    let data =
+        std::fs::read(fuzz_dir().join("regressions/merge/commit-leaky-base-bad-compressed-top"))
+            .unwrap();
+    merge_target::merge(&data);
+}
+
 /// Finding F3 (merge target, 2026-11-25): a commit into a base whose L2
 /// entry points past the end of its file wrote into the base, then failed.
 /// Every image a merge touches is now checked before anything is written.
