@@ -53,6 +53,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Gives `[offset, offset+len)` back to the filesystem (the range then
+    /// reads as zeros; the length does not change), for clusters nothing
+    /// references any more. A backend that cannot does nothing; an error
+    /// is only advisory. Not a write the crash protocol orders: it only
+    /// ever touches unreferenced clusters.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// The bytes `[offset, offset+len)` mapped into memory read-only, so a
     /// caller that only passes them on (a merge copying data) needs no copy
     /// of its own. `None` when the backend does not map, or cannot map this
@@ -476,6 +485,19 @@ impl Storage for FileStorage {
     }
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        loop {
+            match fallocate(&self.file, mode, off, n) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
     }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
         // Data all through (a data run ends at the end of the file):

@@ -229,3 +229,93 @@ fn commit_keep_top_leaves_the_top_allocated() {
     assert_eq!(view(&base_of(&top)), before);
     assert_eq!(view(&top), before);
 }
+
+/// Bytes a file occupies on disk.
+fn on_disk(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// A 32 MiB base and a top with data in five L2 tables' spans (4 KiB
+/// clusters: 2 MiB each), with zero clusters and compressed clusters.
+fn sparse_pair(dir: &Path, name: &str, snapshot: bool) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir(&d).unwrap();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    let o = "cluster_size=4k";
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, s(&base), "32M"]);
+    qemu_io(&base, &["write -P 1 0 1M", "write -P 2 16M 1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        o,
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 3 64k 256k",
+            "write -z 512k 128k",
+            "write -P 4 6M 1M",
+            "write -c -P 5 11M 64k",
+            "write -c -P 8 11M 8k",
+            "write -P 6 16M 64k",
+            "write -P 7 31M 1M",
+        ],
+    );
+    if snapshot {
+        qemu_img(&["snapshot", "-c", "s1", s(&top)]);
+    }
+    top
+}
+
+#[test]
+fn commit_gives_the_emptied_tops_clusters_back_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = sparse_pair(dir.path(), "qemu", false);
+    let s_top = sparse_pair(dir.path(), "strata", false);
+    let before = view(&s_top);
+    qemu_img(&["commit", "-q", s(&q_top)]);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+
+    assert_eq!(view(&s_top), before, "the emptied top reads as before");
+    assert_same(&q_top, &s_top);
+    assert_same(&base_of(&q_top), &base_of(&s_top));
+    assert_eq!(own_allocated(&s_top), 0);
+    for img in [&q_top, &s_top, &base_of(&s_top)] {
+        // Exit status 0: no corruption and no leaked clusters.
+        assert_clean(img);
+    }
+    // The clusters are given back: no table or data cluster is left (the
+    // header, L1 table, refcount table and block remain), as with qemu-img.
+    let (q, st) = (on_disk(&q_top), on_disk(&s_top));
+    let (ql, sl) = (
+        std::fs::metadata(&q_top).unwrap().len(),
+        std::fs::metadata(&s_top).unwrap().len(),
+    );
+    assert!(
+        st <= q.max(256 << 10),
+        "strata top {st} bytes on disk, qemu-img {q}"
+    );
+    assert!(sl <= ql, "strata top {sl} bytes long, qemu-img {ql}");
+}
+
+#[test]
+fn commit_empties_a_top_with_internal_snapshots_keeping_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s_top = sparse_pair(dir.path(), "strata", true);
+    let before = view(&s_top);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert_eq!(view(&s_top), before);
+    assert_eq!(own_allocated(&s_top), 0);
+    assert_clean(&s_top);
+    let list = qemu_img(&["snapshot", "-l", "-U", s(&s_top)]);
+    assert!(list.contains("s1"), "{list}");
+}
