@@ -319,3 +319,74 @@ fn commit_empties_a_top_with_internal_snapshots_keeping_them() {
     let list = qemu_img(&["snapshot", "-l", "-U", s(&s_top)]);
     assert!(list.contains("s1"), "{list}");
 }
+
+/// A chain of `depth` images `l0.qcow2` (1 MiB, `cluster` clusters) …
+/// `l{depth-1}.qcow2` (64 KiB clusters) in `dir`; returns the top.
+fn deep_chain(dir: &Path, depth: u32, cluster: &str) -> PathBuf {
+    let p = |i: u32| dir.join(format!("l{i}.qcow2"));
+    let o = format!("cluster_size={cluster}");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(&p(0)), "1M"]);
+    for i in 1..depth {
+        let below = format!("l{}.qcow2", i - 1);
+        let o = if i == depth - 1 {
+            o.as_str()
+        } else {
+            "cluster_size=64k"
+        };
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            o,
+            "-b",
+            &below,
+            "-F",
+            "qcow2",
+            s(&p(i)),
+        ]);
+    }
+    p(depth - 1)
+}
+
+#[test]
+fn commit_into_the_parent_of_a_200_deep_chain_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qd, sd) = (dir.path().join("qemu"), dir.path().join("strata"));
+    std::fs::create_dir(&qd).unwrap();
+    let q_top = deep_chain(&qd, 200, "64k");
+    qemu_io(
+        &q_top,
+        &[
+            "write -P 9 0 64k",
+            "write -P 7 128k 128k",
+            "write -z 512k 64k",
+        ],
+    );
+    run("cp", &["-a", s(&qd), s(&sd)]);
+    let s_top = sd.join("l199.qcow2");
+    qemu_img(&["commit", "-q", s(&q_top)]);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert_same(&q_top, &s_top);
+    assert_same(&qd.join("l198.qcow2"), &sd.join("l198.qcow2"));
+    assert_eq!(own_allocated(&s_top), 0);
+    assert_clean(&s_top);
+    assert_clean(&sd.join("l198.qcow2"));
+}
+
+#[test]
+fn a_commit_that_would_read_past_the_open_limit_fails_and_changes_nothing_it_reads() {
+    // 4 KiB clusters in the top, 64 KiB in the parent: a 4 KiB write needs
+    // the rest of the parent's cluster, which only the deepest layer holds.
+    let dir = tempfile::tempdir().unwrap();
+    let top = deep_chain(dir.path(), 200, "4k");
+    qemu_io(&dir.path().join("l0.qcow2"), &["write -P 3 0 64k"]);
+    qemu_io(&top, &["write -P 9 0 4k"]);
+    let before = view(&top);
+    let e = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
+    assert!(e.to_string().contains("deeper than 128"), "{e}");
+    // The top still reads as before (it is emptied only after the copy).
+    assert_eq!(view(&top), before);
+    assert_clean(&top);
+}
