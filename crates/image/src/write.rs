@@ -1164,7 +1164,6 @@ impl Qcow2Image {
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let cb = geo.cluster_bits();
-        let es = geo.l2_entry_size() as usize;
         let mut dropped: Vec<usize> = Vec::new();
         let mut frees: Vec<u64> = Vec::new();
         for i in 0..self.l1.len() {
@@ -1181,11 +1180,8 @@ impl Qcow2Image {
             )?;
             let table = self.l2_table(off)?;
             let mut mine = Vec::new();
-            for (idx, raw) in table.chunks_exact(es).enumerate() {
-                if raw.iter().all(|b| *b == 0) {
-                    continue;
-                }
-                let e = L2Entry::read(&table, geo, idx as u64).map_err(|source| Error::Format {
+            for idx in strata_format::table::nonzero_entries(&table, geo) {
+                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
                     path: self.path.clone(),
                     source,
                 })?;

@@ -265,7 +265,7 @@ fn sparse_pair(dir: &Path, name: &str, snapshot: bool) -> PathBuf {
             "write -z 512k 128k",
             "write -P 4 6M 1M",
             "write -c -P 5 11M 64k",
-            "write -c -P 8 11M 8k",
+            "write -c -P 8 12M 8k",
             "write -P 6 16M 64k",
             "write -P 7 31M 1M",
         ],
