@@ -575,6 +575,15 @@ impl Storage for MemStorage {
         b[offset as usize..end as usize].copy_from_slice(buf);
         Ok(())
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut b = self.lock();
+        let size = b.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset < end {
+            b[offset as usize..end as usize].fill(0);
+        }
+        Ok(())
+    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().len() as u64)
     }
@@ -996,6 +1005,22 @@ impl Storage for FaultStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation, as one pwritev.
         self.write_at(&bufs.concat(), offset)
+    }
+    /// One operation, as an unsynced write of zeros over the part inside
+    /// the storage: a crash may keep it or not, and a hole punched into
+    /// anything still referenced shows in the crash tests.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        self.op(&mut st)?;
+        let size = st.current.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        let p = Pending::Write(offset, vec![0u8; (end - offset) as usize]);
+        apply(&mut st.current, &p);
+        st.pending.push(p);
+        Ok(())
     }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
         // A copy, so that crash tests see the write pattern of files.
