@@ -660,6 +660,13 @@ impl Refcounts {
         self.place_at_end(storage, path, n, 0)
     }
 
+    /// The file was truncated to `clusters` clusters (all past it free):
+    /// allocations at the end start there.
+    pub(crate) fn truncated(&mut self, clusters: u64) {
+        self.end_hint = clusters;
+        self.free_hint = self.free_hint.min(clusters);
+    }
+
     /// Lets the allocator look for free clusters from the start again
     /// (after frees have been made durable).
     pub(crate) fn rewind(&mut self) {

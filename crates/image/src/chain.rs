@@ -189,6 +189,51 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// When set, every backing file must lie under this directory.
     pub confine_to: Option<PathBuf>,
+    /// A chain deeper than [`limits::MAX_CHAIN_DEPTH`] opens: the first
+    /// layer past the limit is a stand-in that is not opened, whose every
+    /// read fails (so an operation that never reads that deep, such as a
+    /// commit into the parent, works on any depth, and one that does
+    /// fails with a clear error instead of reading zeros). The stand-in
+    /// resolves as data everywhere: code that asks whether a range may
+    /// hold data gets the cautious answer. Deeper layers are not opened,
+    /// so memory stays bounded by the limit.
+    pub stub_beyond_limit: bool,
+}
+
+/// The stand-in for the layers past the depth limit (see
+/// [`OpenOptions::stub_beyond_limit`]).
+#[derive(Debug)]
+struct NotOpened {
+    path: PathBuf,
+}
+
+impl NotOpened {
+    fn err(&self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "{} lies deeper than {} images in the backing chain and was not opened; \
+             this operation would read it",
+            self.path.display(),
+            limits::MAX_CHAIN_DEPTH
+        ))
+    }
+}
+
+impl Storage for NotOpened {
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> std::io::Result<usize> {
+        Err(self.err())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(self.err())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(limits::MAX_VIRTUAL_SIZE)
+    }
+    fn set_len(&self, _len: u64) -> std::io::Result<()> {
+        Err(self.err())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where a guest range is resolved to.
@@ -320,6 +365,18 @@ impl Chain {
                     backing: name.clone(),
                     why: "unsupported backing format".into(),
                 })?;
+            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH && opts.stub_beyond_limit {
+                let storage = NotOpened {
+                    path: bpath.clone(),
+                };
+                chain.layers.push(Layer {
+                    path: bpath.clone(),
+                    named_as: Some(name),
+                    image: Image::Raw(RawImage::open(Box::new(storage), &bpath)?),
+                    _lock: None,
+                });
+                break;
+            }
             if chain.layers.len() >= limits::MAX_CHAIN_DEPTH {
                 return Err(Error::ChainTooDeep {
                     path: path.to_path_buf(),

@@ -571,7 +571,8 @@ impl<'a> Checker<'a> {
         self.read(&mut table, offset, "read L2 table")?;
         let mut fx = L2Effects::default();
         let mut next_contiguous = 0u64;
-        for i in 0..geo.l2_entries() {
+        // All-zero entries (unallocated) add nothing: skipped a block at a time.
+        for i in strata_format::table::nonzero_entries(&table, geo) {
             let Ok(e) = strata_format::L2Entry::read(&table, geo, i) else {
                 break;
             };
@@ -896,7 +897,7 @@ impl<'a> Checker<'a> {
                 self.spend(geo.l2_entries())?;
                 let mut table = vec![0u8; self.cs as usize];
                 self.read(&mut table, l2, "read L2 table")?;
-                for j in 0..geo.l2_entries() {
+                for j in strata_format::table::nonzero_entries(&table, geo) {
                     let Ok(e) = strata_format::L2Entry::read(&table, geo, j) else {
                         break;
                     };

@@ -53,6 +53,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Gives `[offset, offset+len)` back to the filesystem (the range then
+    /// reads as zeros; the length does not change), for clusters nothing
+    /// references any more. A backend that cannot does nothing; an error
+    /// is only advisory. Not a write the crash protocol orders: it only
+    /// ever touches unreferenced clusters.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// The bytes `[offset, offset+len)` mapped into memory read-only, so a
     /// caller that only passes them on (a merge copying data) needs no copy
     /// of its own. `None` when the backend does not map, or cannot map this
@@ -477,6 +486,19 @@ impl Storage for FileStorage {
     fn file(&self) -> Option<&File> {
         Some(&self.file)
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        loop {
+            match fallocate(&self.file, mode, off, n) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
         // Data all through (a data run ends at the end of the file):
         // touching a hole through a mapping would allocate a page for it
@@ -551,6 +573,15 @@ impl Storage for MemStorage {
             b.resize(end as usize, 0);
         }
         b[offset as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut b = self.lock();
+        let size = b.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset < end {
+            b[offset as usize..end as usize].fill(0);
+        }
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
@@ -974,6 +1005,22 @@ impl Storage for FaultStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation, as one pwritev.
         self.write_at(&bufs.concat(), offset)
+    }
+    /// One operation, as an unsynced write of zeros over the part inside
+    /// the storage: a crash may keep it or not, and a hole punched into
+    /// anything still referenced shows in the crash tests.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        self.op(&mut st)?;
+        let size = st.current.len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        let p = Pending::Write(offset, vec![0u8; (end - offset) as usize]);
+        apply(&mut st.current, &p);
+        st.pending.push(p);
+        Ok(())
     }
     fn mapped(&self, offset: u64, len: usize) -> io::Result<Option<MappedBytes>> {
         // A copy, so that crash tests see the write pattern of files.

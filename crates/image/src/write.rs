@@ -78,6 +78,12 @@ const SNAPSHOT_L1_BUDGET: u64 = 32 << 20;
 /// Metadata changes are committed (barrier, then pointer writes) when
 /// this many bytes of dirty L2 tables are held...
 const MAX_DIRTY_TABLE_BYTES: u64 = 16 << 20;
+
+/// [`Qcow2Image::make_empty`] writes the L1 entries of this many dropped
+/// tables, or of the tables holding this many clusters, before freeing
+/// them (bounds its memory and the work a crash may leak).
+const DROP_BATCH_TABLES: usize = 256;
+const DROP_BATCH_FREES: usize = 1 << 20;
 /// ... or this many data bytes were written since the last commit.
 const MAX_UNSYNCED_BYTES: u64 = 256 << 20;
 
@@ -1149,13 +1155,159 @@ impl Qcow2Image {
     /// does not change, so the persistent dirty bitmaps are left as they
     /// are (as QEMU's `bdrv_make_empty` leaves them). Only for that case:
     /// [`Qcow2Image::deallocate`] marks them.
+    ///
+    /// The cost follows what is allocated, not the virtual size: without
+    /// internal snapshots (nothing shares the tables) every L2 table is
+    /// dropped from the L1 table as a whole and its clusters freed, in
+    /// batches (L1 entries written and synced, then the frees, as any
+    /// free: after the pointer moved), and the freed clusters are given
+    /// back to the filesystem ([`Storage::punch_hole`]). With snapshots,
+    /// only the allocated entries of each table are deallocated.
+    ///
+    /// [`Storage::punch_hole`]: crate::storage::Storage::punch_hole
     pub fn make_empty(&mut self) -> Result<()> {
+        let size = self.virtual_size();
+        self.check_range(0, size)?;
+        self.begin_write()?;
+        if self.header.nb_snapshots == 0 {
+            return self.drop_tables();
+        }
         let zero_backing = |b: &mut [u8], _| {
             b.fill(0);
             Ok(())
         };
-        let size = self.virtual_size();
         self.zero_range_marking(0, size, ZeroMode::Deallocate, &zero_backing, false)
+    }
+
+    /// [`Self::make_empty`] without snapshots: drops every L2 table.
+    fn drop_tables(&mut self) -> Result<()> {
+        // What is pending first: the tables read below are then final.
+        self.flush()?;
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let cb = geo.cluster_bits();
+        let mut dropped: Vec<usize> = Vec::new();
+        let mut frees: Vec<u64> = Vec::new();
+        for i in 0..self.l1.len() {
+            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.0) else {
+                continue;
+            };
+            // The table must be only an active L2 table (a corrupt image
+            // may point it at other metadata): refuse before any change.
+            self.guard_write(
+                &format!("L2 table free (L1 index {i})"),
+                off,
+                cs,
+                &[Meta::ActiveL2],
+            )?;
+            let table = self.l2_table(off)?;
+            let mut mine = Vec::new();
+            for idx in strata_format::table::nonzero_entries(&table, geo) {
+                let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
+                    path: self.path.clone(),
+                    source,
+                })?;
+                mine.extend(self.freed_by(e));
+            }
+            if geo.is_aligned(off) {
+                mine.push(off >> cb);
+            }
+            self.check_freeable(&mine)?;
+            drop(table);
+            self.l2_cache
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(off);
+            if let Some(ws) = self.rw.as_deref_mut() {
+                ws.refcounts.meta.remove(off, cs, Meta::ActiveL2);
+            }
+            self.l1[i] = 0;
+            dropped.push(i);
+            frees.extend(mine);
+            if dropped.len() >= DROP_BATCH_TABLES || frees.len() >= DROP_BATCH_FREES {
+                self.drop_batch(&mut dropped, &mut frees)?;
+            }
+        }
+        self.drop_batch(&mut dropped, &mut frees)?;
+        self.truncate_free_tail()
+    }
+
+    /// Truncates the file after its last referenced cluster, as QEMU does
+    /// when it empties an image. Everything is durable (after a flush) and
+    /// the clusters cut off are unreferenced: a crash leaves either length.
+    /// The scan is proportional to the file's length in clusters.
+    fn truncate_free_tail(&mut self) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let len = self.storage_len()?;
+        let n = len.div_ceil(cs);
+        let mut last = n;
+        {
+            let (storage, ws, path) = self.split()?;
+            while last > 1
+                && ws.refcounts.get(storage, path, last - 1)? == 0
+                && ws
+                    .refcounts
+                    .meta
+                    .overlap((last - 1) << cb, cs, &[])
+                    .is_none()
+            {
+                last -= 1;
+            }
+        }
+        if last == n {
+            return Ok(());
+        }
+        // Advisory, like the punched holes: a longer file is still valid.
+        if self.storage.set_len(last << cb).is_ok() {
+            self.ws()?.refcounts.truncated(last);
+        }
+        Ok(())
+    }
+
+    /// Writes the zeroed L1 entries `dropped` (made durable first), then
+    /// frees `frees` and punches the clusters left unreferenced.
+    fn drop_batch(&mut self, dropped: &mut Vec<usize>, frees: &mut Vec<u64>) -> Result<()> {
+        if dropped.is_empty() && frees.is_empty() {
+            return Ok(());
+        }
+        let ws = self.ws()?;
+        ws.dirty_l1.extend(dropped.drain(..));
+        ws.pending_frees.extend(frees.iter().copied());
+        // commit_metadata writes the L1 entries; the barrier after it makes
+        // them durable before the refcounts drop; a barrier ends it.
+        self.flush()?;
+        frees.sort_unstable();
+        frees.dedup();
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let mut run: Option<(u64, u64)> = None;
+        let mut runs = Vec::new();
+        for &ci in frees.iter() {
+            let free = {
+                let (storage, ws, path) = self.split()?;
+                ws.refcounts.get(storage, path, ci)? == 0
+                    && ws.refcounts.meta.overlap(ci << cb, cs, &[]).is_none()
+            };
+            if !free {
+                continue;
+            }
+            run = match run {
+                Some((a, n)) if a + n == ci => Some((a, n + 1)),
+                Some(r) => {
+                    runs.push(r);
+                    Some((ci, 1))
+                }
+                None => Some((ci, 1)),
+            };
+        }
+        runs.extend(run);
+        frees.clear();
+        for (a, n) in runs {
+            // Space given back is a courtesy: the clusters are free either way.
+            let _ = self.storage.punch_hole(a << cb, n << cb);
+        }
+        Ok(())
     }
 
     fn zero_range(
@@ -1261,7 +1413,13 @@ impl Qcow2Image {
         }
         let toff = self.l2_for_write(l1i)?;
         let table = self.l2_table(toff)?;
-        let zeros = vec![0u8; cs as usize];
+        // Only a zeroing of part of a compressed cluster (extended L2
+        // entries) writes data: the others need no cluster of zeros.
+        let zeros = if matches!(mode, ZeroMode::Zero { .. }) && geo.extended_l2() {
+            vec![0u8; cs as usize]
+        } else {
+            Vec::new()
+        };
         let mut plans = Vec::new();
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;

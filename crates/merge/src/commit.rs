@@ -275,9 +275,13 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     const OP: &str = "commit";
     let confine_to = opts.confine_to.as_deref();
     open::confine(top, confine_to)?;
+    // A commit reads the layers it merges and, for copy-on-write, what
+    // the base reads: a chain deeper than the open limit is committed as
+    // long as nothing needs the layers past it (a read there fails).
     let probe_opts = OpenOptions {
         force_share: true,
         confine_to: opts.confine_to.clone(),
+        stub_beyond_limit: true,
         ..OpenOptions::default()
     };
     // Discover the chain (validated: names, formats, loops, depth), then
@@ -318,6 +322,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
             format: Some(base_format),
             writable,
             confine_to: opts.confine_to.clone(),
+            stub_beyond_limit: true,
             ..OpenOptions::default()
         },
     )?;

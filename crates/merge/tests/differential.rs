@@ -748,3 +748,164 @@ fn commit_b_naming_the_backing_file_keeps_the_top_unless_the_chain_is_shortened(
     assert_same(&q_base, &l_base);
     assert_same(&q_top, &l_top);
 }
+
+/// Bytes a file occupies on disk.
+fn on_disk(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// A 32 MiB base and a top with data in five L2 tables' spans (4 KiB
+/// clusters: 2 MiB each), with zero clusters and compressed clusters.
+fn sparse_pair(dir: &Path, name: &str, snapshot: bool) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir(&d).unwrap();
+    let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+    let o = "cluster_size=4k";
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, s(&base), "32M"]);
+    qemu_io(&base, &["write -P 1 0 1M", "write -P 2 16M 1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        o,
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 3 64k 256k",
+            "write -z 512k 128k",
+            "write -P 4 6M 1M",
+            "write -c -P 5 11M 64k",
+            "write -c -P 8 12M 8k",
+            "write -P 6 16M 64k",
+            "write -P 7 31M 1M",
+        ],
+    );
+    if snapshot {
+        qemu_img(&["snapshot", "-c", "s1", s(&top)]);
+    }
+    top
+}
+
+#[test]
+fn commit_gives_the_emptied_tops_clusters_back_as_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let q_top = sparse_pair(dir.path(), "qemu", false);
+    let s_top = sparse_pair(dir.path(), "strata", false);
+    let before = view(&s_top);
+    qemu_img(&["commit", "-q", s(&q_top)]);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+
+    assert_eq!(view(&s_top), before, "the emptied top reads as before");
+    assert_same(&q_top, &s_top);
+    assert_same(&base_of(&q_top), &base_of(&s_top));
+    assert_eq!(own_allocated(&s_top), 0);
+    for img in [&q_top, &s_top, &base_of(&s_top)] {
+        // Exit status 0: no corruption and no leaked clusters.
+        assert_clean(img);
+    }
+    // The clusters are given back: no table or data cluster is left (the
+    // header, L1 table, refcount table and block remain), as with qemu-img.
+    let (q, st) = (on_disk(&q_top), on_disk(&s_top));
+    let (ql, sl) = (
+        std::fs::metadata(&q_top).unwrap().len(),
+        std::fs::metadata(&s_top).unwrap().len(),
+    );
+    assert!(
+        st <= q.max(256 << 10),
+        "strata top {st} bytes on disk, qemu-img {q}"
+    );
+    assert!(sl <= ql, "strata top {sl} bytes long, qemu-img {ql}");
+}
+
+#[test]
+fn commit_empties_a_top_with_internal_snapshots_keeping_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s_top = sparse_pair(dir.path(), "strata", true);
+    let before = view(&s_top);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert_eq!(view(&s_top), before);
+    assert_eq!(own_allocated(&s_top), 0);
+    assert_clean(&s_top);
+    let list = qemu_img(&["snapshot", "-l", "-U", s(&s_top)]);
+    assert!(list.contains("s1"), "{list}");
+}
+
+/// A chain of `depth` images `l0.qcow2` (1 MiB, `cluster` clusters) …
+/// `l{depth-1}.qcow2` (64 KiB clusters) in `dir`; returns the top.
+fn deep_chain(dir: &Path, depth: u32, cluster: &str) -> PathBuf {
+    let p = |i: u32| dir.join(format!("l{i}.qcow2"));
+    let o = format!("cluster_size={cluster}");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, s(&p(0)), "1M"]);
+    for i in 1..depth {
+        let below = format!("l{}.qcow2", i - 1);
+        let o = if i == depth - 1 {
+            o.as_str()
+        } else {
+            "cluster_size=64k"
+        };
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            o,
+            "-b",
+            &below,
+            "-F",
+            "qcow2",
+            s(&p(i)),
+        ]);
+    }
+    p(depth - 1)
+}
+
+#[test]
+fn commit_into_the_parent_of_a_200_deep_chain_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qd, sd) = (dir.path().join("qemu"), dir.path().join("strata"));
+    std::fs::create_dir(&qd).unwrap();
+    let q_top = deep_chain(&qd, 200, "64k");
+    qemu_io(
+        &q_top,
+        &[
+            "write -P 9 0 64k",
+            "write -P 7 128k 128k",
+            "write -z 512k 64k",
+        ],
+    );
+    run("cp", &["-a", s(&qd), s(&sd)]);
+    let s_top = sd.join("l199.qcow2");
+    qemu_img(&["commit", "-q", s(&q_top)]);
+    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    assert_same(&q_top, &s_top);
+    assert_same(&qd.join("l198.qcow2"), &sd.join("l198.qcow2"));
+    assert_eq!(own_allocated(&s_top), 0);
+    assert_clean(&s_top);
+    assert_clean(&sd.join("l198.qcow2"));
+}
+
+#[test]
+fn a_commit_that_would_read_past_the_open_limit_fails_and_changes_nothing_it_reads() {
+    // 4 KiB clusters in the top, 64 KiB in the parent: a 4 KiB write needs
+    // the rest of the parent's cluster, which only the deepest layer holds.
+    let dir = tempfile::tempdir().unwrap();
+    let top = deep_chain(dir.path(), 200, "4k");
+    qemu_io(&dir.path().join("l0.qcow2"), &["write -P 3 0 64k"]);
+    qemu_io(&top, &["write -P 9 0 4k"]);
+    let before = view(&top);
+    let e = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
+    assert!(e.to_string().contains("deeper than 128"), "{e}");
+    // The top still reads as before (it is emptied only after the copy).
+    assert_eq!(view(&top), before);
+    assert_clean(&top);
+}
