@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use strata_image::{Chain, Image, ImageFormat, OpenOptions};
+use strata_image::ImageFormat;
 use strata_merge::{CommitOptions, Hooks, Plan, Progress, PullOptions, RebaseOptions};
 
 use crate::size::size_to_str;
@@ -284,17 +284,7 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
         if args.confine.is_some() {
             bail!("{file}: --confine applies to the safe rebase only (without -u)");
         }
-        let opts = OpenOptions {
-            writable: true,
-            no_backing: true,
-            ..OpenOptions::default()
-        };
-        let mut chain = Chain::open(path, &opts).name_file(file)?;
-        let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
-            bail!("{file}: only qcow2 images have a backing file");
-        };
-        q.set_backing(new.map(|(n, f)| (n, f.name())))
-            .name_file(file)?;
+        strata_image::set_backing_file(path, new).name_file(file)?;
         return Ok(0);
     }
     let bar = Bar::new(args.progress && !args.dry_run);

@@ -734,3 +734,25 @@ pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The header-only rebase (`qemu-img rebase -u`): opens the qcow2 image at
+/// `path` alone, writable (taking QEMU's write lock), and records
+/// `backing` — a name as the header is to hold it (relative to `path`'s
+/// directory, or absolute) and its format — or no backing file. The guest
+/// view changes unless the new backing file reads like the old one; the
+/// caller answers for that.
+pub fn set_backing_file(path: &Path, backing: Option<(&str, ImageFormat)>) -> Result<()> {
+    let opts = OpenOptions {
+        writable: true,
+        no_backing: true,
+        ..OpenOptions::default()
+    };
+    let mut chain = Chain::open(path, &opts)?;
+    match &mut chain.layers_mut()[0].image {
+        Image::Qcow2(q) => q.set_backing(backing.map(|(n, f)| (n, f.name()))),
+        Image::Raw(_) => Err(Error::InvalidArgument(format!(
+            "{}: only qcow2 images have a backing file",
+            path.display()
+        ))),
+    }
+}

@@ -23,7 +23,7 @@ pub mod storage;
 pub mod write;
 
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
-pub use chain::{Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
+pub use chain::{set_backing_file, Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;

@@ -1000,18 +1000,7 @@ pub fn snapshot_delete(
                     if chain.contains(&k) {
                         continue;
                     }
-                    let mut c = Chain::open(
-                        &k,
-                        &OpenOptions {
-                            format: Some(ImageFormat::Qcow2),
-                            writable: true,
-                            no_backing: true,
-                            ..OpenOptions::default()
-                        },
-                    )?;
-                    if let strata_image::Image::Qcow2(q) = &mut c.layers_mut()[0].image {
-                        q.set_backing(Some((&base_str, node.format.name())))?;
-                    }
+                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
                 }
                 report.merges.push(format!(
                     "committed {} into {} (libvirt's live block commit)",
@@ -1051,18 +1040,7 @@ pub fn snapshot_delete(
                     .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
                 let base_str = path_str(base)?.to_string();
                 for k in graph.children(top, &needed) {
-                    let mut chain = Chain::open(
-                        &k,
-                        &OpenOptions {
-                            format: Some(ImageFormat::Qcow2),
-                            writable: true,
-                            no_backing: true,
-                            ..OpenOptions::default()
-                        },
-                    )?;
-                    if let strata_image::Image::Qcow2(q) = &mut chain.layers_mut()[0].image {
-                        q.set_backing(Some((&base_str, node.format.name())))?;
-                    }
+                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
                 }
                 report.merges.push(format!(
                     "committed {} into {}",
