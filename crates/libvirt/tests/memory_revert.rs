@@ -11,7 +11,8 @@
 //! is byte-identical, and the guest continues from the snapshot's moment:
 //! its console counts on from the number the disk held at the snapshot
 //! (not from 1, as a fresh boot would, nor from the later number), and the
-//! disk soon holds a number between the two.
+//! disk soon holds a number between the two. Once more with `--paused`:
+//! the domain comes back paused on a fresh overlay.
 //!
 //! Needs root; without libvirtd it fails unless STRATA_SKIP_LIBVIRTD_TESTS=1.
 
@@ -219,6 +220,31 @@ fn reverting_a_memory_snapshot_restores_the_running_guest_at_that_moment() {
         got >= n[n.len() - 1] && got > at && got < later,
         "the new overlay holds write {got}: after take-m's {at}, before the {later} \
          written since take-m (the guest said {n:?})"
+    );
+    assert_eq!(sha256_file(&mem), mem_sum, "the memory file is untouched");
+
+    // Again, --paused: the domain comes back paused at the same moment.
+    let r = snapshot_revert_with(
+        &conn,
+        DOM,
+        "take-m",
+        &RevertOptions {
+            force: true,
+            paused: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.stopped && r.restored.is_some(), "{r:?}");
+    assert_eq!(lv.state(DOM), "paused", "restored paused");
+    let src = persistent_source(&lv);
+    let mut want = vec![src.clone(), base.clone()];
+    want.sort();
+    assert_eq!(qemu_files(&lv), want, "QEMU's open files (--paused)");
+    assert_eq!(
+        counter(&raw_of(&src, &dir)),
+        at,
+        "a fresh overlay over take-m's state, nothing written while paused"
     );
     assert_eq!(sha256_file(&mem), mem_sum, "the memory file is untouched");
     lv.virsh(&["destroy", DOM]);
