@@ -185,7 +185,9 @@ pub struct RevertArgs {
     /// Start the domain paused after the revert.
     #[arg(long = "paused")]
     paused: bool,
-    /// Revert the disks of a snapshot with memory state, dropping that state.
+    /// Revert only the disks of a snapshot with memory state, dropping that
+    /// state (without it the memory state is restored: the domain comes
+    /// back running at the snapshot's moment, or paused with --paused).
     #[arg(long = "disks-only")]
     disks_only: bool,
     /// Revert a running or paused domain: stop it first (virsh destroy).
@@ -842,6 +844,8 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                 &RevertOptions {
                     disks_only: a.disks_only,
                     force: a.force,
+                    running: a.running,
+                    paused: a.paused,
                 },
             )
             .with_context(|| format!("{domain}: snapshot revert {name}"))?;
@@ -850,7 +854,18 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
             }
             writeln!(out, "Domain {domain} reverted to snapshot {name}")?;
             print_report(out, &r)?;
-            if a.running || a.paused {
+            if let Some(m) = &r.restored {
+                let dom = virt::domain::Domain::lookup_by_name(conn, &domain)?;
+                let paused = dom
+                    .get_state()
+                    .is_ok_and(|(s, _)| s == virt::sys::VIR_DOMAIN_PAUSED);
+                writeln!(
+                    out,
+                    "Domain {domain} restored from the memory state in {}{}",
+                    m.display(),
+                    if paused { " (paused)" } else { " (running)" }
+                )?;
+            } else if a.running || a.paused {
                 let dom = virt::domain::Domain::lookup_by_name(conn, &domain)?;
                 let flags = if a.paused {
                     virt::sys::VIR_DOMAIN_START_PAUSED

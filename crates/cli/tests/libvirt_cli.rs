@@ -517,3 +517,85 @@ fn an_interrupted_live_blockcommit_leaves_a_valid_chain_and_the_next_one_succeed
     assert_eq!(guest::sha256_view(&base, &dir), before);
     lv.virsh(&["undefine", "intr"]);
 }
+
+#[test]
+fn revert_of_a_memory_snapshot_restores_it_and_disks_only_drops_it() {
+    let Some(lv) = guest::Libvirtd::start() else {
+        return;
+    };
+    let work = tempdir();
+    let dir = std::fs::canonicalize(work.path()).unwrap();
+    let base = dir.join("memv.qcow2");
+    guest::qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    let xml = dir.join("memv.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>memv</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <memballoon model='none'/></devices></domain>",
+            base.display()
+        ),
+    )
+    .unwrap();
+    lv.virsh(&["define", s(&xml)]);
+    std::fs::remove_file(&xml).unwrap();
+    lv.virsh(&["start", "memv"]);
+    let mem = dir.join("memv.mem");
+    lv.virsh(&[
+        "snapshot-create-as",
+        "memv",
+        "m1",
+        "--memspec",
+        &format!("file={},snapshot=external", mem.display()),
+        "--diskspec",
+        "vda,snapshot=external",
+    ]);
+    let mem_bytes = std::fs::read(&mem).unwrap();
+    let u = lv.uri.as_str();
+    // Running: refused without --force.
+    let busy = strata(&["-c", u, "snapshot", "revert", "memv", "m1"]);
+    assert_ne!(busy.code, 0, "{}", busy.stdout);
+    let r = strata_ok(&[
+        "-c", u, "snapshot", "revert", "memv", "m1", "--force", "--paused",
+    ]);
+    assert!(
+        r.stdout
+            .contains("Domain memv was running: stopped it (--force)")
+            && r.stdout.contains(&format!(
+                "Domain memv restored from the memory state in {} (paused)",
+                mem.display()
+            )),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(lv.state("memv"), "paused");
+    assert!(
+        std::fs::read(&mem).unwrap() == mem_bytes,
+        "memory file untouched"
+    );
+    // --disks-only: the disks alone, the memory file kept and said.
+    let r = strata_ok(&[
+        "-c",
+        u,
+        "snapshot",
+        "revert",
+        "memv",
+        "m1",
+        "--force",
+        "--disks-only",
+    ]);
+    assert!(
+        !r.stdout.contains("restored from the memory state")
+            && r.stdout.contains(&mem.display().to_string()),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(lv.state("memv"), "shut off");
+    assert!(
+        std::fs::read(&mem).unwrap() == mem_bytes,
+        "memory file untouched"
+    );
+}

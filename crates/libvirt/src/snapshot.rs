@@ -110,6 +110,9 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// The domain was running and was stopped first (revert `--force`).
     pub stopped: bool,
+    /// Revert of a snapshot with memory state: the memory file the domain
+    /// was restored from (`virDomainRestoreFlags`; it is only read).
+    pub restored: Option<PathBuf>,
 }
 
 /// A disk of the domain as [`domain_disks`] reports it.
@@ -603,11 +606,18 @@ fn owned_minus(ctx: &Ctx<'_>, gone: &[PathBuf]) -> Vec<OwnedFile> {
 /// Options of [`snapshot_revert_with`].
 #[derive(Debug, Clone, Default)]
 pub struct RevertOptions {
-    /// Revert the disks of a snapshot that also saved the memory state
-    /// (`--memspec`), dropping that state: the domain then starts from the
-    /// disks as they were, as after a power cut. Without it such a revert
-    /// is refused.
+    /// Revert only the disks of a snapshot that also saved the memory
+    /// state (`--memspec`), dropping that state: the domain then starts
+    /// from the disks as they were, as after a power cut. Without it the
+    /// memory state is restored after the disks (the domain comes back
+    /// running, or paused, at the snapshot's moment).
     pub disks_only: bool,
+    /// When the memory state is restored: come back running
+    /// (`VIR_DOMAIN_SAVE_RUNNING`) whatever the state saved in it.
+    pub running: bool,
+    /// When the memory state is restored: come back paused
+    /// (`VIR_DOMAIN_SAVE_PAUSED`).
+    pub paused: bool,
     /// Revert a running or paused domain: stop it first
     /// (`virDomainDestroy`; its current state is what the revert discards
     /// anyway). Without it such a revert is refused.
@@ -648,20 +658,46 @@ pub fn snapshot_revert_with(
         });
     }
     let mut memory_kept = None;
+    let mut restore = None;
     if snap.info.memory == "external" {
-        let file = snap.info.memory_file.as_ref().map_or_else(
-            || "(no file named)".to_string(),
-            |f| f.display().to_string(),
-        );
-        if !opts.disks_only {
-            return Err(Error::Unsupported(format!(
-                "snapshot {name} also saved the domain's memory state, in {file}; Strata \
-                 reverts disks only, so that state would be dropped (the domain would start \
-                 from the disks as they were at {name}, as after a power cut); pass \
-                 --disks-only to revert the disks anyway (the memory file is kept)"
-            )));
+        let file = snap.info.memory_file.clone();
+        if opts.disks_only {
+            memory_kept = file;
+        } else {
+            let file = file.ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "snapshot {name} saved the domain's memory state but names no memory file; \
+                     pass --disks-only to revert the disks only"
+                ))
+            })?;
+            if let Err(e) = std::fs::metadata(&file) {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {name}: its memory state file {} cannot be read ({e}); nothing \
+                     was changed; pass --disks-only to revert the disks only (the memory state \
+                     is then dropped)",
+                    file.display()
+                )));
+            }
+            // libvirt reads the image's header (and its saved definition):
+            // a file it cannot restore from is refused before any change.
+            Domain::save_image_get_xml_desc(conn, path_str(&file)?, 0).map_err(|e| {
+                Error::libvirt(
+                    format!(
+                        "read the memory state of snapshot {name} from {} (nothing was changed; \
+                         pass --disks-only to revert the disks only, dropping that state)",
+                        file.display()
+                    ),
+                    e,
+                )
+            })?;
+            if snap.info.domain.is_none() {
+                return Err(Error::xml(
+                    format!("snapshot {name}"),
+                    "no saved domain definition to restore the memory state with",
+                ));
+            }
+            restore = Some(file);
         }
-        memory_kept = snap.info.memory_file.clone();
     }
     if was_live {
         // Everything that refuses without a look at the files is done:
@@ -769,6 +805,19 @@ pub fn snapshot_revert_with(
     for t in &targets {
         xml::drop_snapshot_backing_store(&mut snap_tree, t);
     }
+    // The definition the memory state is restored with: the one saved
+    // with the snapshot, its disks on the new overlays (no <backingStore>:
+    // libvirt probes the chain from the headers).
+    let dxml = match (&restore, &snap.info.domain) {
+        (Some(_), Some(d)) => {
+            let mut d = d.clone();
+            for (t, _, _, _, path, _) in &plan {
+                xml::set_disk_source(&mut d, t, path, "qcow2")?;
+            }
+            Some(xml::write(&d, "the snapshot's domain definition")?)
+        }
+        _ => None,
+    };
 
     let mut txn = Txn::new(&ctx);
     let run = (|| -> Result<()> {
@@ -789,14 +838,35 @@ pub fn snapshot_revert_with(
     }
     txn.finish()?;
     let (removed, warnings) = remove_files(&gc);
-    let report = Report {
+    let mut report = Report {
         removed,
         warnings,
         kept,
         stopped: was_live,
         ..Report::default()
     };
-    let mut report = report;
+    if let (Some(mem), Some(dxml)) = (restore, dxml) {
+        let mut flags = 0;
+        if opts.running {
+            flags |= virt::sys::VIR_DOMAIN_SAVE_RUNNING;
+        }
+        if opts.paused {
+            flags |= virt::sys::VIR_DOMAIN_SAVE_PAUSED;
+        }
+        // libvirt only reads the memory file (qemuSaveImageOpen, read-only).
+        Domain::domain_restore_flags(conn, path_str(&mem)?, Some(&dxml), flags).map_err(|e| {
+            Error::libvirt(
+                format!(
+                    "restore the memory state of snapshot {name} from {} (the disks were \
+                         reverted and {name} is current; the domain is shut off; start it, or \
+                         run the revert again)",
+                    mem.display()
+                ),
+                e,
+            )
+        })?;
+        report.restored = Some(mem);
+    }
     for (t, _, _, _, path, _) in plan {
         report.created.push(path.clone());
         report.swapped.push((t, path));
