@@ -20,31 +20,6 @@ fn virtual_size(img: &Path) -> u64 {
     v["virtual-size"].as_u64().unwrap()
 }
 
-fn check_clean(img: &Path) {
-    let r = qemu_img(&["check", s(img)]);
-    assert_eq!(
-        r.code,
-        0,
-        "qemu-img check {}: {}{}",
-        img.display(),
-        r.stdout,
-        r.stderr
-    );
-}
-
-fn identical(a: &Path, b: &Path) {
-    let r = qemu_img(&["compare", s(a), s(b)]);
-    assert_eq!(
-        r.code,
-        0,
-        "{} vs {}: {}{}",
-        a.display(),
-        b.display(),
-        r.stdout,
-        r.stderr
-    );
-}
-
 /// A qcow2 image of `size` with data written by qemu-io, and its twin.
 fn qcow2_twins(dir: &Path, size: &str, writes: &[&str]) -> (PathBuf, PathBuf) {
     let a = dir.join("strata.qcow2");

@@ -25,31 +25,6 @@ fn info_json(img: &Path) -> serde_json::Value {
     serde_json::from_str(&qemu_img_ok(&["info", "--output", "json", s(img)])).unwrap()
 }
 
-fn check_clean(img: &Path) {
-    let r = qemu_img(&["check", s(img)]);
-    assert_eq!(
-        r.code,
-        0,
-        "qemu-img check {}: {}{}",
-        img.display(),
-        r.stdout,
-        r.stderr
-    );
-}
-
-fn identical(a: &Path, b: &Path) {
-    let r = qemu_img(&["compare", s(a), s(b)]);
-    assert_eq!(
-        r.code,
-        0,
-        "{} vs {}: {}{}",
-        a.display(),
-        b.display(),
-        r.stdout,
-        r.stderr
-    );
-}
-
 fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }

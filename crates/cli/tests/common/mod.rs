@@ -151,3 +151,30 @@ pub fn assert_fails_with(r: &Run, code: i32, needles: &[&str]) {
         assert!(r.stderr.contains(needle), "{}", r.stderr);
     }
 }
+
+/// `qemu-img check` of `img` exits 0.
+pub fn check_clean(img: &Path) {
+    let r = qemu_img(&["check", s(img)]);
+    assert_eq!(
+        r.code,
+        0,
+        "qemu-img check {}: {}{}",
+        img.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+/// `qemu-img compare`: the guest views of `a` and `b` are equal.
+pub fn identical(a: &Path, b: &Path) {
+    let r = qemu_img(&["compare", s(a), s(b)]);
+    assert_eq!(
+        r.code,
+        0,
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        r.stdout,
+        r.stderr
+    );
+}
