@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use strata_format::header::has_qcow2_magic;
 use strata_format::limits;
 
+use crate::backing::{check_backing, BackingRef, FileId};
+pub use crate::backing::{is_protocol_name, resolve_backing_path};
 use crate::error::{Error, Result};
 use crate::lock::{ImageLock, LockMode};
 use crate::mapping::{Extent, Mapping};
@@ -255,31 +257,6 @@ pub struct Chain {
     layers: Vec<Layer>,
 }
 
-/// Whether a backing name is a protocol or JSON name rather than a path.
-pub fn is_protocol_name(name: &str) -> bool {
-    match name.find(':') {
-        Some(colon) => !name[..colon].contains('/'),
-        None => false,
-    }
-}
-
-fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
-}
-
-/// Resolves a backing name recorded in `parent` to a path: absolute names
-/// as they are, relative names against the parent's directory.
-pub fn resolve_backing_path(parent: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        parent.parent().unwrap_or(Path::new("")).join(p)
-    }
-}
-
 impl Chain {
     /// Opens `path` and its backing chain from files.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
@@ -334,7 +311,7 @@ impl Chain {
         if opts.no_backing {
             return Ok(chain);
         }
-        let mut ids = vec![file_id(path).map_err(|e| Error::io(path, "stat", 0, e))?];
+        let mut ids = vec![FileId::of(path).map_err(|e| Error::io(path, "stat", 0, e))?];
         let confine = match &opts.confine_to {
             Some(dir) => Some(
                 std::fs::canonicalize(dir)
@@ -348,23 +325,19 @@ impl Chain {
                 .last()
                 .map(|l| l.path.clone())
                 .unwrap_or_default();
-            let (name, fmt) = match chain.layers.last() {
+            let backing = match chain.layers.last() {
                 Some(l) => {
                     let (n, f) = l.image.backing();
-                    (n.map(str::to_string), f.map(str::to_string))
+                    n.map(|n| BackingRef {
+                        name: n.to_string(),
+                        format: f.map(str::to_string),
+                    })
                 }
-                None => (None, None),
+                None => None,
             };
-            let Some(name) = name else { break };
-            let bpath = Self::check_backing(&parent, &name, fmt.as_deref())?;
-            let format = fmt
-                .as_deref()
-                .and_then(ImageFormat::from_name)
-                .ok_or_else(|| Error::Backing {
-                    path: parent.clone(),
-                    backing: name.clone(),
-                    why: "unsupported backing format".into(),
-                })?;
+            let Some(backing) = backing else { break };
+            let (bpath, format) = check_backing(&parent, &backing)?;
+            let name = backing.name;
             if chain.layers.len() >= limits::MAX_CHAIN_DEPTH && opts.stub_beyond_limit {
                 let storage = NotOpened {
                     path: bpath.clone(),
@@ -383,7 +356,7 @@ impl Chain {
                     limit: limits::MAX_CHAIN_DEPTH,
                 });
             }
-            let id = file_id(&bpath).map_err(|e| Error::Backing {
+            let id = FileId::of(&bpath).map_err(|e| Error::Backing {
                 path: parent.clone(),
                 backing: name.clone(),
                 why: format!("cannot open {}: {e}", bpath.display()),
@@ -426,24 +399,6 @@ impl Chain {
             chain.layers.push(layer);
         }
         Ok(chain)
-    }
-
-    /// Checks a recorded backing name and format; returns the path.
-    fn check_backing(parent: &Path, name: &str, fmt: Option<&str>) -> Result<PathBuf> {
-        if is_protocol_name(name) {
-            return Err(Error::Backing {
-                path: parent.to_path_buf(),
-                backing: name.to_string(),
-                why: "protocol and JSON backing names are refused; only plain file paths are followed".into(),
-            });
-        }
-        if fmt.is_none() {
-            return Err(Error::BackingFormatUnknown {
-                path: parent.to_path_buf(),
-                backing: name.to_string(),
-            });
-        }
-        Ok(resolve_backing_path(parent, name))
     }
 
     /// A chain of already open layers (top first), e.g. on memory storage.
@@ -733,26 +688,4 @@ pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
         read_in(layers, head, offset)?;
     }
     Ok(())
-}
-
-/// The header-only rebase (`qemu-img rebase -u`): opens the qcow2 image at
-/// `path` alone, writable (taking QEMU's write lock), and records
-/// `backing` — a name as the header is to hold it (relative to `path`'s
-/// directory, or absolute) and its format — or no backing file. The guest
-/// view changes unless the new backing file reads like the old one; the
-/// caller answers for that.
-pub fn set_backing_file(path: &Path, backing: Option<(&str, ImageFormat)>) -> Result<()> {
-    let opts = OpenOptions {
-        writable: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let mut chain = Chain::open(path, &opts)?;
-    match &mut chain.layers_mut()[0].image {
-        Image::Qcow2(q) => q.set_backing(backing.map(|(n, f)| (n, f.name()))),
-        Image::Raw(_) => Err(Error::InvalidArgument(format!(
-            "{}: only qcow2 images have a backing file",
-            path.display()
-        ))),
-    }
 }

@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub(crate) mod alloc;
+pub mod backing;
 pub mod bitmap;
 pub mod chain;
 pub mod check;
@@ -22,8 +23,9 @@ pub mod resize;
 pub mod storage;
 pub mod write;
 
+pub use backing::{set_backing_file, FileId};
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
-pub use chain::{set_backing_file, Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
+pub use chain::{Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;

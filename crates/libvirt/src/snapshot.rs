@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use strata_image::{Chain, ImageFormat, OpenOptions};
+use strata_image::ImageFormat;
 use strata_merge::{CommitOptions, Hooks, MergeError, PullOptions};
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -136,16 +136,9 @@ fn now() -> i64 {
 }
 
 fn chain_paths(path: &Path, format: Option<ImageFormat>) -> Vec<PathBuf> {
-    Chain::open(
-        path,
-        &OpenOptions {
-            format,
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map(|c| c.layers().iter().map(|l| l.path.clone()).collect())
-    .unwrap_or_default()
+    strata_image::backing::chain_files(path, format)
+        .map(|c| c.into_iter().map(|f| f.path).collect())
+        .unwrap_or_default()
 }
 
 fn check_name(name: &str) -> Result<()> {
