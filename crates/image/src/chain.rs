@@ -177,6 +177,76 @@ impl Layer {
     }
 }
 
+/// What the write path does, at the first write to a qcow2 image, with a
+/// state it could only write through by changing the image beyond the
+/// write itself. Every choice defaults to refusing (an
+/// [`Error::ReadOnly`] naming the image and the state, before anything is
+/// written); [`WritePolicy::qemu`] is what QEMU does when it opens an
+/// image read-write (the CLI's `io`, `resize` and `bitmap` use it, as
+/// qemu-io and qemu-img do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WritePolicy {
+    /// A dirty image (lazy refcounts left unrepaired by a crash).
+    pub dirty: OnDirty,
+    /// Persistent dirty bitmaps that cannot be read (a damaged bitmap
+    /// directory or table).
+    pub bitmaps: OnBadBitmaps,
+    /// Autoclear feature bits Strata does not know.
+    pub unknown_autoclear: OnUnknownAutoclear,
+}
+
+impl WritePolicy {
+    /// Refuse every such state (the default).
+    pub const REFUSE: WritePolicy = WritePolicy {
+        dirty: OnDirty::Refuse,
+        bitmaps: OnBadBitmaps::Refuse,
+        unknown_autoclear: OnUnknownAutoclear::Refuse,
+    };
+    /// What QEMU does opening an image read-write: repair a dirty image
+    /// (rebuild its refcounts), refuse unreadable bitmaps, clear unknown
+    /// autoclear bits.
+    pub const fn qemu() -> WritePolicy {
+        WritePolicy {
+            dirty: OnDirty::Repair,
+            bitmaps: OnBadBitmaps::Refuse,
+            unknown_autoclear: OnUnknownAutoclear::Clear,
+        }
+    }
+}
+
+/// See [`WritePolicy::dirty`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnDirty {
+    /// Refuse to write (repair with `strata check -r all` first).
+    #[default]
+    Refuse,
+    /// Rebuild the refcounts, then clear the dirty bit (QEMU's way).
+    Repair,
+}
+
+/// See [`WritePolicy::bitmaps`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnBadBitmaps {
+    /// Refuse to write (QEMU refuses to open such an image read-write).
+    #[default]
+    Refuse,
+    /// Write, clearing the bitmaps' autoclear bit: every bitmap is then
+    /// inconsistent and ignored, as after a program without bitmap support
+    /// wrote the image (the next incremental backup must be a full one).
+    Drop,
+}
+
+/// See [`WritePolicy::unknown_autoclear`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnUnknownAutoclear {
+    /// Refuse to write.
+    #[default]
+    Refuse,
+    /// Clear them (what the bits' definition asks of a program that does
+    /// not know them, and what QEMU does).
+    Clear,
+}
+
 /// How to open a chain.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -200,6 +270,10 @@ pub struct OpenOptions {
     /// hold data gets the cautious answer. Deeper layers are not opened,
     /// so memory stays bounded by the limit.
     pub stub_beyond_limit: bool,
+    /// What the first write to the (qcow2) top image does with a dirty
+    /// image, unreadable bitmaps or unknown autoclear bits: refuse by
+    /// default (see [`WritePolicy`]).
+    pub write_policy: WritePolicy,
 }
 
 /// The stand-in for the layers past the depth limit (see
@@ -295,7 +369,9 @@ impl Chain {
             };
             let image = match (format, writable) {
                 (ImageFormat::Qcow2, true) => {
-                    Image::Qcow2(Qcow2Image::open_rw(Box::new(storage), p)?)
+                    let mut q = Qcow2Image::open_rw(Box::new(storage), p)?;
+                    q.set_write_policy(opts.write_policy)?;
+                    Image::Qcow2(q)
                 }
                 _ => Image::open(Box::new(storage), p, format)?,
             };
@@ -580,6 +656,18 @@ impl Chain {
         match top {
             Image::Qcow2(q) => q.discard(offset, len, has_backing),
             Image::Raw(r) => r.check_range(offset, len),
+        }
+    }
+
+    /// Closes the chain: flushes the top image and returns the flush's
+    /// error (a drop flushes too, but can only log a failure).
+    pub fn close(self) -> Result<()> {
+        let Some(top) = self.layers.into_iter().next() else {
+            return Ok(());
+        };
+        match top.image {
+            Image::Qcow2(q) => q.close(),
+            Image::Raw(mut r) => r.flush(),
         }
     }
 

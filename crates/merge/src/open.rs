@@ -100,9 +100,11 @@ pub(crate) fn backing_name_for(top: &Path, layer: &Layer) -> Result<String> {
 }
 
 /// Refuses an image the operation must not write: corrupt bit set, dirty
-/// (lazy refcounts not repaired), or carrying a bitmap directory the write
-/// path cannot keep (it would drop the bitmaps), before anything is
-/// written. Valid persistent bitmaps are kept up to date by the write path.
+/// (lazy refcounts not repaired), unknown autoclear bits, or carrying a
+/// bitmap directory the write path cannot keep (it would drop the
+/// bitmaps), before anything is written: the states the write path's
+/// default policy ([`strata_image::WritePolicy`]) refuses at the first
+/// write, refused up front. Valid persistent bitmaps are kept up to date by the write path.
 pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
     let Image::Qcow2(q) = &layer.image else {
         return Ok(());
@@ -112,6 +114,10 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
+    } else if h.autoclear_features & !strata_format::header::AUTOCLEAR_BITMAPS != 0 {
+        // The write path's default policy refuses to clear them; say so
+        // before anything is written.
+        "it has unknown autoclear feature bits, which writing would clear"
     } else if let Err(e) = q.bitmaps().and_then(|bs| {
         // Every consistent bitmap's bits must load, or the write path
         // would drop them.
