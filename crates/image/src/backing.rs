@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use strata_format::header::{has_qcow2_magic, peek_cluster_bits, Header};
 use strata_format::limits;
 
-use crate::chain::{Chain, Image, ImageFormat, Layer, OpenOptions};
+use crate::chain::{Chain, Image, ImageFormat, Layer, OpenOptions, WritePolicy};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
 
@@ -351,11 +351,18 @@ pub fn users_of(
 /// `backing` — a name as the header is to hold it (relative to `path`'s
 /// directory, or absolute) and its format — or no backing file. The guest
 /// view changes unless the new backing file reads like the old one; the
-/// caller answers for that.
-pub fn set_backing_file(path: &Path, backing: Option<(&str, ImageFormat)>) -> Result<()> {
+/// caller answers for that. `policy` says what to do with a dirty image
+/// or unknown autoclear bits ([`WritePolicy::qemu`] is what `qemu-img
+/// rebase -u` does; the default refuses them, writing nothing).
+pub fn set_backing_file(
+    path: &Path,
+    backing: Option<(&str, ImageFormat)>,
+    policy: WritePolicy,
+) -> Result<()> {
     let opts = OpenOptions {
         writable: true,
         no_backing: true,
+        write_policy: policy,
         ..OpenOptions::default()
     };
     let mut chain = Chain::open(path, &opts)?;

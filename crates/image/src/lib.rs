@@ -96,9 +96,9 @@
 //!
 //! # Test hooks
 //!
-//! The `testing` feature adds [`storage::FaultStorage`] (a storage that
-//! crashes and fails on request), for crash-consistency tests; it is not
-//! part of the default API.
+//! The `testing` feature adds `FaultStorage` (a storage that crashes and
+//! fails on request, for crash-consistency tests); it is not part of the
+//! default API.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -130,7 +130,9 @@ pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
-pub use storage::{FaultStorage, FileStorage, MappedBytes, MemStorage, Storage};
+#[cfg(any(test, feature = "testing"))]
+pub use storage::FaultStorage;
+pub use storage::{FileStorage, MappedBytes, MemStorage, Storage};
 
 // What the crate documentation promises about threads, checked.
 const _: () = {

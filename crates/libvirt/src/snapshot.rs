@@ -141,6 +141,18 @@ fn chain_paths(path: &Path, format: Option<ImageFormat>) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Re-points `child` at `base` (header only), as `qemu-img rebase -u`
+/// would: after the merge this is the last step, so a dirty child is
+/// repaired and unknown autoclear bits cleared rather than the delete left
+/// half done.
+fn set_backing(child: &Path, base: &str, format: ImageFormat) -> Result<()> {
+    Ok(strata_image::set_backing_file(
+        child,
+        Some((base, format)),
+        strata_image::WritePolicy::qemu(),
+    )?)
+}
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
         return Err(Error::InvalidArgument(format!(
@@ -1063,7 +1075,7 @@ pub fn snapshot_delete(
                     if chain.contains(&k) {
                         continue;
                     }
-                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
+                    set_backing(&k, &base_str, node.format)?;
                 }
                 report.merges.push(format!(
                     "committed {} into {} (libvirt's live block commit)",
@@ -1103,7 +1115,7 @@ pub fn snapshot_delete(
                     .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
                 let base_str = path_str(base)?.to_string();
                 for k in graph.children(top, &needed) {
-                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
+                    set_backing(&k, &base_str, node.format)?;
                 }
                 report.merges.push(format!(
                     "committed {} into {}",

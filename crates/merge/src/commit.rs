@@ -450,7 +450,7 @@ pub struct CommitParts<'a> {
 /// caller is responsible for the rest: images marked corrupt or dirty,
 /// bitmaps, and the guard (`opts.base`, `opts.force` and `opts.also_check`
 /// are not used here). Useful to run a commit on images that are not plain
-/// files, e.g. [`strata_image::FaultStorage`] in crash tests.
+/// files, e.g. `strata_image::FaultStorage` (feature `testing`) in crash tests.
 ///
 /// The report's `top` and `base` are the paths of `parts.upper[0]` and
 /// `parts.base`'s top layer.

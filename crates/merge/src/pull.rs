@@ -412,7 +412,7 @@ pub fn pull_confined(
 /// (data pointers past the end of a file, unreadable tables), not images
 /// marked corrupt or dirty or carrying bitmaps: the caller checks those.
 /// Useful to run a pull on images that are not plain files, e.g.
-/// [`strata_image::FaultStorage`] in crash tests.
+/// `strata_image::FaultStorage` (feature `testing`) in crash tests.
 pub fn pull_open(
     chain: &mut Chain,
     keep: usize,
