@@ -85,6 +85,38 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! The example of README.md's "Using Strata as a library" (tests/readme.rs
+//! keeps the two the same):
+//!
+//! ```rust
+//! use strata_image::{Chain, Mapping, OpenOptions};
+//!
+//! fn allocated_in_top(top: &std::path::Path) -> strata_image::Result<u64> {
+//!     let opts = OpenOptions { force_share: true, ..OpenOptions::default() };
+//!     let chain = Chain::open(top, &opts)?;
+//!     let (mut pos, mut bytes) = (0, 0);
+//!     while pos < chain.virtual_size() {
+//!         let r = chain.resolve(pos, chain.virtual_size() - pos)?;
+//!         if r.depth == 0 && matches!(r.extent.mapping, Mapping::Data { .. }) {
+//!             bytes += r.extent.len; // read it with chain.read_at(...)
+//!         }
+//!         pos += r.extent.len;
+//!     }
+//!     Ok(bytes)
+//! }
+//! # use strata_image::create::{create_qcow2, CreateOptions};
+//! # use strata_image::FileStorage;
+//! # let dir = tempfile::tempdir()?;
+//! # let p = dir.path().join("a.qcow2");
+//! # let o = CreateOptions { size: 1 << 20, ..CreateOptions::default() };
+//! # create_qcow2(Box::new(FileStorage::create(&p)?), &p, &o)?.close()?;
+//! # let mut c = Chain::open(&p, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! # c.write_at(&[1; 512], 0)?;
+//! # c.close()?;
+//! # assert_eq!(allocated_in_top(&p)?, 65536);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Threads
 //!
 //! An open [`Chain`], [`Qcow2Image`] and [`RawImage`] are [`Send`] and
