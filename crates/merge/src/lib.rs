@@ -85,8 +85,10 @@
 //! ```
 //!
 //! To merge a chain the caller already holds open, [`pull_open`] pulls
-//! into the top of an open writable [`strata_image::Chain`] and
-//! [`commit_open`] commits open images ([`CommitParts`]).
+//! into the top of an open writable [`strata_image::Chain`];
+//! [`commit_chain`] commits a held chain (closing it, then insisting that
+//! the files it commits are the same files), and [`commit_open`] commits
+//! images the caller opened itself ([`CommitParts`]).
 //!
 //! # Threads
 //!
@@ -106,6 +108,7 @@ pub mod walk;
 
 pub use commit::{commit, commit_open, CommitOptions, CommitParts, CommitReport};
 pub use error::{MergeError, Result};
+pub use open::commit_chain;
 pub use progress::{Hooks, Progress};
 pub use pull::{
     pull, pull_confined, pull_open, rebase, PullOptions, PullReport, RebaseOptions, RebaseReport,

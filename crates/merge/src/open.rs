@@ -321,3 +321,38 @@ impl Sources {
         Ok(())
     }
 }
+
+/// [`crate::commit`] of a chain the caller holds open: the chain is closed
+/// (its flush error returned; its locks released, since a commit must take
+/// its own, writable, on the base), then committed by its top's path. The
+/// files the commit opens must be the very files of the caller's chain
+/// (device and inode, top to bottom): a chain re-pointed or replaced in
+/// between is refused before anything is written.
+pub fn commit_chain(
+    chain: Chain,
+    opts: &crate::CommitOptions,
+    hooks: &mut crate::Hooks<'_>,
+) -> Result<crate::CommitReport> {
+    let top = chain.top().path.clone();
+    let format = chain.top().image.format();
+    let held = chain
+        .layers()
+        .iter()
+        .map(layer_id)
+        .collect::<Result<Vec<_>>>()?;
+    chain.close()?;
+    let now = strata_image::backing::chain_files(&top, Some(format))?;
+    let now_ids = now
+        .iter()
+        .map(|f| file_id(&f.path))
+        .collect::<Result<Vec<_>>>()?;
+    if now_ids != held {
+        return Err(MergeError::SourceChanged {
+            path: top,
+            why: "its backing chain is no longer the chain the caller held open (a file was \
+                  replaced or re-pointed); nothing was written"
+                .into(),
+        });
+    }
+    crate::commit(&top, opts, hooks)
+}
