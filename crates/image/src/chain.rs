@@ -205,6 +205,7 @@ impl WritePolicy {
     /// What QEMU does opening an image read-write: repair a dirty image
     /// (rebuild its refcounts), refuse unreadable bitmaps, clear unknown
     /// autoclear bits.
+    #[must_use]
     pub const fn qemu() -> WritePolicy {
         WritePolicy {
             dirty: OnDirty::Repair,
@@ -326,6 +327,9 @@ pub struct Resolved {
 }
 
 /// An image and its backing files, top first.
+///
+/// Dropping a chain flushes its top image; a flush error can then only be
+/// logged (to standard error): call [`Chain::close`] to get it.
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
@@ -661,6 +665,7 @@ impl Chain {
 
     /// Closes the chain: flushes the top image and returns the flush's
     /// error (a drop flushes too, but can only log a failure).
+    #[must_use = "the flush error is the point of close()"]
     pub fn close(self) -> Result<()> {
         let Some(top) = self.layers.into_iter().next() else {
             return Ok(());

@@ -13,6 +13,7 @@ use crate::error::Result;
 /// Takes the per-domain lock of `domain` as an operation does and holds it
 /// until the returned guard is dropped (for tests of the lock across
 /// processes).
+#[must_use = "the lock is released when the guard is dropped"]
 pub fn lock_domain(conn: &virt::connect::Connect, domain: &str) -> Result<impl Drop> {
     let dom = virt::domain::Domain::lookup_by_name(conn, domain)
         .map_err(|e| Error::libvirt(format!("look up domain {domain:?}"), e))?;
