@@ -1,7 +1,8 @@
 //! Backing chains: open an image and its backing files, resolve any guest
 //! range down the chain, read the guest view.
 //!
-//! Policy (see docs/backing-policy.md): a backing file's format comes from
+//! Policy (see docs/hostile-images.md, "Backing-file policy", and
+//! [`crate::backing`]): a backing file's format comes from
 //! the image's backing-format extension (never from probing its contents);
 //! relative names resolve against the directory of the image naming them;
 //! protocol names (`json:`, `nbd:`, ...) are refused; loops and chains
