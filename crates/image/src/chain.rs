@@ -203,6 +203,21 @@ impl WritePolicy {
         bitmaps: OnBadBitmaps::Refuse,
         unknown_autoclear: OnUnknownAutoclear::Refuse,
     };
+    /// Sets [`WritePolicy::dirty`].
+    pub const fn dirty(mut self, on: OnDirty) -> WritePolicy {
+        self.dirty = on;
+        self
+    }
+    /// Sets [`WritePolicy::bitmaps`].
+    pub const fn bitmaps(mut self, on: OnBadBitmaps) -> WritePolicy {
+        self.bitmaps = on;
+        self
+    }
+    /// Sets [`WritePolicy::unknown_autoclear`].
+    pub const fn unknown_autoclear(mut self, on: OnUnknownAutoclear) -> WritePolicy {
+        self.unknown_autoclear = on;
+        self
+    }
     /// What QEMU does opening an image read-write: repair a dirty image
     /// (rebuild its refcounts), refuse unreadable bitmaps, clear unknown
     /// autoclear bits.
@@ -276,6 +291,49 @@ pub struct OpenOptions {
     /// image, unreadable bitmaps or unknown autoclear bits: refuse by
     /// default (see [`WritePolicy`]).
     pub write_policy: WritePolicy,
+}
+
+impl OpenOptions {
+    /// The default options: read-only, locking, probing the top's format,
+    /// the whole chain, the refusing write policy.
+    pub fn new() -> OpenOptions {
+        OpenOptions::default()
+    }
+    /// Sets [`OpenOptions::format`].
+    pub fn format(mut self, format: Option<ImageFormat>) -> OpenOptions {
+        self.format = format;
+        self
+    }
+    /// Sets [`OpenOptions::force_share`].
+    pub fn force_share(mut self, yes: bool) -> OpenOptions {
+        self.force_share = yes;
+        self
+    }
+    /// Sets [`OpenOptions::writable`].
+    pub fn writable(mut self, yes: bool) -> OpenOptions {
+        self.writable = yes;
+        self
+    }
+    /// Sets [`OpenOptions::no_backing`].
+    pub fn no_backing(mut self, yes: bool) -> OpenOptions {
+        self.no_backing = yes;
+        self
+    }
+    /// Sets [`OpenOptions::confine_to`].
+    pub fn confine_to(mut self, dir: Option<PathBuf>) -> OpenOptions {
+        self.confine_to = dir;
+        self
+    }
+    /// Sets [`OpenOptions::stub_beyond_limit`].
+    pub fn stub_beyond_limit(mut self, yes: bool) -> OpenOptions {
+        self.stub_beyond_limit = yes;
+        self
+    }
+    /// Sets [`OpenOptions::write_policy`].
+    pub fn write_policy(mut self, policy: WritePolicy) -> OpenOptions {
+        self.write_policy = policy;
+        self
+    }
 }
 
 /// The stand-in for the layers past the depth limit (see
