@@ -41,10 +41,7 @@ pub fn incremental_copy(
     dest: &Path,
     layers: Option<usize>,
 ) -> Result<CopyStats, String> {
-    let opts = OpenOptions {
-        force_share: true,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::new().force_share(true);
     let chain = Chain::open(top, &opts).map_err(|e| e.to_string())?;
     let layers = layers.unwrap_or(chain.layers().len());
     let out = FileStorage::open(dest, true)

@@ -20,7 +20,7 @@
 //! opts.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
 //! create_qcow2(Box::new(FileStorage::create(&top)?), &top, &opts)?.close()?;
 //!
-//! let open = OpenOptions { writable: true, ..OpenOptions::default() };
+//! let open = OpenOptions::new().writable(true);
 //! let mut chain = Chain::open(&top, &open)?;
 //! chain.write_at(&[0xab; 4096], 1 << 20)?;
 //! chain.close()?; // flushes, and returns the error a drop could only log
@@ -41,7 +41,7 @@
 //! # create_qcow2(Box::new(FileStorage::create(&base)?), &base, &opts)?.close()?;
 //! # opts.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
 //! # create_qcow2(Box::new(FileStorage::create(&top)?), &top, &opts)?.close()?;
-//! # let mut w = Chain::open(&top, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! # let mut w = Chain::open(&top, &OpenOptions::new().writable(true))?;
 //! # w.write_at(&[0xab; 4096], 1 << 20)?;
 //! # w.close()?;
 //! let chain = Chain::open(&top, &OpenOptions::default())?;
@@ -67,7 +67,7 @@
 //! # create_qcow2(Box::new(FileStorage::create(&base)?), &base, &opts)?.close()?;
 //! # opts.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
 //! # create_qcow2(Box::new(FileStorage::create(&top)?), &top, &opts)?.close()?;
-//! # let mut w = Chain::open(&top, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! # let mut w = Chain::open(&top, &OpenOptions::new().writable(true))?;
 //! # w.write_at(&[0xab; 4096], 1 << 20)?;
 //! # w.close()?;
 //! let chain = Chain::open(&top, &OpenOptions::default())?;
@@ -92,7 +92,7 @@
 //! use strata_image::{Chain, Mapping, OpenOptions};
 //!
 //! fn allocated_in_top(top: &std::path::Path) -> strata_image::Result<u64> {
-//!     let opts = OpenOptions { force_share: true, ..OpenOptions::default() };
+//!     let opts = OpenOptions::new().force_share(true);
 //!     let chain = Chain::open(top, &opts)?;
 //!     let (mut pos, mut bytes) = (0, 0);
 //!     while pos < chain.virtual_size() {
@@ -110,7 +110,7 @@
 //! # let p = dir.path().join("a.qcow2");
 //! # let o = CreateOptions { size: 1 << 20, ..CreateOptions::default() };
 //! # create_qcow2(Box::new(FileStorage::create(&p)?), &p, &o)?.close()?;
-//! # let mut c = Chain::open(&p, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! # let mut c = Chain::open(&p, &OpenOptions::new().writable(true))?;
 //! # c.write_at(&[1; 512], 0)?;
 //! # c.close()?;
 //! # assert_eq!(allocated_in_top(&p)?, 65536);

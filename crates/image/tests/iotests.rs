@@ -68,10 +68,7 @@ impl Op {
 
     /// Applies the operation with Strata (open, operate, flush, close).
     fn strata(self, img: &Path) -> Result<(), String> {
-        let opts = OpenOptions {
-            writable: true,
-            ..Default::default()
-        };
+        let opts = OpenOptions::new().writable(true);
         let mut chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
         match self {
             Op::Write(o, l) => chain.write_at(&vec![0x2a; l as usize], o),
@@ -599,11 +596,7 @@ fn iotest_080_bad_headers_are_refused_where_qemu_refuses_them() {
 /// Strata's `check` verdict, as the CLI gives it: 1 when the image cannot
 /// be opened or checked, else 0 clean, 2 corrupt, 3 leaks only.
 fn strata_check_code(img: &Path) -> i32 {
-    let opts = OpenOptions {
-        force_share: true,
-        no_backing: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().force_share(true).no_backing(true);
     let Ok(chain) = Chain::open(img, &opts) else {
         return 1;
     };

@@ -126,11 +126,9 @@ fn strata_create(img: &Path, opts: &CreateOptions) {
 fn open_writable(img: &Path) -> Chain {
     Chain::open(
         img,
-        &OpenOptions {
-            writable: true,
-            write_policy: strata_image::WritePolicy::qemu(),
-            ..Default::default()
-        },
+        &OpenOptions::new()
+            .writable(true)
+            .write_policy(strata_image::WritePolicy::qemu()),
     )
     .unwrap()
 }
@@ -576,10 +574,7 @@ fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
     // The default write policy refuses, naming the state, and writes nothing.
     let before = std::fs::read(&s).unwrap();
     {
-        let opts = OpenOptions {
-            writable: true,
-            ..Default::default()
-        };
+        let opts = OpenOptions::new().writable(true);
         let mut c = Chain::open(&s, &opts).unwrap();
         let e = c.write_at(&vec![0x73; 100 << 10], 2 << 20).unwrap_err();
         assert!(e.to_string().contains("dirty"), "{e}");

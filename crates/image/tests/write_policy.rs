@@ -16,11 +16,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn open(img: &Path, policy: WritePolicy) -> Chain {
-    let opts = OpenOptions {
-        writable: true,
-        write_policy: policy,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::new().writable(true).write_policy(policy);
     Chain::open(img, &opts).unwrap()
 }
 
@@ -63,10 +59,7 @@ fn an_unknown_autoclear_bit_is_refused_by_default_and_cleared_as_qemu_io_clears_
     );
 
     qemu_io(&q, &["write -P 0x22 64k 4k"]);
-    let policy = WritePolicy {
-        unknown_autoclear: OnUnknownAutoclear::Clear,
-        ..WritePolicy::default()
-    };
+    let policy = WritePolicy::default().unknown_autoclear(OnUnknownAutoclear::Clear);
     {
         let mut c = open(&st, policy);
         c.write_at(&[0x22; 4096], 64 << 10).unwrap();
@@ -111,11 +104,9 @@ fn unreadable_bitmaps_are_refused_by_default_and_dropped_only_when_asked() {
         assert!(std::fs::read(&st).unwrap() == bytes, "{policy:?} wrote");
     }
 
-    let policy = WritePolicy {
-        bitmaps: OnBadBitmaps::Drop,
-        dirty: OnDirty::Refuse,
-        ..WritePolicy::default()
-    };
+    let policy = WritePolicy::default()
+        .bitmaps(OnBadBitmaps::Drop)
+        .dirty(OnDirty::Refuse);
     {
         let mut c = open(&st, policy);
         c.write_at(&[0x32; 4096], 0).unwrap();

@@ -278,12 +278,10 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     // A commit reads the layers it merges and, for copy-on-write, what
     // the base reads: a chain deeper than the open limit is committed as
     // long as nothing needs the layers past it (a read there fails).
-    let probe_opts = OpenOptions {
-        force_share: true,
-        confine_to: opts.confine_to.clone(),
-        stub_beyond_limit: true,
-        ..OpenOptions::default()
-    };
+    let probe_opts = OpenOptions::new()
+        .force_share(true)
+        .confine_to(opts.confine_to.clone())
+        .stub_beyond_limit(true);
     // Discover the chain (validated: names, formats, loops, depth), then
     // take the locks, then look again and insist on the same files.
     let first = Chain::open(top, &probe_opts)?;
@@ -318,13 +316,11 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     let base_format = base_layer.image.format();
     let mut base = Chain::open(
         &base_path,
-        &OpenOptions {
-            format: Some(base_format),
-            writable,
-            confine_to: opts.confine_to.clone(),
-            stub_beyond_limit: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(base_format))
+            .writable(writable)
+            .confine_to(opts.confine_to.clone())
+            .stub_beyond_limit(true),
     )?;
     drop(first);
     let probe = Chain::open(top, &probe_opts)?;

@@ -33,7 +33,7 @@
 //! create_qcow2(Box::new(FileStorage::create(&base)?), &base, &o)?.close()?;
 //! o.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
 //! create_qcow2(Box::new(FileStorage::create(&top)?), &top, &o)?.close()?;
-//! let mut c = Chain::open(&top, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! let mut c = Chain::open(&top, &OpenOptions::new().writable(true))?;
 //! c.write_at(&[7; 1 << 20], 2 << 20)?;
 //! c.close()?;
 //!
@@ -69,7 +69,7 @@
 //! # let top = dir.path().join("top.qcow2");
 //! # let mut o = CreateOptions { size: 8 << 20, ..CreateOptions::default() };
 //! # create_qcow2(Box::new(FileStorage::create(&base)?), &base, &o)?.close()?;
-//! # let mut c = Chain::open(&base, &OpenOptions { writable: true, ..OpenOptions::default() })?;
+//! # let mut c = Chain::open(&base, &OpenOptions::new().writable(true))?;
 //! # c.write_at(&[7; 1 << 20], 2 << 20)?;
 //! # c.close()?;
 //! # o.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));

@@ -188,12 +188,10 @@ pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<u64> {
 pub(crate) fn open_alone(path: &Path, format: ImageFormat, writable: bool) -> Result<Chain> {
     Ok(Chain::open(
         path,
-        &OpenOptions {
-            format: Some(format),
-            writable,
-            no_backing: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(format))
+            .writable(writable)
+            .no_backing(true),
     )?)
 }
 

@@ -334,12 +334,10 @@ fn open_top(top: &Path, dry_run: bool, confine_to: Option<&Path>) -> Result<Chai
     open::confine(top, confine_to)?;
     Ok(Chain::open(
         top,
-        &OpenOptions {
-            format: Some(ImageFormat::Qcow2),
-            writable: !dry_run,
-            confine_to: confine_to.map(Path::to_path_buf),
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(ImageFormat::Qcow2))
+            .writable(!dry_run)
+            .confine_to(confine_to.map(Path::to_path_buf)),
     )?)
 }
 
@@ -521,12 +519,10 @@ pub fn rebase(
                 // with our own hold on the top.
                 let probe = Chain::open(
                     &path,
-                    &OpenOptions {
-                        format: Some(format),
-                        force_share: true,
-                        confine_to: opts.confine_to.clone(),
-                        ..OpenOptions::default()
-                    },
+                    &OpenOptions::new()
+                        .format(Some(format))
+                        .force_share(true)
+                        .confine_to(opts.confine_to.clone()),
                 )?;
                 for l in probe.layers() {
                     if layer_id(l)? == top_id {
@@ -542,11 +538,9 @@ pub fn rebase(
                 open::confine(&path, confine_to)?;
                 let c = Chain::open(
                     &path,
-                    &OpenOptions {
-                        format: Some(format),
-                        confine_to: opts.confine_to.clone(),
-                        ..OpenOptions::default()
-                    },
+                    &OpenOptions::new()
+                        .format(Some(format))
+                        .confine_to(opts.confine_to.clone()),
                 )?;
                 for l in c.layers() {
                     open::refuse_damaged(l, OP)?;

@@ -18,15 +18,9 @@ fn committing_a_held_chain_matches_qemu_img_commit() {
         qemu_img(&["commit", "-q", s(&q)]);
 
         let chain = Chain::open(&st, &OpenOptions::default()).unwrap();
-        let base_q = Chain::open(
-            &q,
-            &OpenOptions {
-                force_share: true,
-                ..OpenOptions::default()
-            },
-        )
-        .unwrap()
-        .layers()[1]
+        let base_q = Chain::open(&q, &OpenOptions::new().force_share(true))
+            .unwrap()
+            .layers()[1]
             .path
             .clone();
         let base_s = chain.layers()[1].path.clone();
@@ -53,10 +47,7 @@ fn a_held_chain_whose_top_was_repointed_is_refused_and_nothing_is_written() {
     let st = twin("cluster64k", dir.path(), "s");
     let other = dir.path().join("other.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "64M"]);
-    let opts = OpenOptions {
-        force_share: true,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::new().force_share(true);
     let chain = Chain::open(&st, &opts).unwrap();
     let base = chain.layers()[1].path.clone();
     let base_bytes = std::fs::read(&base).unwrap();
