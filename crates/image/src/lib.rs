@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub(crate) mod alloc;
+pub mod amend;
 pub mod bitmap;
 pub mod chain;
 pub mod check;

@@ -1,0 +1,743 @@
+//! `amend` against `qemu-img amend` on twin images: the same options on
+//! two copies of one image, one amended by QEMU and one by Strata; then
+//! `qemu-img check`, `qemu-img info`'s qcow2 fields, the guest data (and
+//! every internal snapshot's) must agree. Refusals must give QEMU's
+//! message and leave the file byte for byte as it was. Crashes at every
+//! write and sync of an amend must leave an image that opens, reads the
+//! original guest data and has no corruption (iotests 061 and 112 are
+//! the scenarios).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use strata_image::amend::{amend, amend_chain, AmendOptions, Compat};
+use strata_image::{Chain, FaultStorage, Image, Layer, MemStorage, Qcow2Image};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `qemu-img amend -f qcow2 -o OPTS FILE`: exit code and stderr.
+fn qemu_amend(img: &Path, opts: &str) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["amend", "-f", "qcow2", "-o", opts, p(img)])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `qemu-img check` exit code (0 clean, 2 corrupt, 3 leaks).
+fn check_code(img: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", "-U", p(img)])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// The `format-specific` data of `qemu-img info --output json`.
+fn qcow2_info(img: &Path) -> serde_json::Value {
+    let out = qemu_img(&["info", "-U", "--output", "json", p(img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["format-specific"]["data"].clone()
+}
+
+/// Whether the image's dirty bit is set (`dirty-flag` in qemu-img info).
+fn dirty(img: &Path) -> bool {
+    let out = qemu_img(&["info", "-U", "--output", "json", p(img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["dirty-flag"].as_bool().unwrap()
+}
+
+/// A lazy-refcounts image left dirty by a killed writer (iotest 039).
+fn dirty_image(img: &Path) {
+    qemu_create(&["-o", "lazy_refcounts=on", p(img), "1M"]);
+    let _ = Command::new("qemu-io")
+        .args(["-c", "write -P 0x5a 0 128k", "-c", "sigraise 9", p(img)])
+        .output()
+        .unwrap();
+    assert!(dirty(img), "setup: the image is not dirty");
+}
+
+fn virtual_size(img: &Path) -> u64 {
+    let out = qemu_img(&["info", "-U", "--output", "json", p(img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// `qemu-img snapshot -l` without the date and clock columns.
+fn snapshot_names(img: &Path) -> Vec<String> {
+    let out = qemu_img(&["snapshot", "-U", "-l", p(img)]);
+    out.lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// The guest view of `img` at snapshot `sn` (or the active one).
+fn raw_of(img: &Path, sn: Option<&str>, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!(
+        "{}.{}.raw",
+        img.file_name().unwrap().to_str().unwrap(),
+        sn.unwrap_or("active")
+    ));
+    let mut args = vec!["convert", "-U"];
+    let l;
+    if let Some(s) = sn {
+        l = format!("snapshot.name={s}");
+        args.extend(["-l", l.as_str()]);
+    }
+    args.extend(["-O", "raw", p(img), p(&out)]);
+    qemu_img(&args);
+    let v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    v
+}
+
+/// Copies `img` to `NAME.qemu.qcow2` and `NAME.strata.qcow2` beside it.
+fn twins(img: &Path) -> (PathBuf, PathBuf) {
+    let stem = img.file_stem().unwrap().to_str().unwrap();
+    let q = img.with_file_name(format!("{stem}.qemu.qcow2"));
+    let s = img.with_file_name(format!("{stem}.strata.qcow2"));
+    std::fs::copy(img, &q).unwrap();
+    std::fs::copy(img, &s).unwrap();
+    (q, s)
+}
+
+/// Amends twins of `img` with QEMU (`qopts`) and Strata (`opts`) and
+/// asserts that both succeed and agree on the check verdict, the qcow2
+/// info fields and the guest data, active and in every snapshot.
+/// Returns the Strata twin.
+fn amend_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> PathBuf {
+    let dir = img.parent().unwrap();
+    let before = raw_of(img, None, dir);
+    let (q, s) = twins(img);
+    let (code, err) = qemu_amend(&q, qopts);
+    assert_eq!(code, 0, "qemu-img amend -o {qopts} failed: {err}");
+    amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
+    assert_eq!(check_code(&s), 0, "strata's image does not check clean");
+    assert_eq!(check_code(&q), 0, "qemu's image does not check clean");
+    assert_eq!(
+        qcow2_info(&s),
+        qcow2_info(&q),
+        "qcow2 info after -o {qopts}"
+    );
+    assert_eq!(virtual_size(&s), virtual_size(&q));
+    let after = raw_of(&s, None, dir);
+    assert_eq!(after, raw_of(&q, None, dir), "guest data after -o {qopts}");
+    if opts.size.is_none() {
+        assert!(after == before, "the guest data changed");
+    }
+    let names = snapshot_names(&s);
+    assert_eq!(names, snapshot_names(&q));
+    for n in &names {
+        assert!(
+            raw_of(&s, Some(n), dir) == raw_of(&q, Some(n), dir),
+            "snapshot {n} after -o {qopts}"
+        );
+    }
+    s
+}
+
+/// Both refuse with QEMU's message, and neither file changed.
+fn refused_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> String {
+    let original = std::fs::read(img).unwrap();
+    let (q, s) = twins(img);
+    let (code, err) = qemu_amend(&q, qopts);
+    assert_ne!(code, 0, "qemu-img amend -o {qopts} succeeded");
+    let qmsg = err
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("qemu-img: ")
+        .to_string();
+    let e = amend(&s, opts).expect_err("strata amend should refuse");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&qmsg),
+        "strata said {msg:?}, qemu said {qmsg:?}"
+    );
+    assert!(msg.contains(p(&s)), "the error names the file: {msg}");
+    assert!(
+        std::fs::read(&s).unwrap() == original,
+        "a refused amend wrote"
+    );
+    msg
+}
+
+fn v2() -> AmendOptions {
+    AmendOptions {
+        compat: Some(Compat::V2),
+        ..Default::default()
+    }
+}
+
+/// A base of 0xaa and a top with plain zero clusters (over the base), a
+/// preallocated zero cluster and data.
+fn chain_with_zero_clusters(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_create(&[p(&base), "1M"]);
+    qemu_io(&base, &["write -P 0xaa 0 1M"]);
+    qemu_create(&["-b", "base.qcow2", "-F", "qcow2", p(&top)]);
+    qemu_io(
+        &top,
+        &[
+            "write -z 64k 128k",
+            "write -P 0x11 256k 64k",
+            "write -z 256k 64k",
+            "write -P 0x22 512k 4k",
+        ],
+    );
+    top
+}
+
+#[test]
+fn downgrade_keeps_zero_clusters_over_a_backing_file_zero() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_zero_clusters(dir.path());
+    let s = amend_like_qemu(&top, "compat=0.10", &v2());
+    let view = raw_of(&s, None, dir.path());
+    assert!(view[64 << 10..192 << 10].iter().all(|b| *b == 0));
+    assert!(view[256 << 10..320 << 10].iter().all(|b| *b == 0));
+    assert!(view[..64 << 10].iter().all(|b| *b == 0xaa));
+    assert_eq!(qcow2_info(&s)["compat"], "0.10");
+}
+
+#[test]
+fn downgrade_without_a_backing_file_drops_plain_zero_clusters() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x33 0 256k",
+            "write -z 64k 64k",
+            "write -z 512k 64k",
+        ],
+    );
+    amend_like_qemu(&img, "compat=0.10", &v2());
+}
+
+#[test]
+fn downgrade_expands_zero_clusters_in_snapshots_like_iotest_061() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_zero_clusters(dir.path());
+    qemu_img(&["snapshot", "-c", "sn1", p(&top)]);
+    // After the snapshot: the active table is copied on write, the
+    // snapshot keeps the zero clusters.
+    qemu_io(&top, &["write -P 0x44 64k 64k", "write -z 0 64k"]);
+    qemu_img(&["snapshot", "-c", "sn2", p(&top)]);
+    amend_like_qemu(&top, "compat=0.10", &v2());
+}
+
+#[test]
+fn downgrade_keeps_zlib_compressed_clusters() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_io(&img, &["write -c -P 0x55 0 64k", "write -z 128k 64k"]);
+    amend_like_qemu(&img, "compat=0.10", &v2());
+}
+
+#[test]
+fn downgrade_of_a_dirty_image_repairs_it_first() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    dirty_image(&img);
+    let s = amend_like_qemu(&img, "compat=0.10", &v2());
+    assert!(!dirty(&s));
+}
+
+#[test]
+fn lazy_refcounts_off_on_a_dirty_image_repairs_it_first() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    dirty_image(&img);
+    let s = amend_like_qemu(
+        &img,
+        "lazy_refcounts=off",
+        &AmendOptions {
+            lazy_refcounts: Some(false),
+            ..Default::default()
+        },
+    );
+    assert_eq!(qcow2_info(&s)["lazy-refcounts"], false);
+    assert!(!dirty(&s));
+}
+
+#[test]
+fn lazy_refcounts_on_and_back_off() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_io(&img, &["write -P 0x66 0 64k"]);
+    let on = AmendOptions {
+        lazy_refcounts: Some(true),
+        ..Default::default()
+    };
+    let s = amend_like_qemu(&img, "lazy_refcounts=on", &on);
+    assert_eq!(qcow2_info(&s)["lazy-refcounts"], true);
+    let off = AmendOptions {
+        lazy_refcounts: Some(false),
+        ..Default::default()
+    };
+    let s2 = amend_like_qemu(&s, "lazy_refcounts=off", &off);
+    assert_eq!(qcow2_info(&s2)["lazy-refcounts"], false);
+}
+
+#[test]
+fn upgrade_rewrites_v2_snapshot_entries() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("old.qcow2");
+    qemu_create(&["-o", "compat=0.10", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 0x77 0 128k"]);
+    qemu_img(&["snapshot", "-c", "first", p(&img)]);
+    qemu_io(&img, &["write -P 0x78 64k 128k"]);
+    qemu_img(&["snapshot", "-c", "second", p(&img)]);
+    let s = amend_like_qemu(
+        &img,
+        "compat=1.1",
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            ..Default::default()
+        },
+    );
+    assert_eq!(qcow2_info(&s)["compat"], "1.1");
+    // QEMU itself can take a snapshot and revert on the upgraded image.
+    qemu_img(&["snapshot", "-c", "third", p(&s)]);
+    qemu_img(&["snapshot", "-a", "first", p(&s)]);
+    assert_eq!(check_code(&s), 0);
+}
+
+#[test]
+fn upgrade_then_lazy_refcounts_in_one_amend() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("old.qcow2");
+    qemu_create(&["-o", "compat=0.10", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 0x79 0 64k"]);
+    amend_like_qemu(
+        &img,
+        "compat=1.1,lazy_refcounts=on,refcount_bits=8",
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            lazy_refcounts: Some(true),
+            refcount_bits: Some(8),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn refcount_width_changes_to_every_power_of_two_like_iotest_112() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    qemu_create(&["-o", "cluster_size=4k", p(&img), "4M"]);
+    qemu_io(&img, &["write -P 0x12 0 1M", "write -z 2M 64k"]);
+    qemu_img(&["snapshot", "-c", "s", p(&img)]);
+    qemu_io(&img, &["write -P 0x13 512k 16k"]);
+    for bits in [2u32, 4, 8, 32, 64, 16] {
+        let s = amend_like_qemu(
+            &img,
+            &format!("refcount_bits={bits}"),
+            &AmendOptions {
+                refcount_bits: Some(bits),
+                ..Default::default()
+            },
+        );
+        assert_eq!(qcow2_info(&s)["refcount-bits"], bits);
+    }
+}
+
+#[test]
+fn one_bit_refcounts_without_snapshots() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r1.qcow2");
+    qemu_create(&[p(&img), "4M"]);
+    qemu_io(&img, &["write -P 0x14 0 1M", "write -c -P 0x15 2M 64k"]);
+    amend_like_qemu(
+        &img,
+        "refcount_bits=1",
+        &AmendOptions {
+            refcount_bits: Some(1),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn one_bit_refcounts_are_refused_where_a_snapshot_shares_clusters() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    qemu_img(&["snapshot", "-c", "sn1", p(&img)]);
+    refused_like_qemu(
+        &img,
+        "refcount_bits=1",
+        &AmendOptions {
+            refcount_bits: Some(1),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn downgrade_refusals_match_qemu_and_write_nothing() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ext = d.join("ext.qcow2");
+    qemu_create(&["-o", "extended_l2=on", p(&ext), "1M"]);
+    qemu_io(&ext, &["write -P 1 0 4k"]);
+    refused_like_qemu(&ext, "compat=0.10", &v2());
+
+    let r8 = d.join("r8.qcow2");
+    qemu_create(&["-o", "refcount_bits=8", p(&r8), "1M"]);
+    refused_like_qemu(&r8, "compat=0.10", &v2());
+
+    let zstd = d.join("zstd.qcow2");
+    qemu_create(&["-o", "compression_type=zstd", p(&zstd), "1M"]);
+    qemu_io(&zstd, &["write -c -P 3 0 64k"]);
+    refused_like_qemu(&zstd, "compat=0.10", &v2());
+
+    let plain = d.join("plain.qcow2");
+    qemu_create(&[p(&plain), "1M"]);
+    refused_like_qemu(
+        &plain,
+        "compat=0.10,lazy_refcounts=on",
+        &AmendOptions {
+            compat: Some(Compat::V2),
+            lazy_refcounts: Some(true),
+            ..Default::default()
+        },
+    );
+    refused_like_qemu(
+        &plain,
+        "compat=0.10,refcount_bits=8",
+        &AmendOptions {
+            compat: Some(Compat::V2),
+            refcount_bits: Some(8),
+            ..Default::default()
+        },
+    );
+    refused_like_qemu(
+        &plain,
+        "refcount_bits=3",
+        &AmendOptions {
+            refcount_bits: Some(3),
+            ..Default::default()
+        },
+    );
+    refused_like_qemu(
+        &plain,
+        "backing_file=other.qcow2",
+        &AmendOptions {
+            backing_file: Some("other.qcow2".into()),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn zstd_without_compressed_clusters_downgrades_to_zlib() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("z.qcow2");
+    qemu_create(&["-o", "compression_type=zstd", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 9 0 64k"]);
+    let s = amend_like_qemu(&img, "compat=0.10", &v2());
+    assert_eq!(qcow2_info(&s)["compression-type"], "zlib");
+}
+
+#[test]
+fn downgrade_drops_persistent_bitmaps_without_leaking_their_clusters() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "bm0"]);
+    qemu_io(&img, &["write -P 8 0 64k"]);
+    let (q, s) = twins(&img);
+    assert_eq!(qemu_amend(&q, "compat=0.10").0, 0);
+    let r = amend(&s, &v2()).unwrap();
+    assert_eq!(r.bitmaps_dropped, vec!["bm0".to_string()]);
+    // QEMU leaks the bitmap's clusters (check exits 3); Strata frees them.
+    assert_eq!(check_code(&q), 3);
+    assert_eq!(check_code(&s), 0);
+    assert_eq!(qcow2_info(&s), qcow2_info(&q));
+    assert!(raw_of(&s, None, dir.path()) == raw_of(&q, None, dir.path()));
+}
+
+#[test]
+fn size_grows_and_shrinks_like_qemu() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_zero_clusters(dir.path());
+    let grown = amend_like_qemu(
+        &top,
+        "size=2M",
+        &AmendOptions {
+            size: Some(2 << 20),
+            ..Default::default()
+        },
+    );
+    amend_like_qemu(
+        &grown,
+        "size=512k",
+        &AmendOptions {
+            size: Some(512 << 10),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn amending_nothing_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("n.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_io(&img, &["write -P 1 0 64k"]);
+    let before = std::fs::read(&img).unwrap();
+    let r = amend(
+        &img,
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            lazy_refcounts: Some(false),
+            refcount_bits: Some(16),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r, Default::default());
+    assert!(std::fs::read(&img).unwrap() == before);
+}
+
+// ---- crashes ----------------------------------------------------------
+
+fn chain_on(top: &FaultStorage, base: Option<&[u8]>) -> Chain {
+    let img = Qcow2Image::open_rw(Box::new(top.clone()), Path::new("top.qcow2")).unwrap();
+    let mut layers = vec![Layer::new("top.qcow2".into(), None, Image::Qcow2(img))];
+    if let Some(b) = base {
+        let bi = Qcow2Image::open(
+            Box::new(MemStorage::from_bytes(b.to_vec())),
+            Path::new("base.qcow2"),
+        )
+        .unwrap();
+        layers.push(Layer::new(
+            "base.qcow2".into(),
+            Some("base.qcow2".into()),
+            Image::Qcow2(bi),
+        ));
+    }
+    Chain::from_layers(layers).unwrap()
+}
+
+fn view_of(bytes: &[u8], base: Option<&[u8]>, label: &str) -> Vec<u8> {
+    let img = Qcow2Image::open(
+        Box::new(MemStorage::from_bytes(bytes.to_vec())),
+        Path::new("top.qcow2"),
+    )
+    .unwrap_or_else(|e| panic!("{label}: does not open: {e}"));
+    let mut layers = vec![Layer::new("top.qcow2".into(), None, Image::Qcow2(img))];
+    if let Some(b) = base {
+        let bi = Qcow2Image::open(
+            Box::new(MemStorage::from_bytes(b.to_vec())),
+            Path::new("base.qcow2"),
+        )
+        .unwrap();
+        layers.push(Layer::new(
+            "base.qcow2".into(),
+            Some("base.qcow2".into()),
+            Image::Qcow2(bi),
+        ));
+    }
+    let chain = Chain::from_layers(layers).unwrap();
+    let mut v = vec![0u8; chain.virtual_size() as usize];
+    chain.read_at(&mut v, 0).unwrap();
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Amends `top` (with optional backing `base`, both in `dir`) on a
+/// FaultStorage crashing at every operation; every durable state must
+/// open, read the original guest data (active and every snapshot, as
+/// qemu-img reads them) and check without corruption.
+fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOptions) {
+    let initial = std::fs::read(top).unwrap();
+    let base_bytes = base.map(|b| std::fs::read(b).unwrap());
+    let base_ref = base_bytes.as_deref();
+    let original = view_of(&initial, base_ref, "original");
+    let snaps = snapshot_names(top);
+    let snap_views: Vec<Vec<u8>> = snaps.iter().map(|n| raw_of(top, Some(n), dir)).collect();
+    let reference = FaultStorage::new(initial.clone());
+    let mut chain = chain_on(&reference, base_ref);
+    amend_chain(&mut chain, opts).unwrap();
+    // The amend's own operations (closing the image may sync once more).
+    let total = reference.ops();
+    drop(chain);
+    assert!(total > 5, "workload too small: {total} operations");
+    eprintln!("{total} storage operations to crash at");
+    let finished = reference.current();
+    assert_eq!(view_of(&finished, base_ref, "finished"), original);
+    let probe = dir.join("crashed.qcow2");
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for n in 0..total {
+        let st = FaultStorage::new(initial.clone());
+        st.crash_at(n);
+        let r = amend_chain(&mut chain_on(&st, base_ref), opts);
+        assert!(r.is_err(), "crash point {n} not reached");
+        let seed = rng.next() | 1;
+        for (label, keep) in [("none", 0u64), ("all", 1), ("random", seed)] {
+            let mut r = Rng(keep);
+            let bytes = st.durable_image(&mut |_| match keep {
+                0 => false,
+                1 => true,
+                _ => r.next().is_multiple_of(2),
+            });
+            let label = format!("crash at op {n}/{total} (subset {label})");
+            assert!(
+                view_of(&bytes, base_ref, &label) == original,
+                "{label}: the guest data changed"
+            );
+            std::fs::write(&probe, &bytes).unwrap();
+            let code = check_code(&probe);
+            assert!(
+                code == 0 || code == 3,
+                "{label}: qemu-img check exit {code}"
+            );
+            for (name, want) in snaps.iter().zip(&snap_views) {
+                assert!(
+                    raw_of(&probe, Some(name), dir) == *want,
+                    "{label}: snapshot {name} changed"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_downgrade_survives_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let top = chain_with_zero_clusters(dir.path());
+    qemu_img(&["snapshot", "-c", "sn1", p(&top)]);
+    qemu_io(&top, &["write -z 576k 64k"]);
+    crash_everywhere(
+        dir.path(),
+        &top,
+        Some(&dir.path().join("base.qcow2")),
+        &v2(),
+    );
+}
+
+#[test]
+fn a_refcount_width_change_survives_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("top.qcow2");
+    qemu_create(&["-o", "cluster_size=4k", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 0x21 0 256k", "write -c -P 0x22 512k 8k"]);
+    qemu_img(&["snapshot", "-c", "sn1", p(&img)]);
+    crash_everywhere(
+        dir.path(),
+        &img,
+        None,
+        &AmendOptions {
+            refcount_bits: Some(4),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn an_upgrade_survives_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("top.qcow2");
+    qemu_create(&["-o", "compat=0.10", p(&img), "1M"]);
+    qemu_io(&img, &["write -P 0x31 0 128k"]);
+    qemu_img(&["snapshot", "-c", "sn1", p(&img)]);
+    qemu_io(&img, &["write -P 0x32 64k 64k"]);
+    crash_everywhere(
+        dir.path(),
+        &img,
+        None,
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            lazy_refcounts: Some(true),
+            ..Default::default()
+        },
+    );
+}
