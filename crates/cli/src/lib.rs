@@ -15,6 +15,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use strata_image::{ImageFormat, OpenOptions};
 
+pub mod amend;
 pub mod bitmap;
 pub mod bitmaps;
 pub mod check;
@@ -124,6 +125,9 @@ enum Command {
     /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
     /// -SIZE; shrinking needs --shrink.
     Resize(resize::ResizeArgs),
+    /// Change a qcow2 image's format options in place (qemu-img amend):
+    /// -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,size=SIZE.
+    Amend(amend::AmendArgs),
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io(io::IoArgs),
     /// Merge an image's data into its backing file (qemu-img commit).
@@ -321,6 +325,7 @@ where
         Command::Bitmap { args } => bitmap::run(&args, out),
         Command::Measure(a) => measure::run(&a, out),
         Command::Resize(a) => resize::run(&a, out, err),
+        Command::Amend(a) => amend::run(&a, out, err),
         Command::Io(a) => io::run(&a, out),
         Command::Commit(a) => merge::commit(&a, out),
         Command::Pull(a) => merge::pull(&a, out),
