@@ -665,6 +665,28 @@ fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
     Ok(out)
 }
 
+/// Largest single write of zeros.
+const ZERO_RUN: u64 = 4 << 20;
+
+/// Writes zeros over the host clusters `fill` (merged into runs of
+/// adjacent clusters, at most [`ZERO_RUN`] bytes a write).
+fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Result<()> {
+    let cs = img.geometry.cluster_size();
+    fill.sort_unstable();
+    let mut i = 0;
+    while i < fill.len() {
+        let start = fill[i];
+        let mut len = cs;
+        i += 1;
+        while i < fill.len() && fill[i] == start + len && len + cs <= zeros.len() as u64 {
+            len += cs;
+            i += 1;
+        }
+        img.write_bytes(&zeros[..len as usize], start, "write zero clusters")?;
+    }
+    Ok(())
+}
+
 /// QEMU's `qcow2_expand_zero_clusters`, crash-safe: per L2 table, the
 /// zeros (and the refcounts of new clusters) are made durable by a
 /// barrier before the table's entries change; each entry change reads
@@ -718,13 +740,15 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             }
         }
     }
-    let zeros = vec![0u8; cs as usize];
+    let zeros = vec![0u8; ZERO_RUN.max(cs) as usize];
     for (toff, work) in plans {
         let l2_refs = {
             let (storage, ws, path) = img.split()?;
             ws.refcounts.get(storage, path, toff >> cb)?
         };
         let mut table = img.l2_table(toff)?.as_ref().clone();
+        // Host clusters to fill with zeros, written in runs.
+        let mut fill = Vec::new();
         for (i, x) in work {
             let word = match x {
                 Expand::Drop => {
@@ -741,13 +765,13 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                         }
                     }
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
-                    img.write_bytes(&zeros, at, "write zero cluster")?;
+                    fill.push(at);
                     report.zero_clusters_expanded += 1;
                     at | if l2_refs == 1 { OFLAG_COPIED } else { 0 }
                 }
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
-                    img.write_bytes(&zeros, h, "write zero cluster")?;
+                    fill.push(h);
                     let r = {
                         let (storage, ws, path) = img.split()?;
                         ws.refcounts.get(storage, path, h >> cb)?
@@ -764,6 +788,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                     source,
                 })?;
         }
+        write_zero_runs(img, &mut fill, &zeros)?;
         // Zeros and refcounts durable before any entry points at them.
         img.barrier()?;
         img.guard_write(

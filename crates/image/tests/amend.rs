@@ -741,3 +741,118 @@ fn an_upgrade_survives_a_crash_at_every_write_and_sync() {
         },
     );
 }
+
+// ---- iotest 061's other scenarios ---------------------------------------
+
+/// Sets bit `bit` of the 64-bit header field at `at` (80: compatible,
+/// 88: autoclear features).
+fn set_header_bit(img: &Path, at: u64, bit: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).unwrap();
+    let v = u64::from_be_bytes(b) | (1u64 << bit);
+    f.write_all_at(&v.to_be_bytes(), at).unwrap();
+}
+
+#[test]
+fn downgrade_clears_unknown_compatible_and_autoclear_bits() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    qemu_create(&[p(&img), "64M"]);
+    set_header_bit(&img, 80, 42);
+    set_header_bit(&img, 88, 42);
+    amend_like_qemu(&img, "compat=0.10", &v2());
+}
+
+#[test]
+fn upgrade_with_lazy_refcounts_and_resize_in_one_amend() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.qcow2");
+    qemu_create(&["-o", "compat=0.10", p(&img), "64M"]);
+    qemu_io(&img, &["write -P 0x2a 42M 64k"]);
+    let s = amend_like_qemu(
+        &img,
+        "compat=1.1,lazy_refcounts=on,size=128M",
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            lazy_refcounts: Some(true),
+            size: Some(128 << 20),
+            ..Default::default()
+        },
+    );
+    assert_eq!(virtual_size(&s), 128 << 20);
+}
+
+#[test]
+fn lazy_refcounts_on_an_image_with_1k_clusters() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("k.qcow2");
+    qemu_create(&["-o", "cluster_size=1k", p(&img), "64M"]);
+    amend_like_qemu(
+        &img,
+        "lazy_refcounts=on",
+        &AmendOptions {
+            lazy_refcounts: Some(true),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn downgrade_expands_preallocated_zero_clusters_of_a_full_image() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.qcow2");
+    qemu_create(&[p(&img), "16M"]);
+    qemu_io(&img, &["write -P 0x2a 0 16M", "write -z 0 16M"]);
+    let s = amend_like_qemu(&img, "compat=0.10", &v2());
+    assert!(raw_of(&s, None, dir.path()).iter().all(|b| *b == 0));
+}
+
+#[test]
+fn snapshots_of_another_size_prevent_a_downgrade() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sz.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_img(&["snapshot", "-c", "small", p(&img)]);
+    qemu_img(&["resize", "-q", p(&img), "2M"]);
+    refused_like_qemu(&img, "compat=0.10", &v2());
+}
+
+#[test]
+fn resizing_a_v2_image_with_snapshots_is_refused() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v2s.qcow2");
+    qemu_create(&["-o", "compat=0.10", p(&img), "1M"]);
+    qemu_img(&["snapshot", "-c", "sn", p(&img)]);
+    refused_like_qemu(
+        &img,
+        "size=2M",
+        &AmendOptions {
+            size: Some(2 << 20),
+            ..Default::default()
+        },
+    );
+}
