@@ -641,26 +641,44 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
 }
 
 /// Every L2 table of the active and of every snapshot's L1 table, once.
+/// Each distinct snapshot L1 table is read once, one at a time (many
+/// snapshots usually share one table's offset and size); their sizes
+/// were checked against the limit when the image was opened for writing.
 fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
-    let mut l1s = vec![img.l1.clone()];
-    for sn in &img.snapshots {
-        let bytes = u64::from(sn.l1_size) * 8;
-        let mut raw = vec![0u8; bytes as usize];
-        img.storage
-            .read_at(&mut raw, sn.l1_table_offset)
-            .map_err(|e| Error::io(&img.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
-        l1s.push(strata_format::table::decode_u64_table(&raw));
-    }
-    for l1 in l1s {
+    let mut add = |l1: &[u64]| {
         for e in l1 {
-            if let Some(off) = L1Entry(e).l2_offset() {
+            if let Some(off) = L1Entry(*e).l2_offset() {
                 if seen.insert(off.0) {
                     out.push(off.0);
                 }
             }
         }
+    };
+    add(&img.l1);
+    let mut read = std::collections::HashSet::new();
+    for sn in &img.snapshots {
+        let bytes = u64::from(sn.l1_size) * 8;
+        if !sn.l1_size_is_valid() || !read.insert((sn.l1_table_offset, bytes)) {
+            continue;
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        let n = img
+            .storage
+            .read_at(&mut raw, sn.l1_table_offset)
+            .map_err(|e| Error::io(&img.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
+        if n < raw.len() {
+            return Err(Error::corrupt(
+                &img.path,
+                sn.l1_table_offset,
+                format!(
+                    "the L1 table of snapshot {:?} extends past the end of the file",
+                    sn.name
+                ),
+            ));
+        }
+        add(&strata_format::table::decode_u64_table(&raw));
     }
     Ok(out)
 }

@@ -856,3 +856,65 @@ fn resizing_a_v2_image_with_snapshots_is_refused() {
         },
     );
 }
+
+// ---- hostile images ----------------------------------------------------
+
+/// Writes the 8-byte big-endian `word` at `at`.
+fn poke(img: &Path, at: u64, word: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(&word.to_be_bytes(), at).unwrap();
+}
+
+/// The host offset of the L2 table of L1 entry 0.
+fn first_l2(img: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(img).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
+}
+
+#[test]
+fn a_downgrade_of_hostile_zero_entries_fails_before_writing() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (name, entry) in [
+        // A preallocated zero cluster at an unaligned host offset.
+        ("unaligned", 0x201u64),
+        // A preallocated zero cluster that entry 0 uses as data: zeroing
+        // it would destroy entry 0's data.
+        ("shared", 1),
+    ] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        qemu_create(&[p(&img), "1M"]);
+        qemu_io(&img, &["write -P 0x61 0 64k"]);
+        let l2 = first_l2(&img);
+        let data = {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 8];
+            std::fs::File::open(&img)
+                .unwrap()
+                .read_exact_at(&mut b, l2)
+                .unwrap();
+            u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
+        };
+        // Entry 1 becomes "zero, preallocated at data + delta".
+        poke(&img, l2 + 8, data + entry);
+        let before = std::fs::read(&img).unwrap();
+        let e = amend(&img, &v2()).expect_err(name);
+        let msg = e.to_string();
+        assert!(msg.contains(p(&img)), "{name}: {msg}");
+        let why = if name == "shared" {
+            "also used as data"
+        } else {
+            "not aligned"
+        };
+        assert!(msg.contains(why), "{name}: {msg}");
+        assert!(std::fs::read(&img).unwrap() == before, "{name}: written");
+    }
+}
