@@ -744,16 +744,29 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             plans.push((toff, work));
         }
     }
+    // A preallocated zero cluster that another entry reads as data may
+    // only be filled with zeros when it holds nothing else (an amend
+    // interrupted after expanding one of the tables sharing it leaves
+    // exactly that: zeros, read as data by the expanded table).
+    let mut checked = std::collections::HashSet::new();
+    let mut buf = vec![0u8; cs as usize];
     for (_, work) in &plans {
         for (_, x) in work {
             if let Expand::InPlace(h) = x {
-                if data_clusters.contains(&(h >> cb)) {
-                    return Err(Error::corrupt(
-                        &img.path,
-                        *h,
-                        "a preallocated zero cluster is also used as data by another L2 entry; \
-                         run `strata check -r all` first",
-                    ));
+                if data_clusters.contains(&(h >> cb)) && checked.insert(*h) {
+                    let n = img
+                        .storage
+                        .read_at(&mut buf, *h)
+                        .map_err(|e| Error::io(&img.path, "read data cluster", *h, e))?;
+                    if buf.get(..n).is_some_and(|b| b.iter().any(|x| *x != 0)) {
+                        return Err(Error::corrupt(
+                            &img.path,
+                            *h,
+                            "a preallocated zero cluster is also used as data by another L2 \
+                             entry, and holds data: zeroing it would change that data; run \
+                             `strata check -r all` first",
+                        ));
+                    }
                 }
             }
         }
