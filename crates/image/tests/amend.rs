@@ -968,3 +968,134 @@ fn a_downgrade_of_hostile_zero_entries_fails_before_writing() {
         assert!(std::fs::read(&img).unwrap() == before, "{name}: written");
     }
 }
+
+/// Rewrites the snapshot table of a v2 image in place as old QEMU wrote
+/// it: entries without extra data (no 64-bit VM state size, no disk
+/// size), as QEMU 10 never writes them.
+fn strip_snapshot_extra_data(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let be16 = |b: &[u8], at: usize| u16::from_be_bytes(b[at..at + 2].try_into().unwrap());
+    let mut h = [0u8; 72];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let nb = be32(&h, 60);
+    let off = u64::from_be_bytes(h[64..72].try_into().unwrap());
+    let mut table = vec![0u8; 64 << 10];
+    f.read_at(&mut table, off).unwrap();
+    let (mut at, mut out) = (0usize, Vec::new());
+    for _ in 0..nb {
+        let e = &table[at..];
+        let (id, name, extra) = (
+            be16(e, 12) as usize,
+            be16(e, 14) as usize,
+            be32(e, 36) as usize,
+        );
+        let mut fixed = e[..40].to_vec();
+        fixed[36..40].copy_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&fixed);
+        out.extend_from_slice(&e[40 + extra..40 + extra + id + name]);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+        at += (40 + extra + id + name).div_ceil(8) * 8;
+    }
+    out.resize(at, 0);
+    f.write_all_at(&out, off).unwrap();
+}
+
+/// A v2 image with two snapshots whose entries lack the v3 extra data.
+fn old_v2_with_snapshots(img: &Path) {
+    qemu_create(&["-o", "compat=0.10", p(img), "1M"]);
+    qemu_io(img, &["write -P 0x31 0 128k"]);
+    qemu_img(&["snapshot", "-c", "sn1", p(img)]);
+    qemu_io(img, &["write -P 0x32 64k 64k"]);
+    qemu_img(&["snapshot", "-c", "sn2", p(img)]);
+    strip_snapshot_extra_data(img);
+    assert_eq!(
+        check_code(img),
+        0,
+        "setup: the stripped table does not check"
+    );
+    let q = Qcow2Image::open(
+        Box::new(MemStorage::from_bytes(std::fs::read(img).unwrap())),
+        img,
+    )
+    .unwrap();
+    assert!(
+        q.snapshots().iter().all(|s| s.extra.is_empty()),
+        "setup: extra data left"
+    );
+}
+
+#[test]
+fn upgrade_adds_extra_data_to_old_v2_snapshot_entries() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("old.qcow2");
+    old_v2_with_snapshots(&img);
+    let s = amend_like_qemu(
+        &img,
+        "compat=1.1",
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            ..Default::default()
+        },
+    );
+    let q = Qcow2Image::open(
+        Box::new(MemStorage::from_bytes(std::fs::read(&s).unwrap())),
+        &s,
+    )
+    .unwrap();
+    for sn in q.snapshots() {
+        assert_eq!(sn.disk_size, Some(1 << 20), "{}", sn.name);
+        assert!(sn.extra.len() >= 16);
+    }
+    qemu_img(&["snapshot", "-a", "sn1", p(&s)]);
+    assert_eq!(check_code(&s), 0);
+}
+
+#[test]
+fn an_upgrade_moving_the_snapshot_table_survives_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("top.qcow2");
+    old_v2_with_snapshots(&img);
+    crash_everywhere(
+        dir.path(),
+        &img,
+        None,
+        &AmendOptions {
+            compat: Some(Compat::V3),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn refcount_width_and_lazy_refcounts_keep_persistent_bitmaps() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("bm.qcow2");
+    qemu_create(&[p(&img), "1M"]);
+    qemu_img(&["bitmap", "--add", p(&img), "b1"]);
+    qemu_io(&img, &["write -P 7 0 64k"]);
+    let s = amend_like_qemu(
+        &img,
+        "refcount_bits=8,lazy_refcounts=on",
+        &AmendOptions {
+            refcount_bits: Some(8),
+            lazy_refcounts: Some(true),
+            ..Default::default()
+        },
+    );
+    assert_eq!(qcow2_info(&s)["bitmaps"][0]["name"], "b1");
+}
