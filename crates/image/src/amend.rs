@@ -202,6 +202,9 @@ pub struct AmendReport {
     /// Zero clusters without a backing file made unallocated (downgrade;
     /// they read as zeros either way).
     pub zero_clusters_dropped: u64,
+    /// Of those expanded or dropped: preallocated zero clusters whose host
+    /// cluster a snapshot reads as data, moved off it rather than zeroed.
+    pub zero_clusters_moved: u64,
     /// Persistent bitmaps dropped by a downgrade (v2 cannot have them).
     pub bitmaps_dropped: Vec<String>,
 }
@@ -600,6 +603,13 @@ enum Expand {
     /// The preallocated cluster at this host offset is filled with zeros
     /// and the zero flag cleared.
     InPlace(u64),
+    /// The preallocated cluster at this host offset holds data another
+    /// entry (a snapshot's) reads: the entry moves to a new cluster of
+    /// zeros (or becomes unallocated, without a backing file) and this
+    /// table's references to the old cluster are released afterwards.
+    /// QEMU 10 zeroes it in place, destroying the snapshot's data
+    /// (docs/qemu-img-bugs.md, section 9).
+    Relocate(u64),
 }
 
 /// compat=1.1 -> 0.10 (QEMU's `qcow2_downgrade`); the refusals were
@@ -747,27 +757,32 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
     // A preallocated zero cluster that another entry reads as data may
     // only be filled with zeros when it holds nothing else (an amend
     // interrupted after expanding one of the tables sharing it leaves
-    // exactly that: zeros, read as data by the expanded table).
-    let mut checked = std::collections::HashSet::new();
+    // exactly that: zeros, read as data by the expanded table); holding
+    // data, the entry is moved instead.
+    let mut holds_data = std::collections::HashMap::new();
     let mut buf = vec![0u8; cs as usize];
-    for (_, work) in &plans {
-        for (_, x) in work {
-            if let Expand::InPlace(h) = x {
-                if data_clusters.contains(&(h >> cb)) && checked.insert(*h) {
+    for (_, work) in &mut plans {
+        for (_, x) in work.iter_mut() {
+            let Expand::InPlace(h) = *x else {
+                continue;
+            };
+            if !data_clusters.contains(&(h >> cb)) {
+                continue;
+            }
+            let data = match holds_data.get(&h) {
+                Some(d) => *d,
+                None => {
                     let n = img
                         .storage
-                        .read_at(&mut buf, *h)
-                        .map_err(|e| Error::io(&img.path, "read data cluster", *h, e))?;
-                    if buf.get(..n).is_some_and(|b| b.iter().any(|x| *x != 0)) {
-                        return Err(Error::corrupt(
-                            &img.path,
-                            *h,
-                            "a preallocated zero cluster is also used as data by another L2 \
-                             entry, and holds data: zeroing it would change that data; run \
-                             `strata check -r all` first",
-                        ));
-                    }
+                        .read_at(&mut buf, h)
+                        .map_err(|e| Error::io(&img.path, "read data cluster", h, e))?;
+                    let d = buf.get(..n).is_some_and(|b| b.iter().any(|x| *x != 0));
+                    holds_data.insert(h, d);
+                    d
                 }
+            };
+            if data {
+                *x = Expand::Relocate(h);
             }
         }
     }
@@ -780,7 +795,24 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
         let mut table = img.l2_table(toff)?.as_ref().clone();
         // Host clusters to fill with zeros, written in runs.
         let mut fill = Vec::new();
+        // References released once the table no longer points at them.
+        let mut frees = Vec::new();
         for (i, x) in work {
+            let x = match x {
+                Expand::Relocate(h) => {
+                    // Loaded (and validated) now, before any entry changes.
+                    let (storage, ws, path) = img.split()?;
+                    ws.refcounts.get(storage, path, h >> cb)?;
+                    frees.extend(std::iter::repeat_n(h >> cb, l2_refs as usize));
+                    report.zero_clusters_moved += 1;
+                    if has_backing {
+                        Expand::New
+                    } else {
+                        Expand::Drop
+                    }
+                }
+                x => x,
+            };
             let word = match x {
                 Expand::Drop => {
                     report.zero_clusters_dropped += 1;
@@ -810,6 +842,9 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                     report.zero_clusters_expanded += 1;
                     (h & OFFSET_MASK) | if r == 1 { OFLAG_COPIED } else { 0 }
                 }
+                Expand::Relocate(_) => {
+                    return Err(Error::InvalidArgument("relocation not resolved".into()))
+                }
             };
             debug_assert_eq!(word & OFLAG_ZERO, 0);
             let e = L2Entry { word, bitmap: 0 };
@@ -833,6 +868,9 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .insert(toff, Arc::new(table));
+        img.split()?.1.pending_frees.extend(frees);
     }
-    img.sync()
+    // The entries are made durable, then the references moved away from
+    // are released (step 6 of the write protocol).
+    img.flush()
 }

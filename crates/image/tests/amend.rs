@@ -102,6 +102,24 @@ fn raw_of(img: &Path, sn: Option<&str>, dir: &Path) -> Vec<u8> {
     v
 }
 
+/// Whether `qemu-img check` finds `img` clean, or finds nothing but
+/// the COPIED flags QEMU's own zero expansion sets wrongly on clusters
+/// shared with snapshots (docs/qemu-img-bugs.md, section 8).
+fn qemu_check_clean_but_for_its_copied_bug(img: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", p(img)])
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(2) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.starts_with("ERROR"))
+            .all(|l| l.starts_with("ERROR OFLAG_COPIED data cluster")),
+        _ => false,
+    }
+}
+
 /// Copies `img` to `NAME.qemu.qcow2` and `NAME.strata.qcow2` beside it.
 fn twins(img: &Path) -> (PathBuf, PathBuf) {
     let stem = img.file_stem().unwrap().to_str().unwrap();
@@ -124,7 +142,10 @@ fn amend_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> PathBuf {
     assert_eq!(code, 0, "qemu-img amend -o {qopts} failed: {err}");
     amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
     assert_eq!(check_code(&s), 0, "strata's image does not check clean");
-    assert_eq!(check_code(&q), 0, "qemu's image does not check clean");
+    assert!(
+        qemu_check_clean_but_for_its_copied_bug(&q),
+        "qemu's image does not check clean"
+    );
     assert_eq!(
         qcow2_info(&s),
         qcow2_info(&q),
@@ -139,10 +160,16 @@ fn amend_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> PathBuf {
     let names = snapshot_names(&s);
     assert_eq!(names, snapshot_names(&q));
     for n in &names {
+        // The oracle for a snapshot is its data before the amend: QEMU 10
+        // may destroy it (docs/qemu-img-bugs.md, section 9).
+        let want = raw_of(img, Some(n), dir);
         assert!(
-            raw_of(&s, Some(n), dir) == raw_of(&q, Some(n), dir),
-            "snapshot {n} after -o {qopts}"
+            raw_of(&s, Some(n), dir) == want,
+            "snapshot {n} changed by -o {qopts}"
         );
+        if raw_of(&q, Some(n), dir) != want {
+            eprintln!("qemu-img amend -o {qopts} changed snapshot {n} (its known bug)");
+        }
     }
     s
 }
@@ -928,18 +955,14 @@ fn first_l2(img: &Path) -> u64 {
 }
 
 #[test]
-fn a_downgrade_of_hostile_zero_entries_fails_before_writing() {
+fn a_downgrade_of_an_unaligned_zero_entry_fails_before_writing() {
     if skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for (name, entry) in [
+    {
         // A preallocated zero cluster at an unaligned host offset.
-        ("unaligned", 0x201u64),
-        // A preallocated zero cluster that entry 0 uses as data: zeroing
-        // it would destroy entry 0's data.
-        ("shared", 1),
-    ] {
+        let (name, entry) = ("unaligned", 0x201u64);
         let img = dir.path().join(format!("{name}.qcow2"));
         qemu_create(&[p(&img), "1M"]);
         qemu_io(&img, &["write -P 0x61 0 64k"]);
@@ -1098,4 +1121,184 @@ fn refcount_width_and_lazy_refcounts_keep_persistent_bitmaps() {
         },
     );
     assert_eq!(qcow2_info(&s)["bitmaps"][0]["name"], "b1");
+}
+
+// ---- randomized twins ---------------------------------------------------
+
+/// Random chains (qemu-io writes, zero writes with and without unmap,
+/// discards, compressed writes, internal snapshots, over a backing file or
+/// not, 512-byte to 64 KiB clusters), amended by QEMU and by Strata with
+/// random options: the twins must agree (fixed seeds: the same cases on
+/// every run; seed 79 is the case of docs/qemu-img-bugs.md, section 9).
+#[test]
+fn random_chains_amend_like_qemu() {
+    if skip() {
+        return;
+    }
+    for seed in (1..=12u64).chain([79]) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let cluster = [512u64, 4096, 65536][(rng.next() % 3) as usize];
+        let size = cluster * 64;
+        let cs = format!("cluster_size={cluster}");
+        let top = dir.path().join("top.qcow2");
+        let backed = rng.next().is_multiple_of(2);
+        if backed {
+            let base = dir.path().join("base.qcow2");
+            qemu_create(&["-o", &cs, p(&base), &size.to_string()]);
+            qemu_io(&base, &[&format!("write -P 0xb5 0 {size}")]);
+            qemu_create(&["-o", &cs, "-b", "base.qcow2", "-F", "qcow2", p(&top)]);
+        } else {
+            qemu_create(&["-o", &cs, p(&top), &size.to_string()]);
+        }
+        let mut log = Vec::new();
+        for _ in 0..10 {
+            let off = (rng.next() % 64) * cluster;
+            let len = (1 + rng.next() % 4) * cluster;
+            let len = len.min(size - off);
+            let cmd = match rng.next() % 7 {
+                0 | 1 => format!("write -P {} {off} {len}", 1 + rng.next() % 250),
+                2 => format!("write -z {off} {len}"),
+                3 => format!("write -z -u {off} {len}"),
+                4 => format!("discard {off} {len}"),
+                5 => format!("write -c -P 0x{:x} {off} {cluster}", 1 + rng.next() % 250),
+                _ => {
+                    let name = format!("s{}", log.len());
+                    qemu_img(&["snapshot", "-c", &name, p(&top)]);
+                    log.push(format!("snapshot {name}"));
+                    continue;
+                }
+            };
+            if cmd.starts_with("write -c") {
+                // QEMU refuses some compressed writes (over allocated
+                // clusters, tiny clusters): a refused one writes nothing.
+                let ok = Command::new("qemu-io")
+                    .args(["-c", &cmd, p(&top)])
+                    .output()
+                    .unwrap()
+                    .stdout
+                    .starts_with(b"wrote");
+                if !ok {
+                    continue;
+                }
+            } else {
+                qemu_io(&top, &[&cmd]);
+            }
+            log.push(cmd);
+        }
+        let (qopts, opts) = match rng.next() % 4 {
+            0 | 1 => ("compat=0.10".to_string(), v2()),
+            2 => {
+                let bits = [1u32, 2, 4, 8, 32, 64][(rng.next() % 6) as usize];
+                (
+                    format!("refcount_bits={bits}"),
+                    AmendOptions {
+                        refcount_bits: Some(bits),
+                        ..Default::default()
+                    },
+                )
+            }
+            _ => (
+                "lazy_refcounts=on,refcount_bits=16,compat=0.10".to_string(),
+                AmendOptions {
+                    compat: Some(Compat::V2),
+                    lazy_refcounts: Some(true),
+                    refcount_bits: Some(16),
+                    ..Default::default()
+                },
+            ),
+        };
+        eprintln!("seed {seed}: {cluster}-byte clusters, backed {backed}, {log:?}, -o {qopts}");
+        // QEMU refuses some (1-bit refcounts under a snapshot, lazy with
+        // 0.10): then Strata must refuse with the same words.
+        let (q, _) = twins(&top);
+        let (code, _) = qemu_amend(&q, &qopts);
+        if code == 0 {
+            amend_like_qemu(&top, &qopts, &opts);
+        } else {
+            refused_like_qemu(&top, &qopts, &opts);
+        }
+    }
+}
+
+#[test]
+fn downgrade_sets_copied_only_where_the_data_cluster_is_not_shared() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    qemu_create(&[p(&img), "4M"]);
+    qemu_io(&img, &["write -P 87 1600k 192k", "write -z 1600k 128k"]);
+    qemu_img(&["snapshot", "-c", "s7", p(&img)]);
+    qemu_img(&["snapshot", "-c", "s8", p(&img)]);
+    qemu_io(&img, &["write -P 84 1088k 192k"]);
+    let (q, _) = twins(&img);
+    assert_eq!(qemu_amend(&q, "compat=0.10").0, 0);
+    assert_eq!(
+        check_code(&q),
+        2,
+        "QEMU's COPIED bug is fixed: update docs/qemu-img-bugs.md"
+    );
+    // Strata's twin checks clean (amend_like_qemu asserts it) and reads
+    // the same, active and in both snapshots.
+    amend_like_qemu(&img, "compat=0.10", &v2());
+}
+
+#[test]
+fn downgrade_moves_a_zero_entry_off_a_cluster_a_snapshot_reads_as_data() {
+    if skip() {
+        return;
+    }
+    // The snapshot's data cluster stays allocated under a zero entry of
+    // the active (copied) L2 table; QEMU 10 zeroes it in place and the
+    // snapshot loses its data (docs/qemu-img-bugs.md, section 9).
+    for backed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("t.qcow2");
+        if backed {
+            let base = dir.path().join("base.qcow2");
+            qemu_create(&[p(&base), "4M"]);
+            qemu_io(&base, &["write -P 0xb1 0 4M"]);
+            qemu_create(&["-b", "base.qcow2", "-F", "qcow2", p(&img)]);
+        } else {
+            qemu_create(&[p(&img), "4M"]);
+        }
+        qemu_io(&img, &["write -P 101 2560k 128k"]);
+        qemu_img(&["snapshot", "-c", "s6", p(&img)]);
+        qemu_io(&img, &["write -z 2560k 64k"]);
+        let snap = raw_of(&img, Some("s6"), dir.path());
+        let (q, s) = twins(&img);
+        assert_eq!(qemu_amend(&q, "compat=0.10").0, 0);
+        assert!(
+            raw_of(&q, Some("s6"), dir.path()) != snap,
+            "QEMU's zeroing bug is fixed: update docs/qemu-img-bugs.md"
+        );
+        let r = amend(&s, &v2()).unwrap();
+        assert_eq!(r.zero_clusters_moved, 1);
+        assert_eq!(check_code(&s), 0);
+        assert!(
+            raw_of(&s, Some("s6"), dir.path()) == snap,
+            "the snapshot changed"
+        );
+        assert!(raw_of(&s, None, dir.path()) == raw_of(&img, None, dir.path()));
+        assert_eq!(qcow2_info(&s), qcow2_info(&q));
+    }
+}
+
+#[test]
+fn a_downgrade_moving_zero_entries_survives_a_crash_at_every_write_and_sync() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let img = dir.path().join("top.qcow2");
+    qemu_create(&[p(&base), "1M"]);
+    qemu_io(&base, &["write -P 0xb1 0 1M"]);
+    qemu_create(&["-b", "base.qcow2", "-F", "qcow2", p(&img)]);
+    qemu_io(&img, &["write -P 101 256k 192k"]);
+    qemu_img(&["snapshot", "-c", "s", p(&img)]);
+    qemu_io(&img, &["write -z 256k 128k", "write -z 0 64k"]);
+    crash_everywhere(dir.path(), &img, Some(&base), &v2());
 }
