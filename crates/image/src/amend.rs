@@ -520,10 +520,13 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
     h.compatible_features = 0;
     h.autoclear_features = 0;
     h.refcount_order = 4;
-    if !h
-        .extensions
-        .iter()
-        .any(|e| matches!(e, Extension::FeatureTable(_)))
+    // QEMU writes the feature name table only with clusters over 4 KiB
+    // (in 512-byte clusters it would leave no room for a backing name).
+    if img.geometry.cluster_size() > 4096
+        && !h
+            .extensions
+            .iter()
+            .any(|e| matches!(e, Extension::FeatureTable(_)))
     {
         let at = h
             .extensions

@@ -1129,18 +1129,26 @@ fn refcount_width_and_lazy_refcounts_keep_persistent_bitmaps() {
 /// discards, compressed writes, internal snapshots, over a backing file or
 /// not, 512-byte to 64 KiB clusters), amended by QEMU and by Strata with
 /// random options: the twins must agree (fixed seeds: the same cases on
-/// every run; seed 79 is the case of docs/qemu-img-bugs.md, section 9).
+/// every run; seed 79 is the case of docs/qemu-img-bugs.md, section 9;
+/// seeds past 100 upgrade version 2 images, 113 one with 512-byte
+/// clusters and a backing file, where QEMU leaves out the feature table).
 #[test]
 fn random_chains_amend_like_qemu() {
     if skip() {
         return;
     }
-    for seed in (1..=12u64).chain([79]) {
+    for seed in (1..=12u64).chain([79]).chain(101..=106).chain([113]) {
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let cluster = [512u64, 4096, 65536][(rng.next() % 3) as usize];
         let size = cluster * 64;
-        let cs = format!("cluster_size={cluster}");
+        // Seeds past 100 start from version 2 images.
+        let old = seed > 100;
+        let cs = if old {
+            format!("cluster_size={cluster},compat=0.10")
+        } else {
+            format!("cluster_size={cluster}")
+        };
         let top = dir.path().join("top.qcow2");
         let backed = rng.next().is_multiple_of(2);
         if backed {
@@ -1186,7 +1194,24 @@ fn random_chains_amend_like_qemu() {
             }
             log.push(cmd);
         }
-        let (qopts, opts) = match rng.next() % 4 {
+        let choice = rng.next() % 4;
+        let (qopts, opts) = match choice {
+            _ if old => {
+                let bits = [1u32, 8, 16, 64][(rng.next() % 4) as usize];
+                let lazy = choice == 0;
+                (
+                    format!(
+                        "compat=1.1,refcount_bits={bits},lazy_refcounts={}",
+                        if lazy { "on" } else { "off" }
+                    ),
+                    AmendOptions {
+                        compat: Some(Compat::V3),
+                        refcount_bits: Some(bits),
+                        lazy_refcounts: Some(lazy),
+                        ..Default::default()
+                    },
+                )
+            }
             0 | 1 => ("compat=0.10".to_string(), v2()),
             2 => {
                 let bits = [1u32, 2, 4, 8, 32, 64][(rng.next() % 6) as usize];
