@@ -205,3 +205,26 @@ fn amend_of_a_raw_image_is_refused() {
         &["Format driver 'raw' does not support option amendment"],
     );
 }
+
+#[test]
+fn a_downgrade_that_drops_bitmaps_says_so_unless_quiet() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let img = dir.path().join("bm.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    qemu_img_ok(&["bitmap", "--add", s(&img), "nightly"]);
+    let (a, b) = twins(&img);
+    let r = strata(&["amend", "-o", "compat=0.10", s(&a)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains("nightly"),
+        "{}",
+        r.stderr
+    );
+    check_clean(&a);
+    let r = strata(&["amend", "-q", "-o", "compat=0.10", s(&b)]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""));
+    assert_eq!(info_data(&a)["compat"], "0.10");
+}
