@@ -229,6 +229,14 @@ impl Qcow2Image {
         &self.l1
     }
 
+    /// Drops every cached table and decompressed cluster (after a commit
+    /// that replaced the tables in use: internal snapshots).
+    pub(crate) fn forget_caches(&mut self) {
+        *lock(&self.l2_cache) = L2Cache::default();
+        *lock(&self.decompressed) = None;
+        *lock(&self.last_map) = None;
+    }
+
     /// Reads (through the cache) the L2 table at `offset`.
     ///
     /// Tables written by this process are always in the cache, so the
