@@ -391,6 +391,37 @@ fn a_damaged_snapshot_table_refuses_snapshot_writes() {
     assert_eq!(std::fs::read(&p).unwrap(), bytes, "nothing was written");
 }
 
+#[test]
+fn persistent_bitmaps_survive_create_and_delete_and_block_apply() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = twins(dir.path(), "", false);
+    qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    qemu_io(&p, &["write -P 0x81 0 64k"]);
+    with_rw(&p, |img| img.snapshot_create("one", DATE));
+    check_clean(&p);
+    qemu_io(&p, &["write -P 0x82 1M 64k"]);
+    let st = FileStorage::open(&p, true).unwrap();
+    let mut img = Qcow2Image::open_rw(Box::new(st), &p).unwrap();
+    let e = img
+        .snapshot_apply(&SnapshotRef::IdOrName("one".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bitmaps"), "{e}");
+    img.snapshot_delete(&SnapshotRef::Name("one".into()))
+        .unwrap();
+    drop(img);
+    check_clean(&p);
+    // The bitmap is still there, and consistent (not flagged in use).
+    let info = qemu_img(&["info", "--output", "json", p.to_str().unwrap()]);
+    assert!(
+        info.contains("\"b0\"") && !info.contains("in-use"),
+        "{info}"
+    );
+}
+
 // ---- crashes ---------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
