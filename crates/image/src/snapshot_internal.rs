@@ -15,7 +15,8 @@
 //! state instead, in the manner of shadow paging: every table that
 //! changes (the snapshot table, the active L1 table, the active L2 tables
 //! whose COPIED flags change, and complete new refcount structures) is
-//! written past the end of the file, synced, and a single header write
+//! written to clusters the current state neither uses nor counts (holes,
+//! or past the end of the file), synced, and a single header write
 //! switches to all of it at once. Nothing in use is written in place; a
 //! crash leaves the old state or the new one, without even a leak (the
 //! clusters the old state used and the new one does not count zero in
@@ -174,22 +175,39 @@ fn leading_number(s: &str) -> u64 {
     digits.parse().unwrap_or(0)
 }
 
-/// Writes new tables past the end of everything the image uses.
+/// Where new tables go: clusters neither the current state references nor
+/// its refcounts count (holes, such as the tables an earlier commit
+/// replaced), else past the end of the file and of everything in use.
 struct Tail {
+    /// Free runs below `next`: (first cluster, clusters).
+    holes: Vec<(u64, u64)>,
+    /// Host offset past everything in use.
     next: u64,
 }
 
 impl Tail {
-    /// Writes `bytes` at the next free cluster (zero-padded to clusters);
-    /// returns its offset.
+    /// Writes `bytes` (zero-padded to clusters) to the first hole large
+    /// enough, or at the end; returns its offset.
     fn put(&mut self, img: &Qcow2Image, bytes: &[u8], op: &'static str) -> Result<u64> {
+        let cb = img.geometry.cluster_bits();
         let cs = img.geometry.cluster_size();
-        let at = self.next;
         let n = (bytes.len() as u64).div_ceil(cs).max(1);
+        let at = match self.holes.iter_mut().find(|(_, len)| *len >= n) {
+            Some((first, len)) => {
+                let at = *first << cb;
+                *first += n;
+                *len -= n;
+                at
+            }
+            None => {
+                let at = self.next;
+                self.next = at + n * cs;
+                at
+            }
+        };
         let mut buf = bytes.to_vec();
         buf.resize((n * cs) as usize, 0);
         img.write_bytes(&buf, at, op)?;
-        self.next = at + n * cs;
         Ok(at)
     }
 }
@@ -423,16 +441,32 @@ impl Qcow2Image {
         r
     }
 
-    /// Where new tables go: past the end of the file and of every
-    /// cluster the current state references.
-    fn tail(&self) -> Result<Tail> {
+    /// Where new tables go (see [`Tail`]).
+    fn tail(&mut self) -> Result<Tail> {
         let cs = self.geometry.cluster_size();
         let file = self.storage_len()?.div_ceil(cs);
-        let used = crate::check::compute_refcounts(self)?
+        let refs = crate::check::compute_refcounts(self)?;
+        let used = refs
             .iter()
             .rposition(|r| *r != 0)
             .map_or(0, |i| i as u64 + 1);
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        {
+            let (storage, ws, path) = self.split()?;
+            // Cluster 0 is the header; a hole must be free by both counts.
+            for ci in 1..file {
+                let referenced = refs.get(ci as usize).copied().unwrap_or(0) != 0;
+                if referenced || ws.refcounts.get(storage, path, ci)? != 0 {
+                    continue;
+                }
+                match holes.last_mut() {
+                    Some((first, len)) if *first + *len == ci => *len += 1,
+                    _ => holes.push((ci, 1)),
+                }
+            }
+        }
         Ok(Tail {
+            holes,
             next: file.max(used) * cs,
         })
     }
@@ -566,9 +600,140 @@ impl Qcow2Image {
         self.forget_caches();
         // Syncs the tables written above, writes the refcount structures,
         // syncs, switches the header (with every change above), syncs.
-        crate::repair::rebuild_refcounts(self)?;
+        if !self.refcounts_in_holes(tail)? {
+            crate::repair::rebuild_refcounts(self)?;
+        }
         self.forget_caches();
         Ok(())
+    }
+
+    /// The refcount rebuild of [`crate::repair::rebuild_refcounts`], with
+    /// the new structures placed in the holes `tail` has left (so that
+    /// repeated operations do not grow the file) instead of at its end.
+    /// Returns `false`, having written nothing, when the holes are too
+    /// small; the caller then rebuilds at the end.
+    fn refcounts_in_holes(&mut self, tail: &Tail) -> Result<bool> {
+        use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
+        let cb = self.geometry.cluster_bits();
+        let cs = self.geometry.cluster_size();
+        let order = self.header.refcount_order;
+        let per = refcount::entries_per_block(cb, order);
+        let mut refs = crate::check::compute_refcounts(self)?;
+        // The old refcount structures are not kept.
+        let old_table = self.split()?.1.refcounts.table.clone();
+        let mut drop_ref = |ci: u64| {
+            if let Some(r) = usize::try_from(ci).ok().and_then(|i| refs.get_mut(i)) {
+                *r = r.saturating_sub(1);
+            }
+        };
+        let t0 = self.header.refcount_table_offset >> cb;
+        for ci in t0..t0 + u64::from(self.header.refcount_table_clusters) {
+            drop_ref(ci);
+        }
+        for e in &old_table {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off != 0 && self.geometry.is_aligned(off) {
+                drop_ref(off >> cb);
+            }
+        }
+        let used = refs
+            .iter()
+            .rposition(|r| *r != 0)
+            .map_or(0, |i| i as u64 + 1);
+        // Choose k block clusters and a run of t table clusters in the
+        // holes, until the count of blocks covers everything in use.
+        let mut k = used.div_ceil(per);
+        let mut t;
+        let (table_at, blocks) = loop {
+            t = (k * 8).div_ceil(cs).max(1);
+            let mut holes = tail.holes.clone();
+            let Some(run) = holes.iter_mut().find(|(_, len)| *len >= t) else {
+                return Ok(false);
+            };
+            let table_at = run.0;
+            run.0 += t;
+            run.1 -= t;
+            let mut blocks = Vec::new();
+            for (first, len) in holes.iter_mut() {
+                while *len > 0 && (blocks.len() as u64) < k {
+                    blocks.push(*first);
+                    *first += 1;
+                    *len -= 1;
+                }
+            }
+            if (blocks.len() as u64) < k {
+                return Ok(false);
+            }
+            let end = blocks
+                .iter()
+                .copied()
+                .chain([table_at + t - 1])
+                .max()
+                .map_or(used, |m| used.max(m + 1));
+            let need = end.div_ceil(per);
+            if need == k {
+                break (table_at, blocks);
+            }
+            k = need;
+        };
+        if t * cs > limits::MAX_REFTABLE_BYTES {
+            return Ok(false);
+        }
+        let end = blocks
+            .iter()
+            .chain([&(table_at + t - 1)])
+            .max()
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        if refs.len() < end as usize {
+            refs.resize(end as usize, 0);
+        }
+        for ci in blocks.iter().copied().chain(table_at..table_at + t) {
+            refs[ci as usize] = 1;
+        }
+        let mut table = vec![0u64; (t * cs / 8) as usize];
+        let mut block = vec![0u8; cs as usize];
+        for (bi, at) in blocks.iter().enumerate() {
+            block.fill(0);
+            for j in 0..per {
+                let r = refs
+                    .get((bi as u64 * per + j) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                if r != 0 {
+                    refcount::set(&mut block, order, j, r);
+                }
+            }
+            self.write_bytes(&block, at << cb, "write refcount block")?;
+            table[bi] = at << cb;
+        }
+        self.write_bytes(
+            &encode_u64_table(&table),
+            table_at << cb,
+            "write refcount table",
+        )?;
+        self.sync()?;
+        self.header.refcount_table_offset = table_at << cb;
+        self.header.refcount_table_clusters = t as u32;
+        self.write_header()?;
+        self.sync()?;
+        let len = self.storage_len()?;
+        let fresh = crate::alloc::Refcounts::load(
+            self.storage.as_ref(),
+            &self.path,
+            len,
+            cb,
+            order,
+            table_at << cb,
+            t as u32,
+        )?;
+        if let Some(ws) = self.rw.as_deref_mut() {
+            ws.refcounts = fresh;
+            ws.pending_frees.clear();
+        }
+        self.load_metadata_map()?;
+        Ok(true)
     }
 }
 
