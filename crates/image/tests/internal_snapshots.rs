@@ -445,6 +445,46 @@ fn repeated_snapshots_reuse_the_space_earlier_ones_freed() {
     );
 }
 
+/// iotest 261: extra data a newer QEMU may write (past the 24 bytes known
+/// today) is kept when the table is rewritten.
+#[test]
+fn unknown_extra_data_of_existing_snapshots_is_kept() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = twins(dir.path(), "", false);
+    qemu_img(&["snapshot", "-c", "old", p.to_str().unwrap()]);
+    // Grow the entry's extra data from 24 to 32 bytes (0xab each).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let h = strata_format::Header::parse(&bytes[..4096]).unwrap();
+    let at = h.snapshots_offset as usize;
+    let extra_len = u32::from_be_bytes(bytes[at + 36..at + 40].try_into().unwrap()) as usize;
+    assert_eq!(extra_len, 24);
+    let id_len = u16::from_be_bytes(bytes[at + 12..at + 14].try_into().unwrap()) as usize;
+    let name_len = u16::from_be_bytes(bytes[at + 14..at + 16].try_into().unwrap()) as usize;
+    let strings: Vec<u8> = bytes[at + 64..at + 64 + id_len + name_len].to_vec();
+    // The table's cluster is allocated whole; the file may end inside it.
+    let need = (at + 72 + strings.len()).div_ceil(512) * 512;
+    if bytes.len() < need {
+        bytes.resize(need, 0);
+    }
+    bytes[at + 36..at + 40].copy_from_slice(&32u32.to_be_bytes());
+    bytes[at + 64..at + 72].fill(0xab);
+    bytes[at + 72..at + 72 + strings.len()].copy_from_slice(&strings);
+    std::fs::write(&p, &bytes).unwrap();
+    check_clean(&p);
+    with_rw(&p, |img| img.snapshot_create("new", DATE));
+    check_clean(&p);
+    let img = Qcow2Image::open(Box::new(FileStorage::open(&p, false).unwrap()), &p).unwrap();
+    let old = &img.snapshots()[0];
+    assert_eq!(old.name, "old");
+    assert_eq!(old.extra.len(), 32);
+    assert_eq!(old.extra[24..], [0xab; 8]);
+    let names: Vec<String> = qemu_list(&p).into_iter().map(|(_, n, _)| n).collect();
+    assert_eq!(names, ["old", "new"]);
+}
+
 // ---- crashes ---------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
