@@ -275,6 +275,16 @@ impl Qcow2Image {
             .ok_or_else(|| self.not_found(sel))?;
         let sn = self.snapshots[i].clone();
         let l1 = self.snapshot_l1(&sn)?;
+        if sn.disk_size.is_some_and(|d| d > limits::MAX_VIRTUAL_SIZE) {
+            return Err(Error::corrupt(
+                &self.path,
+                self.header.snapshots_offset,
+                format!(
+                    "snapshot {:?} records a virtual size over the limit",
+                    sn.name
+                ),
+            ));
+        }
         self.header.l1_table_offset = sn.l1_table_offset;
         self.header.l1_size = sn.l1_size;
         if let Some(size) = sn.disk_size {

@@ -361,10 +361,28 @@ fn a_snapshot_that_does_not_exist_is_an_error_naming_the_file() {
         let e = r.unwrap_err().to_string();
         assert!(e.contains("x.qcow2") && e.contains("nope"), "{e}");
     }
-    let mut ro = Qcow2Image::open(Box::new(m), Path::new("x.qcow2")).unwrap();
+    let mut ro = Qcow2Image::open(Box::new(m.clone()), Path::new("x.qcow2")).unwrap();
     assert!(ro
         .load_snapshot(&SnapshotRef::IdOrName("1".into()))
         .is_err());
+    // A snapshot recording an absurd virtual size is refused, not read.
+    img.snapshot_create("huge", DATE).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut bytes = m.to_bytes();
+    let h = strata_format::Header::parse(&bytes[..512]).unwrap();
+    let at = h.snapshots_offset as usize + 40 + 8;
+    bytes[at..at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+    let mut ro = Qcow2Image::open(
+        Box::new(MemStorage::from_bytes(bytes)),
+        Path::new("x.qcow2"),
+    )
+    .unwrap();
+    let e = ro
+        .load_snapshot(&SnapshotRef::IdOrName("huge".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x.qcow2") && e.contains("virtual size"), "{e}");
 }
 
 #[test]
