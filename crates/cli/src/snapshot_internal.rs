@@ -83,9 +83,9 @@ pub fn format_list(snapshots: &[strata_format::snapshot::Snapshot]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            sn.id,
-            sn.name,
+            "{} {} {:>8} {:>19} {:>15} {:>10}",
+            pad_bytes(&sn.id, 7),
+            pad_bytes(&sn.name, 16),
             size_to_str(sn.vm_state_size),
             localtime::format_local(i64::from(sn.date_sec)),
             clock,
@@ -93,6 +93,12 @@ pub fn format_list(snapshots: &[strata_format::snapshot::Snapshot]) -> String {
         );
     }
     s
+}
+
+/// `s` padded with spaces to `width` bytes, as C's `%-*s` pads (by bytes,
+/// not characters: names need not be ASCII).
+fn pad_bytes(s: &str, width: usize) -> String {
+    format!("{s}{}", " ".repeat(width.saturating_sub(s.len())))
 }
 
 /// Runs `strata snapshot-internal`.

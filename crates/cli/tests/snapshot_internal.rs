@@ -134,6 +134,12 @@ fn the_list_is_qemu_img_snapshot_l_byte_for_byte() {
         0
     );
     qemu_img_ok(&["snapshot", "-c", "by-strata", s(&q)]);
+    // Columns are padded by bytes, as C pads them.
+    qemu_img_ok(&["snapshot", "-c", "café", s(&q)]);
+    assert_eq!(
+        strata(&["snapshot-internal", "-c", "thé-vert", s(&q)]).code,
+        0
+    );
     let want = qemu_img_ok(&["snapshot", "-l", s(&q)]);
     assert_eq!(strata(&["snapshot-internal", "-l", s(&q)]).stdout, want);
     // -l is the default, with -U (no locks) as well.
