@@ -655,7 +655,8 @@ fn run_op(st: &FaultStorage, op: SnapOp) -> strata_image::Result<()> {
 
 /// Crashes `op` at every write and sync of it; every durable state must
 /// be the old one or the new one, and check clean (not even a leak).
-fn crash_everywhere(initial: &[u8], op: SnapOp) {
+/// Returns the file's length after the operation.
+fn crash_everywhere(initial: &[u8], op: SnapOp) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let old = view_of(initial, None);
     let reference = FaultStorage::new(initial.to_vec());
@@ -664,7 +665,11 @@ fn crash_everywhere(initial: &[u8], op: SnapOp) {
     assert_ne!(old, new, "{op:?} changed nothing");
     let total = reference.ops();
     assert!(total >= 4, "{op:?}: only {total} storage operations");
-    eprintln!("{op:?}: {total} storage operations to crash at");
+    eprintln!(
+        "{op:?}: {total} storage operations to crash at; file {} -> {} bytes",
+        initial.len(),
+        reference.current().len()
+    );
     for n in 0..total {
         let st = FaultStorage::new(initial.to_vec());
         st.crash_at(n);
@@ -698,6 +703,7 @@ fn crash_everywhere(initial: &[u8], op: SnapOp) {
             check_clean(&p);
         }
     }
+    reference.current().len()
 }
 
 #[test]
@@ -711,14 +717,17 @@ fn create_apply_and_delete_survive_a_crash_at_every_step() {
     qemu_io(&p, &["write -P 0x51 0 300k", "write -c -P 0x53 512k 4k"]);
     qemu_img(&["snapshot", "-c", "old", p.to_str().unwrap()]);
     qemu_io(&p, &["write -P 0x52 100k 300k"]);
-    // A commit by Strata first: the tables it replaced are holes the
-    // operations below place their new tables in.
+    // Made by qemu-img: no holes, the new tables go at the end.
+    let packed = std::fs::read(&p).unwrap();
+    // After a commit by Strata: the tables it replaced are holes the
+    // operations place their new tables in (the file keeps its length).
     with_rw(&p, |img| img.snapshot_create("mid", DATE));
     with_rw(&p, |img| {
         img.snapshot_delete(&SnapshotRef::Name("mid".into()))
     });
-    let initial = std::fs::read(&p).unwrap();
+    let holey = std::fs::read(&p).unwrap();
     for op in [SnapOp::Create, SnapOp::Apply, SnapOp::Delete] {
-        crash_everywhere(&initial, op);
+        assert!(crash_everywhere(&packed, op) > packed.len(), "{op:?}");
+        assert_eq!(crash_everywhere(&holey, op), holey.len(), "{op:?}");
     }
 }
