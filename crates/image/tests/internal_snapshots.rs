@@ -57,6 +57,20 @@ fn qemu_list(p: &Path) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The snapshots as `qemu-img info --output json` shows them, without
+/// their dates (the twins' were taken at other moments).
+fn qemu_info_snapshots(p: &Path) -> serde_json::Value {
+    let info = qemu_img(&["info", "-U", "--output", "json", p.to_str().unwrap()]);
+    let mut v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let mut snaps = v["snapshots"].take();
+    for sn in snaps.as_array_mut().into_iter().flatten() {
+        let o = sn.as_object_mut().unwrap();
+        o.remove("date-sec");
+        o.remove("date-nsec");
+    }
+    snaps
+}
+
 /// The snapshot's guest view as `qemu-img convert -l` reads it.
 fn qemu_snapshot_raw(p: &Path, snap: &str) -> Vec<u8> {
     let out = p.with_extension(format!("{snap}.snap.raw"));
@@ -136,6 +150,7 @@ fn create_lists_and_reads_like_qemu_img_snapshot_c() {
         assert_eq!((made.id.as_str(), made.name.as_str()), ("1", "one"));
         check_clean(&s);
         assert_eq!(qemu_list(&s), qemu_list(&q), "{opts}");
+        assert_eq!(qemu_info_snapshots(&s), qemu_info_snapshots(&q), "{opts}");
         // The active state and the snapshot both read as before.
         assert_eq!(qemu_raw(&s, dir.path()), before, "{opts}");
         assert_eq!(qemu_snapshot_raw(&s, "one"), before, "{opts}");
