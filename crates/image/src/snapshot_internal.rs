@@ -23,8 +23,6 @@
 //! the new refcount structures). docs/crash-consistency.md has the
 //! protocol.
 
-use std::collections::HashMap;
-
 use strata_format::snapshot::{self, Snapshot};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED};
 use strata_format::{limits, L1Entry, L2Entry};
@@ -554,16 +552,13 @@ impl Qcow2Image {
             }
         }
         let count = |ci: u64| refs.get(ci as usize).copied().unwrap_or(0);
-        let mut copies: HashMap<u64, u64> = HashMap::new();
+        // Each entry gets its own copy, even of a table two entries name
+        // (a hostile image): a copy named twice would count 2, not 1.
         for e in l1.iter_mut() {
             let Some(l2) = L1Entry(*e).l2_offset() else {
                 *e = 0;
                 continue;
             };
-            if let Some(&c) = copies.get(&l2.0) {
-                *e = L1Entry::new(strata_format::HostOffset(c), true).0;
-                continue;
-            }
             let table = self.l2_table(l2.0)?;
             let mut fixed = table.as_ref().clone();
             let mut changed = false;
@@ -593,7 +588,6 @@ impl Qcow2Image {
             }
             if changed {
                 let at = tail.put(self, &fixed, "write L2 table")?;
-                copies.insert(l2.0, at);
                 *e = L1Entry::new(strata_format::HostOffset(at), true).0;
             } else {
                 let shared = count(l2.0 >> cb) != 1;
