@@ -518,6 +518,70 @@ fn unknown_extra_data_of_existing_snapshots_is_kept() {
     assert_eq!(names, ["old", "new"]);
 }
 
+/// Damaged metadata (bytes of the header, L1 tables, snapshot table and
+/// refcount table flipped at random) never makes a snapshot operation
+/// panic: it fails with an error, or succeeds.
+#[test]
+fn damaged_images_never_panic_snapshot_operations() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = twins(dir.path(), "cluster_size=4096", true);
+    qemu_img(&["snapshot", "-c", "one", p.to_str().unwrap()]);
+    qemu_io(&p, &["write -P 0x91 0 64k"]);
+    let good = std::fs::read(&p).unwrap();
+    let h = strata_format::Header::parse(&good[..4096]).unwrap();
+    let regions = [
+        (0u64, 104u64),
+        (h.l1_table_offset, 64),
+        (h.snapshots_offset, 80),
+        (h.refcount_table_offset, 64),
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut ok, mut refused) = (0, 0);
+    for round in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 3 {
+            let (start, len) = regions[(next() % regions.len() as u64) as usize];
+            let at = (start + next() % len) as usize;
+            if let Some(b) = bytes.get_mut(at) {
+                *b ^= 1 << (next() % 8);
+            }
+        }
+        let st = MemStorage::from_bytes(bytes);
+        let Ok(mut img) = Qcow2Image::open_rw(Box::new(st), Path::new("d.qcow2")) else {
+            continue;
+        };
+        let r = match round % 3 {
+            0 => img.snapshot_create("x", DATE).map(|_| ()),
+            1 => img
+                .snapshot_apply(&SnapshotRef::IdOrName("1".into()))
+                .map(|_| ()),
+            _ => img
+                .snapshot_delete(&SnapshotRef::Name("one".into()))
+                .map(|_| ()),
+        };
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                // Errors name the file.
+                assert!(e.to_string().contains("d.qcow2"), "{e}");
+                refused += 1;
+            }
+        }
+        let _ = img.flush();
+    }
+    // Both outcomes were exercised.
+    assert!(ok > 10 && refused > 10, "{ok} succeeded, {refused} refused");
+}
+
 // ---- model -----------------------------------------------------------
 
 mod model {
