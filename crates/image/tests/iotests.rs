@@ -1457,3 +1457,314 @@ fn iotest_271_check_r_all_fixes_an_unaligned_preallocated_zero_cluster() {
     let entry = |p: &Path| std::fs::read(p).unwrap()[L2 as usize..L2 as usize + 16].to_vec();
     assert_eq!(entry(&t.strata), entry(&t.qemu));
 }
+
+// ---- 271: allocation decisions with extended L2 entries (defect 8) -----
+
+/// One of 271's `_run_test` commands: `write -P`, `write -z`,
+/// `write -z -u`, `write -c -P`, `discard`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cmd271 {
+    Write,
+    Zero,
+    Unmap,
+    Compress,
+    Discard,
+}
+
+/// `_run_test c= sc= off= len= cmd=`: the guest offset of subcluster `sc`
+/// of cluster `c` (64 KiB clusters, 2 KiB subclusters) plus `off` KiB.
+fn at271(c: u64, sc: u64, off_k: u64) -> u64 {
+    (c * 64 + sc * 2 + off_k) * 1024
+}
+
+/// The L2 entries (entry word, bitmap) of the first L2 table of `img`.
+fn l2_entries(img: &Path) -> Vec<(u64, u64)> {
+    let b = std::fs::read(img).unwrap();
+    let be = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(40) as usize;
+    let l2 = (be(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    if l2 == 0 {
+        return Vec::new();
+    }
+    (0..4096)
+        .map(|i| (be(l2 + 16 * i), be(l2 + 16 * i + 8)))
+        .collect()
+}
+
+/// Applies one 271 command with qemu-io to the QEMU twin and with Strata
+/// to the other (pattern `pat` for data), then compares what 271 checks —
+/// the L2 entries and bitmaps themselves — plus `qemu-img map`, the guest
+/// view and `qemu-img check`.
+fn step271(t: &Twin, what: &str, cmd: Cmd271, off: u64, len: u64, pat: u8) {
+    let q = match cmd {
+        Cmd271::Write => format!("write -q -P {pat} {off} {len}"),
+        Cmd271::Zero => format!("write -q -z {off} {len}"),
+        Cmd271::Unmap => format!("write -q -z -u {off} {len}"),
+        Cmd271::Compress => format!("write -q -c -P {pat} {off} {len}"),
+        Cmd271::Discard => format!("discard -q {off} {len}"),
+    };
+    qio(&t.qemu, &q);
+    let opts = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let mut chain = Chain::open(&t.strata, &opts).unwrap();
+    let data = vec![pat; len as usize];
+    match cmd {
+        Cmd271::Write => chain.write_at(&data, off),
+        Cmd271::Zero => chain.write_zeroes(off, len, false),
+        Cmd271::Unmap => chain.write_zeroes(off, len, true),
+        Cmd271::Discard => chain.discard(off, len),
+        Cmd271::Compress => match &mut chain.layers_mut()[0].image {
+            Image::Qcow2(q) => q.write_compressed(off, &data, &|b, _| {
+                b.fill(0);
+                Ok(())
+            }),
+            Image::Raw(_) => unreachable!(),
+        },
+    }
+    .unwrap_or_else(|e| panic!("{what}: {q}: {e}"));
+    chain.flush().unwrap();
+    drop(chain);
+    // Host offsets may differ (QEMU allocates each write's new clusters
+    // as one contiguous run, Strata fills free clusters first): the
+    // entries are compared with the offset reduced to "has a host
+    // cluster", the maps without offsets.
+    let norm = |v: Vec<(u64, u64)>| -> Vec<(u64, u64)> {
+        v.into_iter()
+            .map(|(w, b)| {
+                let flags = w & (3 << 62 | 1);
+                let host = u64::from(w & !(3 << 62 | 1) != 0) << 8;
+                (flags | host, b)
+            })
+            .collect()
+    };
+    let (qe, se) = (norm(l2_entries(&t.qemu)), norm(l2_entries(&t.strata)));
+    let diff: Vec<String> = qe
+        .iter()
+        .zip(se.iter())
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, (a, b))| {
+            format!(
+                "#{i}: qemu {:#018x} {:016x}, strata {:#018x} {:016x}",
+                a.0, a.1, b.0, b.1
+            )
+        })
+        .collect();
+    let all: Vec<String> = qe
+        .iter()
+        .zip(se.iter())
+        .enumerate()
+        .filter(|(_, (a, b))| a.0 != 0 || b.0 != 0 || a.1 != 0 || b.1 != 0)
+        .map(|(i, (a, b))| {
+            format!(
+                "#{i}: qemu {:#018x} {:016x}, strata {:#018x} {:016x}",
+                a.0, a.1, b.0, b.1
+            )
+        })
+        .collect();
+    assert!(
+        diff.is_empty() && qe.len() == se.len(),
+        "{what}: after `{q}` the L2 entries differ:\n{}\nall:\n{}",
+        diff.join("\n"),
+        all.join("\n")
+    );
+    assert!(
+        diff.is_empty() && qe.len() == se.len(),
+        "{what}: after `{q}` the L2 entries differ:\n{}",
+        diff.join("\n")
+    );
+    assert_eq!(
+        map_without_offsets(&t.qemu),
+        map_without_offsets(&t.strata),
+        "{what}: after `{q}` the maps differ"
+    );
+    let (same, said) = try_run("qemu-img", &["compare", "-U", arg(&t.qemu), arg(&t.strata)]);
+    assert!(same, "{what}: after `{q}` the guest views differ: {said}");
+    assert_eq!(check_code(&t.qemu), 0, "{what}: after `{q}`");
+    assert_eq!(check_code(&t.strata), 0, "{what}: after `{q}`");
+}
+
+/// `qemu-img map --output=json` without the host offsets, adjacent
+/// extents that then look alike merged.
+fn map_without_offsets(img: &Path) -> Vec<serde_json::Value> {
+    let v: Vec<serde_json::Value> = serde_json::from_str(&map_json(img)).unwrap();
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for mut e in v {
+        e.as_object_mut().unwrap().remove("offset");
+        let key = |e: &serde_json::Value| {
+            let mut o = e.as_object().unwrap().clone();
+            o.remove("start");
+            o.remove("length");
+            o
+        };
+        if let Some(last) = out.last_mut() {
+            if key(last) == key(&e) {
+                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+                last["length"] = len.into();
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    out
+}
+
+/// `_reset_img SIZE`: an `extended_l2=on` image, with (`backing`) a raw
+/// backing file filled with 0xff.
+fn twin271(size: &str, backing: bool) -> Twin {
+    twin(|img, dir| {
+        if backing {
+            let base = dir.join("base.raw");
+            qemu_img(&["create", "-q", "-f", "raw", arg(&base), size]);
+            run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("write -q -P 0xff 0 {size}"),
+                    arg(&base),
+                ],
+            );
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "extended_l2=on",
+                "-F",
+                "raw",
+                "-b",
+                "base.raw",
+                arg(img),
+                size,
+            ]);
+        } else {
+            create(img, "extended_l2=on", size);
+        }
+    })
+}
+
+/// Runs a 271 table: each row `(c, sc, off KiB, len, cmd)` on twins.
+fn run271(what: &str, size: &str, backing: bool, rows: &[(u64, u64, u64, u64, Cmd271)]) {
+    let t = twin271(size, backing);
+    let what = format!("{what} (backing file: {backing})");
+    for (i, &(c, sc, off, len, cmd)) in rows.iter().enumerate() {
+        step271(&t, &what, cmd, at271(c, sc, off), len, i as u8 + 1);
+    }
+}
+
+const K: u64 = 1024;
+
+/// 271's "Standard write tests": writes into each subcluster state, zero,
+/// zero + unmap, discard and compressed writes of cluster 0, with and
+/// without a backing file. The L2 entries, map, view and check equal
+/// QEMU's after every step (issue 15 defect 8).
+#[test]
+fn iotest_271_standard_writes_match_qemu() {
+    if skip() {
+        return;
+    }
+    use Cmd271::*;
+    let rows = [
+        (0, 0, 0, K, Write),
+        (0, 1, 1, 512, Write),
+        (0, 2, 1, K, Write),
+        (0, 3, 0, 2 * K, Write),
+        (0, 4, 0, 6 * K, Write),
+        (0, 7, 1, 4 * K, Write),
+        (0, 16, 0, K, Write),
+        (0, 31, 1, 4 * K, Write),
+        (0, 1, 0, 2 * K, Zero),
+        (0, 0, 0, 64 * K, Zero),
+        (0, 0, 0, 64 * K, Write),
+        (0, 0, 0, 32 * K, Unmap),
+        (0, 0, 0, 64 * K, Unmap),
+        (0, 1, 1, 512, Write),
+        (0, 0, 0, 64 * K, Write),
+        (0, 0, 0, 64 * K, Discard),
+        (0, 0, 0, 64 * K, Compress),
+        (0, 1, 1, 512, Write),
+    ];
+    for backing in [true, false] {
+        run271("standard write tests", "1M", backing, &rows);
+    }
+}
+
+/// 271's "Overwriting several clusters without COW".
+#[test]
+fn iotest_271_overwriting_several_clusters_without_cow_matches_qemu() {
+    if skip() {
+        return;
+    }
+    use Cmd271::*;
+    let rows = [
+        (0, 12, 0, 40 * K, Write),
+        (1, 13, 0, 2 * K, Write),
+        (2, 14, 0, 2 * K, Write),
+        (2, 14, 0, 2 * K, Zero),
+        (3, 0, 0, 34 * K, Write),
+        (0, 12, 0, 192 * K, Write),
+    ];
+    run271("overwriting without COW", "1M", false, &rows);
+}
+
+/// 271's "Writing zeroes" 1 to 4 (unallocated, allocated and compressed
+/// clusters; cluster-aligned, subcluster-aligned and unaligned requests;
+/// the image end), with and without a backing file.
+#[test]
+fn iotest_271_writing_zeroes_matches_qemu() {
+    if skip() {
+        return;
+    }
+    use Cmd271::*;
+    let mut rows = vec![
+        (0, 0, 0, 192 * K, Zero),
+        (3, 16, 0, 128 * K, Zero),
+        (6, 15, 1, 128 * K, Zero),
+        (9, 0, 0, 576 * K, Write),
+        (9, 0, 0, 192 * K, Zero),
+        (12, 16, 0, 128 * K, Zero),
+        (15, 15, 1, 128 * K, Zero),
+    ];
+    rows.extend((18..=28).map(|c| (c, 0, 0, 64 * K, Compress)));
+    rows.extend([
+        (18, 0, 0, 192 * K, Zero),
+        (21, 16, 0, 128 * K, Zero),
+        (24, 15, 1, 129 * K, Zero),
+        (27, 15, 1, 128 * K, Zero),
+        (30, 15, 1, 8 * K, Zero),
+        (32, 0, 0, 35 * K, Zero),
+    ]);
+    for backing in [true, false] {
+        run271("writing zeroes", "2083k", backing, &rows);
+    }
+}
+
+/// 271's "Zero + unmap" 1 and 2 (allocated and compressed clusters).
+#[test]
+fn iotest_271_zero_and_unmap_matches_qemu() {
+    if skip() {
+        return;
+    }
+    use Cmd271::*;
+    let mut rows = vec![
+        (9, 0, 0, 576 * K, Write),
+        (9, 0, 0, 192 * K, Unmap),
+        (12, 16, 0, 128 * K, Unmap),
+        (15, 15, 1, 128 * K, Unmap),
+    ];
+    rows.extend((18..=28).map(|c| (c, 0, 0, 64 * K, Compress)));
+    rows.extend([
+        (18, 0, 0, 192 * K, Unmap),
+        (21, 16, 0, 128 * K, Unmap),
+        (24, 15, 1, 129 * K, Unmap),
+        (27, 15, 1, 128 * K, Unmap),
+    ]);
+    for backing in [true, false] {
+        run271("zero + unmap", "2083k", backing, &rows);
+    }
+}
