@@ -843,28 +843,39 @@ impl Qcow2Image {
                 frees: self.freed_by(e),
             });
         }
-        // A new cluster: copy what the old one held, keep the bits of the rest.
-        let mut buf = vec![0u8; cs as usize];
-        self.old_view(e, cstart, &mut buf, &|b: &mut [u8], _| {
-            b.fill(0);
-            Ok(())
-        })?;
-        if a != sa * scs || b != (sb + 1) * scs {
-            // Partly written subclusters read through to the backing file.
-            for sc in [sa, sb] {
-                if e.state(geo, sc as u32) == Ok(SubclusterState::Unallocated) {
-                    let s = (sc * scs) as usize;
-                    backing(&mut buf[s..s + scs as usize], cstart + sc * scs)?;
-                }
-            }
-        }
-        buf[a as usize..b as usize].copy_from_slice(data);
-        let old_bits = if e.compressed() {
-            0xffff_ffff
+        // A new cluster. As QEMU's calculate_l2_meta: the copy covers the
+        // written subclusters and, when the old cluster has a host (shared
+        // with a snapshot), every subcluster from its first to its last
+        // allocated one (zero and unallocated ones in between become
+        // allocated, read through); a compressed cluster is copied whole.
+        // The bits of the subclusters outside the copy are kept.
+        let (lo, hi) = if e.compressed() {
+            (0, 31)
+        } else if host.is_some() && e.bitmap as u32 != 0 {
+            let alloc = e.bitmap as u32;
+            (
+                sa.min(u64::from(alloc.trailing_zeros())),
+                sb.max(31 - u64::from(alloc.leading_zeros())),
+            )
         } else {
-            e.bitmap
+            (sa, sb)
         };
-        let new_bitmap = (old_bits | touched) & !(touched << 32);
+        let mut buf = vec![0u8; cs as usize];
+        let from = lo * scs;
+        let to = ((hi + 1) * scs).min(self.virtual_size() - cstart);
+        self.old_view(
+            e,
+            cstart + from,
+            &mut buf[from as usize..to as usize],
+            backing,
+        )?;
+        buf[a as usize..b as usize].copy_from_slice(data);
+        let old_bits = if e.compressed() { 0 } else { e.bitmap };
+        let mut range = 0u64;
+        for sc in lo..=hi {
+            range |= 1 << sc;
+        }
+        let new_bitmap = (old_bits | range) & !(range << 32);
         let new = L2Entry {
             word: OFLAG_COPIED,
             bitmap: new_bitmap,
@@ -1563,7 +1574,9 @@ impl Qcow2Image {
                             }
                         }
                     } else {
-                        L2Entry::default()
+                        // discard_in_l2_slice leaves an unallocated entry
+                        // alone without a backing file (its zero bits too).
+                        e
                     }
                 }
                 ZeroMode::Zero { unmap } => {
