@@ -251,7 +251,18 @@ impl Qcow2Image {
         // A table that starts inside the file but runs past its end reads
         // as zeros there, as in QEMU (a file qemu-img truncated to the
         // bytes in use; iotest 060 links an L2 entry onto the L1 table).
-        if offset == 0 || offset >= self.storage_len()? {
+        let past_end = offset >= self.storage_len()?;
+        if past_end && offset != 0 {
+            // A table wholly past the end of the file reads as zeros, as
+            // qemu-img reads it (its check reports the cluster as
+            // "exceeding the end of the file" and unreferenced). Writes
+            // through it are refused (`l2_past_the_end`): its L2 offset
+            // contradicts the refcounts.
+            let t = Arc::new(vec![0u8; cs as usize]);
+            lock(&self.l2_cache).insert(offset, t.clone());
+            return Ok(t);
+        }
+        if offset == 0 || past_end {
             return Err(Error::corrupt(
                 &self.path,
                 offset,
@@ -265,6 +276,20 @@ impl Qcow2Image {
         let t = Arc::new(t);
         lock(&self.l2_cache).insert(offset, t.clone());
         Ok(t)
+    }
+
+    /// Refuses a write through the L2 table at `offset` when the table
+    /// lies past the end of the file (reads see zeros there; QEMU would
+    /// write into a cluster its refcounts call free).
+    pub(crate) fn l2_past_the_end(&self, offset: u64) -> Result<()> {
+        if offset >= self.storage_len()? {
+            return Err(Error::corrupt(
+                &self.path,
+                offset,
+                "L2 table outside the file",
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn storage_len(&self) -> Result<u64> {

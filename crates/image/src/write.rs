@@ -575,6 +575,15 @@ impl Qcow2Image {
             })?;
         let e = L1Entry(self.l1[i]);
         let cs = self.geometry.cluster_size();
+        if let Some(off) = e.l2_offset() {
+            if !self
+                .rw
+                .as_ref()
+                .is_some_and(|w| w.dirty_l2.contains_key(&off.0))
+            {
+                self.l2_past_the_end(off.0)?;
+            }
+        }
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
             // Its entries are written in place: it must be nothing else.
             self.guard_write(
@@ -1204,6 +1213,7 @@ impl Qcow2Image {
             let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.0) else {
                 continue;
             };
+            self.l2_past_the_end(off)?;
             // The table must be only an active L2 table (a corrupt image
             // may point it at other metadata): refuse before any change.
             self.guard_write(

@@ -1905,3 +1905,64 @@ fn iotest_061_unaligned_write_zeroes_on_v3_match_qemu() {
         same_result(&t, ops, true);
     }
 }
+
+// ---- an L2 table past the end of the file -------------------------------
+
+/// The L1 entry of a fresh image pointed at 16 MiB, past the end of its
+/// 384 KiB file. qemu-img reads the table as zeros (map: not present,
+/// zero) and its check calls the image corrupt (the cluster exceeds the
+/// file, its refcount is 0); Strata reads and checks it alike. QEMU then
+/// writes through the table (into a cluster its refcounts call free);
+/// Strata refuses every write through it and leaves the file untouched
+/// (docs/qemu-iotests.md, divergences).
+#[test]
+fn l2_table_past_the_end_of_the_file_reads_as_zeros_and_refuses_writes() {
+    if skip() {
+        return;
+    }
+    let t = twin(|img, _| {
+        create(img, "compat=1.1", "64M");
+        qio(img, "write -P 1 0 64k");
+        poke(img, L1, &0x8000_0000_0100_0000u64.to_be_bytes());
+    });
+    assert!(std::fs::metadata(&t.strata).unwrap().len() < 0x100_0000);
+    assert_eq!(check_code(&t.qemu), 2);
+    assert_eq!(strata_check_code(&t.strata), 2);
+    // Reads: the guest view and the map are qemu-img's.
+    let dir = tempfile::tempdir().unwrap();
+    let oracle = qemu_raw(&t.qemu, dir.path());
+    let opts = OpenOptions {
+        force_share: true,
+        ..Default::default()
+    };
+    let chain = Chain::open(&t.strata, &opts).unwrap();
+    let mut view = vec![0xffu8; oracle.len()];
+    chain.read_at(&mut view, 0).unwrap();
+    assert!(view == oracle, "guest views differ");
+    let Image::Qcow2(q) = &chain.top().image else {
+        panic!("not qcow2")
+    };
+    let e = q.map(0, 64 << 20).unwrap();
+    assert_eq!((e.start, e.len), (0, 64 << 20));
+    assert!(!e.mapping.is_allocated(), "{e:?}");
+    drop(chain);
+    let before = std::fs::read(&t.strata).unwrap();
+    // Writes: QEMU writes through the table; Strata refuses each kind.
+    for op in [
+        Op::Write(0, 4096),
+        Op::Zero(0, 64 << 10),
+        Op::Discard(0, 64 << 10),
+    ] {
+        let e = op.strata(&t.strata).unwrap_err();
+        assert!(e.contains("L2 table outside the file"), "{op:?}: {e}");
+        assert!(
+            std::fs::read(&t.strata).unwrap() == before,
+            "{op:?} changed the file"
+        );
+    }
+    let (ok, said) = try_run("qemu-io", &["-c", "write -P 2 0 4k", arg(&t.qemu)]);
+    assert!(
+        ok && !said.contains("failed"),
+        "QEMU writes through it: {said}"
+    );
+}
