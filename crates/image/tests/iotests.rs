@@ -2107,3 +2107,102 @@ fn iotest_060_dirty_corrupt_image_is_rebuilt_by_the_writer() {
     let (same, said) = try_run("qemu-img", &["compare", "-U", arg(&t.qemu), arg(&t.strata)]);
     assert!(same, "guest views differ: {said}");
 }
+
+// ---- 060: resize --shrink over bad refcount table entries ---------------
+
+/// `strata resize --shrink IMG SIZE` done by the library.
+fn strata_shrink(img: &Path, size: u64) -> Result<(), String> {
+    let opts = OpenOptions {
+        writable: true,
+        ..Default::default()
+    };
+    let mut chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
+    strata_image::resize::resize_chain(
+        &mut chain,
+        size,
+        true,
+        strata_image::resize::ResizePrealloc::Off,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn virtual_size(img: &Path) -> u64 {
+    let b = std::fs::read(img).unwrap();
+    u64::from_be_bytes(b[24..32].try_into().unwrap())
+}
+
+/// 060 "discarding an out-of-bounds refblock", "a non-covered in-bounds
+/// refblock" and "a refblock covered by an unaligned refblock": `resize
+/// --shrink` to 32M of an image whose refcount table names a bad refcount
+/// block. QEMU fails the shrink half-way (the image marked corrupt, the
+/// size kept); Strata refuses it before writing anything, naming the
+/// entry. After `check -r all` (QEMU's twice, as the test: the first may
+/// fail) the shrink succeeds on both; the results check clean and read
+/// the same.
+#[test]
+fn iotest_060_shrink_over_bad_refblocks_is_refused_then_done_after_repair() {
+    if skip() {
+        return;
+    }
+    type Pokes = &'static [(u64, &'static [u8])];
+    let cases: [(&str, &str, Pokes); 3] = [
+        (
+            "out-of-bounds refblock",
+            "compat=1.1",
+            &[(RT + 8, b"\x00\xff\xff\xff\x00\x00\x00\x00")],
+        ),
+        (
+            "non-covered in-bounds refblock",
+            "refcount_bits=1",
+            &[(RT + 8, b"\x00\x00\x00\x10\x00\x00\x00\x00")],
+        ),
+        (
+            "refblock covered by an unaligned refblock",
+            "refcount_bits=1",
+            &[
+                (RT + 8, b"\x00\x00\x00\x10\x00\x00\x00\x00"),
+                (RT + 16, b"\x00\x00\x00\x00\x00\x00\x02\x00"),
+            ],
+        ),
+    ];
+    for (what, opts, pokes) in cases {
+        let t = twin(|img, _| {
+            create(img, opts, "64M");
+            for (at, bytes) in pokes {
+                poke(img, *at, bytes);
+            }
+        });
+        let (ok, said) = try_run("qemu-img", &["resize", "--shrink", arg(&t.qemu), "32M"]);
+        assert!(!ok, "{what}: QEMU shrank it: {said}");
+        assert_eq!(virtual_size(&t.qemu), 64 << 20, "{what}");
+        let before = std::fs::read(&t.strata).unwrap();
+        let e = strata_shrink(&t.strata, 32 << 20).unwrap_err();
+        assert!(
+            e.contains("refcount block") && e.contains("check -r all"),
+            "{what}: {e}"
+        );
+        assert!(
+            std::fs::read(&t.strata).unwrap() == before,
+            "{what}: changed"
+        );
+        let _ = try_run("qemu-img", &["check", "-q", "-r", "all", arg(&t.qemu)]);
+        let (ok, said) = try_run("qemu-img", &["check", "-q", "-r", "all", arg(&t.qemu)]);
+        assert!(ok, "{what}: {said}");
+        let mut img = Qcow2Image::open_rw(
+            Box::new(FileStorage::open(&t.strata, true).unwrap()),
+            &t.strata,
+        )
+        .unwrap();
+        repair(&mut img, RepairMode::All).unwrap();
+        drop(img);
+        let (ok, said) = try_run("qemu-img", &["resize", "--shrink", arg(&t.qemu), "32M"]);
+        assert!(ok, "{what}: {said}");
+        strata_shrink(&t.strata, 32 << 20).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for img in [&t.qemu, &t.strata] {
+            assert_eq!(virtual_size(img), 32 << 20, "{what}");
+            assert_eq!(check_code(img), 0, "{what}: {}", img.display());
+        }
+        let (same, said) = try_run("qemu-img", &["compare", arg(&t.qemu), arg(&t.strata)]);
+        assert!(same, "{what}: {said}");
+    }
+}
