@@ -2206,3 +2206,56 @@ fn iotest_060_shrink_over_bad_refblocks_is_refused_then_done_after_repair() {
         assert!(same, "{what}: {said}");
     }
 }
+
+// ---- 244: external data files -------------------------------------------
+
+/// 244's images with an external data file (`data_file=`, with and
+/// without `data_file_raw=on`), written by qemu-io: Strata does not
+/// implement external data files and refuses to open them, naming the
+/// feature, without touching the image or its data file (QEMU reads
+/// them). Where QEMU itself refuses — the data-file bit set without a
+/// data file name ("'data-file' is required"), the data file missing —
+/// Strata refuses as well.
+#[test]
+fn iotest_244_external_data_files_are_refused() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |img: &Path| -> String {
+        let opts = OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        match Chain::open(img, &opts) {
+            Ok(_) => panic!("{}: Strata opened it", img.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+    for raw in ["off", "on"] {
+        let img = dir.path().join(format!("raw-{raw}.qcow2"));
+        let data = dir.path().join(format!("raw-{raw}.data"));
+        let o = format!("data_file={},data_file_raw={raw}", arg(&data));
+        create(&img, &o, "1M");
+        qio(&img, "write -P 0x11 0 64k");
+        let (ok, said) = try_run("qemu-io", &["-c", "read -P 0x11 0 64k", arg(&img)]);
+        assert!(ok && !said.contains("failed"), "{said}");
+        let (i, d) = (std::fs::read(&img).unwrap(), std::fs::read(&data).unwrap());
+        let e = refused(&img);
+        assert!(e.contains("external data file"), "{e}");
+        assert!(std::fs::read(&img).unwrap() == i && std::fs::read(&data).unwrap() == d);
+    }
+    // The data file gone: QEMU cannot open the image either.
+    let img = dir.path().join("raw-off.qcow2");
+    std::fs::remove_file(dir.path().join("raw-off.data")).unwrap();
+    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(&img)]);
+    assert!(!ok, "{said}");
+    assert!(refused(&img).contains("external data file"));
+    // The incompatible bit 2 without a data file extension.
+    let img = dir.path().join("bit.qcow2");
+    create(&img, "compat=1.1", "1M");
+    poke(&img, 79, b"\x04");
+    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(&img)]);
+    assert!(!ok && said.contains("'data-file' is required"), "{said}");
+    assert!(refused(&img).contains("external data file"));
+}
