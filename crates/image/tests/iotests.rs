@@ -1,4 +1,5 @@
-//! Scenarios of QEMU's qemu-iotests (060, 080, 137, 271, 290), replayed
+//! Scenarios of QEMU's qemu-iotests (029, 036, 039, 044, 060, 061, 080,
+//! 108, 112, 137, 244, 271, 290), replayed
 //! on twin images: each image is built as the iotest builds it
 //! (`qemu-img create`, `qemu-io`, then the iotest's `poke_file` byte
 //! patches), copied, and the same operation is applied by qemu-io to one
@@ -1029,6 +1030,8 @@ fn iotest_271_write_zeroes_over_several_compressed_clusters_keeps_the_image_clea
     });
     same_outcome(&t, Op::Zero(98304, 131072));
     assert_eq!(check_code(&t.strata), 0);
+    // The allocation decisions too (defect 8): the same map.
+    assert_eq!(map_without_offsets(&t.qemu), map_without_offsets(&t.strata));
 }
 
 // ---- 112: leaks with 1-bit refcounts ------------------------------------
