@@ -35,6 +35,7 @@ pub mod resize;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+pub mod snapshot_internal;
 #[cfg(feature = "libvirt")]
 pub use snapshot::cancel_on_signals;
 pub mod svg;
@@ -144,6 +145,9 @@ enum Command {
     Pull(merge::PullArgs),
     /// Change an image's backing file (qemu-img rebase).
     Rebase(merge::RebaseArgs),
+    /// List, create, apply or delete a qcow2 image's internal snapshots
+    /// (qemu-img snapshot [-l | -c NAME | -a SNAPSHOT | -d NAME]).
+    SnapshotInternal(snapshot_internal::SnapshotInternalArgs),
     /// External snapshots of libvirt domains, shut off or running (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
@@ -330,6 +334,7 @@ where
         Command::Commit(a) => merge::commit(&a, out),
         Command::Pull(a) => merge::pull(&a, out),
         Command::Rebase(a) => merge::rebase(&a, out),
+        Command::SnapshotInternal(a) => snapshot_internal::run(&a, out),
         #[cfg(feature = "libvirt")]
         c @ (Command::Snapshot { .. }
         | Command::Blockcommit(..)

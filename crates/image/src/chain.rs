@@ -198,6 +198,10 @@ pub struct OpenOptions {
     /// hold data gets the cautious answer. Deeper layers are not opened,
     /// so memory stays bounded by the limit.
     pub stub_beyond_limit: bool,
+    /// Show this internal snapshot of the top image instead of its
+    /// active state (read-only; `qemu-img convert -l`). Backing files
+    /// are those of the image.
+    pub snapshot: Option<crate::snapshot_internal::SnapshotRef>,
 }
 
 /// The stand-in for the layers past the depth limit (see
@@ -329,7 +333,20 @@ impl Chain {
                 _lock: lock,
             })
         };
-        let top = open_file(path, opts.writable, None, opts.format)?;
+        let mut top = open_file(path, opts.writable, None, opts.format)?;
+        if let Some(sel) = &opts.snapshot {
+            match &mut top.image {
+                Image::Qcow2(q) => q.load_snapshot(sel)?,
+                Image::Raw(_) => {
+                    return Err(Error::Unsupported {
+                        path: path.to_path_buf(),
+                        what: "Block format 'raw' does not support temporarily loading \
+                               internal snapshots"
+                            .into(),
+                    })
+                }
+            }
+        }
         let mut chain = Chain { layers: vec![top] };
         if opts.no_backing {
             return Ok(chain);

@@ -20,6 +20,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod repair;
 pub mod resize;
+pub mod snapshot_internal;
 pub mod storage;
 pub mod write;
 
@@ -29,4 +30,5 @@ pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
+pub use snapshot_internal::SnapshotRef;
 pub use storage::{FaultStorage, FileStorage, MappedBytes, MemStorage, Storage};
