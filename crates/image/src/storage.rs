@@ -312,9 +312,72 @@ impl FsInfo {
 /// duplicate descriptor, so that a write error it sees is still reported
 /// by the caller's `sync` (the kernel reports a writeback error once per
 /// open file description).
+///
+/// What the helper does depends on the filesystem ([`WritebackMode::for_fs`]):
+/// the hints were tuned on ext4; on btrfs each `DONTNEED` on dirty pages
+/// runs the copy-on-write allocation of the range in the helper while the
+/// writer waits on the same extent locks, and on tmpfs there is nothing to
+/// write back.
 #[derive(Default)]
 struct Writeback {
+    mode: WritebackMode,
     state: Mutex<WritebackState>,
+}
+
+/// Which of the early writeback helper's actions run on a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WritebackMode {
+    /// `posix_fadvise(DONTNEED)` every [`WRITEBACK_EVERY`] bytes.
+    hint: bool,
+    /// `fdatasync` every [`FLUSH_EVERY`] bytes.
+    flush: bool,
+}
+
+impl Default for WritebackMode {
+    fn default() -> WritebackMode {
+        WritebackMode::FULL
+    }
+}
+
+impl WritebackMode {
+    const FULL: WritebackMode = WritebackMode {
+        hint: true,
+        flush: true,
+    };
+    const OFF: WritebackMode = WritebackMode {
+        hint: false,
+        flush: false,
+    };
+    /// The mode for a file on `fs`; `STRATA_WRITEBACK` (`full`, `flush`,
+    /// `hint`, `off`) overrides it, for measurements (docs/BENCHMARKS.md).
+    fn for_fs(fs: FsKind) -> WritebackMode {
+        let forced = std::env::var("STRATA_WRITEBACK").ok();
+        match forced.as_deref() {
+            Some("full") => return WritebackMode::FULL,
+            Some("off") => return WritebackMode::OFF,
+            Some("flush") => {
+                return WritebackMode {
+                    hint: false,
+                    flush: true,
+                }
+            }
+            Some("hint") => {
+                return WritebackMode {
+                    hint: true,
+                    flush: false,
+                }
+            }
+            _ => {}
+        }
+        match fs {
+            FsKind::Tmpfs => WritebackMode::OFF,
+            FsKind::Btrfs => WritebackMode {
+                hint: false,
+                flush: true,
+            },
+            FsKind::Ext4 | FsKind::Xfs | FsKind::Other => WritebackMode::FULL,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -337,6 +400,9 @@ const FLUSH_EVERY: u64 = 32 << 20;
 
 impl Writeback {
     fn wrote(&self, file: &File, offset: u64, len: u64) {
+        if self.mode == WritebackMode::OFF {
+            return;
+        }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset.saturating_add(len);
         st.dirty = Some(match st.dirty {
@@ -355,9 +421,10 @@ impl Writeback {
             let Ok(f) = file.try_clone() else { return };
             let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, u64)>();
             let flushes = st.flushes.clone();
+            let mode = self.mode;
             let handle = std::thread::Builder::new()
                 .name("writeback".into())
-                .spawn(move || writeback_helper(&f, rx, &flushes));
+                .spawn(move || writeback_helper(&f, rx, &flushes, mode));
             let Ok(handle) = handle else { return };
             st.tx = Some(tx);
             st.handle = Some(handle);
@@ -375,9 +442,10 @@ fn writeback_helper(
     f: &File,
     ranges: std::sync::mpsc::Receiver<(u64, u64, u64)>,
     flushes: &std::sync::atomic::AtomicU64,
+    mode: WritebackMode,
 ) {
     // Without /proc, no flushes.
-    let own = own_description(f);
+    let own = own_description(f).filter(|_| mode.flush);
     let mut unflushed = 0u64;
     for (s, e, bytes) in ranges {
         let (Ok(start), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
@@ -385,12 +453,14 @@ fn writeback_helper(
         };
         // DONTNEED submits the dirty pages for writeback (and drops clean
         // ones).
-        let _ = nix::fcntl::posix_fadvise(
-            f,
-            start,
-            len,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        if mode.hint {
+            let _ = nix::fcntl::posix_fadvise(
+                f,
+                start,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         unflushed += bytes;
         if unflushed >= FLUSH_EVERY {
             unflushed = 0;
@@ -460,7 +530,10 @@ impl FileStorage {
         FileStorage {
             file,
             path: path.to_path_buf(),
-            writeback: Writeback::default(),
+            writeback: Writeback {
+                mode: WritebackMode::for_fs(fs.kind),
+                state: Mutex::default(),
+            },
             fs,
             clone_probes: Mutex::new(Vec::new()),
         }
@@ -998,7 +1071,8 @@ mod tests {
     fn writeback_hints_keep_every_byte_and_stop_with_the_storage() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let s = FileStorage::create(&p).unwrap();
+        let mut s = FileStorage::create(&p).unwrap();
+        s.writeback.mode = WritebackMode::FULL;
         // Several hints' worth of writes, single and vectored, some
         // rewriting what an earlier hint covered.
         let n = (3 * WRITEBACK_EVERY / (1 << 20)) as usize;
@@ -1030,10 +1104,30 @@ mod tests {
     }
 
     #[test]
+    fn the_writeback_helper_adapts_to_the_filesystem() {
+        if std::env::var_os("STRATA_WRITEBACK").is_some() {
+            return; // overridden for a measurement
+        }
+        assert_eq!(WritebackMode::for_fs(FsKind::Ext4), WritebackMode::FULL);
+        assert_eq!(WritebackMode::for_fs(FsKind::Xfs), WritebackMode::FULL);
+        assert_eq!(WritebackMode::for_fs(FsKind::Tmpfs), WritebackMode::OFF);
+        let b = WritebackMode::for_fs(FsKind::Btrfs);
+        assert!(!b.hint && b.flush, "{b:?}");
+        // Nothing written back, no helper, on a file with the mode off.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStorage::create(&dir.path().join("f")).unwrap();
+        s.writeback.mode = WritebackMode::OFF;
+        s.write_at(&vec![1u8; 3 * WRITEBACK_EVERY as usize], 0)
+            .unwrap();
+        assert!(s.writeback.state.lock().unwrap().handle.is_none());
+    }
+
+    #[test]
     fn the_writeback_helper_flushes_as_the_data_comes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let s = FileStorage::create(&p).unwrap();
+        let mut s = FileStorage::create(&p).unwrap();
+        s.writeback.mode = WritebackMode::FULL;
         let chunk = vec![0x5au8; 1 << 20];
         for i in 0..(2 * FLUSH_EVERY + WRITEBACK_EVERY) >> 20 {
             s.write_at(&chunk, i << 20).unwrap();
