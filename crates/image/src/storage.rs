@@ -113,6 +113,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn filesystem(&self) -> FsKind {
         FsKind::Other
     }
+    /// The device (`st_dev`) of the file behind the storage, read once at
+    /// open; `None` for backends without files.
+    fn device(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// How [`Storage::copy_range_from`] moved the bytes.
@@ -256,19 +261,25 @@ struct FsInfo {
     kind: FsKind,
     /// `f_bsize`: the unit of clones (0: unknown, or a block device).
     block: u64,
+    /// `st_dev` of the file.
+    dev: Option<u64>,
 }
 
 impl FsInfo {
     fn of(file: &File) -> FsInfo {
         use nix::sys::statfs;
         use std::os::unix::fs::FileTypeExt;
-        let regular = file
-            .metadata()
-            .is_ok_and(|m| !m.file_type().is_block_device());
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok();
+        let regular = meta
+            .as_ref()
+            .is_some_and(|m| !m.file_type().is_block_device());
+        let dev = meta.as_ref().map(|m| m.dev());
         let Ok(st) = statfs::fstatfs(file) else {
             return FsInfo {
                 kind: FsKind::Other,
                 block: 0,
+                dev,
             };
         };
         let t = st.filesystem_type();
@@ -288,7 +299,7 @@ impl FsInfo {
         } else {
             0
         };
-        FsInfo { kind, block }
+        FsInfo { kind, block, dev }
     }
 }
 
@@ -752,10 +763,10 @@ impl Storage for FileStorage {
             && src_offset.is_multiple_of(g)
             && dst_offset.is_multiple_of(g)
             && inside.is_multiple_of(g);
-        if aligned && self.clone_known(from) != Some(false) {
+        if aligned && self.clone_known(src) != Some(false) {
             match clone_range(from, &self.file, src_offset, inside, dst_offset) {
                 Ok(()) => {
-                    self.clone_learned(from, true);
+                    self.clone_learned(src, true);
                     return Ok(RangeCopy::Cloned);
                 }
                 Err(e) if not_supported(&e) => {
@@ -763,7 +774,7 @@ impl Storage for FileStorage {
                     // with O_APPEND, an inline extent): only the others
                     // say the filesystem cannot.
                     if e.raw_os_error() != Some(libc::EINVAL) {
-                        self.clone_learned(from, false);
+                        self.clone_learned(src, false);
                     }
                 }
                 Err(e) => return Err(e),
@@ -792,11 +803,11 @@ impl Storage for FileStorage {
         if self.fs.block == 0 {
             return false;
         }
-        if let Some(known) = self.clone_known(from) {
+        if let Some(known) = self.clone_known(src) {
             return known;
         }
         let works = probe_clone(from, &self.path, self.fs.block);
-        self.clone_learned(from, works);
+        self.clone_learned(src, works);
         works
     }
     fn clone_granule(&self) -> u64 {
@@ -805,29 +816,27 @@ impl Storage for FileStorage {
     fn filesystem(&self) -> FsKind {
         self.fs.kind
     }
+    fn device(&self) -> Option<u64> {
+        self.fs.dev
+    }
 }
 
 impl FileStorage {
-    /// What the probe (or an earlier clone) found for sources on `from`'s
+    /// What the probe (or an earlier clone) found for sources on `src`'s
     /// device.
-    fn clone_known(&self, from: &File) -> Option<bool> {
-        let dev = device_of(from)?;
+    fn clone_known(&self, src: &dyn Storage) -> Option<bool> {
+        let dev = src.device()?;
         let probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
         probes.iter().find(|(d, _)| *d == dev).map(|(_, w)| *w)
     }
-    fn clone_learned(&self, from: &File, works: bool) {
-        let Some(dev) = device_of(from) else { return };
+    fn clone_learned(&self, src: &dyn Storage, works: bool) {
+        let Some(dev) = src.device() else { return };
         let mut probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
         match probes.iter_mut().find(|(d, _)| *d == dev) {
             Some(p) => p.1 = works,
             None => probes.push((dev, works)),
         }
     }
-}
-
-fn device_of(f: &File) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    f.metadata().ok().map(|m| m.dev())
 }
 
 /// Errors that say a clone or an in-kernel copy cannot be done here (the
