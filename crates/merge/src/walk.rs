@@ -8,7 +8,9 @@
 //! in a file is passed to the destination mapped in place (no copy into a
 //! buffer), up to [`BUF_BYTES`] per write; the rest (compressed clusters,
 //! memory storage) is read into one reused buffer, coalescing consecutive
-//! extents into writes of up to [`BUF_BYTES`].
+//! extents into writes of up to [`BUF_BYTES`]. Where the destination's
+//! filesystem shares extents with the source's (XFS with reflink, btrfs),
+//! whole clusters are cloned instead ([`clone_run`]): nothing is read.
 //!
 //! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
 //! that is larger), one mapped window of at most as much, and the image
