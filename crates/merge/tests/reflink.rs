@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use strata_merge::{commit, pull, CommitOptions, Hooks, PullOptions};
+use strata_image::ImageFormat;
+use strata_merge::{commit, pull, rebase, CommitOptions, Hooks, PullOptions, RebaseOptions};
 
 /// A filesystem made for one test in a file, loop-mounted, unmounted and
 /// removed when dropped (also when the test panics).
@@ -291,6 +292,48 @@ fn commit_on_xfs_and_btrfs_clones_into_the_base_without_growing_it_twice() {
             }
         }
     });
+}
+
+#[test]
+fn safe_rebase_on_xfs_clones_and_reads_as_qemu_img_rebase() {
+    let Some(fs) = LoopFs::new("xfs", 1 << 30) else {
+        return;
+    };
+    let work = fs.path().join("chain");
+    std::fs::create_dir(&work).unwrap();
+    let top = make_chain(&work, 65536);
+    // The new backing file: another image, with data of its own where
+    // the old chain has some and where it has none.
+    let other = work.join("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "96M"]);
+    qemu_io(&other, &["write -P 0xe1 4M 8M", "write -P 0xe2 80M 4M"]);
+    let twin = twin_of(&top, "twin");
+    run(
+        "cp",
+        &[
+            "--reflink=never",
+            s(&other),
+            s(&twin.with_file_name("other.qcow2")),
+        ],
+    );
+    let before = view(&top);
+
+    let r = rebase(
+        &top,
+        Some(("other.qcow2", ImageFormat::Qcow2)),
+        &RebaseOptions::default(),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    qemu_img(&["rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", s(&twin)]);
+
+    assert_eq!(backing_of(&top).as_deref(), Some("other.qcow2"));
+    assert_same(&top, &twin);
+    assert!(view(&top) == before, "the guest view changed");
+    assert_clean(&top);
+    assert!(r.stats.cloned_bytes >= 16 << 20, "{:?}", r.stats);
+    let (shared, _) = shared_bytes(&top);
+    assert!(shared >= r.stats.cloned_bytes, "{shared} bytes shared");
 }
 
 const CHILD_ENV: &str = "STRATA_REFLINK_CRASH_CHILD";
