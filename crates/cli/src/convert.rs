@@ -48,6 +48,11 @@ pub struct ConvertArgs {
     /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
     #[arg(long = "bitmaps")]
     pub bitmaps: bool,
+    /// Convert this internal snapshot of the source instead of its active
+    /// state: an ID or name, or snapshot.id=ID and/or snapshot.name=NAME
+    /// (qemu-img convert -l).
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
     /// Source image.
     pub src: std::path::PathBuf,
     /// Destination file.
@@ -205,8 +210,20 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
         ImageFormat::Qcow2 => parse_create_options(args.options.as_deref())?,
         ImageFormat::Raw => CreateOptions::default(),
     };
-    let opts = open_options(args.format.as_deref(), args.force_share)?;
-    let chain = Chain::open(&args.src, &opts)?;
+    let mut opts = open_options(args.format.as_deref(), args.force_share)?;
+    if let Some(l) = &args.snapshot {
+        opts.snapshot = Some(
+            strata_image::SnapshotRef::parse_convert_arg(l)
+                .map_err(|e| anyhow::anyhow!("Failed to load snapshot: {e}"))?,
+        );
+    }
+    let chain = Chain::open(&args.src, &opts).map_err(|e| match e {
+        // qemu-img's words for a snapshot that is not there.
+        strata_image::Error::InvalidArgument(m) if m.contains("no internal snapshot") => {
+            anyhow::anyhow!("Failed to load snapshot: Can't find snapshot ({m})")
+        }
+        e => e.into(),
+    })?;
     let dst = args.dst.as_path();
     for l in chain.layers() {
         if same_file(&l.path, dst) {

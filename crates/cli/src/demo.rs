@@ -156,6 +156,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             options: None,
             force_share: false,
             bitmaps: false,
+            snapshot: None,
         },
         out,
         err,

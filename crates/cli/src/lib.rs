@@ -15,6 +15,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use strata_image::{ImageFormat, OpenOptions};
 
+pub mod amend;
 pub mod bitmap;
 pub mod bitmaps;
 pub mod check;
@@ -34,6 +35,7 @@ pub mod resize;
 pub mod size;
 #[cfg(feature = "libvirt")]
 pub mod snapshot;
+pub mod snapshot_internal;
 #[cfg(feature = "libvirt")]
 pub use snapshot::cancel_on_signals;
 pub mod svg;
@@ -120,6 +122,9 @@ enum Command {
     /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
     /// -SIZE; shrinking needs --shrink.
     Resize(resize::ResizeArgs),
+    /// Change a qcow2 image's format options in place (qemu-img amend):
+    /// -o compat=0.10|1.1,lazy_refcounts=on|off,refcount_bits=N,size=SIZE.
+    Amend(amend::AmendArgs),
     /// Run qemu-io style commands on an image (read/write/discard/flush).
     Io(io::IoArgs),
     /// Merge an image's data into its backing file (qemu-img commit).
@@ -136,6 +141,9 @@ enum Command {
     Pull(merge::PullArgs),
     /// Change an image's backing file (qemu-img rebase).
     Rebase(merge::RebaseArgs),
+    /// List, create, apply or delete a qcow2 image's internal snapshots
+    /// (qemu-img snapshot [-l | -c NAME | -a SNAPSHOT | -d NAME]).
+    SnapshotInternal(snapshot_internal::SnapshotInternalArgs),
     /// External snapshots of libvirt domains, shut off or running (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
@@ -317,10 +325,12 @@ where
         Command::Bitmap { args } => bitmap::run(&args, out),
         Command::Measure(a) => measure::run(&a, out),
         Command::Resize(a) => resize::run(&a, out, err),
+        Command::Amend(a) => amend::run(&a, out, err),
         Command::Io(a) => io::run(&a, out),
         Command::Commit(a) => merge::commit(&a, out),
         Command::Pull(a) => merge::pull(&a, out),
         Command::Rebase(a) => merge::rebase(&a, out),
+        Command::SnapshotInternal(a) => snapshot_internal::run(&a, out),
         #[cfg(feature = "libvirt")]
         c @ (Command::Snapshot { .. }
         | Command::Blockcommit(..)

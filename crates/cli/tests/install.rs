@@ -88,6 +88,24 @@ fn find<'a>(root: &'a clap::Command, path: &[&str]) -> &'a clap::Command {
     })
 }
 
+/// The command a man page describes: `strata-snapshot-create` is
+/// `snapshot create`, `strata-snapshot-internal` the command of that
+/// name (the longest name that matches wins).
+fn find_page<'a>(root: &'a clap::Command, page: &str) -> &'a clap::Command {
+    let mut cmd = root;
+    let mut rest = page.strip_prefix("strata").unwrap_or(page);
+    while let Some(r) = rest.strip_prefix('-') {
+        let sub = cmd
+            .get_subcommands()
+            .filter(|s| r == s.get_name() || r.starts_with(&format!("{}-", s.get_name())))
+            .max_by_key(|s| s.get_name().len())
+            .unwrap_or_else(|| panic!("no command for page {page}"));
+        rest = &r[sub.get_name().len()..];
+        cmd = sub;
+    }
+    cmd
+}
+
 #[test]
 fn version_names_the_package_version_and_git_revision() {
     let line = stdout(Command::new(STRATA).arg("--version"));
@@ -203,8 +221,7 @@ fn man_pages_cover_every_command_and_render() {
         }
         // Every option of the command is described (roff escapes '-').
         if page != "strata-libvirt" {
-            let path: Vec<&str> = page.split('-').skip(1).collect();
-            let cmd = find(&root, &path);
+            let cmd = find_page(&root, &page);
             for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
                 if let Some(long) = arg.get_long() {
                     let want = format!("\\-\\-{}", long.replace('-', "\\-"));

@@ -135,6 +135,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub(crate) mod alloc;
+pub mod amend;
 pub mod backing;
 pub mod bitmap;
 pub mod chain;
@@ -149,6 +150,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod repair;
 pub mod resize;
+pub mod snapshot_internal;
 pub mod storage;
 pub mod write;
 
@@ -162,6 +164,7 @@ pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
+pub use snapshot_internal::SnapshotRef;
 #[cfg(any(test, feature = "testing"))]
 pub use storage::FaultStorage;
 pub use storage::{FileStorage, MappedBytes, MemStorage, Storage};

@@ -230,6 +230,14 @@ impl Qcow2Image {
         &self.l1
     }
 
+    /// Drops every cached table and decompressed cluster (after a commit
+    /// that replaced the tables in use: internal snapshots).
+    pub(crate) fn forget_caches(&mut self) {
+        *lock(&self.l2_cache) = L2Cache::default();
+        *lock(&self.decompressed) = None;
+        *lock(&self.last_map) = None;
+    }
+
     /// Reads (through the cache) the L2 table at `offset`.
     ///
     /// Tables written by this process are always in the cache, so the
@@ -252,7 +260,18 @@ impl Qcow2Image {
         // A table that starts inside the file but runs past its end reads
         // as zeros there, as in QEMU (a file qemu-img truncated to the
         // bytes in use; iotest 060 links an L2 entry onto the L1 table).
-        if offset == 0 || offset >= self.storage_len()? {
+        let past_end = offset >= self.storage_len()?;
+        if past_end && offset != 0 {
+            // A table wholly past the end of the file reads as zeros, as
+            // qemu-img reads it (its check reports the cluster as
+            // "exceeding the end of the file" and unreferenced). Writes
+            // through it are refused (`l2_past_the_end`): its L2 offset
+            // contradicts the refcounts.
+            let t = Arc::new(vec![0u8; cs as usize]);
+            lock(&self.l2_cache).insert(offset, t.clone());
+            return Ok(t);
+        }
+        if offset == 0 || past_end {
             return Err(Error::corrupt(
                 &self.path,
                 offset,
@@ -266,6 +285,66 @@ impl Qcow2Image {
         let t = Arc::new(t);
         lock(&self.l2_cache).insert(offset, t.clone());
         Ok(t)
+    }
+
+    /// Refuses a write through the L2 table at `offset` when the table
+    /// lies past the end of the file (reads see zeros there; QEMU would
+    /// write into a cluster its refcounts call free).
+    pub(crate) fn l2_past_the_end(&self, offset: u64) -> Result<()> {
+        if offset >= self.storage_len()? {
+            return Err(Error::corrupt(
+                &self.path,
+                offset,
+                "L2 table outside the file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses an image whose refcount table points at a refcount block
+    /// that is not cluster-aligned or not inside the file, naming the
+    /// entry. Shrinking walks the refcount blocks past the new end, where
+    /// QEMU then signals the corruption half-way ("Failed to discard
+    /// unused refblocks", iotest 060); Strata refuses before any change.
+    pub(crate) fn refuse_bad_refblocks(&self) -> Result<()> {
+        let h = &self.header;
+        let cs = self.geometry.cluster_size();
+        let len = u64::from(h.refcount_table_clusters) * cs;
+        let mut table = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut table, h.refcount_table_offset)
+            .map_err(|e| {
+                Error::io(
+                    &self.path,
+                    "read refcount table",
+                    h.refcount_table_offset,
+                    e,
+                )
+            })?;
+        let file = self.storage_len()?;
+        for (i, entry) in decode_u64_table(&table).into_iter().enumerate() {
+            if entry == 0 {
+                continue;
+            }
+            let at = h.refcount_table_offset + 8 * i as u64;
+            let off = entry & !0x1ff;
+            let what = if !self.geometry.is_aligned(entry) {
+                "is not cluster-aligned"
+            } else if off.checked_add(cs).is_none_or(|e| e > file) {
+                "is outside the file"
+            } else {
+                continue;
+            };
+            return Err(Error::corrupt(
+                &self.path,
+                at,
+                format!(
+                    "refcount block {i} (at {entry:#x}) {what}; repair the image with \
+                     `check -r all` first"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn storage_len(&self) -> Result<u64> {

@@ -189,6 +189,7 @@ pub fn resize_chain(
 
 /// Shrinks a qcow2 image to `new_size` (a multiple of 512).
 fn shrink_qcow2(q: &mut Qcow2Image, new_size: u64) -> Result<()> {
+    q.refuse_bad_refblocks()?;
     q.begin_write()?;
     if q.has_live_bitmaps() {
         return Err(Error::Unsupported {
