@@ -106,6 +106,7 @@ pub fn resolve_backing_path(parent: &Path, name: &str) -> PathBuf {
 
 /// A backing file as an image header records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BackingRef {
     /// The name as recorded (relative to the image's directory, or
     /// absolute, or a protocol name).
@@ -117,6 +118,7 @@ pub struct BackingRef {
 /// What an image's header says, read without opening the image (no
 /// tables are loaded, no lock is taken).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Peek {
     /// The image's format (given, or probed from the magic).
     pub format: ImageFormat,
@@ -227,6 +229,7 @@ pub fn check_backing(parent: &Path, backing: &BackingRef) -> Result<(PathBuf, Im
 
 /// One file of a chain, as [`chain_files`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChainFile {
     /// The path (as resolved, not canonicalised).
     pub path: PathBuf,

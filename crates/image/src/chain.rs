@@ -186,6 +186,7 @@ impl Layer {
 /// image read-write (the CLI's `io`, `resize` and `bitmap` use it, as
 /// qemu-io and qemu-img do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WritePolicy {
     /// A dirty image (lazy refcounts left unrepaired by a crash).
     pub dirty: OnDirty,
@@ -233,6 +234,7 @@ impl WritePolicy {
 
 /// See [`WritePolicy::dirty`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnDirty {
     /// Refuse to write (repair with `strata check -r all` first).
     #[default]
@@ -243,6 +245,7 @@ pub enum OnDirty {
 
 /// See [`WritePolicy::bitmaps`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnBadBitmaps {
     /// Refuse to write (QEMU refuses to open such an image read-write).
     #[default]
@@ -255,6 +258,7 @@ pub enum OnBadBitmaps {
 
 /// See [`WritePolicy::unknown_autoclear`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OnUnknownAutoclear {
     /// Refuse to write.
     #[default]
@@ -266,6 +270,7 @@ pub enum OnUnknownAutoclear {
 
 /// How to open a chain.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Format of the top image; `None` probes it (the top only: backing
     /// files are never probed).
@@ -386,6 +391,7 @@ impl Storage for NotOpened {
 
 /// Where a guest range is resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Resolved {
     /// The extent, in the layer that answers for it.
     pub extent: Extent,

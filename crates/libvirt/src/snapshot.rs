@@ -53,6 +53,7 @@ pub struct SnapshotCreateOptions {
 
 /// One disk of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SnapshotDisk {
     /// Disk target (`vda`).
     pub disk: String,
@@ -67,6 +68,7 @@ pub struct SnapshotDisk {
 
 /// A snapshot as [`snapshot_list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SnapshotInfo {
     /// Name.
     pub name: String,
@@ -90,6 +92,7 @@ pub struct SnapshotInfo {
 
 /// What an operation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// Disks whose source changed: (target, the file the domain now uses).
     pub swapped: Vec<(String, PathBuf)>,
@@ -117,6 +120,7 @@ pub struct Report {
 
 /// A disk of the domain as [`domain_disks`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskInfo {
     /// Target (`vda`).
     pub disk: String,

@@ -64,6 +64,7 @@ pub struct CommitOptions {
 
 /// What [`commit`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitReport {
     /// The top image.
     pub top: PathBuf,

@@ -320,7 +320,7 @@ impl Sources {
     }
 }
 
-/// [`crate::commit`] of a chain the caller holds open: the chain is closed
+/// [`crate::commit()`] of a chain the caller holds open: the chain is closed
 /// (its flush error returned; its locks released, since a commit must take
 /// its own, writable, on the base), then committed by its top's path. The
 /// files the commit opens must be the very files of the caller's chain

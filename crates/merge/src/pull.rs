@@ -36,6 +36,7 @@ pub struct PullOptions {
 
 /// What [`pull`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PullReport {
     /// The top image.
     pub top: PathBuf,
@@ -66,6 +67,7 @@ pub struct RebaseOptions {
 
 /// What [`rebase`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RebaseReport {
     /// The top image.
     pub top: PathBuf,
