@@ -195,6 +195,7 @@ impl Qcow2Image {
             unsynced_bytes: 0,
             halted: false,
             bitmaps: None,
+            policy: Default::default(),
         }));
         img.load_metadata_map()?;
         Ok(img)
