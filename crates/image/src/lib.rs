@@ -7,6 +7,7 @@
 
 pub(crate) mod alloc;
 pub mod bitmap;
+pub mod block_status;
 pub mod chain;
 pub mod check;
 pub mod compress;
@@ -23,6 +24,7 @@ pub mod storage;
 pub mod write;
 
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
+pub use block_status::{BlockStatus, BlockStatusIter};
 pub use chain::{set_backing_file, Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
