@@ -18,20 +18,25 @@ use crate::{open_options, OutputFormat};
 pub const EXIT_NOT_SUPPORTED: i32 = 63;
 
 /// Arguments of `strata check`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct CheckArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Repair: leaks or all.
+    #[arg(short = 'r')]
+    pub repair: Option<String>,
+    /// Force share: take no locks.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Quiet: print only the problems found.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t)]
+    pub output: OutputFormat,
     /// The image.
     pub file: std::path::PathBuf,
-    /// Its format.
-    pub format: Option<String>,
-    /// Repair mode (`-r leaks|all`).
-    pub repair: Option<String>,
-    /// Human or JSON.
-    pub output: OutputFormat,
-    /// Take no locks (`-U`).
-    pub force_share: bool,
-    /// Print nothing but errors (`-q`).
-    pub quiet: bool,
 }
 
 /// The `ImageCheck` dictionary qemu-img prints with `--output json`

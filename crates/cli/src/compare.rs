@@ -15,22 +15,27 @@ const CHUNK: u64 = 2 << 20;
 const SECTOR: u64 = 512;
 
 /// Arguments of `strata compare`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f')]
+    pub format1: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F')]
+    pub format2: Option<String>,
+    /// Strict: sizes and allocation must match too.
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Quiet: print nothing, only the exit code tells.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Force share: take no locks.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// First image.
     pub file1: std::path::PathBuf,
     /// Second image.
     pub file2: std::path::PathBuf,
-    /// Format of the first (`-f`).
-    pub format1: Option<String>,
-    /// Format of the second (`-F`).
-    pub format2: Option<String>,
-    /// Strict: sizes and allocation must match too (`-s`).
-    pub strict: bool,
-    /// Take no locks (`-U`).
-    pub force_share: bool,
-    /// Print nothing (`-q`).
-    pub quiet: bool,
 }
 
 /// What the block layer says about a range of a whole chain

@@ -24,26 +24,34 @@ const READ_CHUNK: u64 = 4 << 20;
 const SPARSE_BLOCK: usize = 4096;
 
 /// Arguments of `strata convert`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ConvertArgs {
+    /// Source format.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Output format: raw or qcow2.
+    #[arg(short = 'O', default_value = "raw")]
+    pub output_format: String,
+    /// Compress data clusters (qcow2 output).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// qcow2 options: cluster_size, compat, refcount_bits, lazy_refcounts,
+    /// extended_l2, compression_type (comma-separated name=value).
+    #[arg(short = 'o')]
+    pub options: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Force share on the source: take no locks.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
     /// Source image.
     pub src: std::path::PathBuf,
     /// Destination file.
     pub dst: std::path::PathBuf,
-    /// Source format (`-f`).
-    pub format: Option<String>,
-    /// Output format (`-O`).
-    pub output_format: String,
-    /// Show progress on stderr (`-p`).
-    pub progress: bool,
-    /// Compress data clusters (`-c`, qcow2 only).
-    pub compress: bool,
-    /// qcow2 creation options (`-o cluster_size=64k,compat=1.1,...`).
-    pub options: Option<String>,
-    /// Take no locks on the source (`-U`).
-    pub force_share: bool,
-    /// Copy the persistent dirty bitmaps (`--bitmaps`, qcow2 to qcow2).
-    pub bitmaps: bool,
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

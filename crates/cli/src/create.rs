@@ -18,24 +18,33 @@ use crate::size::parse_size;
 use crate::NameFile;
 
 /// Arguments of `strata create`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct CreateArgs {
+    /// Format: qcow2 (default) or raw.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Backing file, stored as given (relative: to the new image's directory).
+    #[arg(short = 'b')]
+    pub backing: Option<String>,
+    /// Backing file format (required with -b).
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
+    /// Options: cluster_size, compat, extended_l2, refcount_bits,
+    /// lazy_refcounts, compression_type, preallocation, backing_file,
+    /// backing_fmt (comma-separated name=value).
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Do not open the backing file (SIZE is then required).
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// Quiet: do not print the Formatting line.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// The new image.
     pub file: PathBuf,
-    /// Its format (`-f`, qcow2 by default).
-    pub format: Option<String>,
-    /// Backing file (`-b`), stored as given.
-    pub backing: Option<String>,
-    /// Backing format (`-F`).
-    pub backing_format: Option<String>,
-    /// Options (`-o name=value,...`), possibly given several times.
-    pub options: Vec<String>,
-    /// Virtual size (`SIZE`); the backing file's when omitted.
+    /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
+    /// backing file's by default.
     pub size: Option<String>,
-    /// Do not open the backing file (`-u`): SIZE is then required.
-    pub unsafe_backing: bool,
-    /// Print nothing (`-q`).
-    pub quiet: bool,
 }
 
 /// Options collected from `-o`, before they are applied.

@@ -12,19 +12,19 @@ use crate::compare::CompareArgs;
 use crate::convert::ConvertArgs;
 use crate::info::InfoArgs;
 use crate::map::MapArgs;
-use crate::OutputFormat;
 
 const MIB: u64 = 1 << 20;
 
 /// Arguments of `strata demo`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Where to build the chain (a new temporary directory when `None`).
+    /// Directory for the demo files (a new temporary one by default).
     pub dir: Option<PathBuf>,
-    /// libvirt URI for the snapshot steps (`-c`); libvirt's in-process
-    /// test driver with a domain defined in DIR when `None`.
+    /// libvirt URI for the snapshot steps (default: libvirt's test driver).
+    #[arg(short = 'c', long = "connect")]
     pub uri: Option<String>,
-    /// The existing shut-off domain to use with `uri` (`--domain`).
+    /// With -c: the existing shut-off domain to use.
+    #[arg(long = "domain")]
     pub domain: Option<String>,
 }
 
@@ -123,7 +123,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             format: None,
             force_share: false,
             backing_chain: true,
-            output: OutputFormat::Human,
+            output: crate::dot::GraphOutput::Human,
         },
         out,
     )?;

@@ -9,23 +9,28 @@ use strata_format::Extension;
 use strata_image::{Chain, Image};
 
 use crate::bitmaps::bitmap_infos;
+use crate::dot::GraphOutput;
 use crate::qjson::{dump_human_dict, to_json_pretty, QDict, QValue};
 use crate::size::size_to_str;
 use crate::{localtime, open_options, OutputFormat};
 
 /// Arguments of `strata info`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct InfoArgs {
-    /// The image.
-    pub file: std::path::PathBuf,
-    /// Its format (`None`: probe the top image only).
+    /// Image format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
-    /// Take no locks (`-U`).
+    /// Force share: take no locks, tolerate other users of the image.
+    #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// Describe every image of the chain.
+    /// Describe every image of the backing chain.
+    #[arg(long = "backing-chain")]
     pub backing_chain: bool,
-    /// Human or JSON.
-    pub output: OutputFormat,
+    /// Output format (dot: a Graphviz graph of the chain).
+    #[arg(long = "output", value_enum, default_value_t)]
+    pub output: GraphOutput,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// QEMU's `path_combine`: a relative backing name is taken relative to the
@@ -350,7 +355,7 @@ pub fn members_outside_top_tree(chain: &Chain) -> Vec<(String, PathBuf)> {
 /// JSON `--output json` prints (see [`crate::dot::chain_dot`]).
 pub fn run_dot(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
     let json_args = InfoArgs {
-        output: OutputFormat::Json,
+        output: GraphOutput::Json,
         ..args.clone()
     };
     let mut json = Vec::new();
@@ -363,6 +368,9 @@ pub fn run_dot(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Res
 /// [`run`], with notes for people on `err`: a chain member outside the
 /// top image's directory tree. The output itself stays qemu-img's.
 pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
+    let Some(output) = args.output.plain() else {
+        return run_dot(args, out, err);
+    };
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
     opts.no_backing = !args.backing_chain;
     let chain = Chain::open(&args.file, &opts)?;
@@ -383,7 +391,7 @@ pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
         infos.push(image_info(&name, &layer.image)?);
     }
     let mut text = String::new();
-    match args.output {
+    match output {
         OutputFormat::Json => {
             let v = if args.backing_chain {
                 QValue::List(infos.into_iter().map(QValue::Dict).collect())

@@ -16,14 +16,17 @@ use crate::{open_options, NameFile};
 const CHUNK: u64 = 4 << 20;
 
 /// Arguments of `strata io`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct IoArgs {
+    /// Image format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// A command: read [-P pat] off len, write [-P pat | -z [-u]] off len,
+    /// discard off len, flush.
+    #[arg(short = 'c')]
+    pub commands: Vec<String>,
     /// The image.
     pub file: std::path::PathBuf,
-    /// Its format (`-f`), probed when omitted.
-    pub format: Option<String>,
-    /// The commands (`-c`), in order.
-    pub commands: Vec<String>,
 }
 
 /// One parsed command.

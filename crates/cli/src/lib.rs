@@ -10,7 +10,6 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -94,139 +93,21 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show an image's (or a whole chain's) header information.
-    Info {
-        /// Image format (qcow2 or raw); probed when omitted.
-        #[arg(short = 'f', long = "format")]
-        format: Option<String>,
-        /// Force share: take no locks, tolerate other users of the image.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Describe every image of the backing chain.
-        #[arg(long = "backing-chain")]
-        backing_chain: bool,
-        /// Output format (dot: a Graphviz graph of the chain).
-        #[arg(long = "output", value_enum, default_value_t)]
-        output: dot::GraphOutput,
-        /// The image.
-        file: PathBuf,
-    },
+    Info(info::InfoArgs),
     /// Show which layer holds each guest range, and where.
-    Map {
-        /// Image format (qcow2 or raw); probed when omitted.
-        #[arg(short = 'f', long = "format")]
-        format: Option<String>,
-        /// Force share: take no locks.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Output format.
-        #[arg(long = "output", value_enum, default_value_t)]
-        output: map::MapOutput,
-        /// The image.
-        file: PathBuf,
-    },
+    Map(map::MapArgs),
     /// Check an image's metadata for consistency.
-    Check {
-        /// Image format.
-        #[arg(short = 'f', long = "format")]
-        format: Option<String>,
-        /// Repair: leaks or all.
-        #[arg(short = 'r')]
-        repair: Option<String>,
-        /// Force share: take no locks.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Quiet: print only the problems found.
-        #[arg(short = 'q')]
-        quiet: bool,
-        /// Output format.
-        #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
-        /// The image.
-        file: PathBuf,
-    },
+    Check(check::CheckArgs),
     /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
-    Compare {
-        /// Format of the first image.
-        #[arg(short = 'f')]
-        format1: Option<String>,
-        /// Format of the second image.
-        #[arg(short = 'F')]
-        format2: Option<String>,
-        /// Strict: sizes and allocation must match too.
-        #[arg(short = 's')]
-        strict: bool,
-        /// Quiet: print nothing, only the exit code tells.
-        #[arg(short = 'q')]
-        quiet: bool,
-        /// Force share: take no locks.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// First image.
-        file1: PathBuf,
-        /// Second image.
-        file2: PathBuf,
-    },
+    Compare(compare::CompareArgs),
     /// Write the chain's guest view to a new image (built beside DST and
     /// renamed over it when complete; refused while another process has
     /// DST open).
-    Convert {
-        /// Source format.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Output format: raw or qcow2.
-        #[arg(short = 'O', default_value = "raw")]
-        output_format: String,
-        /// Compress data clusters (qcow2 output).
-        #[arg(short = 'c')]
-        compress: bool,
-        /// qcow2 options: cluster_size, compat, refcount_bits, lazy_refcounts,
-        /// extended_l2, compression_type (comma-separated name=value).
-        #[arg(short = 'o')]
-        options: Option<String>,
-        /// Show progress.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Force share on the source: take no locks.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
-        #[arg(long = "bitmaps")]
-        bitmaps: bool,
-        /// Source image.
-        src: PathBuf,
-        /// Destination file.
-        dst: PathBuf,
-    },
+    Convert(convert::ConvertArgs),
     /// Create a new image or overlay (qemu-img create). An existing FILE
     /// is replaced only once the new image is complete, and never while
     /// another process has it open.
-    Create {
-        /// Format: qcow2 (default) or raw.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Backing file, stored as given (relative: to the new image's directory).
-        #[arg(short = 'b')]
-        backing: Option<String>,
-        /// Backing file format (required with -b).
-        #[arg(short = 'F')]
-        backing_format: Option<String>,
-        /// Options: cluster_size, compat, extended_l2, refcount_bits,
-        /// lazy_refcounts, compression_type, preallocation, backing_file,
-        /// backing_fmt (comma-separated name=value).
-        #[arg(short = 'o')]
-        options: Vec<String>,
-        /// Do not open the backing file (SIZE is then required).
-        #[arg(short = 'u')]
-        unsafe_backing: bool,
-        /// Quiet: do not print the Formatting line.
-        #[arg(short = 'q')]
-        quiet: bool,
-        /// The new image.
-        file: PathBuf,
-        /// Virtual size (k, M, G, T suffixes), rounded up to 512 bytes; the
-        /// backing file's by default.
-        size: Option<String>,
-    },
+    Create(create::CreateArgs),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps (qemu-img bitmap).
     ///
     /// (--add [-g SIZE] | --remove | --clear | --enable | --disable |
@@ -239,63 +120,12 @@ enum Command {
     },
     /// How large a new image would be (qemu-img measure): for a new
     /// image of --size, or for converting FILE to -O FMT.
-    Measure {
-        /// Input format (qcow2 or raw); probed when omitted.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Output format: raw (default) or qcow2.
-        #[arg(short = 'O')]
-        output_format: Option<String>,
-        /// Output format options: cluster_size, compat, refcount_bits,
-        /// extended_l2, preallocation, backing_file (comma-separated name=value).
-        #[arg(short = 'o')]
-        options: Vec<String>,
-        /// Measure a new empty image of this size (instead of FILE).
-        #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
-        size: Option<String>,
-        /// Force share: take no locks on the input.
-        #[arg(short = 'U', long = "force-share")]
-        force_share: bool,
-        /// Output format.
-        #[arg(long = "output", value_enum, default_value_t)]
-        output: OutputFormat,
-        /// The input image.
-        file: Option<PathBuf>,
-    },
+    Measure(measure::MeasureArgs),
     /// Change an image's virtual size (qemu-img resize): SIZE, +SIZE or
     /// -SIZE; shrinking needs --shrink.
-    Resize {
-        /// Image format (qcow2 or raw); probed when omitted.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// Allow the image to shrink (data past the new end is lost).
-        #[arg(long = "shrink")]
-        shrink: bool,
-        /// Preallocation of the new area: off, falloc or full (metadata is
-        /// refused: raw has none, and Strata does not do it for qcow2 yet).
-        #[arg(long = "preallocation", value_name = "MODE")]
-        preallocation: Option<String>,
-        /// Quiet: do not print `Image resized.`.
-        #[arg(short = 'q')]
-        quiet: bool,
-        /// The image.
-        file: PathBuf,
-        /// New size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes).
-        #[arg(allow_hyphen_values = true)]
-        size: String,
-    },
+    Resize(resize::ResizeArgs),
     /// Run qemu-io style commands on an image (read/write/discard/flush).
-    Io {
-        /// Image format (qcow2 or raw); probed when omitted.
-        #[arg(short = 'f')]
-        format: Option<String>,
-        /// A command: read [-P pat] off len, write [-P pat | -z [-u]] off len,
-        /// discard off len, flush.
-        #[arg(short = 'c')]
-        commands: Vec<String>,
-        /// The image.
-        file: PathBuf,
-    },
+    Io(io::IoArgs),
     /// Merge an image's data into its backing file (qemu-img commit).
     ///
     /// Before writing, Strata looks for other images that use the base as
@@ -305,81 +135,11 @@ enum Command {
     /// If one is found, the commit is refused (--force overrides) and the
     /// refusal lists where Strata looked; --dry-run shows the plan and the
     /// users found instead.
-    Commit {
-        /// The image to commit into (default: the immediate backing file).
-        /// As qemu-img, only BASE changes then: the top keeps its data and
-        /// its backing file (-b implies -d). A relative BASE is found as
-        /// qemu-img finds it, through the names and directories of the chain.
-        #[arg(short = 'b')]
-        base: Option<PathBuf>,
-        /// Do not empty the top image afterwards.
-        #[arg(short = 'd')]
-        keep_top: bool,
-        /// With -b: then re-point the top at BASE and empty it (unless -d),
-        /// dropping the images between from its chain.
-        #[arg(long = "shorten-chain", requires = "base")]
-        shorten_chain: bool,
-        /// Show a progress bar (on a terminal).
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Print the plan and change nothing.
-        #[arg(long = "dry-run")]
-        dry_run: bool,
-        /// Commit even when other images use the base as their backing file.
-        #[arg(long = "force")]
-        force: bool,
-        /// Also look for users of the base directly in DIR (repeatable).
-        #[arg(long = "users-in", value_name = "DIR")]
-        users_in: Vec<PathBuf>,
-        /// Refuse any image of the chain whose path, with `..` and symbolic
-        /// links resolved, is not under DIR.
-        #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<PathBuf>,
-        /// The top image.
-        file: PathBuf,
-    },
+    Commit(merge::CommitArgs),
     /// Copy the backing chain's data into an image (qemu-img rebase -b BASE/'').
-    Pull {
-        /// Keep this image of the chain as backing file (default: none).
-        #[arg(short = 'b')]
-        base: Option<PathBuf>,
-        /// Show a progress bar (on a terminal).
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Print the plan and change nothing.
-        #[arg(long = "dry-run")]
-        dry_run: bool,
-        /// Refuse any image of the chain whose path, with `..` and symbolic
-        /// links resolved, is not under DIR.
-        #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<PathBuf>,
-        /// The image.
-        file: PathBuf,
-    },
+    Pull(merge::PullArgs),
     /// Change an image's backing file (qemu-img rebase).
-    Rebase {
-        /// Unsafe: rewrite the header only.
-        #[arg(short = 'u')]
-        unsafe_mode: bool,
-        /// The new backing file ('' for none).
-        #[arg(short = 'b')]
-        backing: String,
-        /// The new backing file's format.
-        #[arg(short = 'F')]
-        backing_format: Option<String>,
-        /// Show a progress bar (on a terminal).
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Print the plan and change nothing (safe mode).
-        #[arg(long = "dry-run")]
-        dry_run: bool,
-        /// Refuse any image of the old or new chain whose path, with `..`
-        /// and symbolic links resolved, is not under DIR (safe mode).
-        #[arg(long = "confine", value_name = "DIR")]
-        confine: Option<PathBuf>,
-        /// The image.
-        file: PathBuf,
-    },
+    Rebase(merge::RebaseArgs),
     /// External snapshots of libvirt domains, shut off or running (virsh's spelling).
     #[cfg(feature = "libvirt")]
     Snapshot {
@@ -394,16 +154,7 @@ enum Command {
     #[cfg(feature = "libvirt")]
     Blockpull(snapshot::BlockpullArgs),
     /// Build a small chain and walk through what Strata can do.
-    Demo {
-        /// Directory for the demo files (a new temporary one by default).
-        dir: Option<PathBuf>,
-        /// libvirt URI for the snapshot steps (default: libvirt's test driver).
-        #[arg(short = 'c', long = "connect")]
-        uri: Option<String>,
-        /// With -c: the existing shut-off domain to use.
-        #[arg(long = "domain")]
-        domain: Option<String>,
-    },
+    Demo(demo::DemoArgs),
 }
 
 /// Adds `file` as context to an error unless its message already names it
@@ -476,31 +227,12 @@ type LibvirtRunner = fn(Command, &mut dyn Write, &mut dyn Write) -> Result<i32>;
 #[cfg(feature = "libvirt")]
 fn libvirt_runner(c: Command, out: &mut dyn Write, err: &mut dyn Write) -> Result<i32> {
     match c {
-        Command::Demo { dir, uri, domain } => {
-            demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
-        }
+        Command::Demo(a) => demo::run(&a, out, err),
         c => match libvirt_command(c) {
             Some(cmd) => snapshot::run(&cmd, out),
             None => Ok(1),
         },
     }
-}
-
-/// Whether the command line asks for a command that needs libvirt (see
-/// [`run_without_libvirt`]). False when it does not parse.
-pub fn needs_libvirt(args: &[OsString]) -> bool {
-    #[cfg(feature = "libvirt")]
-    if let Ok(cli) = Cli::try_parse_from(hoist_connect(args.to_vec())) {
-        return matches!(
-            cli.command,
-            Command::Snapshot { .. }
-                | Command::Blockcommit(..)
-                | Command::Blockpull(..)
-                | Command::Demo { .. }
-        );
-    }
-    let _ = args;
-    false
 }
 
 /// Runs `strata` with `args` (the first is the program name), writing to
@@ -514,14 +246,35 @@ where
     let libvirt: Option<LibvirtRunner> = Some(libvirt_runner);
     #[cfg(not(feature = "libvirt"))]
     let libvirt: Option<LibvirtRunner> = None;
-    run_with(args, out, err, libvirt)
+    match run_with(args, out, err, libvirt) {
+        Outcome::Exit(code) => code,
+        Outcome::NeedsLibvirt => {
+            let _ = writeln!(
+                err,
+                "strata: this command needs libvirt: run it with strata-libvirt"
+            );
+            1
+        }
+    }
 }
 
-/// [`run`] for every command that does not need libvirt; the others fail.
-/// The `strata` binary uses it (and hands those commands to
-/// `strata-libvirt`), so that it never loads libvirt's C library: the
-/// image commands start in a few milliseconds instead of tens.
-pub fn run_without_libvirt<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> i32
+/// What [`run_without_libvirt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "NeedsLibvirt means the command has not run"]
+pub enum Outcome {
+    /// The command ran (or the command line was refused): exit with this code.
+    Exit(i32),
+    /// The command needs libvirt (snapshot, blockcommit, blockpull, demo):
+    /// nothing was done; run the same arguments with `strata-libvirt`.
+    NeedsLibvirt,
+}
+
+/// [`run`] for every command that does not need libvirt; for the others
+/// it does nothing and says so ([`Outcome::NeedsLibvirt`]). The `strata`
+/// binary uses it (and hands those commands to `strata-libvirt`), so that
+/// it never loads libvirt's C library: the image commands start in a few
+/// milliseconds instead of tens. The arguments are parsed once.
+pub fn run_without_libvirt<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write) -> Outcome
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -534,7 +287,7 @@ fn run_with<I, T>(
     out: &mut dyn Write,
     err: &mut dyn Write,
     libvirt: Option<LibvirtRunner>,
-) -> i32
+) -> Outcome
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -550,279 +303,48 @@ where
             } else {
                 out.write_all(text.as_bytes())
             };
-            return code;
+            return Outcome::Exit(code);
         }
     };
     // compare reports errors with exit code 2, like qemu-img.
     let error_code = match cli.command {
-        Command::Compare { .. } => 2,
+        Command::Compare(..) => 2,
         _ => 1,
     };
     let result = match cli.command {
-        Command::Info {
-            format,
-            force_share,
-            backing_chain,
-            output,
-            file,
-        } => match output.plain() {
-            Some(output) => info::run_noting(
-                &info::InfoArgs {
-                    file,
-                    format,
-                    force_share,
-                    backing_chain,
-                    output,
-                },
-                out,
-                err,
-            ),
-            None => info::run_dot(
-                &info::InfoArgs {
-                    file,
-                    format,
-                    force_share,
-                    backing_chain,
-                    output: OutputFormat::Json,
-                },
-                out,
-                err,
-            ),
-        },
-        Command::Map {
-            format,
-            force_share,
-            output,
-            file,
-        } => map::run(
-            &map::MapArgs {
-                file,
-                format,
-                force_share,
-                output,
-            },
-            out,
-        ),
-        Command::Check {
-            format,
-            repair,
-            force_share,
-            quiet,
-            output,
-            file,
-        } => check::run(
-            &check::CheckArgs {
-                file,
-                format,
-                repair,
-                output,
-                force_share,
-                quiet,
-            },
-            out,
-            err,
-        ),
-        Command::Compare {
-            format1,
-            format2,
-            strict,
-            quiet,
-            force_share,
-            file1,
-            file2,
-        } => compare::run(
-            &compare::CompareArgs {
-                file1,
-                file2,
-                format1,
-                format2,
-                strict,
-                force_share,
-                quiet,
-            },
-            out,
-        ),
-        Command::Convert {
-            format,
-            output_format,
-            compress,
-            options,
-            progress,
-            force_share,
-            bitmaps,
-            src,
-            dst,
-        } => convert::run(
-            &convert::ConvertArgs {
-                src,
-                dst,
-                format,
-                output_format,
-                progress,
-                compress,
-                options,
-                force_share,
-                bitmaps,
-            },
-            out,
-            err,
-        ),
-        Command::Create {
-            format,
-            backing,
-            backing_format,
-            options,
-            unsafe_backing,
-            quiet,
-            file,
-            size,
-        } => create::run(
-            &create::CreateArgs {
-                file,
-                format,
-                backing,
-                backing_format,
-                options,
-                size,
-                unsafe_backing,
-                quiet,
-            },
-            out,
-        ),
+        Command::Info(a) => info::run_noting(&a, out, err),
+        Command::Map(a) => map::run(&a, out),
+        Command::Check(a) => check::run(&a, out, err),
+        Command::Compare(a) => compare::run(&a, out),
+        Command::Convert(a) => convert::run(&a, out, err),
+        Command::Create(a) => create::run(&a, out),
         Command::Bitmap { args } => bitmap::run(&args, out),
-        Command::Measure {
-            format,
-            output_format,
-            options,
-            size,
-            force_share,
-            output,
-            file,
-        } => measure::run(
-            &measure::MeasureArgs {
-                file,
-                size,
-                format,
-                output_format,
-                options,
-                force_share,
-                output,
-            },
-            out,
-        ),
-        Command::Resize {
-            format,
-            shrink,
-            preallocation,
-            quiet,
-            file,
-            size,
-        } => resize::run(
-            &resize::ResizeArgs {
-                file,
-                format,
-                shrink,
-                preallocation,
-                quiet,
-                size,
-            },
-            out,
-            err,
-        ),
-        Command::Io {
-            format,
-            commands,
-            file,
-        } => io::run(
-            &io::IoArgs {
-                file,
-                format,
-                commands,
-            },
-            out,
-        ),
-        Command::Commit {
-            base,
-            keep_top,
-            shorten_chain,
-            progress,
-            dry_run,
-            force,
-            users_in,
-            confine,
-            file,
-        } => merge::commit(
-            &merge::CommitArgs {
-                file,
-                base,
-                keep_top,
-                shorten_chain,
-                progress,
-                dry_run,
-                force,
-                users_in,
-                confine,
-            },
-            out,
-        ),
-        Command::Pull {
-            base,
-            progress,
-            dry_run,
-            confine,
-            file,
-        } => merge::pull(
-            &merge::PullArgs {
-                file,
-                base,
-                progress,
-                dry_run,
-                confine,
-            },
-            out,
-        ),
-        Command::Rebase {
-            unsafe_mode,
-            backing,
-            backing_format,
-            progress,
-            dry_run,
-            confine,
-            file,
-        } => merge::rebase(
-            &merge::RebaseArgs {
-                file,
-                backing,
-                backing_format,
-                unsafe_mode,
-                progress,
-                dry_run,
-                confine,
-            },
-            out,
-        ),
+        Command::Measure(a) => measure::run(&a, out),
+        Command::Resize(a) => resize::run(&a, out, err),
+        Command::Io(a) => io::run(&a, out),
+        Command::Commit(a) => merge::commit(&a, out),
+        Command::Pull(a) => merge::pull(&a, out),
+        Command::Rebase(a) => merge::rebase(&a, out),
         #[cfg(feature = "libvirt")]
         c @ (Command::Snapshot { .. }
         | Command::Blockcommit(..)
         | Command::Blockpull(..)
-        | Command::Demo { .. }) => match libvirt {
+        | Command::Demo(..)) => match libvirt {
             Some(f) => f(c, out, err),
-            None => Err(anyhow::anyhow!(
-                "this command needs libvirt: run it with strata-libvirt"
-            )),
+            None => return Outcome::NeedsLibvirt,
         },
         #[cfg(not(feature = "libvirt"))]
-        Command::Demo { dir, uri, domain } => {
+        Command::Demo(a) => {
             let _ = libvirt;
-            demo::run(&demo::DemoArgs { dir, uri, domain }, out, err)
+            demo::run(&a, out, err)
         }
     };
     let _ = out.flush();
     match result {
-        Ok(code) => code,
+        Ok(code) => Outcome::Exit(code),
         Err(e) => {
             let _ = writeln!(err, "strata: {}", error_text(&e));
-            error_code
+            Outcome::Exit(error_code)
         }
     }
 }
@@ -855,7 +377,7 @@ where
 }
 
 /// [`run_without_libvirt`] on the process's standard output and error.
-pub fn main_without_libvirt<I, T>(args: I) -> i32
+pub fn main_without_libvirt<I, T>(args: I) -> Outcome
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -864,7 +386,7 @@ where
 }
 
 /// Runs `f` on buffered standard output and standard error.
-fn on_std_streams(f: impl FnOnce(&mut dyn Write, &mut dyn Write) -> i32) -> i32 {
+fn on_std_streams<R>(f: impl FnOnce(&mut dyn Write, &mut dyn Write) -> R) -> R {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -11,10 +11,10 @@ use std::ffi::OsString;
 
 fn main() {
     let args: Vec<OsString> = std::env::args_os().collect();
-    if strata_cli::needs_libvirt(&args) {
-        std::process::exit(exec_libvirt(&args));
-    }
-    let code = strata_cli::main_without_libvirt(args);
+    let code = match strata_cli::main_without_libvirt(args.iter().cloned()) {
+        strata_cli::Outcome::Exit(code) => code,
+        strata_cli::Outcome::NeedsLibvirt => exec_libvirt(&args),
+    };
     std::process::exit(code);
 }
 

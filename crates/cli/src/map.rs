@@ -278,16 +278,19 @@ pub enum MapOutput {
 }
 
 /// Arguments of `strata map`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct MapArgs {
+    /// Image format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Force share: take no locks.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t)]
+    pub output: MapOutput,
     /// The image.
     pub file: std::path::PathBuf,
-    /// Its format (`None`: probe).
-    pub format: Option<String>,
-    /// Take no locks (`-U`).
-    pub force_share: bool,
-    /// Human, JSON or SVG.
-    pub output: MapOutput,
 }
 
 /// The JSON text of `entries`, byte for byte as qemu-img prints it.

@@ -22,22 +22,29 @@ use crate::size::parse_size;
 use crate::{open_options, NameFile, OutputFormat};
 
 /// Arguments of `strata measure`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct MeasureArgs {
-    /// The input image, unless `size` is given.
-    pub file: Option<PathBuf>,
-    /// `--size SIZE`: measure a new empty image of that size.
-    pub size: Option<String>,
-    /// Input format (`-f`), probed when omitted.
+    /// Input format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f')]
     pub format: Option<String>,
-    /// Output format (`-O`): raw (default) or qcow2.
+    /// Output format: raw (default) or qcow2.
+    #[arg(short = 'O')]
     pub output_format: Option<String>,
-    /// `-o` options of the output format.
+    /// Output format options: cluster_size, compat, refcount_bits,
+    /// extended_l2, preallocation, backing_file (comma-separated name=value).
+    #[arg(short = 'o')]
     pub options: Vec<String>,
-    /// Take no locks on the input (`-U`).
+    /// Measure a new empty image of this size (instead of FILE).
+    #[arg(long = "size", value_name = "SIZE", allow_hyphen_values = true)]
+    pub size: Option<String>,
+    /// Force share: take no locks on the input.
+    #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// Human or JSON.
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// The input image.
+    pub file: Option<PathBuf>,
 }
 
 /// The qcow2 creation options measure takes into account.

@@ -15,61 +15,85 @@ use strata_merge::{CommitOptions, Hooks, Plan, Progress, PullOptions, RebaseOpti
 use crate::size::size_to_str;
 
 /// Arguments of `strata commit`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct CommitArgs {
-    /// The top image.
-    pub file: PathBuf,
-    /// The image to commit into (`-b`); the top's backing file by default.
+    /// The image to commit into (default: the immediate backing file).
+    /// As qemu-img, only BASE changes then: the top keeps its data and
+    /// its backing file (-b implies -d). A relative BASE is found as
+    /// qemu-img finds it, through the names and directories of the chain.
+    #[arg(short = 'b')]
     pub base: Option<PathBuf>,
-    /// Leave the top's data in place (`-d`).
+    /// Do not empty the top image afterwards.
+    #[arg(short = 'd')]
     pub keep_top: bool,
-    /// With `-b`: re-point the top at the base and empty it
-    /// (`--shorten-chain`).
+    /// With -b: then re-point the top at BASE and empty it (unless -d),
+    /// dropping the images between from its chain.
+    #[arg(long = "shorten-chain", requires = "base")]
     pub shorten_chain: bool,
-    /// Progress bar on a terminal (`-p`).
+    /// Show a progress bar (on a terminal).
+    #[arg(short = 'p')]
     pub progress: bool,
     /// Print the plan and change nothing.
+    #[arg(long = "dry-run")]
     pub dry_run: bool,
-    /// Commit even when other images use the base as backing file.
+    /// Commit even when other images use the base as their backing file.
+    #[arg(long = "force")]
     pub force: bool,
-    /// More directories to look for users of the base in (`--users-in`).
+    /// Also look for users of the base directly in DIR (repeatable).
+    #[arg(long = "users-in", value_name = "DIR")]
     pub users_in: Vec<PathBuf>,
-    /// Refuse any image of the chain outside this directory (`--confine`).
+    /// Refuse any image of the chain whose path, with `..` and symbolic
+    /// links resolved, is not under DIR.
+    #[arg(long = "confine", value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// The top image.
+    pub file: PathBuf,
 }
 
 /// Arguments of `strata pull`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct PullArgs {
-    /// The top image.
-    pub file: PathBuf,
-    /// Keep this image of the chain (and what is below) as backing file.
+    /// Keep this image of the chain as backing file (default: none).
+    #[arg(short = 'b')]
     pub base: Option<PathBuf>,
-    /// Progress bar on a terminal (`-p`).
+    /// Show a progress bar (on a terminal).
+    #[arg(short = 'p')]
     pub progress: bool,
     /// Print the plan and change nothing.
+    #[arg(long = "dry-run")]
     pub dry_run: bool,
-    /// Refuse any image of the chain outside this directory (`--confine`).
+    /// Refuse any image of the chain whose path, with `..` and symbolic
+    /// links resolved, is not under DIR.
+    #[arg(long = "confine", value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// Arguments of `strata rebase`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RebaseArgs {
-    /// The image whose backing file changes.
-    pub file: PathBuf,
-    /// The new backing file (`-b`; empty: none).
-    pub backing: String,
-    /// Its format (`-F`).
-    pub backing_format: Option<String>,
-    /// Header only (`-u`).
+    /// Unsafe: rewrite the header only.
+    #[arg(short = 'u')]
     pub unsafe_mode: bool,
-    /// Progress bar on a terminal (`-p`).
+    /// The new backing file ('' for none).
+    #[arg(short = 'b')]
+    pub backing: String,
+    /// The new backing file's format.
+    #[arg(short = 'F')]
+    pub backing_format: Option<String>,
+    /// Show a progress bar (on a terminal).
+    #[arg(short = 'p')]
     pub progress: bool,
-    /// Print the plan and change nothing (safe mode only).
+    /// Print the plan and change nothing (safe mode).
+    #[arg(long = "dry-run")]
     pub dry_run: bool,
-    /// Refuse any image of the chains outside this directory (`--confine`).
+    /// Refuse any image of the old or new chain whose path, with `..`
+    /// and symbolic links resolved, is not under DIR (safe mode).
+    #[arg(long = "confine", value_name = "DIR")]
     pub confine: Option<PathBuf>,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// A progress bar on stderr when asked for and stderr is a terminal;

@@ -16,19 +16,25 @@ use crate::size::parse_size;
 use crate::{open_options, NameFile};
 
 /// Arguments of `strata resize`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ResizeArgs {
+    /// Image format (qcow2 or raw); probed when omitted.
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Allow the image to shrink (data past the new end is lost).
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Preallocation of the new area: off, falloc or full (metadata is
+    /// refused: raw has none, and Strata does not do it for qcow2 yet).
+    #[arg(long = "preallocation", value_name = "MODE")]
+    pub preallocation: Option<String>,
+    /// Quiet: do not print `Image resized.`.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     /// The image.
     pub file: PathBuf,
-    /// Its format (`-f`), probed when omitted.
-    pub format: Option<String>,
-    /// Allow a smaller size (`--shrink`).
-    pub shrink: bool,
-    /// `--preallocation`: off, falloc or full (metadata is refused).
-    pub preallocation: Option<String>,
-    /// Quiet (`-q`): do not print `Image resized.`.
-    pub quiet: bool,
-    /// The size: `N`, `+N` or `-N` with qemu-img's suffixes.
+    /// New size, or +SIZE / -SIZE relative to the current one (k, M, G, T suffixes).
+    #[arg(allow_hyphen_values = true)]
     pub size: String,
 }
 
