@@ -109,6 +109,10 @@ pub struct BlockStatusIter<'a> {
     /// Per layer: whether QEMU would ask its file about holes (decided once
     /// per layer, as QEMU does).
     prealloc: Vec<Option<bool>>,
+    /// Per layer: the last L1 scan, `(from, next)`: no L1 entry in
+    /// `[from, next)` points at a table (so a long empty run is scanned
+    /// once, not once per extent).
+    l1_scans: Vec<(usize, usize)>,
     failed: bool,
 }
 
@@ -124,6 +128,7 @@ impl Chain {
             pos: start.min(end),
             end,
             prealloc: vec![None; self.layers().len()],
+            l1_scans: vec![(0, 0); self.layers().len()],
             failed: false,
         }
     }
@@ -157,7 +162,7 @@ impl BlockStatusIter<'_> {
         let pos = self.pos;
         let max = self.end - pos;
         let bottom = layers.len() - 1;
-        if let Some(n) = empty_l1_run(layers, pos, max) {
+        if let Some(n) = empty_l1_run(layers, &mut self.l1_scans, pos, max) {
             return unallocated_zero(&layers[bottom], bottom, pos, n, false);
         }
         let r = chain.resolve(pos, max)?;
@@ -234,9 +239,9 @@ impl BlockStatusIter<'_> {
 /// When `pos` lies in an L1 range that is empty in every layer (all qcow2
 /// images, none shorter than `pos`): the length of that run (at most
 /// `max`), found without visiting each L2 table span.
-fn empty_l1_run(layers: &[Layer], pos: u64, max: u64) -> Option<u64> {
+fn empty_l1_run(layers: &[Layer], scans: &mut [(usize, usize)], pos: u64, max: u64) -> Option<u64> {
     let mut run = max;
-    for l in layers {
+    for (l, scan) in layers.iter().zip(scans.iter_mut()) {
         let Image::Qcow2(q) = &l.image else {
             return None;
         };
@@ -249,11 +254,17 @@ fn empty_l1_run(layers: &[Layer], pos: u64, max: u64) -> Option<u64> {
         let span = geo.l2_span();
         let l1 = q.l1();
         let first = usize::try_from(geo.l1_index(GuestOffset(pos))).ok()?;
-        let next = l1
-            .get(first..)?
-            .iter()
-            .position(|&e| L1Entry(e).l2_offset().is_some())
-            .map_or(l1.len(), |i| first + i);
+        let next = if scan.0 <= first && first < scan.1 {
+            scan.1
+        } else {
+            let next = l1
+                .get(first..)?
+                .iter()
+                .position(|&e| L1Entry(e).l2_offset().is_some())
+                .map_or(l1.len(), |i| first + i);
+            *scan = (first, next);
+            next
+        };
         if next == first {
             return None;
         }
