@@ -75,6 +75,97 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+    /// Writes the bytes `[src_offset, src_offset+len)` of `src` at
+    /// `dst_offset` of this storage, as `write_at` would (growing it if
+    /// needed; bytes past the end of `src` are zeros), without passing
+    /// them through user space where the backends allow: a clone that
+    /// shares the filesystem's extents (`FICLONERANGE`), else an in-kernel
+    /// copy (`copy_file_range`), else a read and a write. Returns which.
+    ///
+    /// For the crash protocol and fault injection this is one write: the
+    /// bytes are pending until the next `sync`, like written ones. The
+    /// default reads and writes through a bounded buffer.
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        copy_by_reading(src, self, src_offset, len, dst_offset)?;
+        Ok(RangeCopy::ReadWrite)
+    }
+    /// Whether [`Storage::copy_range_from`] from `src` shares extents
+    /// (clones) rather than copies bytes, for ranges aligned to
+    /// [`Storage::clone_granule`]: found out by trying once (a block of
+    /// `src` cloned into a temporary file beside this one), then
+    /// remembered. False for backends without files.
+    fn clones_from(&self, src: &dyn Storage) -> bool {
+        let _ = src;
+        false
+    }
+    /// The unit a clone needs its offsets and length aligned to (the
+    /// filesystem block size); 0 when this storage cannot clone.
+    fn clone_granule(&self) -> u64 {
+        0
+    }
+    /// What holds the storage, for tuning: the filesystem of a file.
+    fn filesystem(&self) -> FsKind {
+        FsKind::Other
+    }
+}
+
+/// How [`Storage::copy_range_from`] moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeCopy {
+    /// The destination now shares the source's extents (`FICLONERANGE`).
+    Cloned,
+    /// Copied inside the kernel (`copy_file_range`; on a filesystem that
+    /// shares extents, the kernel may still have cloned).
+    Copied,
+    /// Read into memory and written.
+    ReadWrite,
+}
+
+/// The filesystem a file storage lives on (`statfs`'s `f_type`), for the
+/// choices that depend on it (writeback hints, cloning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    /// ext2/3/4.
+    Ext4,
+    /// XFS.
+    Xfs,
+    /// btrfs.
+    Btrfs,
+    /// tmpfs (memory: nothing to write back).
+    Tmpfs,
+    /// Anything else, or not a file.
+    Other,
+}
+
+/// Bytes moved per step of a read+write fallback copy.
+const COPY_CHUNK: u64 = 4 << 20;
+
+/// Copies by reading `src` and writing `dst`, [`COPY_CHUNK`] at a time.
+fn copy_by_reading(
+    src: &dyn Storage,
+    dst: &(impl Storage + ?Sized),
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<()> {
+    let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "offset overflows");
+    src_offset.checked_add(len).ok_or_else(overflow)?;
+    dst_offset.checked_add(len).ok_or_else(overflow)?;
+    let mut buf = vec![0u8; len.min(COPY_CHUNK) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(COPY_CHUNK) as usize;
+        src.read_at(&mut buf[..n], src_offset + done)?;
+        dst.write_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Bytes of a storage mapped into memory read-only, unmapped when dropped
@@ -153,6 +244,52 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writeback: Writeback,
+    fs: FsInfo,
+    /// Whether clones from a source on device `st_dev` work: the probe's
+    /// answers (see [`Storage::clones_from`]).
+    clone_probes: Mutex<Vec<(u64, bool)>>,
+}
+
+/// The filesystem of a file storage, read once at open.
+#[derive(Debug, Clone, Copy)]
+struct FsInfo {
+    kind: FsKind,
+    /// `f_bsize`: the unit of clones (0: unknown, or a block device).
+    block: u64,
+}
+
+impl FsInfo {
+    fn of(file: &File) -> FsInfo {
+        use nix::sys::statfs;
+        use std::os::unix::fs::FileTypeExt;
+        let regular = file
+            .metadata()
+            .is_ok_and(|m| !m.file_type().is_block_device());
+        let Ok(st) = statfs::fstatfs(file) else {
+            return FsInfo {
+                kind: FsKind::Other,
+                block: 0,
+            };
+        };
+        let t = st.filesystem_type();
+        let kind = if t == statfs::XFS_SUPER_MAGIC {
+            FsKind::Xfs
+        } else if t == statfs::BTRFS_SUPER_MAGIC {
+            FsKind::Btrfs
+        } else if t == statfs::EXT4_SUPER_MAGIC {
+            FsKind::Ext4
+        } else if t == statfs::TMPFS_MAGIC {
+            FsKind::Tmpfs
+        } else {
+            FsKind::Other
+        };
+        let block = if regular {
+            u64::try_from(st.block_size()).unwrap_or(0)
+        } else {
+            0
+        };
+        FsInfo { kind, block }
+    }
 }
 
 /// Starts the kernel's writeback of written data early, on a helper thread,
@@ -305,11 +442,7 @@ impl FileStorage {
             .open(path)?;
         check_file_type(&file)?;
         clear_nonblock(&file)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writeback: Writeback::default(),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
     /// Creates (or truncates) `path` for reading and writing.
     pub fn create(path: &Path) -> io::Result<FileStorage> {
@@ -319,18 +452,17 @@ impl FileStorage {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writeback: Writeback::default(),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
     /// Wraps an open file.
     pub fn from_file(file: File, path: &Path) -> FileStorage {
+        let fs = FsInfo::of(&file);
         FileStorage {
             file,
             path: path.to_path_buf(),
             writeback: Writeback::default(),
+            fs,
+            clone_probes: Mutex::new(Vec::new()),
         }
     }
 }
@@ -510,6 +642,217 @@ impl Storage for FileStorage {
             _ => Ok(None),
         }
     }
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "offset overflows");
+        src_offset.checked_add(len).ok_or_else(overflow)?;
+        dst_offset.checked_add(len).ok_or_else(overflow)?;
+        let Some(from) = src.file() else {
+            copy_by_reading(src, self, src_offset, len, dst_offset)?;
+            return Ok(RangeCopy::ReadWrite);
+        };
+        if len == 0 {
+            return Ok(RangeCopy::Copied);
+        }
+        // Past the end of the source: zeros, written (a clone or an
+        // in-kernel copy would stop short there).
+        let inside = src.len()?.saturating_sub(src_offset).min(len);
+        if inside < len {
+            let zeros = vec![0u8; (len - inside).min(COPY_CHUNK) as usize];
+            let mut at = inside;
+            while at < len {
+                let n = (len - at).min(COPY_CHUNK) as usize;
+                self.write_at(&zeros[..n], dst_offset + at)?;
+                at += n as u64;
+            }
+        }
+        if inside == 0 {
+            return Ok(RangeCopy::ReadWrite);
+        }
+        let g = self.fs.block;
+        let aligned = g > 0
+            && src_offset.is_multiple_of(g)
+            && dst_offset.is_multiple_of(g)
+            && inside.is_multiple_of(g);
+        if aligned && self.clone_known(from) != Some(false) {
+            match clone_range(from, &self.file, src_offset, inside, dst_offset) {
+                Ok(()) => {
+                    self.clone_learned(from, true);
+                    return Ok(RangeCopy::Cloned);
+                }
+                Err(e) if not_supported(&e) => {
+                    // EINVAL may be this range alone (e.g. a source opened
+                    // with O_APPEND, an inline extent): only the others
+                    // say the filesystem cannot.
+                    if e.raw_os_error() != Some(libc::EINVAL) {
+                        self.clone_learned(from, false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let copied = copy_in_kernel(from, &self.file, src_offset, inside, dst_offset)?;
+        if copied > 0 {
+            self.writeback.wrote(&self.file, dst_offset, copied);
+        }
+        if copied == inside {
+            return Ok(RangeCopy::Copied);
+        }
+        copy_by_reading(
+            src,
+            self,
+            src_offset + copied,
+            inside - copied,
+            dst_offset + copied,
+        )?;
+        Ok(RangeCopy::ReadWrite)
+    }
+    fn clones_from(&self, src: &dyn Storage) -> bool {
+        let Some(from) = src.file() else {
+            return false;
+        };
+        if self.fs.block == 0 {
+            return false;
+        }
+        if let Some(known) = self.clone_known(from) {
+            return known;
+        }
+        let works = probe_clone(from, &self.path, self.fs.block);
+        self.clone_learned(from, works);
+        works
+    }
+    fn clone_granule(&self) -> u64 {
+        self.fs.block
+    }
+    fn filesystem(&self) -> FsKind {
+        self.fs.kind
+    }
+}
+
+impl FileStorage {
+    /// What the probe (or an earlier clone) found for sources on `from`'s
+    /// device.
+    fn clone_known(&self, from: &File) -> Option<bool> {
+        let dev = device_of(from)?;
+        let probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.iter().find(|(d, _)| *d == dev).map(|(_, w)| *w)
+    }
+    fn clone_learned(&self, from: &File, works: bool) {
+        let Some(dev) = device_of(from) else { return };
+        let mut probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.iter_mut().find(|(d, _)| *d == dev) {
+            Some(p) => p.1 = works,
+            None => probes.push((dev, works)),
+        }
+    }
+}
+
+fn device_of(f: &File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| m.dev())
+}
+
+/// Errors that say a clone or an in-kernel copy cannot be done here (the
+/// caller falls back), as opposed to a failure of the storage itself.
+fn not_supported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::EXDEV | libc::ENOSYS | libc::ENOTTY)
+    )
+}
+
+/// `FICLONERANGE`: makes `[dst_offset, +len)` of `to` share the extents of
+/// `[src_offset, +len)` of `from` (all aligned to the block size).
+#[allow(unsafe_code)]
+fn clone_range(
+    from: &File,
+    to: &File,
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let arg = libc::file_clone_range {
+        src_fd: i64::from(from.as_raw_fd()),
+        src_offset,
+        src_length: len,
+        dest_offset: dst_offset,
+    };
+    loop {
+        // SAFETY: FICLONERANGE reads one `file_clone_range`, which `arg`
+        // is, alive for the call; both descriptors are open files we own.
+        let r = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONERANGE, &arg) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `copy_file_range` of up to `len` bytes; returns how many were copied
+/// before the kernel said it cannot (those the caller copies otherwise).
+fn copy_in_kernel(
+    from: &File,
+    to: &File,
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let (Ok(mut off_in), Ok(mut off_out)) = (
+            i64::try_from(src_offset + done),
+            i64::try_from(dst_offset + done),
+        ) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => break,
+            Ok(n) => done += n as u64,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                let e = io::Error::from(e);
+                if not_supported(&e) {
+                    break;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Tries a clone of `from`'s first block into an unnamed temporary file in
+/// `beside`'s directory (nothing is left behind).
+fn probe_clone(from: &File, beside: &Path, block: u64) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    if from.metadata().map_or(true, |m| m.len() < block) {
+        return false;
+    }
+    let dir = match beside.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(tmp) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return false;
+    };
+    clone_range(from, &tmp, 0, block, 0).is_ok()
 }
 
 /// A storage held in memory, cheap to clone (clones share the bytes).
@@ -772,6 +1115,218 @@ mod tests {
     }
 
     #[test]
+    fn file_storage_copies_ranges_between_files_as_written_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = FileStorage::create(&dir.path().join("src")).unwrap();
+        let bytes: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i % 253) as u8).collect();
+        src.write_at(&bytes, 0).unwrap();
+        src.sync().unwrap();
+        let dst = FileStorage::create(&dir.path().join("dst")).unwrap();
+        dst.write_at(&[0xaa; 8192], 0).unwrap();
+        // Aligned (a clone where the filesystem shares extents), unaligned,
+        // and running past the end of the source (zeros).
+        let how = dst.copy_range_from(&src, 1 << 20, 1 << 20, 65536).unwrap();
+        let how2 = dst.copy_range_from(&src, 13, 5000, 100).unwrap();
+        let end = bytes.len() as u64;
+        dst.copy_range_from(&src, end - 10, 4096, 3 << 20).unwrap();
+        let got = std::fs::read(dir.path().join("dst")).unwrap();
+        assert!(got[..100] == [0xaa; 100]);
+        assert!(got[100..5100] == bytes[13..5013]);
+        assert!(got[5100..8192] == [0xaa; 8192 - 5100]);
+        assert!(got[8192..65536].iter().all(|b| *b == 0));
+        assert!(got[65536..65536 + (1 << 20)] == bytes[1 << 20..2 << 20]);
+        let tail = &got[3 << 20..];
+        assert_eq!(tail.len(), 4096);
+        assert!(tail[..10] == bytes[bytes.len() - 10..]);
+        assert!(tail[10..].iter().all(|b| *b == 0));
+        // Unaligned ranges are never clones.
+        assert_ne!(how2, RangeCopy::Cloned);
+        let clones = dst.clones_from(&src);
+        assert_eq!(how == RangeCopy::Cloned, clones, "{how:?}");
+        // From a storage without a file: read and written.
+        let mem = MemStorage::from_bytes(vec![9; 4096]);
+        assert_eq!(
+            dst.copy_range_from(&mem, 0, 4096, 0).unwrap(),
+            RangeCopy::ReadWrite
+        );
+        assert!(!dst.clones_from(&mem));
+        assert_eq!(
+            std::fs::read(dir.path().join("dst")).unwrap()[..4096],
+            [9; 4096]
+        );
+    }
+
+    /// A loop-mounted filesystem made for one test, unmounted and removed
+    /// when dropped (also when the test fails). `None`, with the reason
+    /// printed, when not root or the tools are missing.
+    struct LoopFs {
+        dir: tempfile::TempDir,
+        mounted: bool,
+    }
+
+    impl LoopFs {
+        fn new(kind: &str) -> Option<LoopFs> {
+            use std::process::Command;
+            let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+            });
+            if !root {
+                eprintln!("skipped: {kind} loop mount needs root");
+                return None;
+            }
+            let mkfs = format!("mkfs.{kind}");
+            let opts: &[&str] = if kind == "xfs" {
+                &["-q", "-m", "reflink=1"]
+            } else {
+                &["-q"]
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("fs.img");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            File::create(&img).unwrap().set_len(320 << 20).unwrap();
+            let made = Command::new(&mkfs).args(opts).arg(&img).output();
+            if !made.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipped: {mkfs} not available or failed");
+                return None;
+            }
+            let mut fs = LoopFs {
+                dir,
+                mounted: false,
+            };
+            let m = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .output();
+            if !m.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipped: mount -o loop failed");
+                return None;
+            }
+            fs.mounted = true;
+            Some(fs)
+        }
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for LoopFs {
+        fn drop(&mut self) {
+            if self.mounted {
+                let _ = std::process::Command::new("umount")
+                    .arg(self.path())
+                    .status();
+            }
+        }
+    }
+
+    /// Whether `filefrag -v` shows every extent of `path` as shared.
+    fn all_shared(path: &Path) -> bool {
+        let out = std::process::Command::new("filefrag")
+            .arg("-v")
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let extents: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
+            .filter(|l| l.contains(".."))
+            .collect();
+        !extents.is_empty() && extents.iter().all(|l| l.contains("shared"))
+    }
+
+    #[test]
+    fn on_xfs_and_btrfs_an_aligned_range_copy_is_a_clone_sharing_extents() {
+        for kind in ["xfs", "btrfs"] {
+            let Some(fs) = LoopFs::new(kind) else {
+                continue;
+            };
+            let src_path = fs.path().join("src");
+            let src = FileStorage::create(&src_path).unwrap();
+            assert_eq!(
+                src.filesystem(),
+                if kind == "xfs" {
+                    FsKind::Xfs
+                } else {
+                    FsKind::Btrfs
+                }
+            );
+            let bytes: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+            src.write_at(&bytes, 0).unwrap();
+            src.sync().unwrap();
+            let dst_path = fs.path().join("dst");
+            let dst = FileStorage::create(&dst_path).unwrap();
+            assert!(dst.clones_from(&src), "{kind}");
+            let g = dst.clone_granule();
+            assert!(g >= 512 && (1 << 20) % g == 0, "{kind}: {g}");
+            let how = dst.copy_range_from(&src, 1 << 20, 2 << 20, 0).unwrap();
+            assert_eq!(how, RangeCopy::Cloned, "{kind}");
+            // Unaligned: copied, not cloned, and right.
+            let how = dst.copy_range_from(&src, 7, 100, 2 << 20).unwrap();
+            assert_ne!(how, RangeCopy::Cloned, "{kind}");
+            dst.sync().unwrap();
+            let got = std::fs::read(&dst_path).unwrap();
+            assert!(got[..2 << 20] == bytes[1 << 20..3 << 20], "{kind}");
+            assert!(got[2 << 20..] == bytes[7..107], "{kind}");
+            dst.set_len(2 << 20).unwrap();
+            dst.sync().unwrap();
+            assert!(all_shared(&dst_path), "{kind}: extents not shared");
+            drop((src, dst));
+        }
+    }
+
+    #[test]
+    fn a_range_copy_into_fault_storage_is_one_write_the_crash_may_drop() {
+        let src = MemStorage::from_bytes((0..64u8).collect());
+        let s = FaultStorage::new(vec![0; 16]);
+        s.crash_at(1);
+        assert_eq!(
+            s.copy_range_from(&src, 8, 8, 4).unwrap(),
+            RangeCopy::ReadWrite
+        );
+        assert_eq!(s.ops(), 1);
+        assert_eq!(s.pending(), 1);
+        assert_eq!(&s.current()[4..12], &(8..16u8).collect::<Vec<_>>()[..]);
+        assert_eq!(s.durable_image(&mut |_| false), vec![0; 16]);
+        // The next copy is the crash.
+        assert!(s.copy_range_from(&src, 0, 4, 0).is_err());
+        assert!(s.crashed());
+        assert_eq!(s.range_copies(), 2);
+    }
+
+    #[test]
+    fn fault_storage_clones_on_request_and_fails_them_on_request() {
+        let src = MemStorage::from_bytes(vec![5; 1024]);
+        let s = FaultStorage::new(vec![0; 1024]);
+        assert!(!s.clones_from(&src));
+        assert_eq!(s.clone_granule(), 0);
+        s.set_clones(true);
+        assert!(s.clones_from(&src));
+        assert_eq!(s.clone_granule(), 512);
+        assert_eq!(
+            s.copy_range_from(&src, 0, 512, 512).unwrap(),
+            RangeCopy::Cloned
+        );
+        s.fail_clones(true);
+        let e = s.copy_range_from(&src, 0, 512, 0).unwrap_err();
+        assert!(e.to_string().contains("injected clone failure"), "{e}");
+        assert!(!s.crashed());
+        assert_eq!(&s.current()[..512], &[0; 512]);
+        assert_eq!(&s.current()[512..], &[5; 512]);
+        // Not a crash: other writes go on.
+        s.write_at(&[1], 0).unwrap();
+        assert_eq!(s.ops(), 3);
+    }
+
+    #[test]
     fn fault_storage_maps_copies_of_what_it_holds() {
         let s = FaultStorage::new(vec![1, 2, 3, 4]);
         assert_eq!(*s.mapped(1, 3).unwrap().unwrap(), [2, 3, 4]);
@@ -833,6 +1388,14 @@ struct FaultState {
     own_ops: u64,
     /// The crash clock (shared by the storages of one simulated machine).
     clock: Arc<Mutex<FaultClock>>,
+    /// Whether range copies into this storage report clones (and
+    /// [`Storage::clones_from`] says they do), as on XFS or btrfs.
+    clones: bool,
+    /// Whether range copies into this storage fail (an I/O error, not a
+    /// crash: later operations work).
+    clone_fails: bool,
+    /// Range copies done.
+    range_copies: u64,
 }
 
 /// The operation counter and crash point of one simulated machine: every
@@ -922,6 +1485,23 @@ impl FaultStorage {
     pub fn own_ops(&self) -> u64 {
         self.lock().own_ops
     }
+    /// Makes range copies into this storage behave as clones do on a
+    /// filesystem that shares extents: [`Storage::clones_from`] says yes
+    /// (for any source), the clone unit is 512 bytes, and each copy
+    /// reports [`RangeCopy::Cloned`]. The bytes and the crash model are
+    /// those of one write.
+    pub fn set_clones(&self, clones: bool) {
+        self.lock().clones = clones;
+    }
+    /// Makes every later range copy into this storage fail with an I/O
+    /// error (counted as an operation; nothing is written).
+    pub fn fail_clones(&self, fail: bool) {
+        self.lock().clone_fails = fail;
+    }
+    /// Number of range copies into this storage so far (failed included).
+    pub fn range_copies(&self) -> u64 {
+        self.lock().range_copies
+    }
     /// Number of syncs of this storage so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
@@ -1005,6 +1585,50 @@ impl Storage for FaultStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation, as one pwritev.
         self.write_at(&bufs.concat(), offset)
+    }
+    /// One operation, as one write of the bytes `src` reads (a crash keeps
+    /// it or not, like any write not yet synced).
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        if len > MEM_STORAGE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "copy past the memory storage limit",
+            ));
+        }
+        // Read first: `src` may be this storage (its lock is not held).
+        let mut bytes = vec![0u8; len as usize];
+        src.read_at(&mut bytes, src_offset)?;
+        let clones = {
+            let mut st = self.lock();
+            st.range_copies += 1;
+            if st.clone_fails {
+                self.op(&mut st)?;
+                return Err(io::Error::other("injected clone failure"));
+            }
+            st.clones
+        };
+        self.write_at(&bytes, dst_offset)?;
+        Ok(if clones {
+            RangeCopy::Cloned
+        } else {
+            RangeCopy::ReadWrite
+        })
+    }
+    fn clones_from(&self, _src: &dyn Storage) -> bool {
+        self.lock().clones
+    }
+    fn clone_granule(&self) -> u64 {
+        if self.lock().clones {
+            512
+        } else {
+            0
+        }
     }
     /// One operation, as an unsynced write of zeros over the part inside
     /// the storage: a crash may keep it or not, and a hole punched into

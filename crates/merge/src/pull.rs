@@ -193,6 +193,16 @@ impl Job for BackingJob<'_> {
     fn source_layers(&self) -> &[Layer] {
         self.chain.layers().get(1..).unwrap_or(&[])
     }
+
+    fn destination(&self) -> &Layer {
+        self.chain.top()
+    }
+
+    fn write_range(&mut self, at: u64, len: u64, depth: usize, host: u64) -> Result<()> {
+        Ok(self
+            .chain
+            .write_range_from_layer(at, len, depth + 1, host)?)
+    }
 }
 
 fn granule_of(image: &Image) -> u64 {
