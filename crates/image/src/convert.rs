@@ -22,7 +22,7 @@ use crate::create::{create_qcow2, create_raw, CreateOptions, NewImageFile};
 use crate::error::{Error, Result};
 use crate::qcow2::Qcow2Image;
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, FsKind, RangeCopy, Storage};
 
 /// Bytes read from a source per step (bounds memory).
 pub const CONVERT_WINDOW: u64 = 4 << 20;
@@ -358,6 +358,28 @@ impl Storage for CachedStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.inner.punch_hole(offset, len)
     }
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> std::io::Result<RangeCopy> {
+        let how = self
+            .inner
+            .copy_range_from(src, src_offset, len, dst_offset)?;
+        self.after_write()?;
+        Ok(how)
+    }
+    fn clones_from(&self, src: &dyn Storage) -> bool {
+        self.inner.clones_from(src)
+    }
+    fn clone_granule(&self) -> u64 {
+        self.inner.clone_granule()
+    }
+    fn filesystem(&self) -> FsKind {
+        self.inner.filesystem()
+    }
 }
 
 /// The image being written.
@@ -636,9 +658,12 @@ fn copy_one(
             Action::Data => {
                 let layer = s.layer.unwrap_or(0);
                 let image = &src.layers()[layer].image;
-                let mut pos = s.start;
-                while pos < s.end() {
-                    let n = (s.end() - pos).min(CONVERT_WINDOW);
+                let (mut pos, end) = match offload_range(&s, image, base, target, opts)? {
+                    Some(r) => r,
+                    None => (s.start, s.end()),
+                };
+                while pos < end {
+                    let n = (end - pos).min(CONVERT_WINDOW);
                     // (A compressed extent never crosses its cluster.)
                     let m = s.mapping.advance(pos - s.start);
                     let mapped = image.mapped_data(m, n as usize)?;
@@ -657,6 +682,80 @@ fn copy_one(
         }
     }
     Ok(())
+}
+
+/// Copy offload of the data extent `s` of `image` (source guest offsets;
+/// the target's are `base` on): where `-C` asks for it, or where the
+/// target's filesystem shares extents with the source's (a clone costs
+/// nothing and reads nothing), the bytes are moved by
+/// [`Storage::copy_range_from`] (`FICLONERANGE`, else `copy_file_range`,
+/// else read and write). A qcow2 target takes whole clusters that way
+/// (not with extended L2 entries): the head and tail of the extent are
+/// left to the caller, as the returned sub-range; `None`: nothing moved,
+/// copy all of it.
+fn offload_range(
+    s: &BlockStatus,
+    image: &Image,
+    base: u64,
+    target: &mut Target,
+    opts: &ConvertOptions,
+) -> Result<Option<(u64, u64)>> {
+    let crate::mapping::Mapping::Data { host } = s.mapping else {
+        return Ok(None);
+    };
+    let src = image.storage();
+    if opts.offload != Offload::Required && !target.image.storage().clones_from(src) {
+        return Ok(None);
+    }
+    let (at, end) = (base + s.start, base + s.end());
+    let path = target.path.clone();
+    match &mut target.image {
+        Image::Raw(r) => {
+            r.check_range(at, s.length)?;
+            r.storage()
+                .copy_range_from(src, host.0, s.length, at)
+                .map_err(|e| Error::io(&path, "copy data", at, e))?;
+            Ok(Some((s.end(), s.end())))
+        }
+        Image::Qcow2(q) => {
+            let geo = q.geometry();
+            let cs = geo.cluster_size();
+            let a = at.div_ceil(cs) * cs;
+            let b = end / cs * cs;
+            if geo.extended_l2() || b <= a {
+                return Ok(None);
+            }
+            q.write_range_from(a, b - a, src, host.0 + (a - at))?;
+            // The head is copied by the caller now, the tail next.
+            if at < a {
+                let head = (s.start, a - base);
+                copy_plain(s, image, base, target, opts, head)?;
+            }
+            Ok(Some((b - base, s.end())))
+        }
+    }
+}
+
+/// Copies `[range.0, range.1)` (source guest offsets) of the data extent
+/// `s` through memory.
+fn copy_plain(
+    s: &BlockStatus,
+    image: &Image,
+    base: u64,
+    target: &mut Target,
+    opts: &ConvertOptions,
+    range: (u64, u64),
+) -> Result<()> {
+    let n = range.1 - range.0;
+    let m = s.mapping.advance(range.0 - s.start);
+    let mut buf = vec![0u8; n as usize];
+    image.read_mapped(m, range.0, &mut buf)?;
+    let sparse = if opts.offload == Offload::Required {
+        0
+    } else {
+        opts.sparse_size
+    };
+    write_sparse(target, base + range.0, &buf, sparse, 0)
 }
 
 /// Writes `len` zero bytes as data (`-S 0`).
