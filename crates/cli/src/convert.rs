@@ -197,7 +197,9 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
     } else if args.backing_format.is_some() {
         bail!("-F needs -B BACKING");
     }
-    let opts = open_options(args.format.as_deref(), args.force_share)?;
+    let mut opts = open_options(args.format.as_deref(), args.force_share)?;
+    // Convert reads every layer: chains as deep as qemu-img converts open.
+    opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
     let mut chains = Vec::new();
     for src in srcs {
         chains.push(Chain::open(src, &opts)?);

@@ -171,7 +171,9 @@ fn layer_names(args: &MapArgs, chain: &Chain) -> Vec<String> {
 
 /// Runs `strata map`.
 pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
-    let opts = open_options(args.format.as_deref(), args.force_share)?;
+    let mut opts = open_options(args.format.as_deref(), args.force_share)?;
+    // Map reads every layer: chains as deep as qemu-img maps open.
+    opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
     let chain = Chain::open(&args.file, &opts)?;
     let entries = map_entries(&chain)?;
     match args.output {

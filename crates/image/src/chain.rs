@@ -198,7 +198,19 @@ pub struct OpenOptions {
     /// hold data gets the cautious answer. Deeper layers are not opened,
     /// so memory stays bounded by the limit.
     pub stub_beyond_limit: bool,
+    /// The deepest chain that opens in full, instead of
+    /// [`limits::MAX_CHAIN_DEPTH`] (`None`). Operations that read every
+    /// layer (map, convert, `info --backing-chain`) raise it to
+    /// [`READ_CHAIN_DEPTH`], as qemu-img opens such chains; deeper than
+    /// the limit is refused, or stubbed with `stub_beyond_limit`.
+    pub depth_limit: Option<usize>,
 }
+
+/// The depth limit ([`OpenOptions::depth_limit`]) of operations that read
+/// every layer of a chain: qemu-img maps and converts a chain of 200
+/// images; each open layer costs a file descriptor, its L1 table and a
+/// bounded L2 cache (512 stays clear of the usual limit of 1024 open files).
+pub const READ_CHAIN_DEPTH: usize = 512;
 
 /// The stand-in for the layers past the depth limit (see
 /// [`OpenOptions::stub_beyond_limit`]).
@@ -365,7 +377,8 @@ impl Chain {
                     backing: name.clone(),
                     why: "unsupported backing format".into(),
                 })?;
-            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH && opts.stub_beyond_limit {
+            let limit = opts.depth_limit.unwrap_or(limits::MAX_CHAIN_DEPTH);
+            if chain.layers.len() >= limit && opts.stub_beyond_limit {
                 let storage = NotOpened {
                     path: bpath.clone(),
                 };
@@ -377,10 +390,10 @@ impl Chain {
                 });
                 break;
             }
-            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH {
+            if chain.layers.len() >= limit {
                 return Err(Error::ChainTooDeep {
                     path: path.to_path_buf(),
-                    limit: limits::MAX_CHAIN_DEPTH,
+                    limit,
                 });
             }
             let id = file_id(&bpath).map_err(|e| Error::Backing {

@@ -415,7 +415,7 @@ impl Target {
                         let o = OpenOptions {
                             format: Some(*fmt),
                             force_share: true,
-                            stub_beyond_limit: true,
+                            depth_limit: Some(crate::chain::READ_CHAIN_DEPTH),
                             ..OpenOptions::default()
                         };
                         Some(Chain::open(&p, &o)?)
@@ -466,7 +466,7 @@ impl Target {
                 let bo = OpenOptions {
                     format: Some(fmt),
                     force_share: true,
-                    stub_beyond_limit: true,
+                    depth_limit: Some(crate::chain::READ_CHAIN_DEPTH),
                     ..OpenOptions::default()
                 };
                 Some(Chain::open(&p, &bo)?)

@@ -25,7 +25,9 @@ pub mod write;
 
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
 pub use block_status::{BlockStatus, BlockStatusIter};
-pub use chain::{set_backing_file, Chain, Image, ImageFormat, Layer, OpenOptions, Resolved};
+pub use chain::{
+    set_backing_file, Chain, Image, ImageFormat, Layer, OpenOptions, Resolved, READ_CHAIN_DEPTH,
+};
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
 pub use qcow2::Qcow2Image;
