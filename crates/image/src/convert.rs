@@ -406,6 +406,13 @@ impl Target {
         let (image, backing) = match create {
             None => {
                 create_raw(&storage, dst, size)?;
+                // As QEMU's file driver does on create (allocate_first_block,
+                // for probing O_DIRECT alignment later): the first 4 KiB are
+                // written, so the file's layout is qemu-img's.
+                let first = vec![0u8; size.min(4096) as usize];
+                storage
+                    .write_at(&first, 0)
+                    .map_err(|e| Error::io(dst, "write", 0, e))?;
                 (Image::Raw(RawImage::open(Box::new(storage), dst)?), None)
             }
             Some(c) => {
@@ -822,20 +829,17 @@ fn copy_compressed(
     while pos < size {
         progress(pos);
         let win = (size - pos).min(CONVERT_WINDOW);
-        // Whether the window holds anything to write.
-        let mut any = false;
-        let mut zeros_to_write = Vec::new();
-        for s in src.block_status(pos, win) {
-            let s = s?;
-            match action(&s, has_backing_target, layers) {
-                Action::Data => any = true,
-                Action::Zero => zeros_to_write.push((s.start, s.length)),
-                Action::Skip => {}
-            }
+        // What the window's ranges need: (start, length, action).
+        let mut acts = Vec::new();
+        for st in src.block_status(pos, win) {
+            let st = st?;
+            acts.push((st.start, st.length, action(&st, has_backing_target, layers)));
         }
-        if !any {
-            for (a, n) in zeros_to_write {
-                target.write_zeroes(base + a, n, true)?;
+        if !acts.iter().any(|a| matches!(a.2, Action::Data)) {
+            for (a, n, act) in &acts {
+                if matches!(act, Action::Zero) {
+                    target.write_zeroes(base + a, *n, true)?;
+                }
             }
             pos += win;
             continue;
@@ -845,13 +849,27 @@ fn copy_compressed(
         let mut i = 0u64;
         while i < win {
             let n = cs.min(win - i);
+            let (c0, c1) = (pos + i, pos + i + n);
+            let overlaps = |a: u64, len: u64| a < c1 && a + len > c0;
+            let has = |want: fn(&Action) -> bool| {
+                acts.iter()
+                    .any(|(a, len, act)| overlaps(*a, *len) && want(act))
+            };
             let chunk = &buf[i as usize..(i + n) as usize];
-            if chunk.iter().all(|&b| b == 0) {
-                target.write_zeroes(base + pos + i, n, true)?;
-            } else {
+            if has(|a| matches!(a, Action::Data)) && chunk.iter().any(|&b| b != 0) {
+                // The whole cluster as the chain shows it.
                 let mut c = chunk.to_vec();
                 c.resize(cs as usize, 0);
-                target.write(base + pos + i, &c, true)?;
+                target.write(base + c0, &c, true)?;
+            } else if has(|a| !matches!(a, Action::Skip)) {
+                // Zeros, where the sources' top image answers.
+                for (a, len, act) in &acts {
+                    if overlaps(*a, *len) && !matches!(act, Action::Skip) {
+                        let from = (*a).max(c0);
+                        let to = (a + len).min(c1);
+                        target.write_zeroes(base + from, to - from, true)?;
+                    }
+                }
             }
             i += n;
         }
