@@ -26,6 +26,8 @@ use crate::storage::{FileStorage, FsKind, RangeCopy, Storage};
 
 /// Bytes read from a source per step (bounds memory).
 pub const CONVERT_WINDOW: u64 = 4 << 20;
+/// Data runs at least this long are mapped in place instead of read.
+const MAP_MIN: u64 = 1 << 20;
 /// qemu-img convert's default `-S`: zero blocks of 4 KiB are left sparse.
 pub const SPARSE_BLOCK: u64 = 4096;
 /// Largest `-S` qemu-img accepts (16 MiB).
@@ -673,7 +675,13 @@ fn copy_one(
                     let n = (end - pos).min(CONVERT_WINDOW);
                     // (A compressed extent never crosses its cluster.)
                     let m = s.mapping.advance(pos - s.start);
-                    let mapped = image.mapped_data(m, n as usize)?;
+                    // Mapping pays off for large runs only (a map, a
+                    // populate and an unmap, with its TLB flush, per run).
+                    let mapped = if n >= MAP_MIN {
+                        image.mapped_data(m, n as usize)?
+                    } else {
+                        None
+                    };
                     let data: &[u8] = match &mapped {
                         Some(b) if b.len() as u64 == n => b,
                         _ => {
