@@ -399,3 +399,40 @@ fn a_depth_200_chain_maps_lists_and_converts_as_with_qemu_img() {
         same_result(&q, &st, &top, fmt);
     }
 }
+
+#[test]
+fn a_32_tib_overlay_is_walked_in_steps_that_follow_the_data() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    chain(dir.path());
+    let big = dir.path().join("big.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "top.qcow2",
+        "-F",
+        "qcow2",
+        s(&big),
+        "32T",
+    ]);
+    let expected = qemu_img_ok(&["map", "--output", "json", s(&big)]);
+    let r = strata(&["map", "--output", "json", s(&big)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, expected);
+    // Block status steps: a few per extent of data, not one per L2 span
+    // of the 32 TiB (65,536 of them).
+    let chain = strata_image::Chain::open(&big, &strata_image::OpenOptions::default()).unwrap();
+    let steps = chain.block_status(0, chain.virtual_size()).count();
+    let entries = expected.lines().count();
+    assert!(
+        steps <= 4 * entries,
+        "{steps} steps for {entries} map entries"
+    );
+    let (q, st) = twins(dir.path(), &["-O", "qcow2"], &[&big], "big.qcow2");
+    same_result(&q, &st, &big, "qcow2");
+}
