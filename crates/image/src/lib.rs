@@ -138,6 +138,7 @@ pub(crate) mod alloc;
 pub mod amend;
 pub mod backing;
 pub mod bitmap;
+pub mod block_status;
 pub mod chain;
 pub mod check;
 pub mod compress;
@@ -156,9 +157,10 @@ pub mod write;
 
 pub use backing::{set_backing_file, FileId};
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
+pub use block_status::{BlockStatus, BlockStatusIter};
 pub use chain::{
     Chain, Image, ImageFormat, Layer, OnBadBitmaps, OnDirty, OnUnknownAutoclear, OpenOptions,
-    Resolved, WritePolicy,
+    Resolved, WritePolicy, READ_CHAIN_DEPTH,
 };
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};
