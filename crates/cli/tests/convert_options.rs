@@ -103,7 +103,7 @@ fn both_refuse(dir: &Path, args: &[&str], ext: &str, needle: &str) {
 }
 
 #[test]
-fn default_convert_skips_zeros_as_qemu_img_does() {
+fn iotest_122_default_convert_skips_zeros_as_qemu_img_does() {
     if !qemu_available() {
         return;
     }
@@ -116,7 +116,7 @@ fn default_convert_skips_zeros_as_qemu_img_does() {
 }
 
 #[test]
-fn sparse_size_matches_qemu_img_and_zero_fully_allocates() {
+fn iotest_122_sparse_size_matches_qemu_img_and_zero_fully_allocates() {
     if !qemu_available() {
         return;
     }
@@ -154,7 +154,7 @@ fn sparse_size_matches_qemu_img_and_zero_fully_allocates() {
 }
 
 #[test]
-fn backing_target_holds_only_the_top_images_allocation() {
+fn iotest_122_backing_target_holds_only_the_top_images_allocation() {
     if !qemu_available() {
         return;
     }
@@ -193,7 +193,7 @@ fn backing_target_holds_only_the_top_images_allocation() {
 }
 
 #[test]
-fn compressed_output_maps_as_qemu_imgs() {
+fn iotest_122_compressed_output_maps_as_qemu_imgs() {
     if !qemu_available() {
         return;
     }
@@ -205,7 +205,7 @@ fn compressed_output_maps_as_qemu_imgs() {
 }
 
 #[test]
-fn existing_target_is_overwritten_in_place() {
+fn iotest_122_existing_target_is_overwritten_in_place() {
     if !qemu_available() {
         return;
     }
@@ -329,7 +329,7 @@ fn out_of_order_and_every_cache_mode_give_the_same_image() {
 }
 
 #[test]
-fn several_sources_are_concatenated() {
+fn iotest_122_several_sources_are_concatenated() {
     if !qemu_available() {
         return;
     }
