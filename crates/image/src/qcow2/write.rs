@@ -22,8 +22,8 @@ use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY}
 use strata_format::table::{OFLAG_COPIED, OFLAG_ZERO};
 use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::{Meta, MetadataMap, Refcounts};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::{Meta, MetadataMap, Refcounts};
 use crate::qcow2::Qcow2Image;
 use crate::Mapping;
 

@@ -48,8 +48,8 @@ use strata_format::bitmap::{
 };
 use strata_format::header::AUTOCLEAR_BITMAPS;
 
-use crate::alloc::Meta;
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Meta;
 use crate::qcow2::Qcow2Image;
 
 /// One persistent dirty bitmap, as the directory describes it.

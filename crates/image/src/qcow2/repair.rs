@@ -16,9 +16,9 @@ use strata_format::table::{
 };
 use strata_format::{L1Entry, L2Entry};
 
-use crate::alloc::Refcounts;
 use crate::check::{self, CheckReport};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Refcounts;
 use crate::qcow2::Qcow2Image;
 
 /// What `check -r` repairs.

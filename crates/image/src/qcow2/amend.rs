@@ -42,9 +42,9 @@ use strata_format::refcount;
 use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use strata_format::{L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::Meta;
 use crate::chain::{Chain, Image, OpenOptions};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Meta;
 use crate::qcow2::Qcow2Image;
 use crate::resize::{resize_chain, ResizePrealloc};
 

@@ -1,6 +1,15 @@
 //! qcow2 images: open, validate, map and read (the write path builds on
 //! the same structures).
 
+pub(crate) mod alloc;
+pub mod amend;
+pub mod bitmap;
+pub mod check;
+pub mod repair;
+pub mod resize;
+pub mod snapshot_internal;
+pub mod write;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -177,7 +186,7 @@ impl Qcow2Image {
     pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
         let mut img = Qcow2Image::open(storage, path)?;
         let h = &img.header;
-        let refcounts = crate::alloc::Refcounts::load(
+        let refcounts = crate::qcow2::alloc::Refcounts::load(
             img.storage.as_ref(),
             path,
             img.file_len,

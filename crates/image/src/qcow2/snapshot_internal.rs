@@ -723,7 +723,7 @@ impl Qcow2Image {
         self.write_header()?;
         self.sync()?;
         let len = self.storage_len()?;
-        let fresh = crate::alloc::Refcounts::load(
+        let fresh = crate::qcow2::alloc::Refcounts::load(
             self.storage.as_ref(),
             &self.path,
             len,
