@@ -405,9 +405,9 @@ fn refcount_over(img: &mut Qcow2Image, order: u32) -> Result<Option<AmendRefusal
     let max = refcount::max_refcount(order);
     let cb = img.geometry.cluster_bits();
     let clusters = img.storage_len()?.div_ceil(img.geometry.cluster_size());
-    let (storage, ws, path) = img.split()?;
+    let ws = img.ws()?;
     for ci in 0..clusters {
-        let r = ws.refcounts.get(storage, path, ci)?;
+        let r = ws.refcount(ci)?;
         if r > max {
             return Ok(Some(AmendRefusal::RefcountTooLarge {
                 bits: 1 << order,
@@ -570,7 +570,7 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
         if old_len > 0 {
             let first = old_off >> cb;
             let last = (old_off + old_len - 1) >> cb;
-            img.split()?.1.pending_frees.extend(first..=last);
+            img.ws()?.free_later(first..=last);
         }
         img.load_metadata_map()?;
         // The header switch is durable: the old table's clusters may go.
@@ -643,7 +643,7 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
         // clusters free and writes the v2 header in the same single
         // header write that switches to the new refcount structures.
         if let Some(ws) = img.rw.as_deref_mut() {
-            ws.bitmaps = None;
+            ws.set_bitmaps(None);
         }
         crate::repair::rebuild_refcounts(img)?;
     } else {
@@ -791,10 +791,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
     }
     let zeros = vec![0u8; ZERO_RUN.max(cs) as usize];
     for (toff, work) in plans {
-        let l2_refs = {
-            let (storage, ws, path) = img.split()?;
-            ws.refcounts.get(storage, path, toff >> cb)?
-        };
+        let l2_refs = img.ws()?.refcount(toff >> cb)?;
         let mut table = img.l2_table(toff)?.as_ref().clone();
         // Host clusters to fill with zeros, written in runs.
         let mut fill = Vec::new();
@@ -804,8 +801,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             let x = match x {
                 Expand::Relocate(h) => {
                     // Loaded (and validated) now, before any entry changes.
-                    let (storage, ws, path) = img.split()?;
-                    ws.refcounts.get(storage, path, h >> cb)?;
+                    img.ws()?.refcount(h >> cb)?;
                     frees.extend(std::iter::repeat_n(h >> cb, l2_refs as usize));
                     report.zero_clusters_moved += 1;
                     if has_backing {
@@ -823,12 +819,9 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                 }
                 Expand::New => {
                     let at = img.alloc_contiguous(1, "a zero cluster expansion")?;
-                    {
-                        // A shared table's users all reference it.
-                        let (storage, ws, path) = img.split()?;
-                        for _ in 1..l2_refs {
-                            ws.refcounts.adjust(storage, path, at >> cb, 1)?;
-                        }
+                    // A shared table's users all reference it.
+                    for _ in 1..l2_refs {
+                        img.ws()?.adjust_refcount(at >> cb, 1)?;
                     }
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
@@ -838,10 +831,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
-                    let r = {
-                        let (storage, ws, path) = img.split()?;
-                        ws.refcounts.get(storage, path, h >> cb)?
-                    };
+                    let r = img.ws()?.refcount(h >> cb)?;
                     report.zero_clusters_expanded += 1;
                     (h & OFFSET_MASK) | if r == 1 { OFLAG_COPIED } else { 0 }
                 }
@@ -871,7 +861,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .insert(toff, Arc::new(table));
-        img.split()?.1.pending_frees.extend(frees);
+        img.ws()?.free_later(frees);
     }
     // The entries are made durable, then the references moved away from
     // are released (step 6 of the write protocol).

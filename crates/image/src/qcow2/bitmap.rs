@@ -223,7 +223,7 @@ impl Qcow2Image {
     /// when it has none, or when QEMU would ignore them: a v2 image, or
     /// the bitmaps autoclear bit cleared).
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
-        let entries = match self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) {
+        let entries = match self.rw.as_deref().and_then(|w| w.bitmaps()) {
             Some(s) => s.entries.clone(),
             None => self
                 .read_bitmap_directory()?
@@ -244,7 +244,7 @@ impl Qcow2Image {
     /// Loads bitmap `name`'s dirty bits (as of the last save, or as
     /// tracked in this session).
     pub fn dirty_bitmap(&self, name: &str) -> Result<DirtyBitmap> {
-        if let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) {
+        if let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) {
             if let Some(t) = s
                 .tracked
                 .iter()
@@ -390,13 +390,13 @@ impl Qcow2Image {
             });
         }
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = Some(BitmapState {
+            ws.set_bitmaps(Some(BitmapState {
                 raw_dir,
                 entries,
                 dir_offset: off,
                 tracked,
                 in_use_on_disk: false,
-            });
+            }));
         }
         Ok(None)
     }
@@ -405,7 +405,7 @@ impl Qcow2Image {
     /// (the directory rewritten in place, only flags change; synced), so
     /// that a crash from here on leaves it untrusted, never stale.
     pub(crate) fn bitmaps_before_change(&mut self, off: u64, len: u64) -> Result<()> {
-        let Some(s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps.as_mut()) else {
+        let Some(s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps_mut()) else {
             return Ok(());
         };
         if s.tracked.is_empty() {
@@ -443,12 +443,12 @@ impl Qcow2Image {
     /// with in_use cleared, then the header pointing at it, and queues
     /// the old clusters for freeing (the caller frees them).
     pub(crate) fn bitmaps_save(&mut self) -> Result<()> {
-        let Some(mut s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps.take()) else {
+        let Some(mut s) = self.rw.as_deref_mut().and_then(|w| w.take_bitmaps()) else {
             return Ok(());
         };
         let r = self.bitmaps_save_inner(&mut s);
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = Some(s);
+            ws.set_bitmaps(Some(s));
         }
         r
     }
@@ -500,18 +500,17 @@ impl Qcow2Image {
             .rw
             .as_deref_mut()
             .ok_or_else(|| Error::InvalidArgument("image is read-only".into()))?;
-        let meta = &mut ws.refcounts.meta;
+        let meta = ws.meta_mut();
         meta.remove(old_dir, dsize, Meta::BitmapDirectory);
         meta.add(doff, dsize, Meta::BitmapDirectory);
         let first = old_dir >> cb;
-        ws.pending_frees
-            .extend(first..first + self.geometry.clusters_for(dsize));
+        ws.free_later(first..first + self.geometry.clusters_for(dsize));
         for ((toff, tbytes), clusters) in old {
-            meta.remove(toff, tbytes, Meta::BitmapTable);
-            ws.pending_frees.extend(clusters);
+            ws.meta_mut().remove(toff, tbytes, Meta::BitmapTable);
+            ws.free_later(clusters);
         }
         for ((toff, tbytes), _) in new_tables {
-            meta.add(toff, tbytes, Meta::BitmapTable);
+            ws.meta_mut().add(toff, tbytes, Meta::BitmapTable);
         }
         Ok(())
     }
@@ -552,7 +551,7 @@ impl Qcow2Image {
     pub(crate) fn has_live_bitmaps(&self) -> bool {
         self.rw
             .as_deref()
-            .and_then(|w| w.bitmaps.as_ref())
+            .and_then(|w| w.bitmaps())
             .is_some_and(|s| !s.entries.is_empty())
     }
 }
@@ -741,7 +740,7 @@ impl Qcow2Image {
     /// Loads the session's bitmap state again (after a size change).
     pub(crate) fn bitmaps_reload(&mut self) -> Result<()> {
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = None;
+            ws.set_bitmaps(None);
         }
         match self.bitmaps_prepare()? {
             None => Ok(()),
@@ -757,7 +756,7 @@ impl Qcow2Image {
     /// clusters it occupies. Called after a flush: nothing is in use on
     /// disk because of this session.
     fn bitmap_works(&self) -> Result<(Vec<Work>, Option<HostRange>)> {
-        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) else {
+        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) else {
             return Ok((Vec::new(), None));
         };
         let cb = self.geometry.cluster_bits();
@@ -886,7 +885,7 @@ impl Qcow2Image {
         self.write_header()?;
         self.sync()?;
         if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = &mut ws.refcounts.meta;
+            let meta = ws.meta_mut();
             for (o, b, add) in tables {
                 if add {
                     meta.add(o, b, Meta::BitmapTable);
@@ -900,8 +899,8 @@ impl Qcow2Image {
             if let Some((o, b)) = new_dir {
                 meta.add(o, b, Meta::BitmapDirectory);
             }
-            ws.pending_frees.append(&mut frees);
-            ws.bitmaps = None;
+            ws.free_later(frees);
+            ws.set_bitmaps(None);
         }
         if let Some(why) = self.bitmaps_prepare()? {
             return Err(Error::corrupt(

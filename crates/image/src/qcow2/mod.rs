@@ -9,6 +9,7 @@ pub mod repair;
 pub mod resize;
 pub mod snapshot_internal;
 pub mod write;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::compress;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, Mapping};
 use crate::storage::Storage;
+use writer::Writer;
 
 /// Bytes of L2 tables kept in the cache of one image.
 pub const L2_CACHE_BYTES: usize = 4 << 20;
@@ -81,7 +83,7 @@ type DecompressedCache = Option<(u64, Arc<Vec<u8>>)>;
 #[derive(Debug)]
 pub struct Qcow2Image {
     pub(crate) path: PathBuf,
-    pub(crate) storage: Box<dyn Storage>,
+    pub(crate) storage: Arc<dyn Storage>,
     pub(crate) header: Header,
     pub(crate) geometry: Geometry,
     /// The active L1 table (raw entries), `header.l1_size` long.
@@ -100,7 +102,7 @@ pub struct Qcow2Image {
     /// Length of the file when opened (or after the last growth).
     pub(crate) file_len: u64,
     /// Write state, when opened for writing.
-    pub(crate) rw: Option<Box<crate::write::WriteState>>,
+    pub(crate) rw: Option<Box<Writer>>,
     /// Set by the first I/O error of the write path: no more writes.
     pub(crate) poisoned: crate::error::Poison,
     /// Where the next compressed cluster may be packed.
@@ -165,7 +167,7 @@ impl Qcow2Image {
             read_snapshots(storage.as_ref(), path, &header, file_len)?;
         Ok(Qcow2Image {
             path: path.to_path_buf(),
-            storage,
+            storage: Arc::from(storage),
             header,
             geometry,
             l1,
@@ -195,16 +197,7 @@ impl Qcow2Image {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        img.rw = Some(Box::new(crate::write::WriteState {
-            refcounts,
-            pending_frees: Vec::new(),
-            prepared: false,
-            dirty_l2: Default::default(),
-            dirty_l1: Default::default(),
-            unsynced_bytes: 0,
-            halted: false,
-            bitmaps: None,
-        }));
+        img.rw = Some(Box::new(Writer::new(img.storage.clone(), path, refcounts)));
         img.load_metadata_map()?;
         Ok(img)
     }
@@ -251,8 +244,8 @@ impl Qcow2Image {
     /// Tables written by this process are always in the cache, so the
     /// file-length check below only applies to tables read from disk.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_l2.get(&offset)) {
-            return Ok(d.table.clone());
+        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_table(offset)) {
+            return Ok(d.clone());
         }
         if let Some(t) = lock(&self.l2_cache).get(offset) {
             return Ok(t);

@@ -147,20 +147,20 @@ fn only_copied_flags(r: &CheckReport) -> bool {
 fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
     let expected = check::compute_refcounts(img)?;
     let per = refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
-    let (storage, ws, path) = img.split()?;
+    let ws = img.ws()?;
     let mut fixed = 0;
     // The clusters `check` compares (QEMU's nb_clusters), not every
     // cluster the refcount table could cover: with 1-bit refcounts one
     // table cluster covers 2^32 clusters, and walking them all took a
     // minute where QEMU takes milliseconds (iotest 112).
-    let covered = (ws.refcounts.table.len() as u64)
+    let covered = (ws.refcount_table().len() as u64)
         .saturating_mul(per)
         .min(expected.len() as u64);
     for ci in 0..covered {
         let want = expected.get(ci as usize).copied().unwrap_or(0);
-        let have = ws.refcounts.get(storage, path, ci)?;
+        let have = ws.refcount(ci)?;
         if have > want {
-            ws.refcounts.set(storage, path, ci, want)?;
+            ws.set_refcount(ci, want)?;
             fixed += 1;
         }
     }
@@ -280,8 +280,7 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
         t as u32,
     )?;
     if let Some(ws) = img.rw.as_deref_mut() {
-        ws.refcounts = fresh;
-        ws.pending_frees.clear();
+        ws.replace_refcounts(fresh);
     }
     // The old structures are free now; the overlap check must know.
     img.load_metadata_map()
@@ -464,6 +463,5 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
 }
 
 fn refcount_of(img: &mut Qcow2Image, ci: u64) -> Result<u64> {
-    let (storage, ws, path) = img.split()?;
-    ws.refcounts.get(storage, path, ci)
+    img.ws()?.refcount(ci)
 }

@@ -460,11 +460,11 @@ impl Qcow2Image {
             .map_or(0, |i| i as u64 + 1);
         let mut holes: Vec<(u64, u64)> = Vec::new();
         {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             // Cluster 0 is the header; a hole must be free by both counts.
             for ci in 1..file {
                 let referenced = refs.get(ci as usize).copied().unwrap_or(0) != 0;
-                if referenced || ws.refcounts.get(storage, path, ci)? != 0 {
+                if referenced || ws.refcount(ci)? != 0 {
                     continue;
                 }
                 match holes.last_mut() {
@@ -624,7 +624,7 @@ impl Qcow2Image {
         let per = refcount::entries_per_block(cb, order);
         let mut refs = crate::check::compute_refcounts(self)?;
         // The old refcount structures are not kept.
-        let old_table = self.split()?.1.refcounts.table.clone();
+        let old_table = self.ws()?.refcount_table().to_vec();
         let mut drop_ref = |ci: u64| {
             if let Some(r) = usize::try_from(ci).ok().and_then(|i| refs.get_mut(i)) {
                 *r = r.saturating_sub(1);
@@ -733,8 +733,7 @@ impl Qcow2Image {
             t as u32,
         )?;
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.refcounts = fresh;
-            ws.pending_frees.clear();
+            ws.replace_refcounts(fresh);
         }
         self.load_metadata_map()?;
         Ok(true)

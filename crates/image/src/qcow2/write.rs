@@ -15,7 +15,6 @@
 //!    only at the next flush, after a sync has made the pointer change
 //!    durable. A crash in between leaks them; nothing points at freed space.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -23,7 +22,8 @@ use strata_format::table::{OFLAG_COPIED, OFLAG_ZERO};
 use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
 
 use crate::error::{Error, Result};
-use crate::qcow2::alloc::{Meta, MetadataMap, Refcounts};
+use crate::qcow2::alloc::{Meta, MetadataMap};
+use crate::qcow2::writer::{DirtyTable, Writer};
 use crate::qcow2::Qcow2Image;
 use crate::Mapping;
 
@@ -38,39 +38,6 @@ pub const WRITE_CHUNK: u64 = 8 << 20;
 pub const WRITE_BATCH: u64 = 64 << 20;
 /// Largest single vectored write.
 const MAX_VECTORED_BYTES: u64 = 32 << 20;
-
-/// State of an image opened for writing.
-#[derive(Debug)]
-pub(crate) struct WriteState {
-    pub(crate) refcounts: Refcounts,
-    /// Cluster indices whose refcount drops by one at the next flush.
-    pub(crate) pending_frees: Vec<u64>,
-    /// Whether the first-write preparation (repair, autoclear) ran.
-    pub(crate) prepared: bool,
-    /// L2 tables changed in memory whose entries are written at the next
-    /// metadata commit (after a barrier), with the changed entry range.
-    pub(crate) dirty_l2: BTreeMap<u64, DirtyTable>,
-    /// L1 entries changed in memory, written at the next metadata commit.
-    pub(crate) dirty_l1: BTreeSet<usize>,
-    /// Data bytes written since the last metadata commit.
-    pub(crate) unsynced_bytes: u64,
-    /// Set when a write was refused for corrupt metadata (an overlap, an
-    /// invalid entry): the image was marked corrupt, and nothing more is
-    /// written, not even the metadata still pending in memory (as a crash
-    /// would lose it; the protocol makes that safe).
-    pub(crate) halted: bool,
-    /// The persistent dirty bitmaps kept up to date in this session
-    /// (loaded at the first write; docs/crash-consistency.md).
-    pub(crate) bitmaps: Option<crate::bitmap::BitmapState>,
-}
-
-/// An L2 table with entries not yet on disk.
-#[derive(Debug)]
-pub(crate) struct DirtyTable {
-    pub(crate) table: Arc<Vec<u8>>,
-    lo: u64,
-    hi: u64,
-}
 
 /// Most bytes of snapshot L1 tables read to build the overlap check's
 /// map (an image past it refuses writes).
@@ -151,25 +118,7 @@ impl Qcow2Image {
         self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
     }
 
-    /// The storage, the write state and the path, borrowed together (the
-    /// refcount code needs all three).
-    pub(crate) fn split(
-        &mut self,
-    ) -> Result<(
-        &dyn crate::storage::Storage,
-        &mut WriteState,
-        &std::path::Path,
-    )> {
-        match self.rw.as_deref_mut() {
-            Some(ws) => Ok((self.storage.as_ref(), ws, &self.path)),
-            None => Err(Error::ReadOnly {
-                path: self.path.clone(),
-                why: "image is open read-only".into(),
-            }),
-        }
-    }
-
-    fn ws(&mut self) -> Result<&mut WriteState> {
+    pub(crate) fn ws(&mut self) -> Result<&mut Writer> {
         let path = self.path.clone();
         self.rw.as_deref_mut().ok_or(Error::ReadOnly {
             path,
@@ -188,7 +137,7 @@ impl Qcow2Image {
             });
         }
         self.refuse_if_halted()?;
-        if self.ws()?.prepared {
+        if self.ws()?.prepared() {
             return Ok(());
         }
         if self.header.corrupt() {
@@ -250,13 +199,13 @@ impl Qcow2Image {
             self.write_header()?;
             self.sync()?;
         }
-        self.ws()?.prepared = true;
+        self.ws()?.set_prepared();
         Ok(())
     }
 
     /// Refuses to go on after a write was refused for corrupt metadata.
     fn refuse_if_halted(&self) -> Result<()> {
-        if self.rw.as_ref().is_some_and(|w| w.halted) {
+        if self.rw.as_ref().is_some_and(|w| w.halted()) {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
                 why: "a write was refused because the image's metadata is corrupt; the image \
@@ -274,10 +223,9 @@ impl Qcow2Image {
     /// in this session. Returns `err`, the corruption found.
     pub(crate) fn fatal_corruption(&mut self, err: Error) -> Error {
         if let Some(ws) = self.rw.as_deref_mut() {
-            if ws.halted {
+            if ws.halt() {
                 return err;
             }
-            ws.halted = true;
         }
         if self.header.version >= 3 {
             self.header.incompatible_features |= INCOMPAT_CORRUPT;
@@ -339,8 +287,7 @@ impl Qcow2Image {
             return Ok(());
         };
         let r = ws
-            .refcounts
-            .meta
+            .meta()
             .guard(&self.path, || op.to_string(), off, len, allowed);
         self.on_overlap(r)
     }
@@ -359,7 +306,7 @@ impl Qcow2Image {
         };
         let mut meta = MetadataMap::new(cb);
         // The refcount structures, as the allocator knows them.
-        let rc = &ws.refcounts;
+        let rc = ws.refcounts();
         meta.add(
             rc.table_offset,
             u64::from(rc.table_clusters) << cb,
@@ -469,7 +416,7 @@ impl Qcow2Image {
             }
         }
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.refcounts.meta = meta;
+            *ws.meta_mut() = meta;
         }
         Ok(())
     }
@@ -506,32 +453,20 @@ impl Qcow2Image {
     /// protocol requires: refcount blocks, then (after a sync) refcount
     /// table entries, then (after a sync) a moved table's header switch.
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts
-                .write_blocks(storage, path)
-                .inspect_err(|e| self.poisoned.set(e))?;
-        }
-        let table_dirty = self.ws()?.refcounts.table_dirty();
+        let r = self.ws()?.write_refcount_blocks();
+        r.inspect_err(|e| self.poisoned.set(e))?;
+        let table_dirty = self.ws()?.refcount_table_dirty();
         if table_dirty {
             self.sync()?;
-            let moved = {
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts
-                    .write_table(storage, path)
-                    .inspect_err(|e| self.poisoned.set(e))?
-            };
+            let r = self.ws()?.write_refcount_table();
+            let moved = r.inspect_err(|e| self.poisoned.set(e))?;
             if let Some((off, clusters)) = moved {
                 self.sync()?;
                 self.header.refcount_table_offset = off;
                 self.header.refcount_table_clusters = clusters;
                 self.write_header()?;
                 let cb = self.geometry.cluster_bits();
-                let ws = self.ws()?;
-                if let Some((old, n)) = ws.refcounts.table_switched() {
-                    let first = old >> cb;
-                    ws.pending_frees.extend(first..first + u64::from(n));
-                }
+                self.ws()?.refcount_table_switched(cb);
             }
         }
         self.sync()
@@ -541,19 +476,13 @@ impl Qcow2Image {
     /// named in errors); returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
         let cb = self.geometry.cluster_bits();
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts.alloc_contiguous(storage, path, n)
-        };
+        let r = self.ws()?.alloc_contiguous(n);
         Ok(self.on_alloc_error(r, purpose)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
     fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts.alloc_run(storage, path, max)
-        };
+        let r = self.ws()?.alloc_run(max);
         self.on_alloc_error(r, purpose)
     }
 
@@ -576,11 +505,7 @@ impl Qcow2Image {
         let e = L1Entry(self.l1[i]);
         let cs = self.geometry.cluster_size();
         if let Some(off) = e.l2_offset() {
-            if !self
-                .rw
-                .as_ref()
-                .is_some_and(|w| w.dirty_l2.contains_key(&off.0))
-            {
+            if !self.rw.as_ref().is_some_and(|w| w.is_pinned(off.0)) {
                 self.l2_past_the_end(off.0)?;
             }
         }
@@ -602,7 +527,7 @@ impl Qcow2Image {
         self.write_bytes(&content, new, "write L2 table")?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = &mut ws.refcounts.meta;
+            let meta = ws.meta_mut();
             if let Some(old) = e.l2_offset() {
                 meta.remove(old.0, cs, Meta::ActiveL2);
             }
@@ -614,9 +539,9 @@ impl Qcow2Image {
             .insert(new, Arc::new(content));
         let cb = self.geometry.cluster_bits();
         let ws = self.ws()?;
-        ws.dirty_l1.insert(i);
+        ws.l1_changed([i]);
         if let Some(old) = e.l2_offset() {
-            ws.pending_frees.push(old.0 >> cb);
+            ws.free_later([old.0 >> cb]);
         }
         Ok(new)
     }
@@ -625,10 +550,10 @@ impl Qcow2Image {
     /// durable, then the changed L2 entries and L1 entries are written.
     pub(crate) fn commit_metadata(&mut self) -> Result<()> {
         let ws = self.ws()?;
-        if ws.dirty_l2.is_empty() && ws.dirty_l1.is_empty() && ws.unsynced_bytes == 0 {
+        if ws.nothing_pending() {
             return Ok(());
         }
-        let l1_entries: Vec<usize> = ws.dirty_l1.iter().copied().collect();
+        let l1_entries: Vec<usize> = ws.dirty_l1_entries().collect();
         for i in l1_entries {
             let at = self.header.l1_table_offset + 8 * i as u64;
             self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
@@ -636,9 +561,7 @@ impl Qcow2Image {
         self.barrier()?;
         let es = self.geometry.l2_entry_size();
         let ws = self.ws()?;
-        let tables = std::mem::take(&mut ws.dirty_l2);
-        let l1 = std::mem::take(&mut ws.dirty_l1);
-        ws.unsynced_bytes = 0;
+        let (tables, l1) = ws.take_dirty();
         for (toff, d) in tables {
             let (s, e) = ((d.lo * es) as usize, ((d.hi + 1) * es) as usize);
             let bytes = d
@@ -663,9 +586,7 @@ impl Qcow2Image {
     fn maybe_commit_metadata(&mut self) -> Result<()> {
         let cs = self.geometry.cluster_size();
         let ws = self.ws()?;
-        if ws.dirty_l2.len() as u64 * cs > MAX_DIRTY_TABLE_BYTES
-            || ws.unsynced_bytes > MAX_UNSYNCED_BYTES
-        {
+        if ws.commit_due(cs, MAX_DIRTY_TABLE_BYTES, MAX_UNSYNCED_BYTES) {
             self.commit_metadata()?;
         }
         Ok(())
@@ -1024,8 +945,7 @@ impl Qcow2Image {
                 .rw
                 .as_deref()
                 .map(|ws| {
-                    ws.refcounts
-                        .meta
+                    ws.meta()
                         .guard(&self.path, || "data write".into(), *h, *len, &[])
                 })
                 .unwrap_or(Ok(()));
@@ -1042,7 +962,7 @@ impl Qcow2Image {
             written += len;
         }
         drop(runs);
-        self.ws()?.unsynced_bytes += written.max(1);
+        self.ws()?.add_unsynced(written.max(1));
         for (toff, plans) in &tables {
             self.update_l2(*toff, plans)?;
         }
@@ -1066,7 +986,7 @@ impl Qcow2Image {
             .flat_map(|p| p.frees.iter().copied())
             .collect();
         self.check_freeable(&frees)?;
-        let taken = self.ws()?.dirty_l2.remove(&toff);
+        let taken = self.ws()?.unpin(toff);
         let mut d = match taken {
             Some(d) => d,
             None => {
@@ -1096,8 +1016,8 @@ impl Qcow2Image {
             frees.extend_from_slice(&p.frees);
         }
         let ws = self.ws()?;
-        ws.dirty_l2.insert(toff, d);
-        ws.pending_frees.extend(frees);
+        ws.pin(toff, d);
+        ws.free_later(frees);
         Ok(())
     }
 
@@ -1108,12 +1028,10 @@ impl Qcow2Image {
         if clusters.is_empty() {
             return Ok(());
         }
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            clusters
-                .iter()
-                .try_for_each(|ci| ws.refcounts.get(storage, path, *ci).map(|_| ()))
-        };
+        let ws = self.ws()?;
+        let r = clusters
+            .iter()
+            .try_for_each(|ci| ws.refcount(*ci).map(|_| ()));
         match r {
             Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
             r => r,
@@ -1241,7 +1159,7 @@ impl Qcow2Image {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(off);
             if let Some(ws) = self.rw.as_deref_mut() {
-                ws.refcounts.meta.remove(off, cs, Meta::ActiveL2);
+                ws.meta_mut().remove(off, cs, Meta::ActiveL2);
             }
             self.l1[i] = 0;
             dropped.push(i);
@@ -1265,14 +1183,10 @@ impl Qcow2Image {
         let n = len.div_ceil(cs);
         let mut last = n;
         {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             while last > 1
-                && ws.refcounts.get(storage, path, last - 1)? == 0
-                && ws
-                    .refcounts
-                    .meta
-                    .overlap((last - 1) << cb, cs, &[])
-                    .is_none()
+                && ws.refcount(last - 1)? == 0
+                && ws.meta().overlap((last - 1) << cb, cs, &[]).is_none()
             {
                 last -= 1;
             }
@@ -1282,7 +1196,7 @@ impl Qcow2Image {
         }
         // Advisory, like the punched holes: a longer file is still valid.
         if self.storage.set_len(last << cb).is_ok() {
-            self.ws()?.refcounts.truncated(last);
+            self.ws()?.truncated(last);
         }
         Ok(())
     }
@@ -1294,8 +1208,8 @@ impl Qcow2Image {
             return Ok(());
         }
         let ws = self.ws()?;
-        ws.dirty_l1.extend(dropped.drain(..));
-        ws.pending_frees.extend(frees.iter().copied());
+        ws.l1_changed(dropped.drain(..));
+        ws.free_later(frees.iter().copied());
         // commit_metadata writes the L1 entries; the barrier after it makes
         // them durable before the refcounts drop; a barrier ends it.
         self.flush()?;
@@ -1307,9 +1221,8 @@ impl Qcow2Image {
         let mut runs = Vec::new();
         for &ci in frees.iter() {
             let free = {
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.get(storage, path, ci)? == 0
-                    && ws.refcounts.meta.overlap(ci << cb, cs, &[]).is_none()
+                let ws = self.ws()?;
+                ws.refcount(ci)? == 0 && ws.meta().overlap(ci << cb, cs, &[]).is_none()
             };
             if !free {
                 continue;
@@ -1671,20 +1584,20 @@ impl Qcow2Image {
         self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
-        let frees = std::mem::take(&mut self.ws()?.pending_frees);
+        let frees = self.ws()?.take_pending_frees();
         if frees.is_empty() {
             return Ok(());
         }
         let r = {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             let mut r = Ok(());
             for ci in frees {
-                r = ws.refcounts.adjust(storage, path, ci, -1).map(|_| ());
+                r = ws.adjust_refcount(ci, -1).map(|_| ());
                 if r.is_err() {
                     break;
                 }
             }
-            ws.refcounts.rewind();
+            ws.rewind_allocator();
             r
         };
         self.on_overlap(r)?;
@@ -1737,7 +1650,7 @@ impl Qcow2Image {
             self.sync()?;
             self.l1 = l1;
             if let Some(ws) = self.rw.as_deref_mut() {
-                let meta = &mut ws.refcounts.meta;
+                let meta = ws.meta_mut();
                 meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
                 meta.add(new_off, need * 8, Meta::ActiveL1);
             }
@@ -1745,7 +1658,7 @@ impl Qcow2Image {
                 let cb = self.geometry.cluster_bits();
                 let first = old_l1.0 >> cb;
                 let n = self.geometry.clusters_for(old_l1.1 * 8);
-                self.ws()?.pending_frees.extend(first..first + n);
+                self.ws()?.free_later(first..first + n);
             }
         } else {
             self.header.size = new_size;
@@ -1998,14 +1911,11 @@ impl Qcow2Image {
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
                 let order = self.header.refcount_order;
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.get(storage, path, tail >> cb)?
-                    < strata_format::refcount::max_refcount(order)
+                self.ws()?.refcount(tail >> cb)? < strata_format::refcount::max_refcount(order)
             };
             let start = if room {
                 let ci = tail >> cb;
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.adjust(storage, path, ci, 1)?;
+                self.ws()?.adjust_refcount(ci, 1)?;
                 tail
             } else {
                 self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
