@@ -549,7 +549,8 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
         let at = img.alloc_contiguous(n, "the snapshot table")?;
         let mut padded = bytes.clone();
         padded.resize((n * cs) as usize, 0);
-        img.write_bytes(&padded, at, "write snapshot table")?;
+        img.writer()?
+            .write_metadata(&padded, at, "write snapshot table")?;
         // The new table and the refcounts that count it are durable
         // before the header points at it.
         img.barrier()?;
@@ -713,7 +714,8 @@ fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Resu
             len += cs;
             i += 1;
         }
-        img.write_bytes(&zeros[..len as usize], start, "write zero clusters")?;
+        img.writer()?
+            .write_data(&zeros[..len as usize], start, "write zero clusters")?;
     }
     Ok(())
 }
@@ -856,7 +858,8 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             cs,
             &[Meta::ActiveL2, Meta::InactiveL2],
         )?;
-        img.write_bytes(&table, toff, "write L2 table")?;
+        img.writer()?
+            .write_metadata(&table, toff, "write L2 table")?;
         img.l2_cache
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())

@@ -434,7 +434,8 @@ impl Qcow2Image {
             raw.len() as u64,
             &[Meta::BitmapDirectory],
         )?;
-        self.write_bytes(&raw, at, "write bitmap directory")?;
+        self.writer()?
+            .write_metadata(&raw, at, "write bitmap directory")?;
         self.sync()
     }
 
@@ -479,7 +480,8 @@ impl Qcow2Image {
         let doff = self.alloc_contiguous(dclusters, "the bitmap directory")?;
         let mut raw = s.raw_dir.clone();
         raw.resize((dclusters * cs) as usize, 0);
-        self.write_bytes(&raw, doff, "write bitmap directory")?;
+        self.writer()?
+            .write_metadata(&raw, doff, "write bitmap directory")?;
         self.barrier()?;
         let old_dir = s.dir_offset;
         for e in &mut self.header.extensions {
@@ -532,7 +534,8 @@ impl Qcow2Image {
             let at = self.alloc_contiguous(1, "bitmap data")?;
             let mut buf = chunk.to_vec();
             buf.resize(cs as usize, 0);
-            self.write_bytes(&buf, at, "write bitmap data")?;
+            self.writer()?
+                .write_metadata(&buf, at, "write bitmap data")?;
             clusters.push(at >> cb);
             table.push(at);
         }
@@ -541,7 +544,8 @@ impl Qcow2Image {
         let toff = self.alloc_contiguous(tclusters, "a bitmap table")?;
         let mut raw = strata_format::table::encode_u64_table(&table);
         raw.resize((tclusters * cs) as usize, 0);
-        self.write_bytes(&raw, toff, "write bitmap table")?;
+        self.writer()?
+            .write_metadata(&raw, toff, "write bitmap table")?;
         clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
         Ok((toff, n, clusters))
     }
@@ -859,7 +863,8 @@ impl Qcow2Image {
             let doff = self.alloc_contiguous(n, "the bitmap directory")?;
             let mut raw = dir.clone();
             raw.resize((n * cs) as usize, 0);
-            self.write_bytes(&raw, doff, "write bitmap directory")?;
+            self.writer()?
+                .write_metadata(&raw, doff, "write bitmap directory")?;
             self.barrier()?;
             let at = self
                 .header

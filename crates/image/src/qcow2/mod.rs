@@ -1,5 +1,48 @@
-//! qcow2 images: open, validate, map and read (the write path builds on
-//! the same structures).
+//! qcow2 images: open, validate, map and read; the write path, check and
+//! repair, amend, internal snapshots, bitmaps and resize build on the same
+//! structures.
+//!
+//! # Design (issue 16)
+//!
+//! The module tree:
+//!
+//! - `mod.rs`: [`Qcow2Image`], the read-only metadata view: the header,
+//!   the active L1 table, the L2 cache, the snapshot table, and the reads
+//!   through them (`map`, `read_mapped`, `l2_table`). Its fields are
+//!   private to this module tree; the rest of the crate (chains, create,
+//!   convert) and the other crates use methods only.
+//! - `writer.rs`: the `Writer`, present only when the image was opened
+//!   for writing. It owns everything a writer alone has: the refcount
+//!   structures and the overlap map, the dirty L2 tables (pinned there,
+//!   never in the cache, until their entries are written), the dirty L1
+//!   entries, the clusters to free at the next flush, the persistent
+//!   bitmaps kept up to date, and its own handle on the storage. Its
+//!   fields are private to `writer.rs`: every other module changes that
+//!   state through its methods, and every write of metadata or data to
+//!   the storage goes through `Writer::write_metadata` /
+//!   `Writer::write_data` (`split()`, which lent the storage, the write
+//!   state and the path together past the borrow checker, is gone).
+//! - `write.rs`: the write protocol on top of the two (allocating writes,
+//!   zero writes, discard, barrier, metadata commit, flush, resize,
+//!   preallocation, compressed writes), in the order
+//!   docs/crash-consistency.md sets: data and new tables, barrier, then
+//!   the pointers, frees only after the next barrier.
+//! - `alloc.rs`: the refcount structures and the metadata (overlap) map,
+//!   owned by the writer.
+//! - `check.rs`: the consistency check, reading through the view only
+//!   (`&Qcow2Image`). `repair.rs`: repairs, writing through the writer
+//!   (rebuilding the refcounts replaces the writer's refcount state with
+//!   `Writer::replace_refcounts`).
+//! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
+//!   other metadata writers, through the same writer.
+//!
+//! Format details (L2 entry layout, feature bits, geometry) come from
+//! `strata-format`; L2 entries are built with its `L2Entry` constructors.
+//!
+//! Not done yet (issue 16): read-only versus writable is still the runtime
+//! `Option<Writer>` inside one type, not two types; the header, L1 and
+//! L2 cache are still fields of the image rather than a separate view
+//! struct the writer borrows; the address types are not opaque yet.
 
 pub(crate) mod alloc;
 pub mod amend;
@@ -82,31 +125,31 @@ type DecompressedCache = Option<(u64, Arc<Vec<u8>>)>;
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
-    pub(crate) path: PathBuf,
-    pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    header: Header,
+    geometry: Geometry,
     /// The active L1 table (raw entries), `header.l1_size` long.
-    pub(crate) l1: Vec<u64>,
-    pub(crate) l2_cache: Mutex<L2Cache>,
+    l1: Vec<u64>,
+    l2_cache: Mutex<L2Cache>,
     decompressed: Mutex<DecompressedCache>,
     /// The last extent [`Qcow2Image::map`] found, reused while later calls
     /// start inside it (walks of deep chains ask each layer again and
     /// again about the same unallocated run). Only for images opened
     /// read-only: their mappings never change.
     last_map: Mutex<Option<Extent>>,
-    pub(crate) snapshots: Vec<Snapshot>,
+    snapshots: Vec<Snapshot>,
     /// Host offset just past the last snapshot table entry (its padding
     /// included); the table's start when there are none.
-    pub(crate) snapshot_table_end: u64,
+    snapshot_table_end: u64,
     /// Length of the file when opened (or after the last growth).
-    pub(crate) file_len: u64,
+    file_len: u64,
     /// Write state, when opened for writing.
-    pub(crate) rw: Option<Box<Writer>>,
+    rw: Option<Box<Writer>>,
     /// Set by the first I/O error of the write path: no more writes.
-    pub(crate) poisoned: crate::error::Poison,
+    poisoned: Arc<crate::error::Poison>,
     /// Where the next compressed cluster may be packed.
-    pub(crate) compressed_tail: crate::write::CompressedTail,
+    compressed_tail: crate::write::CompressedTail,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,7 +221,7 @@ impl Qcow2Image {
             snapshot_table_end,
             file_len,
             rw: None,
-            poisoned: crate::error::Poison::default(),
+            poisoned: Default::default(),
             compressed_tail: Default::default(),
         })
     }
@@ -197,7 +240,12 @@ impl Qcow2Image {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        img.rw = Some(Box::new(Writer::new(img.storage.clone(), path, refcounts)));
+        img.rw = Some(Box::new(Writer::new(
+            img.storage.clone(),
+            path,
+            img.poisoned.clone(),
+            refcounts,
+        )));
         img.load_metadata_map()?;
         Ok(img)
     }

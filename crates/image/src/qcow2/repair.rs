@@ -252,10 +252,11 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
             }
         }
         let at = (blocks_at + bi) << cb;
-        img.write_bytes(&block, at, "write refcount block")?;
+        img.writer()?
+            .write_metadata(&block, at, "write refcount block")?;
         table[bi as usize] = at;
     }
-    img.write_bytes(
+    img.writer()?.write_metadata(
         &encode_u64_table(&table),
         table_at << cb,
         "write refcount table",
@@ -384,7 +385,8 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                 fixed += 1;
             }
             if changed {
-                img.write_bytes(&table, l2.0, "write L2 table")?;
+                img.writer()?
+                    .write_metadata(&table, l2.0, "write L2 table")?;
                 img.l2_cache
                     .get_mut()
                     .unwrap_or_else(|p| p.into_inner())
@@ -413,7 +415,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
         if want != e.copied() {
             let v = L1Entry::new(l2, want).0;
             img.l1[i] = v;
-            img.write_bytes(
+            img.writer()?.write_metadata(
                 &v.to_be_bytes(),
                 img.header.l1_table_offset + 8 * i as u64,
                 "write L1 entry",
@@ -451,7 +453,8 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             }
         }
         if changed {
-            img.write_bytes(&table, l2.0, "write L2 table")?;
+            img.writer()?
+                .write_metadata(&table, l2.0, "write L2 table")?;
             img.l2_cache
                 .get_mut()
                 .unwrap_or_else(|p| p.into_inner())

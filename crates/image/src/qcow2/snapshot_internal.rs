@@ -205,7 +205,7 @@ impl Tail {
         };
         let mut buf = bytes.to_vec();
         buf.resize((n * cs) as usize, 0);
-        img.write_bytes(&buf, at, op)?;
+        img.writer()?.write_metadata(&buf, at, op)?;
         Ok(at)
     }
 }
@@ -709,10 +709,11 @@ impl Qcow2Image {
                     refcount::set(&mut block, order, j, r);
                 }
             }
-            self.write_bytes(&block, at << cb, "write refcount block")?;
+            self.writer()?
+                .write_metadata(&block, at << cb, "write refcount block")?;
             table[bi] = at << cb;
         }
-        self.write_bytes(
+        self.writer()?.write_metadata(
             &encode_u64_table(&table),
             table_at << cb,
             "write refcount table",

@@ -108,10 +108,12 @@ impl Qcow2Image {
         e
     }
 
-    pub(crate) fn write_bytes(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| self.io_err(op, offset, e))
+    /// The writer, for writes from `&self` methods.
+    pub(crate) fn writer(&self) -> Result<&Writer> {
+        self.rw.as_deref().ok_or_else(|| Error::ReadOnly {
+            path: self.path.clone(),
+            why: "image is open read-only".into(),
+        })
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
@@ -231,7 +233,10 @@ impl Qcow2Image {
             self.header.incompatible_features |= INCOMPAT_CORRUPT;
             let bits = self.header.incompatible_features.to_be_bytes();
             // Offset 72: incompatible_features, present in every v3 header.
-            if self.write_bytes(&bits, 72, "mark image corrupt").is_ok() {
+            let w = self.writer();
+            if w.and_then(|w| w.write_metadata(&bits, 72, "mark image corrupt"))
+                .is_ok()
+            {
                 let _ = self.sync();
             }
         }
@@ -446,7 +451,7 @@ impl Qcow2Image {
         // Up to the end of the extensions and the name, rounded to a
         // sector (the rest of cluster 0 is unused).
         let n = ((end.div_ceil(512) * 512) as usize).min(buf.len());
-        self.write_bytes(&buf[..n], 0, "write header")
+        self.writer()?.write_metadata(&buf[..n], 0, "write header")
     }
 
     /// Makes everything written so far durable, in the order the crash
@@ -524,7 +529,8 @@ impl Qcow2Image {
             None => vec![0u8; cs as usize],
         };
         let new = self.alloc_contiguous(1, "an L2 table")?;
-        self.write_bytes(&content, new, "write L2 table")?;
+        self.writer()?
+            .write_metadata(&content, new, "write L2 table")?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
             let meta = ws.meta_mut();
@@ -568,7 +574,8 @@ impl Qcow2Image {
                 .table
                 .get(s..e)
                 .ok_or_else(|| Error::InvalidArgument("dirty range outside its table".into()))?;
-            self.write_bytes(bytes, toff + d.lo * es, "write L2 entries")?;
+            self.writer()?
+                .write_metadata(bytes, toff + d.lo * es, "write L2 entries")?;
             self.l2_cache
                 .get_mut()
                 .unwrap_or_else(|p| p.into_inner())
@@ -577,7 +584,8 @@ impl Qcow2Image {
         for i in l1 {
             let at = self.header.l1_table_offset + 8 * i as u64;
             let v = self.l1[i];
-            self.write_bytes(&v.to_be_bytes(), at, "write L1 entry")?;
+            self.writer()?
+                .write_metadata(&v.to_be_bytes(), at, "write L1 entry")?;
         }
         Ok(())
     }
@@ -956,9 +964,7 @@ impl Qcow2Image {
         }
         let mut written = 0;
         for (h, bufs, len) in &runs {
-            self.storage
-                .write_vectored_at(bufs, *h)
-                .map_err(|e| self.io_err("write data", *h, e))?;
+            self.writer()?.write_data_vectored(bufs, *h)?;
             written += len;
         }
         drop(runs);
@@ -1640,7 +1646,8 @@ impl Qcow2Image {
             l1.resize(need as usize, 0);
             let mut raw = strata_format::table::encode_u64_table(&l1);
             raw.resize((clusters * self.geometry.cluster_size()) as usize, 0);
-            self.write_bytes(&raw, new_off, "write L1 table")?;
+            self.writer()?
+                .write_metadata(&raw, new_off, "write L1 table")?;
             self.barrier()?;
             let old_l1 = (self.header.l1_table_offset, self.l1.len() as u64);
             self.header.l1_table_offset = new_off;
@@ -1794,7 +1801,7 @@ impl Qcow2Image {
                 start = start.min(dest);
                 end = end.max(dest + cs);
                 if fill == PreallocFill::Zeros || dest < len {
-                    self.write_bytes(&zeros, dest, "write zeros")?;
+                    self.writer()?.write_data(&zeros, dest, "write zeros")?;
                 }
             }
             // The clusters must exist in the file (they read as zeros).
@@ -1830,7 +1837,8 @@ impl Qcow2Image {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_bytes(&chunk[..n], offset + done, "write zeros")?;
+            self.writer()?
+                .write_data(&chunk[..n], offset + done, "write zeros")?;
             done += n as u64;
         }
         Ok(())
@@ -1941,7 +1949,8 @@ impl Qcow2Image {
         for p in &mut plans {
             let dest = p.dest.unwrap_or(0);
             for (at, bytes) in std::mem::take(&mut p.writes) {
-                self.write_bytes(bytes.bytes(), dest + at, "write compressed cluster")?;
+                self.writer()?
+                    .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
             }
         }
         if !plans.is_empty() {

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Poison, Result};
 use crate::qcow2::alloc::{MetadataMap, Refcounts};
 use crate::qcow2::bitmap::BitmapState;
 use crate::storage::Storage;
@@ -42,6 +42,9 @@ pub(crate) struct DirtyTable {
 pub(crate) struct Writer {
     storage: Arc<dyn Storage>,
     path: PathBuf,
+    /// The image's poison, shared with it: set by the first I/O error of
+    /// a write.
+    poisoned: Arc<Poison>,
     refcounts: Refcounts,
     /// Cluster indices whose refcount drops by one at the next flush.
     pending_frees: Vec<u64>,
@@ -67,10 +70,16 @@ pub(crate) struct Writer {
 impl Writer {
     /// The write state of the image at `path` on `storage`, with its
     /// loaded refcount structures.
-    pub(crate) fn new(storage: Arc<dyn Storage>, path: &Path, refcounts: Refcounts) -> Writer {
+    pub(crate) fn new(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        poisoned: Arc<Poison>,
+        refcounts: Refcounts,
+    ) -> Writer {
         Writer {
             storage,
             path: path.to_path_buf(),
+            poisoned,
             refcounts,
             pending_frees: Vec::new(),
             prepared: false,
@@ -80,6 +89,40 @@ impl Writer {
             halted: false,
             bitmaps: None,
         }
+    }
+
+    // --- writes ----------------------------------------------------------
+
+    fn io_err(&self, op: &'static str, offset: u64, e: std::io::Error) -> Error {
+        let e = Error::io(&self.path, op, offset, e);
+        self.poisoned.set(&e);
+        e
+    }
+
+    /// Writes metadata (a header, L1 or L2 table or entries, a refcount
+    /// block, the snapshot table, a bitmap directory, table or its data)
+    /// at `offset`: the one place metadata reaches the storage. The
+    /// callers keep the order docs/crash-consistency.md sets (data before
+    /// the pointers at it, a barrier between); an I/O error poisons the
+    /// image.
+    pub(crate) fn write_metadata(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| self.io_err(op, offset, e))
+    }
+
+    /// Writes guest data (or zeros) into host clusters at `offset`.
+    pub(crate) fn write_data(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
+        self.storage
+            .write_at(buf, offset)
+            .map_err(|e| self.io_err(op, offset, e))
+    }
+
+    /// Writes guest data from several buffers, contiguous on the host.
+    pub(crate) fn write_data_vectored(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
+        self.storage
+            .write_vectored_at(bufs, offset)
+            .map_err(|e| self.io_err("write data", offset, e))
     }
 
     // --- refcounts -------------------------------------------------------
