@@ -1,7 +1,10 @@
 #!/bin/bash
 # Check for, and if missing install, the system packages Strata's tests need.
 #
-#   scripts/install-deps.sh             qemu-utils >= 10 (qemu-img, qemu-io, qemu-nbd)
+#   scripts/install-deps.sh             qemu-utils >= 10 (qemu-img, qemu-io, qemu-nbd),
+#                                         xfsprogs and btrfs-progs (mkfs.xfs, mkfs.btrfs: the
+#                                         reflink tests and benches/compare-qemu-fs.sh make
+#                                         loop-mounted XFS and btrfs filesystems)
 #   scripts/install-deps.sh --libvirt   + libvirt daemon/clients/dev, pkg-config and a
 #                                         qemu-system-x86 >= 10 from bookworm-backports
 #   scripts/install-deps.sh --fuzz      + cargo-fuzz (cargo install --locked)
@@ -23,7 +26,7 @@ for arg in "$@"; do
         --libvirt) WANT_LIBVIRT=1 ;;
         --fuzz) WANT_FUZZ=1 ;;
         -h | --help)
-            sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -94,6 +97,16 @@ libvirt_ok() {
     [ -n "$v" ] || return 1
     [ "$(deb_major "$v")" -ge "$QEMU_MIN_MAJOR" ] || return 1
     command -v virsh >/dev/null 2>&1 && [ -x /usr/sbin/libvirtd ]
+}
+
+FS_PKGS=(xfsprogs btrfs-progs)
+
+# By package: mkfs.* live in /usr/sbin, often not on a user's PATH.
+fs_tools_ok() {
+    local p
+    for p in "${FS_PKGS[@]}"; do
+        [ -n "$(deb_version "$p")" ] || return 1
+    done
 }
 
 fuzz_ok() {
@@ -255,6 +268,14 @@ if ! qemu_utils_ok; then
     log "qemu-utils >= $QEMU_MIN_MAJOR missing"
     install_qemu_utils
     qemu_utils_ok || die "qemu-img/qemu-io/qemu-nbd >= $QEMU_MIN_MAJOR still not available after install"
+fi
+
+if ! fs_tools_ok; then
+    log "mkfs.xfs / mkfs.btrfs missing"
+    apt_update
+    log "installing ${FS_PKGS[*]}"
+    apt_get install --no-install-recommends "${FS_PKGS[@]}" >/dev/null
+    fs_tools_ok || die "mkfs.xfs / mkfs.btrfs still not available after install"
 fi
 
 if [ "$WANT_LIBVIRT" -eq 1 ] && ! libvirt_ok; then

@@ -556,6 +556,42 @@ impl Chain {
         }
     }
 
+    /// Writes guest `[offset, offset+len)` of the top image with the
+    /// bytes `src` holds at `src_offset`, moved by
+    /// [`Storage::copy_range_from`] (a clone where the filesystem shares
+    /// extents). A qcow2 top takes whole clusters only and no subclusters
+    /// ([`Qcow2Image::write_range_from`]); a raw one any range.
+    pub fn write_range_from(
+        &mut self,
+        offset: u64,
+        len: u64,
+        src: &dyn Storage,
+        src_offset: u64,
+    ) -> Result<()> {
+        let (top, _) = self.split_top()?;
+        write_range_into(top, offset, len, src, src_offset)
+    }
+
+    /// [`Chain::write_range_from`] with the bytes layer `depth` (below the
+    /// top: at least 1) stores at host offset `src_offset`.
+    pub fn write_range_from_layer(
+        &mut self,
+        offset: u64,
+        len: u64,
+        depth: usize,
+        src_offset: u64,
+    ) -> Result<()> {
+        let (top, rest) = self
+            .layers
+            .split_first_mut()
+            .ok_or_else(|| Error::InvalidArgument("empty chain".into()))?;
+        let src = depth
+            .checked_sub(1)
+            .and_then(|d| rest.get(d))
+            .ok_or_else(|| Error::InvalidArgument(format!("no layer {depth} below the top")))?;
+        write_range_into(&mut top.image, offset, len, src.image.storage(), src_offset)
+    }
+
     /// Makes `[offset, offset+len)` read as zeros in the top image.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         if let Some((a, b)) = self.v2_deallocatable(offset, len)? {
@@ -651,6 +687,34 @@ impl Chain {
         match top {
             Image::Qcow2(q) => q.flush(),
             Image::Raw(r) => r.flush(),
+        }
+    }
+}
+
+/// [`Chain::write_range_from`] on one image.
+fn write_range_into(
+    image: &mut Image,
+    offset: u64,
+    len: u64,
+    src: &dyn Storage,
+    src_offset: u64,
+) -> Result<()> {
+    match image {
+        Image::Qcow2(q) => q.write_range_from(offset, len, src, src_offset),
+        Image::Raw(r) => {
+            let size = r.virtual_size();
+            if offset.checked_add(len).is_none_or(|e| e > size) {
+                return Err(Error::OutOfRange {
+                    path: r.path().to_path_buf(),
+                    offset,
+                    len,
+                    size,
+                });
+            }
+            r.storage()
+                .copy_range_from(src, src_offset, len, offset)
+                .map(|_| ())
+                .map_err(|e| Error::io(r.path(), "move data", offset, e))
         }
     }
 }

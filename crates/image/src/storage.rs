@@ -75,6 +75,102 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+    /// Writes the bytes `[src_offset, src_offset+len)` of `src` at
+    /// `dst_offset` of this storage, as `write_at` would (growing it if
+    /// needed; bytes past the end of `src` are zeros), without passing
+    /// them through user space where the backends allow: a clone that
+    /// shares the filesystem's extents (`FICLONERANGE`), else an in-kernel
+    /// copy (`copy_file_range`), else a read and a write. Returns which.
+    ///
+    /// For the crash protocol and fault injection this is one write: the
+    /// bytes are pending until the next `sync`, like written ones. The
+    /// default reads and writes through a bounded buffer.
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        copy_by_reading(src, self, src_offset, len, dst_offset)?;
+        Ok(RangeCopy::ReadWrite)
+    }
+    /// Whether [`Storage::copy_range_from`] from `src` shares extents
+    /// (clones) rather than copies bytes, for ranges aligned to
+    /// [`Storage::clone_granule`]: found out by trying once (a block of
+    /// `src` cloned into a temporary file beside this one), then
+    /// remembered. False for backends without files.
+    fn clones_from(&self, src: &dyn Storage) -> bool {
+        let _ = src;
+        false
+    }
+    /// The unit a clone needs its offsets and length aligned to (the
+    /// filesystem block size); 0 when this storage cannot clone.
+    fn clone_granule(&self) -> u64 {
+        0
+    }
+    /// What holds the storage, for tuning: the filesystem of a file.
+    fn filesystem(&self) -> FsKind {
+        FsKind::Other
+    }
+    /// The device (`st_dev`) of the file behind the storage, read once at
+    /// open; `None` for backends without files.
+    fn device(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// How [`Storage::copy_range_from`] moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeCopy {
+    /// The destination now shares the source's extents (`FICLONERANGE`).
+    Cloned,
+    /// Copied inside the kernel (`copy_file_range`; on a filesystem that
+    /// shares extents, the kernel may still have cloned).
+    Copied,
+    /// Read into memory and written.
+    ReadWrite,
+}
+
+/// The filesystem a file storage lives on (`statfs`'s `f_type`), for the
+/// choices that depend on it (writeback hints, cloning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    /// ext2/3/4.
+    Ext4,
+    /// XFS.
+    Xfs,
+    /// btrfs.
+    Btrfs,
+    /// tmpfs (memory: nothing to write back).
+    Tmpfs,
+    /// Anything else, or not a file.
+    Other,
+}
+
+/// Bytes moved per step of a read+write fallback copy.
+const COPY_CHUNK: u64 = 4 << 20;
+
+/// Copies by reading `src` and writing `dst`, [`COPY_CHUNK`] at a time.
+fn copy_by_reading(
+    src: &dyn Storage,
+    dst: &(impl Storage + ?Sized),
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<()> {
+    let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "offset overflows");
+    src_offset.checked_add(len).ok_or_else(overflow)?;
+    dst_offset.checked_add(len).ok_or_else(overflow)?;
+    let mut buf = vec![0u8; len.min(COPY_CHUNK) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(COPY_CHUNK) as usize;
+        src.read_at(&mut buf[..n], src_offset + done)?;
+        dst.write_at(&buf[..n], dst_offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Bytes of a storage mapped into memory read-only, unmapped when dropped
@@ -153,6 +249,58 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writeback: Writeback,
+    fs: FsInfo,
+    /// Whether clones from a source on device `st_dev` work: the probe's
+    /// answers (see [`Storage::clones_from`]).
+    clone_probes: Mutex<Vec<(u64, bool)>>,
+}
+
+/// The filesystem of a file storage, read once at open.
+#[derive(Debug, Clone, Copy)]
+struct FsInfo {
+    kind: FsKind,
+    /// `f_bsize`: the unit of clones (0: unknown, or a block device).
+    block: u64,
+    /// `st_dev` of the file.
+    dev: Option<u64>,
+}
+
+impl FsInfo {
+    fn of(file: &File) -> FsInfo {
+        use nix::sys::statfs;
+        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok();
+        let regular = meta
+            .as_ref()
+            .is_some_and(|m| !m.file_type().is_block_device());
+        let dev = meta.as_ref().map(|m| m.dev());
+        let Ok(st) = statfs::fstatfs(file) else {
+            return FsInfo {
+                kind: FsKind::Other,
+                block: 0,
+                dev,
+            };
+        };
+        let t = st.filesystem_type();
+        let kind = if t == statfs::XFS_SUPER_MAGIC {
+            FsKind::Xfs
+        } else if t == statfs::BTRFS_SUPER_MAGIC {
+            FsKind::Btrfs
+        } else if t == statfs::EXT4_SUPER_MAGIC {
+            FsKind::Ext4
+        } else if t == statfs::TMPFS_MAGIC {
+            FsKind::Tmpfs
+        } else {
+            FsKind::Other
+        };
+        let block = if regular {
+            u64::try_from(st.block_size()).unwrap_or(0)
+        } else {
+            0
+        };
+        FsInfo { kind, block, dev }
+    }
 }
 
 /// Starts the kernel's writeback of written data early, on a helper thread,
@@ -175,9 +323,72 @@ pub struct FileStorage {
 /// duplicate descriptor, so that a write error it sees is still reported
 /// by the caller's `sync` (the kernel reports a writeback error once per
 /// open file description).
+///
+/// What the helper does depends on the filesystem ([`WritebackMode::for_fs`]):
+/// the hints were tuned on ext4; on btrfs each `DONTNEED` on dirty pages
+/// runs the copy-on-write allocation of the range in the helper while the
+/// writer waits on the same extent locks, and on tmpfs there is nothing to
+/// write back.
 #[derive(Default)]
 struct Writeback {
+    mode: WritebackMode,
     state: Mutex<WritebackState>,
+}
+
+/// Which of the early writeback helper's actions run on a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WritebackMode {
+    /// `posix_fadvise(DONTNEED)` every [`WRITEBACK_EVERY`] bytes.
+    hint: bool,
+    /// `fdatasync` every [`FLUSH_EVERY`] bytes.
+    flush: bool,
+}
+
+impl Default for WritebackMode {
+    fn default() -> WritebackMode {
+        WritebackMode::FULL
+    }
+}
+
+impl WritebackMode {
+    const FULL: WritebackMode = WritebackMode {
+        hint: true,
+        flush: true,
+    };
+    const OFF: WritebackMode = WritebackMode {
+        hint: false,
+        flush: false,
+    };
+    /// The mode for a file on `fs`; `STRATA_WRITEBACK` (`full`, `flush`,
+    /// `hint`, `off`) overrides it, for measurements (docs/BENCHMARKS.md).
+    fn for_fs(fs: FsKind) -> WritebackMode {
+        let forced = std::env::var("STRATA_WRITEBACK").ok();
+        match forced.as_deref() {
+            Some("full") => return WritebackMode::FULL,
+            Some("off") => return WritebackMode::OFF,
+            Some("flush") => {
+                return WritebackMode {
+                    hint: false,
+                    flush: true,
+                }
+            }
+            Some("hint") => {
+                return WritebackMode {
+                    hint: true,
+                    flush: false,
+                }
+            }
+            _ => {}
+        }
+        match fs {
+            FsKind::Tmpfs => WritebackMode::OFF,
+            FsKind::Btrfs => WritebackMode {
+                hint: false,
+                flush: true,
+            },
+            FsKind::Ext4 | FsKind::Xfs | FsKind::Other => WritebackMode::FULL,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -200,6 +411,9 @@ const FLUSH_EVERY: u64 = 32 << 20;
 
 impl Writeback {
     fn wrote(&self, file: &File, offset: u64, len: u64) {
+        if self.mode == WritebackMode::OFF {
+            return;
+        }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let end = offset.saturating_add(len);
         st.dirty = Some(match st.dirty {
@@ -218,9 +432,10 @@ impl Writeback {
             let Ok(f) = file.try_clone() else { return };
             let (tx, rx) = std::sync::mpsc::channel::<(u64, u64, u64)>();
             let flushes = st.flushes.clone();
+            let mode = self.mode;
             let handle = std::thread::Builder::new()
                 .name("writeback".into())
-                .spawn(move || writeback_helper(&f, rx, &flushes));
+                .spawn(move || writeback_helper(&f, rx, &flushes, mode));
             let Ok(handle) = handle else { return };
             st.tx = Some(tx);
             st.handle = Some(handle);
@@ -238,9 +453,10 @@ fn writeback_helper(
     f: &File,
     ranges: std::sync::mpsc::Receiver<(u64, u64, u64)>,
     flushes: &std::sync::atomic::AtomicU64,
+    mode: WritebackMode,
 ) {
     // Without /proc, no flushes.
-    let own = own_description(f);
+    let own = own_description(f).filter(|_| mode.flush);
     let mut unflushed = 0u64;
     for (s, e, bytes) in ranges {
         let (Ok(start), Ok(len)) = (i64::try_from(s), i64::try_from(e - s)) else {
@@ -248,12 +464,14 @@ fn writeback_helper(
         };
         // DONTNEED submits the dirty pages for writeback (and drops clean
         // ones).
-        let _ = nix::fcntl::posix_fadvise(
-            f,
-            start,
-            len,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        if mode.hint {
+            let _ = nix::fcntl::posix_fadvise(
+                f,
+                start,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         unflushed += bytes;
         if unflushed >= FLUSH_EVERY {
             unflushed = 0;
@@ -305,11 +523,7 @@ impl FileStorage {
             .open(path)?;
         check_file_type(&file)?;
         clear_nonblock(&file)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writeback: Writeback::default(),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
     /// Creates (or truncates) `path` for reading and writing.
     pub fn create(path: &Path) -> io::Result<FileStorage> {
@@ -319,18 +533,20 @@ impl FileStorage {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writeback: Writeback::default(),
-        })
+        Ok(FileStorage::from_file(file, path))
     }
     /// Wraps an open file.
     pub fn from_file(file: File, path: &Path) -> FileStorage {
+        let fs = FsInfo::of(&file);
         FileStorage {
             file,
             path: path.to_path_buf(),
-            writeback: Writeback::default(),
+            writeback: Writeback {
+                mode: WritebackMode::for_fs(fs.kind),
+                state: Mutex::default(),
+            },
+            fs,
+            clone_probes: Mutex::new(Vec::new()),
         }
     }
 }
@@ -453,7 +669,11 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        if self.fs.kind == FsKind::Xfs {
+            self.trim_preallocation();
+        }
+        Ok(())
     }
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         use nix::unistd::{lseek, Whence};
@@ -510,6 +730,234 @@ impl Storage for FileStorage {
             _ => Ok(None),
         }
     }
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "offset overflows");
+        src_offset.checked_add(len).ok_or_else(overflow)?;
+        dst_offset.checked_add(len).ok_or_else(overflow)?;
+        let Some(from) = src.file() else {
+            copy_by_reading(src, self, src_offset, len, dst_offset)?;
+            return Ok(RangeCopy::ReadWrite);
+        };
+        if len == 0 {
+            return Ok(RangeCopy::Copied);
+        }
+        // Past the end of the source: zeros, written (a clone or an
+        // in-kernel copy would stop short there).
+        let inside = src.len()?.saturating_sub(src_offset).min(len);
+        if inside < len {
+            let zeros = vec![0u8; (len - inside).min(COPY_CHUNK) as usize];
+            let mut at = inside;
+            while at < len {
+                let n = (len - at).min(COPY_CHUNK) as usize;
+                self.write_at(&zeros[..n], dst_offset + at)?;
+                at += n as u64;
+            }
+        }
+        if inside == 0 {
+            return Ok(RangeCopy::ReadWrite);
+        }
+        let g = self.fs.block;
+        let aligned = g > 0
+            && src_offset.is_multiple_of(g)
+            && dst_offset.is_multiple_of(g)
+            && inside.is_multiple_of(g);
+        if aligned && self.clone_known(src) != Some(false) {
+            match clone_range(from, &self.file, src_offset, inside, dst_offset) {
+                Ok(()) => {
+                    self.clone_learned(src, true);
+                    return Ok(RangeCopy::Cloned);
+                }
+                Err(e) if not_supported(&e) => {
+                    // EINVAL may be this range alone (e.g. a source opened
+                    // with O_APPEND, an inline extent): only the others
+                    // say the filesystem cannot.
+                    if e.raw_os_error() != Some(libc::EINVAL) {
+                        self.clone_learned(src, false);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let copied = copy_in_kernel(from, &self.file, src_offset, inside, dst_offset)?;
+        if copied > 0 {
+            self.writeback.wrote(&self.file, dst_offset, copied);
+        }
+        if copied == inside {
+            return Ok(RangeCopy::Copied);
+        }
+        copy_by_reading(
+            src,
+            self,
+            src_offset + copied,
+            inside - copied,
+            dst_offset + copied,
+        )?;
+        Ok(RangeCopy::ReadWrite)
+    }
+    fn clones_from(&self, src: &dyn Storage) -> bool {
+        let Some(from) = src.file() else {
+            return false;
+        };
+        if self.fs.block == 0 {
+            return false;
+        }
+        if let Some(known) = self.clone_known(src) {
+            return known;
+        }
+        let works = probe_clone(from, &self.path, self.fs.block);
+        self.clone_learned(src, works);
+        works
+    }
+    fn clone_granule(&self) -> u64 {
+        self.fs.block
+    }
+    fn filesystem(&self) -> FsKind {
+        self.fs.kind
+    }
+    fn device(&self) -> Option<u64> {
+        self.fs.dev
+    }
+}
+
+/// Blocks past the end of a file on XFS beyond which [`FileStorage::sync`]
+/// gives them back.
+const PREALLOC_SLACK: u64 = 64 << 20;
+
+impl FileStorage {
+    /// Gives back the blocks XFS preallocates past the end of a growing
+    /// file ("speculative preallocation", as large as the file itself,
+    /// kept after the file is closed when it was opened more than once):
+    /// a truncate to the same length, which changes no byte. Measured: a
+    /// commit of 2 GiB into a 2 GiB base left it holding 6 to 8 GiB for a
+    /// 4 GiB file (docs/BENCHMARKS.md). Only when the file holds more
+    /// than [`PREALLOC_SLACK`] beyond its length (a sparse image holds
+    /// less than its length); errors are ignored (a read-only file).
+    fn trim_preallocation(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(m) = self.file.metadata() else { return };
+        if m.blocks().saturating_mul(512) > m.len().saturating_add(PREALLOC_SLACK) {
+            let _ = self.file.set_len(m.len());
+        }
+    }
+    /// What the probe (or an earlier clone) found for sources on `src`'s
+    /// device.
+    fn clone_known(&self, src: &dyn Storage) -> Option<bool> {
+        let dev = src.device()?;
+        let probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.iter().find(|(d, _)| *d == dev).map(|(_, w)| *w)
+    }
+    fn clone_learned(&self, src: &dyn Storage, works: bool) {
+        let Some(dev) = src.device() else { return };
+        let mut probes = self.clone_probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.iter_mut().find(|(d, _)| *d == dev) {
+            Some(p) => p.1 = works,
+            None => probes.push((dev, works)),
+        }
+    }
+}
+
+/// Errors that say a clone or an in-kernel copy cannot be done here (the
+/// caller falls back), as opposed to a failure of the storage itself.
+fn not_supported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::EXDEV | libc::ENOSYS | libc::ENOTTY)
+    )
+}
+
+/// `FICLONERANGE`: makes `[dst_offset, +len)` of `to` share the extents of
+/// `[src_offset, +len)` of `from` (all aligned to the block size).
+#[allow(unsafe_code)]
+fn clone_range(
+    from: &File,
+    to: &File,
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let arg = libc::file_clone_range {
+        src_fd: i64::from(from.as_raw_fd()),
+        src_offset,
+        src_length: len,
+        dest_offset: dst_offset,
+    };
+    loop {
+        // SAFETY: FICLONERANGE reads one `file_clone_range`, which `arg`
+        // is, alive for the call; both descriptors are open files we own.
+        let r = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONERANGE, &arg) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `copy_file_range` of up to `len` bytes; returns how many were copied
+/// before the kernel said it cannot (those the caller copies otherwise).
+fn copy_in_kernel(
+    from: &File,
+    to: &File,
+    src_offset: u64,
+    len: u64,
+    dst_offset: u64,
+) -> io::Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let (Ok(mut off_in), Ok(mut off_out)) = (
+            i64::try_from(src_offset + done),
+            i64::try_from(dst_offset + done),
+        ) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => break,
+            Ok(n) => done += n as u64,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                let e = io::Error::from(e);
+                if not_supported(&e) {
+                    break;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Tries a clone of `from`'s first block into an unnamed temporary file in
+/// `beside`'s directory (nothing is left behind).
+fn probe_clone(from: &File, beside: &Path, block: u64) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    if from.metadata().map_or(true, |m| m.len() < block) {
+        return false;
+    }
+    let dir = match beside.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(tmp) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return false;
+    };
+    clone_range(from, &tmp, 0, block, 0).is_ok()
 }
 
 /// A storage held in memory, cheap to clone (clones share the bytes).
@@ -655,7 +1103,8 @@ mod tests {
     fn writeback_hints_keep_every_byte_and_stop_with_the_storage() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let s = FileStorage::create(&p).unwrap();
+        let mut s = FileStorage::create(&p).unwrap();
+        s.writeback.mode = WritebackMode::FULL;
         // Several hints' worth of writes, single and vectored, some
         // rewriting what an earlier hint covered.
         let n = (3 * WRITEBACK_EVERY / (1 << 20)) as usize;
@@ -687,10 +1136,30 @@ mod tests {
     }
 
     #[test]
+    fn the_writeback_helper_adapts_to_the_filesystem() {
+        if std::env::var_os("STRATA_WRITEBACK").is_some() {
+            return; // overridden for a measurement
+        }
+        assert_eq!(WritebackMode::for_fs(FsKind::Ext4), WritebackMode::FULL);
+        assert_eq!(WritebackMode::for_fs(FsKind::Xfs), WritebackMode::FULL);
+        assert_eq!(WritebackMode::for_fs(FsKind::Tmpfs), WritebackMode::OFF);
+        let b = WritebackMode::for_fs(FsKind::Btrfs);
+        assert!(!b.hint && b.flush, "{b:?}");
+        // Nothing written back, no helper, on a file with the mode off.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStorage::create(&dir.path().join("f")).unwrap();
+        s.writeback.mode = WritebackMode::OFF;
+        s.write_at(&vec![1u8; 3 * WRITEBACK_EVERY as usize], 0)
+            .unwrap();
+        assert!(s.writeback.state.lock().unwrap().handle.is_none());
+    }
+
+    #[test]
     fn the_writeback_helper_flushes_as_the_data_comes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let s = FileStorage::create(&p).unwrap();
+        let mut s = FileStorage::create(&p).unwrap();
+        s.writeback.mode = WritebackMode::FULL;
         let chunk = vec![0x5au8; 1 << 20];
         for i in 0..(2 * FLUSH_EVERY + WRITEBACK_EVERY) >> 20 {
             s.write_at(&chunk, i << 20).unwrap();
@@ -772,6 +1241,232 @@ mod tests {
     }
 
     #[test]
+    fn file_storage_copies_ranges_between_files_as_written_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = FileStorage::create(&dir.path().join("src")).unwrap();
+        let bytes: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i % 253) as u8).collect();
+        src.write_at(&bytes, 0).unwrap();
+        src.sync().unwrap();
+        let dst = FileStorage::create(&dir.path().join("dst")).unwrap();
+        dst.write_at(&[0xaa; 8192], 0).unwrap();
+        // Aligned (a clone where the filesystem shares extents), unaligned,
+        // and running past the end of the source (zeros).
+        let how = dst.copy_range_from(&src, 1 << 20, 1 << 20, 65536).unwrap();
+        let how2 = dst.copy_range_from(&src, 13, 5000, 100).unwrap();
+        let end = bytes.len() as u64;
+        dst.copy_range_from(&src, end - 10, 4096, 3 << 20).unwrap();
+        let got = std::fs::read(dir.path().join("dst")).unwrap();
+        assert!(got[..100] == [0xaa; 100]);
+        assert!(got[100..5100] == bytes[13..5013]);
+        assert!(got[5100..8192] == [0xaa; 8192 - 5100]);
+        assert!(got[8192..65536].iter().all(|b| *b == 0));
+        assert!(got[65536..65536 + (1 << 20)] == bytes[1 << 20..2 << 20]);
+        let tail = &got[3 << 20..];
+        assert_eq!(tail.len(), 4096);
+        assert!(tail[..10] == bytes[bytes.len() - 10..]);
+        assert!(tail[10..].iter().all(|b| *b == 0));
+        // Unaligned ranges are never clones.
+        assert_ne!(how2, RangeCopy::Cloned);
+        let clones = dst.clones_from(&src);
+        assert_eq!(how == RangeCopy::Cloned, clones, "{how:?}");
+        // From a storage without a file: read and written.
+        let mem = MemStorage::from_bytes(vec![9; 4096]);
+        assert_eq!(
+            dst.copy_range_from(&mem, 0, 4096, 0).unwrap(),
+            RangeCopy::ReadWrite
+        );
+        assert!(!dst.clones_from(&mem));
+        assert_eq!(
+            std::fs::read(dir.path().join("dst")).unwrap()[..4096],
+            [9; 4096]
+        );
+    }
+
+    /// A loop-mounted filesystem made for one test, unmounted and removed
+    /// when dropped (also when the test fails). `None`, with the reason
+    /// printed, when not root or the tools are missing.
+    struct LoopFs {
+        dir: tempfile::TempDir,
+        mounted: bool,
+    }
+
+    impl LoopFs {
+        fn new(kind: &str) -> Option<LoopFs> {
+            use std::process::Command;
+            let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+            });
+            if !root {
+                eprintln!("skipped: {kind} loop mount needs root");
+                return None;
+            }
+            let mkfs = format!("mkfs.{kind}");
+            let opts: &[&str] = if kind == "xfs" {
+                &["-q", "-m", "reflink=1"]
+            } else {
+                &["-q"]
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let img = dir.path().join("fs.img");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&mnt).unwrap();
+            File::create(&img).unwrap().set_len(2 << 30).unwrap();
+            let made = Command::new(&mkfs).args(opts).arg(&img).output();
+            if !made.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipped: {mkfs} not available or failed");
+                return None;
+            }
+            let mut fs = LoopFs {
+                dir,
+                mounted: false,
+            };
+            let m = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt)
+                .output();
+            if !m.is_ok_and(|o| o.status.success()) {
+                eprintln!("skipped: mount -o loop failed");
+                return None;
+            }
+            fs.mounted = true;
+            Some(fs)
+        }
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for LoopFs {
+        fn drop(&mut self) {
+            if self.mounted {
+                let _ = std::process::Command::new("umount")
+                    .arg(self.path())
+                    .status();
+            }
+        }
+    }
+
+    /// Whether `filefrag -v` shows every extent of `path` as shared.
+    fn all_shared(path: &Path) -> bool {
+        let out = std::process::Command::new("filefrag")
+            .arg("-v")
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let extents: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.trim_start()
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
+            .filter(|l| l.contains(".."))
+            .collect();
+        !extents.is_empty() && extents.iter().all(|l| l.contains("shared"))
+    }
+
+    #[test]
+    fn on_xfs_and_btrfs_an_aligned_range_copy_is_a_clone_sharing_extents() {
+        for kind in ["xfs", "btrfs"] {
+            let Some(fs) = LoopFs::new(kind) else {
+                continue;
+            };
+            let src_path = fs.path().join("src");
+            let src = FileStorage::create(&src_path).unwrap();
+            assert_eq!(
+                src.filesystem(),
+                if kind == "xfs" {
+                    FsKind::Xfs
+                } else {
+                    FsKind::Btrfs
+                }
+            );
+            let bytes: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+            src.write_at(&bytes, 0).unwrap();
+            src.sync().unwrap();
+            let dst_path = fs.path().join("dst");
+            let dst = FileStorage::create(&dst_path).unwrap();
+            assert!(dst.clones_from(&src), "{kind}");
+            let g = dst.clone_granule();
+            assert!(g >= 512 && (1 << 20) % g == 0, "{kind}: {g}");
+            let how = dst.copy_range_from(&src, 1 << 20, 2 << 20, 0).unwrap();
+            assert_eq!(how, RangeCopy::Cloned, "{kind}");
+            // Unaligned: copied, not cloned, and right.
+            let how = dst.copy_range_from(&src, 7, 100, 2 << 20).unwrap();
+            assert_ne!(how, RangeCopy::Cloned, "{kind}");
+            dst.sync().unwrap();
+            let got = std::fs::read(&dst_path).unwrap();
+            assert!(got[..2 << 20] == bytes[1 << 20..3 << 20], "{kind}");
+            assert!(got[2 << 20..] == bytes[7..107], "{kind}");
+            dst.set_len(2 << 20).unwrap();
+            dst.sync().unwrap();
+            assert!(all_shared(&dst_path), "{kind}: extents not shared");
+            drop((src, dst));
+            // A growing file: what XFS preallocates past its end is given
+            // back at each sync.
+            let grow = FileStorage::create(&fs.path().join("grow")).unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            for i in 0..512u64 {
+                grow.write_at(&chunk, i << 20).unwrap();
+            }
+            grow.sync().unwrap();
+            let held = grow.allocated_bytes().unwrap();
+            assert!(
+                held <= (512 << 20) + PREALLOC_SLACK,
+                "{kind}: {held} bytes held for 512 MiB"
+            );
+            assert_eq!(grow.len().unwrap(), 512 << 20);
+        }
+    }
+
+    #[test]
+    fn a_range_copy_into_fault_storage_is_one_write_the_crash_may_drop() {
+        let src = MemStorage::from_bytes((0..64u8).collect());
+        let s = FaultStorage::new(vec![0; 16]);
+        s.crash_at(1);
+        assert_eq!(
+            s.copy_range_from(&src, 8, 8, 4).unwrap(),
+            RangeCopy::ReadWrite
+        );
+        assert_eq!(s.ops(), 1);
+        assert_eq!(s.pending(), 1);
+        assert_eq!(&s.current()[4..12], &(8..16u8).collect::<Vec<_>>()[..]);
+        assert_eq!(s.durable_image(&mut |_| false), vec![0; 16]);
+        // The next copy is the crash.
+        assert!(s.copy_range_from(&src, 0, 4, 0).is_err());
+        assert!(s.crashed());
+        assert_eq!(s.range_copies(), 2);
+    }
+
+    #[test]
+    fn fault_storage_clones_on_request_and_fails_them_on_request() {
+        let src = MemStorage::from_bytes(vec![5; 1024]);
+        let s = FaultStorage::new(vec![0; 1024]);
+        assert!(!s.clones_from(&src));
+        assert_eq!(s.clone_granule(), 0);
+        s.set_clones(true);
+        assert!(s.clones_from(&src));
+        assert_eq!(s.clone_granule(), 512);
+        assert_eq!(
+            s.copy_range_from(&src, 0, 512, 512).unwrap(),
+            RangeCopy::Cloned
+        );
+        s.fail_clones(true);
+        let e = s.copy_range_from(&src, 0, 512, 0).unwrap_err();
+        assert!(e.to_string().contains("injected clone failure"), "{e}");
+        assert!(!s.crashed());
+        assert_eq!(&s.current()[..512], &[0; 512]);
+        assert_eq!(&s.current()[512..], &[5; 512]);
+        // Not a crash: other writes go on.
+        s.write_at(&[1], 0).unwrap();
+        assert_eq!(s.ops(), 3);
+    }
+
+    #[test]
     fn fault_storage_maps_copies_of_what_it_holds() {
         let s = FaultStorage::new(vec![1, 2, 3, 4]);
         assert_eq!(*s.mapped(1, 3).unwrap().unwrap(), [2, 3, 4]);
@@ -833,6 +1528,14 @@ struct FaultState {
     own_ops: u64,
     /// The crash clock (shared by the storages of one simulated machine).
     clock: Arc<Mutex<FaultClock>>,
+    /// Whether range copies into this storage report clones (and
+    /// [`Storage::clones_from`] says they do), as on XFS or btrfs.
+    clones: bool,
+    /// Whether range copies into this storage fail (an I/O error, not a
+    /// crash: later operations work).
+    clone_fails: bool,
+    /// Range copies done.
+    range_copies: u64,
 }
 
 /// The operation counter and crash point of one simulated machine: every
@@ -922,6 +1625,23 @@ impl FaultStorage {
     pub fn own_ops(&self) -> u64 {
         self.lock().own_ops
     }
+    /// Makes range copies into this storage behave as clones do on a
+    /// filesystem that shares extents: [`Storage::clones_from`] says yes
+    /// (for any source), the clone unit is 512 bytes, and each copy
+    /// reports [`RangeCopy::Cloned`]. The bytes and the crash model are
+    /// those of one write.
+    pub fn set_clones(&self, clones: bool) {
+        self.lock().clones = clones;
+    }
+    /// Makes every later range copy into this storage fail with an I/O
+    /// error (counted as an operation; nothing is written).
+    pub fn fail_clones(&self, fail: bool) {
+        self.lock().clone_fails = fail;
+    }
+    /// Number of range copies into this storage so far (failed included).
+    pub fn range_copies(&self) -> u64 {
+        self.lock().range_copies
+    }
     /// Number of syncs of this storage so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
@@ -1005,6 +1725,50 @@ impl Storage for FaultStorage {
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         // One operation, as one pwritev.
         self.write_at(&bufs.concat(), offset)
+    }
+    /// One operation, as one write of the bytes `src` reads (a crash keeps
+    /// it or not, like any write not yet synced).
+    fn copy_range_from(
+        &self,
+        src: &dyn Storage,
+        src_offset: u64,
+        len: u64,
+        dst_offset: u64,
+    ) -> io::Result<RangeCopy> {
+        if len > MEM_STORAGE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "copy past the memory storage limit",
+            ));
+        }
+        // Read first: `src` may be this storage (its lock is not held).
+        let mut bytes = vec![0u8; len as usize];
+        src.read_at(&mut bytes, src_offset)?;
+        let clones = {
+            let mut st = self.lock();
+            st.range_copies += 1;
+            if st.clone_fails {
+                self.op(&mut st)?;
+                return Err(io::Error::other("injected clone failure"));
+            }
+            st.clones
+        };
+        self.write_at(&bytes, dst_offset)?;
+        Ok(if clones {
+            RangeCopy::Cloned
+        } else {
+            RangeCopy::ReadWrite
+        })
+    }
+    fn clones_from(&self, _src: &dyn Storage) -> bool {
+        self.lock().clones
+    }
+    fn clone_granule(&self) -> u64 {
+        if self.lock().clones {
+            512
+        } else {
+            0
+        }
     }
     /// One operation, as an unsynced write of zeros over the part inside
     /// the storage: a crash may keep it or not, and a hole punched into

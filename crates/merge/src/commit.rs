@@ -199,6 +199,20 @@ impl Job for CommitJob<'_> {
     fn source_layers(&self) -> &[Layer] {
         self.upper
     }
+
+    fn destination(&self) -> &Layer {
+        self.base.top()
+    }
+
+    fn write_range(&mut self, at: u64, len: u64, depth: usize, host: u64) -> Result<()> {
+        let upper = self.upper;
+        let layer = upper.get(depth).ok_or_else(|| {
+            MergeError::InvalidArgument(format!("commit: no source layer {depth}"))
+        })?;
+        Ok(self
+            .base
+            .write_range_from(at, len, layer.image.storage(), host)?)
+    }
 }
 
 pub(crate) fn cluster_of(image: &Image) -> u64 {

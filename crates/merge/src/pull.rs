@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use strata_format::limits;
 use strata_image::chain::{is_protocol_name, read_below, resolve_backing_path, resolve_in};
 use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
 
@@ -142,6 +143,16 @@ impl Job for BackingJob<'_> {
         }
         let new = resolve_in(self.new_layers(), pos, len)?;
         let len = new.extent.len.clamp(1, len);
+        if let Reference::Shared(k) = self.reference {
+            let n = self.chain.layers().len();
+            if n > limits::MAX_CHAIN_DEPTH && k + new.depth + 1 == n {
+                // The new view here lies past the open limit (the
+                // stand-in answers): it cannot be compared, so the top
+                // takes the old view whole, which keeps what it reads.
+                let kind = if source_zero { Kind::Zero } else { Kind::Copy };
+                return Ok(Seg { len, kind });
+            }
+        }
         let reference_zero = walk::reads_zero(&new);
         let kind = if source_zero && reference_zero {
             Kind::Skip
@@ -192,6 +203,16 @@ impl Job for BackingJob<'_> {
 
     fn source_layers(&self) -> &[Layer] {
         self.chain.layers().get(1..).unwrap_or(&[])
+    }
+
+    fn destination(&self) -> &Layer {
+        self.chain.top()
+    }
+
+    fn write_range(&mut self, at: u64, len: u64, depth: usize, host: u64) -> Result<()> {
+        Ok(self
+            .chain
+            .write_range_from_layer(at, len, depth + 1, host)?)
     }
 }
 
@@ -330,7 +351,15 @@ fn fail(
     }
 }
 
-fn open_top(top: &Path, dry_run: bool, confine_to: Option<&Path>) -> Result<Chain> {
+/// Opens the top writable (unless a dry run) with its chain. With
+/// `stub_beyond_limit`, a chain deeper than the open limit opens with a
+/// stand-in past it (see [`OpenOptions::stub_beyond_limit`]).
+fn open_top(
+    top: &Path,
+    dry_run: bool,
+    confine_to: Option<&Path>,
+    stub_beyond_limit: bool,
+) -> Result<Chain> {
     open::confine(top, confine_to)?;
     Ok(Chain::open(
         top,
@@ -338,6 +367,7 @@ fn open_top(top: &Path, dry_run: bool, confine_to: Option<&Path>) -> Result<Chai
             format: Some(ImageFormat::Qcow2),
             writable: !dry_run,
             confine_to: confine_to.map(Path::to_path_buf),
+            stub_beyond_limit,
             ..OpenOptions::default()
         },
     )?)
@@ -363,13 +393,92 @@ pub fn pull_confined(
     confine_to: Option<&Path>,
     hooks: &mut Hooks<'_>,
 ) -> Result<PullReport> {
+    // A pull reads the layers above the kept one: on a chain deeper than
+    // the open limit, it works as long as those are inside it (the layers
+    // past the limit are not opened; a stand-in holds their place). A pull
+    // of the whole of such a chain goes in stages, each reading inside the
+    // limit: the top is pulled down to the deepest layer opened and
+    // re-pointed at it (its view unchanged, durably), then the chain, now
+    // shorter, is opened again, until it fits.
+    let mut done: Option<PullReport> = None;
+    loop {
+        let (report, staged) = pull_stage(top, opts, confine_to, done.is_none(), hooks)?;
+        let staged = staged && !opts.dry_run;
+        done = Some(match done {
+            None => report,
+            Some(d) => add_reports(d, report),
+        });
+        if !staged {
+            return done.ok_or_else(|| MergeError::InvalidArgument("pull: no stage ran".into()));
+        }
+    }
+}
+
+/// Sums the reports of two stages of a pull (the later one last).
+fn add_reports(a: PullReport, b: PullReport) -> PullReport {
+    let mut growth = a.plan.growth;
+    for g in b.plan.growth {
+        match growth.iter_mut().find(|x| x.path == g.path) {
+            Some(x) => x.bytes += g.bytes,
+            None => growth.push(g),
+        }
+    }
+    PullReport {
+        top: b.top,
+        layers_pulled: a.layers_pulled + b.layers_pulled,
+        new_backing: b.new_backing,
+        plan: Plan {
+            copy_bytes: a.plan.copy_bytes + b.plan.copy_bytes,
+            zero_bytes: a.plan.zero_bytes + b.plan.zero_bytes,
+            copy_clusters: a.plan.copy_clusters + b.plan.copy_clusters,
+            extents: a.plan.extents + b.plan.extents,
+            exact: false,
+            growth,
+        },
+        stats: Stats {
+            copied_bytes: a.stats.copied_bytes + b.stats.copied_bytes,
+            zeroed_bytes: a.stats.zeroed_bytes + b.stats.zeroed_bytes,
+            equal_bytes: a.stats.equal_bytes + b.stats.equal_bytes,
+            cloned_bytes: a.stats.cloned_bytes + b.stats.cloned_bytes,
+        },
+        dry_run: b.dry_run,
+        leaks_reclaimed: a.leaks_reclaimed + b.leaks_reclaimed,
+    }
+}
+
+/// One stage of [`pull_confined`]: opens the chain and pulls it (all of
+/// it, or down to `opts.base`), or, when the whole of a chain deeper than
+/// the open limit is to be pulled, down to the deepest layer opened.
+/// Returns the report and whether it was such a partial stage (a dry run
+/// then plans that stage only: its plan is marked inexact).
+fn pull_stage(
+    top: &Path,
+    opts: &PullOptions,
+    confine_to: Option<&Path>,
+    first: bool,
+    hooks: &mut Hooks<'_>,
+) -> Result<(PullReport, bool)> {
     const OP: &str = "pull";
-    let mut chain = open_top(top, opts.dry_run, confine_to)?;
+    let mut chain = open_top(top, opts.dry_run, confine_to, true)?;
     let n = chain.layers().len();
     let k = match &opts.base {
-        Some(b) => open::find_layer(&chain, top, b)?,
+        Some(b) => open::find_layer(&chain, top, b).map_err(|e| match e {
+            MergeError::NotInChain { .. } if n > limits::MAX_CHAIN_DEPTH => {
+                MergeError::InvalidArgument(format!(
+                    "{}: {} is not among the first {} images of the backing chain; a pull \
+                     keeping it would read deeper than the open limit",
+                    top.display(),
+                    b.display(),
+                    limits::MAX_CHAIN_DEPTH
+                ))
+            }
+            e => e,
+        })?,
         None => n,
     };
+    // The stand-in past the limit is layer n - 1: keep the one above it.
+    let staged = k == n && n > limits::MAX_CHAIN_DEPTH;
+    let k = if staged { n - 2 } else { k };
     let mut top_leaks = 0;
     for (i, l) in chain.layers().get(..k).unwrap_or(&[]).iter().enumerate() {
         let leaks = open::refuse_damaged(l, OP)?;
@@ -380,22 +489,38 @@ pub fn pull_confined(
     if !opts.dry_run && k > 1 {
         open::refuse_unwritable(chain.top(), OP)?;
     }
+    // The format the layer above records for it (what it was opened as;
+    // also right for the stand-in past the open limit, which is not).
     let new = match chain.layers().get(k) {
-        Some(l) => Some((open::backing_name_for(top, l)?, l.image.format())),
+        Some(l) => {
+            let recorded = chain
+                .layers()
+                .get(k - 1)
+                .and_then(|above| above.image.backing().1)
+                .and_then(ImageFormat::from_name);
+            Some((
+                open::backing_name_for(top, l)?,
+                recorded.unwrap_or(l.image.format()),
+            ))
+        }
         None => None,
     };
     // Leaked clusters in the top (what a run stopped by a full disk leaves)
     // are released before the copy, so that the rerun has the space back
     // (after the plan pass: a pull that fails must not have written).
-    let reclaim = !opts.dry_run && k > 1 && top_leaks > 0;
-    pull_chain(
+    let reclaim = first && !opts.dry_run && k > 1 && top_leaks > 0;
+    let mut report = pull_chain(
         &mut chain,
         k,
         new.as_ref().map(|(name, f)| (name.as_str(), *f)),
         opts.dry_run,
         reclaim,
         hooks,
-    )
+    )?;
+    if staged {
+        report.plan.exact = false;
+    }
+    Ok((report, staged))
 }
 
 /// Pulls an open chain: the layers between the top and layer `keep` (the
@@ -487,7 +612,7 @@ pub fn rebase(
 ) -> Result<RebaseReport> {
     const OP: &str = "rebase";
     let confine_to = opts.confine_to.as_deref();
-    let mut chain = open_top(top, opts.dry_run, confine_to)?;
+    let mut chain = open_top(top, opts.dry_run, confine_to, false)?;
     for l in chain.layers() {
         open::refuse_damaged(l, OP)?;
     }

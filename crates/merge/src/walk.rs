@@ -8,7 +8,9 @@
 //! in a file is passed to the destination mapped in place (no copy into a
 //! buffer), up to [`BUF_BYTES`] per write; the rest (compressed clusters,
 //! memory storage) is read into one reused buffer, coalescing consecutive
-//! extents into writes of up to [`BUF_BYTES`].
+//! extents into writes of up to [`BUF_BYTES`]. Where the destination's
+//! filesystem shares extents with the source's (XFS with reflink, btrfs),
+//! whole clusters are cloned instead ([`clone_run`]): nothing is read.
 //!
 //! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
 //! that is larger), one mapped window of at most as much, and the image
@@ -17,7 +19,7 @@
 use std::path::PathBuf;
 
 use strata_image::chain::{mapped_below, read_below, resolve_in, Resolved};
-use strata_image::{Layer, Mapping};
+use strata_image::{Image, Layer, Mapping};
 
 use crate::error::{MergeError, Result};
 use crate::progress::{Hooks, Progress};
@@ -94,6 +96,61 @@ pub(crate) trait Job {
     /// The layers the source view of `[at, at+len)` is read from, top
     /// first (checked by the plan pass: see [`check_compressed`]).
     fn source_layers(&self) -> &[Layer];
+    /// The image written (the top of the destination chain).
+    fn destination(&self) -> &Layer;
+    /// Writes `[at, at+len)` of the destination with the bytes source
+    /// layer `depth` (an index into [`Job::source_layers`]) stores at host
+    /// offset `host`, moved by a clone ([`clone_run`] found it can be).
+    fn write_range(&mut self, at: u64, len: u64, depth: usize, host: u64) -> Result<()>;
+}
+
+/// Most bytes moved by one clone step (progress and cancellation come
+/// between steps).
+const CLONE_BYTES: u64 = 64 << 20;
+
+/// The start of the source run at `at` (at most `want` bytes) that can be
+/// cloned into the destination: stored uncompressed in one source layer,
+/// starting and ending on destination cluster boundaries, its host offset
+/// and the destination's clusters aligned to the filesystem block, on a
+/// destination that shares extents with that layer's file (found out by
+/// trying, once per source device). Returns the source layer's index,
+/// the host offset and the length; `None`: copy as usual.
+///
+/// A destination with subclusters (extended L2) is never cloned into.
+/// Compressed clusters, zeros, holes and runs shorter than a cluster go
+/// the usual way.
+pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usize, u64, u64)>> {
+    let dest = job.destination();
+    let dst = dest.image.storage();
+    let g = dst.clone_granule();
+    if g == 0 {
+        return Ok(None);
+    }
+    let unit = match &dest.image {
+        Image::Qcow2(q) => {
+            let geo = q.geometry();
+            if geo.extended_l2() {
+                return Ok(None);
+            }
+            geo.cluster_size()
+        }
+        Image::Raw(_) => g,
+    };
+    if !unit.is_multiple_of(g) || !at.is_multiple_of(unit) || want < unit {
+        return Ok(None);
+    }
+    let layers = job.source_layers();
+    let r = resolve_in(layers, at, want)?;
+    let (Some(layer), false, Mapping::Data { host }) =
+        (layers.get(r.depth), r.past_end, r.extent.mapping)
+    else {
+        return Ok(None);
+    };
+    let n = r.extent.len.min(want) / unit * unit;
+    if n == 0 || !host.0.is_multiple_of(g) || !dst.clones_from(layer.image.storage()) {
+        return Ok(None);
+    }
+    Ok(Some((r.depth, host.0, n)))
 }
 
 /// How much a file is expected to grow.
@@ -142,6 +199,12 @@ pub struct Stats {
     /// Guest bytes compared with the new backing file and found equal
     /// (nothing written).
     pub equal_bytes: u64,
+    /// Of `copied_bytes`, those cloned: the destination shares the
+    /// source's extents (XFS with reflink, btrfs), no data was read or
+    /// written. A clone is not compared with the new backing file first
+    /// (that would read the data), so a pull or rebase may clone ranges
+    /// qemu-img would find equal and skip: the guest view is the same.
+    pub cloned_bytes: u64,
 }
 
 /// Plans a job: walks its metadata, writes nothing.
@@ -275,6 +338,18 @@ impl Runner<'_, '_, '_> {
                             .as_ref()
                             .is_some_and(|b| b.kind == seg.kind && b.start + b.len as u64 == at);
                         if !joins && !source_zero {
+                            // Whole clusters stored uncompressed, on a
+                            // filesystem that shares extents: cloned.
+                            let want = (len - done).min(CLONE_BYTES);
+                            if let Some((d, host, n)) = clone_run(&*self.job, at, want)? {
+                                self.flush_batch()?;
+                                self.job.write_range(at, n, d, host)?;
+                                self.stats.copied_bytes += n;
+                                self.stats.cloned_bytes += n;
+                                self.advance(n);
+                                done += n;
+                                continue;
+                            }
                             // Runs of bytes stored uncompressed in a file
                             // go from the page cache to the destination
                             // with no copy into the buffer (short runs

@@ -63,6 +63,12 @@ fn format_of(name: &str) -> ImageFormat {
     }
 }
 
+thread_local! {
+    /// Whether the storages of this test act as a filesystem that clones
+    /// ([`FaultStorage::set_clones`]): merges then clone whole clusters.
+    static CLONES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The files on storages sharing one clock, crashing at `crash_at`.
 fn disks(files: &Files, crash_at: Option<u64>) -> Disks {
     let mut out = Disks::new();
@@ -73,6 +79,7 @@ fn disks(files: &Files, crash_at: Option<u64>) -> Disks {
             None => FaultStorage::new(bytes.clone()),
         };
         clock.get_or_insert_with(|| d.clone());
+        d.set_clones(CLONES.with(|c| c.get()));
         out.insert(name.clone(), d);
     }
     if let (Some(n), Some(c)) = (crash_at, &clock) {
@@ -611,6 +618,11 @@ fn crash_everywhere(name: &str, files: Files, op: Op, stride: u64) -> Tally {
     let (res, merge_ops) = run(op, &reference);
     res.unwrap();
     let total = reference.values().next().unwrap().ops();
+    if CLONES.with(|c| c.get()) {
+        let clones: u64 = reference.values().map(FaultStorage::range_copies).sum();
+        assert!(clones > 0, "{name}: nothing was cloned");
+        eprintln!("{name}: {clones} clones in the reference run");
+    }
     let syncs: u64 = reference.values().map(FaultStorage::syncs).sum();
     assert_complete(
         op,
@@ -1004,4 +1016,143 @@ fn pull_b_keeping_the_bottom_layer_survives_a_crash_at_every_operation() {
         1,
     );
     assert_covered(&t, 30);
+}
+
+/// base <- mid <- top (base <- top without `mid`), 64 KiB clusters
+/// everywhere: whole clusters (which clone), partial ones and zeros, in
+/// every layer.
+fn cloning_chain(mid: bool) -> Files {
+    let under_top = if mid { "mid.qcow2" } else { "base.qcow2" };
+    let mut imgs = vec![
+        img(
+            "base.qcow2",
+            "-f qcow2 -o cluster_size=65536 FILE 2M",
+            &[
+                "write -P 0x31 0 512k",
+                "write -P 0x32 1M 256k",
+                "write -P 0x33 1800k 10k",
+            ],
+            vec![],
+        ),
+        img(
+            "mid.qcow2",
+            "-f qcow2 -o cluster_size=65536 -b base.qcow2 -F qcow2 FILE 2M",
+            &[
+                "write -P 0x41 128k 192k",
+                "write -P 0x42 900k 5k",
+                "write -z 1088k 64k",
+                "write -P 0x43 1536k 128k",
+            ],
+            vec![],
+        ),
+    ];
+    if !mid {
+        imgs.pop();
+    }
+    imgs.push(Img {
+        name: TOP,
+        create: format!("-f qcow2 -o cluster_size=65536 -b {under_top} -F qcow2 FILE 2M"),
+        io: [
+            "write -P 0x51 256k 128k",
+            "write -P 0x52 700k 3k",
+            "write -P 0x53 1920k 128k",
+            "write -z 0 64k",
+        ]
+        .map(String::from)
+        .to_vec(),
+    });
+    build(&imgs)
+}
+
+#[test]
+fn commit_by_clones_survives_a_crash_at_every_operation() {
+    CLONES.with(|c| c.set(true));
+    let t = crash_everywhere(
+        "commit by clones (k=1)",
+        cloning_chain(false),
+        Op::Commit {
+            base: "base.qcow2",
+            dash_b: false,
+        },
+        1,
+    );
+    assert_covered_few(&t, 10);
+    let t = crash_everywhere(
+        "commit -b by clones (k=2)",
+        cloning_chain(true),
+        Op::Commit {
+            base: "base.qcow2",
+            dash_b: true,
+        },
+        1,
+    );
+    assert_covered_few(&t, 10);
+}
+
+#[test]
+fn pull_by_clones_survives_a_crash_at_every_operation() {
+    CLONES.with(|c| c.set(true));
+    let t = crash_everywhere(
+        "pull by clones",
+        cloning_chain(true),
+        Op::Pull { keep: None },
+        1,
+    );
+    assert_covered(&t, 10);
+    let t = crash_everywhere(
+        "pull -b base by clones",
+        cloning_chain(true),
+        Op::Pull {
+            keep: Some("base.qcow2"),
+        },
+        1,
+    );
+    assert_covered_few(&t, 10);
+}
+
+#[test]
+fn a_failing_clone_stops_the_merge_and_changes_no_view() {
+    CLONES.with(|c| c.set(true));
+    let files = cloning_chain(false);
+    let orig = read_view(&chain_of(&disks(&files, None), TOP, false).unwrap());
+    for op in [
+        Op::Commit {
+            base: "base.qcow2",
+            dash_b: false,
+        },
+        Op::Pull { keep: None },
+    ] {
+        let d = disks(&files, None);
+        for disk in d.values() {
+            disk.fail_clones(true);
+        }
+        let (res, _) = run(op, &d);
+        let e = res.expect_err("the clone failed").to_string();
+        assert!(e.contains("injected clone failure"), "{op:?}: {e}");
+        // What is on the disks now, and what only the synced state holds:
+        // both read as before, and a rerun finishes.
+        let now = snapshot(&d);
+        assert_opens_uncorrupted(&now, &format!("{op:?} after a failed clone"));
+        assert_top_view(&now, &orig, &format!("{op:?} after a failed clone"));
+        let synced: Files = d
+            .iter()
+            .map(|(n, disk)| (n.clone(), disk.durable_image(&mut |_| false)))
+            .collect();
+        assert_top_view(&synced, &orig, &format!("{op:?}: synced state"));
+        let again = disks(&now, None);
+        run(op, &again).0.unwrap();
+        assert_complete(op, &snapshot(&again), &orig, &format!("{op:?} rerun"));
+    }
+}
+
+/// [`assert_covered`] for merges with few writes (clones of whole
+/// clusters): fewer distinct states than crash points.
+fn assert_covered_few(t: &Tally, min_points: u64) {
+    assert!(
+        t.crash_points >= min_points,
+        "only {} crash points",
+        t.crash_points
+    );
+    assert!(t.distinct_states >= min_points, "too few distinct states");
+    assert!(t.path_reruns >= 2 && t.qemu_compares >= 2);
 }

@@ -909,3 +909,89 @@ fn a_commit_that_would_read_past_the_open_limit_fails_and_changes_nothing_it_rea
     assert_eq!(view(&top), before);
     assert_clean(&top);
 }
+
+#[test]
+fn pull_b_of_a_200_deep_chain_matches_qemu_img_rebase() {
+    // Data in layers above and below the kept one (l100) and past the
+    // open limit (l0, l50): the pull reads only l101..l198, inside it.
+    let dir = tempfile::tempdir().unwrap();
+    let (qd, sd) = (dir.path().join("qemu"), dir.path().join("strata"));
+    std::fs::create_dir(&qd).unwrap();
+    let q_top = deep_chain(&qd, 200, "64k");
+    for (layer, cmds) in [
+        (0, vec!["write -P 1 0 512k"]),
+        (50, vec!["write -P 2 64k 64k"]),
+        (100, vec!["write -P 3 128k 64k"]),
+        (150, vec!["write -P 4 192k 128k", "write -z 448k 64k"]),
+        (198, vec!["write -P 5 700k 3000"]),
+        (199, vec!["write -P 6 0 64k"]),
+    ] {
+        qemu_io(&qd.join(format!("l{layer}.qcow2")), &cmds);
+    }
+    run("cp", &["-a", s(&qd), s(&sd)]);
+    let s_top = sd.join("l199.qcow2");
+    let before = view(&s_top);
+    qemu_img(&["rebase", "-q", "-b", "l100.qcow2", "-F", "qcow2", s(&q_top)]);
+    let opts = PullOptions {
+        base: Some(sd.join("l100.qcow2")),
+        ..PullOptions::default()
+    };
+    let r = pull(&s_top, &opts, &mut Hooks::default()).unwrap();
+    assert_eq!(r.layers_pulled, 98);
+    assert_eq!(backing_of(&s_top).as_deref(), Some("l100.qcow2"));
+    assert_eq!(info(&s_top)["backing-filename-format"], "qcow2");
+    assert_same(&q_top, &s_top);
+    assert!(view(&s_top) == before, "the guest view changed");
+    assert_clean(&s_top);
+}
+
+#[test]
+fn a_pull_of_a_whole_200_deep_chain_goes_in_stages_and_matches_qemu_img_rebase() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qd, sd) = (dir.path().join("qemu"), dir.path().join("strata"));
+    std::fs::create_dir(&qd).unwrap();
+    let q_top = deep_chain(&qd, 200, "64k");
+    for (layer, cmds) in [
+        (0, vec!["write -P 1 0 512k"]),
+        (30, vec!["write -P 2 64k 64k", "write -z 320k 64k"]),
+        (72, vec!["write -P 3 128k 3000"]),
+        (73, vec!["write -P 4 200k 64k"]),
+        (150, vec!["write -P 5 600k 128k"]),
+        (199, vec!["write -P 6 0 64k"]),
+    ] {
+        qemu_io(&qd.join(format!("l{layer}.qcow2")), &cmds);
+    }
+    run("cp", &["-a", s(&qd), s(&sd)]);
+    let s_top = sd.join("l199.qcow2");
+    let before = view(&s_top);
+    // qemu-img reads all 200 images at once; Strata in two stages of
+    // fewer than 128.
+    qemu_img(&["rebase", "-q", "-b", "", s(&q_top)]);
+    let r = pull(&s_top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+    assert_eq!(r.layers_pulled, 199);
+    assert_eq!(r.new_backing, None);
+    assert_eq!(backing_of(&s_top), None);
+    assert_same(&q_top, &s_top);
+    assert!(view(&s_top) == before, "the guest view changed");
+    assert_clean(&s_top);
+}
+
+#[test]
+fn a_pull_keeping_a_layer_past_the_open_limit_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = deep_chain(dir.path(), 200, "64k");
+    qemu_io(&dir.path().join("l0.qcow2"), &["write -P 1 0 64k"]);
+    qemu_io(&top, &["write -P 9 64k 64k"]);
+    let before = std::fs::read(&top).unwrap();
+    let opts = PullOptions {
+        base: Some(dir.path().join("l10.qcow2")),
+        ..PullOptions::default()
+    };
+    let e = pull(&top, &opts, &mut Hooks::default()).unwrap_err();
+    assert!(e.to_string().contains("first 128 images"), "{e}");
+    assert!(
+        std::fs::read(&top).unwrap() == before,
+        "the top was written"
+    );
+    assert_clean(&top);
+}

@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::qcow2::alloc::{Meta, MetadataMap};
 use crate::qcow2::writer::{DirtyTable, Writer};
 use crate::qcow2::Qcow2Image;
+use crate::storage::Storage;
 use crate::Mapping;
 
 /// Reads the guest view of the layers below an image: fills the buffer
@@ -55,10 +56,13 @@ const DROP_BATCH_FREES: usize = 1 << 20;
 /// ... or this many data bytes were written since the last commit.
 const MAX_UNSYNCED_BYTES: u64 = 256 << 20;
 
-/// Bytes to write: the caller's, or a copy-on-write buffer.
+/// Bytes to write: the caller's, a copy-on-write buffer, or a run of
+/// another storage moved by [`Storage::copy_range_from`] (offset there,
+/// length).
 enum Chunk<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
+    Range(u64, u64),
 }
 
 impl Chunk<'_> {
@@ -66,6 +70,7 @@ impl Chunk<'_> {
         match self {
             Chunk::Borrowed(b) => b,
             Chunk::Owned(v) => v,
+            Chunk::Range(..) => &[],
         }
     }
 }
@@ -847,6 +852,96 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Writes guest `[offset, offset+len)` with the bytes `src` holds at
+    /// `[src_offset, src_offset+len)`, moved by
+    /// [`Storage::copy_range_from`] (a clone sharing the filesystem's
+    /// extents where it can) instead of through memory. Whole clusters
+    /// only (`offset` and `len` cluster-aligned), and not on images with extended L2 entries: callers
+    /// use [`Qcow2Image::write`] for the rest.
+    ///
+    /// The protocol is that of `write`: a cluster the image does not own
+    /// alone gets a new one, the moved bytes land in clusters nothing
+    /// points at yet, and their L2 entries are written after the barrier
+    /// that makes them durable (docs/crash-consistency.md).
+    pub fn write_range_from(
+        &mut self,
+        offset: u64,
+        len: u64,
+        src: &dyn Storage,
+        src_offset: u64,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        let geo = self.geometry;
+        let cs = geo.cluster_size();
+        let end = offset + len;
+        if geo.extended_l2() || !geo.is_aligned(offset) || !geo.is_aligned(end) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: a range write needs whole clusters of an image without subclusters \
+                 ({offset:#x}+{len:#x})",
+                self.path.display()
+            )));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.begin_write()?;
+        self.bitmaps_before_change(offset, len)?;
+        let cb = geo.cluster_bits();
+        let mut pos = offset;
+        while pos < end {
+            let batch_end = end.min(pos + WRITE_BATCH);
+            let mut tables = Vec::new();
+            while pos < batch_end {
+                let l1i = geo.l1_index(GuestOffset(pos));
+                let table_end = ((l1i + 1) * geo.l2_span()).min(batch_end);
+                let toff = self.l2_for_write(l1i)?;
+                let table = self.l2_table(toff)?;
+                let mut plans = Vec::new();
+                for c in (pos >> cb)..=((table_end - 1) >> cb) {
+                    let cstart = c << cb;
+                    let idx = geo.l2_index(GuestOffset(cstart));
+                    let e = self.entry_for_write(&table, toff, idx)?;
+                    let n = cs.min(end - cstart);
+                    let chunk = Chunk::Range(src_offset + (cstart - offset), n);
+                    let state = e.state(geo, 0).map_err(|what| {
+                        Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
+                    })?;
+                    let (dest, new, frees) = match state {
+                        SubclusterState::Data { host } if e.copied() => (Some(host.0), e, vec![]),
+                        SubclusterState::Zero { host: Some(h) } if e.copied() => (
+                            Some(h.0),
+                            L2Entry {
+                                word: h.0 | OFLAG_COPIED,
+                                bitmap: 0,
+                            },
+                            vec![],
+                        ),
+                        _ => (
+                            None,
+                            L2Entry {
+                                word: OFLAG_COPIED,
+                                bitmap: 0,
+                            },
+                            self.freed_by(e),
+                        ),
+                    };
+                    plans.push(Plan {
+                        idx,
+                        old: e,
+                        new,
+                        dest,
+                        writes: vec![(0, chunk)],
+                        frees,
+                    });
+                }
+                tables.push((toff, plans));
+                pos = table_end;
+            }
+            self.execute_from(tables, Some(src))?;
+        }
+        Ok(())
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.virtual_size();
         if offset.checked_add(len).is_none_or(|e| e > size) {
@@ -903,7 +998,17 @@ impl Qcow2Image {
 
     /// Allocates, writes data, then (after a barrier) the L2 entries of
     /// every table and the L1 entries of new tables.
-    fn execute(&mut self, mut tables: Vec<(u64, Vec<Plan<'_>>)>) -> Result<()> {
+    fn execute(&mut self, tables: Vec<(u64, Vec<Plan<'_>>)>) -> Result<()> {
+        self.execute_from(tables, None)
+    }
+
+    /// [`Self::execute`], with `src` the storage that [`Chunk::Range`]
+    /// writes move bytes from.
+    fn execute_from(
+        &mut self,
+        mut tables: Vec<(u64, Vec<Plan<'_>>)>,
+        src: Option<&dyn Storage>,
+    ) -> Result<()> {
         let cb = self.geometry.cluster_bits();
         // Allocate new clusters, in runs; their entries get the offsets.
         // Only plans that write need one: a plan without writes (a cluster
@@ -928,13 +1033,24 @@ impl Qcow2Image {
             }
             k += n as usize;
         }
-        // Data writes, coalesced by host offset into vectored writes.
+        // Data writes, coalesced by host offset into vectored writes;
+        // range moves, coalesced where both sides are contiguous.
         let mut runs: Vec<(u64, Vec<&[u8]>, u64)> = Vec::new();
+        let mut moves: Vec<(u64, u64, u64)> = Vec::new();
         for (_, plans) in &tables {
             for p in plans {
                 let dest = p.dest.unwrap_or(0);
                 for (at, chunk) in &p.writes {
                     let h = dest + at;
+                    if let Chunk::Range(from, n) = chunk {
+                        match moves.last_mut() {
+                            Some((d, f, len)) if *d + *len == h && *f + *len == *from => {
+                                *len += n;
+                            }
+                            _ => moves.push((h, *from, *n)),
+                        }
+                        continue;
+                    }
                     let bytes = chunk.bytes();
                     match runs.last_mut() {
                         Some((start, v, len))
@@ -948,7 +1064,12 @@ impl Qcow2Image {
                 }
             }
         }
-        for (h, _, len) in &runs {
+        let spans = runs
+            .iter()
+            .map(|(h, _, len)| (*h, *len))
+            .chain(moves.iter().map(|(h, _, len)| (*h, *len)))
+            .collect::<Vec<_>>();
+        for (h, len) in &spans {
             let r = self
                 .rw
                 .as_deref()
@@ -968,6 +1089,15 @@ impl Qcow2Image {
             written += len;
         }
         drop(runs);
+        if !moves.is_empty() {
+            let src = src.ok_or_else(|| {
+                Error::InvalidArgument("a range write without its source storage".into())
+            })?;
+            for (h, from, len) in &moves {
+                self.writer()?.copy_data_from(src, *from, *len, *h)?;
+                written += len;
+            }
+        }
         self.ws()?.add_unsynced(written.max(1));
         for (toff, plans) in &tables {
             self.update_l2(*toff, plans)?;

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::error::{Error, Poison, Result};
 use crate::qcow2::alloc::{MetadataMap, Refcounts};
 use crate::qcow2::bitmap::BitmapState;
-use crate::storage::Storage;
+use crate::storage::{RangeCopy, Storage};
 
 /// An L2 table with entries not yet on disk, and the changed entry range.
 #[derive(Debug)]
@@ -123,6 +123,21 @@ impl Writer {
         self.storage
             .write_vectored_at(bufs, offset)
             .map_err(|e| self.io_err("write data", offset, e))
+    }
+
+    /// Moves `len` bytes of guest data from `src` at `from` into host
+    /// clusters at `offset` (a clone of the source's extents where the
+    /// filesystem can, a copy otherwise); says which.
+    pub(crate) fn copy_data_from(
+        &self,
+        src: &dyn Storage,
+        from: u64,
+        len: u64,
+        offset: u64,
+    ) -> Result<RangeCopy> {
+        self.storage
+            .copy_range_from(src, from, len, offset)
+            .map_err(|e| self.io_err("move data", offset, e))
     }
 
     // --- refcounts -------------------------------------------------------
