@@ -170,6 +170,76 @@ impl L2Entry {
         Ok(())
     }
 
+    /// A standard entry for an uncompressed cluster at `host` (`None`: the
+    /// cluster is still to be allocated; [`L2Entry::with_host`] fills it
+    /// in), with the COPIED flag as given. Extended entries start with no
+    /// subcluster allocated ([`L2Entry::with_subclusters`]).
+    pub fn data(host: Option<HostOffset>, copied: bool) -> L2Entry {
+        let host = host.map_or(0, |h| h.0 & OFFSET_MASK);
+        L2Entry {
+            word: host | if copied { OFLAG_COPIED } else { 0 },
+            bitmap: 0,
+        }
+    }
+
+    /// A standard (v3) zero entry with no host cluster: reads as zeros.
+    pub fn zero() -> L2Entry {
+        L2Entry::default().with_zero_flag()
+    }
+
+    /// A compressed entry for `len` compressed bytes at `offset`; `None`
+    /// when the descriptor cannot represent them.
+    pub fn compressed_at(offset: HostOffset, len: u64, geometry: Geometry) -> Option<L2Entry> {
+        let word = CompressedDescriptor::encode(offset, len, geometry.cluster_bits())?;
+        Some(L2Entry { word, bitmap: 0 })
+    }
+
+    /// This entry pointing at the host cluster `host` (flags kept).
+    pub fn with_host(self, host: HostOffset) -> L2Entry {
+        L2Entry {
+            word: (self.word & !OFFSET_MASK) | (host.0 & OFFSET_MASK),
+            ..self
+        }
+    }
+
+    /// This entry with the COPIED flag as given.
+    pub fn with_copied(self, copied: bool) -> L2Entry {
+        let word = self.word & !OFLAG_COPIED;
+        L2Entry {
+            word: word | if copied { OFLAG_COPIED } else { 0 },
+            ..self
+        }
+    }
+
+    /// A standard entry with the zero flag added (host and COPIED kept:
+    /// a preallocated zero cluster when it has a host).
+    pub fn with_zero_flag(self) -> L2Entry {
+        L2Entry {
+            word: self.word | OFLAG_ZERO,
+            ..self
+        }
+    }
+
+    /// An extended entry with the subcluster bitmap set: bit `i` of
+    /// `alloc` marks subcluster `i` allocated, of `zero` reading as zeros
+    /// (the first word is kept).
+    pub fn with_subclusters(self, alloc: u32, zero: u32) -> L2Entry {
+        L2Entry {
+            word: self.word,
+            bitmap: u64::from(alloc) | (u64::from(zero) << 32),
+        }
+    }
+
+    /// Extended L2: the subclusters marked allocated (bits 0-31).
+    pub fn alloc_bits(&self) -> u32 {
+        self.bitmap as u32
+    }
+
+    /// Extended L2: the subclusters marked as reading zeros (bits 32-63).
+    pub fn zero_bits(&self) -> u32 {
+        (self.bitmap >> 32) as u32
+    }
+
     /// Whether the cluster is compressed.
     pub fn compressed(&self) -> bool {
         self.word & OFLAG_COMPRESSED != 0
@@ -320,6 +390,47 @@ mod tests {
 
     fn g(bits: u32, ext: bool) -> Geometry {
         Geometry::new(bits, ext).unwrap()
+    }
+
+    #[test]
+    fn l2_entry_constructors_decode_to_the_states_they_name() {
+        let std = g(16, false);
+        let ext = g(16, true);
+        let h = HostOffset(0x50000);
+        let d = L2Entry::data(Some(h), true);
+        assert_eq!(d.state(std, 0), Ok(SubclusterState::Data { host: h }));
+        assert!(d.copied());
+        assert_eq!(d.word, OFLAG_COPIED | 0x50000);
+        assert!(!L2Entry::data(Some(h), false).copied());
+        // Not yet allocated, then given its host.
+        let fresh = L2Entry::data(None, true);
+        assert_eq!(fresh.host_cluster(), None);
+        assert_eq!(fresh.with_host(h), d);
+        assert_eq!(
+            L2Entry::zero().state(std, 0),
+            Ok(SubclusterState::Zero { host: None })
+        );
+        assert_eq!(
+            d.with_zero_flag().state(std, 0),
+            Ok(SubclusterState::Zero { host: Some(h) })
+        );
+        assert_eq!(d.with_copied(false).with_copied(true), d);
+        assert_eq!(d.with_copied(false).word, 0x50000);
+        // Extended: subcluster 0 data, 1 zero, 2 unallocated.
+        let x = L2Entry::data(Some(h), true).with_subclusters(0b01, 0b10);
+        assert_eq!((x.alloc_bits(), x.zero_bits()), (0b01, 0b10));
+        assert_eq!(x.state(ext, 0), Ok(SubclusterState::Data { host: h }));
+        assert_eq!(x.state(ext, 1), Ok(SubclusterState::Zero { host: Some(h) }));
+        assert_eq!(x.state(ext, 2), Ok(SubclusterState::Unallocated));
+        assert_eq!(x.bitmap, 0b01 | (0b10 << 32));
+        // Compressed: the descriptor round-trips; unrepresentable is None.
+        let c = L2Entry::compressed_at(HostOffset(0x60200), 1000, std).unwrap();
+        assert!(c.compressed());
+        assert_eq!(
+            c.compressed_descriptor(std).map(|d| d.offset),
+            Some(HostOffset(0x60200))
+        );
+        assert_eq!(L2Entry::compressed_at(HostOffset(0x60200), 0, std), None);
     }
 
     #[test]

@@ -39,7 +39,8 @@ use strata_format::header::{
     INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
 };
 use strata_format::refcount;
-use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use strata_format::table::OFLAG_ZERO;
+use strata_format::HostOffset;
 use strata_format::{L1Entry, L2Entry, SubclusterState};
 
 use crate::chain::{Chain, Image, OpenOptions};
@@ -814,10 +815,10 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                 }
                 x => x,
             };
-            let word = match x {
+            let e = match x {
                 Expand::Drop => {
                     report.zero_clusters_dropped += 1;
-                    0
+                    L2Entry::default()
                 }
                 Expand::New => {
                     let at = img.alloc_contiguous(1, "a zero cluster expansion")?;
@@ -828,21 +829,20 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
                     report.zero_clusters_expanded += 1;
-                    at | if l2_refs == 1 { OFLAG_COPIED } else { 0 }
+                    L2Entry::data(Some(HostOffset(at)), l2_refs == 1)
                 }
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
                     let r = img.ws()?.refcount(h >> cb)?;
                     report.zero_clusters_expanded += 1;
-                    (h & OFFSET_MASK) | if r == 1 { OFLAG_COPIED } else { 0 }
+                    L2Entry::data(Some(HostOffset(h)), r == 1)
                 }
                 Expand::Relocate(_) => {
                     return Err(Error::InvalidArgument("relocation not resolved".into()))
                 }
             };
-            debug_assert_eq!(word & OFLAG_ZERO, 0);
-            let e = L2Entry { word, bitmap: 0 };
+            debug_assert_eq!(e.word & OFLAG_ZERO, 0);
             e.write(&mut table, geo, i)
                 .map_err(|source| Error::Format {
                     path: img.path.clone(),

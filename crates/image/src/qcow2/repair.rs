@@ -11,9 +11,7 @@ use strata_format::header::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
 };
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
-use strata_format::table::{
-    decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
-};
+use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_ZERO};
 use strata_format::{L1Entry, L2Entry};
 
 use crate::check::{self, CheckReport};
@@ -365,15 +363,9 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                     continue;
                 }
                 entry = if geo.extended_l2() {
-                    L2Entry {
-                        word: 0,
-                        bitmap: (entry.bitmap | alloc_bits << 32) & !0xffff_ffff,
-                    }
+                    L2Entry::default().with_subclusters(0, entry.zero_bits() | alloc_bits as u32)
                 } else {
-                    L2Entry {
-                        word: OFLAG_ZERO,
-                        bitmap: 0,
-                    }
+                    L2Entry::zero()
                 };
                 entry
                     .write(&mut table, geo, idx)
@@ -437,11 +429,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             };
             let want = refcount_of(img, h.0 >> cb)? == 1;
             if want != entry.copied() {
-                entry.word = if want {
-                    entry.word | OFLAG_COPIED
-                } else {
-                    entry.word & !OFLAG_COPIED
-                };
+                entry = entry.with_copied(want);
                 entry
                     .write(&mut table, geo, idx)
                     .map_err(|source| Error::Format {

@@ -576,7 +576,7 @@ impl Qcow2Image {
                 };
                 let want = count(h.0 >> cb) == 1;
                 if want != entry.copied() {
-                    entry.word = (entry.word & !OFLAG_COPIED) | if want { OFLAG_COPIED } else { 0 };
+                    entry = entry.with_copied(want);
                     entry
                         .write(&mut fixed, geo, idx)
                         .map_err(|source| Error::Format {

@@ -18,8 +18,7 @@
 use std::sync::Arc;
 
 use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use strata_format::table::{OFLAG_COPIED, OFLAG_ZERO};
-use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
+use strata_format::{GuestOffset, HostOffset, L1Entry, L2Entry, SubclusterState};
 
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::{Meta, MetadataMap};
@@ -727,10 +726,7 @@ impl Qcow2Image {
                 self.freed_by(e)
             };
             // The host offset of a new cluster is filled in once allocated.
-            let new = L2Entry {
-                word: reuse.unwrap_or(0) | OFLAG_COPIED,
-                bitmap: 0,
-            };
+            let new = L2Entry::data(reuse.map(HostOffset), true);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -759,10 +755,8 @@ impl Qcow2Image {
                 buf[(a - start) as usize..(b - start) as usize].copy_from_slice(data);
                 Chunk::Owned(buf)
             };
-            let new = L2Entry {
-                word: e.word,
-                bitmap: (e.bitmap | touched) & !(touched << 32),
-            };
+            let touched = touched as u32;
+            let new = e.with_subclusters(e.alloc_bits() | touched, e.zero_bits() & !touched);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -777,10 +771,7 @@ impl Qcow2Image {
             return Ok(Plan {
                 idx,
                 old: e,
-                new: L2Entry {
-                    word: OFLAG_COPIED,
-                    bitmap: 0xffff_ffff,
-                },
+                new: L2Entry::data(None, true).with_subclusters(u32::MAX, 0),
                 dest: None,
                 writes: vec![(0, Chunk::Borrowed(data))],
                 frees: self.freed_by(e),
@@ -818,11 +809,9 @@ impl Qcow2Image {
         for sc in lo..=hi {
             range |= 1 << sc;
         }
-        let new_bitmap = (old_bits | range) & !(range << 32);
-        let new = L2Entry {
-            word: OFLAG_COPIED,
-            bitmap: new_bitmap,
-        };
+        let (old_alloc, old_zero) = (old_bits as u32, (old_bits >> 32) as u32);
+        let range = range as u32;
+        let new = L2Entry::data(None, true).with_subclusters(old_alloc | range, old_zero & !range);
         Ok(Plan {
             idx,
             old: e,
@@ -908,22 +897,10 @@ impl Qcow2Image {
                     })?;
                     let (dest, new, frees) = match state {
                         SubclusterState::Data { host } if e.copied() => (Some(host.0), e, vec![]),
-                        SubclusterState::Zero { host: Some(h) } if e.copied() => (
-                            Some(h.0),
-                            L2Entry {
-                                word: h.0 | OFLAG_COPIED,
-                                bitmap: 0,
-                            },
-                            vec![],
-                        ),
-                        _ => (
-                            None,
-                            L2Entry {
-                                word: OFLAG_COPIED,
-                                bitmap: 0,
-                            },
-                            self.freed_by(e),
-                        ),
+                        SubclusterState::Zero { host: Some(h) } if e.copied() => {
+                            (Some(h.0), L2Entry::data(Some(h), true), vec![])
+                        }
+                        _ => (None, L2Entry::data(None, true), self.freed_by(e)),
                     };
                     plans.push(Plan {
                         idx,
@@ -1029,7 +1006,7 @@ impl Qcow2Image {
                 let p = &mut tables[t].1[i];
                 let host = (first + j as u64) << cb;
                 p.dest = Some(host);
-                p.new.word |= host;
+                p.new = p.new.with_host(HostOffset(host));
             }
             k += n as usize;
         }
@@ -1622,15 +1599,9 @@ impl Qcow2Image {
                         L2Entry::default()
                     } else if has_backing || allocated {
                         if geo.extended_l2() {
-                            L2Entry {
-                                word: 0,
-                                bitmap: 0xffff_ffff << 32,
-                            }
+                            L2Entry::default().with_subclusters(0, u32::MAX)
                         } else {
-                            L2Entry {
-                                word: OFLAG_ZERO,
-                                bitmap: 0,
-                            }
+                            L2Entry::zero()
                         }
                     } else {
                         // discard_in_l2_slice leaves an unallocated entry
@@ -1643,17 +1614,13 @@ impl Qcow2Image {
                     // `unmap` an allocated one, loses its host cluster; any
                     // other keeps its entry, the zero flag (bits) added.
                     let drop = e.compressed() || (unmap && e.host_cluster().is_some());
-                    let word = if drop { 0 } else { e.word };
+                    // (A standard entry's bitmap is 0; an extended one's is
+                    // replaced below.)
+                    let kept = if drop { L2Entry::default() } else { e };
                     if !geo.extended_l2() {
-                        L2Entry {
-                            word: word | OFLAG_ZERO,
-                            bitmap: 0,
-                        }
+                        kept.with_zero_flag()
                     } else if whole {
-                        L2Entry {
-                            word,
-                            bitmap: 0xffff_ffff << 32,
-                        }
+                        kept.with_subclusters(0, u32::MAX)
                     } else {
                         if e.compressed() && !whole {
                             // Decompress into a plain cluster first, then zero.
@@ -1668,15 +1635,12 @@ impl Qcow2Image {
                             plans.push(p);
                             continue;
                         }
-                        let mut zbits = 0u64;
+                        let mut zbits = 0u32;
                         for sc in (a / scs)..(b.div_ceil(scs)).min(32) {
                             zbits |= 1 << sc;
                         }
                         // zero_l2_subclusters: only the bitmap changes.
-                        L2Entry {
-                            word: e.word,
-                            bitmap: (e.bitmap & !zbits) | (zbits << 32),
-                        }
+                        e.with_subclusters(e.alloc_bits() & !zbits, e.zero_bits() | zbits)
                     }
                 }
             };
@@ -1912,10 +1876,7 @@ impl Qcow2Image {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
                     p.dest = Some(host);
-                    p.new = L2Entry {
-                        word: host | OFLAG_COPIED,
-                        bitmap: 0,
-                    };
+                    p.new = L2Entry::data(Some(HostOffset(host)), true);
                 }
                 k += n as usize;
             }
@@ -2059,18 +2020,13 @@ impl Qcow2Image {
                 self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
             };
             self.compressed_tail.next = start + len;
-            let word = strata_format::CompressedDescriptor::encode(
-                strata_format::HostOffset(start),
-                len,
-                cb,
-            )
-            .ok_or_else(|| {
+            let new = L2Entry::compressed_at(HostOffset(start), len, geo).ok_or_else(|| {
                 Error::InvalidArgument("compressed cluster cannot be described".into())
             })?;
             plans.push(Plan {
                 idx,
                 old: e,
-                new: L2Entry { word, bitmap: 0 },
+                new,
                 dest: Some(start),
                 writes: vec![(0, Chunk::Owned(c))],
                 frees: self.freed_by(e),
