@@ -32,7 +32,6 @@
 //!   them, but their clusters are freed (QEMU leaks them).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use strata_format::header::{
     CompressionType, Extension, FeatureKind, FeatureName, COMPAT_LAZY_REFCOUNTS,
@@ -858,12 +857,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             cs,
             &[Meta::ActiveL2, Meta::InactiveL2],
         )?;
-        img.writer()?
-            .write_metadata(&table, toff, "write L2 table")?;
-        img.l2_cache
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(toff, Arc::new(table));
+        img.write_l2_table(toff, table)?;
         img.ws()?.free_later(frees);
     }
     // The entries are made durable, then the references moved away from

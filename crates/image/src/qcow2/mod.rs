@@ -111,7 +111,6 @@ impl L2Cache {
         }
     }
 
-    #[allow(dead_code)] // used by the write path
     pub(crate) fn remove(&mut self, offset: u64) {
         if let Some((t, _)) = self.tables.remove(&offset) {
             self.bytes -= t.len();
@@ -285,6 +284,19 @@ impl Qcow2Image {
         *lock(&self.l2_cache) = L2Cache::default();
         *lock(&self.decompressed) = None;
         *lock(&self.last_map) = None;
+    }
+
+    /// Caches the L2 table at `offset`, as on disk (written, or read).
+    /// Dirty tables are pinned in the writer instead, never cached: the
+    /// write path calls this once their entries are written.
+    pub(crate) fn cache_l2(&self, offset: u64, table: Arc<Vec<u8>>) {
+        lock(&self.l2_cache).insert(offset, table);
+    }
+
+    /// Drops the L2 table at `offset` from the cache (it is about to be
+    /// pinned as dirty, or freed).
+    pub(crate) fn uncache_l2(&self, offset: u64) {
+        lock(&self.l2_cache).remove(offset);
     }
 
     /// Reads (through the cache) the L2 table at `offset`.

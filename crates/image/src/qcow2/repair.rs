@@ -377,12 +377,7 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                 fixed += 1;
             }
             if changed {
-                img.writer()?
-                    .write_metadata(&table, l2.0, "write L2 table")?;
-                img.l2_cache
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(l2.0, std::sync::Arc::new(table));
+                img.write_l2_table(l2.0, table)?;
             }
         }
     }
@@ -441,12 +436,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             }
         }
         if changed {
-            img.writer()?
-                .write_metadata(&table, l2.0, "write L2 table")?;
-            img.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(l2.0, std::sync::Arc::new(table));
+            img.write_l2_table(l2.0, table)?;
         }
     }
     img.sync()?;

@@ -533,8 +533,7 @@ impl Qcow2Image {
             None => vec![0u8; cs as usize],
         };
         let new = self.alloc_contiguous(1, "an L2 table")?;
-        self.writer()?
-            .write_metadata(&content, new, "write L2 table")?;
+        self.write_l2_table(new, content)?;
         self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
             let meta = ws.meta_mut();
@@ -543,10 +542,6 @@ impl Qcow2Image {
             }
             meta.add(new, cs, Meta::ActiveL2);
         }
-        self.l2_cache
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(new, Arc::new(content));
         let cb = self.geometry.cluster_bits();
         let ws = self.ws()?;
         ws.l1_changed([i]);
@@ -554,6 +549,22 @@ impl Qcow2Image {
             ws.free_later([old.0 >> cb]);
         }
         Ok(new)
+    }
+
+    /// Writes the whole L2 table `table` at `offset` (a new or copied
+    /// table, or one rewritten by amend or repair), then caches it. A
+    /// pinned (dirty) table is never written this way: its entries go out
+    /// at the next metadata commit.
+    pub(crate) fn write_l2_table(&mut self, offset: u64, table: Vec<u8>) -> Result<()> {
+        if self.ws()?.is_pinned(offset) {
+            return Err(Error::InvalidArgument(format!(
+                "L2 table at {offset:#x} written whole while it has pending entries"
+            )));
+        }
+        self.writer()?
+            .write_metadata(&table, offset, "write L2 table")?;
+        self.cache_l2(offset, Arc::new(table));
+        Ok(())
     }
 
     /// Commits metadata: a barrier makes data, new tables and refcounts
@@ -580,10 +591,8 @@ impl Qcow2Image {
                 .ok_or_else(|| Error::InvalidArgument("dirty range outside its table".into()))?;
             self.writer()?
                 .write_metadata(bytes, toff + d.lo * es, "write L2 entries")?;
-            self.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(toff, d.table);
+            // Written: no longer pinned, it may be cached (and evicted).
+            self.cache_l2(toff, d.table);
         }
         for i in l1 {
             let at = self.header.l1_table_offset + 8 * i as u64;
@@ -1104,10 +1113,8 @@ impl Qcow2Image {
             Some(d) => d,
             None => {
                 let table = self.l2_table(toff)?;
-                self.l2_cache
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(toff);
+                // Pinned from here on: out of the cache.
+                self.uncache_l2(toff);
                 DirtyTable {
                     table,
                     lo: u64::MAX,
@@ -1267,10 +1274,7 @@ impl Qcow2Image {
             }
             self.check_freeable(&mine)?;
             drop(table);
-            self.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(off);
+            self.uncache_l2(off);
             if let Some(ws) = self.rw.as_deref_mut() {
                 ws.meta_mut().remove(off, cs, Meta::ActiveL2);
             }
