@@ -34,8 +34,7 @@
 use std::path::Path;
 
 use strata_format::header::{
-    CompressionType, Extension, FeatureKind, FeatureName, COMPAT_LAZY_REFCOUNTS,
-    INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+    Autoclear, Compatible, CompressionType, Extension, FeatureKind, FeatureName, Incompatible,
 };
 use strata_format::refcount;
 use strata_format::table::OFLAG_ZERO;
@@ -254,9 +253,9 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
             // Off on a dirty image: begin_write already rebuilt its
             // refcounts (QEMU's qcow2_mark_clean).
             if on {
-                img.header.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+                img.header.compatible_features |= Compatible::LAZY_REFCOUNTS;
             } else {
-                img.header.compatible_features &= !COMPAT_LAZY_REFCOUNTS;
+                img.header.compatible_features &= !Compatible::LAZY_REFCOUNTS;
             }
             img.write_header()?;
             img.sync()?;
@@ -357,9 +356,9 @@ fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefu
         if bad_snapshot {
             return Ok(Some(AmendRefusal::DowngradeSnapshots));
         }
-        let left = h.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
-        if left != 0 {
-            return Ok(Some(AmendRefusal::DowngradeIncompatible(left)));
+        let left = h.incompatible_features & !(Incompatible::DIRTY | Incompatible::COMPRESSION);
+        if !left.is_empty() {
+            return Ok(Some(AmendRefusal::DowngradeIncompatible(left.bits())));
         }
         if h.compression_type != CompressionType::Deflate && has_compressed_clusters(img)? {
             return Ok(Some(AmendRefusal::DowngradeZstd));
@@ -516,9 +515,9 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
     h.header_length = 112;
     h.compression_type = CompressionType::Deflate;
     h.extra = vec![0; 112 - 105];
-    h.incompatible_features = 0;
-    h.compatible_features = 0;
-    h.autoclear_features = 0;
+    h.incompatible_features = Incompatible::empty();
+    h.compatible_features = Compatible::empty();
+    h.autoclear_features = Autoclear::empty();
     h.refcount_order = 4;
     // QEMU writes the feature name table only with clusters over 4 KiB
     // (in 512-byte clusters it would leave no room for a backing name).
@@ -627,9 +626,9 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
     }
     h.version = 2;
     h.header_length = strata_format::limits::V2_HEADER_LEN;
-    h.incompatible_features = 0;
-    h.compatible_features = 0;
-    h.autoclear_features = 0;
+    h.incompatible_features = Incompatible::empty();
+    h.compatible_features = Compatible::empty();
+    h.autoclear_features = Autoclear::empty();
     h.compression_type = CompressionType::Deflate;
     h.extra = Vec::new();
     h.extensions

@@ -46,7 +46,7 @@ use strata_format::bitmap::{
     parse_directory, BitmapDirEntry, BitmapTableEntry, FLAG_IN_USE, MAX_BITMAPS,
     MAX_DIRECTORY_SIZE, MAX_PHYS_SIZE,
 };
-use strata_format::header::AUTOCLEAR_BITMAPS;
+use strata_format::header::Autoclear;
 
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::Meta;
@@ -179,7 +179,7 @@ impl Qcow2Image {
     /// with the bitmaps extension and the bitmaps autoclear bit set.
     fn has_bitmaps_ext(&self) -> Option<(u32, u64, u64)> {
         let h = &self.header;
-        if h.version < 3 || h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        if h.version < 3 || !h.autoclear_features.contains(Autoclear::BITMAPS) {
             return None;
         }
         h.bitmaps().filter(|(nb, _, _)| *nb > 0)
@@ -857,7 +857,7 @@ impl Qcow2Image {
             .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
         let mut new_dir = None;
         if works.is_empty() {
-            self.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.header.autoclear_features &= !Autoclear::BITMAPS;
         } else {
             let n = self.geometry.clusters_for(dir.len() as u64);
             let doff = self.alloc_contiguous(n, "the bitmap directory")?;
@@ -880,7 +880,7 @@ impl Qcow2Image {
                     directory_offset: doff,
                 },
             );
-            self.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.header.autoclear_features |= Autoclear::BITMAPS;
             new_dir = Some((doff, dir.len() as u64));
         }
         self.header.layout().map_err(|source| Error::Format {

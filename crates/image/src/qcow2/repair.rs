@@ -7,9 +7,7 @@
 //! the new structures in force. The old structures become unreferenced
 //! (their clusters count zero in the new ones).
 
-use strata_format::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-};
+use strata_format::header::{Autoclear, Incompatible};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_ZERO};
 use strata_format::{L1Entry, L2Entry};
@@ -65,8 +63,8 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
     // As QEMU opening an image read-write: autoclear bits it does not
     // know are cleared (iotest 036). Known ones (bitmaps, raw external
     // data) are left to the code that maintains what they protect.
-    let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
-    if img.header.autoclear_features & !known != 0 {
+    let known = Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW;
+    if !(img.header.autoclear_features & !known).is_empty() {
         img.header.autoclear_features &= known;
         img.write_header()?;
         img.sync()?;
@@ -106,8 +104,8 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
         }
     }
     let mut after = check::check(img)?;
-    let flags = INCOMPAT_CORRUPT | INCOMPAT_DIRTY;
-    if img.header.incompatible_features & flags != 0
+    let flags = Incompatible::CORRUPT | Incompatible::DIRTY;
+    if img.header.incompatible_features.intersects(flags)
         && after.corruptions == 0
         && after.check_errors == 0
     {

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use strata_format::header::{Autoclear, Incompatible};
 use strata_format::{GuestOffset, HostOffset, L1Entry, L2Entry, SubclusterState};
 
 use crate::error::{Error, Result};
@@ -180,7 +180,7 @@ impl Qcow2Image {
         // read-write: dropping it would make the next incremental backup
         // miss every change from here on.
         if let Some(why) = self.bitmaps_prepare()? {
-            if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+            if self.header.autoclear_features.contains(Autoclear::BITMAPS) {
                 return Err(Error::ReadOnly {
                     path: self.path.clone(),
                     why: format!(
@@ -191,12 +191,12 @@ impl Qcow2Image {
                 });
             }
         }
-        let kept = self.header.autoclear_features & AUTOCLEAR_BITMAPS;
+        let kept = self.header.autoclear_features & Autoclear::BITMAPS;
         if self.header.dirty() {
             // A dirty image's refcounts may be stale: rebuild them (the
             // rebuild counts the bitmaps' clusters). The header, with these
             // changes, is written once the new refcounts are durable.
-            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            self.header.incompatible_features &= !Incompatible::DIRTY;
             self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
@@ -234,8 +234,8 @@ impl Qcow2Image {
             }
         }
         if self.header.version >= 3 {
-            self.header.incompatible_features |= INCOMPAT_CORRUPT;
-            let bits = self.header.incompatible_features.to_be_bytes();
+            self.header.incompatible_features |= Incompatible::CORRUPT;
+            let bits = self.header.incompatible_features.bits().to_be_bytes();
             // Offset 72: incompatible_features, present in every v3 header.
             let w = self.writer();
             if w.and_then(|w| w.write_metadata(&bits, 72, "mark image corrupt"))
