@@ -80,16 +80,16 @@ fn host_in_cluster(layer: &Layer, g: u64) -> Result<Option<u64>> {
         return Ok(None);
     };
     let geo = q.geometry();
-    let Some((_, table)) = q.l2_for(geo.l1_index(GuestOffset(g)))? else {
+    let Some((_, table)) = q.l2_for(geo.l1_index(GuestOffset::new(g)))? else {
         return Ok(None);
     };
-    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset(g))).map_err(|source| {
+    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset::new(g))).map_err(|source| {
         anyhow::anyhow!(
             "{}: invalid L2 entry for guest offset {g:#x}: {source}",
             layer.path.display()
         )
     })?;
-    Ok(e.host_cluster().map(|h| h.0 + geo.in_cluster(g)))
+    Ok(e.host_cluster().map(|h| h.get() + geo.in_cluster(g)))
 }
 
 /// Entries for `[start, start+len)` answered by `layer` at `depth` as
@@ -224,7 +224,7 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
                     unallocated_zero(&layers[d], d as u64, pos, len, &mut fresh)?;
                 }
                 Mapping::Zero { host } => {
-                    fresh.push(entry(true, true, false, false, host.map(|h| h.0)));
+                    fresh.push(entry(true, true, false, false, host.map(|h| h.get())));
                 }
                 Mapping::Data { host } => {
                     let layer = &layers[r.depth];
@@ -234,9 +234,9 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
                             .as_qcow2()
                             .is_some_and(check::detect_metadata_preallocation)
                     }) {
-                        file_holes(layer, pos, len, host.0, r.depth as u64, &mut fresh)?;
+                        file_holes(layer, pos, len, host.get(), r.depth as u64, &mut fresh)?;
                     } else {
-                        fresh.push(entry(true, false, true, false, Some(host.0)));
+                        fresh.push(entry(true, false, true, false, Some(host.get())));
                     }
                 }
                 Mapping::Compressed(_) => {

@@ -30,7 +30,7 @@ impl L1Entry {
     pub fn l2_offset(self) -> Option<HostOffset> {
         match self.0 & OFFSET_MASK {
             0 => None,
-            o => Some(HostOffset(o)),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// Whether the COPIED flag is set.
@@ -43,7 +43,7 @@ impl L1Entry {
     }
     /// An entry pointing at `l2` with the COPIED flag as given.
     pub fn new(l2: HostOffset, copied: bool) -> L1Entry {
-        L1Entry((l2.0 & OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 })
+        L1Entry((l2.get() & OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 })
     }
 }
 
@@ -68,7 +68,7 @@ impl CompressedDescriptor {
         let offset = entry & ((1u64 << shift) - 1);
         let sectors = ((entry >> shift) & ((1u64 << sector_bits) - 1)) + 1;
         CompressedDescriptor {
-            offset: HostOffset(offset),
+            offset: HostOffset::new(offset),
             len: sectors * 512 - (offset & 511),
         }
     }
@@ -78,23 +78,23 @@ impl CompressedDescriptor {
     pub fn encode(offset: HostOffset, len: u64, cluster_bits: u32) -> Option<u64> {
         let sector_bits = cluster_bits - 8;
         let shift = 62 - sector_bits;
-        if offset.0 >> shift != 0 || len == 0 {
+        if offset.get() >> shift != 0 || len == 0 {
             return None;
         }
-        let last = offset.0.checked_add(len - 1)?;
-        let sectors = (last >> 9) - (offset.0 >> 9);
+        let last = offset.get().checked_add(len - 1)?;
+        let sectors = (last >> 9) - (offset.get() >> 9);
         if sectors >> sector_bits != 0 {
             return None;
         }
-        Some(OFLAG_COMPRESSED | (sectors << shift) | offset.0)
+        Some(OFLAG_COMPRESSED | (sectors << shift) | offset.get())
     }
 
     /// The host clusters the compressed bytes touch (first and last index,
     /// inclusive), for refcounting.
     pub fn host_clusters(&self, geometry: Geometry) -> (u64, u64) {
-        let first = self.offset.0 >> geometry.cluster_bits();
+        let first = self.offset.get() >> geometry.cluster_bits();
         let last =
-            self.offset.0.saturating_add(self.len.saturating_sub(1)) >> geometry.cluster_bits();
+            self.offset.get().saturating_add(self.len.saturating_sub(1)) >> geometry.cluster_bits();
         (first, last)
     }
 }
@@ -175,7 +175,7 @@ impl L2Entry {
     /// in), with the COPIED flag as given. Extended entries start with no
     /// subcluster allocated ([`L2Entry::with_subclusters`]).
     pub fn data(host: Option<HostOffset>, copied: bool) -> L2Entry {
-        let host = host.map_or(0, |h| h.0 & OFFSET_MASK);
+        let host = host.map_or(0, |h| h.get() & OFFSET_MASK);
         L2Entry {
             word: host | if copied { OFLAG_COPIED } else { 0 },
             bitmap: 0,
@@ -197,7 +197,7 @@ impl L2Entry {
     /// This entry pointing at the host cluster `host` (flags kept).
     pub fn with_host(self, host: HostOffset) -> L2Entry {
         L2Entry {
-            word: (self.word & !OFFSET_MASK) | (host.0 & OFFSET_MASK),
+            word: (self.word & !OFFSET_MASK) | (host.get() & OFFSET_MASK),
             ..self
         }
     }
@@ -256,7 +256,7 @@ impl L2Entry {
         }
         match self.word & OFFSET_MASK {
             0 => None,
-            o => Some(HostOffset(o)),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// The compressed descriptor of a compressed entry.
@@ -280,7 +280,7 @@ impl L2Entry {
             return Ok(());
         }
         let host = self.host_cluster();
-        if host.is_some_and(|h| !geometry.is_aligned(h.0)) {
+        if host.is_some_and(|h| !geometry.is_aligned(h.get())) {
             return Err("cluster offset not aligned to the cluster size");
         }
         if !geometry.extended_l2() {
@@ -312,7 +312,7 @@ impl L2Entry {
         }
         let host = self.host_cluster();
         if let Some(h) = host {
-            if !geometry.is_aligned(h.0) {
+            if !geometry.is_aligned(h.get()) {
                 return Err("cluster offset not aligned to the cluster size");
             }
         }
@@ -334,7 +334,7 @@ impl L2Entry {
             (_, true, true) => Err("subcluster both allocated and zero"),
             (None, true, false) => Err("subcluster allocated in an unallocated cluster"),
             (Some(h), true, false) => Ok(SubclusterState::Data {
-                host: HostOffset(h.0 + u64::from(sc) * geometry.subcluster_size()),
+                host: HostOffset::new(h.get() + u64::from(sc) * geometry.subcluster_size()),
             }),
             (host, false, true) => Ok(SubclusterState::Zero { host }),
             (_, false, false) => Ok(SubclusterState::Unallocated),
@@ -396,7 +396,7 @@ mod tests {
     fn l2_entry_constructors_decode_to_the_states_they_name() {
         let std = g(16, false);
         let ext = g(16, true);
-        let h = HostOffset(0x50000);
+        let h = HostOffset::new(0x50000);
         let d = L2Entry::data(Some(h), true);
         assert_eq!(d.state(std, 0), Ok(SubclusterState::Data { host: h }));
         assert!(d.copied());
@@ -424,20 +424,23 @@ mod tests {
         assert_eq!(x.state(ext, 2), Ok(SubclusterState::Unallocated));
         assert_eq!(x.bitmap, 0b01 | (0b10 << 32));
         // Compressed: the descriptor round-trips; unrepresentable is None.
-        let c = L2Entry::compressed_at(HostOffset(0x60200), 1000, std).unwrap();
+        let c = L2Entry::compressed_at(HostOffset::new(0x60200), 1000, std).unwrap();
         assert!(c.compressed());
         assert_eq!(
             c.compressed_descriptor(std).map(|d| d.offset),
-            Some(HostOffset(0x60200))
+            Some(HostOffset::new(0x60200))
         );
-        assert_eq!(L2Entry::compressed_at(HostOffset(0x60200), 0, std), None);
+        assert_eq!(
+            L2Entry::compressed_at(HostOffset::new(0x60200), 0, std),
+            None
+        );
     }
 
     #[test]
     fn l1_entry_exposes_offset_and_copied() {
         // 0x8000_0000_0003_0000: COPIED, L2 table at 0x30000.
         let e = L1Entry(0x8000_0000_0003_0000);
-        assert_eq!(e.l2_offset(), Some(HostOffset(0x30000)));
+        assert_eq!(e.l2_offset(), Some(HostOffset::new(0x30000)));
         assert!(e.copied());
         assert!(!e.has_reserved_bits());
         assert_eq!(L1Entry(0).l2_offset(), None);
@@ -454,7 +457,7 @@ mod tests {
         assert_eq!(
             data.state(geo, 0),
             Ok(SubclusterState::Data {
-                host: HostOffset(0x50000)
+                host: HostOffset::new(0x50000)
             })
         );
         assert_eq!(
@@ -472,7 +475,7 @@ mod tests {
             }
             .state(geo, 0),
             Ok(SubclusterState::Zero {
-                host: Some(HostOffset(0x60000))
+                host: Some(HostOffset::new(0x60000))
             })
         );
         assert!(L2Entry {
@@ -486,7 +489,7 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips() {
         for bits in [9u32, 12, 16, 21] {
-            let off = HostOffset(0x12345);
+            let off = HostOffset::new(0x12345);
             let n = 1000.min(1u64 << bits);
             let w = CompressedDescriptor::encode(off, n, bits).unwrap();
             let e = L2Entry { word: w, bitmap: 0 };
@@ -502,7 +505,7 @@ mod tests {
         // cluster_bits 16: x = 62 - 8 = 54; 3 additional sectors, offset 0x10200.
         let word = OFLAG_COMPRESSED | (3u64 << 54) | 0x10200;
         let d = CompressedDescriptor::decode(word & !OFLAG_COMPRESSED, 16);
-        assert_eq!(d.offset, HostOffset(0x10200));
+        assert_eq!(d.offset, HostOffset::new(0x10200));
         assert_eq!(d.len, 4 * 512);
     }
 
@@ -517,13 +520,13 @@ mod tests {
         assert_eq!(
             e.state(geo, 0),
             Ok(SubclusterState::Data {
-                host: HostOffset(0x40000)
+                host: HostOffset::new(0x40000)
             })
         );
         assert_eq!(
             e.state(geo, 1),
             Ok(SubclusterState::Zero {
-                host: Some(HostOffset(0x40000))
+                host: Some(HostOffset::new(0x40000))
             })
         );
         assert_eq!(e.state(geo, 2), Ok(SubclusterState::Unallocated));

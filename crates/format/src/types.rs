@@ -3,15 +3,26 @@
 use crate::error::{FormatError, Result};
 use crate::limits;
 
-/// An offset in the guest's view of the disk (the virtual disk).
+/// An offset in the guest's view of the disk (the virtual disk). Opaque:
+/// built with [`GuestOffset::new`], read with [`GuestOffset::get`], and
+/// turned into table indices by [`Geometry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct GuestOffset(pub u64);
+pub struct GuestOffset(u64);
 
-/// An offset in an image file (where bytes live on the host).
+/// An offset in an image file (where bytes live on the host). Opaque:
+/// built with [`HostOffset::new`], read with [`HostOffset::get`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct HostOffset(pub u64);
+pub struct HostOffset(u64);
 
 impl GuestOffset {
+    /// The guest offset `offset`.
+    pub const fn new(offset: u64) -> GuestOffset {
+        GuestOffset(offset)
+    }
+    /// The offset in bytes.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
     /// `self + n`, or `None` on overflow.
     pub fn checked_add(self, n: u64) -> Option<GuestOffset> {
         self.0.checked_add(n).map(GuestOffset)
@@ -19,6 +30,14 @@ impl GuestOffset {
 }
 
 impl HostOffset {
+    /// The host offset `offset`.
+    pub const fn new(offset: u64) -> HostOffset {
+        HostOffset(offset)
+    }
+    /// The offset in bytes.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
     /// `self + n`, or `None` on overflow.
     pub fn checked_add(self, n: u64) -> Option<HostOffset> {
         self.0.checked_add(n).map(HostOffset)

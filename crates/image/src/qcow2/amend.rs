@@ -426,7 +426,7 @@ fn has_compressed_clusters(img: &Qcow2Image) -> Result<bool> {
         let Some(off) = L1Entry(e).l2_offset() else {
             continue;
         };
-        let table = img.l2_table(off.0)?;
+        let table = img.l2_table(off.get())?;
         for i in 0..geo.l2_entries() {
             let entry = L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
                 path: img.path.clone(),
@@ -663,8 +663,8 @@ fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
     let mut add = |l1: &[u64]| {
         for e in l1 {
             if let Some(off) = L1Entry(*e).l2_offset() {
-                if seen.insert(off.0) {
-                    out.push(off.0);
+                if seen.insert(off.get()) {
+                    out.push(off.get());
                 }
             }
         }
@@ -746,11 +746,11 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             })?;
             match state {
                 SubclusterState::Data { host } => {
-                    data_clusters.insert(host.0 >> cb);
+                    data_clusters.insert(host.get() >> cb);
                 }
                 SubclusterState::Zero { host: None } if has_backing => work.push((i, Expand::New)),
                 SubclusterState::Zero { host: None } => work.push((i, Expand::Drop)),
-                SubclusterState::Zero { host: Some(h) } => work.push((i, Expand::InPlace(h.0))),
+                SubclusterState::Zero { host: Some(h) } => work.push((i, Expand::InPlace(h.get()))),
                 _ => {}
             }
         }
@@ -827,14 +827,14 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
                     report.zero_clusters_expanded += 1;
-                    L2Entry::data(Some(HostOffset(at)), l2_refs == 1)
+                    L2Entry::data(Some(HostOffset::new(at)), l2_refs == 1)
                 }
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
                     let r = img.ws()?.refcount(h >> cb)?;
                     report.zero_clusters_expanded += 1;
-                    L2Entry::data(Some(HostOffset(h)), r == 1)
+                    L2Entry::data(Some(HostOffset::new(h)), r == 1)
                 }
                 Expand::Relocate(_) => {
                     return Err(Error::InvalidArgument("relocation not resolved".into()))

@@ -586,7 +586,7 @@ impl<'a> Checker<'a> {
                     fx.problems.push(format!(
                         "ERROR: coffset={:#x}: copied flag must never be set for compressed \
                          clusters",
-                        d.offset.0
+                        d.offset.get()
                     ));
                 }
                 if l2_bitmap != 0 {
@@ -597,7 +597,7 @@ impl<'a> Checker<'a> {
                     ));
                     continue;
                 }
-                fx.refs.push((d.offset.0, d.len));
+                fx.refs.push((d.offset.get(), d.len));
                 fx.allocated += 1;
                 fx.compressed += 1;
                 fx.fragmented += 1;

@@ -423,7 +423,7 @@ impl Qcow2Image {
             .unwrap_or(0);
         match L1Entry(entry).l2_offset() {
             None => Ok(None),
-            Some(off) => Ok(Some((off.0, self.l2_table(off.0)?))),
+            Some(off) => Ok(Some((off.get(), self.l2_table(off.get())?))),
         }
     }
 
@@ -432,7 +432,7 @@ impl Qcow2Image {
         let Some((toff, table)) = table else {
             return Ok(Mapping::Unallocated);
         };
-        let idx = self.geometry.l2_index(GuestOffset(g));
+        let idx = self.geometry.l2_index(GuestOffset::new(g));
         let entry = L2Entry::read(table, self.geometry, idx).map_err(|source| Error::Format {
             path: self.path.clone(),
             source,
@@ -514,7 +514,7 @@ impl Qcow2Image {
         let mut pos = start;
         let mut first: Option<Mapping> = None;
         while pos < end {
-            let l1i = geo.l1_index(GuestOffset(pos));
+            let l1i = geo.l1_index(GuestOffset::new(pos));
             let table = self.l2_for(l1i)?;
             let table_end = ((l1i + 1) * geo.l2_span()).min(end);
             if table.is_none() {
@@ -569,8 +569,8 @@ impl Qcow2Image {
             Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
             Mapping::Data { host } => {
                 self.storage
-                    .read_at(buf, host.0)
-                    .map_err(|e| Error::io(&self.path, "read data", host.0, e))?;
+                    .read_at(buf, host.get())
+                    .map_err(|e| Error::io(&self.path, "read data", host.get(), e))?;
             }
             Mapping::Compressed(d) => {
                 let cluster = self.decompress(d)?;
@@ -587,7 +587,7 @@ impl Qcow2Image {
     /// Decompresses the cluster `d` describes (cached: the last one).
     pub fn decompress(&self, d: strata_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
         if let Some((off, data)) = lock(&self.decompressed).as_ref() {
-            if *off == d.offset.0 {
+            if *off == d.offset.get() {
                 return Ok(data.clone());
             }
         }
@@ -596,14 +596,14 @@ impl Qcow2Image {
         let mut input = vec![0u8; d.len as usize];
         let n = self
             .storage
-            .read_at(&mut input, d.offset.0)
-            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.0, e))?;
+            .read_at(&mut input, d.offset.get())
+            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.get(), e))?;
         input.truncate(n);
         let mut out = vec![0u8; cs];
         compress::decompress(self.header.compression_type, &input, &mut out)
-            .map_err(|what| Error::corrupt(&self.path, d.offset.0, what))?;
+            .map_err(|what| Error::corrupt(&self.path, d.offset.get(), what))?;
         let out = Arc::new(out);
-        *lock(&self.decompressed) = Some((d.offset.0, out.clone()));
+        *lock(&self.decompressed) = Some((d.offset.get(), out.clone()));
         Ok(out)
     }
 }

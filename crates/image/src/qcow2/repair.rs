@@ -336,10 +336,13 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
             let Some(l2) = L1Entry(e).l2_offset() else {
                 continue;
             };
-            if !geo.is_aligned(l2.0) || l2.0.saturating_add(cs) > file_len || !seen.insert(l2.0) {
+            if !geo.is_aligned(l2.get())
+                || l2.get().saturating_add(cs) > file_len
+                || !seen.insert(l2.get())
+            {
                 continue;
             }
-            let mut table = img.l2_table(l2.0)?.as_ref().clone();
+            let mut table = img.l2_table(l2.get())?.as_ref().clone();
             let mut changed = false;
             for idx in 0..geo.l2_entries() {
                 let mut entry =
@@ -375,7 +378,7 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                 fixed += 1;
             }
             if changed {
-                img.write_l2_table(l2.0, table)?;
+                img.write_l2_table(l2.get(), table)?;
             }
         }
     }
@@ -395,7 +398,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     for i in 0..img.l1.len() {
         let e = L1Entry(img.l1[i]);
         let Some(l2) = e.l2_offset() else { continue };
-        let rc = refcount_of(img, l2.0 >> cb)?;
+        let rc = refcount_of(img, l2.get() >> cb)?;
         let want = rc == 1;
         if want != e.copied() {
             let v = L1Entry::new(l2, want).0;
@@ -407,7 +410,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             )?;
             fixed += 1;
         }
-        let mut table = img.l2_table(l2.0)?.as_ref().clone();
+        let mut table = img.l2_table(l2.get())?.as_ref().clone();
         let mut changed = false;
         for idx in 0..geo.l2_entries() {
             let mut entry = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
@@ -420,7 +423,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, h.0 >> cb)? == 1;
+            let want = refcount_of(img, h.get() >> cb)? == 1;
             if want != entry.copied() {
                 entry = entry.with_copied(want);
                 entry
@@ -434,7 +437,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             }
         }
         if changed {
-            img.write_l2_table(l2.0, table)?;
+            img.write_l2_table(l2.get(), table)?;
         }
     }
     img.sync()?;

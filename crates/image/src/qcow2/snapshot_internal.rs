@@ -559,7 +559,7 @@ impl Qcow2Image {
                 *e = 0;
                 continue;
             };
-            let table = self.l2_table(l2.0)?;
+            let table = self.l2_table(l2.get())?;
             let mut fixed = table.as_ref().clone();
             let mut changed = false;
             for idx in 0..geo.l2_entries() {
@@ -574,7 +574,7 @@ impl Qcow2Image {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let want = count(h.0 >> cb) == 1;
+                let want = count(h.get() >> cb) == 1;
                 if want != entry.copied() {
                     entry = entry.with_copied(want);
                     entry
@@ -588,10 +588,14 @@ impl Qcow2Image {
             }
             if changed {
                 let at = tail.put(self, &fixed, "write L2 table")?;
-                *e = L1Entry::new(strata_format::HostOffset(at), true).0;
+                *e = L1Entry::new(strata_format::HostOffset::new(at), true).0;
             } else {
-                let shared = count(l2.0 >> cb) != 1;
-                *e = L1Entry::new(strata_format::HostOffset(l2.0 & OFFSET_MASK), !shared).0;
+                let shared = count(l2.get() >> cb) != 1;
+                *e = L1Entry::new(
+                    strata_format::HostOffset::new(l2.get() & OFFSET_MASK),
+                    !shared,
+                )
+                .0;
             }
         }
         if !l1.is_empty() {

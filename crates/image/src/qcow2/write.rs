@@ -338,7 +338,7 @@ impl Qcow2Image {
         );
         for e in &self.l1 {
             if let Some(off) = L1Entry(*e).l2_offset() {
-                meta.add(off.0, cs, Meta::ActiveL2);
+                meta.add(off.get(), cs, Meta::ActiveL2);
             }
         }
         if self.header.nb_snapshots > 0 {
@@ -400,7 +400,7 @@ impl Qcow2Image {
                 })?;
             for e in strata_format::table::decode_u64_table(&raw) {
                 if let Some(off) = L1Entry(e).l2_offset() {
-                    meta.add(off.0, cs, Meta::InactiveL2);
+                    meta.add(off.get(), cs, Meta::InactiveL2);
                 }
             }
         }
@@ -514,31 +514,31 @@ impl Qcow2Image {
         let e = L1Entry(self.l1[i]);
         let cs = self.geometry.cluster_size();
         if let Some(off) = e.l2_offset() {
-            if !self.rw.as_ref().is_some_and(|w| w.is_pinned(off.0)) {
-                self.l2_past_the_end(off.0)?;
+            if !self.rw.as_ref().is_some_and(|w| w.is_pinned(off.get())) {
+                self.l2_past_the_end(off.get())?;
             }
         }
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
             // Its entries are written in place: it must be nothing else.
             self.guard_write(
                 &format!("L2 table write (L1 index {l1i})"),
-                off.0,
+                off.get(),
                 cs,
                 &[Meta::ActiveL2],
             )?;
-            return Ok(off.0);
+            return Ok(off.get());
         }
         let content = match e.l2_offset() {
-            Some(old) => self.l2_table(old.0)?.as_ref().clone(),
+            Some(old) => self.l2_table(old.get())?.as_ref().clone(),
             None => vec![0u8; cs as usize],
         };
         let new = self.alloc_contiguous(1, "an L2 table")?;
         self.write_l2_table(new, content)?;
-        self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
+        self.l1[i] = L1Entry::new(strata_format::HostOffset::new(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
             let meta = ws.meta_mut();
             if let Some(old) = e.l2_offset() {
-                meta.remove(old.0, cs, Meta::ActiveL2);
+                meta.remove(old.get(), cs, Meta::ActiveL2);
             }
             meta.add(new, cs, Meta::ActiveL2);
         }
@@ -546,7 +546,7 @@ impl Qcow2Image {
         let ws = self.ws()?;
         ws.l1_changed([i]);
         if let Some(old) = e.l2_offset() {
-            ws.free_later([old.0 >> cb]);
+            ws.free_later([old.get() >> cb]);
         }
         Ok(new)
     }
@@ -631,7 +631,7 @@ impl Qcow2Image {
                 SubclusterState::Unallocated => backing(chunk, g)?,
                 SubclusterState::Zero { .. } => chunk.fill(0),
                 SubclusterState::Data { host } => {
-                    let h = host.0 + g % scs;
+                    let h = host.get() + g % scs;
                     self.storage
                         .read_at(chunk, h)
                         .map_err(|e| Error::io(&self.path, "read data", h, e))?;
@@ -684,8 +684,8 @@ impl Qcow2Image {
         // An unaligned host offset is not freed (it is leaked), as QEMU's
         // "Cannot free unaligned cluster": which cluster it meant is unknown.
         e.host_cluster()
-            .filter(|h| geo.is_aligned(h.0))
-            .map(|h| vec![h.0 >> geo.cluster_bits()])
+            .filter(|h| geo.is_aligned(h.get()))
+            .map(|h| vec![h.get() >> geo.cluster_bits()])
             .unwrap_or_default()
     }
 
@@ -712,7 +712,7 @@ impl Qcow2Image {
                     idx,
                     old: e,
                     new: e,
-                    dest: Some(host.0),
+                    dest: Some(host.get()),
                     writes: vec![(a, Chunk::Borrowed(data))],
                     frees: vec![],
                 });
@@ -726,7 +726,7 @@ impl Qcow2Image {
                 Chunk::Owned(buf)
             };
             let reuse = match state {
-                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.0),
+                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.get()),
                 _ => None,
             };
             let frees = if reuse.is_some() {
@@ -735,7 +735,7 @@ impl Qcow2Image {
                 self.freed_by(e)
             };
             // The host offset of a new cluster is filled in once allocated.
-            let new = L2Entry::data(reuse.map(HostOffset), true);
+            let new = L2Entry::data(reuse.map(HostOffset::new), true);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -770,7 +770,7 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: Some(h.0),
+                dest: Some(h.get()),
                 writes: vec![(start, content)],
                 frees: vec![],
             });
@@ -890,14 +890,14 @@ impl Qcow2Image {
             let batch_end = end.min(pos + WRITE_BATCH);
             let mut tables = Vec::new();
             while pos < batch_end {
-                let l1i = geo.l1_index(GuestOffset(pos));
+                let l1i = geo.l1_index(GuestOffset::new(pos));
                 let table_end = ((l1i + 1) * geo.l2_span()).min(batch_end);
                 let toff = self.l2_for_write(l1i)?;
                 let table = self.l2_table(toff)?;
                 let mut plans = Vec::new();
                 for c in (pos >> cb)..=((table_end - 1) >> cb) {
                     let cstart = c << cb;
-                    let idx = geo.l2_index(GuestOffset(cstart));
+                    let idx = geo.l2_index(GuestOffset::new(cstart));
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
@@ -905,9 +905,11 @@ impl Qcow2Image {
                         Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
                     })?;
                     let (dest, new, frees) = match state {
-                        SubclusterState::Data { host } if e.copied() => (Some(host.0), e, vec![]),
+                        SubclusterState::Data { host } if e.copied() => {
+                            (Some(host.get()), e, vec![])
+                        }
                         SubclusterState::Zero { host: Some(h) } if e.copied() => {
-                            (Some(h.0), L2Entry::data(Some(h), true), vec![])
+                            (Some(h.get()), L2Entry::data(Some(h), true), vec![])
                         }
                         _ => (None, L2Entry::data(None, true), self.freed_by(e)),
                     };
@@ -962,7 +964,7 @@ impl Qcow2Image {
         let mut tables = Vec::new();
         let mut pos = off;
         while pos < end {
-            let l1i = geo.l1_index(GuestOffset(pos));
+            let l1i = geo.l1_index(GuestOffset::new(pos));
             let table_end = ((l1i + 1) * geo.l2_span()).min(end);
             let toff = self.l2_for_write(l1i)?;
             let table = self.l2_table(toff)?;
@@ -971,7 +973,7 @@ impl Qcow2Image {
                 let cstart = c << cb;
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
-                let idx = geo.l2_index(GuestOffset(cstart));
+                let idx = geo.l2_index(GuestOffset::new(cstart));
                 let e = self.entry_for_write(&table, toff, idx)?;
                 let slice = &data[(a - off) as usize..(b - off) as usize];
                 plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
@@ -1015,7 +1017,7 @@ impl Qcow2Image {
                 let p = &mut tables[t].1[i];
                 let host = (first + j as u64) << cb;
                 p.dest = Some(host);
-                p.new = p.new.with_host(HostOffset(host));
+                p.new = p.new.with_host(HostOffset::new(host));
             }
             k += n as usize;
         }
@@ -1248,7 +1250,7 @@ impl Qcow2Image {
         let mut dropped: Vec<usize> = Vec::new();
         let mut frees: Vec<u64> = Vec::new();
         for i in 0..self.l1.len() {
-            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.0) else {
+            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.get()) else {
                 continue;
             };
             self.l2_past_the_end(off)?;
@@ -1557,7 +1559,7 @@ impl Qcow2Image {
         let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
         let scs = geo.subcluster_size();
-        let l1i = geo.l1_index(GuestOffset(start));
+        let l1i = geo.l1_index(GuestOffset::new(start));
         // A discard of a range with no L2 table and no backing changes nothing.
         let has_table = L1Entry(self.l1.get(l1i as usize).copied().unwrap_or(0))
             .l2_offset()
@@ -1581,7 +1583,7 @@ impl Qcow2Image {
         let mut plans = Vec::new();
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
-            let idx = geo.l2_index(GuestOffset(cstart));
+            let idx = geo.l2_index(GuestOffset::new(cstart));
             // A discard only drops the entry (an unaligned one leaks its
             // cluster, as in QEMU); zeroing may write through it.
             let e = if let ZeroMode::Zero { .. } = mode {
@@ -1657,7 +1659,7 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: new.host_cluster().map(|h| h.0),
+                dest: new.host_cluster().map(|h| h.get()),
                 writes: vec![],
                 frees,
             });
@@ -1851,12 +1853,12 @@ impl Qcow2Image {
         let mut c = 0u64;
         while c < clusters {
             let g = c << cb;
-            let toff = self.l2_for_write(geo.l1_index(GuestOffset(g)))?;
+            let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(g)))?;
             let table = self.l2_table(toff)?;
-            let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset(g))).min(clusters - c);
+            let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset::new(g))).min(clusters - c);
             let mut plans = Vec::new();
             for j in 0..in_table {
-                let idx = geo.l2_index(GuestOffset((c + j) << cb));
+                let idx = geo.l2_index(GuestOffset::new((c + j) << cb));
                 let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
                     path: self.path.clone(),
                     source,
@@ -1880,7 +1882,7 @@ impl Qcow2Image {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
                     p.dest = Some(host);
-                    p.new = L2Entry::data(Some(HostOffset(host)), true);
+                    p.new = L2Entry::data(Some(HostOffset::new(host)), true);
                 }
                 k += n as usize;
             }
@@ -1996,13 +1998,13 @@ impl Qcow2Image {
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let cb = geo.cluster_bits();
-        let toff = self.l2_for_write(geo.l1_index(GuestOffset(off)))?;
+        let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(off)))?;
         let table = self.l2_table(toff)?;
         let mut plans = Vec::new();
         let mut plain: Vec<(u64, &[u8])> = Vec::new();
         for (i, cluster) in data.chunks(cs as usize).enumerate() {
             let g = off + i as u64 * cs;
-            let idx = geo.l2_index(GuestOffset(g));
+            let idx = geo.l2_index(GuestOffset::new(g));
             let e = self.entry_for_write(&table, toff, idx)?;
             let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
                 plain.push((g, cluster));
@@ -2024,9 +2026,10 @@ impl Qcow2Image {
                 self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
             };
             self.compressed_tail.next = start + len;
-            let new = L2Entry::compressed_at(HostOffset(start), len, geo).ok_or_else(|| {
-                Error::InvalidArgument("compressed cluster cannot be described".into())
-            })?;
+            let new =
+                L2Entry::compressed_at(HostOffset::new(start), len, geo).ok_or_else(|| {
+                    Error::InvalidArgument("compressed cluster cannot be described".into())
+                })?;
             plans.push(Plan {
                 idx,
                 old: e,
