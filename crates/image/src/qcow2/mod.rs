@@ -432,12 +432,13 @@ impl Qcow2Image {
         let Some((toff, table)) = table else {
             return Ok(Mapping::Unallocated);
         };
-        let idx = self.geometry.l2_index(GuestOffset::new(g));
+        let guest = GuestOffset::new(g);
+        let idx = self.geometry.l2_index(guest);
         let entry = L2Entry::read(table, self.geometry, idx).map_err(|source| Error::Format {
             path: self.path.clone(),
             source,
         })?;
-        let sc = (self.geometry.in_cluster(g) / self.geometry.subcluster_size()) as u32;
+        let sc = self.geometry.subcluster_index(guest);
         let state = entry.state(self.geometry, sc).map_err(|what| {
             Error::corrupt(
                 &self.path,

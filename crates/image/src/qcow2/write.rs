@@ -542,11 +542,11 @@ impl Qcow2Image {
             }
             meta.add(new, cs, Meta::ActiveL2);
         }
-        let cb = self.geometry.cluster_bits();
+        let geo = self.geometry;
         let ws = self.ws()?;
         ws.l1_changed([i]);
         if let Some(old) = e.l2_offset() {
-            ws.free_later([old.get() >> cb]);
+            ws.free_later([geo.cluster_index(old)]);
         }
         Ok(new)
     }
@@ -621,7 +621,7 @@ impl Qcow2Image {
         let mut done = 0usize;
         while done < buf.len() {
             let g = guest + done as u64;
-            let sc = (geo.in_cluster(g) / scs) as u32;
+            let sc = geo.subcluster_index(GuestOffset::new(g));
             let n = ((scs - g % scs) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
             let state = e.state(geo, sc).map_err(|what| {
@@ -685,7 +685,7 @@ impl Qcow2Image {
         // "Cannot free unaligned cluster": which cluster it meant is unknown.
         e.host_cluster()
             .filter(|h| geo.is_aligned(h.get()))
-            .map(|h| vec![h.get() >> geo.cluster_bits()])
+            .map(|h| vec![geo.cluster_index(h)])
             .unwrap_or_default()
     }
 
