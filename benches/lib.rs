@@ -46,14 +46,7 @@ pub fn make_chain(dir: &Path, depth: usize) -> PathBuf {
             )
             .expect("create image"),
         );
-        let mut c = Chain::open(
-            &p,
-            &OpenOptions {
-                writable: true,
-                ..Default::default()
-            },
-        )
-        .expect("open");
+        let mut c = Chain::open(&p, &OpenOptions::new().writable(true)).expect("open");
         if i == 0 {
             c.write_at(&noise(1, (SIZE / 2) as usize), 0)
                 .expect("write");
@@ -74,14 +67,7 @@ pub fn make_chain(dir: &Path, depth: usize) -> PathBuf {
 
 /// Reads the whole guest view of `top` in 1 MiB pieces; returns a checksum.
 pub fn read_all(top: &Path) -> u64 {
-    let c = Chain::open(
-        top,
-        &OpenOptions {
-            force_share: true,
-            ..Default::default()
-        },
-    )
-    .expect("open");
+    let c = Chain::open(top, &OpenOptions::new().force_share(true)).expect("open");
     let mut buf = vec![0u8; 1 << 20];
     let mut sum = 0u64;
     let mut off = 0;
@@ -95,14 +81,7 @@ pub fn read_all(top: &Path) -> u64 {
 
 /// Walks the resolved extents of `top` (what `map` prints); returns their number.
 pub fn map_all(top: &Path) -> usize {
-    let c = Chain::open(
-        top,
-        &OpenOptions {
-            force_share: true,
-            ..Default::default()
-        },
-    )
-    .expect("open");
+    let c = Chain::open(top, &OpenOptions::new().force_share(true)).expect("open");
     let mut n = 0;
     let mut off = 0;
     while off < c.virtual_size() {

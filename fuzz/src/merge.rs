@@ -46,10 +46,7 @@ pub fn repoint_top(top: &[u8], fmt: &str) -> Option<Vec<u8>> {
 }
 
 fn read_view(top: &Path) -> Option<Vec<u8>> {
-    let opts = OpenOptions {
-        force_share: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().force_share(true);
     let chain = Chain::open(top, &opts).ok()?;
     let len = chain.virtual_size().min(READ_CAP) as usize;
     let mut buf = vec![0u8; len];

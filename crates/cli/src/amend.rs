@@ -201,6 +201,9 @@ pub fn run(args: &AmendArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     }
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
+    // As qemu-img amend: a dirty image is repaired (the report says so),
+    // unknown autoclear bits are cleared, unreadable bitmaps refused.
+    opts.write_policy = strata_image::WritePolicy::qemu();
     let file = args.file.display().to_string();
     let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
     let report = amend_chain(&mut chain, &parsed.opts).name_file(&file)?;

@@ -154,6 +154,9 @@ pub fn run(args: &[OsString], out: &mut dyn Write) -> Result<i32> {
     let a = parse(args)?;
     let mut opts = open_options(a.format.as_deref(), false)?;
     opts.writable = true;
+    // As qemu-io / qemu-img open an image read-write: a dirty image is
+    // repaired, unknown autoclear bits are cleared, unreadable bitmaps refused.
+    opts.write_policy = strata_image::WritePolicy::qemu();
     opts.no_backing = true;
     let mut chain = Chain::open(&a.file, &opts).name_file(&a.file)?;
     // As in qemu-img, `--add --disable` is two operations: add, then

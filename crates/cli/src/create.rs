@@ -249,14 +249,8 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
         let bpath = resolve_backing_path(path, name);
         refuse_self_backing(path, &bpath, name)?;
         if !args.unsafe_backing || p.size.is_none() {
-            let chain = Chain::open(
-                &bpath,
-                &OpenOptions {
-                    format: Some(*bfmt),
-                    ..OpenOptions::default()
-                },
-            )
-            .with_context(|| format!("{file}: could not open backing file {name:?}"))?;
+            let chain = Chain::open(&bpath, &OpenOptions::new().format(Some(*bfmt)))
+                .with_context(|| format!("{file}: could not open backing file {name:?}"))?;
             // Replacing an image that the backing file's own chain uses
             // would make a loop (and destroy that image).
             if let Some(id) = file_id(path) {

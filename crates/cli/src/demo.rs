@@ -49,10 +49,7 @@ fn new_image(path: &Path, size: u64, backing: Option<&str>) -> Result<()> {
 }
 
 fn write_layer(path: &Path, writes: &[(u64, u64, u8)], zeroes: &[(u64, u64)]) -> Result<()> {
-    let opts = OpenOptions {
-        writable: true,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::new().writable(true);
     let mut chain = Chain::open(path, &opts)?;
     for &(off, len, byte) in writes {
         chain.write_at(&vec![byte; len as usize], off)?;

@@ -234,6 +234,9 @@ pub fn run(args: &IoArgs, out: &mut dyn Write) -> Result<i32> {
         .collect::<Result<Vec<_>>>()?;
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
+    // As qemu-io / qemu-img open an image read-write: a dirty image is
+    // repaired, unknown autoclear bits are cleared, unreadable bitmaps refused.
+    opts.write_policy = strata_image::WritePolicy::qemu();
     let mut chain = Chain::open(&args.file, &opts).name_file(file)?;
     let mut failure = None;
     for (cmd, text) in cmds.iter().zip(&args.commands) {

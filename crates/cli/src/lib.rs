@@ -60,11 +60,7 @@ pub fn open_options(format: Option<&str>, force_share: bool) -> Result<OpenOptio
             None => bail!("unknown image format {name:?}: Strata reads qcow2 and raw"),
         },
     };
-    Ok(OpenOptions {
-        format,
-        force_share,
-        ..OpenOptions::default()
-    })
+    Ok(OpenOptions::new().format(format).force_share(force_share))
 }
 
 /// `--version`: the package version and the git revision built from

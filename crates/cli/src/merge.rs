@@ -308,7 +308,10 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
         if args.confine.is_some() {
             bail!("{file}: --confine applies to the safe rebase only (without -u)");
         }
-        strata_image::set_backing_file(path, new).name_file(file)?;
+        // As `qemu-img rebase -u`: a dirty image is repaired, unknown
+        // autoclear bits cleared.
+        strata_image::set_backing_file(path, new, strata_image::WritePolicy::qemu())
+            .name_file(file)?;
         return Ok(0);
     }
     let bar = Bar::new(args.progress && !args.dry_run);

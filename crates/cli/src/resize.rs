@@ -98,6 +98,9 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write, err: &mut dyn Write) -> Resul
     let change = SizeChange::parse(&args.size)?;
     let mut opts = open_options(args.format.as_deref(), false)?;
     opts.writable = true;
+    // As qemu-io / qemu-img open an image read-write: a dirty image is
+    // repaired, unknown autoclear bits are cleared, unreadable bitmaps refused.
+    opts.write_policy = strata_image::WritePolicy::qemu();
     let file = args.file.display().to_string();
     let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
     let new_size = change.apply(chain.top().image.virtual_size())?;

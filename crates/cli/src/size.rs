@@ -3,6 +3,16 @@
 //! [`parse_size`] reads `512`, `64k`, `1.5G`, ... (binary suffixes, as
 //! qemu-img's `qemu_strtosz`); [`size_to_str`] prints `992 KiB`,
 //! `1.27 MiB`, ... exactly as qemu-img's `size_to_str` does.
+//!
+//! ```
+//! use strata_cli::size::{parse_size, size_to_str};
+//!
+//! assert_eq!(parse_size("64k")?, 65536);
+//! assert_eq!(parse_size("1.5G")?, 3 << 29);
+//! assert_eq!(size_to_str(992 << 10), "992 KiB");
+//! assert!(parse_size("12 parsecs").is_err());
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 use anyhow::{bail, Result};
 

@@ -128,6 +128,9 @@ pub fn run(args: &SnapshotInternalArgs, out: &mut dyn Write) -> Result<i32> {
     }
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
     opts.writable = writable;
+    // As qemu-img opens an image read-write: a dirty image is repaired,
+    // unknown autoclear bits are cleared, unreadable bitmaps refused.
+    opts.write_policy = strata_image::WritePolicy::qemu();
     let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
     let Some(layer) = chain.layers_mut().first_mut() else {
         bail!("{file}: empty chain");

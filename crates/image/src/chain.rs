@@ -1,7 +1,8 @@
 //! Backing chains: open an image and its backing files, resolve any guest
 //! range down the chain, read the guest view.
 //!
-//! Policy (see docs/backing-policy.md): a backing file's format comes from
+//! Policy (see docs/hostile-images.md, "Backing-file policy", and
+//! [`crate::backing`]): a backing file's format comes from
 //! the image's backing-format extension (never from probing its contents);
 //! relative names resolve against the directory of the image naming them;
 //! protocol names (`json:`, `nbd:`, ...) are refused; loops and chains
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 use strata_format::header::has_qcow2_magic;
 use strata_format::limits;
 
+use crate::backing::{check_backing, BackingRef, FileId};
+pub use crate::backing::{is_protocol_name, resolve_backing_path};
 use crate::error::{Error, Result};
 use crate::lock::{ImageLock, LockMode};
 use crate::mapping::{Extent, Mapping};
@@ -175,8 +178,99 @@ impl Layer {
     }
 }
 
+/// What the write path does, at the first write to a qcow2 image, with a
+/// state it could only write through by changing the image beyond the
+/// write itself. Every choice defaults to refusing (an
+/// [`Error::ReadOnly`] naming the image and the state, before anything is
+/// written); [`WritePolicy::qemu`] is what QEMU does when it opens an
+/// image read-write (the CLI's `io`, `resize` and `bitmap` use it, as
+/// qemu-io and qemu-img do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WritePolicy {
+    /// A dirty image (lazy refcounts left unrepaired by a crash).
+    pub dirty: OnDirty,
+    /// Persistent dirty bitmaps that cannot be read (a damaged bitmap
+    /// directory or table).
+    pub bitmaps: OnBadBitmaps,
+    /// Autoclear feature bits Strata does not know.
+    pub unknown_autoclear: OnUnknownAutoclear,
+}
+
+impl WritePolicy {
+    /// Refuse every such state (the default).
+    pub const REFUSE: WritePolicy = WritePolicy {
+        dirty: OnDirty::Refuse,
+        bitmaps: OnBadBitmaps::Refuse,
+        unknown_autoclear: OnUnknownAutoclear::Refuse,
+    };
+    /// Sets [`WritePolicy::dirty`].
+    pub const fn dirty(mut self, on: OnDirty) -> WritePolicy {
+        self.dirty = on;
+        self
+    }
+    /// Sets [`WritePolicy::bitmaps`].
+    pub const fn bitmaps(mut self, on: OnBadBitmaps) -> WritePolicy {
+        self.bitmaps = on;
+        self
+    }
+    /// Sets [`WritePolicy::unknown_autoclear`].
+    pub const fn unknown_autoclear(mut self, on: OnUnknownAutoclear) -> WritePolicy {
+        self.unknown_autoclear = on;
+        self
+    }
+    /// What QEMU does opening an image read-write: repair a dirty image
+    /// (rebuild its refcounts), refuse unreadable bitmaps, clear unknown
+    /// autoclear bits.
+    #[must_use]
+    pub const fn qemu() -> WritePolicy {
+        WritePolicy {
+            dirty: OnDirty::Repair,
+            bitmaps: OnBadBitmaps::Refuse,
+            unknown_autoclear: OnUnknownAutoclear::Clear,
+        }
+    }
+}
+
+/// See [`WritePolicy::dirty`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnDirty {
+    /// Refuse to write (repair with `strata check -r all` first).
+    #[default]
+    Refuse,
+    /// Rebuild the refcounts, then clear the dirty bit (QEMU's way).
+    Repair,
+}
+
+/// See [`WritePolicy::bitmaps`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnBadBitmaps {
+    /// Refuse to write (QEMU refuses to open such an image read-write).
+    #[default]
+    Refuse,
+    /// Write, clearing the bitmaps' autoclear bit: every bitmap is then
+    /// inconsistent and ignored, as after a program without bitmap support
+    /// wrote the image (the next incremental backup must be a full one).
+    Drop,
+}
+
+/// See [`WritePolicy::unknown_autoclear`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnUnknownAutoclear {
+    /// Refuse to write.
+    #[default]
+    Refuse,
+    /// Clear them (what the bits' definition asks of a program that does
+    /// not know them, and what QEMU does).
+    Clear,
+}
+
 /// How to open a chain.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Format of the top image; `None` probes it (the top only: backing
     /// files are never probed).
@@ -198,10 +292,65 @@ pub struct OpenOptions {
     /// hold data gets the cautious answer. Deeper layers are not opened,
     /// so memory stays bounded by the limit.
     pub stub_beyond_limit: bool,
+    /// What the first write to the (qcow2) top image does with a dirty
+    /// image, unreadable bitmaps or unknown autoclear bits: refuse by
+    /// default (see [`WritePolicy`]).
+    pub write_policy: WritePolicy,
     /// Show this internal snapshot of the top image instead of its
     /// active state (read-only; `qemu-img convert -l`). Backing files
     /// are those of the image.
     pub snapshot: Option<crate::snapshot_internal::SnapshotRef>,
+}
+
+impl OpenOptions {
+    /// The default options: read-only, locking, probing the top's format,
+    /// the whole chain, the refusing write policy.
+    pub fn new() -> OpenOptions {
+        OpenOptions::default()
+    }
+    /// Sets [`OpenOptions::format`].
+    pub fn format(mut self, format: Option<ImageFormat>) -> OpenOptions {
+        self.format = format;
+        self
+    }
+    /// Sets [`OpenOptions::force_share`].
+    pub fn force_share(mut self, yes: bool) -> OpenOptions {
+        self.force_share = yes;
+        self
+    }
+    /// Sets [`OpenOptions::writable`].
+    pub fn writable(mut self, yes: bool) -> OpenOptions {
+        self.writable = yes;
+        self
+    }
+    /// Sets [`OpenOptions::no_backing`].
+    pub fn no_backing(mut self, yes: bool) -> OpenOptions {
+        self.no_backing = yes;
+        self
+    }
+    /// Sets [`OpenOptions::confine_to`].
+    pub fn confine_to(mut self, dir: Option<PathBuf>) -> OpenOptions {
+        self.confine_to = dir;
+        self
+    }
+    /// Sets [`OpenOptions::stub_beyond_limit`].
+    pub fn stub_beyond_limit(mut self, yes: bool) -> OpenOptions {
+        self.stub_beyond_limit = yes;
+        self
+    }
+    /// Sets [`OpenOptions::write_policy`].
+    pub fn write_policy(mut self, policy: WritePolicy) -> OpenOptions {
+        self.write_policy = policy;
+        self
+    }
+    /// Sets [`OpenOptions::snapshot`].
+    pub fn snapshot(
+        mut self,
+        snapshot: Option<crate::snapshot_internal::SnapshotRef>,
+    ) -> OpenOptions {
+        self.snapshot = snapshot;
+        self
+    }
 }
 
 /// The stand-in for the layers past the depth limit (see
@@ -242,6 +391,7 @@ impl Storage for NotOpened {
 
 /// Where a guest range is resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Resolved {
     /// The extent, in the layer that answers for it.
     pub extent: Extent,
@@ -254,34 +404,12 @@ pub struct Resolved {
 }
 
 /// An image and its backing files, top first.
+///
+/// Dropping a chain flushes its top image; a flush error can then only be
+/// logged (to standard error): call [`Chain::close`] to get it.
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
-}
-
-/// Whether a backing name is a protocol or JSON name rather than a path.
-pub fn is_protocol_name(name: &str) -> bool {
-    match name.find(':') {
-        Some(colon) => !name[..colon].contains('/'),
-        None => false,
-    }
-}
-
-fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
-}
-
-/// Resolves a backing name recorded in `parent` to a path: absolute names
-/// as they are, relative names against the parent's directory.
-pub fn resolve_backing_path(parent: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        parent.parent().unwrap_or(Path::new("")).join(p)
-    }
 }
 
 impl Chain {
@@ -322,7 +450,9 @@ impl Chain {
             };
             let image = match (format, writable) {
                 (ImageFormat::Qcow2, true) => {
-                    Image::Qcow2(Qcow2Image::open_rw(Box::new(storage), p)?)
+                    let mut q = Qcow2Image::open_rw(Box::new(storage), p)?;
+                    q.set_write_policy(opts.write_policy)?;
+                    Image::Qcow2(q)
                 }
                 _ => Image::open(Box::new(storage), p, format)?,
             };
@@ -351,7 +481,7 @@ impl Chain {
         if opts.no_backing {
             return Ok(chain);
         }
-        let mut ids = vec![file_id(path).map_err(|e| Error::io(path, "stat", 0, e))?];
+        let mut ids = vec![FileId::of(path).map_err(|e| Error::io(path, "stat", 0, e))?];
         let confine = match &opts.confine_to {
             Some(dir) => Some(
                 std::fs::canonicalize(dir)
@@ -365,23 +495,19 @@ impl Chain {
                 .last()
                 .map(|l| l.path.clone())
                 .unwrap_or_default();
-            let (name, fmt) = match chain.layers.last() {
+            let backing = match chain.layers.last() {
                 Some(l) => {
                     let (n, f) = l.image.backing();
-                    (n.map(str::to_string), f.map(str::to_string))
+                    n.map(|n| BackingRef {
+                        name: n.to_string(),
+                        format: f.map(str::to_string),
+                    })
                 }
-                None => (None, None),
+                None => None,
             };
-            let Some(name) = name else { break };
-            let bpath = Self::check_backing(&parent, &name, fmt.as_deref())?;
-            let format = fmt
-                .as_deref()
-                .and_then(ImageFormat::from_name)
-                .ok_or_else(|| Error::Backing {
-                    path: parent.clone(),
-                    backing: name.clone(),
-                    why: "unsupported backing format".into(),
-                })?;
+            let Some(backing) = backing else { break };
+            let (bpath, format) = check_backing(&parent, &backing)?;
+            let name = backing.name;
             if chain.layers.len() >= limits::MAX_CHAIN_DEPTH && opts.stub_beyond_limit {
                 let storage = NotOpened {
                     path: bpath.clone(),
@@ -400,7 +526,7 @@ impl Chain {
                     limit: limits::MAX_CHAIN_DEPTH,
                 });
             }
-            let id = file_id(&bpath).map_err(|e| Error::Backing {
+            let id = FileId::of(&bpath).map_err(|e| Error::Backing {
                 path: parent.clone(),
                 backing: name.clone(),
                 why: format!("cannot open {}: {e}", bpath.display()),
@@ -443,24 +569,6 @@ impl Chain {
             chain.layers.push(layer);
         }
         Ok(chain)
-    }
-
-    /// Checks a recorded backing name and format; returns the path.
-    fn check_backing(parent: &Path, name: &str, fmt: Option<&str>) -> Result<PathBuf> {
-        if is_protocol_name(name) {
-            return Err(Error::Backing {
-                path: parent.to_path_buf(),
-                backing: name.to_string(),
-                why: "protocol and JSON backing names are refused; only plain file paths are followed".into(),
-            });
-        }
-        if fmt.is_none() {
-            return Err(Error::BackingFormatUnknown {
-                path: parent.to_path_buf(),
-                backing: name.to_string(),
-            });
-        }
-        Ok(resolve_backing_path(parent, name))
     }
 
     /// A chain of already open layers (top first), e.g. on memory storage.
@@ -681,6 +789,19 @@ impl Chain {
         }
     }
 
+    /// Closes the chain: flushes the top image and returns the flush's
+    /// error (a drop flushes too, but can only log a failure).
+    #[must_use = "the flush error is the point of close()"]
+    pub fn close(self) -> Result<()> {
+        let Some(top) = self.layers.into_iter().next() else {
+            return Ok(());
+        };
+        match top.image {
+            Image::Qcow2(q) => q.close(),
+            Image::Raw(mut r) => r.flush(),
+        }
+    }
+
     /// Makes all writes to the top image durable.
     pub fn flush(&mut self) -> Result<()> {
         let (top, _) = self.split_top()?;
@@ -814,26 +935,4 @@ pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
         read_in(layers, head, offset)?;
     }
     Ok(())
-}
-
-/// The header-only rebase (`qemu-img rebase -u`): opens the qcow2 image at
-/// `path` alone, writable (taking QEMU's write lock), and records
-/// `backing` — a name as the header is to hold it (relative to `path`'s
-/// directory, or absolute) and its format — or no backing file. The guest
-/// view changes unless the new backing file reads like the old one; the
-/// caller answers for that.
-pub fn set_backing_file(path: &Path, backing: Option<(&str, ImageFormat)>) -> Result<()> {
-    let opts = OpenOptions {
-        writable: true,
-        no_backing: true,
-        ..OpenOptions::default()
-    };
-    let mut chain = Chain::open(path, &opts)?;
-    match &mut chain.layers_mut()[0].image {
-        Image::Qcow2(q) => q.set_backing(backing.map(|(n, f)| (n, f.name()))),
-        Image::Raw(_) => Err(Error::InvalidArgument(format!(
-            "{}: only qcow2 images have a backing file",
-            path.display()
-        ))),
-    }
 }

@@ -1507,6 +1507,7 @@ mod tests {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// What happened to a storage operation not yet made durable.
 #[derive(Debug, Clone)]
 enum Pending {
@@ -1514,6 +1515,7 @@ enum Pending {
     SetLen(u64),
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 struct FaultState {
     /// What reads see (every write applied).
@@ -1538,6 +1540,7 @@ struct FaultState {
     range_copies: u64,
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// The operation counter and crash point of one simulated machine: every
 /// storage sharing it counts its writes, length changes and syncs on it,
 /// and a crash stops them all.
@@ -1550,6 +1553,7 @@ struct FaultClock {
     crashed: bool,
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// A storage for crash tests: it keeps what was made durable by `sync`
 /// apart from what was only written, and can "crash" at the Nth write,
 /// length change or sync (that operation and every later one fail with an
@@ -1567,6 +1571,7 @@ pub struct FaultStorage {
     state: Arc<Mutex<FaultState>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 fn apply(bytes: &mut Vec<u8>, p: &Pending) {
     match p {
         Pending::Write(off, data) => {
@@ -1580,6 +1585,7 @@ fn apply(bytes: &mut Vec<u8>, p: &Pending) {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl FaultStorage {
     /// A storage holding `bytes`, all durable, with a clock of its own.
     pub fn new(bytes: Vec<u8>) -> FaultStorage {
@@ -1685,11 +1691,13 @@ impl FaultStorage {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Lock order: a storage's state, then the clock (never the other way).
 fn lock_clock(c: &Mutex<FaultClock>) -> std::sync::MutexGuard<'_, FaultClock> {
     c.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Storage for FaultStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let st = self.lock();

@@ -58,14 +58,7 @@ impl Op {
 }
 
 fn open_writable(img: &Path) -> Chain {
-    Chain::open(
-        img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Chain::open(img, &OpenOptions::new().writable(true)).unwrap()
 }
 
 fn apply_both(q: &Path, s: &Path, ops: &[Op]) {

@@ -427,10 +427,7 @@ fn backing_formats_are_never_probed() {
 
 #[test]
 fn confine_to_refuses_backing_files_outside_the_tree() {
-    let opts = OpenOptions {
-        confine_to: Some(hostile_dir()),
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().confine_to(Some(hostile_dir()));
     for name in [
         "backing-escape.qcow2",
         "backing-absolute.qcow2",
@@ -466,10 +463,7 @@ fn writes_to_an_image_with_the_corrupt_bit_are_refused() {
     let p = dir.path().join("corrupt.qcow2");
     std::fs::copy(hostile_dir().join("corrupt-bit.qcow2"), &p).unwrap();
     let before = std::fs::read(&p).unwrap();
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().writable(true);
     let refused = match Chain::open(&p, &opts) {
         Err(_) => true,
         Ok(mut chain) => chain.write_at(&[1u8; 512], 0).is_err(),

@@ -91,15 +91,8 @@ fn qemu_snapshot_raw(p: &Path, snap: &str) -> Vec<u8> {
 
 /// Strata's guest view of `p` (its chain), or of one of its snapshots.
 fn strata_raw(p: &Path, snap: Option<SnapshotRef>) -> Vec<u8> {
-    let chain = Chain::open(
-        p,
-        &OpenOptions {
-            force_share: true,
-            snapshot: snap,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let chain = Chain::open(p, &OpenOptions::new().force_share(true).snapshot(snap))
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     let mut v = vec![0u8; chain.virtual_size() as usize];
     chain.read_at(&mut v, 0).unwrap();
     v

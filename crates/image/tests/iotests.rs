@@ -67,12 +67,12 @@ impl Op {
         }
     }
 
-    /// Applies the operation with Strata (open, operate, flush, close).
+    /// Applies the operation with Strata (open, operate, flush, close), as
+    /// qemu-io does (a dirty image repaired, unknown autoclear bits cleared).
     fn strata(self, img: &Path) -> Result<(), String> {
-        let opts = OpenOptions {
-            writable: true,
-            ..Default::default()
-        };
+        let opts = OpenOptions::new()
+            .writable(true)
+            .write_policy(strata_image::WritePolicy::qemu());
         let mut chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
         match self {
             Op::Write(o, l) => chain.write_at(&vec![0x2a; l as usize], o),
@@ -600,11 +600,7 @@ fn iotest_080_bad_headers_are_refused_where_qemu_refuses_them() {
 /// Strata's `check` verdict, as the CLI gives it: 1 when the image cannot
 /// be opened or checked, else 0 clean, 2 corrupt, 3 leaks only.
 fn strata_check_code(img: &Path) -> i32 {
-    let opts = OpenOptions {
-        force_share: true,
-        no_backing: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().force_share(true).no_backing(true);
     let Ok(chain) = Chain::open(img, &opts) else {
         return 1;
     };
@@ -1507,10 +1503,7 @@ fn step271(t: &Twin, what: &str, cmd: Cmd271, off: u64, len: u64, pat: u8) {
         Cmd271::Discard => format!("discard -q {off} {len}"),
     };
     qio(&t.qemu, &q);
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().writable(true);
     let mut chain = Chain::open(&t.strata, &opts).unwrap();
     let data = vec![pat; len as usize];
     match cmd {
@@ -1810,10 +1803,7 @@ fn iotest_271_discarding_clusters_with_non_zero_bitmaps_matches_qemu() {
         step271(&t, &what, Discard, 0, 64 * K, 0);
         qemu_img(&["resize", "-q", "--shrink", arg(&t.qemu), "64k"]);
         qemu_img(&["resize", "-q", arg(&t.qemu), "1M"]);
-        let opts = OpenOptions {
-            writable: true,
-            ..Default::default()
-        };
+        let opts = OpenOptions::new().writable(true);
         for size in [64 * K, 1024 * K] {
             let mut chain = Chain::open(&t.strata, &opts).unwrap();
             strata_image::resize::resize_chain(
@@ -1934,10 +1924,7 @@ fn l2_table_past_the_end_of_the_file_reads_as_zeros_and_refuses_writes() {
     // Reads: the guest view and the map are qemu-img's.
     let dir = tempfile::tempdir().unwrap();
     let oracle = qemu_raw(&t.qemu, dir.path());
-    let opts = OpenOptions {
-        force_share: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().force_share(true);
     let chain = Chain::open(&t.strata, &opts).unwrap();
     let mut view = vec![0xffu8; oracle.len()];
     chain.read_at(&mut view, 0).unwrap();
@@ -1974,10 +1961,7 @@ fn l2_table_past_the_end_of_the_file_reads_as_zeros_and_refuses_writes() {
 
 /// Reads `[offset, offset+len)` with Strata (a read-only open).
 fn strata_read_range(img: &Path, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-    let opts = OpenOptions {
-        force_share: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().force_share(true);
     let chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; len as usize];
     chain.read_at(&mut buf, offset).map_err(|e| e.to_string())?;
@@ -2115,10 +2099,7 @@ fn iotest_060_dirty_corrupt_image_is_rebuilt_by_the_writer() {
 
 /// `strata resize --shrink IMG SIZE` done by the library.
 fn strata_shrink(img: &Path, size: u64) -> Result<(), String> {
-    let opts = OpenOptions {
-        writable: true,
-        ..Default::default()
-    };
+    let opts = OpenOptions::new().writable(true);
     let mut chain = Chain::open(img, &opts).map_err(|e| e.to_string())?;
     strata_image::resize::resize_chain(
         &mut chain,
@@ -2226,10 +2207,7 @@ fn iotest_244_external_data_files_are_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let refused = |img: &Path| -> String {
-        let opts = OpenOptions {
-            writable: true,
-            ..Default::default()
-        };
+        let opts = OpenOptions::new().writable(true);
         match Chain::open(img, &opts) {
             Ok(_) => panic!("{}: Strata opened it", img.display()),
             Err(e) => e.to_string(),

@@ -74,14 +74,7 @@ fn model_apply(m: &mut [u8], op: &Op, cluster: u64) {
 }
 
 fn open_rw(p: &Path) -> Chain {
-    Chain::open(
-        p,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    Chain::open(p, &OpenOptions::new().writable(true)).unwrap()
 }
 
 fn read_all(p: &Path) -> Vec<u8> {

@@ -121,13 +121,14 @@ fn strata_create(img: &Path, opts: &CreateOptions) {
 }
 
 /// Opens the chain whose top is `img` for writing.
+/// Opens `img` writable as qemu-io does (the twin of its writes): a dirty
+/// image is repaired, unknown autoclear bits cleared.
 fn open_writable(img: &Path) -> Chain {
     Chain::open(
         img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
+        &OpenOptions::new()
+            .writable(true)
+            .write_policy(strata_image::WritePolicy::qemu()),
     )
     .unwrap()
 }
@@ -570,7 +571,20 @@ fn a_dirty_lazy_refcounts_image_is_repaired_before_the_first_write() {
     let s = dir.path().join("s.qcow2");
     std::fs::copy(&q, &s).unwrap();
     qemu_io(&q, &["write -P 0x73 2M 100k"]);
+    // The default write policy refuses, naming the state, and writes nothing.
+    let before = std::fs::read(&s).unwrap();
     {
+        let opts = OpenOptions::new().writable(true);
+        let mut c = Chain::open(&s, &opts).unwrap();
+        let e = c.write_at(&vec![0x73; 100 << 10], 2 << 20).unwrap_err();
+        assert!(e.to_string().contains("dirty"), "{e}");
+    }
+    assert!(
+        std::fs::read(&s).unwrap() == before,
+        "a refused write changed the file"
+    );
+    {
+        // What qemu-io does: repair, then write.
         let mut c = open_writable(&s);
         c.write_at(&vec![0x73; 100 << 10], 2 << 20).unwrap();
         c.flush().unwrap();

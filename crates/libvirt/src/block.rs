@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use strata_image::{Chain, ImageFormat, OpenOptions};
+use strata_image::ImageFormat;
 use strata_merge::{Hooks, PullOptions};
 use virt::connect::Connect;
 
@@ -60,17 +60,9 @@ pub(crate) fn active_chain(
     src: &Path,
     format: Option<ImageFormat>,
 ) -> Result<Vec<(PathBuf, ImageFormat)>> {
-    let c = Chain::open(
-        src,
-        &OpenOptions {
-            format,
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )?;
-    Ok(c.layers()
-        .iter()
-        .map(|l| (canon(&l.path), l.image.format()))
+    Ok(strata_image::backing::chain_files(src, format)?
+        .into_iter()
+        .map(|f| (canon(&f.path), f.format))
         .collect())
 }
 

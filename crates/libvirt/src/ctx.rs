@@ -6,9 +6,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use strata_image::chain::resolve_backing_path;
+use strata_image::backing::{self, FileId};
 use strata_image::create::{create_qcow2, CreateOptions};
-use strata_image::{Chain, FileStorage, ImageFormat, OpenOptions};
+use strata_image::{FileStorage, ImageFormat};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::domain_snapshot::DomainSnapshot;
@@ -115,7 +115,6 @@ fn open_lock(path: &Path) -> std::io::Result<fs::File> {
 impl DomainLock {
     /// Takes the lock of the domain `uuid` or refuses with [`Error::Busy`].
     pub fn acquire(conn: &Connect, domain: &str, uuid: &str) -> Result<DomainLock> {
-        use std::os::unix::fs::MetadataExt;
         let mut key = uuid.to_string();
         if conn
             .get_type()
@@ -150,11 +149,9 @@ impl DomainLock {
             }
             // The holder before us may have unlinked the file between our
             // open and our lock: then we hold a lock nobody else can see.
-            let ours = file
-                .metadata()
-                .map_err(|e| Error::io(&path, "stat lock", e))?;
-            match fs::metadata(&path) {
-                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => {
+            let ours = FileId::of_file(&file).map_err(|e| Error::io(&path, "stat lock", e))?;
+            match FileId::of(&path) {
+                Ok(id) if id == ours => {
                     return Ok(DomainLock {
                         file,
                         path,
@@ -486,34 +483,28 @@ pub(crate) struct Graph {
     pub nodes: HashMap<PathBuf, Node>,
 }
 
-/// Opens `path` alone (no backing files, sharing locks as `qemu-img -U`).
+/// Reads `path`'s header alone (no backing files opened, no locks taken).
 fn open_alone(path: &Path, format: Option<ImageFormat>) -> Result<Node> {
-    let chain = Chain::open(
-        path,
-        &OpenOptions {
-            format,
-            force_share: true,
-            no_backing: true,
-            ..OpenOptions::default()
-        },
-    )?;
-    let img = &chain.top().image;
-    let (name, fmt) = img.backing();
-    let backing = match name {
-        Some(n) => {
-            let fmt = fmt.and_then(ImageFormat::from_name).ok_or_else(|| {
-                Error::Image(strata_image::Error::BackingFormatUnknown {
-                    path: path.to_path_buf(),
-                    backing: n.to_string(),
-                })
-            })?;
-            Some((canon(&resolve_backing_path(path, n)), fmt))
+    let peek = backing::peek(path, format)?;
+    let backing = match peek.backing {
+        Some(b) => {
+            let fmt = b
+                .format
+                .as_deref()
+                .and_then(ImageFormat::from_name)
+                .ok_or_else(|| {
+                    Error::Image(strata_image::Error::BackingFormatUnknown {
+                        path: path.to_path_buf(),
+                        backing: b.name.clone(),
+                    })
+                })?;
+            Some((canon(&backing::resolve_backing_path(path, &b.name)), fmt))
         }
         None => None,
     };
     Ok(Node {
-        format: img.format(),
-        virtual_size: img.virtual_size(),
+        format: peek.format,
+        virtual_size: peek.virtual_size,
         backing,
     })
 }
@@ -586,23 +577,10 @@ pub(crate) fn foreign_users(path: &Path, known: &HashSet<PathBuf>) -> Vec<PathBu
     let Some(dir) = target.parent() else {
         return Vec::new();
     };
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut users = Vec::new();
-    for e in entries.flatten() {
-        let p = canon(&e.path());
-        if p == target || known.contains(&p) || !p.is_file() {
-            continue;
-        }
-        if let Ok(n) = open_alone(&p, None) {
-            if n.backing.is_some_and(|b| b.0 == target) {
-                users.push(p);
-            }
-        }
-    }
-    users.sort();
-    users
+    let exclude: Vec<FileId> = known.iter().filter_map(|p| FileId::try_of(p)).collect();
+    backing::users_of(&target, &[dir.to_path_buf()], &[], &exclude)
+        .map(|users| users.iter().map(|p| canon(p)).collect())
+        .unwrap_or_default()
 }
 
 /// libvirt's default name of an external snapshot file: the source with

@@ -27,6 +27,59 @@
 //! Layering: uses `strata-merge` for commit and pull and `strata-image`
 //! for creating overlays and reading chains; libvirt through the `virt`
 //! crate; XML through `xmltree`.
+//!
+//! # Examples
+//!
+//! Where a snapshot's overlay goes when the caller names none (libvirt's
+//! rule):
+//!
+//! ```
+//! use std::path::Path;
+//! use strata_libvirt::default_overlay_path;
+//!
+//! let p = default_overlay_path(Path::new("/kvm/test.qcow2"), "take-1");
+//! assert_eq!(p, Path::new("/kvm/test.take-1"));
+//! ```
+//!
+//! List a domain's disks and their chains on libvirt's test driver (an
+//! in-process hypervisor; a real one is `qemu:///system`):
+//!
+//! ```
+//! use strata_libvirt::{domain_disks, Connect};
+//!
+//! let conn = Connect::open(Some("test:///default"))?;
+//! for d in domain_disks(&conn, "test")? {
+//!     println!("{} {:?} {:?}", d.disk, d.source, d.chain);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Take a disk-only external snapshot, then merge it away again (a
+//! domain with qcow2 disks is needed, so this is not run here):
+//!
+//! ```no_run
+//! use strata_libvirt::{snapshot_create, snapshot_delete, Connect, SnapshotCreateOptions};
+//! use strata_merge::Hooks;
+//!
+//! let conn = Connect::open(Some("qemu:///system"))?;
+//! let report = snapshot_create(&conn, "vm1", "before-upgrade", &SnapshotCreateOptions::default())?;
+//! println!("{report:?}");
+//! let report = snapshot_delete(&conn, "vm1", "before-upgrade", &mut Hooks::default())?;
+//! println!("{report:?}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Threads
+//!
+//! Operations run on the caller's thread with the caller's [`Connect`];
+//! two operations on one domain exclude each other through a per-domain
+//! lock (across processes too), the second failing with [`Error::Busy`].
+//!
+//! # Test hooks
+//!
+//! The `testing` feature adds the module `testing` (fail points, holding a
+//! domain's lock), for this workspace's tests; it is not part of the
+//! default API.
 #![deny(missing_docs)]
 // Only jobs.rs (libvirt's block-job calls, which `virt` 0.4 does not wrap)
 // is allowed unsafe code.
@@ -39,7 +92,10 @@ pub mod error;
 mod jobs;
 mod live;
 mod snapshot;
+#[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(not(feature = "testing"))]
+mod testing;
 mod tree;
 pub mod xml;
 

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use strata_image::{Chain, ImageFormat, OpenOptions};
+use strata_image::ImageFormat;
 use strata_merge::{CommitOptions, Hooks, MergeError, PullOptions};
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -53,6 +53,7 @@ pub struct SnapshotCreateOptions {
 
 /// One disk of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SnapshotDisk {
     /// Disk target (`vda`).
     pub disk: String,
@@ -67,6 +68,7 @@ pub struct SnapshotDisk {
 
 /// A snapshot as [`snapshot_list`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SnapshotInfo {
     /// Name.
     pub name: String,
@@ -90,6 +92,7 @@ pub struct SnapshotInfo {
 
 /// What an operation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// Disks whose source changed: (target, the file the domain now uses).
     pub swapped: Vec<(String, PathBuf)>,
@@ -117,6 +120,7 @@ pub struct Report {
 
 /// A disk of the domain as [`domain_disks`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskInfo {
     /// Target (`vda`).
     pub disk: String,
@@ -136,16 +140,21 @@ fn now() -> i64 {
 }
 
 fn chain_paths(path: &Path, format: Option<ImageFormat>) -> Vec<PathBuf> {
-    Chain::open(
-        path,
-        &OpenOptions {
-            format,
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map(|c| c.layers().iter().map(|l| l.path.clone()).collect())
-    .unwrap_or_default()
+    strata_image::backing::chain_files(path, format)
+        .map(|c| c.into_iter().map(|f| f.path).collect())
+        .unwrap_or_default()
+}
+
+/// Re-points `child` at `base` (header only), as `qemu-img rebase -u`
+/// would: after the merge this is the last step, so a dirty child is
+/// repaired and unknown autoclear bits cleared rather than the delete left
+/// half done.
+fn set_backing(child: &Path, base: &str, format: ImageFormat) -> Result<()> {
+    Ok(strata_image::set_backing_file(
+        child,
+        Some((base, format)),
+        strata_image::WritePolicy::qemu(),
+    )?)
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -1070,7 +1079,7 @@ pub fn snapshot_delete(
                     if chain.contains(&k) {
                         continue;
                     }
-                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
+                    set_backing(&k, &base_str, node.format)?;
                 }
                 report.merges.push(format!(
                     "committed {} into {} (libvirt's live block commit)",
@@ -1110,7 +1119,7 @@ pub fn snapshot_delete(
                     .ok_or_else(|| Error::InvalidArgument("base vanished".into()))?;
                 let base_str = path_str(base)?.to_string();
                 for k in graph.children(top, &needed) {
-                    strata_image::set_backing_file(&k, Some((&base_str, node.format)))?;
+                    set_backing(&k, &base_str, node.format)?;
                 }
                 report.merges.push(format!(
                     "committed {} into {}",

@@ -64,6 +64,7 @@ pub struct CommitOptions {
 
 /// What [`commit`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitReport {
     /// The top image.
     pub top: PathBuf,
@@ -292,12 +293,10 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     // A commit reads the layers it merges and, for copy-on-write, what
     // the base reads: a chain deeper than the open limit is committed as
     // long as nothing needs the layers past it (a read there fails).
-    let probe_opts = OpenOptions {
-        force_share: true,
-        confine_to: opts.confine_to.clone(),
-        stub_beyond_limit: true,
-        ..OpenOptions::default()
-    };
+    let probe_opts = OpenOptions::new()
+        .force_share(true)
+        .confine_to(opts.confine_to.clone())
+        .stub_beyond_limit(true);
     // Discover the chain (validated: names, formats, loops, depth), then
     // take the locks, then look again and insist on the same files.
     let first = Chain::open(top, &probe_opts)?;
@@ -332,13 +331,11 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     let base_format = base_layer.image.format();
     let mut base = Chain::open(
         &base_path,
-        &OpenOptions {
-            format: Some(base_format),
-            writable,
-            confine_to: opts.confine_to.clone(),
-            stub_beyond_limit: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(base_format))
+            .writable(writable)
+            .confine_to(opts.confine_to.clone())
+            .stub_beyond_limit(true),
     )?;
     drop(first);
     let probe = Chain::open(top, &probe_opts)?;
@@ -464,7 +461,7 @@ pub struct CommitParts<'a> {
 /// caller is responsible for the rest: images marked corrupt or dirty,
 /// bitmaps, and the guard (`opts.base`, `opts.force` and `opts.also_check`
 /// are not used here). Useful to run a commit on images that are not plain
-/// files, e.g. [`strata_image::FaultStorage`] in crash tests.
+/// files, e.g. `strata_image::FaultStorage` (feature `testing`) in crash tests.
 ///
 /// The report's `top` and `base` are the paths of `parts.upper[0]` and
 /// `parts.base`'s top layer.

@@ -1,40 +1,27 @@
 //! Opening chains for a merge, identifying files, refusing unsafe states,
 //! and the guard against committing into a shared base.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use strata_format::header::has_qcow2_magic;
-use strata_image::chain::{is_protocol_name, resolve_backing_path};
+use strata_image::backing::resolve_backing_path;
 use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
 
 use crate::error::{MergeError, Result};
 
-/// Identity of a file: (device, inode).
-pub(crate) type FileId = (u64, u64);
+/// Identity of a file (device, inode).
+pub(crate) type FileId = strata_image::FileId;
 
 pub(crate) fn file_id(path: &Path) -> Result<FileId> {
-    let m = std::fs::metadata(path).map_err(|e| MergeError::io(path, "stat", e))?;
-    Ok((m.dev(), m.ino()))
+    FileId::of(path).map_err(|e| MergeError::io(path, "stat", e))
 }
 
 /// Identity of an open layer's file (from its descriptor when it has one).
 pub(crate) fn layer_id(layer: &Layer) -> Result<FileId> {
-    match layer.image.storage().file() {
-        Some(f) => {
-            let m = f
-                .metadata()
-                .map_err(|e| MergeError::io(&layer.path, "stat", e))?;
-            Ok((m.dev(), m.ino()))
-        }
-        None => file_id(&layer.path),
-    }
+    FileId::of_layer(layer).map_err(|e| MergeError::io(&layer.path, "stat", e))
 }
 
 fn try_id(path: &Path) -> Option<FileId> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    FileId::try_of(path)
 }
 
 /// The index of the layer of `chain` (below the top) that is the file
@@ -113,9 +100,11 @@ pub(crate) fn backing_name_for(top: &Path, layer: &Layer) -> Result<String> {
 }
 
 /// Refuses an image the operation must not write: corrupt bit set, dirty
-/// (lazy refcounts not repaired), or carrying a bitmap directory the write
-/// path cannot keep (it would drop the bitmaps), before anything is
-/// written. Valid persistent bitmaps are kept up to date by the write path.
+/// (lazy refcounts not repaired), unknown autoclear bits, or carrying a
+/// bitmap directory the write path cannot keep (it would drop the
+/// bitmaps), before anything is written: the states the write path's
+/// default policy ([`strata_image::WritePolicy`]) refuses at the first
+/// write, refused up front. Valid persistent bitmaps are kept up to date by the write path.
 pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
     let Image::Qcow2(q) = &layer.image else {
         return Ok(());
@@ -125,6 +114,10 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
+    } else if !(h.autoclear_features & !strata_format::header::Autoclear::BITMAPS).is_empty() {
+        // The write path's default policy refuses to clear them; say so
+        // before anything is written.
+        "it has unknown autoclear feature bits, which writing would clear"
     } else if let Err(e) = q.bitmaps().and_then(|bs| {
         // Every consistent bitmap's bits must load, or the write path
         // would drop them.
@@ -195,40 +188,11 @@ pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<u64> {
 pub(crate) fn open_alone(path: &Path, format: ImageFormat, writable: bool) -> Result<Chain> {
     Ok(Chain::open(
         path,
-        &OpenOptions {
-            format: Some(format),
-            writable,
-            no_backing: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(format))
+            .writable(writable)
+            .no_backing(true),
     )?)
-}
-
-/// Reads the backing file name from a qcow2 header (header bytes only;
-/// `None` for files that are not qcow2 or name no backing file).
-fn read_backing_name(path: &Path) -> std::io::Result<Option<String>> {
-    let mut f = File::open(path)?;
-    let mut head = [0u8; 20];
-    let mut got = 0;
-    while got < head.len() {
-        let n = f.read(&mut head[got..])?;
-        if n == 0 {
-            return Ok(None);
-        }
-        got += n;
-    }
-    if !has_qcow2_magic(&head) {
-        return Ok(None);
-    }
-    let off = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default());
-    let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default());
-    if off == 0 || len == 0 || len > strata_format::limits::MAX_BACKING_NAME {
-        return Ok(None);
-    }
-    let mut name = vec![0u8; len as usize];
-    use std::os::unix::fs::FileExt;
-    f.read_exact_at(&mut name, off)?;
-    Ok(String::from_utf8(name).ok())
 }
 
 /// Where [`users_of`] looks for images that use a base: the base's
@@ -254,63 +218,27 @@ pub(crate) fn search_places(base: &Path, top: &Path, dirs: &[PathBuf]) -> Vec<Pa
     places
 }
 
-/// Images that name `base` as their backing file: every regular file with
-/// a qcow2 magic directly in one of the directories `dirs` (not in their
-/// subdirectories), and the `also` paths; files in `exclude` (the chain
-/// being merged) are not counted.
+/// Images that name `base` as their backing file, in `dirs` and `also`,
+/// the files in `exclude` (the chain being merged) not counted (see
+/// [`strata_image::backing::users_of`]).
 pub(crate) fn users_of(
     base: &Path,
     exclude: &[FileId],
     dirs: &[PathBuf],
     also: &[PathBuf],
 ) -> Result<Vec<PathBuf>> {
-    let base_id = file_id(base)?;
-    let mut candidates = Vec::new();
-    for dir in dirs {
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| MergeError::io(dir, "list directory", e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| MergeError::io(dir, "list directory", e))?;
-            let path = entry.path();
-            if std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-                candidates.push((path, false));
-            }
-        }
-    }
-    candidates.extend(also.iter().map(|p| (p.clone(), true)));
-    let mut users: Vec<PathBuf> = Vec::new();
-    let mut user_ids: Vec<FileId> = Vec::new();
-    for (path, named) in candidates {
-        let Some(id) = try_id(&path) else {
-            if named {
-                return Err(MergeError::io(
-                    &path,
-                    "open",
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ));
-            }
-            continue;
-        };
-        if id == base_id || exclude.contains(&id) || user_ids.contains(&id) {
-            continue;
-        }
-        let name = match read_backing_name(&path) {
-            Ok(n) => n,
-            // Unreadable files in the directory are not images we can judge.
-            Err(_) if !named => None,
-            Err(e) => return Err(MergeError::io(&path, "read header", e)),
-        };
-        let Some(name) = name else { continue };
-        if is_protocol_name(&name) {
-            continue;
-        }
-        if try_id(&resolve_backing_path(&path, &name)) == Some(base_id) {
-            users.push(path);
-            user_ids.push(id);
-        }
-    }
-    users.sort();
-    Ok(users)
+    strata_image::backing::users_of(base, dirs, also, exclude).map_err(|e| match e {
+        // A directory scan's I/O error names the place and the operation,
+        // as the merge's other file operations do.
+        strata_image::Error::Io {
+            path, op, cause, ..
+        } => MergeError::Io {
+            path,
+            op,
+            source: cause,
+        },
+        e => e.into(),
+    })
 }
 
 /// Refuses `path` when it does not lie under `dir` (both resolved:
@@ -390,4 +318,39 @@ impl Sources {
         }
         Ok(())
     }
+}
+
+/// [`crate::commit()`] of a chain the caller holds open: the chain is closed
+/// (its flush error returned; its locks released, since a commit must take
+/// its own, writable, on the base), then committed by its top's path. The
+/// files the commit opens must be the very files of the caller's chain
+/// (device and inode, top to bottom): a chain re-pointed or replaced in
+/// between is refused before anything is written.
+pub fn commit_chain(
+    chain: Chain,
+    opts: &crate::CommitOptions,
+    hooks: &mut crate::Hooks<'_>,
+) -> Result<crate::CommitReport> {
+    let top = chain.top().path.clone();
+    let format = chain.top().image.format();
+    let held = chain
+        .layers()
+        .iter()
+        .map(layer_id)
+        .collect::<Result<Vec<_>>>()?;
+    chain.close()?;
+    let now = strata_image::backing::chain_files(&top, Some(format))?;
+    let now_ids = now
+        .iter()
+        .map(|f| file_id(&f.path))
+        .collect::<Result<Vec<_>>>()?;
+    if now_ids != held {
+        return Err(MergeError::SourceChanged {
+            path: top,
+            why: "its backing chain is no longer the chain the caller held open (a file was \
+                  replaced or re-pointed); nothing was written"
+                .into(),
+        });
+    }
+    crate::commit(&top, opts, hooks)
 }

@@ -36,6 +36,7 @@ pub struct PullOptions {
 
 /// What [`pull`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PullReport {
     /// The top image.
     pub top: PathBuf,
@@ -66,6 +67,7 @@ pub struct RebaseOptions {
 
 /// What [`rebase`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RebaseReport {
     /// The top image.
     pub top: PathBuf,
@@ -363,13 +365,11 @@ fn open_top(
     open::confine(top, confine_to)?;
     Ok(Chain::open(
         top,
-        &OpenOptions {
-            format: Some(ImageFormat::Qcow2),
-            writable: !dry_run,
-            confine_to: confine_to.map(Path::to_path_buf),
-            stub_beyond_limit,
-            ..OpenOptions::default()
-        },
+        &OpenOptions::new()
+            .format(Some(ImageFormat::Qcow2))
+            .writable(!dry_run)
+            .confine_to(confine_to.map(Path::to_path_buf))
+            .stub_beyond_limit(stub_beyond_limit),
     )?)
 }
 
@@ -537,7 +537,7 @@ fn pull_stage(
 /// (data pointers past the end of a file, unreadable tables), not images
 /// marked corrupt or dirty or carrying bitmaps: the caller checks those.
 /// Useful to run a pull on images that are not plain files, e.g.
-/// [`strata_image::FaultStorage`] in crash tests.
+/// `strata_image::FaultStorage` (feature `testing`) in crash tests.
 pub fn pull_open(
     chain: &mut Chain,
     keep: usize,
@@ -646,12 +646,10 @@ pub fn rebase(
                 // with our own hold on the top.
                 let probe = Chain::open(
                     &path,
-                    &OpenOptions {
-                        format: Some(format),
-                        force_share: true,
-                        confine_to: opts.confine_to.clone(),
-                        ..OpenOptions::default()
-                    },
+                    &OpenOptions::new()
+                        .format(Some(format))
+                        .force_share(true)
+                        .confine_to(opts.confine_to.clone()),
                 )?;
                 for l in probe.layers() {
                     if layer_id(l)? == top_id {
@@ -667,11 +665,9 @@ pub fn rebase(
                 open::confine(&path, confine_to)?;
                 let c = Chain::open(
                     &path,
-                    &OpenOptions {
-                        format: Some(format),
-                        confine_to: opts.confine_to.clone(),
-                        ..OpenOptions::default()
-                    },
+                    &OpenOptions::new()
+                        .format(Some(format))
+                        .confine_to(opts.confine_to.clone()),
                 )?;
                 for l in c.layers() {
                     open::refuse_damaged(l, OP)?;

@@ -165,6 +165,7 @@ pub struct FileGrowth {
 
 /// What a merge will do, computed from metadata alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Plan {
     /// Guest bytes whose data will be copied (for pull and rebase: at most
     /// this much; ranges that turn out equal to the new backing file are
@@ -191,6 +192,7 @@ impl Plan {
 
 /// What a merge did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Guest bytes written with data.
     pub copied_bytes: u64,

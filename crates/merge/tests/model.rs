@@ -47,14 +47,7 @@ fn build(dir: &Path, cluster: u64, v2: bool, layers: &[Vec<Op>], model: &mut [u8
             ..CreateOptions::default()
         };
         drop(create_qcow2(Box::new(FileStorage::create(&path).unwrap()), &path, &opts).unwrap());
-        let mut chain = Chain::open(
-            &path,
-            &OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            },
-        )
-        .unwrap();
+        let mut chain = Chain::open(&path, &OpenOptions::new().writable(true)).unwrap();
         for op in ops {
             match *op {
                 Op::Write { off, len, byte } => {

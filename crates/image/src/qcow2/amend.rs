@@ -209,12 +209,15 @@ pub struct AmendReport {
 }
 
 /// Amends the qcow2 image at `path` (opened for writing, with its
-/// backing files, under QEMU's write lock).
+/// backing files, under QEMU's write lock), as `qemu-img amend` does: a
+/// dirty image is repaired first ([`WritePolicy::qemu`]; see
+/// [`AmendReport::repaired_dirty`]).
+///
+/// [`WritePolicy::qemu`]: crate::WritePolicy::qemu
 pub fn amend(path: &Path, opts: &AmendOptions) -> Result<AmendReport> {
-    let open = OpenOptions {
-        writable: true,
-        ..OpenOptions::default()
-    };
+    let open = OpenOptions::new()
+        .writable(true)
+        .write_policy(crate::WritePolicy::qemu());
     let mut chain = Chain::open(path, &open)?;
     amend_chain(&mut chain, opts)
 }

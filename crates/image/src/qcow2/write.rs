@@ -132,9 +132,18 @@ impl Qcow2Image {
         })
     }
 
+    /// Sets what the first write does with a dirty image, unreadable
+    /// bitmaps or unknown autoclear bits (default: refuse; see
+    /// [`WritePolicy`](crate::chain::WritePolicy)). Fails on an image
+    /// opened read-only.
+    pub fn set_write_policy(&mut self, policy: crate::chain::WritePolicy) -> Result<()> {
+        self.ws()?.set_policy(policy);
+        Ok(())
+    }
+
     /// Checks the image may be written, and runs the first-write
-    /// preparation: refuse a corrupt image, repair a dirty one, clear
-    /// autoclear bits.
+    /// preparation: refuse a corrupt image; refuse, or repair, a dirty one;
+    /// refuse, or clear, unknown autoclear bits (as the write policy says).
     pub(crate) fn begin_write(&mut self) -> Result<()> {
         if self.poisoned.is_set() {
             return Err(Error::Poisoned {
@@ -175,28 +184,55 @@ impl Qcow2Image {
                 ),
             });
         }
+        use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
+        let policy = self.ws()?.policy();
+        let mut kept = self.header.autoclear_features & Autoclear::BITMAPS;
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid. A damaged one is refused, as QEMU refuses to open the image
         // read-write: dropping it would make the next incremental backup
-        // miss every change from here on.
+        // miss every change from here on. Only an explicit policy drops
+        // them (their autoclear bit cleared: all inconsistent).
         if let Some(why) = self.bitmaps_prepare()? {
-            if self.header.autoclear_features.contains(Autoclear::BITMAPS) {
-                return Err(Error::ReadOnly {
-                    path: self.path.clone(),
-                    why: format!(
-                        "its persistent dirty bitmaps cannot be read ({why}); writing would \
-                         have to drop them; writes are refused (`strata convert` copies the \
-                         image without its bitmaps)"
-                    ),
-                });
+            if !kept.is_empty() {
+                if policy.bitmaps == OnBadBitmaps::Refuse {
+                    return Err(Error::ReadOnly {
+                        path: self.path.clone(),
+                        why: format!(
+                            "its persistent dirty bitmaps cannot be read ({why}); writing would \
+                             have to drop them; writes are refused (`strata convert` copies the \
+                             image without its bitmaps)"
+                        ),
+                    });
+                }
+                kept = Autoclear::empty();
             }
         }
-        let kept = self.header.autoclear_features & Autoclear::BITMAPS;
+        // Refusals first: nothing is written before one.
+        if self.header.dirty() && policy.dirty == OnDirty::Refuse {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: "the image is dirty (lazy refcounts not repaired after a crash); writes \
+                      are refused (repair it with `strata check -r all` first)"
+                    .into(),
+            });
+        }
+        let unknown = (self.header.autoclear_features & !Autoclear::BITMAPS).bits();
+        if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+                why: format!(
+                    "unknown autoclear feature bits {unknown:#x} are set; writing would clear \
+                     them; writes are refused"
+                ),
+            });
+        }
         if self.header.dirty() {
             // A dirty image's refcounts may be stale: rebuild them (the
             // rebuild counts the bitmaps' clusters). The header, with these
             // changes, is written once the new refcounts are durable.
-            self.header.incompatible_features &= !Incompatible::DIRTY;
+            self.header
+                .incompatible_features
+                .remove(Incompatible::DIRTY);
             self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
@@ -2058,13 +2094,32 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Image {
+    /// Closes the image: flushes it (an image open for writing) and
+    /// returns the flush's error, which a drop could only log.
+    pub fn close(mut self) -> Result<()> {
+        if self.rw.is_none() || self.poisoned.is_set() {
+            return Ok(());
+        }
+        let r = self.flush();
+        if r.is_err() {
+            // Reported here: the drop that follows does not try again.
+            self.rw = None;
+        }
+        r
+    }
+}
+
 impl Drop for Qcow2Image {
     /// Closing an image flushes it, as QEMU does on close: metadata still
-    /// pending in memory is committed in protocol order. Errors cannot be
-    /// reported here; callers who care call [`Qcow2Image::flush`] first.
+    /// pending in memory is committed in protocol order. A drop cannot
+    /// return the error: it is written to standard error; callers who
+    /// care call [`Qcow2Image::close`] (or [`Qcow2Image::flush`]) instead.
     fn drop(&mut self) {
         if self.rw.is_some() && !self.poisoned.is_set() {
-            let _ = self.flush();
+            if let Err(e) = self.flush() {
+                eprintln!("strata: closing {}: flush failed: {e}", self.path.display());
+            }
         }
     }
 }

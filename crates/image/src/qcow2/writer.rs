@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::chain::WritePolicy;
 use crate::error::{Error, Poison, Result};
 use crate::qcow2::alloc::{MetadataMap, Refcounts};
 use crate::qcow2::bitmap::BitmapState;
@@ -65,6 +66,9 @@ pub(crate) struct Writer {
     /// The persistent dirty bitmaps kept up to date in this session
     /// (loaded at the first write; docs/crash-consistency.md).
     bitmaps: Option<BitmapState>,
+    /// What the first write does with a dirty image, unreadable bitmaps
+    /// or unknown autoclear bits.
+    policy: WritePolicy,
 }
 
 impl Writer {
@@ -88,6 +92,7 @@ impl Writer {
             unsynced_bytes: 0,
             halted: false,
             bitmaps: None,
+            policy: WritePolicy::default(),
         }
     }
 
@@ -330,6 +335,16 @@ impl Writer {
     /// Takes no more writes; returns whether it had already stopped.
     pub(crate) fn halt(&mut self) -> bool {
         std::mem::replace(&mut self.halted, true)
+    }
+
+    /// The write policy of the first write.
+    pub(crate) fn policy(&self) -> WritePolicy {
+        self.policy
+    }
+
+    /// Sets the write policy of the first write.
+    pub(crate) fn set_policy(&mut self, policy: WritePolicy) {
+        self.policy = policy;
     }
 
     /// The persistent bitmaps kept up to date, once loaded.

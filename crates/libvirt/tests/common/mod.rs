@@ -25,14 +25,7 @@ pub fn make_qcow2(path: &Path, size: u64) {
 
 /// Writes `len` bytes of `byte` at `offset` into the top of `path`'s chain.
 pub fn write(path: &Path, offset: u64, len: usize, byte: u8) {
-    let mut c = Chain::open(
-        path,
-        &OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let mut c = Chain::open(path, &OpenOptions::new().writable(true)).unwrap();
     c.write_at(&vec![byte; len], offset).unwrap();
     c.flush().unwrap();
 }
@@ -47,14 +40,7 @@ pub fn view(path: &Path) -> Vec<u8> {
 
 /// Backing chain of `path`, top first.
 pub fn chain(path: &Path) -> Vec<PathBuf> {
-    let c = Chain::open(
-        path,
-        &OpenOptions {
-            force_share: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let c = Chain::open(path, &OpenOptions::new().force_share(true)).unwrap();
     c.layers()
         .iter()
         .map(|l| std::fs::canonicalize(&l.path).unwrap())
