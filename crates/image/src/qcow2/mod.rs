@@ -36,13 +36,19 @@
 //! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
 //!   other metadata writers, through the same writer.
 //!
-//! Format details (L2 entry layout, feature bits, geometry) come from
-//! `strata-format`; L2 entries are built with its `L2Entry` constructors.
+//! Format details come from `strata-format`, typed: L2 entries are built
+//! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
+//! `with_subclusters`, ...), never bit by bit; feature bits are the typed
+//! flags `Incompatible`, `Compatible` and `Autoclear`; `GuestOffset` and
+//! `HostOffset` are opaque, and `Geometry` turns them into indices
+//! (`l1_index`, `l2_index`, `cluster_index`, `subcluster_index`).
 //!
 //! Not done yet (issue 16): read-only versus writable is still the runtime
 //! `Option<Writer>` inside one type, not two types; the header, L1 and
 //! L2 cache are still fields of the image rather than a separate view
-//! struct the writer borrows; the address types are not opaque yet.
+//! struct the writer borrows (the submodules of `qcow2` see them); the
+//! header's fields are still public (no update methods); most of the
+//! write path still shifts raw `u64` offsets by `cluster_bits` by hand.
 
 pub(crate) mod alloc;
 pub mod amend;
