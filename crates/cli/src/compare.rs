@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use anyhow::Result;
-use strata_image::{Chain, Mapping};
+use strata_image::Chain;
 
 use crate::open_options;
 
@@ -70,24 +70,16 @@ fn l2_span_end(chain: &Chain, pos: u64) -> u64 {
 
 fn status(chain: &Chain, pos: u64, max: u64) -> Result<(Status, u64)> {
     let max = max.min(l2_span_end(chain, pos) - pos);
-    let r = chain.resolve(pos, max)?;
-    let len = r.extent.len.clamp(1, max);
-    let (allocated, zero, data, offset_valid) = if r.past_end {
-        // Zeros past a short backing file count as allocated there.
-        (true, true, false, false)
-    } else {
-        match r.extent.mapping {
-            Mapping::Unallocated => (false, true, false, false),
-            Mapping::Zero { host } => (true, true, false, host.is_some()),
-            Mapping::Data { .. } => (true, false, true, true),
-            Mapping::Compressed(_) => (true, false, true, false),
-        }
+    let Some(s) = chain.block_status(pos, max).next().transpose()? else {
+        anyhow::bail!("internal error: no block status at guest offset {pos:#x}");
     };
+    let len = s.length.clamp(1, max);
     let st = Status {
-        allocated,
-        zero,
-        data,
-        offset_valid,
+        // Zeros past a short backing file count as allocated there.
+        allocated: s.allocated || s.past_end,
+        zero: s.zero,
+        data: s.data,
+        offset_valid: s.allocated && s.offset.is_some(),
         eof: pos + len == chain.virtual_size(),
     };
     Ok((st, len))

@@ -1,30 +1,30 @@
-//! `strata convert -O raw|qcow2`: the chain's guest view into a new image.
+//! `strata convert`: the guest view of one or more chains (concatenated)
+//! into an image, raw or qcow2, with qemu-img convert's options.
 //!
-//! qcow2 output (optionally compressed, `-c`) goes through strata-image's
-//! convert. Raw output is written here and is sparse: ranges the chain reads as zeros are never read
-//! nor written (the file is sized with `set_len`), and 4 KiB blocks of
-//! data that happen to be all zeros are skipped too, as qemu-img does.
+//! The copy itself is strata-image's convert: it follows the sources'
+//! block status (unallocated and zero ranges are never read), scans data
+//! for zeros at the `-S` granularity as qemu-img does, and writes the
+//! target with the `-t` cache mode (default `unsafe`, as qemu-img: the
+//! output is not synced).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use strata_format::CompressionType;
-use strata_image::convert::ConvertOptions;
-use strata_image::create::{round_up_to_sector, CreateOptions, NewImageFile};
-use strata_image::{Chain, FileStorage, ImageFormat, Storage};
+use strata_image::convert::{CacheMode, ConvertOptions, Offload, SPARSE_BLOCK};
+use strata_image::create::CreateOptions;
+use strata_image::{Chain, ImageFormat};
 
+use crate::open_options;
 use crate::size::parse_size;
-
-use crate::{open_options, NameFile};
-
-/// Largest read from the source at a time.
-const READ_CHUNK: u64 = 4 << 20;
-/// Blocks of zeros at least this large (and aligned) are left as holes.
-const SPARSE_BLOCK: usize = 4096;
 
 /// Arguments of `strata convert`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "The output is not synced at the end by default (-t unsafe, as qemu-img): \
+a crash soon after may lose it. -t writeback syncs it before the command succeeds."
+)]
 pub struct ConvertArgs {
     /// Source format.
     #[arg(short = 'f')]
@@ -48,15 +48,49 @@ pub struct ConvertArgs {
     /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
     #[arg(long = "bitmaps")]
     pub bitmaps: bool,
+    /// Write into the existing image at the output path (no create; it
+    /// must be at least as large as the sources).
+    #[arg(short = 'n')]
+    pub no_create: bool,
+    /// With -n: the existing target reads as zeros (zero ranges are not
+    /// written).
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Sparse detection: all-zero blocks of SIZE bytes (a multiple of 512,
+    /// up to 16M) are not written; 0 fully allocates the output.
+    #[arg(short = 'S', value_name = "SIZE")]
+    pub sparse_size: Option<String>,
+    /// The output is an overlay of BACKING (qcow2): only what the source's
+    /// top image allocates is written.
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Format of BACKING (-B); required with it.
+    #[arg(short = 'F', value_name = "FMT")]
+    pub backing_format: Option<String>,
+    /// Copy offload: no zero detection on data; refused with -c and -S.
+    #[arg(short = 'C')]
+    pub copy_offload: bool,
+    /// Out-of-order writes (accepted, as qemu-img's -W; Strata writes in
+    /// order, which allows it).
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Cache mode of the output: none, writeback, unsafe (default: the
+    /// output is not synced), directsync, writethrough.
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Cache mode of the sources (accepted: none, writeback, unsafe,
+    /// directsync, writethrough; default writeback). Strata reads the
+    /// sources through the page cache in every mode.
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    pub src_cache: Option<String>,
     /// Convert this internal snapshot of the source instead of its active
     /// state: an ID or name, or snapshot.id=ID and/or snapshot.name=NAME
     /// (qemu-img convert -l).
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
-    /// Source image.
-    pub src: std::path::PathBuf,
-    /// Destination file.
-    pub dst: std::path::PathBuf,
+    /// Source images (concatenated), then the output file.
+    #[arg(required = true, num_args = 2.., value_name = "FILE")]
+    pub files: Vec<PathBuf>,
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -67,81 +101,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Writes the guest view of `chain` into a new file that replaces `dst`
-/// once complete, under `dst`'s write lock ([`NewImageFile`]): a convert
-/// that fails leaves `dst` as it was. Calls `progress` with the bytes done
-/// so far.
-pub fn convert_to_raw(chain: &Chain, dst: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
-    let new = NewImageFile::begin(dst).name_file(dst)?;
-    convert_to_raw_into(chain, &new.storage()?, dst, progress)?;
-    new.commit()?;
-    Ok(())
-}
-
-/// [`convert_to_raw`] into `file` (empty; `dst` names it in errors).
-fn convert_to_raw_into(
-    chain: &Chain,
-    file: &FileStorage,
-    dst: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<()> {
-    // The size rounded up to 512 bytes, as qemu-img makes it.
-    let size = chain.virtual_size();
-    // A FileStorage: its writes start the kernel's writeback early, so the
-    // final sync finds little left to write.
-    file.set_len(round_up_to_sector(size))
-        .with_context(|| format!("{}: cannot size the output file", dst.display()))?;
-    let mut buf = Vec::new();
-    let mut pos = 0u64;
-    progress(0, size);
-    while pos < size {
-        let r = chain.resolve(pos, (size - pos).min(READ_CHUNK))?;
-        let len = r.extent.len.clamp(1, size - pos);
-        let reads_data =
-            !r.past_end && !r.extent.mapping.is_zero() && r.extent.mapping.is_allocated();
-        if reads_data {
-            let layer = &chain.layers()[r.depth];
-            buf.resize(len as usize, 0);
-            layer.image.read_mapped(r.extent.mapping, pos, &mut buf)?;
-            write_sparse(file, dst, &buf, pos)?;
-        }
-        pos += len;
-        progress(pos, size);
-    }
-    file.sync()
-        .with_context(|| format!("{}: cannot sync the output file", dst.display()))?;
-    Ok(())
-}
-
-/// Writes `buf` at `pos`, leaving aligned all-zero blocks as holes.
-fn write_sparse(file: &FileStorage, dst: &Path, buf: &[u8], pos: u64) -> Result<()> {
-    let mut i = 0usize;
-    while i < buf.len() {
-        // Up to the next SPARSE_BLOCK boundary of the output file.
-        let next =
-            (((pos + i as u64) / SPARSE_BLOCK as u64 + 1) * SPARSE_BLOCK as u64 - pos) as usize;
-        let end = next.min(buf.len());
-        let block = &buf[i..end];
-        if block.iter().any(|&b| b != 0) {
-            // Extend the run over following non-zero blocks.
-            let mut run_end = end;
-            while run_end < buf.len() {
-                let e = (run_end + SPARSE_BLOCK).min(buf.len());
-                if buf[run_end..e].iter().all(|&b| b == 0) {
-                    break;
-                }
-                run_end = e;
-            }
-            file.write_at(&buf[i..run_end], pos + i as u64)
-                .with_context(|| {
-                    format!("{}: write at {:#x} failed", dst.display(), pos + i as u64)
-                })?;
-            i = run_end;
-        } else {
-            i = end;
-        }
-    }
-    Ok(())
+fn cache_mode(name: &str) -> Result<CacheMode> {
+    CacheMode::from_name(name).ok_or_else(|| anyhow::anyhow!("Invalid cache option: {name}"))
 }
 
 /// Parses `-o` creation options for a qcow2 target, as qemu-img spells them.
@@ -206,32 +167,72 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
     if target == ImageFormat::Raw && (args.compress || args.options.is_some()) {
         bail!("-c and -o apply to qcow2 output only (-O qcow2)");
     }
-    let create = match target {
+    let Some((dst, srcs)) = args.files.split_last() else {
+        bail!("Expecting image file name");
+    };
+    if srcs.is_empty() {
+        bail!("Expecting one image file name");
+    }
+    let cache = match &args.cache {
+        Some(c) => cache_mode(c)?,
+        None => CacheMode::Unsafe,
+    };
+    if let Some(c) = &args.src_cache {
+        cache_mode(c)?;
+    }
+    if args.copy_offload && args.sparse_size.is_some() {
+        bail!("Cannot enable copy offloading when -S is used");
+    }
+    let sparse_size = match &args.sparse_size {
+        Some(s) => parse_size(s)?,
+        None => SPARSE_BLOCK,
+    };
+    let mut create = match target {
         ImageFormat::Qcow2 => parse_create_options(args.options.as_deref())?,
         ImageFormat::Raw => CreateOptions::default(),
     };
+    if let Some(b) = &args.backing {
+        let Some(f) = &args.backing_format else {
+            bail!("Use of backing file requires explicit backing format");
+        };
+        let Some(fmt) = ImageFormat::from_name(f) else {
+            bail!("unknown backing format {f:?}: Strata reads qcow2 and raw");
+        };
+        create.backing = Some((b.clone(), fmt));
+    } else if args.backing_format.is_some() {
+        bail!("-F needs -B BACKING");
+    }
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
+    // Convert reads every layer: chains as deep as qemu-img converts open.
+    opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
     if let Some(l) = &args.snapshot {
+        if srcs.len() > 1 {
+            bail!("No support for concatenating multiple snapshot");
+        }
         opts.snapshot = Some(
             strata_image::SnapshotRef::parse_convert_arg(l)
                 .map_err(|e| anyhow::anyhow!("Failed to load snapshot: {e}"))?,
         );
     }
-    let chain = Chain::open(&args.src, &opts).map_err(|e| match e {
-        // qemu-img's words for a snapshot that is not there.
-        strata_image::Error::InvalidArgument(m) if m.contains("no internal snapshot") => {
-            anyhow::anyhow!("Failed to load snapshot: Can't find snapshot ({m})")
-        }
-        e => e.into(),
-    })?;
-    let dst = args.dst.as_path();
-    for l in chain.layers() {
-        if same_file(&l.path, dst) {
-            bail!(
-                "{}: the output file is {} of the source chain; refusing to overwrite it",
-                args.dst.display(),
-                l.path.display()
-            );
+    let mut chains = Vec::new();
+    for src in srcs {
+        chains.push(Chain::open(src, &opts).map_err(|e| match e {
+            // qemu-img's words for a snapshot that is not there.
+            strata_image::Error::InvalidArgument(m) if m.contains("no internal snapshot") => {
+                anyhow::anyhow!("Failed to load snapshot: Can't find snapshot ({m})")
+            }
+            e => e.into(),
+        })?);
+    }
+    for chain in &chains {
+        for l in chain.layers() {
+            if same_file(&l.path, dst) {
+                bail!(
+                    "{}: the output file is {} of the source chain; refusing to overwrite it",
+                    dst.display(),
+                    l.path.display()
+                );
+            }
         }
     }
     let mut last = u64::MAX;
@@ -246,18 +247,23 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write, err: &mut dyn Write) -> Res
             let _ = err.flush();
         }
     };
-    match target {
-        ImageFormat::Raw => convert_to_raw(&chain, dst, &mut progress)?,
-        ImageFormat::Qcow2 => {
-            let o = ConvertOptions {
-                format: ImageFormat::Qcow2,
-                create,
-                compress: args.compress,
-                bitmaps: args.bitmaps,
-            };
-            strata_image::convert::convert(&chain, dst, &o, &mut progress)?
-        }
-    }
+    let o = ConvertOptions {
+        format: target,
+        create,
+        compress: args.compress,
+        bitmaps: args.bitmaps,
+        sparse_size,
+        existing: args.no_create,
+        target_is_zero: args.target_is_zero,
+        offload: if args.copy_offload {
+            Offload::Required
+        } else {
+            Offload::Auto
+        },
+        cache,
+    };
+    let refs: Vec<&Chain> = chains.iter().collect();
+    strata_image::convert::convert_sources(&refs, dst, &o, &mut progress)?;
     if args.progress {
         let _ = writeln!(err);
     }

@@ -147,8 +147,7 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
     )?;
     crate::convert::run(
         &ConvertArgs {
-            src: s(&top).into(),
-            dst: s(&raw).into(),
+            files: vec![s(&top).into(), s(&raw).into()],
             format: None,
             output_format: "raw".into(),
             progress: false,
@@ -157,6 +156,15 @@ pub fn run(args: &DemoArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<
             force_share: false,
             bitmaps: false,
             snapshot: None,
+            no_create: false,
+            target_is_zero: false,
+            sparse_size: None,
+            backing: None,
+            backing_format: None,
+            copy_offload: false,
+            out_of_order: false,
+            cache: None,
+            src_cache: None,
         },
         out,
         err,

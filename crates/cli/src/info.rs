@@ -375,6 +375,8 @@ pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
     };
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
     opts.no_backing = !args.backing_chain;
+    // --backing-chain reads every layer's header: as deep as qemu-img goes.
+    opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
     let chain = Chain::open(&args.file, &opts)?;
     for (name, real) in members_outside_top_tree(&chain) {
         writeln!(

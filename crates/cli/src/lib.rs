@@ -98,9 +98,9 @@ enum Command {
     Check(check::CheckArgs),
     /// Compare the guest data of two images (exit 0 same, 1 different, 2 error).
     Compare(compare::CompareArgs),
-    /// Write the chain's guest view to a new image (built beside DST and
-    /// renamed over it when complete; refused while another process has
-    /// DST open).
+    /// Write the guest view of one or more chains (concatenated) to an
+    /// image (built beside DST and renamed over it when complete, or with
+    /// -n written into DST; refused while another process has DST open).
     Convert(convert::ConvertArgs),
     /// Create a new image or overlay (qemu-img create). An existing FILE
     /// is replaced only once the new image is complete, and never while

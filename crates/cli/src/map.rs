@@ -1,32 +1,14 @@
 //! `strata map`: the chain's extents as `qemu-img map` prints them.
 //!
-//! The rules, found by experiment against qemu-img 10 and its source
-//! (`qemu-img.c: get_block_status`, `block/io.c`):
-//! - `depth` is the index of the layer that answered. A range no layer
-//!   allocates is answered by the bottom image (a qcow2 image without a
-//!   backing file reports unallocated ranges as zeros): depth = layers - 1,
-//!   `present: false`, `zero: true`.
-//! - Past the end of a backing file shorter than the image above it, the
-//!   image above answers "zeros" itself: depth of that image,
-//!   `present: false`, `zero: true`.
-//! - A raw image reports data and holes (`zero: true`), both `present`,
-//!   both with an `offset` equal to the guest offset.
-//! - A qcow2 zero cluster with a preallocated host cluster has an `offset`;
-//!   a compressed cluster has none and `compressed: true`.
-//! - With extended L2 entries, an unallocated subcluster of an allocated
-//!   cluster still carries the cluster's host offset when the layer that
-//!   answers is the one holding it (the bottom, or the image above a short
-//!   backing file).
-//! - Neighbouring entries merge when depth, present, zero, data and
-//!   compressed agree, and, when they have offsets, the offsets are
-//!   contiguous.
+//! The extents and QEMU's rules for depth, present, zero, data and offset
+//! are strata-image's block status ([`Chain::block_status`]); this module
+//! merges neighbouring extents as qemu-img does and prints them.
 
 use std::fmt::Write as _;
 use std::io::Write;
 
 use anyhow::Result;
-use strata_format::{GuestOffset, L2Entry};
-use strata_image::{check, Chain, Layer, Mapping};
+use strata_image::{BlockStatus, Chain};
 
 use crate::info::path_combine;
 use crate::open_options;
@@ -73,110 +55,24 @@ impl MapEntry {
     }
 }
 
-/// The host cluster behind guest offset `g` in `layer` (a qcow2 image with
-/// an uncompressed L2 entry pointing at a cluster), plus `g`'s offset in it.
-fn host_in_cluster(layer: &Layer, g: u64) -> Result<Option<u64>> {
-    let Some(q) = layer.image.as_qcow2() else {
-        return Ok(None);
-    };
-    let geo = q.geometry();
-    let Some((_, table)) = q.l2_for(geo.l1_index(GuestOffset::new(g)))? else {
-        return Ok(None);
-    };
-    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset::new(g))).map_err(|source| {
-        anyhow::anyhow!(
-            "{}: invalid L2 entry for guest offset {g:#x}: {source}",
-            layer.path.display()
-        )
-    })?;
-    Ok(e.host_cluster().map(|h| h.get() + geo.in_cluster(g)))
-}
-
-/// Entries for `[start, start+len)` answered by `layer` at `depth` as
-/// "unallocated, reads as zeros" (QEMU's ZERO without ALLOCATED).
-fn unallocated_zero(
-    layer: &Layer,
-    depth: u64,
-    start: u64,
-    len: u64,
-    out: &mut Vec<MapEntry>,
-) -> Result<()> {
-    let base = MapEntry {
-        start,
-        length: len,
-        depth,
-        present: false,
-        zero: true,
-        data: false,
-        compressed: false,
-        offset: None,
-    };
-    // Only extended L2 entries can leave part of an allocated cluster
-    // unallocated; split such a range by cluster to find host offsets.
-    let extended = layer
-        .image
-        .as_qcow2()
-        .map(|q| q.geometry())
-        .filter(|g| g.extended_l2());
-    let Some(geo) = extended else {
-        out.push(base);
-        return Ok(());
-    };
-    let end = start + len;
-    let mut pos = start;
-    while pos < end {
-        let next = (geo.align_down(pos) + geo.cluster_size()).min(end);
-        out.push(MapEntry {
-            start: pos,
-            length: next - pos,
-            offset: host_in_cluster(layer, pos)?,
-            ..base
-        });
-        pos = next;
+impl From<BlockStatus> for MapEntry {
+    fn from(s: BlockStatus) -> MapEntry {
+        MapEntry {
+            start: s.start,
+            length: s.length,
+            depth: s.depth as u64,
+            present: s.allocated,
+            zero: s.zero,
+            data: s.data,
+            compressed: s.compressed,
+            offset: s.offset,
+        }
     }
-    Ok(())
-}
-
-/// Data entries for the guest range `[start, start+len)` stored at `host`
-/// in `layer`'s file, split where the file has holes or ends: those parts
-/// read as zeros (`zero: true`, still `data` with an offset). QEMU asks
-/// the file so only for images it takes for metadata-preallocated
-/// (`qcow2_detect_metadata_preallocation`; iotests 080, 121, 061).
-fn file_holes(
-    layer: &Layer,
-    start: u64,
-    len: u64,
-    host: u64,
-    depth: u64,
-    out: &mut Vec<MapEntry>,
-) -> Result<()> {
-    let storage = layer.image.storage();
-    let mut done = 0;
-    while done < len {
-        let (data, run) = storage
-            .data_run(host + done, len - done)
-            .map_err(|e| anyhow::anyhow!("{}: seek data/hole: {e}", layer.path.display()))?;
-        let run = run.clamp(1, len - done);
-        out.push(MapEntry {
-            start: start + done,
-            length: run,
-            depth,
-            present: true,
-            zero: !data,
-            data: true,
-            compressed: false,
-            offset: Some(host + done),
-        });
-        done += run;
-    }
-    Ok(())
 }
 
 /// The chain's merged map entries, as qemu-img prints them.
 pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
     let size = chain.virtual_size();
-    let layers = chain.layers();
-    let nlayers = layers.len() as u64;
     let mut merged: Vec<MapEntry> = Vec::new();
     if size == 0 {
         merged.push(MapEntry {
@@ -191,66 +87,12 @@ pub fn map_entries(chain: &Chain) -> Result<Vec<MapEntry>> {
         });
         return Ok(merged);
     }
-    let mut pos = 0u64;
-    let mut fresh = Vec::new();
-    // Per layer: whether QEMU would ask its file about holes (see
-    // `file_holes`), decided once, as QEMU does.
-    let mut recurse = std::collections::HashMap::new();
-    while pos < size {
-        let r = chain.resolve(pos, size - pos)?;
-        let len = r.extent.len.min(size - pos);
-        if len == 0 {
-            anyhow::bail!("internal error: empty extent at guest offset {pos:#x}");
+    for s in chain.block_status(0, size) {
+        let e = MapEntry::from(s?);
+        match merged.last_mut() {
+            Some(last) if last.mergeable(&e) => last.length += e.length,
+            _ => merged.push(e),
         }
-        fresh.clear();
-        let entry = |present, zero, data, compressed, offset| MapEntry {
-            start: pos,
-            length: len,
-            depth: r.depth as u64,
-            present,
-            zero,
-            data,
-            compressed,
-            offset,
-        };
-        if r.past_end {
-            // The layer above the short one answers "zeros".
-            let d = r.depth.saturating_sub(1);
-            unallocated_zero(&layers[d], d as u64, pos, len, &mut fresh)?;
-        } else {
-            match r.extent.mapping {
-                Mapping::Unallocated => {
-                    let d = (nlayers - 1) as usize;
-                    unallocated_zero(&layers[d], d as u64, pos, len, &mut fresh)?;
-                }
-                Mapping::Zero { host } => {
-                    fresh.push(entry(true, true, false, false, host.map(|h| h.get())));
-                }
-                Mapping::Data { host } => {
-                    let layer = &layers[r.depth];
-                    if *recurse.entry(r.depth).or_insert_with(|| {
-                        layer
-                            .image
-                            .as_qcow2()
-                            .is_some_and(check::detect_metadata_preallocation)
-                    }) {
-                        file_holes(layer, pos, len, host.get(), r.depth as u64, &mut fresh)?;
-                    } else {
-                        fresh.push(entry(true, false, true, false, Some(host.get())));
-                    }
-                }
-                Mapping::Compressed(_) => {
-                    fresh.push(entry(true, false, true, true, None));
-                }
-            }
-        }
-        for e in fresh.drain(..) {
-            match merged.last_mut() {
-                Some(last) if last.mergeable(&e) => last.length += e.length,
-                _ => merged.push(e),
-            }
-        }
-        pos += len;
     }
     Ok(merged)
 }
@@ -329,7 +171,9 @@ fn layer_names(args: &MapArgs, chain: &Chain) -> Vec<String> {
 
 /// Runs `strata map`.
 pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
-    let opts = open_options(args.format.as_deref(), args.force_share)?;
+    let mut opts = open_options(args.format.as_deref(), args.force_share)?;
+    // Map reads every layer: chains as deep as qemu-img maps open.
+    opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
     let chain = Chain::open(&args.file, &opts)?;
     let entries = map_entries(&chain)?;
     match args.output {

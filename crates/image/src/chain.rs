@@ -300,6 +300,12 @@ pub struct OpenOptions {
     /// active state (read-only; `qemu-img convert -l`). Backing files
     /// are those of the image.
     pub snapshot: Option<crate::snapshot_internal::SnapshotRef>,
+    /// The deepest chain that opens in full, instead of
+    /// [`limits::MAX_CHAIN_DEPTH`] (`None`). Operations that read every
+    /// layer (map, convert, `info --backing-chain`) raise it to
+    /// [`READ_CHAIN_DEPTH`], as qemu-img opens such chains; deeper than
+    /// the limit is refused, or stubbed with `stub_beyond_limit`.
+    pub depth_limit: Option<usize>,
 }
 
 impl OpenOptions {
@@ -338,6 +344,11 @@ impl OpenOptions {
         self.stub_beyond_limit = yes;
         self
     }
+    /// Sets [`OpenOptions::depth_limit`].
+    pub fn depth_limit(mut self, limit: Option<usize>) -> OpenOptions {
+        self.depth_limit = limit;
+        self
+    }
     /// Sets [`OpenOptions::write_policy`].
     pub fn write_policy(mut self, policy: WritePolicy) -> OpenOptions {
         self.write_policy = policy;
@@ -352,6 +363,12 @@ impl OpenOptions {
         self
     }
 }
+
+/// The depth limit ([`OpenOptions::depth_limit`]) of operations that read
+/// every layer of a chain: qemu-img maps and converts a chain of 200
+/// images; each open layer costs a file descriptor, its L1 table and a
+/// bounded L2 cache (512 stays clear of the usual limit of 1024 open files).
+pub const READ_CHAIN_DEPTH: usize = 512;
 
 /// The stand-in for the layers past the depth limit (see
 /// [`OpenOptions::stub_beyond_limit`]).
@@ -508,7 +525,8 @@ impl Chain {
             let Some(backing) = backing else { break };
             let (bpath, format) = check_backing(&parent, &backing)?;
             let name = backing.name;
-            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH && opts.stub_beyond_limit {
+            let limit = opts.depth_limit.unwrap_or(limits::MAX_CHAIN_DEPTH);
+            if chain.layers.len() >= limit && opts.stub_beyond_limit {
                 let storage = NotOpened {
                     path: bpath.clone(),
                 };
@@ -520,10 +538,10 @@ impl Chain {
                 });
                 break;
             }
-            if chain.layers.len() >= limits::MAX_CHAIN_DEPTH {
+            if chain.layers.len() >= limit {
                 return Err(Error::ChainTooDeep {
                     path: path.to_path_buf(),
-                    limit: limits::MAX_CHAIN_DEPTH,
+                    limit,
                 });
             }
             let id = FileId::of(&bpath).map_err(|e| Error::Backing {

@@ -422,15 +422,28 @@ impl NewImageFile {
 
     /// Syncs the new file, renames it over the target and syncs the
     /// directory. Only now does the old file go.
-    pub fn commit(mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io(&self.temp, "sync", 0, e))?;
+    pub fn commit(self) -> Result<()> {
+        self.commit_synced(true)
+    }
+
+    /// [`NewImageFile::commit`], syncing the file and the directory only
+    /// when `sync` (`false`: cache mode `unsafe`, as `qemu-img convert`
+    /// by default: a crash soon after may leave the new name with data
+    /// missing).
+    pub fn commit_synced(mut self, sync: bool) -> Result<()> {
+        if sync {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(&self.temp, "sync", 0, e))?;
+        }
         std::fs::rename(&self.temp, &self.target).map_err(|e| {
             let what = format!("renaming the new image {} over it", self.temp.display());
             Error::io(&self.target, "create", 0, explained(e, &what))
         })?;
         self.committed = true;
+        if !sync {
+            return Ok(());
+        }
         let dir = parent_dir(&self.target);
         File::open(&dir)
             .and_then(|d| d.sync_all())

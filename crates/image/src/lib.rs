@@ -135,6 +135,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backing;
+pub mod block_status;
 pub mod chain;
 pub mod compress;
 pub mod convert;
@@ -149,9 +150,10 @@ pub mod storage;
 
 pub use backing::{set_backing_file, FileId};
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
+pub use block_status::{BlockStatus, BlockStatusIter};
 pub use chain::{
     Chain, Image, ImageFormat, Layer, OnBadBitmaps, OnDirty, OnUnknownAutoclear, OpenOptions,
-    Resolved, WritePolicy,
+    Resolved, WritePolicy, READ_CHAIN_DEPTH,
 };
 pub use error::{Error, Result};
 pub use mapping::{Extent, Mapping};

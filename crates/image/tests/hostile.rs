@@ -325,6 +325,7 @@ fn hostile_child_entry() {
             create: CreateOptions::default(),
             compress: false,
             bitmaps: false,
+            ..ConvertOptions::default()
         };
         match convert(&chain, &dst, &opts, &mut |_, _| {}) {
             Ok(()) => println!("CONVERT-OK"),

@@ -392,6 +392,7 @@ fn convert_flattens_a_chain_into_qcow2_and_raw_that_qemu_reads_the_same() {
                 create,
                 compress,
                 bitmaps: false,
+                ..ConvertOptions::default()
             },
             &mut |_, _| {},
         )

@@ -138,23 +138,48 @@ pub(crate) fn job_info(dom: &Domain, disk: &str) -> Result<Option<JobInfo>> {
     }
 }
 
-/// `virDomainBlockJobAbort(disk, flags)`: cancel (0) or, for an active
-/// commit that is ready, pivot (`VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT`); waits
-/// for the job to end.
-pub(crate) fn abort(dom: &Domain, disk: &str, pivot: bool) -> Result<()> {
+/// `virDomainBlockJobAbort(disk, 0)`: cancels the job on `disk` (the
+/// chain stays as it was).
+pub(crate) fn abort(dom: &Domain, disk: &str) -> Result<()> {
     let d = cstr(disk)?;
-    let flags = if pivot {
-        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
-    } else {
-        0
-    };
     // SAFETY: as in start_commit.
-    let r = unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), d.as_ptr(), flags) };
+    let r = unsafe { sys::virDomainBlockJobAbort(dom.as_ptr(), d.as_ptr(), 0) };
     if r < 0 {
-        let what = if pivot { "pivot" } else { "abort" };
-        return Err(last(format!("{what} the block job of {disk}")));
+        return Err(last(format!("abort the block job of {disk}")));
     }
     Ok(())
+}
+
+/// Longest wait for libvirt to take a ready active commit as ready: its
+/// job can report `cur == end` a moment before QEMU's READY event has
+/// reached libvirt, and a pivot in between is refused with
+/// `VIR_ERR_BLOCK_COPY_ACTIVE` ("not ready for pivot yet").
+const PIVOT_READY_WAIT: Duration = Duration::from_secs(60);
+
+/// Pivots the ready active commit on `disk` ([`abort`] with pivot),
+/// retrying while libvirt says the job is not ready yet.
+pub(crate) fn pivot(dom: &Domain, disk: &str) -> Result<()> {
+    let d = cstr(disk)?;
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: as in start_commit.
+        let r = unsafe {
+            sys::virDomainBlockJobAbort(
+                dom.as_ptr(),
+                d.as_ptr(),
+                sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+            )
+        };
+        if r >= 0 {
+            return Ok(());
+        }
+        let e = virt::error::Error::last_error();
+        let not_ready = e.code() == virt::error::ErrorNumber::BlockCopyActive;
+        if !not_ready || start.elapsed() >= PIVOT_READY_WAIT {
+            return Err(Error::libvirt(format!("pivot the block job of {disk}"), e));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// How a waited-for job ended.
@@ -180,7 +205,7 @@ pub(crate) fn wait(
     loop {
         if hooks.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             // The job may have ended in between: then there is nothing to abort.
-            let r = abort(dom, disk, false);
+            let r = abort(dom, disk);
             if let Err(e) = r {
                 if job_info(dom, disk).ok().flatten().is_some() {
                     return Err(e);

@@ -273,7 +273,7 @@ pub(crate) fn run_commit(
     )?;
     match jobs::wait(&ctx.dom, target, top == 0, hooks)? {
         Waited::Ready => {
-            jobs::abort(&ctx.dom, target, true)?;
+            jobs::pivot(&ctx.dom, target)?;
             wait_live_source(ctx, target, &chain[base])?;
         }
         Waited::Finished => {

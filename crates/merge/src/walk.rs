@@ -10,7 +10,7 @@
 //! memory storage) is read into one reused buffer, coalescing consecutive
 //! extents into writes of up to [`BUF_BYTES`]. Where the destination's
 //! filesystem shares extents with the source's (XFS with reflink, btrfs),
-//! whole clusters are cloned instead ([`clone_run`]): nothing is read.
+//! whole clusters are cloned instead (`clone_run`): nothing is read.
 //!
 //! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
 //! that is larger), one mapped window of at most as much, and the image
