@@ -14,13 +14,13 @@
 //! the guest view of `top.qcow2` (whose backing file is `base.qcow2`),
 //! reading only what `top.qcow2` allocates.
 //!
-//! It walks the chain's extents with `Chain::resolve` (which layer answers
-//! for each range); it moves to the block-status API when that lands.
+//! It walks the chain's extents with `Chain::block_status` (which layer
+//! answers for each range, as `qemu-img map` reports it).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use strata_image::{Chain, FileStorage, Mapping, OpenOptions, Storage};
+use strata_image::{Chain, FileStorage, OpenOptions, Storage};
 
 /// What [`incremental_copy`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -55,28 +55,28 @@ pub fn incremental_copy(
     const STEP: u64 = 4 << 20;
     let mut buf = vec![0u8; STEP as usize];
     let mut stats = CopyStats::default();
-    let mut pos = 0;
-    while pos < size {
-        let r = chain
-            .resolve(pos, (size - pos).min(STEP))
-            .map_err(|e| e.to_string())?;
-        let len = r.extent.len.min(size - pos);
-        if r.depth < layers && !r.past_end && r.extent.mapping.is_allocated() {
+    for extent in chain.block_status(0, size) {
+        let e = extent.map_err(|e| e.to_string())?;
+        // Only what the top `layers` layers allocate (data or zeros);
+        // the rest is in an earlier backup, or nobody wrote it.
+        if e.layer.is_none_or(|l| l >= layers) {
+            continue;
+        }
+        let mut pos = e.start;
+        while pos < e.end() {
+            let len = (e.end() - pos).min(STEP);
             let chunk = &mut buf[..len as usize];
-            match r.extent.mapping {
-                Mapping::Zero { .. } => {
-                    chunk.fill(0);
-                    stats.zero_bytes += len;
-                }
-                _ => {
-                    chain.read_at(chunk, pos).map_err(|e| e.to_string())?;
-                    stats.data_bytes += len;
-                }
+            if e.zero {
+                chunk.fill(0);
+                stats.zero_bytes += len;
+            } else {
+                chain.read_at(chunk, pos).map_err(|e| e.to_string())?;
+                stats.data_bytes += len;
             }
             out.write_at(chunk, pos)
                 .map_err(|e| format!("{}: write at {pos:#x}: {e}", dest.display()))?;
+            pos += len;
         }
-        pos += len;
     }
     out.sync()
         .map_err(|e| format!("{}: sync: {e}", dest.display()))?;

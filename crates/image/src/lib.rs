@@ -54,12 +54,12 @@
 //! ```
 //!
 //! Walk the block status of the chain: which layer answers for each
-//! extent (here with [`Chain::resolve`]; a block-status API is coming):
+//! extent, as `qemu-img map` reports it ([`Chain::block_status`]):
 //!
 //! ```
 //! # use strata_image::create::{create_qcow2, CreateOptions};
 //! # use strata_image::{FileStorage, ImageFormat};
-//! use strata_image::{Chain, Mapping, OpenOptions};
+//! use strata_image::{Chain, OpenOptions};
 //! # let dir = tempfile::tempdir()?;
 //! # let base = dir.path().join("base.qcow2");
 //! # let top = dir.path().join("top.qcow2");
@@ -71,14 +71,12 @@
 //! # w.write_at(&[0xab; 4096], 1 << 20)?;
 //! # w.close()?;
 //! let chain = Chain::open(&top, &OpenOptions::default())?;
-//! let mut pos = 0;
 //! let mut data = Vec::new();
-//! while pos < chain.virtual_size() {
-//!     let r = chain.resolve(pos, chain.virtual_size() - pos)?;
-//!     if matches!(r.extent.mapping, Mapping::Data { .. }) && !r.past_end {
-//!         data.push((r.extent.start, r.extent.len, r.depth));
+//! for extent in chain.block_status(0, chain.virtual_size()) {
+//!     let e = extent?;
+//!     if e.data {
+//!         data.push((e.start, e.length, e.depth));
 //!     }
-//!     pos += r.extent.len;
 //! }
 //! // One cluster of data, in the top (depth 0).
 //! assert_eq!(data, vec![(1 << 20, 65536, 0)]);
@@ -89,18 +87,17 @@
 //! keeps the two the same):
 //!
 //! ```rust
-//! use strata_image::{Chain, Mapping, OpenOptions};
+//! use strata_image::{Chain, OpenOptions};
 //!
 //! fn allocated_in_top(top: &std::path::Path) -> strata_image::Result<u64> {
 //!     let opts = OpenOptions::new().force_share(true);
 //!     let chain = Chain::open(top, &opts)?;
-//!     let (mut pos, mut bytes) = (0, 0);
-//!     while pos < chain.virtual_size() {
-//!         let r = chain.resolve(pos, chain.virtual_size() - pos)?;
-//!         if r.depth == 0 && matches!(r.extent.mapping, Mapping::Data { .. }) {
-//!             bytes += r.extent.len; // read it with chain.read_at(...)
+//!     let mut bytes = 0;
+//!     for extent in chain.block_status(0, chain.virtual_size()) {
+//!         let e = extent?;
+//!         if e.layer == Some(0) && e.data {
+//!             bytes += e.length; // read it with chain.read_at(...)
 //!         }
-//!         pos += r.extent.len;
 //!     }
 //!     Ok(bytes)
 //! }
