@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use strata_format::bitmap::{parse_directory, MAX_BITMAPS, MAX_DIRECTORY_SIZE};
-use strata_format::header::AUTOCLEAR_BITMAPS;
+use strata_format::header::Autoclear;
 use strata_image::Qcow2Image;
 
 /// One bitmap as qemu-img info lists it.
@@ -25,7 +25,7 @@ pub fn bitmap_infos(q: &Qcow2Image) -> Result<Option<Vec<BitmapInfo>>> {
     let Some((nb, dir_size, dir_offset)) = h.bitmaps() else {
         return Ok(None);
     };
-    if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 || nb == 0 {
+    if !h.autoclear_features.contains(Autoclear::BITMAPS) || nb == 0 {
         return Ok(None);
     }
     let path = q.path().display();

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use strata_format::header::{AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_EXTERNAL_DATA};
+use strata_format::header::{Autoclear, Incompatible};
 use strata_format::Extension;
 use strata_image::{Chain, Image};
 
@@ -90,10 +90,12 @@ fn qcow2_specific(q: &strata_image::Qcow2Image) -> Result<QDict> {
         }) {
             data.put("data-file", name);
         }
-        if h.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
+        if h.incompatible_features
+            .contains(Incompatible::EXTERNAL_DATA)
+        {
             data.put(
                 "data-file-raw",
-                h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
+                h.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
             );
         }
         data.put("extended-l2", h.extended_l2());

@@ -18,28 +18,58 @@ use crate::types::Geometry;
 /// The qcow2 magic, "QFI\xfb".
 pub const MAGIC: u32 = 0x5146_49fb;
 
-/// Incompatible feature bit 0: refcounts may be inconsistent (lazy refcounts).
-pub const INCOMPAT_DIRTY: u64 = 1 << 0;
-/// Incompatible feature bit 1: the image is corrupt; writes are refused.
-pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
-/// Incompatible feature bit 2: data lives in an external data file.
-pub const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-/// Incompatible feature bit 3: the compression_type field is not deflate.
-pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-/// Incompatible feature bit 4: L2 entries are extended (subclusters).
-pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
-/// All incompatible bits this implementation knows.
-pub const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
-    | INCOMPAT_CORRUPT
-    | INCOMPAT_EXTERNAL_DATA
-    | INCOMPAT_COMPRESSION
-    | INCOMPAT_EXTENDED_L2;
-/// Compatible feature bit 0: lazy refcounts.
-pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-/// Autoclear feature bit 0: the bitmaps extension is consistent.
-pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
-/// Autoclear feature bit 1: the external data file is a raw image.
-pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+bitflags::bitflags! {
+    /// Incompatible feature bits (header offset 72): an implementation
+    /// that does not know one must not open the image. Unknown bits are
+    /// kept as read.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Incompatible: u64 {
+        /// Bit 0: refcounts may be inconsistent (lazy refcounts).
+        const DIRTY = 1 << 0;
+        /// Bit 1: the image is corrupt; writes are refused.
+        const CORRUPT = 1 << 1;
+        /// Bit 2: data lives in an external data file.
+        const EXTERNAL_DATA = 1 << 2;
+        /// Bit 3: the compression_type field is not deflate.
+        const COMPRESSION = 1 << 3;
+        /// Bit 4: L2 entries are extended (subclusters).
+        const EXTENDED_L2 = 1 << 4;
+        const _ = !0;
+    }
+}
+
+impl Incompatible {
+    /// All incompatible bits this implementation knows.
+    pub const KNOWN: Incompatible = Incompatible::DIRTY
+        .union(Incompatible::CORRUPT)
+        .union(Incompatible::EXTERNAL_DATA)
+        .union(Incompatible::COMPRESSION)
+        .union(Incompatible::EXTENDED_L2);
+}
+
+bitflags::bitflags! {
+    /// Compatible feature bits (header offset 80): safe to ignore.
+    /// Unknown bits are kept as read.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Compatible: u64 {
+        /// Bit 0: lazy refcounts.
+        const LAZY_REFCOUNTS = 1 << 0;
+        const _ = !0;
+    }
+}
+
+bitflags::bitflags! {
+    /// Auto-clear feature bits (header offset 88): a writer that does not
+    /// know one clears it. Unknown bits are kept as read.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Autoclear: u64 {
+        /// Bit 0: the bitmaps extension is consistent.
+        const BITMAPS = 1 << 0;
+        /// Bit 1: the external data file is a raw image.
+        const DATA_FILE_RAW = 1 << 1;
+        const _ = !0;
+    }
+}
 
 /// Header extension type: end of the extension area.
 pub const EXT_END: u32 = 0;
@@ -288,11 +318,11 @@ pub struct Header {
     /// Offset of the snapshot table (cluster-aligned).
     pub snapshots_offset: u64,
     /// Incompatible feature bits.
-    pub incompatible_features: u64,
+    pub incompatible_features: Incompatible,
     /// Compatible feature bits.
-    pub compatible_features: u64,
+    pub compatible_features: Compatible,
     /// Auto-clear feature bits.
-    pub autoclear_features: u64,
+    pub autoclear_features: Autoclear,
     /// refcount_bits = 1 << refcount_order.
     pub refcount_order: u32,
     /// Length of the header structure (72 for v2).
@@ -478,7 +508,7 @@ impl Header {
             .flatten()
             .collect();
 
-        let unknown = incompat & !INCOMPAT_KNOWN;
+        let unknown = incompat & !Incompatible::KNOWN.bits();
         if unknown != 0 {
             return Err(FormatError::with_detail(
                 "unsupported incompatible features",
@@ -486,7 +516,7 @@ impl Header {
                 bit_names(unknown, FeatureKind::Incompatible, &feature_table),
             ));
         }
-        if incompat & INCOMPAT_EXTERNAL_DATA != 0 {
+        if incompat & Incompatible::EXTERNAL_DATA.bits() != 0 {
             return Err(FormatError::new(
                 "images with an external data file are not supported",
                 72,
@@ -503,14 +533,15 @@ impl Header {
                 ))
             }
         };
-        if (compression_type != CompressionType::Deflate) != (incompat & INCOMPAT_COMPRESSION != 0)
+        if (compression_type != CompressionType::Deflate)
+            != (incompat & Incompatible::COMPRESSION.bits() != 0)
         {
             return Err(FormatError::new(
                 "compression type bit and compression_type field disagree",
                 72,
             ));
         }
-        let extended_l2 = incompat & INCOMPAT_EXTENDED_L2 != 0;
+        let extended_l2 = incompat & Incompatible::EXTENDED_L2.bits() != 0;
         let geometry = Geometry::new(cluster_bits, extended_l2)?;
 
         // Backing file name.
@@ -657,9 +688,9 @@ impl Header {
             refcount_table_clusters,
             nb_snapshots,
             snapshots_offset,
-            incompatible_features: incompat,
-            compatible_features: compat,
-            autoclear_features: autoclear,
+            incompatible_features: Incompatible::from_bits_retain(incompat),
+            compatible_features: Compatible::from_bits_retain(compat),
+            autoclear_features: Autoclear::from_bits_retain(autoclear),
             refcount_order,
             header_length,
             compression_type,
@@ -683,19 +714,21 @@ impl Header {
     }
     /// Whether L2 entries are extended.
     pub fn extended_l2(&self) -> bool {
-        self.incompatible_features & INCOMPAT_EXTENDED_L2 != 0
+        self.incompatible_features
+            .contains(Incompatible::EXTENDED_L2)
     }
     /// Whether the dirty bit is set.
     pub fn dirty(&self) -> bool {
-        self.incompatible_features & INCOMPAT_DIRTY != 0
+        self.incompatible_features.contains(Incompatible::DIRTY)
     }
     /// Whether the corrupt bit is set.
     pub fn corrupt(&self) -> bool {
-        self.incompatible_features & INCOMPAT_CORRUPT != 0
+        self.incompatible_features.contains(Incompatible::CORRUPT)
     }
     /// Whether lazy refcounts are enabled.
     pub fn lazy_refcounts(&self) -> bool {
-        self.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+        self.compatible_features
+            .contains(Compatible::LAZY_REFCOUNTS)
     }
     /// The backing format named by the backing format extension.
     pub fn backing_format(&self) -> Option<&str> {
@@ -752,9 +785,9 @@ impl Header {
             refcount_table_clusters: self.refcount_table_clusters.into(),
             nb_snapshots: self.nb_snapshots.into(),
             snapshots_offset: self.snapshots_offset.into(),
-            incompatible_features: self.incompatible_features.into(),
-            compatible_features: self.compatible_features.into(),
-            autoclear_features: self.autoclear_features.into(),
+            incompatible_features: self.incompatible_features.bits().into(),
+            compatible_features: self.compatible_features.bits().into(),
+            autoclear_features: self.autoclear_features.bits().into(),
             refcount_order: self.refcount_order.into(),
             header_length: self.header_length.into(),
         };
@@ -991,6 +1024,32 @@ mod tests {
         assert_eq!(h.refcount_order, 4);
         assert_eq!(h.header_length, 72);
         assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+    }
+
+    #[test]
+    fn feature_bits_are_typed_and_unknown_ones_survive_encode() {
+        let mut b = v3_bytes();
+        // Incompatible: dirty; compatible: lazy refcounts and unknown bit
+        // 7; autoclear: bitmaps and unknown bit 5.
+        b[72..80].copy_from_slice(&1u64.to_be_bytes());
+        b[80..88].copy_from_slice(&(1u64 | 1 << 7).to_be_bytes());
+        b[88..96].copy_from_slice(&(1u64 | 1 << 5).to_be_bytes());
+        let h = Header::parse(&b).unwrap();
+        assert!(h.dirty() && !h.corrupt());
+        assert_eq!(h.incompatible_features, Incompatible::DIRTY);
+        assert!(h.lazy_refcounts());
+        assert_eq!(h.compatible_features.bits(), 1 | 1 << 7);
+        assert!(h.autoclear_features.contains(Autoclear::BITMAPS));
+        assert!(!h.autoclear_features.contains(Autoclear::DATA_FILE_RAW));
+        let out = h.encode().unwrap();
+        assert_eq!(out[72..96], b[72..96]);
+        // Clearing a known bit keeps the unknown one.
+        let mut h = h;
+        h.autoclear_features.remove(Autoclear::BITMAPS);
+        h.incompatible_features.insert(Incompatible::CORRUPT);
+        let out = h.encode().unwrap();
+        assert_eq!(out[88..96], (1u64 << 5).to_be_bytes());
+        assert_eq!(out[72..80], 3u64.to_be_bytes());
     }
 
     #[test]

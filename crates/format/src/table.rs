@@ -30,7 +30,7 @@ impl L1Entry {
     pub fn l2_offset(self) -> Option<HostOffset> {
         match self.0 & OFFSET_MASK {
             0 => None,
-            o => Some(HostOffset(o)),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// Whether the COPIED flag is set.
@@ -43,7 +43,7 @@ impl L1Entry {
     }
     /// An entry pointing at `l2` with the COPIED flag as given.
     pub fn new(l2: HostOffset, copied: bool) -> L1Entry {
-        L1Entry((l2.0 & OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 })
+        L1Entry((l2.get() & OFFSET_MASK) | if copied { OFLAG_COPIED } else { 0 })
     }
 }
 
@@ -68,7 +68,7 @@ impl CompressedDescriptor {
         let offset = entry & ((1u64 << shift) - 1);
         let sectors = ((entry >> shift) & ((1u64 << sector_bits) - 1)) + 1;
         CompressedDescriptor {
-            offset: HostOffset(offset),
+            offset: HostOffset::new(offset),
             len: sectors * 512 - (offset & 511),
         }
     }
@@ -78,23 +78,23 @@ impl CompressedDescriptor {
     pub fn encode(offset: HostOffset, len: u64, cluster_bits: u32) -> Option<u64> {
         let sector_bits = cluster_bits - 8;
         let shift = 62 - sector_bits;
-        if offset.0 >> shift != 0 || len == 0 {
+        if offset.get() >> shift != 0 || len == 0 {
             return None;
         }
-        let last = offset.0.checked_add(len - 1)?;
-        let sectors = (last >> 9) - (offset.0 >> 9);
+        let last = offset.get().checked_add(len - 1)?;
+        let sectors = (last >> 9) - (offset.get() >> 9);
         if sectors >> sector_bits != 0 {
             return None;
         }
-        Some(OFLAG_COMPRESSED | (sectors << shift) | offset.0)
+        Some(OFLAG_COMPRESSED | (sectors << shift) | offset.get())
     }
 
     /// The host clusters the compressed bytes touch (first and last index,
     /// inclusive), for refcounting.
     pub fn host_clusters(&self, geometry: Geometry) -> (u64, u64) {
-        let first = self.offset.0 >> geometry.cluster_bits();
+        let first = self.offset.get() >> geometry.cluster_bits();
         let last =
-            self.offset.0.saturating_add(self.len.saturating_sub(1)) >> geometry.cluster_bits();
+            self.offset.get().saturating_add(self.len.saturating_sub(1)) >> geometry.cluster_bits();
         (first, last)
     }
 }
@@ -170,6 +170,76 @@ impl L2Entry {
         Ok(())
     }
 
+    /// A standard entry for an uncompressed cluster at `host` (`None`: the
+    /// cluster is still to be allocated; [`L2Entry::with_host`] fills it
+    /// in), with the COPIED flag as given. Extended entries start with no
+    /// subcluster allocated ([`L2Entry::with_subclusters`]).
+    pub fn data(host: Option<HostOffset>, copied: bool) -> L2Entry {
+        let host = host.map_or(0, |h| h.get() & OFFSET_MASK);
+        L2Entry {
+            word: host | if copied { OFLAG_COPIED } else { 0 },
+            bitmap: 0,
+        }
+    }
+
+    /// A standard (v3) zero entry with no host cluster: reads as zeros.
+    pub fn zero() -> L2Entry {
+        L2Entry::default().with_zero_flag()
+    }
+
+    /// A compressed entry for `len` compressed bytes at `offset`; `None`
+    /// when the descriptor cannot represent them.
+    pub fn compressed_at(offset: HostOffset, len: u64, geometry: Geometry) -> Option<L2Entry> {
+        let word = CompressedDescriptor::encode(offset, len, geometry.cluster_bits())?;
+        Some(L2Entry { word, bitmap: 0 })
+    }
+
+    /// This entry pointing at the host cluster `host` (flags kept).
+    pub fn with_host(self, host: HostOffset) -> L2Entry {
+        L2Entry {
+            word: (self.word & !OFFSET_MASK) | (host.get() & OFFSET_MASK),
+            ..self
+        }
+    }
+
+    /// This entry with the COPIED flag as given.
+    pub fn with_copied(self, copied: bool) -> L2Entry {
+        let word = self.word & !OFLAG_COPIED;
+        L2Entry {
+            word: word | if copied { OFLAG_COPIED } else { 0 },
+            ..self
+        }
+    }
+
+    /// A standard entry with the zero flag added (host and COPIED kept:
+    /// a preallocated zero cluster when it has a host).
+    pub fn with_zero_flag(self) -> L2Entry {
+        L2Entry {
+            word: self.word | OFLAG_ZERO,
+            ..self
+        }
+    }
+
+    /// An extended entry with the subcluster bitmap set: bit `i` of
+    /// `alloc` marks subcluster `i` allocated, of `zero` reading as zeros
+    /// (the first word is kept).
+    pub fn with_subclusters(self, alloc: u32, zero: u32) -> L2Entry {
+        L2Entry {
+            word: self.word,
+            bitmap: u64::from(alloc) | (u64::from(zero) << 32),
+        }
+    }
+
+    /// Extended L2: the subclusters marked allocated (bits 0-31).
+    pub fn alloc_bits(&self) -> u32 {
+        self.bitmap as u32
+    }
+
+    /// Extended L2: the subclusters marked as reading zeros (bits 32-63).
+    pub fn zero_bits(&self) -> u32 {
+        (self.bitmap >> 32) as u32
+    }
+
     /// Whether the cluster is compressed.
     pub fn compressed(&self) -> bool {
         self.word & OFLAG_COMPRESSED != 0
@@ -186,7 +256,7 @@ impl L2Entry {
         }
         match self.word & OFFSET_MASK {
             0 => None,
-            o => Some(HostOffset(o)),
+            o => Some(HostOffset::new(o)),
         }
     }
     /// The compressed descriptor of a compressed entry.
@@ -210,7 +280,7 @@ impl L2Entry {
             return Ok(());
         }
         let host = self.host_cluster();
-        if host.is_some_and(|h| !geometry.is_aligned(h.0)) {
+        if host.is_some_and(|h| !geometry.is_aligned(h.get())) {
             return Err("cluster offset not aligned to the cluster size");
         }
         if !geometry.extended_l2() {
@@ -242,7 +312,7 @@ impl L2Entry {
         }
         let host = self.host_cluster();
         if let Some(h) = host {
-            if !geometry.is_aligned(h.0) {
+            if !geometry.is_aligned(h.get()) {
                 return Err("cluster offset not aligned to the cluster size");
             }
         }
@@ -264,7 +334,7 @@ impl L2Entry {
             (_, true, true) => Err("subcluster both allocated and zero"),
             (None, true, false) => Err("subcluster allocated in an unallocated cluster"),
             (Some(h), true, false) => Ok(SubclusterState::Data {
-                host: HostOffset(h.0 + u64::from(sc) * geometry.subcluster_size()),
+                host: HostOffset::new(h.get() + u64::from(sc) * geometry.subcluster_size()),
             }),
             (host, false, true) => Ok(SubclusterState::Zero { host }),
             (_, false, false) => Ok(SubclusterState::Unallocated),
@@ -323,10 +393,54 @@ mod tests {
     }
 
     #[test]
+    fn l2_entry_constructors_decode_to_the_states_they_name() {
+        let std = g(16, false);
+        let ext = g(16, true);
+        let h = HostOffset::new(0x50000);
+        let d = L2Entry::data(Some(h), true);
+        assert_eq!(d.state(std, 0), Ok(SubclusterState::Data { host: h }));
+        assert!(d.copied());
+        assert_eq!(d.word, OFLAG_COPIED | 0x50000);
+        assert!(!L2Entry::data(Some(h), false).copied());
+        // Not yet allocated, then given its host.
+        let fresh = L2Entry::data(None, true);
+        assert_eq!(fresh.host_cluster(), None);
+        assert_eq!(fresh.with_host(h), d);
+        assert_eq!(
+            L2Entry::zero().state(std, 0),
+            Ok(SubclusterState::Zero { host: None })
+        );
+        assert_eq!(
+            d.with_zero_flag().state(std, 0),
+            Ok(SubclusterState::Zero { host: Some(h) })
+        );
+        assert_eq!(d.with_copied(false).with_copied(true), d);
+        assert_eq!(d.with_copied(false).word, 0x50000);
+        // Extended: subcluster 0 data, 1 zero, 2 unallocated.
+        let x = L2Entry::data(Some(h), true).with_subclusters(0b01, 0b10);
+        assert_eq!((x.alloc_bits(), x.zero_bits()), (0b01, 0b10));
+        assert_eq!(x.state(ext, 0), Ok(SubclusterState::Data { host: h }));
+        assert_eq!(x.state(ext, 1), Ok(SubclusterState::Zero { host: Some(h) }));
+        assert_eq!(x.state(ext, 2), Ok(SubclusterState::Unallocated));
+        assert_eq!(x.bitmap, 0b01 | (0b10 << 32));
+        // Compressed: the descriptor round-trips; unrepresentable is None.
+        let c = L2Entry::compressed_at(HostOffset::new(0x60200), 1000, std).unwrap();
+        assert!(c.compressed());
+        assert_eq!(
+            c.compressed_descriptor(std).map(|d| d.offset),
+            Some(HostOffset::new(0x60200))
+        );
+        assert_eq!(
+            L2Entry::compressed_at(HostOffset::new(0x60200), 0, std),
+            None
+        );
+    }
+
+    #[test]
     fn l1_entry_exposes_offset_and_copied() {
         // 0x8000_0000_0003_0000: COPIED, L2 table at 0x30000.
         let e = L1Entry(0x8000_0000_0003_0000);
-        assert_eq!(e.l2_offset(), Some(HostOffset(0x30000)));
+        assert_eq!(e.l2_offset(), Some(HostOffset::new(0x30000)));
         assert!(e.copied());
         assert!(!e.has_reserved_bits());
         assert_eq!(L1Entry(0).l2_offset(), None);
@@ -343,7 +457,7 @@ mod tests {
         assert_eq!(
             data.state(geo, 0),
             Ok(SubclusterState::Data {
-                host: HostOffset(0x50000)
+                host: HostOffset::new(0x50000)
             })
         );
         assert_eq!(
@@ -361,7 +475,7 @@ mod tests {
             }
             .state(geo, 0),
             Ok(SubclusterState::Zero {
-                host: Some(HostOffset(0x60000))
+                host: Some(HostOffset::new(0x60000))
             })
         );
         assert!(L2Entry {
@@ -375,7 +489,7 @@ mod tests {
     #[test]
     fn compressed_descriptor_round_trips() {
         for bits in [9u32, 12, 16, 21] {
-            let off = HostOffset(0x12345);
+            let off = HostOffset::new(0x12345);
             let n = 1000.min(1u64 << bits);
             let w = CompressedDescriptor::encode(off, n, bits).unwrap();
             let e = L2Entry { word: w, bitmap: 0 };
@@ -391,7 +505,7 @@ mod tests {
         // cluster_bits 16: x = 62 - 8 = 54; 3 additional sectors, offset 0x10200.
         let word = OFLAG_COMPRESSED | (3u64 << 54) | 0x10200;
         let d = CompressedDescriptor::decode(word & !OFLAG_COMPRESSED, 16);
-        assert_eq!(d.offset, HostOffset(0x10200));
+        assert_eq!(d.offset, HostOffset::new(0x10200));
         assert_eq!(d.len, 4 * 512);
     }
 
@@ -406,13 +520,13 @@ mod tests {
         assert_eq!(
             e.state(geo, 0),
             Ok(SubclusterState::Data {
-                host: HostOffset(0x40000)
+                host: HostOffset::new(0x40000)
             })
         );
         assert_eq!(
             e.state(geo, 1),
             Ok(SubclusterState::Zero {
-                host: Some(HostOffset(0x40000))
+                host: Some(HostOffset::new(0x40000))
             })
         );
         assert_eq!(e.state(geo, 2), Ok(SubclusterState::Unallocated));

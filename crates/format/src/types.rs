@@ -3,15 +3,26 @@
 use crate::error::{FormatError, Result};
 use crate::limits;
 
-/// An offset in the guest's view of the disk (the virtual disk).
+/// An offset in the guest's view of the disk (the virtual disk). Opaque:
+/// built with [`GuestOffset::new`], read with [`GuestOffset::get`], and
+/// turned into table indices by [`Geometry`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct GuestOffset(pub u64);
+pub struct GuestOffset(u64);
 
-/// An offset in an image file (where bytes live on the host).
+/// An offset in an image file (where bytes live on the host). Opaque:
+/// built with [`HostOffset::new`], read with [`HostOffset::get`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct HostOffset(pub u64);
+pub struct HostOffset(u64);
 
 impl GuestOffset {
+    /// The guest offset `offset`.
+    pub const fn new(offset: u64) -> GuestOffset {
+        GuestOffset(offset)
+    }
+    /// The offset in bytes.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
     /// `self + n`, or `None` on overflow.
     pub fn checked_add(self, n: u64) -> Option<GuestOffset> {
         self.0.checked_add(n).map(GuestOffset)
@@ -19,6 +30,14 @@ impl GuestOffset {
 }
 
 impl HostOffset {
+    /// The host offset `offset`.
+    pub const fn new(offset: u64) -> HostOffset {
+        HostOffset(offset)
+    }
+    /// The offset in bytes.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
     /// `self + n`, or `None` on overflow.
     pub fn checked_add(self, n: u64) -> Option<HostOffset> {
         self.0.checked_add(n).map(HostOffset)
@@ -113,6 +132,23 @@ impl Geometry {
     pub const fn l2_index(&self, g: GuestOffset) -> u64 {
         (g.0 >> self.cluster_bits) & (self.l2_entries() - 1)
     }
+    /// Index of the host cluster holding `h`.
+    pub const fn cluster_index(&self, h: HostOffset) -> u64 {
+        h.0 >> self.cluster_bits
+    }
+    /// Host offset of the first byte of host cluster `index`.
+    pub const fn cluster_start(&self, index: u64) -> HostOffset {
+        HostOffset(index << self.cluster_bits)
+    }
+    /// Index of the guest cluster holding `g`.
+    pub const fn guest_cluster(&self, g: GuestOffset) -> u64 {
+        g.0 >> self.cluster_bits
+    }
+    /// Index inside its cluster of the subcluster holding `g` (0 without
+    /// extended L2).
+    pub const fn subcluster_index(&self, g: GuestOffset) -> u32 {
+        (self.in_cluster(g.0) / self.subcluster_size()) as u32
+    }
     /// Offset of `g` inside its cluster.
     pub const fn in_cluster(&self, g: u64) -> u64 {
         g & (self.cluster_size() - 1)
@@ -142,6 +178,24 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_geometry_methods_split_offsets_into_indices() {
+        let g = Geometry::new(16, true).unwrap();
+        // Extended entries are 16 bytes: 4096 per table, 256 MiB each.
+        assert_eq!(g.l2_span(), 1 << 28);
+        let guest = GuestOffset::new((3 << 28) + (5 << 16) + 0x1234);
+        assert_eq!(g.l1_index(guest), 3);
+        assert_eq!(g.l2_index(guest), 5);
+        assert_eq!(g.guest_cluster(guest), (3 << 12) + 5);
+        assert_eq!(g.in_cluster(guest.get()), 0x1234);
+        // 2 KiB subclusters: 0x1234 is in subcluster 2.
+        assert_eq!(g.subcluster_index(guest), 2);
+        let host = HostOffset::new(0x7_0000 + 17);
+        assert_eq!(g.cluster_index(host), 7);
+        assert_eq!(g.cluster_start(7), HostOffset::new(0x7_0000));
+        assert_eq!(Geometry::new(16, false).unwrap().subcluster_index(guest), 0);
+    }
 
     #[test]
     fn standard_64k_geometry_maps_512_mib_per_l2_table() {

@@ -197,7 +197,7 @@ impl BlockStatusIter<'_> {
             }
             Mapping::Zero { host } => BlockStatus {
                 zero: true,
-                offset: host.map(|h| h.0),
+                offset: host.map(|h| h.get()),
                 ..base
             },
             Mapping::Data { host } => {
@@ -214,8 +214,8 @@ impl BlockStatusIter<'_> {
                     let (data, run) = layer
                         .image
                         .storage()
-                        .data_run(host.0, len)
-                        .map_err(|e| Error::io(&layer.path, "seek data/hole", host.0, e))?;
+                        .data_run(host.get(), len)
+                        .map_err(|e| Error::io(&layer.path, "seek data/hole", host.get(), e))?;
                     length = run.clamp(1, len);
                     zero = !data;
                 }
@@ -223,7 +223,7 @@ impl BlockStatusIter<'_> {
                     length,
                     zero,
                     data: true,
-                    offset: Some(host.0),
+                    offset: Some(host.get()),
                     ..base
                 }
             }
@@ -253,7 +253,7 @@ fn empty_l1_run(layers: &[Layer], scans: &mut [(usize, usize)], pos: u64, max: u
         let geo = q.geometry();
         let span = geo.l2_span();
         let l1 = q.l1();
-        let first = usize::try_from(geo.l1_index(GuestOffset(pos))).ok()?;
+        let first = usize::try_from(geo.l1_index(GuestOffset::new(pos))).ok()?;
         let next = if scan.0 <= first && first < scan.1 {
             scan.1
         } else {
@@ -282,17 +282,17 @@ fn host_in_cluster(layer: &Layer, g: u64) -> Result<(Option<u64>, Option<u64>)> 
         return Ok((None, None));
     };
     let geo = q.geometry();
-    let l1i = geo.l1_index(GuestOffset(g));
+    let l1i = geo.l1_index(GuestOffset::new(g));
     let Some((_, table)) = q.l2_for(l1i)? else {
         return Ok((None, Some((l1i + 1).saturating_mul(geo.l2_span()))));
     };
-    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset(g))).map_err(|source| {
+    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset::new(g))).map_err(|source| {
         Error::Format {
             path: layer.path.clone(),
             source,
         }
     })?;
-    Ok((e.host_cluster().map(|h| h.0 + geo.in_cluster(g)), None))
+    Ok((e.host_cluster().map(|h| h.get() + geo.in_cluster(g)), None))
 }
 
 /// The extent at `start` (at most `len` bytes) that `layer` at `depth`

@@ -131,8 +131,8 @@ impl Image {
             return Ok(None);
         };
         self.storage()
-            .mapped(host.0, len)
-            .map_err(|e| Error::io(self.path(), "map data", host.0, e))
+            .mapped(host.get(), len)
+            .map_err(|e| Error::io(self.path(), "map data", host.get(), e))
     }
     /// The backing file name and format recorded in the image.
     pub fn backing(&self) -> (Option<&str>, Option<&str>) {

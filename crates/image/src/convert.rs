@@ -728,7 +728,7 @@ fn offload_range(
         Image::Raw(r) => {
             r.check_range(at, s.length)?;
             r.storage()
-                .copy_range_from(src, host.0, s.length, at)
+                .copy_range_from(src, host.get(), s.length, at)
                 .map_err(|e| Error::io(&path, "copy data", at, e))?;
             Ok(Some((s.end(), s.end())))
         }
@@ -740,7 +740,7 @@ fn offload_range(
             if geo.extended_l2() || b <= a {
                 return Ok(None);
             }
-            q.write_range_from(a, b - a, src, host.0 + (a - at))?;
+            q.write_range_from(a, b - a, src, host.get() + (a - at))?;
             // The head is copied by the caller now, the tail next.
             if at < a {
                 let head = (s.start, a - base);

@@ -4,9 +4,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use strata_format::header::{
-    FeatureKind, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2,
-};
+use strata_format::header::{Autoclear, Compatible, FeatureKind, Incompatible};
 use strata_format::{limits, CompressionType, Extension, FeatureName, Geometry, Header};
 
 use crate::chain::ImageFormat;
@@ -245,12 +243,12 @@ fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<Vec<u8>> {
     let geo = opts.validate()?;
     let cs = geo.cluster_size();
     let order = opts.refcount_bits.trailing_zeros();
-    let mut incompat = 0;
+    let mut incompat = Incompatible::empty();
     if opts.extended_l2 {
-        incompat |= INCOMPAT_EXTENDED_L2;
+        incompat |= Incompatible::EXTENDED_L2;
     }
     if opts.compression_type != CompressionType::Deflate {
-        incompat |= INCOMPAT_COMPRESSION;
+        incompat |= Incompatible::COMPRESSION;
     }
     let mut extensions = Vec::new();
     if let Some((_, fmt)) = &opts.backing {
@@ -274,11 +272,11 @@ fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<Vec<u8>> {
         snapshots_offset: 0,
         incompatible_features: incompat,
         compatible_features: if opts.lazy_refcounts {
-            COMPAT_LAZY_REFCOUNTS
+            Compatible::LAZY_REFCOUNTS
         } else {
-            0
+            Compatible::empty()
         },
-        autoclear_features: 0,
+        autoclear_features: Autoclear::empty(),
         refcount_order: order,
         header_length: if opts.compat_v2 {
             limits::V2_HEADER_LEN

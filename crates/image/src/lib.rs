@@ -131,13 +131,9 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub(crate) mod alloc;
-pub mod amend;
 pub mod backing;
-pub mod bitmap;
 pub mod block_status;
 pub mod chain;
-pub mod check;
 pub mod compress;
 pub mod convert;
 pub mod create;
@@ -145,12 +141,9 @@ pub mod error;
 pub mod lock;
 pub mod mapping;
 pub mod qcow2;
+pub use qcow2::{amend, bitmap, check, repair, resize, snapshot_internal, write};
 pub mod raw;
-pub mod repair;
-pub mod resize;
-pub mod snapshot_internal;
 pub mod storage;
-pub mod write;
 
 pub use backing::{set_backing_file, FileId};
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};

@@ -29,10 +29,10 @@ impl Mapping {
     pub fn advance(self, delta: u64) -> Mapping {
         match self {
             Mapping::Data { host } => Mapping::Data {
-                host: HostOffset(host.0 + delta),
+                host: HostOffset::new(host.get() + delta),
             },
             Mapping::Zero { host: Some(h) } => Mapping::Zero {
-                host: Some(HostOffset(h.0 + delta)),
+                host: Some(HostOffset::new(h.get() + delta)),
             },
             m => m,
         }
@@ -45,10 +45,10 @@ impl Mapping {
             (Mapping::Unallocated, Mapping::Unallocated) => true,
             (Mapping::Zero { host: None }, Mapping::Zero { host: None }) => true,
             (Mapping::Zero { host: Some(a) }, Mapping::Zero { host: Some(b) }) => {
-                a.0.checked_add(len) == Some(b.0)
+                a.get().checked_add(len) == Some(b.get())
             }
             (Mapping::Data { host: a }, Mapping::Data { host: b }) => {
-                a.0.checked_add(len) == Some(b.0)
+                a.get().checked_add(len) == Some(b.get())
             }
             _ => false,
         }

@@ -57,10 +57,10 @@ impl RawImage {
             .storage
             .data_run(start, len)
             .map_err(|e| Error::io(&self.path, "seek data", start, e))?;
-        let host = Some(HostOffset(start));
+        let host = Some(HostOffset::new(start));
         let mapping = if data {
             Mapping::Data {
-                host: HostOffset(start),
+                host: HostOffset::new(start),
             }
         } else {
             Mapping::Zero { host }

@@ -184,10 +184,10 @@ fn write_u64(img: &Path, off: u64, v: u64) {
 fn l2_entry_offset(img: &Path, g: u64) -> u64 {
     let q = open(img);
     let geo = q.geometry();
-    let l1i = geo.l1_index(strata_format::GuestOffset(g));
+    let l1i = geo.l1_index(strata_format::GuestOffset::new(g));
     let l2 = q.l1()[l1i as usize] & OFFSET_MASK;
     assert_ne!(l2, 0, "no L2 table for {g:#x}");
-    l2 + geo.l2_index(strata_format::GuestOffset(g)) * geo.l2_entry_size()
+    l2 + geo.l2_index(strata_format::GuestOffset::new(g)) * geo.l2_entry_size()
 }
 
 /// Sets the stored refcount of host cluster `ci` (its refcount block must
@@ -502,8 +502,8 @@ fn randomly_damaged_metadata_never_panics_and_agrees_with_qemu() {
     while g < q.virtual_size() {
         let e = q.map(g, q.virtual_size() - g).unwrap();
         if let strata_image::Mapping::Data { host } = e.mapping {
-            let mut h = host.0;
-            while h < host.0 + e.len {
+            let mut h = host.get();
+            while h < host.get() + e.len {
                 data.insert(h / cs);
                 h += cs;
             }

@@ -147,10 +147,10 @@ pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usi
         return Ok(None);
     };
     let n = r.extent.len.min(want) / unit * unit;
-    if n == 0 || !host.0.is_multiple_of(g) || !dst.clones_from(layer.image.storage()) {
+    if n == 0 || !host.get().is_multiple_of(g) || !dst.clones_from(layer.image.storage()) {
         return Ok(None);
     }
-    Ok(Some((r.depth, host.0, n)))
+    Ok(Some((r.depth, host.get(), n)))
 }
 
 /// How much a file is expected to grow.
@@ -543,13 +543,13 @@ pub(crate) fn check_inside(
     op: &'static str,
 ) -> Result<()> {
     if let Mapping::Data { host } = r.extent.mapping {
-        if host.0.saturating_add(r.extent.len) > file_len {
+        if host.get().saturating_add(r.extent.len) > file_len {
             return Err(MergeError::Refused {
                 path: layer.path.clone(),
                 op,
                 why: format!(
                     "damaged image: guest range {:#x}+{:#x} points at host offset {:#x}, past the end of the file ({file_len} bytes); run `strata check`",
-                    r.extent.start, r.extent.len, host.0
+                    r.extent.start, r.extent.len, host.get()
                 ),
             });
         }

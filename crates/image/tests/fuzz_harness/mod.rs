@@ -182,10 +182,15 @@ pub fn l2_refcount(data: &[u8]) {
     }
     let off = r.u64();
     let len = r.u64();
-    if let Some(w) = CompressedDescriptor::encode(strata_format::HostOffset(off), len, cluster_bits)
+    if let Some(w) =
+        CompressedDescriptor::encode(strata_format::HostOffset::new(off), len, cluster_bits)
     {
         let back = CompressedDescriptor::decode(w & !(3u64 << 62), cluster_bits);
-        assert_eq!(back.offset.0, off, "descriptor offset does not round-trip");
+        assert_eq!(
+            back.offset.get(),
+            off,
+            "descriptor offset does not round-trip"
+        );
         assert!(back.len >= len, "descriptor shorter than what was encoded");
     }
     // An L2 table built from the rest: read every entry, write it back.

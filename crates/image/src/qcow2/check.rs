@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 
 use strata_format::bitmap::{self, BitmapTableEntry};
-use strata_format::header::AUTOCLEAR_BITMAPS;
+use strata_format::header::Autoclear;
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use strata_format::snapshot;
 use strata_format::table::{
@@ -586,7 +586,7 @@ impl<'a> Checker<'a> {
                     fx.problems.push(format!(
                         "ERROR: coffset={:#x}: copied flag must never be set for compressed \
                          clusters",
-                        d.offset.0
+                        d.offset.get()
                     ));
                 }
                 if l2_bitmap != 0 {
@@ -597,7 +597,7 @@ impl<'a> Checker<'a> {
                     ));
                     continue;
                 }
-                fx.refs.push((d.offset.0, d.len));
+                fx.refs.push((d.offset.get(), d.len));
                 fx.allocated += 1;
                 fx.compressed += 1;
                 fx.fragmented += 1;
@@ -686,7 +686,7 @@ impl<'a> Checker<'a> {
         };
         // Without the autoclear bit QEMU ignores the extension (the
         // bitmaps' clusters then show up as leaks).
-        if h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        if !h.autoclear_features.contains(Autoclear::BITMAPS) {
             return Ok(true);
         }
         // QEMU refuses to open such an image at all.

@@ -32,19 +32,18 @@
 //!   them, but their clusters are freed (QEMU leaks them).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use strata_format::header::{
-    CompressionType, Extension, FeatureKind, FeatureName, COMPAT_LAZY_REFCOUNTS,
-    INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+    Autoclear, Compatible, CompressionType, Extension, FeatureKind, FeatureName, Incompatible,
 };
 use strata_format::refcount;
-use strata_format::table::{OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use strata_format::table::OFLAG_ZERO;
+use strata_format::HostOffset;
 use strata_format::{L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::Meta;
 use crate::chain::{Chain, Image, OpenOptions};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Meta;
 use crate::qcow2::Qcow2Image;
 use crate::resize::{resize_chain, ResizePrealloc};
 
@@ -257,9 +256,9 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
             // Off on a dirty image: begin_write already rebuilt its
             // refcounts (QEMU's qcow2_mark_clean).
             if on {
-                img.header.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+                img.header.compatible_features |= Compatible::LAZY_REFCOUNTS;
             } else {
-                img.header.compatible_features &= !COMPAT_LAZY_REFCOUNTS;
+                img.header.compatible_features &= !Compatible::LAZY_REFCOUNTS;
             }
             img.write_header()?;
             img.sync()?;
@@ -360,9 +359,9 @@ fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefu
         if bad_snapshot {
             return Ok(Some(AmendRefusal::DowngradeSnapshots));
         }
-        let left = h.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION);
-        if left != 0 {
-            return Ok(Some(AmendRefusal::DowngradeIncompatible(left)));
+        let left = h.incompatible_features & !(Incompatible::DIRTY | Incompatible::COMPRESSION);
+        if !left.is_empty() {
+            return Ok(Some(AmendRefusal::DowngradeIncompatible(left.bits())));
         }
         if h.compression_type != CompressionType::Deflate && has_compressed_clusters(img)? {
             return Ok(Some(AmendRefusal::DowngradeZstd));
@@ -408,9 +407,9 @@ fn refcount_over(img: &mut Qcow2Image, order: u32) -> Result<Option<AmendRefusal
     let max = refcount::max_refcount(order);
     let cb = img.geometry.cluster_bits();
     let clusters = img.storage_len()?.div_ceil(img.geometry.cluster_size());
-    let (storage, ws, path) = img.split()?;
+    let ws = img.ws()?;
     for ci in 0..clusters {
-        let r = ws.refcounts.get(storage, path, ci)?;
+        let r = ws.refcount(ci)?;
         if r > max {
             return Ok(Some(AmendRefusal::RefcountTooLarge {
                 bits: 1 << order,
@@ -430,7 +429,7 @@ fn has_compressed_clusters(img: &Qcow2Image) -> Result<bool> {
         let Some(off) = L1Entry(e).l2_offset() else {
             continue;
         };
-        let table = img.l2_table(off.0)?;
+        let table = img.l2_table(off.get())?;
         for i in 0..geo.l2_entries() {
             let entry = L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
                 path: img.path.clone(),
@@ -519,9 +518,9 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
     h.header_length = 112;
     h.compression_type = CompressionType::Deflate;
     h.extra = vec![0; 112 - 105];
-    h.incompatible_features = 0;
-    h.compatible_features = 0;
-    h.autoclear_features = 0;
+    h.incompatible_features = Incompatible::empty();
+    h.compatible_features = Compatible::empty();
+    h.autoclear_features = Autoclear::empty();
     h.refcount_order = 4;
     // QEMU writes the feature name table only with clusters over 4 KiB
     // (in 512-byte clusters it would leave no room for a backing name).
@@ -552,7 +551,8 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
         let at = img.alloc_contiguous(n, "the snapshot table")?;
         let mut padded = bytes.clone();
         padded.resize((n * cs) as usize, 0);
-        img.write_bytes(&padded, at, "write snapshot table")?;
+        img.writer()?
+            .write_metadata(&padded, at, "write snapshot table")?;
         // The new table and the refcounts that count it are durable
         // before the header points at it.
         img.barrier()?;
@@ -573,7 +573,7 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
         if old_len > 0 {
             let first = old_off >> cb;
             let last = (old_off + old_len - 1) >> cb;
-            img.split()?.1.pending_frees.extend(first..=last);
+            img.ws()?.free_later(first..=last);
         }
         img.load_metadata_map()?;
         // The header switch is durable: the old table's clusters may go.
@@ -629,9 +629,9 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
     }
     h.version = 2;
     h.header_length = strata_format::limits::V2_HEADER_LEN;
-    h.incompatible_features = 0;
-    h.compatible_features = 0;
-    h.autoclear_features = 0;
+    h.incompatible_features = Incompatible::empty();
+    h.compatible_features = Compatible::empty();
+    h.autoclear_features = Autoclear::empty();
     h.compression_type = CompressionType::Deflate;
     h.extra = Vec::new();
     h.extensions
@@ -646,7 +646,7 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
         // clusters free and writes the v2 header in the same single
         // header write that switches to the new refcount structures.
         if let Some(ws) = img.rw.as_deref_mut() {
-            ws.bitmaps = None;
+            ws.set_bitmaps(None);
         }
         crate::repair::rebuild_refcounts(img)?;
     } else {
@@ -666,8 +666,8 @@ fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
     let mut add = |l1: &[u64]| {
         for e in l1 {
             if let Some(off) = L1Entry(*e).l2_offset() {
-                if seen.insert(off.0) {
-                    out.push(off.0);
+                if seen.insert(off.get()) {
+                    out.push(off.get());
                 }
             }
         }
@@ -716,7 +716,8 @@ fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Resu
             len += cs;
             i += 1;
         }
-        img.write_bytes(&zeros[..len as usize], start, "write zero clusters")?;
+        img.writer()?
+            .write_data(&zeros[..len as usize], start, "write zero clusters")?;
     }
     Ok(())
 }
@@ -748,11 +749,11 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             })?;
             match state {
                 SubclusterState::Data { host } => {
-                    data_clusters.insert(host.0 >> cb);
+                    data_clusters.insert(host.get() >> cb);
                 }
                 SubclusterState::Zero { host: None } if has_backing => work.push((i, Expand::New)),
                 SubclusterState::Zero { host: None } => work.push((i, Expand::Drop)),
-                SubclusterState::Zero { host: Some(h) } => work.push((i, Expand::InPlace(h.0))),
+                SubclusterState::Zero { host: Some(h) } => work.push((i, Expand::InPlace(h.get()))),
                 _ => {}
             }
         }
@@ -794,10 +795,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
     }
     let zeros = vec![0u8; ZERO_RUN.max(cs) as usize];
     for (toff, work) in plans {
-        let l2_refs = {
-            let (storage, ws, path) = img.split()?;
-            ws.refcounts.get(storage, path, toff >> cb)?
-        };
+        let l2_refs = img.ws()?.refcount(toff >> cb)?;
         let mut table = img.l2_table(toff)?.as_ref().clone();
         // Host clusters to fill with zeros, written in runs.
         let mut fill = Vec::new();
@@ -807,8 +805,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             let x = match x {
                 Expand::Relocate(h) => {
                     // Loaded (and validated) now, before any entry changes.
-                    let (storage, ws, path) = img.split()?;
-                    ws.refcounts.get(storage, path, h >> cb)?;
+                    img.ws()?.refcount(h >> cb)?;
                     frees.extend(std::iter::repeat_n(h >> cb, l2_refs as usize));
                     report.zero_clusters_moved += 1;
                     if has_backing {
@@ -819,41 +816,34 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                 }
                 x => x,
             };
-            let word = match x {
+            let e = match x {
                 Expand::Drop => {
                     report.zero_clusters_dropped += 1;
-                    0
+                    L2Entry::default()
                 }
                 Expand::New => {
                     let at = img.alloc_contiguous(1, "a zero cluster expansion")?;
-                    {
-                        // A shared table's users all reference it.
-                        let (storage, ws, path) = img.split()?;
-                        for _ in 1..l2_refs {
-                            ws.refcounts.adjust(storage, path, at >> cb, 1)?;
-                        }
+                    // A shared table's users all reference it.
+                    for _ in 1..l2_refs {
+                        img.ws()?.adjust_refcount(at >> cb, 1)?;
                     }
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
                     report.zero_clusters_expanded += 1;
-                    at | if l2_refs == 1 { OFLAG_COPIED } else { 0 }
+                    L2Entry::data(Some(HostOffset::new(at)), l2_refs == 1)
                 }
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
-                    let r = {
-                        let (storage, ws, path) = img.split()?;
-                        ws.refcounts.get(storage, path, h >> cb)?
-                    };
+                    let r = img.ws()?.refcount(h >> cb)?;
                     report.zero_clusters_expanded += 1;
-                    (h & OFFSET_MASK) | if r == 1 { OFLAG_COPIED } else { 0 }
+                    L2Entry::data(Some(HostOffset::new(h)), r == 1)
                 }
                 Expand::Relocate(_) => {
                     return Err(Error::InvalidArgument("relocation not resolved".into()))
                 }
             };
-            debug_assert_eq!(word & OFLAG_ZERO, 0);
-            let e = L2Entry { word, bitmap: 0 };
+            debug_assert_eq!(e.word & OFLAG_ZERO, 0);
             e.write(&mut table, geo, i)
                 .map_err(|source| Error::Format {
                     path: img.path.clone(),
@@ -869,12 +859,8 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             cs,
             &[Meta::ActiveL2, Meta::InactiveL2],
         )?;
-        img.write_bytes(&table, toff, "write L2 table")?;
-        img.l2_cache
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(toff, Arc::new(table));
-        img.split()?.1.pending_frees.extend(frees);
+        img.write_l2_table(toff, table)?;
+        img.ws()?.free_later(frees);
     }
     // The entries are made durable, then the references moved away from
     // are released (step 6 of the write protocol).

@@ -228,8 +228,8 @@ fn truncate_tail(q: &mut Qcow2Image) -> Result<()> {
         .map_err(|e| Error::io(&path, "stat", 0, e))?;
     let mut end = len.div_ceil(cs);
     {
-        let (storage, ws, path) = q.split()?;
-        while end > 0 && ws.refcounts.get(storage, path, end - 1)? == 0 {
+        let ws = q.ws()?;
+        while end > 0 && ws.refcount(end - 1)? == 0 {
             end -= 1;
         }
     }

@@ -46,10 +46,10 @@ use strata_format::bitmap::{
     parse_directory, BitmapDirEntry, BitmapTableEntry, FLAG_IN_USE, MAX_BITMAPS,
     MAX_DIRECTORY_SIZE, MAX_PHYS_SIZE,
 };
-use strata_format::header::AUTOCLEAR_BITMAPS;
+use strata_format::header::Autoclear;
 
-use crate::alloc::Meta;
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Meta;
 use crate::qcow2::Qcow2Image;
 
 /// One persistent dirty bitmap, as the directory describes it.
@@ -179,7 +179,7 @@ impl Qcow2Image {
     /// with the bitmaps extension and the bitmaps autoclear bit set.
     fn has_bitmaps_ext(&self) -> Option<(u32, u64, u64)> {
         let h = &self.header;
-        if h.version < 3 || h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        if h.version < 3 || !h.autoclear_features.contains(Autoclear::BITMAPS) {
             return None;
         }
         h.bitmaps().filter(|(nb, _, _)| *nb > 0)
@@ -223,7 +223,7 @@ impl Qcow2Image {
     /// when it has none, or when QEMU would ignore them: a v2 image, or
     /// the bitmaps autoclear bit cleared).
     pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
-        let entries = match self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) {
+        let entries = match self.rw.as_deref().and_then(|w| w.bitmaps()) {
             Some(s) => s.entries.clone(),
             None => self
                 .read_bitmap_directory()?
@@ -244,7 +244,7 @@ impl Qcow2Image {
     /// Loads bitmap `name`'s dirty bits (as of the last save, or as
     /// tracked in this session).
     pub fn dirty_bitmap(&self, name: &str) -> Result<DirtyBitmap> {
-        if let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) {
+        if let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) {
             if let Some(t) = s
                 .tracked
                 .iter()
@@ -390,13 +390,13 @@ impl Qcow2Image {
             });
         }
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = Some(BitmapState {
+            ws.set_bitmaps(Some(BitmapState {
                 raw_dir,
                 entries,
                 dir_offset: off,
                 tracked,
                 in_use_on_disk: false,
-            });
+            }));
         }
         Ok(None)
     }
@@ -405,7 +405,7 @@ impl Qcow2Image {
     /// (the directory rewritten in place, only flags change; synced), so
     /// that a crash from here on leaves it untrusted, never stale.
     pub(crate) fn bitmaps_before_change(&mut self, off: u64, len: u64) -> Result<()> {
-        let Some(s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps.as_mut()) else {
+        let Some(s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps_mut()) else {
             return Ok(());
         };
         if s.tracked.is_empty() {
@@ -434,7 +434,8 @@ impl Qcow2Image {
             raw.len() as u64,
             &[Meta::BitmapDirectory],
         )?;
-        self.write_bytes(&raw, at, "write bitmap directory")?;
+        self.writer()?
+            .write_metadata(&raw, at, "write bitmap directory")?;
         self.sync()
     }
 
@@ -443,12 +444,12 @@ impl Qcow2Image {
     /// with in_use cleared, then the header pointing at it, and queues
     /// the old clusters for freeing (the caller frees them).
     pub(crate) fn bitmaps_save(&mut self) -> Result<()> {
-        let Some(mut s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps.take()) else {
+        let Some(mut s) = self.rw.as_deref_mut().and_then(|w| w.take_bitmaps()) else {
             return Ok(());
         };
         let r = self.bitmaps_save_inner(&mut s);
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = Some(s);
+            ws.set_bitmaps(Some(s));
         }
         r
     }
@@ -479,7 +480,8 @@ impl Qcow2Image {
         let doff = self.alloc_contiguous(dclusters, "the bitmap directory")?;
         let mut raw = s.raw_dir.clone();
         raw.resize((dclusters * cs) as usize, 0);
-        self.write_bytes(&raw, doff, "write bitmap directory")?;
+        self.writer()?
+            .write_metadata(&raw, doff, "write bitmap directory")?;
         self.barrier()?;
         let old_dir = s.dir_offset;
         for e in &mut self.header.extensions {
@@ -500,18 +502,17 @@ impl Qcow2Image {
             .rw
             .as_deref_mut()
             .ok_or_else(|| Error::InvalidArgument("image is read-only".into()))?;
-        let meta = &mut ws.refcounts.meta;
+        let meta = ws.meta_mut();
         meta.remove(old_dir, dsize, Meta::BitmapDirectory);
         meta.add(doff, dsize, Meta::BitmapDirectory);
         let first = old_dir >> cb;
-        ws.pending_frees
-            .extend(first..first + self.geometry.clusters_for(dsize));
+        ws.free_later(first..first + self.geometry.clusters_for(dsize));
         for ((toff, tbytes), clusters) in old {
-            meta.remove(toff, tbytes, Meta::BitmapTable);
-            ws.pending_frees.extend(clusters);
+            ws.meta_mut().remove(toff, tbytes, Meta::BitmapTable);
+            ws.free_later(clusters);
         }
         for ((toff, tbytes), _) in new_tables {
-            meta.add(toff, tbytes, Meta::BitmapTable);
+            ws.meta_mut().add(toff, tbytes, Meta::BitmapTable);
         }
         Ok(())
     }
@@ -533,7 +534,8 @@ impl Qcow2Image {
             let at = self.alloc_contiguous(1, "bitmap data")?;
             let mut buf = chunk.to_vec();
             buf.resize(cs as usize, 0);
-            self.write_bytes(&buf, at, "write bitmap data")?;
+            self.writer()?
+                .write_metadata(&buf, at, "write bitmap data")?;
             clusters.push(at >> cb);
             table.push(at);
         }
@@ -542,7 +544,8 @@ impl Qcow2Image {
         let toff = self.alloc_contiguous(tclusters, "a bitmap table")?;
         let mut raw = strata_format::table::encode_u64_table(&table);
         raw.resize((tclusters * cs) as usize, 0);
-        self.write_bytes(&raw, toff, "write bitmap table")?;
+        self.writer()?
+            .write_metadata(&raw, toff, "write bitmap table")?;
         clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
         Ok((toff, n, clusters))
     }
@@ -552,7 +555,7 @@ impl Qcow2Image {
     pub(crate) fn has_live_bitmaps(&self) -> bool {
         self.rw
             .as_deref()
-            .and_then(|w| w.bitmaps.as_ref())
+            .and_then(|w| w.bitmaps())
             .is_some_and(|s| !s.entries.is_empty())
     }
 }
@@ -741,7 +744,7 @@ impl Qcow2Image {
     /// Loads the session's bitmap state again (after a size change).
     pub(crate) fn bitmaps_reload(&mut self) -> Result<()> {
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.bitmaps = None;
+            ws.set_bitmaps(None);
         }
         match self.bitmaps_prepare()? {
             None => Ok(()),
@@ -757,7 +760,7 @@ impl Qcow2Image {
     /// clusters it occupies. Called after a flush: nothing is in use on
     /// disk because of this session.
     fn bitmap_works(&self) -> Result<(Vec<Work>, Option<HostRange>)> {
-        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps.as_ref()) else {
+        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) else {
             return Ok((Vec::new(), None));
         };
         let cb = self.geometry.cluster_bits();
@@ -854,13 +857,14 @@ impl Qcow2Image {
             .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
         let mut new_dir = None;
         if works.is_empty() {
-            self.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.header.autoclear_features &= !Autoclear::BITMAPS;
         } else {
             let n = self.geometry.clusters_for(dir.len() as u64);
             let doff = self.alloc_contiguous(n, "the bitmap directory")?;
             let mut raw = dir.clone();
             raw.resize((n * cs) as usize, 0);
-            self.write_bytes(&raw, doff, "write bitmap directory")?;
+            self.writer()?
+                .write_metadata(&raw, doff, "write bitmap directory")?;
             self.barrier()?;
             let at = self
                 .header
@@ -876,7 +880,7 @@ impl Qcow2Image {
                     directory_offset: doff,
                 },
             );
-            self.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.header.autoclear_features |= Autoclear::BITMAPS;
             new_dir = Some((doff, dir.len() as u64));
         }
         self.header.layout().map_err(|source| Error::Format {
@@ -886,7 +890,7 @@ impl Qcow2Image {
         self.write_header()?;
         self.sync()?;
         if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = &mut ws.refcounts.meta;
+            let meta = ws.meta_mut();
             for (o, b, add) in tables {
                 if add {
                     meta.add(o, b, Meta::BitmapTable);
@@ -900,8 +904,8 @@ impl Qcow2Image {
             if let Some((o, b)) = new_dir {
                 meta.add(o, b, Meta::BitmapDirectory);
             }
-            ws.pending_frees.append(&mut frees);
-            ws.bitmaps = None;
+            ws.free_later(frees);
+            ws.set_bitmaps(None);
         }
         if let Some(why) = self.bitmaps_prepare()? {
             return Err(Error::corrupt(

@@ -205,7 +205,7 @@ impl Tail {
         };
         let mut buf = bytes.to_vec();
         buf.resize((n * cs) as usize, 0);
-        img.write_bytes(&buf, at, op)?;
+        img.writer()?.write_metadata(&buf, at, op)?;
         Ok(at)
     }
 }
@@ -460,11 +460,11 @@ impl Qcow2Image {
             .map_or(0, |i| i as u64 + 1);
         let mut holes: Vec<(u64, u64)> = Vec::new();
         {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             // Cluster 0 is the header; a hole must be free by both counts.
             for ci in 1..file {
                 let referenced = refs.get(ci as usize).copied().unwrap_or(0) != 0;
-                if referenced || ws.refcounts.get(storage, path, ci)? != 0 {
+                if referenced || ws.refcount(ci)? != 0 {
                     continue;
                 }
                 match holes.last_mut() {
@@ -559,7 +559,7 @@ impl Qcow2Image {
                 *e = 0;
                 continue;
             };
-            let table = self.l2_table(l2.0)?;
+            let table = self.l2_table(l2.get())?;
             let mut fixed = table.as_ref().clone();
             let mut changed = false;
             for idx in 0..geo.l2_entries() {
@@ -574,9 +574,9 @@ impl Qcow2Image {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let want = count(h.0 >> cb) == 1;
+                let want = count(h.get() >> cb) == 1;
                 if want != entry.copied() {
-                    entry.word = (entry.word & !OFLAG_COPIED) | if want { OFLAG_COPIED } else { 0 };
+                    entry = entry.with_copied(want);
                     entry
                         .write(&mut fixed, geo, idx)
                         .map_err(|source| Error::Format {
@@ -588,10 +588,14 @@ impl Qcow2Image {
             }
             if changed {
                 let at = tail.put(self, &fixed, "write L2 table")?;
-                *e = L1Entry::new(strata_format::HostOffset(at), true).0;
+                *e = L1Entry::new(strata_format::HostOffset::new(at), true).0;
             } else {
-                let shared = count(l2.0 >> cb) != 1;
-                *e = L1Entry::new(strata_format::HostOffset(l2.0 & OFFSET_MASK), !shared).0;
+                let shared = count(l2.get() >> cb) != 1;
+                *e = L1Entry::new(
+                    strata_format::HostOffset::new(l2.get() & OFFSET_MASK),
+                    !shared,
+                )
+                .0;
             }
         }
         if !l1.is_empty() {
@@ -624,7 +628,7 @@ impl Qcow2Image {
         let per = refcount::entries_per_block(cb, order);
         let mut refs = crate::check::compute_refcounts(self)?;
         // The old refcount structures are not kept.
-        let old_table = self.split()?.1.refcounts.table.clone();
+        let old_table = self.ws()?.refcount_table().to_vec();
         let mut drop_ref = |ci: u64| {
             if let Some(r) = usize::try_from(ci).ok().and_then(|i| refs.get_mut(i)) {
                 *r = r.saturating_sub(1);
@@ -709,10 +713,11 @@ impl Qcow2Image {
                     refcount::set(&mut block, order, j, r);
                 }
             }
-            self.write_bytes(&block, at << cb, "write refcount block")?;
+            self.writer()?
+                .write_metadata(&block, at << cb, "write refcount block")?;
             table[bi] = at << cb;
         }
-        self.write_bytes(
+        self.writer()?.write_metadata(
             &encode_u64_table(&table),
             table_at << cb,
             "write refcount table",
@@ -723,7 +728,7 @@ impl Qcow2Image {
         self.write_header()?;
         self.sync()?;
         let len = self.storage_len()?;
-        let fresh = crate::alloc::Refcounts::load(
+        let fresh = crate::qcow2::alloc::Refcounts::load(
             self.storage.as_ref(),
             &self.path,
             len,
@@ -733,8 +738,7 @@ impl Qcow2Image {
             t as u32,
         )?;
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.refcounts = fresh;
-            ws.pending_frees.clear();
+            ws.replace_refcounts(fresh);
         }
         self.load_metadata_map()?;
         Ok(true)

@@ -1,5 +1,64 @@
-//! qcow2 images: open, validate, map and read (the write path builds on
-//! the same structures).
+//! qcow2 images: open, validate, map and read; the write path, check and
+//! repair, amend, internal snapshots, bitmaps and resize build on the same
+//! structures.
+//!
+//! # Design (issue 16)
+//!
+//! The module tree:
+//!
+//! - `mod.rs`: [`Qcow2Image`], the read-only metadata view: the header,
+//!   the active L1 table, the L2 cache, the snapshot table, and the reads
+//!   through them (`map`, `read_mapped`, `l2_table`). Its fields are
+//!   private to this module tree; the rest of the crate (chains, create,
+//!   convert) and the other crates use methods only.
+//! - `writer.rs`: the `Writer`, present only when the image was opened
+//!   for writing. It owns everything a writer alone has: the refcount
+//!   structures and the overlap map, the dirty L2 tables (pinned there,
+//!   never in the cache, until their entries are written), the dirty L1
+//!   entries, the clusters to free at the next flush, the persistent
+//!   bitmaps kept up to date, and its own handle on the storage. Its
+//!   fields are private to `writer.rs`: every other module changes that
+//!   state through its methods, and every write of metadata or data to
+//!   the storage goes through `Writer::write_metadata` /
+//!   `Writer::write_data` (`split()`, which lent the storage, the write
+//!   state and the path together past the borrow checker, is gone).
+//! - `write.rs`: the write protocol on top of the two (allocating writes,
+//!   zero writes, discard, barrier, metadata commit, flush, resize,
+//!   preallocation, compressed writes), in the order
+//!   docs/crash-consistency.md sets: data and new tables, barrier, then
+//!   the pointers, frees only after the next barrier.
+//! - `alloc.rs`: the refcount structures and the metadata (overlap) map,
+//!   owned by the writer.
+//! - `check.rs`: the consistency check, reading through the view only
+//!   (`&Qcow2Image`). `repair.rs`: repairs, writing through the writer
+//!   (rebuilding the refcounts replaces the writer's refcount state with
+//!   `Writer::replace_refcounts`).
+//! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
+//!   other metadata writers, through the same writer.
+//!
+//! Format details come from `strata-format`, typed: L2 entries are built
+//! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
+//! `with_subclusters`, ...), never bit by bit; feature bits are the typed
+//! flags `Incompatible`, `Compatible` and `Autoclear`; `GuestOffset` and
+//! `HostOffset` are opaque, and `Geometry` turns them into indices
+//! (`l1_index`, `l2_index`, `cluster_index`, `subcluster_index`).
+//!
+//! Not done yet (issue 16): read-only versus writable is still the runtime
+//! `Option<Writer>` inside one type, not two types; the header, L1 and
+//! L2 cache are still fields of the image rather than a separate view
+//! struct the writer borrows (the submodules of `qcow2` see them); the
+//! header's fields are still public (no update methods); most of the
+//! write path still shifts raw `u64` offsets by `cluster_bits` by hand.
+
+pub(crate) mod alloc;
+pub mod amend;
+pub mod bitmap;
+pub mod check;
+pub mod repair;
+pub mod resize;
+pub mod snapshot_internal;
+pub mod write;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +73,7 @@ use crate::compress;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, Mapping};
 use crate::storage::Storage;
+use writer::Writer;
 
 /// Bytes of L2 tables kept in the cache of one image.
 pub const L2_CACHE_BYTES: usize = 4 << 20;
@@ -57,7 +117,6 @@ impl L2Cache {
         }
     }
 
-    #[allow(dead_code)] // used by the write path
     pub(crate) fn remove(&mut self, offset: u64) {
         if let Some((t, _)) = self.tables.remove(&offset) {
             self.bytes -= t.len();
@@ -71,31 +130,31 @@ type DecompressedCache = Option<(u64, Arc<Vec<u8>>)>;
 /// An open qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Image {
-    pub(crate) path: PathBuf,
-    pub(crate) storage: Box<dyn Storage>,
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    header: Header,
+    geometry: Geometry,
     /// The active L1 table (raw entries), `header.l1_size` long.
-    pub(crate) l1: Vec<u64>,
-    pub(crate) l2_cache: Mutex<L2Cache>,
+    l1: Vec<u64>,
+    l2_cache: Mutex<L2Cache>,
     decompressed: Mutex<DecompressedCache>,
     /// The last extent [`Qcow2Image::map`] found, reused while later calls
     /// start inside it (walks of deep chains ask each layer again and
     /// again about the same unallocated run). Only for images opened
     /// read-only: their mappings never change.
     last_map: Mutex<Option<Extent>>,
-    pub(crate) snapshots: Vec<Snapshot>,
+    snapshots: Vec<Snapshot>,
     /// Host offset just past the last snapshot table entry (its padding
     /// included); the table's start when there are none.
-    pub(crate) snapshot_table_end: u64,
+    snapshot_table_end: u64,
     /// Length of the file when opened (or after the last growth).
-    pub(crate) file_len: u64,
+    file_len: u64,
     /// Write state, when opened for writing.
-    pub(crate) rw: Option<Box<crate::write::WriteState>>,
+    rw: Option<Box<Writer>>,
     /// Set by the first I/O error of the write path: no more writes.
-    pub(crate) poisoned: crate::error::Poison,
+    poisoned: Arc<crate::error::Poison>,
     /// Where the next compressed cluster may be packed.
-    pub(crate) compressed_tail: crate::write::CompressedTail,
+    compressed_tail: crate::write::CompressedTail,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -156,7 +215,7 @@ impl Qcow2Image {
             read_snapshots(storage.as_ref(), path, &header, file_len)?;
         Ok(Qcow2Image {
             path: path.to_path_buf(),
-            storage,
+            storage: Arc::from(storage),
             header,
             geometry,
             l1,
@@ -167,7 +226,7 @@ impl Qcow2Image {
             snapshot_table_end,
             file_len,
             rw: None,
-            poisoned: crate::error::Poison::default(),
+            poisoned: Default::default(),
             compressed_tail: Default::default(),
         })
     }
@@ -177,7 +236,7 @@ impl Qcow2Image {
     pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
         let mut img = Qcow2Image::open(storage, path)?;
         let h = &img.header;
-        let refcounts = crate::alloc::Refcounts::load(
+        let refcounts = crate::qcow2::alloc::Refcounts::load(
             img.storage.as_ref(),
             path,
             img.file_len,
@@ -186,17 +245,12 @@ impl Qcow2Image {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        img.rw = Some(Box::new(crate::write::WriteState {
+        img.rw = Some(Box::new(Writer::new(
+            img.storage.clone(),
+            path,
+            img.poisoned.clone(),
             refcounts,
-            pending_frees: Vec::new(),
-            prepared: false,
-            dirty_l2: Default::default(),
-            dirty_l1: Default::default(),
-            unsynced_bytes: 0,
-            halted: false,
-            bitmaps: None,
-            policy: Default::default(),
-        }));
+        )));
         img.load_metadata_map()?;
         Ok(img)
     }
@@ -238,13 +292,26 @@ impl Qcow2Image {
         *lock(&self.last_map) = None;
     }
 
+    /// Caches the L2 table at `offset`, as on disk (written, or read).
+    /// Dirty tables are pinned in the writer instead, never cached: the
+    /// write path calls this once their entries are written.
+    pub(crate) fn cache_l2(&self, offset: u64, table: Arc<Vec<u8>>) {
+        lock(&self.l2_cache).insert(offset, table);
+    }
+
+    /// Drops the L2 table at `offset` from the cache (it is about to be
+    /// pinned as dirty, or freed).
+    pub(crate) fn uncache_l2(&self, offset: u64) {
+        lock(&self.l2_cache).remove(offset);
+    }
+
     /// Reads (through the cache) the L2 table at `offset`.
     ///
     /// Tables written by this process are always in the cache, so the
     /// file-length check below only applies to tables read from disk.
     pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_l2.get(&offset)) {
-            return Ok(d.table.clone());
+        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_table(offset)) {
+            return Ok(d.clone());
         }
         if let Some(t) = lock(&self.l2_cache).get(offset) {
             return Ok(t);
@@ -362,7 +429,7 @@ impl Qcow2Image {
             .unwrap_or(0);
         match L1Entry(entry).l2_offset() {
             None => Ok(None),
-            Some(off) => Ok(Some((off.0, self.l2_table(off.0)?))),
+            Some(off) => Ok(Some((off.get(), self.l2_table(off.get())?))),
         }
     }
 
@@ -371,12 +438,13 @@ impl Qcow2Image {
         let Some((toff, table)) = table else {
             return Ok(Mapping::Unallocated);
         };
-        let idx = self.geometry.l2_index(GuestOffset(g));
+        let guest = GuestOffset::new(g);
+        let idx = self.geometry.l2_index(guest);
         let entry = L2Entry::read(table, self.geometry, idx).map_err(|source| Error::Format {
             path: self.path.clone(),
             source,
         })?;
-        let sc = (self.geometry.in_cluster(g) / self.geometry.subcluster_size()) as u32;
+        let sc = self.geometry.subcluster_index(guest);
         let state = entry.state(self.geometry, sc).map_err(|what| {
             Error::corrupt(
                 &self.path,
@@ -453,7 +521,7 @@ impl Qcow2Image {
         let mut pos = start;
         let mut first: Option<Mapping> = None;
         while pos < end {
-            let l1i = geo.l1_index(GuestOffset(pos));
+            let l1i = geo.l1_index(GuestOffset::new(pos));
             let table = self.l2_for(l1i)?;
             let table_end = ((l1i + 1) * geo.l2_span()).min(end);
             if table.is_none() {
@@ -508,8 +576,8 @@ impl Qcow2Image {
             Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
             Mapping::Data { host } => {
                 self.storage
-                    .read_at(buf, host.0)
-                    .map_err(|e| Error::io(&self.path, "read data", host.0, e))?;
+                    .read_at(buf, host.get())
+                    .map_err(|e| Error::io(&self.path, "read data", host.get(), e))?;
             }
             Mapping::Compressed(d) => {
                 let cluster = self.decompress(d)?;
@@ -526,7 +594,7 @@ impl Qcow2Image {
     /// Decompresses the cluster `d` describes (cached: the last one).
     pub fn decompress(&self, d: strata_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
         if let Some((off, data)) = lock(&self.decompressed).as_ref() {
-            if *off == d.offset.0 {
+            if *off == d.offset.get() {
                 return Ok(data.clone());
             }
         }
@@ -535,14 +603,14 @@ impl Qcow2Image {
         let mut input = vec![0u8; d.len as usize];
         let n = self
             .storage
-            .read_at(&mut input, d.offset.0)
-            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.0, e))?;
+            .read_at(&mut input, d.offset.get())
+            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.get(), e))?;
         input.truncate(n);
         let mut out = vec![0u8; cs];
         compress::decompress(self.header.compression_type, &input, &mut out)
-            .map_err(|what| Error::corrupt(&self.path, d.offset.0, what))?;
+            .map_err(|what| Error::corrupt(&self.path, d.offset.get(), what))?;
         let out = Arc::new(out);
-        *lock(&self.decompressed) = Some((d.offset.0, out.clone()));
+        *lock(&self.decompressed) = Some((d.offset.get(), out.clone()));
         Ok(out)
     }
 }

@@ -7,18 +7,14 @@
 //! the new structures in force. The old structures become unreferenced
 //! (their clusters count zero in the new ones).
 
-use strata_format::header::{
-    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-};
+use strata_format::header::{Autoclear, Incompatible};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
-use strata_format::table::{
-    decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO,
-};
+use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_ZERO};
 use strata_format::{L1Entry, L2Entry};
 
-use crate::alloc::Refcounts;
 use crate::check::{self, CheckReport};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::Refcounts;
 use crate::qcow2::Qcow2Image;
 
 /// What `check -r` repairs.
@@ -67,8 +63,8 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
     // As QEMU opening an image read-write: autoclear bits it does not
     // know are cleared (iotest 036). Known ones (bitmaps, raw external
     // data) are left to the code that maintains what they protect.
-    let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
-    if img.header.autoclear_features & !known != 0 {
+    let known = Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW;
+    if !(img.header.autoclear_features & !known).is_empty() {
         img.header.autoclear_features &= known;
         img.write_header()?;
         img.sync()?;
@@ -108,8 +104,8 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
         }
     }
     let mut after = check::check(img)?;
-    let flags = INCOMPAT_CORRUPT | INCOMPAT_DIRTY;
-    if img.header.incompatible_features & flags != 0
+    let flags = Incompatible::CORRUPT | Incompatible::DIRTY;
+    if img.header.incompatible_features.intersects(flags)
         && after.corruptions == 0
         && after.check_errors == 0
     {
@@ -147,20 +143,20 @@ fn only_copied_flags(r: &CheckReport) -> bool {
 fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
     let expected = check::compute_refcounts(img)?;
     let per = refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
-    let (storage, ws, path) = img.split()?;
+    let ws = img.ws()?;
     let mut fixed = 0;
     // The clusters `check` compares (QEMU's nb_clusters), not every
     // cluster the refcount table could cover: with 1-bit refcounts one
     // table cluster covers 2^32 clusters, and walking them all took a
     // minute where QEMU takes milliseconds (iotest 112).
-    let covered = (ws.refcounts.table.len() as u64)
+    let covered = (ws.refcount_table().len() as u64)
         .saturating_mul(per)
         .min(expected.len() as u64);
     for ci in 0..covered {
         let want = expected.get(ci as usize).copied().unwrap_or(0);
-        let have = ws.refcounts.get(storage, path, ci)?;
+        let have = ws.refcount(ci)?;
         if have > want {
-            ws.refcounts.set(storage, path, ci, want)?;
+            ws.set_refcount(ci, want)?;
             fixed += 1;
         }
     }
@@ -252,10 +248,11 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
             }
         }
         let at = (blocks_at + bi) << cb;
-        img.write_bytes(&block, at, "write refcount block")?;
+        img.writer()?
+            .write_metadata(&block, at, "write refcount block")?;
         table[bi as usize] = at;
     }
-    img.write_bytes(
+    img.writer()?.write_metadata(
         &encode_u64_table(&table),
         table_at << cb,
         "write refcount table",
@@ -280,8 +277,7 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
         t as u32,
     )?;
     if let Some(ws) = img.rw.as_deref_mut() {
-        ws.refcounts = fresh;
-        ws.pending_frees.clear();
+        ws.replace_refcounts(fresh);
     }
     // The old structures are free now; the overlap check must know.
     img.load_metadata_map()
@@ -340,10 +336,13 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
             let Some(l2) = L1Entry(e).l2_offset() else {
                 continue;
             };
-            if !geo.is_aligned(l2.0) || l2.0.saturating_add(cs) > file_len || !seen.insert(l2.0) {
+            if !geo.is_aligned(l2.get())
+                || l2.get().saturating_add(cs) > file_len
+                || !seen.insert(l2.get())
+            {
                 continue;
             }
-            let mut table = img.l2_table(l2.0)?.as_ref().clone();
+            let mut table = img.l2_table(l2.get())?.as_ref().clone();
             let mut changed = false;
             for idx in 0..geo.l2_entries() {
                 let mut entry =
@@ -365,15 +364,9 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                     continue;
                 }
                 entry = if geo.extended_l2() {
-                    L2Entry {
-                        word: 0,
-                        bitmap: (entry.bitmap | alloc_bits << 32) & !0xffff_ffff,
-                    }
+                    L2Entry::default().with_subclusters(0, entry.zero_bits() | alloc_bits as u32)
                 } else {
-                    L2Entry {
-                        word: OFLAG_ZERO,
-                        bitmap: 0,
-                    }
+                    L2Entry::zero()
                 };
                 entry
                     .write(&mut table, geo, idx)
@@ -385,11 +378,7 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                 fixed += 1;
             }
             if changed {
-                img.write_bytes(&table, l2.0, "write L2 table")?;
-                img.l2_cache
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(l2.0, std::sync::Arc::new(table));
+                img.write_l2_table(l2.get(), table)?;
             }
         }
     }
@@ -409,19 +398,19 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     for i in 0..img.l1.len() {
         let e = L1Entry(img.l1[i]);
         let Some(l2) = e.l2_offset() else { continue };
-        let rc = refcount_of(img, l2.0 >> cb)?;
+        let rc = refcount_of(img, l2.get() >> cb)?;
         let want = rc == 1;
         if want != e.copied() {
             let v = L1Entry::new(l2, want).0;
             img.l1[i] = v;
-            img.write_bytes(
+            img.writer()?.write_metadata(
                 &v.to_be_bytes(),
                 img.header.l1_table_offset + 8 * i as u64,
                 "write L1 entry",
             )?;
             fixed += 1;
         }
-        let mut table = img.l2_table(l2.0)?.as_ref().clone();
+        let mut table = img.l2_table(l2.get())?.as_ref().clone();
         let mut changed = false;
         for idx in 0..geo.l2_entries() {
             let mut entry = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
@@ -434,13 +423,9 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, h.0 >> cb)? == 1;
+            let want = refcount_of(img, h.get() >> cb)? == 1;
             if want != entry.copied() {
-                entry.word = if want {
-                    entry.word | OFLAG_COPIED
-                } else {
-                    entry.word & !OFLAG_COPIED
-                };
+                entry = entry.with_copied(want);
                 entry
                     .write(&mut table, geo, idx)
                     .map_err(|source| Error::Format {
@@ -452,11 +437,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             }
         }
         if changed {
-            img.write_bytes(&table, l2.0, "write L2 table")?;
-            img.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(l2.0, std::sync::Arc::new(table));
+            img.write_l2_table(l2.get(), table)?;
         }
     }
     img.sync()?;
@@ -464,6 +445,5 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
 }
 
 fn refcount_of(img: &mut Qcow2Image, ci: u64) -> Result<u64> {
-    let (storage, ws, path) = img.split()?;
-    ws.refcounts.get(storage, path, ci)
+    img.ws()?.refcount(ci)
 }

@@ -15,15 +15,14 @@
 //!    only at the next flush, after a sync has made the pointer change
 //!    durable. A crash in between leaks them; nothing points at freed space.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use strata_format::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use strata_format::table::{OFLAG_COPIED, OFLAG_ZERO};
-use strata_format::{GuestOffset, L1Entry, L2Entry, SubclusterState};
+use strata_format::header::{Autoclear, Incompatible};
+use strata_format::{GuestOffset, HostOffset, L1Entry, L2Entry, SubclusterState};
 
-use crate::alloc::{Meta, MetadataMap, Refcounts};
 use crate::error::{Error, Result};
+use crate::qcow2::alloc::{Meta, MetadataMap};
+use crate::qcow2::writer::{DirtyTable, Writer};
 use crate::qcow2::Qcow2Image;
 use crate::storage::Storage;
 use crate::Mapping;
@@ -39,42 +38,6 @@ pub const WRITE_CHUNK: u64 = 8 << 20;
 pub const WRITE_BATCH: u64 = 64 << 20;
 /// Largest single vectored write.
 const MAX_VECTORED_BYTES: u64 = 32 << 20;
-
-/// State of an image opened for writing.
-#[derive(Debug)]
-pub(crate) struct WriteState {
-    pub(crate) refcounts: Refcounts,
-    /// Cluster indices whose refcount drops by one at the next flush.
-    pub(crate) pending_frees: Vec<u64>,
-    /// Whether the first-write preparation (repair, autoclear) ran.
-    pub(crate) prepared: bool,
-    /// L2 tables changed in memory whose entries are written at the next
-    /// metadata commit (after a barrier), with the changed entry range.
-    pub(crate) dirty_l2: BTreeMap<u64, DirtyTable>,
-    /// L1 entries changed in memory, written at the next metadata commit.
-    pub(crate) dirty_l1: BTreeSet<usize>,
-    /// Data bytes written since the last metadata commit.
-    pub(crate) unsynced_bytes: u64,
-    /// Set when a write was refused for corrupt metadata (an overlap, an
-    /// invalid entry): the image was marked corrupt, and nothing more is
-    /// written, not even the metadata still pending in memory (as a crash
-    /// would lose it; the protocol makes that safe).
-    pub(crate) halted: bool,
-    /// The persistent dirty bitmaps kept up to date in this session
-    /// (loaded at the first write; docs/crash-consistency.md).
-    pub(crate) bitmaps: Option<crate::bitmap::BitmapState>,
-    /// What the first write does with a dirty image, unreadable bitmaps
-    /// or unknown autoclear bits.
-    pub(crate) policy: crate::chain::WritePolicy,
-}
-
-/// An L2 table with entries not yet on disk.
-#[derive(Debug)]
-pub(crate) struct DirtyTable {
-    pub(crate) table: Arc<Vec<u8>>,
-    lo: u64,
-    hi: u64,
-}
 
 /// Most bytes of snapshot L1 tables read to build the overlap check's
 /// map (an image past it refuses writes).
@@ -149,35 +112,19 @@ impl Qcow2Image {
         e
     }
 
-    pub(crate) fn write_bytes(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| self.io_err(op, offset, e))
+    /// The writer, for writes from `&self` methods.
+    pub(crate) fn writer(&self) -> Result<&Writer> {
+        self.rw.as_deref().ok_or_else(|| Error::ReadOnly {
+            path: self.path.clone(),
+            why: "image is open read-only".into(),
+        })
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
         self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
     }
 
-    /// The storage, the write state and the path, borrowed together (the
-    /// refcount code needs all three).
-    pub(crate) fn split(
-        &mut self,
-    ) -> Result<(
-        &dyn crate::storage::Storage,
-        &mut WriteState,
-        &std::path::Path,
-    )> {
-        match self.rw.as_deref_mut() {
-            Some(ws) => Ok((self.storage.as_ref(), ws, &self.path)),
-            None => Err(Error::ReadOnly {
-                path: self.path.clone(),
-                why: "image is open read-only".into(),
-            }),
-        }
-    }
-
-    fn ws(&mut self) -> Result<&mut WriteState> {
+    pub(crate) fn ws(&mut self) -> Result<&mut Writer> {
         let path = self.path.clone();
         self.rw.as_deref_mut().ok_or(Error::ReadOnly {
             path,
@@ -190,7 +137,7 @@ impl Qcow2Image {
     /// [`WritePolicy`](crate::chain::WritePolicy)). Fails on an image
     /// opened read-only.
     pub fn set_write_policy(&mut self, policy: crate::chain::WritePolicy) -> Result<()> {
-        self.ws()?.policy = policy;
+        self.ws()?.set_policy(policy);
         Ok(())
     }
 
@@ -205,7 +152,7 @@ impl Qcow2Image {
             });
         }
         self.refuse_if_halted()?;
-        if self.ws()?.prepared {
+        if self.ws()?.prepared() {
             return Ok(());
         }
         if self.header.corrupt() {
@@ -238,15 +185,15 @@ impl Qcow2Image {
             });
         }
         use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
-        let policy = self.ws()?.policy;
-        let mut kept = self.header.autoclear_features & AUTOCLEAR_BITMAPS;
+        let policy = self.ws()?.policy();
+        let mut kept = self.header.autoclear_features & Autoclear::BITMAPS;
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid. A damaged one is refused, as QEMU refuses to open the image
         // read-write: dropping it would make the next incremental backup
         // miss every change from here on. Only an explicit policy drops
         // them (their autoclear bit cleared: all inconsistent).
         if let Some(why) = self.bitmaps_prepare()? {
-            if kept != 0 {
+            if !kept.is_empty() {
                 if policy.bitmaps == OnBadBitmaps::Refuse {
                     return Err(Error::ReadOnly {
                         path: self.path.clone(),
@@ -257,7 +204,7 @@ impl Qcow2Image {
                         ),
                     });
                 }
-                kept = 0;
+                kept = Autoclear::empty();
             }
         }
         // Refusals first: nothing is written before one.
@@ -269,7 +216,7 @@ impl Qcow2Image {
                     .into(),
             });
         }
-        let unknown = self.header.autoclear_features & !AUTOCLEAR_BITMAPS;
+        let unknown = (self.header.autoclear_features & !Autoclear::BITMAPS).bits();
         if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
@@ -283,7 +230,9 @@ impl Qcow2Image {
             // A dirty image's refcounts may be stale: rebuild them (the
             // rebuild counts the bitmaps' clusters). The header, with these
             // changes, is written once the new refcounts are durable.
-            self.header.incompatible_features &= !INCOMPAT_DIRTY;
+            self.header
+                .incompatible_features
+                .remove(Incompatible::DIRTY);
             self.header.autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
@@ -292,13 +241,13 @@ impl Qcow2Image {
             self.write_header()?;
             self.sync()?;
         }
-        self.ws()?.prepared = true;
+        self.ws()?.set_prepared();
         Ok(())
     }
 
     /// Refuses to go on after a write was refused for corrupt metadata.
     fn refuse_if_halted(&self) -> Result<()> {
-        if self.rw.as_ref().is_some_and(|w| w.halted) {
+        if self.rw.as_ref().is_some_and(|w| w.halted()) {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
                 why: "a write was refused because the image's metadata is corrupt; the image \
@@ -316,16 +265,18 @@ impl Qcow2Image {
     /// in this session. Returns `err`, the corruption found.
     pub(crate) fn fatal_corruption(&mut self, err: Error) -> Error {
         if let Some(ws) = self.rw.as_deref_mut() {
-            if ws.halted {
+            if ws.halt() {
                 return err;
             }
-            ws.halted = true;
         }
         if self.header.version >= 3 {
-            self.header.incompatible_features |= INCOMPAT_CORRUPT;
-            let bits = self.header.incompatible_features.to_be_bytes();
+            self.header.incompatible_features |= Incompatible::CORRUPT;
+            let bits = self.header.incompatible_features.bits().to_be_bytes();
             // Offset 72: incompatible_features, present in every v3 header.
-            if self.write_bytes(&bits, 72, "mark image corrupt").is_ok() {
+            let w = self.writer();
+            if w.and_then(|w| w.write_metadata(&bits, 72, "mark image corrupt"))
+                .is_ok()
+            {
                 let _ = self.sync();
             }
         }
@@ -381,8 +332,7 @@ impl Qcow2Image {
             return Ok(());
         };
         let r = ws
-            .refcounts
-            .meta
+            .meta()
             .guard(&self.path, || op.to_string(), off, len, allowed);
         self.on_overlap(r)
     }
@@ -401,7 +351,7 @@ impl Qcow2Image {
         };
         let mut meta = MetadataMap::new(cb);
         // The refcount structures, as the allocator knows them.
-        let rc = &ws.refcounts;
+        let rc = ws.refcounts();
         meta.add(
             rc.table_offset,
             u64::from(rc.table_clusters) << cb,
@@ -424,7 +374,7 @@ impl Qcow2Image {
         );
         for e in &self.l1 {
             if let Some(off) = L1Entry(*e).l2_offset() {
-                meta.add(off.0, cs, Meta::ActiveL2);
+                meta.add(off.get(), cs, Meta::ActiveL2);
             }
         }
         if self.header.nb_snapshots > 0 {
@@ -486,7 +436,7 @@ impl Qcow2Image {
                 })?;
             for e in strata_format::table::decode_u64_table(&raw) {
                 if let Some(off) = L1Entry(e).l2_offset() {
-                    meta.add(off.0, cs, Meta::InactiveL2);
+                    meta.add(off.get(), cs, Meta::InactiveL2);
                 }
             }
         }
@@ -511,7 +461,7 @@ impl Qcow2Image {
             }
         }
         if let Some(ws) = self.rw.as_deref_mut() {
-            ws.refcounts.meta = meta;
+            *ws.meta_mut() = meta;
         }
         Ok(())
     }
@@ -541,39 +491,27 @@ impl Qcow2Image {
         // Up to the end of the extensions and the name, rounded to a
         // sector (the rest of cluster 0 is unused).
         let n = ((end.div_ceil(512) * 512) as usize).min(buf.len());
-        self.write_bytes(&buf[..n], 0, "write header")
+        self.writer()?.write_metadata(&buf[..n], 0, "write header")
     }
 
     /// Makes everything written so far durable, in the order the crash
     /// protocol requires: refcount blocks, then (after a sync) refcount
     /// table entries, then (after a sync) a moved table's header switch.
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts
-                .write_blocks(storage, path)
-                .inspect_err(|e| self.poisoned.set(e))?;
-        }
-        let table_dirty = self.ws()?.refcounts.table_dirty();
+        let r = self.ws()?.write_refcount_blocks();
+        r.inspect_err(|e| self.poisoned.set(e))?;
+        let table_dirty = self.ws()?.refcount_table_dirty();
         if table_dirty {
             self.sync()?;
-            let moved = {
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts
-                    .write_table(storage, path)
-                    .inspect_err(|e| self.poisoned.set(e))?
-            };
+            let r = self.ws()?.write_refcount_table();
+            let moved = r.inspect_err(|e| self.poisoned.set(e))?;
             if let Some((off, clusters)) = moved {
                 self.sync()?;
                 self.header.refcount_table_offset = off;
                 self.header.refcount_table_clusters = clusters;
                 self.write_header()?;
                 let cb = self.geometry.cluster_bits();
-                let ws = self.ws()?;
-                if let Some((old, n)) = ws.refcounts.table_switched() {
-                    let first = old >> cb;
-                    ws.pending_frees.extend(first..first + u64::from(n));
-                }
+                self.ws()?.refcount_table_switched(cb);
             }
         }
         self.sync()
@@ -583,19 +521,13 @@ impl Qcow2Image {
     /// named in errors); returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
         let cb = self.geometry.cluster_bits();
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts.alloc_contiguous(storage, path, n)
-        };
+        let r = self.ws()?.alloc_contiguous(n);
         Ok(self.on_alloc_error(r, purpose)? << cb)
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
     fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            ws.refcounts.alloc_run(storage, path, max)
-        };
+        let r = self.ws()?.alloc_run(max);
         self.on_alloc_error(r, purpose)
     }
 
@@ -618,59 +550,67 @@ impl Qcow2Image {
         let e = L1Entry(self.l1[i]);
         let cs = self.geometry.cluster_size();
         if let Some(off) = e.l2_offset() {
-            if !self
-                .rw
-                .as_ref()
-                .is_some_and(|w| w.dirty_l2.contains_key(&off.0))
-            {
-                self.l2_past_the_end(off.0)?;
+            if !self.rw.as_ref().is_some_and(|w| w.is_pinned(off.get())) {
+                self.l2_past_the_end(off.get())?;
             }
         }
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
             // Its entries are written in place: it must be nothing else.
             self.guard_write(
                 &format!("L2 table write (L1 index {l1i})"),
-                off.0,
+                off.get(),
                 cs,
                 &[Meta::ActiveL2],
             )?;
-            return Ok(off.0);
+            return Ok(off.get());
         }
         let content = match e.l2_offset() {
-            Some(old) => self.l2_table(old.0)?.as_ref().clone(),
+            Some(old) => self.l2_table(old.get())?.as_ref().clone(),
             None => vec![0u8; cs as usize],
         };
         let new = self.alloc_contiguous(1, "an L2 table")?;
-        self.write_bytes(&content, new, "write L2 table")?;
-        self.l1[i] = L1Entry::new(strata_format::HostOffset(new), true).0;
+        self.write_l2_table(new, content)?;
+        self.l1[i] = L1Entry::new(strata_format::HostOffset::new(new), true).0;
         if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = &mut ws.refcounts.meta;
+            let meta = ws.meta_mut();
             if let Some(old) = e.l2_offset() {
-                meta.remove(old.0, cs, Meta::ActiveL2);
+                meta.remove(old.get(), cs, Meta::ActiveL2);
             }
             meta.add(new, cs, Meta::ActiveL2);
         }
-        self.l2_cache
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(new, Arc::new(content));
-        let cb = self.geometry.cluster_bits();
+        let geo = self.geometry;
         let ws = self.ws()?;
-        ws.dirty_l1.insert(i);
+        ws.l1_changed([i]);
         if let Some(old) = e.l2_offset() {
-            ws.pending_frees.push(old.0 >> cb);
+            ws.free_later([geo.cluster_index(old)]);
         }
         Ok(new)
+    }
+
+    /// Writes the whole L2 table `table` at `offset` (a new or copied
+    /// table, or one rewritten by amend or repair), then caches it. A
+    /// pinned (dirty) table is never written this way: its entries go out
+    /// at the next metadata commit.
+    pub(crate) fn write_l2_table(&mut self, offset: u64, table: Vec<u8>) -> Result<()> {
+        if self.ws()?.is_pinned(offset) {
+            return Err(Error::InvalidArgument(format!(
+                "L2 table at {offset:#x} written whole while it has pending entries"
+            )));
+        }
+        self.writer()?
+            .write_metadata(&table, offset, "write L2 table")?;
+        self.cache_l2(offset, Arc::new(table));
+        Ok(())
     }
 
     /// Commits metadata: a barrier makes data, new tables and refcounts
     /// durable, then the changed L2 entries and L1 entries are written.
     pub(crate) fn commit_metadata(&mut self) -> Result<()> {
         let ws = self.ws()?;
-        if ws.dirty_l2.is_empty() && ws.dirty_l1.is_empty() && ws.unsynced_bytes == 0 {
+        if ws.nothing_pending() {
             return Ok(());
         }
-        let l1_entries: Vec<usize> = ws.dirty_l1.iter().copied().collect();
+        let l1_entries: Vec<usize> = ws.dirty_l1_entries().collect();
         for i in l1_entries {
             let at = self.header.l1_table_offset + 8 * i as u64;
             self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
@@ -678,25 +618,23 @@ impl Qcow2Image {
         self.barrier()?;
         let es = self.geometry.l2_entry_size();
         let ws = self.ws()?;
-        let tables = std::mem::take(&mut ws.dirty_l2);
-        let l1 = std::mem::take(&mut ws.dirty_l1);
-        ws.unsynced_bytes = 0;
+        let (tables, l1) = ws.take_dirty();
         for (toff, d) in tables {
             let (s, e) = ((d.lo * es) as usize, ((d.hi + 1) * es) as usize);
             let bytes = d
                 .table
                 .get(s..e)
                 .ok_or_else(|| Error::InvalidArgument("dirty range outside its table".into()))?;
-            self.write_bytes(bytes, toff + d.lo * es, "write L2 entries")?;
-            self.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(toff, d.table);
+            self.writer()?
+                .write_metadata(bytes, toff + d.lo * es, "write L2 entries")?;
+            // Written: no longer pinned, it may be cached (and evicted).
+            self.cache_l2(toff, d.table);
         }
         for i in l1 {
             let at = self.header.l1_table_offset + 8 * i as u64;
             let v = self.l1[i];
-            self.write_bytes(&v.to_be_bytes(), at, "write L1 entry")?;
+            self.writer()?
+                .write_metadata(&v.to_be_bytes(), at, "write L1 entry")?;
         }
         Ok(())
     }
@@ -705,9 +643,7 @@ impl Qcow2Image {
     fn maybe_commit_metadata(&mut self) -> Result<()> {
         let cs = self.geometry.cluster_size();
         let ws = self.ws()?;
-        if ws.dirty_l2.len() as u64 * cs > MAX_DIRTY_TABLE_BYTES
-            || ws.unsynced_bytes > MAX_UNSYNCED_BYTES
-        {
+        if ws.commit_due(cs, MAX_DIRTY_TABLE_BYTES, MAX_UNSYNCED_BYTES) {
             self.commit_metadata()?;
         }
         Ok(())
@@ -721,7 +657,7 @@ impl Qcow2Image {
         let mut done = 0usize;
         while done < buf.len() {
             let g = guest + done as u64;
-            let sc = (geo.in_cluster(g) / scs) as u32;
+            let sc = geo.subcluster_index(GuestOffset::new(g));
             let n = ((scs - g % scs) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
             let state = e.state(geo, sc).map_err(|what| {
@@ -731,7 +667,7 @@ impl Qcow2Image {
                 SubclusterState::Unallocated => backing(chunk, g)?,
                 SubclusterState::Zero { .. } => chunk.fill(0),
                 SubclusterState::Data { host } => {
-                    let h = host.0 + g % scs;
+                    let h = host.get() + g % scs;
                     self.storage
                         .read_at(chunk, h)
                         .map_err(|e| Error::io(&self.path, "read data", h, e))?;
@@ -784,8 +720,8 @@ impl Qcow2Image {
         // An unaligned host offset is not freed (it is leaked), as QEMU's
         // "Cannot free unaligned cluster": which cluster it meant is unknown.
         e.host_cluster()
-            .filter(|h| geo.is_aligned(h.0))
-            .map(|h| vec![h.0 >> geo.cluster_bits()])
+            .filter(|h| geo.is_aligned(h.get()))
+            .map(|h| vec![geo.cluster_index(h)])
             .unwrap_or_default()
     }
 
@@ -812,7 +748,7 @@ impl Qcow2Image {
                     idx,
                     old: e,
                     new: e,
-                    dest: Some(host.0),
+                    dest: Some(host.get()),
                     writes: vec![(a, Chunk::Borrowed(data))],
                     frees: vec![],
                 });
@@ -826,7 +762,7 @@ impl Qcow2Image {
                 Chunk::Owned(buf)
             };
             let reuse = match state {
-                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.0),
+                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.get()),
                 _ => None,
             };
             let frees = if reuse.is_some() {
@@ -835,10 +771,7 @@ impl Qcow2Image {
                 self.freed_by(e)
             };
             // The host offset of a new cluster is filled in once allocated.
-            let new = L2Entry {
-                word: reuse.unwrap_or(0) | OFLAG_COPIED,
-                bitmap: 0,
-            };
+            let new = L2Entry::data(reuse.map(HostOffset::new), true);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -867,15 +800,13 @@ impl Qcow2Image {
                 buf[(a - start) as usize..(b - start) as usize].copy_from_slice(data);
                 Chunk::Owned(buf)
             };
-            let new = L2Entry {
-                word: e.word,
-                bitmap: (e.bitmap | touched) & !(touched << 32),
-            };
+            let touched = touched as u32;
+            let new = e.with_subclusters(e.alloc_bits() | touched, e.zero_bits() & !touched);
             return Ok(Plan {
                 idx,
                 old: e,
                 new,
-                dest: Some(h.0),
+                dest: Some(h.get()),
                 writes: vec![(start, content)],
                 frees: vec![],
             });
@@ -885,10 +816,7 @@ impl Qcow2Image {
             return Ok(Plan {
                 idx,
                 old: e,
-                new: L2Entry {
-                    word: OFLAG_COPIED,
-                    bitmap: 0xffff_ffff,
-                },
+                new: L2Entry::data(None, true).with_subclusters(u32::MAX, 0),
                 dest: None,
                 writes: vec![(0, Chunk::Borrowed(data))],
                 frees: self.freed_by(e),
@@ -926,11 +854,9 @@ impl Qcow2Image {
         for sc in lo..=hi {
             range |= 1 << sc;
         }
-        let new_bitmap = (old_bits | range) & !(range << 32);
-        let new = L2Entry {
-            word: OFLAG_COPIED,
-            bitmap: new_bitmap,
-        };
+        let (old_alloc, old_zero) = (old_bits as u32, (old_bits >> 32) as u32);
+        let range = range as u32;
+        let new = L2Entry::data(None, true).with_subclusters(old_alloc | range, old_zero & !range);
         Ok(Plan {
             idx,
             old: e,
@@ -1000,14 +926,14 @@ impl Qcow2Image {
             let batch_end = end.min(pos + WRITE_BATCH);
             let mut tables = Vec::new();
             while pos < batch_end {
-                let l1i = geo.l1_index(GuestOffset(pos));
+                let l1i = geo.l1_index(GuestOffset::new(pos));
                 let table_end = ((l1i + 1) * geo.l2_span()).min(batch_end);
                 let toff = self.l2_for_write(l1i)?;
                 let table = self.l2_table(toff)?;
                 let mut plans = Vec::new();
                 for c in (pos >> cb)..=((table_end - 1) >> cb) {
                     let cstart = c << cb;
-                    let idx = geo.l2_index(GuestOffset(cstart));
+                    let idx = geo.l2_index(GuestOffset::new(cstart));
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
@@ -1015,23 +941,13 @@ impl Qcow2Image {
                         Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
                     })?;
                     let (dest, new, frees) = match state {
-                        SubclusterState::Data { host } if e.copied() => (Some(host.0), e, vec![]),
-                        SubclusterState::Zero { host: Some(h) } if e.copied() => (
-                            Some(h.0),
-                            L2Entry {
-                                word: h.0 | OFLAG_COPIED,
-                                bitmap: 0,
-                            },
-                            vec![],
-                        ),
-                        _ => (
-                            None,
-                            L2Entry {
-                                word: OFLAG_COPIED,
-                                bitmap: 0,
-                            },
-                            self.freed_by(e),
-                        ),
+                        SubclusterState::Data { host } if e.copied() => {
+                            (Some(host.get()), e, vec![])
+                        }
+                        SubclusterState::Zero { host: Some(h) } if e.copied() => {
+                            (Some(h.get()), L2Entry::data(Some(h), true), vec![])
+                        }
+                        _ => (None, L2Entry::data(None, true), self.freed_by(e)),
                     };
                     plans.push(Plan {
                         idx,
@@ -1084,7 +1000,7 @@ impl Qcow2Image {
         let mut tables = Vec::new();
         let mut pos = off;
         while pos < end {
-            let l1i = geo.l1_index(GuestOffset(pos));
+            let l1i = geo.l1_index(GuestOffset::new(pos));
             let table_end = ((l1i + 1) * geo.l2_span()).min(end);
             let toff = self.l2_for_write(l1i)?;
             let table = self.l2_table(toff)?;
@@ -1093,7 +1009,7 @@ impl Qcow2Image {
                 let cstart = c << cb;
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
-                let idx = geo.l2_index(GuestOffset(cstart));
+                let idx = geo.l2_index(GuestOffset::new(cstart));
                 let e = self.entry_for_write(&table, toff, idx)?;
                 let slice = &data[(a - off) as usize..(b - off) as usize];
                 plans.push(self.plan_write(idx, e, cstart, a - cstart, slice, backing)?);
@@ -1137,7 +1053,7 @@ impl Qcow2Image {
                 let p = &mut tables[t].1[i];
                 let host = (first + j as u64) << cb;
                 p.dest = Some(host);
-                p.new.word |= host;
+                p.new = p.new.with_host(HostOffset::new(host));
             }
             k += n as usize;
         }
@@ -1182,8 +1098,7 @@ impl Qcow2Image {
                 .rw
                 .as_deref()
                 .map(|ws| {
-                    ws.refcounts
-                        .meta
+                    ws.meta()
                         .guard(&self.path, || "data write".into(), *h, *len, &[])
                 })
                 .unwrap_or(Ok(()));
@@ -1194,9 +1109,7 @@ impl Qcow2Image {
         }
         let mut written = 0;
         for (h, bufs, len) in &runs {
-            self.storage
-                .write_vectored_at(bufs, *h)
-                .map_err(|e| self.io_err("write data", *h, e))?;
+            self.writer()?.write_data_vectored(bufs, *h)?;
             written += len;
         }
         drop(runs);
@@ -1205,13 +1118,11 @@ impl Qcow2Image {
                 Error::InvalidArgument("a range write without its source storage".into())
             })?;
             for (h, from, len) in &moves {
-                self.storage
-                    .copy_range_from(src, *from, *len, *h)
-                    .map_err(|e| self.io_err("move data", *h, e))?;
+                self.writer()?.copy_data_from(src, *from, *len, *h)?;
                 written += len;
             }
         }
-        self.ws()?.unsynced_bytes += written.max(1);
+        self.ws()?.add_unsynced(written.max(1));
         for (toff, plans) in &tables {
             self.update_l2(*toff, plans)?;
         }
@@ -1235,15 +1146,13 @@ impl Qcow2Image {
             .flat_map(|p| p.frees.iter().copied())
             .collect();
         self.check_freeable(&frees)?;
-        let taken = self.ws()?.dirty_l2.remove(&toff);
+        let taken = self.ws()?.unpin(toff);
         let mut d = match taken {
             Some(d) => d,
             None => {
                 let table = self.l2_table(toff)?;
-                self.l2_cache
-                    .get_mut()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(toff);
+                // Pinned from here on: out of the cache.
+                self.uncache_l2(toff);
                 DirtyTable {
                     table,
                     lo: u64::MAX,
@@ -1265,8 +1174,8 @@ impl Qcow2Image {
             frees.extend_from_slice(&p.frees);
         }
         let ws = self.ws()?;
-        ws.dirty_l2.insert(toff, d);
-        ws.pending_frees.extend(frees);
+        ws.pin(toff, d);
+        ws.free_later(frees);
         Ok(())
     }
 
@@ -1277,12 +1186,10 @@ impl Qcow2Image {
         if clusters.is_empty() {
             return Ok(());
         }
-        let r = {
-            let (storage, ws, path) = self.split()?;
-            clusters
-                .iter()
-                .try_for_each(|ci| ws.refcounts.get(storage, path, *ci).map(|_| ()))
-        };
+        let ws = self.ws()?;
+        let r = clusters
+            .iter()
+            .try_for_each(|ci| ws.refcount(*ci).map(|_| ()));
         match r {
             Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
             r => r,
@@ -1379,7 +1286,7 @@ impl Qcow2Image {
         let mut dropped: Vec<usize> = Vec::new();
         let mut frees: Vec<u64> = Vec::new();
         for i in 0..self.l1.len() {
-            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.0) else {
+            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.get()) else {
                 continue;
             };
             self.l2_past_the_end(off)?;
@@ -1405,12 +1312,9 @@ impl Qcow2Image {
             }
             self.check_freeable(&mine)?;
             drop(table);
-            self.l2_cache
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(off);
+            self.uncache_l2(off);
             if let Some(ws) = self.rw.as_deref_mut() {
-                ws.refcounts.meta.remove(off, cs, Meta::ActiveL2);
+                ws.meta_mut().remove(off, cs, Meta::ActiveL2);
             }
             self.l1[i] = 0;
             dropped.push(i);
@@ -1434,14 +1338,10 @@ impl Qcow2Image {
         let n = len.div_ceil(cs);
         let mut last = n;
         {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             while last > 1
-                && ws.refcounts.get(storage, path, last - 1)? == 0
-                && ws
-                    .refcounts
-                    .meta
-                    .overlap((last - 1) << cb, cs, &[])
-                    .is_none()
+                && ws.refcount(last - 1)? == 0
+                && ws.meta().overlap((last - 1) << cb, cs, &[]).is_none()
             {
                 last -= 1;
             }
@@ -1451,7 +1351,7 @@ impl Qcow2Image {
         }
         // Advisory, like the punched holes: a longer file is still valid.
         if self.storage.set_len(last << cb).is_ok() {
-            self.ws()?.refcounts.truncated(last);
+            self.ws()?.truncated(last);
         }
         Ok(())
     }
@@ -1463,8 +1363,8 @@ impl Qcow2Image {
             return Ok(());
         }
         let ws = self.ws()?;
-        ws.dirty_l1.extend(dropped.drain(..));
-        ws.pending_frees.extend(frees.iter().copied());
+        ws.l1_changed(dropped.drain(..));
+        ws.free_later(frees.iter().copied());
         // commit_metadata writes the L1 entries; the barrier after it makes
         // them durable before the refcounts drop; a barrier ends it.
         self.flush()?;
@@ -1476,9 +1376,8 @@ impl Qcow2Image {
         let mut runs = Vec::new();
         for &ci in frees.iter() {
             let free = {
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.get(storage, path, ci)? == 0
-                    && ws.refcounts.meta.overlap(ci << cb, cs, &[]).is_none()
+                let ws = self.ws()?;
+                ws.refcount(ci)? == 0 && ws.meta().overlap(ci << cb, cs, &[]).is_none()
             };
             if !free {
                 continue;
@@ -1696,7 +1595,7 @@ impl Qcow2Image {
         let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
         let scs = geo.subcluster_size();
-        let l1i = geo.l1_index(GuestOffset(start));
+        let l1i = geo.l1_index(GuestOffset::new(start));
         // A discard of a range with no L2 table and no backing changes nothing.
         let has_table = L1Entry(self.l1.get(l1i as usize).copied().unwrap_or(0))
             .l2_offset()
@@ -1720,7 +1619,7 @@ impl Qcow2Image {
         let mut plans = Vec::new();
         for c in (start >> cb)..=((end - 1) >> cb) {
             let cstart = c << cb;
-            let idx = geo.l2_index(GuestOffset(cstart));
+            let idx = geo.l2_index(GuestOffset::new(cstart));
             // A discard only drops the entry (an unaligned one leaks its
             // cluster, as in QEMU); zeroing may write through it.
             let e = if let ZeroMode::Zero { .. } = mode {
@@ -1742,15 +1641,9 @@ impl Qcow2Image {
                         L2Entry::default()
                     } else if has_backing || allocated {
                         if geo.extended_l2() {
-                            L2Entry {
-                                word: 0,
-                                bitmap: 0xffff_ffff << 32,
-                            }
+                            L2Entry::default().with_subclusters(0, u32::MAX)
                         } else {
-                            L2Entry {
-                                word: OFLAG_ZERO,
-                                bitmap: 0,
-                            }
+                            L2Entry::zero()
                         }
                     } else {
                         // discard_in_l2_slice leaves an unallocated entry
@@ -1763,17 +1656,13 @@ impl Qcow2Image {
                     // `unmap` an allocated one, loses its host cluster; any
                     // other keeps its entry, the zero flag (bits) added.
                     let drop = e.compressed() || (unmap && e.host_cluster().is_some());
-                    let word = if drop { 0 } else { e.word };
+                    // (A standard entry's bitmap is 0; an extended one's is
+                    // replaced below.)
+                    let kept = if drop { L2Entry::default() } else { e };
                     if !geo.extended_l2() {
-                        L2Entry {
-                            word: word | OFLAG_ZERO,
-                            bitmap: 0,
-                        }
+                        kept.with_zero_flag()
                     } else if whole {
-                        L2Entry {
-                            word,
-                            bitmap: 0xffff_ffff << 32,
-                        }
+                        kept.with_subclusters(0, u32::MAX)
                     } else {
                         if e.compressed() && !whole {
                             // Decompress into a plain cluster first, then zero.
@@ -1788,15 +1677,12 @@ impl Qcow2Image {
                             plans.push(p);
                             continue;
                         }
-                        let mut zbits = 0u64;
+                        let mut zbits = 0u32;
                         for sc in (a / scs)..(b.div_ceil(scs)).min(32) {
                             zbits |= 1 << sc;
                         }
                         // zero_l2_subclusters: only the bitmap changes.
-                        L2Entry {
-                            word: e.word,
-                            bitmap: (e.bitmap & !zbits) | (zbits << 32),
-                        }
+                        e.with_subclusters(e.alloc_bits() & !zbits, e.zero_bits() | zbits)
                     }
                 }
             };
@@ -1809,7 +1695,7 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: new.host_cluster().map(|h| h.0),
+                dest: new.host_cluster().map(|h| h.get()),
                 writes: vec![],
                 frees,
             });
@@ -1840,20 +1726,20 @@ impl Qcow2Image {
         self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
-        let frees = std::mem::take(&mut self.ws()?.pending_frees);
+        let frees = self.ws()?.take_pending_frees();
         if frees.is_empty() {
             return Ok(());
         }
         let r = {
-            let (storage, ws, path) = self.split()?;
+            let ws = self.ws()?;
             let mut r = Ok(());
             for ci in frees {
-                r = ws.refcounts.adjust(storage, path, ci, -1).map(|_| ());
+                r = ws.adjust_refcount(ci, -1).map(|_| ());
                 if r.is_err() {
                     break;
                 }
             }
-            ws.refcounts.rewind();
+            ws.rewind_allocator();
             r
         };
         self.on_overlap(r)?;
@@ -1896,7 +1782,8 @@ impl Qcow2Image {
             l1.resize(need as usize, 0);
             let mut raw = strata_format::table::encode_u64_table(&l1);
             raw.resize((clusters * self.geometry.cluster_size()) as usize, 0);
-            self.write_bytes(&raw, new_off, "write L1 table")?;
+            self.writer()?
+                .write_metadata(&raw, new_off, "write L1 table")?;
             self.barrier()?;
             let old_l1 = (self.header.l1_table_offset, self.l1.len() as u64);
             self.header.l1_table_offset = new_off;
@@ -1906,7 +1793,7 @@ impl Qcow2Image {
             self.sync()?;
             self.l1 = l1;
             if let Some(ws) = self.rw.as_deref_mut() {
-                let meta = &mut ws.refcounts.meta;
+                let meta = ws.meta_mut();
                 meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
                 meta.add(new_off, need * 8, Meta::ActiveL1);
             }
@@ -1914,7 +1801,7 @@ impl Qcow2Image {
                 let cb = self.geometry.cluster_bits();
                 let first = old_l1.0 >> cb;
                 let n = self.geometry.clusters_for(old_l1.1 * 8);
-                self.ws()?.pending_frees.extend(first..first + n);
+                self.ws()?.free_later(first..first + n);
             }
         } else {
             self.header.size = new_size;
@@ -2002,12 +1889,12 @@ impl Qcow2Image {
         let mut c = 0u64;
         while c < clusters {
             let g = c << cb;
-            let toff = self.l2_for_write(geo.l1_index(GuestOffset(g)))?;
+            let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(g)))?;
             let table = self.l2_table(toff)?;
-            let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset(g))).min(clusters - c);
+            let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset::new(g))).min(clusters - c);
             let mut plans = Vec::new();
             for j in 0..in_table {
-                let idx = geo.l2_index(GuestOffset((c + j) << cb));
+                let idx = geo.l2_index(GuestOffset::new((c + j) << cb));
                 let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
                     path: self.path.clone(),
                     source,
@@ -2031,10 +1918,7 @@ impl Qcow2Image {
                     let p = &mut plans[k + j];
                     let host = (first + j as u64) << cb;
                     p.dest = Some(host);
-                    p.new = L2Entry {
-                        word: host | OFLAG_COPIED,
-                        bitmap: 0,
-                    };
+                    p.new = L2Entry::data(Some(HostOffset::new(host)), true);
                 }
                 k += n as usize;
             }
@@ -2050,7 +1934,7 @@ impl Qcow2Image {
                 start = start.min(dest);
                 end = end.max(dest + cs);
                 if fill == PreallocFill::Zeros || dest < len {
-                    self.write_bytes(&zeros, dest, "write zeros")?;
+                    self.writer()?.write_data(&zeros, dest, "write zeros")?;
                 }
             }
             // The clusters must exist in the file (they read as zeros).
@@ -2086,7 +1970,8 @@ impl Qcow2Image {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_bytes(&chunk[..n], offset + done, "write zeros")?;
+            self.writer()?
+                .write_data(&chunk[..n], offset + done, "write zeros")?;
             done += n as u64;
         }
         Ok(())
@@ -2149,13 +2034,13 @@ impl Qcow2Image {
         let geo = self.geometry;
         let cs = geo.cluster_size();
         let cb = geo.cluster_bits();
-        let toff = self.l2_for_write(geo.l1_index(GuestOffset(off)))?;
+        let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(off)))?;
         let table = self.l2_table(toff)?;
         let mut plans = Vec::new();
         let mut plain: Vec<(u64, &[u8])> = Vec::new();
         for (i, cluster) in data.chunks(cs as usize).enumerate() {
             let g = off + i as u64 * cs;
-            let idx = geo.l2_index(GuestOffset(g));
+            let idx = geo.l2_index(GuestOffset::new(g));
             let e = self.entry_for_write(&table, toff, idx)?;
             let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
                 plain.push((g, cluster));
@@ -2167,31 +2052,24 @@ impl Qcow2Image {
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
                 let order = self.header.refcount_order;
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.get(storage, path, tail >> cb)?
-                    < strata_format::refcount::max_refcount(order)
+                self.ws()?.refcount(tail >> cb)? < strata_format::refcount::max_refcount(order)
             };
             let start = if room {
                 let ci = tail >> cb;
-                let (storage, ws, path) = self.split()?;
-                ws.refcounts.adjust(storage, path, ci, 1)?;
+                self.ws()?.adjust_refcount(ci, 1)?;
                 tail
             } else {
                 self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
             };
             self.compressed_tail.next = start + len;
-            let word = strata_format::CompressedDescriptor::encode(
-                strata_format::HostOffset(start),
-                len,
-                cb,
-            )
-            .ok_or_else(|| {
-                Error::InvalidArgument("compressed cluster cannot be described".into())
-            })?;
+            let new =
+                L2Entry::compressed_at(HostOffset::new(start), len, geo).ok_or_else(|| {
+                    Error::InvalidArgument("compressed cluster cannot be described".into())
+                })?;
             plans.push(Plan {
                 idx,
                 old: e,
-                new: L2Entry { word, bitmap: 0 },
+                new,
                 dest: Some(start),
                 writes: vec![(0, Chunk::Owned(c))],
                 frees: self.freed_by(e),
@@ -2200,7 +2078,8 @@ impl Qcow2Image {
         for p in &mut plans {
             let dest = p.dest.unwrap_or(0);
             for (at, bytes) in std::mem::take(&mut p.writes) {
-                self.write_bytes(bytes.bytes(), dest + at, "write compressed cluster")?;
+                self.writer()?
+                    .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
             }
         }
         if !plans.is_empty() {
