@@ -283,24 +283,9 @@ fn resize_is_refused_while_another_process_has_the_image_open() {
     }
     let d = tempdir();
     let (a, _) = qcow2_twins(d.path(), "1M", &[]);
-    let mut child = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", s(&a)])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until qemu-io holds its locks.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let r = qemu_img(&["info", s(&a)]);
-        if r.code != 0 || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let holder = QemuIoHolds::start(&a);
     let r = strata(&["resize", s(&a), "2M"]);
-    drop(child.stdin.take());
-    let _ = child.wait();
+    drop(holder);
     assert_fails_with(&r, 1, &["Failed to get \"write\" lock"]);
     assert_eq!(virtual_size(&a), 1 << 20);
 }

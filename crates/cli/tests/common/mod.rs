@@ -178,3 +178,50 @@ pub fn identical(a: &Path, b: &Path) {
         r.stderr
     );
 }
+
+/// qemu-io holding an image open read-write (as a running VM does) until
+/// dropped.
+pub struct QemuIoHolds {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl QemuIoHolds {
+    /// Starts qemu-io on `img` and waits until it has the image open (it
+    /// answers a command only then), and so locked.
+    pub fn start(img: &Path) -> QemuIoHolds {
+        use std::io::{BufRead, Write};
+        use std::process::Stdio;
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "qcow2", s(img)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-io");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"length\n").expect("ask qemu-io");
+        let mut answer = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut answer)
+            .expect("qemu-io answer");
+        assert!(
+            answer.contains("iB"),
+            "qemu-io did not open {img:?}: {answer:?}"
+        );
+        QemuIoHolds {
+            child,
+            stdin: Some(stdin),
+        }
+    }
+}
+
+impl Drop for QemuIoHolds {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let _ = self.child.wait();
+    }
+}
