@@ -234,23 +234,47 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     for ci in start..start + k + t {
         refs[ci as usize] = 1;
     }
-    // Write the blocks (only the ones with a nonzero refcount get a slot;
-    // the placed ones all exist so that the layout stays simple).
-    let mut table = vec![0u64; (t * cs / 8) as usize];
+    // Every block gets a slot, so that the layout stays simple.
+    let blocks: Vec<u64> = (blocks_at..blocks_at + k).collect();
+    install_refcounts(img, &refs, &blocks, table_at, t)
+}
+
+/// Writes new refcount structures and switches the image to them: block
+/// `i` (covering clusters `i * per ..`) at cluster `blocks[i]`, holding
+/// `refs`, and a table of `table_clusters` clusters at cluster `table_at`
+/// naming them. Both are made durable before the header names them (one
+/// header write, with any change the caller made to the header in
+/// memory), which is made durable in turn; then the allocator and the
+/// overlap map are reloaded from the new structures. `refs` must already
+/// count the new structures themselves.
+pub(crate) fn install_refcounts(
+    img: &mut Qcow2Image,
+    refs: &[u64],
+    blocks: &[u64],
+    table_at: u64,
+    table_clusters: u64,
+) -> Result<()> {
+    let geo = img.geometry;
+    let cb = geo.cluster_bits();
+    let cs = geo.cluster_size();
+    let order = img.header.refcount_order;
+    let per = refcount::entries_per_block(cb, order);
+    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
     let mut block = vec![0u8; cs as usize];
-    for bi in 0..k {
+    for (bi, &at) in blocks.iter().enumerate() {
         block.fill(0);
         for j in 0..per {
-            let ci = bi * per + j;
-            let r = refs.get(ci as usize).copied().unwrap_or(0);
+            let r = refs
+                .get((bi as u64 * per + j) as usize)
+                .copied()
+                .unwrap_or(0);
             if r != 0 {
                 refcount::set(&mut block, order, j, r);
             }
         }
-        let at = (blocks_at + bi) << cb;
         img.writer()?
-            .write_metadata(&block, at, "write refcount block")?;
-        table[bi as usize] = at;
+            .write_metadata(&block, at << cb, "write refcount block")?;
+        table[bi] = at << cb;
     }
     img.writer()?.write_metadata(
         &encode_u64_table(&table),
@@ -259,7 +283,7 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     )?;
     img.sync()?;
     img.header.refcount_table_offset = table_at << cb;
-    img.header.refcount_table_clusters = t as u32;
+    img.header.refcount_table_clusters = table_clusters as u32;
     img.write_header()?;
     img.sync()?;
     // Reload the allocator's view of the new structures.
@@ -274,7 +298,7 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
         cb,
         order,
         table_at << cb,
-        t as u32,
+        table_clusters as u32,
     )?;
     if let Some(ws) = img.rw.as_deref_mut() {
         ws.replace_refcounts(fresh);

@@ -700,47 +700,7 @@ impl Qcow2Image {
         for ci in blocks.iter().copied().chain(table_at..table_at + t) {
             refs[ci as usize] = 1;
         }
-        let mut table = vec![0u64; (t * cs / 8) as usize];
-        let mut block = vec![0u8; cs as usize];
-        for (bi, at) in blocks.iter().enumerate() {
-            block.fill(0);
-            for j in 0..per {
-                let r = refs
-                    .get((bi as u64 * per + j) as usize)
-                    .copied()
-                    .unwrap_or(0);
-                if r != 0 {
-                    refcount::set(&mut block, order, j, r);
-                }
-            }
-            self.writer()?
-                .write_metadata(&block, at << cb, "write refcount block")?;
-            table[bi] = at << cb;
-        }
-        self.writer()?.write_metadata(
-            &encode_u64_table(&table),
-            table_at << cb,
-            "write refcount table",
-        )?;
-        self.sync()?;
-        self.header.refcount_table_offset = table_at << cb;
-        self.header.refcount_table_clusters = t as u32;
-        self.write_header()?;
-        self.sync()?;
-        let len = self.storage_len()?;
-        let fresh = crate::qcow2::alloc::Refcounts::load(
-            self.storage.as_ref(),
-            &self.path,
-            len,
-            cb,
-            order,
-            table_at << cb,
-            t as u32,
-        )?;
-        if let Some(ws) = self.rw.as_deref_mut() {
-            ws.replace_refcounts(fresh);
-        }
-        self.load_metadata_map()?;
+        crate::repair::install_refcounts(self, &refs, &blocks, table_at, t)?;
         Ok(true)
     }
 }
