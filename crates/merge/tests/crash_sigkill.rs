@@ -129,15 +129,8 @@ fn crash_and_rerun(op: &str, iterations: u32) {
     for i in 0..iterations {
         let top = fresh("run");
         let base = top.with_file_name("base.qcow2");
-        // Spread over the run, with a little jitter from the clock.
-        let jitter = Instant::now().elapsed().subsec_nanos() as u64 % 3_000_000;
-        let at = full.mul_f64(f64::from(i) / f64::from(iterations)) + Duration::from_nanos(jitter);
-        let mut child = spawn(op, &top);
-        std::thread::sleep(at);
-        let finished = child.try_wait().unwrap().is_some();
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        if !finished {
+        let at = kill_moment(i, iterations, full, Duration::from_nanos(3_000_000));
+        if kill_after(spawn(op, &top), at) {
             killed_midway += 1;
         }
 

@@ -128,3 +128,26 @@ pub fn own_allocated(img: &Path) -> u64 {
         .map(|e| e["length"].as_u64().unwrap())
         .sum()
 }
+
+/// The moment of kill `i` of `n` in a SIGKILL test: spread over a run
+/// that takes `full`, plus up to `jitter` taken from the clock.
+pub fn kill_moment(
+    i: u32,
+    n: u32,
+    full: std::time::Duration,
+    jitter: std::time::Duration,
+) -> std::time::Duration {
+    let j = u64::from(std::time::Instant::now().elapsed().subsec_nanos())
+        % (jitter.as_nanos() as u64).max(1);
+    full.mul_f64(f64::from(i) / f64::from(n)) + std::time::Duration::from_nanos(j)
+}
+
+/// Lets `child` run for `at`, then SIGKILLs it and reaps it; whether it
+/// was still running (killed mid-way rather than after finishing).
+pub fn kill_after(mut child: std::process::Child, at: std::time::Duration) -> bool {
+    std::thread::sleep(at);
+    let finished = child.try_wait().unwrap().is_some();
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    !finished
+}
