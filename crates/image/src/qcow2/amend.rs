@@ -405,17 +405,14 @@ fn resize_refusal_of(img: &WritableImage, new_size: u64) -> Option<String> {
 /// count (QEMU checks the refcounts as stored, leaks included).
 fn refcount_over(img: &mut WritableImage, order: u32) -> Result<Option<AmendRefusal>> {
     let max = refcount::max_refcount(order);
-    let cb = img.view.geometry().cluster_bits();
-    let clusters = img
-        .view
-        .storage_len()?
-        .div_ceil(img.view.geometry().cluster_size());
+    let geo = img.view.geometry();
+    let clusters = geo.clusters_for(img.view.storage_len()?);
     for ci in 0..clusters {
         let r = img.w.refcount(ci)?;
         if r > max {
             return Ok(Some(AmendRefusal::RefcountTooLarge {
                 bits: 1 << order,
-                offset: ci << cb,
+                offset: geo.cluster_start(ci).get(),
                 refcount: r,
             }));
         }
@@ -515,8 +512,8 @@ fn encode_snapshots(
 
 /// compat=0.10 -> 1.1 (QEMU's `qcow2_upgrade`).
 fn upgrade(img: &mut WritableImage) -> Result<()> {
-    let cb = img.view.geometry().cluster_bits();
-    let cs = img.view.geometry().cluster_size();
+    let geo = img.view.geometry();
+    let cs = geo.cluster_size();
     let mut h = img.view.header().clone();
     h.version = 3;
     h.header_length = 112;
@@ -574,9 +571,8 @@ fn upgrade(img: &mut WritableImage) -> Result<()> {
     if let Some(((old_off, old_len), snaps, end)) = moved {
         img.view.set_snapshots(snaps, end);
         if old_len > 0 {
-            let first = old_off >> cb;
-            let last = (old_off + old_len - 1) >> cb;
-            img.w.free_later(first..=last);
+            img.w
+                .free_later(geo.host_clusters(HostOffset::new(old_off), old_len));
         }
         img.load_metadata_map()?;
         // The header switch is durable: the old table's clusters may go.
@@ -738,7 +734,8 @@ fn write_zero_runs(img: &mut WritableImage, fill: &mut [u64], zeros: &[u8]) -> R
 fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Result<()> {
     let geo = img.view.geometry();
     let cs = geo.cluster_size();
-    let cb = geo.cluster_bits();
+    // Index of the host cluster holding host offset `h`.
+    let cluster_of = |h: u64| geo.cluster_index(HostOffset::new(h));
     let has_backing = img.view.header().backing_file.is_some();
     let tables = all_l2_tables(img)?;
     // Plan first: host clusters that some entry uses as data must never
@@ -762,7 +759,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
             })?;
             match state {
                 SubclusterState::Data { host } => {
-                    data_clusters.insert(host.get() >> cb);
+                    data_clusters.insert(geo.cluster_index(host));
                 }
                 SubclusterState::Zero { host: None } if has_backing => work.push((i, Expand::New)),
                 SubclusterState::Zero { host: None } => work.push((i, Expand::Drop)),
@@ -786,7 +783,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
             let Expand::InPlace(h) = *x else {
                 continue;
             };
-            if !data_clusters.contains(&(h >> cb)) {
+            if !data_clusters.contains(&cluster_of(h)) {
                 continue;
             }
             let data = match holds_data.get(&h) {
@@ -809,7 +806,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
     }
     let zeros = vec![0u8; ZERO_RUN.max(cs) as usize];
     for (toff, work) in plans {
-        let l2_refs = img.w.refcount(toff >> cb)?;
+        let l2_refs = img.w.refcount(cluster_of(toff))?;
         let mut table = img.l2_table(toff)?.as_ref().clone();
         // Host clusters to fill with zeros, written in runs.
         let mut fill = Vec::new();
@@ -819,8 +816,8 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
             let x = match x {
                 Expand::Relocate(h) => {
                     // Loaded (and validated) now, before any entry changes.
-                    img.w.refcount(h >> cb)?;
-                    frees.extend(std::iter::repeat_n(h >> cb, l2_refs as usize));
+                    img.w.refcount(cluster_of(h))?;
+                    frees.extend(std::iter::repeat_n(cluster_of(h), l2_refs as usize));
                     report.zero_clusters_moved += 1;
                     if has_backing {
                         Expand::New
@@ -839,7 +836,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
                     let at = img.alloc_contiguous(1, "a zero cluster expansion")?;
                     // A shared table's users all reference it.
                     for _ in 1..l2_refs {
-                        img.w.adjust_refcount(at >> cb, 1)?;
+                        img.w.adjust_refcount(cluster_of(at), 1)?;
                     }
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
@@ -849,7 +846,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
-                    let r = img.w.refcount(h >> cb)?;
+                    let r = img.w.refcount(cluster_of(h))?;
                     report.zero_clusters_expanded += 1;
                     L2Entry::data(Some(HostOffset::new(h)), r == 1)
                 }

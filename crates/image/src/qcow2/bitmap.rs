@@ -47,6 +47,7 @@ use strata_format::bitmap::{
     MAX_DIRECTORY_SIZE, MAX_PHYS_SIZE,
 };
 use strata_format::header::Autoclear;
+use strata_format::HostOffset;
 
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::Meta;
@@ -283,7 +284,7 @@ impl View {
     /// its table and data occupy.
     pub(crate) fn load_bitmap_bits(&self, e: &BitmapDirEntry) -> Result<(Vec<u8>, Vec<u64>)> {
         let cs = self.geometry().cluster_size();
-        let cb = self.geometry().cluster_bits();
+        let geo = self.geometry();
         let len = bits_len(self.header().size, e.granularity_bits);
         // validate() checked the table describes at least this much, and
         // at most MAX_PHYS_SIZE bytes.
@@ -315,7 +316,7 @@ impl View {
         self.storage()
             .read_at(&mut raw, e.table_offset)
             .map_err(|err| Error::io(self.path(), "read bitmap table", e.table_offset, err))?;
-        let first = e.table_offset >> cb;
+        let first = geo.cluster_index(HostOffset::new(e.table_offset));
         let mut clusters: Vec<u64> =
             (first..first + self.geometry().clusters_for(e.table_bytes())).collect();
         let mut bits = vec![0u8; len as usize];
@@ -347,7 +348,7 @@ impl View {
                     self.storage()
                         .read_at(chunk, off)
                         .map_err(|err| Error::io(self.path(), "read bitmap data", off, err))?;
-                    clusters.push(off >> cb);
+                    clusters.push(geo.cluster_index(HostOffset::new(off)));
                 }
             }
         }
@@ -460,7 +461,7 @@ impl WritableImage {
             return Ok(());
         }
         let cs = self.view.geometry().cluster_size();
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let mut old = Vec::new();
         let mut new_tables = Vec::new();
         for t in &mut s.tracked {
@@ -502,7 +503,7 @@ impl WritableImage {
         let meta = self.w.meta_mut();
         meta.remove(old_dir, dsize, Meta::BitmapDirectory);
         meta.add(doff, dsize, Meta::BitmapDirectory);
-        let first = old_dir >> cb;
+        let first = geo.cluster_index(HostOffset::new(old_dir));
         self.w
             .free_later(first..first + self.view.geometry().clusters_for(dsize));
         for ((toff, tbytes), clusters) in old {
@@ -520,7 +521,7 @@ impl WritableImage {
     /// its entry count and every cluster used. Nothing points at them yet.
     fn write_bitmap_bits(&mut self, bits: &[u8]) -> Result<(u64, u64, Vec<u64>)> {
         let cs = self.view.geometry().cluster_size();
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let n = (bits.len() as u64).div_ceil(cs).max(1);
         let mut table = Vec::with_capacity(n as usize);
         let mut clusters = Vec::new();
@@ -533,7 +534,7 @@ impl WritableImage {
             let mut buf = chunk.to_vec();
             buf.resize(cs as usize, 0);
             self.w.write_metadata(&buf, at, "write bitmap data")?;
-            clusters.push(at >> cb);
+            clusters.push(geo.cluster_index(HostOffset::new(at)));
             table.push(at);
         }
         table.resize(n as usize, 0);
@@ -542,7 +543,7 @@ impl WritableImage {
         let mut raw = strata_format::table::encode_u64_table(&table);
         raw.resize((tclusters * cs) as usize, 0);
         self.w.write_metadata(&raw, toff, "write bitmap table")?;
-        clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
+        clusters.extend(geo.host_clusters(HostOffset::new(toff), geo.clusters_bytes(tclusters)));
         Ok((toff, n, clusters))
     }
 
@@ -754,7 +755,7 @@ impl WritableImage {
         let Some(s) = self.w.bitmaps() else {
             return Ok((Vec::new(), None));
         };
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let mut works = Vec::new();
         for (i, e) in s.entries.iter().enumerate() {
             let table = (e.table_offset, e.table_bytes());
@@ -764,7 +765,7 @@ impl WritableImage {
             } else if e.in_use() {
                 // Its table stays; when it is removed, only the table
                 // clusters are freed (its data may be garbage: leaked).
-                let first = e.table_offset >> cb;
+                let first = geo.cluster_index(HostOffset::new(e.table_offset));
                 let n = self.view.geometry().clusters_for(e.table_bytes());
                 (
                     None,
@@ -798,7 +799,7 @@ impl WritableImage {
         old_dir: Option<(u64, u64)>,
     ) -> Result<()> {
         let cs = self.view.geometry().cluster_size();
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let mut dir = Vec::new();
         let mut frees = Vec::new();
         let mut tables = Vec::new();
@@ -810,7 +811,7 @@ impl WritableImage {
         }
         // The old directory goes once the new one is in place.
         if let Some((o, b)) = old_dir {
-            let first = o >> cb;
+            let first = geo.cluster_index(HostOffset::new(o));
             frees.extend(first..first + self.view.geometry().clusters_for(b));
         }
         for w in &works {

@@ -36,7 +36,7 @@ use strata_format::table::{
     decode_u64_table, L1_RESERVED_MASK, L2_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO,
 };
-use strata_format::{limits, CompressedDescriptor};
+use strata_format::{limits, CompressedDescriptor, Geometry, HostOffset};
 
 use crate::error::{Error, Result};
 use crate::qcow2::{Qcow2Image, View};
@@ -163,7 +163,10 @@ pub(crate) fn check_view(img: &View) -> Result<CheckReport> {
     }
     c.compare()?;
     c.check_oflag_copied()?;
-    c.report.image_end_offset = c.highest_cluster.saturating_add(1) << c.bits;
+    c.report.image_end_offset = c
+        .geo
+        .cluster_start(c.highest_cluster.saturating_add(1))
+        .get();
     Ok(c.report)
 }
 
@@ -196,14 +199,15 @@ pub fn detect_metadata_preallocation(img: &Qcow2Image) -> bool {
 
 fn detect_preallocation(img: &View) -> Option<bool> {
     let h = img.header();
-    let bits = h.cluster_bits;
-    let cs = 1u64 << bits;
+    let geo = img.geometry();
+    let bits = geo.cluster_bits();
+    let cs = geo.cluster_size();
     let file_length = img.storage().len().ok()?;
     let real_clusters = img.storage().allocated_bytes().ok()? / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let end_cluster = file_length.div_ceil(cs);
     let per_block = refcount::entries_per_block(bits, h.refcount_order);
-    let table_len = (u64::from(h.refcount_table_clusters) << bits) / 8;
+    let table_len = geo.clusters_bytes(u64::from(h.refcount_table_clusters)) / 8;
     let mut count = 0u64;
     let mut block: Option<(u64, Vec<u8>)> = None;
     let mut i = 0u64;
@@ -295,7 +299,7 @@ struct L2Effects {
 
 struct Checker<'a> {
     img: &'a View,
-    bits: u32,
+    geo: Geometry,
     cs: u64,
     file_len: u64,
     refs: RefArray,
@@ -310,8 +314,8 @@ struct Checker<'a> {
 impl<'a> Checker<'a> {
     fn new(img: &'a View) -> Result<Checker<'a>> {
         let h = img.header();
-        let bits = h.cluster_bits;
-        let cs = 1u64 << bits;
+        let geo = img.geometry();
+        let cs = geo.cluster_size();
         let file_len = img
             .storage()
             .len()
@@ -330,7 +334,7 @@ impl<'a> Checker<'a> {
         let small = vec![0u16; (nb + 1) as usize];
         // The refcount table lies inside the file (checked at open) and is
         // at most MAX_REFTABLE_BYTES long (checked by the header parser).
-        let rt_bytes = u64::from(h.refcount_table_clusters) << bits;
+        let rt_bytes = geo.clusters_bytes(u64::from(h.refcount_table_clusters));
         if rt_bytes > limits::MAX_REFTABLE_BYTES.max(cs) {
             return Err(Error::corrupt(
                 img.path(),
@@ -351,7 +355,7 @@ impl<'a> Checker<'a> {
             })?;
         Ok(Checker {
             img,
-            bits,
+            geo,
             cs,
             file_len,
             refs: RefArray {
@@ -415,9 +419,10 @@ impl<'a> Checker<'a> {
             );
             return;
         }
-        let first = offset >> self.bits;
-        let last = (end - 1) >> self.bits;
-        for k in first..=last {
+        for k in self
+            .geo
+            .host_clusters(HostOffset::new(offset), end - offset)
+        {
             if k >= self.refs.small.len() as u64 {
                 // Unreachable given the test above; never index past the array.
                 self.report.push(
@@ -436,7 +441,10 @@ impl<'a> Checker<'a> {
                 self.refs.set(k, self.refs.max);
                 self.report.push(
                     ProblemKind::Corruption,
-                    format!("ERROR: overflow cluster offset={:#x}", k << self.bits),
+                    format!(
+                        "ERROR: overflow cluster offset={:#x}",
+                        self.geo.cluster_start(k).get()
+                    ),
                     times - room,
                 );
             }
@@ -597,7 +605,7 @@ impl<'a> Checker<'a> {
             if word & OFLAG_COMPRESSED != 0 {
                 let d = CompressedDescriptor::decode(
                     word & !(OFLAG_COPIED | OFLAG_COMPRESSED),
-                    self.bits,
+                    self.geo.cluster_bits(),
                 );
                 if word & OFLAG_COPIED != 0 {
                     fx.problems.push(format!(
@@ -801,7 +809,7 @@ impl<'a> Checker<'a> {
                 ));
                 continue;
             }
-            let cluster = offset >> self.bits;
+            let cluster = self.geo.cluster_index(HostOffset::new(offset));
             if cluster >= self.refs.len {
                 self.corruption(format!("ERROR refcount block {i} is outside image"));
                 continue;
@@ -822,7 +830,7 @@ impl<'a> Checker<'a> {
     fn stored_refcount(&mut self, i: u64) -> Result<std::result::Result<u64, String>> {
         let img = self.img;
         let h = img.header();
-        let per_block = refcount::entries_per_block(self.bits, h.refcount_order);
+        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), h.refcount_order);
         let rt_index = i / per_block;
         let Some(&entry) = usize::try_from(rt_index)
             .ok()
@@ -895,7 +903,7 @@ impl<'a> Checker<'a> {
             if l2 == 0 {
                 continue;
             }
-            if let Ok(r) = self.stored_refcount(l2 >> self.bits)? {
+            if let Ok(r) = self.stored_refcount(self.geo.cluster_index(HostOffset::new(l2)))? {
                 if (r == 1) != (entry & OFLAG_COPIED != 0) {
                     self.corruption(format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} \
@@ -923,7 +931,8 @@ impl<'a> Checker<'a> {
                     if word & OFLAG_COMPRESSED != 0 || host == 0 {
                         continue;
                     }
-                    let Ok(r) = self.stored_refcount(host >> self.bits)? else {
+                    let ci = self.geo.cluster_index(HostOffset::new(host));
+                    let Ok(r) = self.stored_refcount(ci)? else {
                         continue;
                     };
                     if (r == 1) != (word & OFLAG_COPIED != 0) {

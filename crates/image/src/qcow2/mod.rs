@@ -59,12 +59,15 @@
 //! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
 //! `with_subclusters`, ...), never bit by bit; feature bits are the typed
 //! flags `Incompatible`, `Compatible` and `Autoclear`; `GuestOffset` and
-//! `HostOffset` are opaque, and `Geometry` turns them into indices
-//! (`l1_index`, `l2_index`, `cluster_index`, `subcluster_index`).
+//! `HostOffset` are opaque, and `Geometry` turns them into indices and
+//! back (`l1_index`, `l2_index`, `cluster_index`, `cluster_start`,
+//! `guest_cluster_start`, `host_clusters`, `guest_clusters`,
+//! `subcluster_index`, `in_subcluster`, `clusters_bytes`): no module of
+//! `qcow2` shifts an offset by the cluster bits by hand (the refcount
+//! structures in `alloc.rs` hold a `Geometry` too).
 //!
 //! Not done yet (issue 16): the header's fields are still public (no
-//! update methods); most of the write path still shifts raw `u64` offsets
-//! by `cluster_bits` by hand.
+//! update methods).
 
 pub(crate) mod alloc;
 pub mod amend;
@@ -195,7 +198,7 @@ impl WritableImage {
             view.storage(),
             path,
             view.file_len(),
-            h.cluster_bits,
+            view.geometry(),
             h.refcount_order,
             h.refcount_table_offset,
             h.refcount_table_clusters,

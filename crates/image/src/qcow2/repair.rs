@@ -10,7 +10,7 @@
 use strata_format::header::{Autoclear, Incompatible};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_ZERO};
-use strata_format::{L1Entry, L2Entry};
+use strata_format::{HostOffset, L1Entry, L2Entry};
 
 use crate::check::{self, CheckReport};
 use crate::error::{Error, Result};
@@ -150,7 +150,7 @@ fn only_copied_flags(r: &CheckReport) -> bool {
 fn fix_leaks(img: &mut WritableImage) -> Result<u64> {
     let expected = check::compute_refcounts_view(&img.view)?;
     let per = refcount::entries_per_block(
-        img.view.header().cluster_bits,
+        img.view.geometry().cluster_bits(),
         img.view.header().refcount_order,
     );
     let ws = &mut img.w;
@@ -196,14 +196,14 @@ pub(crate) fn rebuild_refcounts_of(img: &mut WritableImage) -> Result<()> {
             *r = r.saturating_sub(1);
         }
     };
-    let t0 = img.view.header().refcount_table_offset >> cb;
+    let t0 = geo.cluster_index(HostOffset::new(img.view.header().refcount_table_offset));
     for ci in t0..t0 + u64::from(img.view.header().refcount_table_clusters) {
         sub(&mut refs, ci);
     }
     for e in &old_table {
         let off = e & REFTABLE_OFFSET_MASK;
         if off != 0 && geo.is_aligned(off) {
-            sub(&mut refs, off >> cb);
+            sub(&mut refs, geo.cluster_index(HostOffset::new(off)));
         }
     }
     let max = refcount::max_refcount(order);
@@ -221,8 +221,8 @@ pub(crate) fn rebuild_refcounts_of(img: &mut WritableImage) -> Result<()> {
         .view
         .storage()
         .len()
-        .map_err(|e| Error::io(img.view.path(), "stat", 0, e))?
-        .div_ceil(cs);
+        .map_err(|e| Error::io(img.view.path(), "stat", 0, e))
+        .map(|len| geo.clusters_for(len))?;
     let used = refs
         .iter()
         .rposition(|r| *r != 0)
@@ -271,11 +271,10 @@ pub(crate) fn install_refcounts(
     table_clusters: u64,
 ) -> Result<()> {
     let geo = img.view.geometry();
-    let cb = geo.cluster_bits();
     let cs = geo.cluster_size();
     let order = img.view.header().refcount_order;
-    let per = refcount::entries_per_block(cb, order);
-    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+    let per = refcount::entries_per_block(geo.cluster_bits(), order);
+    let mut table = vec![0u64; (geo.clusters_bytes(table_clusters) / 8) as usize];
     let mut block = vec![0u8; cs as usize];
     for (bi, &at) in blocks.iter().enumerate() {
         block.fill(0);
@@ -288,17 +287,15 @@ pub(crate) fn install_refcounts(
                 refcount::set(&mut block, order, j, r);
             }
         }
-        img.w
-            .write_metadata(&block, at << cb, "write refcount block")?;
-        table[bi] = at << cb;
+        let at = geo.cluster_start(at).get();
+        img.w.write_metadata(&block, at, "write refcount block")?;
+        table[bi] = at;
     }
-    img.w.write_metadata(
-        &encode_u64_table(&table),
-        table_at << cb,
-        "write refcount table",
-    )?;
+    let table_at = geo.cluster_start(table_at).get();
+    img.w
+        .write_metadata(&encode_u64_table(&table), table_at, "write refcount table")?;
     img.sync()?;
-    img.view.header_mut().refcount_table_offset = table_at << cb;
+    img.view.header_mut().refcount_table_offset = table_at;
     img.view.header_mut().refcount_table_clusters = table_clusters as u32;
     img.write_header()?;
     img.sync()?;
@@ -312,9 +309,9 @@ pub(crate) fn install_refcounts(
         img.view.storage(),
         img.view.path(),
         len,
-        cb,
+        geo,
         order,
-        table_at << cb,
+        table_at,
         table_clusters as u32,
     )?;
     img.w.replace_refcounts(fresh);
@@ -323,8 +320,8 @@ pub(crate) fn install_refcounts(
 }
 
 fn read_table(img: &WritableImage) -> Result<Vec<u64>> {
-    let bytes = (u64::from(img.view.header().refcount_table_clusters)
-        << img.view.header().cluster_bits) as usize;
+    let geo = img.view.geometry();
+    let bytes = geo.clusters_bytes(u64::from(img.view.header().refcount_table_clusters)) as usize;
     let mut raw = vec![0u8; bytes];
     img.view
         .storage()
@@ -442,13 +439,12 @@ fn fix_misaligned_zero_clusters(img: &mut WritableImage) -> Result<u64> {
 /// one. Returns the number of entries changed.
 fn fix_copied_flags(img: &mut WritableImage) -> Result<u64> {
     let geo = img.view.geometry();
-    let cb = geo.cluster_bits();
     let path = img.view.path().to_path_buf();
     let mut fixed = 0;
     for i in 0..img.view.l1().len() {
         let e = L1Entry(img.view.l1()[i]);
         let Some(l2) = e.l2_offset() else { continue };
-        let rc = refcount_of(img, l2.get() >> cb)?;
+        let rc = refcount_of(img, geo.cluster_index(l2))?;
         let want = rc == 1;
         if want != e.copied() {
             let v = L1Entry::new(l2, want).0;
@@ -473,7 +469,7 @@ fn fix_copied_flags(img: &mut WritableImage) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, h.get() >> cb)? == 1;
+            let want = refcount_of(img, geo.cluster_index(h))? == 1;
             if want != entry.copied() {
                 entry = entry.with_copied(want);
                 entry

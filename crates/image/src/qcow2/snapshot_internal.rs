@@ -25,7 +25,7 @@
 
 use strata_format::snapshot::{self, Snapshot};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED};
-use strata_format::{limits, L1Entry, L2Entry};
+use strata_format::{limits, HostOffset, L1Entry, L2Entry};
 
 use crate::error::{Error, Result};
 use crate::qcow2::{ReadOnlyImage, View, WritableImage};
@@ -187,12 +187,12 @@ impl Tail {
     /// Writes `bytes` (zero-padded to clusters) to the first hole large
     /// enough, or at the end; returns its offset.
     fn put(&mut self, img: &WritableImage, bytes: &[u8], op: &'static str) -> Result<u64> {
-        let cb = img.view.geometry().cluster_bits();
+        let geo = img.view.geometry();
         let cs = img.view.geometry().cluster_size();
         let n = (bytes.len() as u64).div_ceil(cs).max(1);
         let at = match self.holes.iter_mut().find(|(_, len)| *len >= n) {
             Some((first, len)) => {
-                let at = *first << cb;
+                let at = geo.cluster_start(*first).get();
                 *first += n;
                 *len -= n;
                 at
@@ -521,7 +521,6 @@ impl WritableImage {
     /// to all of it in one write.
     fn commit_state(&mut self, tail: &mut Tail, mut l1: Vec<u64>, size: u64) -> Result<()> {
         let geo = self.view.geometry();
-        let cb = geo.cluster_bits();
         self.view.header_mut().size = size;
         self.view.header_mut().l1_size = l1.len() as u32;
         *self.view.l1_mut() = l1.clone();
@@ -571,7 +570,7 @@ impl WritableImage {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let want = count(h.get() >> cb) == 1;
+                let want = count(geo.cluster_index(h)) == 1;
                 if want != entry.copied() {
                     entry = entry.with_copied(want);
                     entry
@@ -587,7 +586,7 @@ impl WritableImage {
                 let at = tail.put(self, &fixed, "write L2 table")?;
                 *e = L1Entry::new(strata_format::HostOffset::new(at), true).0;
             } else {
-                let shared = count(l2.get() >> cb) != 1;
+                let shared = count(geo.cluster_index(l2)) != 1;
                 *e = L1Entry::new(
                     strata_format::HostOffset::new(l2.get() & OFFSET_MASK),
                     !shared,
@@ -619,10 +618,10 @@ impl WritableImage {
     /// small; the caller then rebuilds at the end.
     fn refcounts_in_holes(&mut self, tail: &Tail) -> Result<bool> {
         use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let cs = self.view.geometry().cluster_size();
         let order = self.view.header().refcount_order;
-        let per = refcount::entries_per_block(cb, order);
+        let per = refcount::entries_per_block(geo.cluster_bits(), order);
         let mut refs = crate::check::compute_refcounts_view(&self.view)?;
         // The old refcount structures are not kept.
         let old_table = self.w.refcount_table().to_vec();
@@ -631,14 +630,14 @@ impl WritableImage {
                 *r = r.saturating_sub(1);
             }
         };
-        let t0 = self.view.header().refcount_table_offset >> cb;
+        let t0 = geo.cluster_index(HostOffset::new(self.view.header().refcount_table_offset));
         for ci in t0..t0 + u64::from(self.view.header().refcount_table_clusters) {
             drop_ref(ci);
         }
         for e in &old_table {
             let off = e & REFTABLE_OFFSET_MASK;
             if off != 0 && self.view.geometry().is_aligned(off) {
-                drop_ref(off >> cb);
+                drop_ref(geo.cluster_index(HostOffset::new(off)));
             }
         }
         let used = refs

@@ -148,7 +148,7 @@ impl View {
         let l1 = decode_u64_table(&raw_l1);
         let rt_end = header
             .refcount_table_offset
-            .saturating_add(u64::from(header.refcount_table_clusters) << cluster_bits);
+            .saturating_add(geometry.clusters_bytes(u64::from(header.refcount_table_clusters)));
         if rt_end > file_len {
             return Err(Error::corrupt(
                 path,
@@ -402,7 +402,7 @@ impl View {
         })?;
         let m = Mapping::from(state);
         // Offset of g inside its subcluster.
-        let within = g % self.geometry.subcluster_size();
+        let within = self.geometry.in_subcluster(guest);
         Ok(match m {
             Mapping::Compressed(_) => m,
             // A zero entry's host is the start of the whole cluster (data

@@ -329,15 +329,15 @@ impl WritableImage {
     /// L1 tables are read (the L2 tables' offsets are in them), so this
     /// costs a few small reads at open.
     pub(crate) fn load_metadata_map(&mut self) -> Result<()> {
-        let cb = self.view.geometry().cluster_bits();
-        let cs = self.view.geometry().cluster_size();
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
         let ws = &self.w;
-        let mut meta = MetadataMap::new(cb);
+        let mut meta = MetadataMap::new(geo);
         // The refcount structures, as the allocator knows them.
         let rc = ws.refcounts();
         meta.add(
             rc.table_offset,
-            u64::from(rc.table_clusters) << cb,
+            geo.clusters_bytes(u64::from(rc.table_clusters)),
             Meta::RefcountTable,
         );
         for e in &rc.table {
@@ -347,7 +347,7 @@ impl WritableImage {
             }
         }
         if let Some((off, n)) = rc.table_moved {
-            meta.add(off, u64::from(n) << cb, Meta::RefcountTable);
+            meta.add(off, geo.clusters_bytes(u64::from(n)), Meta::RefcountTable);
         }
         meta.add(0, cs, Meta::Header);
         meta.add(
@@ -513,8 +513,7 @@ impl WritableImage {
                 self.view.header_mut().refcount_table_offset = off;
                 self.view.header_mut().refcount_table_clusters = clusters;
                 self.write_header()?;
-                let cb = self.view.geometry().cluster_bits();
-                self.w.refcount_table_switched(cb);
+                self.w.refcount_table_switched(self.view.geometry());
             }
         }
         self.sync()
@@ -523,9 +522,9 @@ impl WritableImage {
     /// Allocates `n` contiguous clusters for `purpose` ("an L2 table",
     /// named in errors); returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         let r = self.w.alloc_contiguous(n);
-        Ok(self.on_alloc_error(r, purpose)? << cb)
+        Ok(geo.cluster_start(self.on_alloc_error(r, purpose)?).get())
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
@@ -659,7 +658,7 @@ impl WritableImage {
         while done < buf.len() {
             let g = guest + done as u64;
             let sc = geo.subcluster_index(GuestOffset::new(g));
-            let n = ((scs - g % scs) as usize).min(buf.len() - done);
+            let n = ((scs - geo.in_subcluster(GuestOffset::new(g))) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
             let state = e.state(geo, sc).map_err(|what| {
                 Error::corrupt(self.view.path(), 0, format!("L2 entry for {g:#x}: {what}"))
@@ -668,7 +667,7 @@ impl WritableImage {
                 SubclusterState::Unallocated => backing(chunk, g)?,
                 SubclusterState::Zero { .. } => chunk.fill(0),
                 SubclusterState::Data { host } => {
-                    let h = host.get() + g % scs;
+                    let h = host.get() + geo.in_subcluster(GuestOffset::new(g));
                     self.view
                         .storage()
                         .read_at(chunk, h)
@@ -926,7 +925,6 @@ impl WritableImage {
         }
         self.begin_write()?;
         self.bitmaps_before_change(offset, len)?;
-        let cb = geo.cluster_bits();
         let mut pos = offset;
         while pos < end {
             let batch_end = end.min(pos + WRITE_BATCH);
@@ -937,9 +935,10 @@ impl WritableImage {
                 let toff = self.l2_for_write(l1i)?;
                 let table = self.l2_table(toff)?;
                 let mut plans = Vec::new();
-                for c in (pos >> cb)..=((table_end - 1) >> cb) {
-                    let cstart = c << cb;
-                    let idx = geo.l2_index(GuestOffset::new(cstart));
+                for c in geo.guest_clusters(GuestOffset::new(pos), table_end - pos) {
+                    let cstart = geo.guest_cluster_start(c);
+                    let idx = geo.l2_index(cstart);
+                    let cstart = cstart.get();
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
@@ -1004,7 +1003,6 @@ impl WritableImage {
     /// tables.
     fn write_batch(&mut self, off: u64, data: &[u8], backing: BackingRead) -> Result<()> {
         let geo = self.view.geometry();
-        let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
         let end = off + data.len() as u64;
         let mut tables = Vec::new();
@@ -1015,8 +1013,8 @@ impl WritableImage {
             let toff = self.l2_for_write(l1i)?;
             let table = self.l2_table(toff)?;
             let mut plans = Vec::new();
-            for c in (pos >> cb)..=((table_end - 1) >> cb) {
-                let cstart = c << cb;
+            for c in geo.guest_clusters(GuestOffset::new(pos), table_end - pos) {
+                let cstart = geo.guest_cluster_start(c).get();
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
                 let idx = geo.l2_index(GuestOffset::new(cstart));
@@ -1043,7 +1041,7 @@ impl WritableImage {
         mut tables: Vec<(u64, Vec<Plan<'_>>)>,
         src: Option<&dyn Storage>,
     ) -> Result<()> {
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
         // Allocate new clusters, in runs; their entries get the offsets.
         // Only plans that write need one: a plan without writes (a cluster
         // zeroed whole next to partly zeroed ones) only changes its entry.
@@ -1061,9 +1059,9 @@ impl WritableImage {
             for j in 0..n as usize {
                 let (t, i) = need[k + j];
                 let p = &mut tables[t].1[i];
-                let host = (first + j as u64) << cb;
-                p.dest = Some(host);
-                p.new = p.new.with_host(HostOffset::new(host));
+                let host = geo.cluster_start(first + j as u64);
+                p.dest = Some(host.get());
+                p.new = p.new.with_host(host);
             }
             k += n as usize;
         }
@@ -1287,7 +1285,6 @@ impl WritableImage {
         self.flush()?;
         let geo = self.view.geometry();
         let cs = geo.cluster_size();
-        let cb = geo.cluster_bits();
         let mut dropped: Vec<usize> = Vec::new();
         let mut frees: Vec<u64> = Vec::new();
         for i in 0..self.view.l1().len() {
@@ -1313,7 +1310,7 @@ impl WritableImage {
                 mine.extend(self.freed_by(e));
             }
             if geo.is_aligned(off) {
-                mine.push(off >> cb);
+                mine.push(geo.cluster_index(HostOffset::new(off)));
             }
             self.check_freeable(&mine)?;
             drop(table);
@@ -1335,16 +1332,19 @@ impl WritableImage {
     /// the clusters cut off are unreferenced: a crash leaves either length.
     /// The scan is proportional to the file's length in clusters.
     fn truncate_free_tail(&mut self) -> Result<()> {
-        let cs = self.view.geometry().cluster_size();
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
         let len = self.view.storage_len()?;
-        let n = len.div_ceil(cs);
+        let n = geo.clusters_for(len);
         let mut last = n;
         {
             let ws = &mut self.w;
             while last > 1
                 && ws.refcount(last - 1)? == 0
-                && ws.meta().overlap((last - 1) << cb, cs, &[]).is_none()
+                && ws
+                    .meta()
+                    .overlap(geo.cluster_start(last - 1).get(), cs, &[])
+                    .is_none()
             {
                 last -= 1;
             }
@@ -1353,7 +1353,12 @@ impl WritableImage {
             return Ok(());
         }
         // Advisory, like the punched holes: a longer file is still valid.
-        if self.view.storage().set_len(last << cb).is_ok() {
+        if self
+            .view
+            .storage()
+            .set_len(geo.cluster_start(last).get())
+            .is_ok()
+        {
             self.w.truncated(last);
         }
         Ok(())
@@ -1373,13 +1378,13 @@ impl WritableImage {
         self.flush()?;
         frees.sort_unstable();
         frees.dedup();
-        let cs = self.view.geometry().cluster_size();
-        let cb = self.view.geometry().cluster_bits();
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
         let mut run: Option<(u64, u64)> = None;
         let mut runs = Vec::new();
         for &ci in frees.iter() {
-            let free =
-                self.w.refcount(ci)? == 0 && self.w.meta().overlap(ci << cb, cs, &[]).is_none();
+            let at = geo.cluster_start(ci).get();
+            let free = self.w.refcount(ci)? == 0 && self.w.meta().overlap(at, cs, &[]).is_none();
             if !free {
                 continue;
             }
@@ -1396,7 +1401,10 @@ impl WritableImage {
         frees.clear();
         for (a, n) in runs {
             // Space given back is a courtesy: the clusters are free either way.
-            let _ = self.view.storage().punch_hole(a << cb, n << cb);
+            let _ = self
+                .view
+                .storage()
+                .punch_hole(geo.cluster_start(a).get(), geo.clusters_bytes(n));
         }
         Ok(())
     }
@@ -1593,7 +1601,6 @@ impl WritableImage {
         backing: BackingRead,
     ) -> Result<()> {
         let geo = self.view.geometry();
-        let cb = geo.cluster_bits();
         let cs = geo.cluster_size();
         let scs = geo.subcluster_size();
         let l1i = geo.l1_index(GuestOffset::new(start));
@@ -1618,9 +1625,11 @@ impl WritableImage {
             Vec::new()
         };
         let mut plans = Vec::new();
-        for c in (start >> cb)..=((end - 1) >> cb) {
-            let cstart = c << cb;
-            let idx = geo.l2_index(GuestOffset::new(cstart));
+        // `end > start`: the callers' steps are never empty.
+        for c in geo.guest_clusters(GuestOffset::new(start), end - start) {
+            let cstart = geo.guest_cluster_start(c);
+            let idx = geo.l2_index(cstart);
+            let cstart = cstart.get();
             // A discard only drops the entry (an unaligned one leaks its
             // cluster, as in QEMU); zeroing may write through it.
             let e = if let ZeroMode::Zero { .. } = mode {
@@ -1796,9 +1805,9 @@ impl WritableImage {
             meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
             meta.add(new_off, need * 8, Meta::ActiveL1);
             if old_l1.1 > 0 {
-                let cb = self.view.geometry().cluster_bits();
-                let first = old_l1.0 >> cb;
-                let n = self.view.geometry().clusters_for(old_l1.1 * 8);
+                let geo = self.view.geometry();
+                let first = geo.cluster_index(HostOffset::new(old_l1.0));
+                let n = geo.clusters_for(old_l1.1 * 8);
                 self.w.free_later(first..first + n);
             }
         } else {
@@ -1870,18 +1879,17 @@ impl WritableImage {
     pub fn preallocate(&mut self, fill: PreallocFill) -> Result<()> {
         self.begin_write()?;
         let geo = self.view.geometry();
-        let cb = geo.cluster_bits();
         let size = self.virtual_size();
         let clusters = geo.clusters_for(size);
         let mut c = 0u64;
         while c < clusters {
-            let g = c << cb;
+            let g = geo.guest_cluster_start(c).get();
             let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(g)))?;
             let table = self.l2_table(toff)?;
             let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset::new(g))).min(clusters - c);
             let mut plans = Vec::new();
             for j in 0..in_table {
-                let idx = geo.l2_index(GuestOffset::new((c + j) << cb));
+                let idx = geo.l2_index(geo.guest_cluster_start(c + j));
                 let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
                     path: self.view.path().to_path_buf(),
                     source,
@@ -1903,9 +1911,9 @@ impl WritableImage {
                     self.alloc_run((plans.len() - k) as u64, "preallocated clusters")?;
                 for j in 0..n as usize {
                     let p = &mut plans[k + j];
-                    let host = (first + j as u64) << cb;
-                    p.dest = Some(host);
-                    p.new = L2Entry::data(Some(HostOffset::new(host)), true);
+                    let host = geo.cluster_start(first + j as u64);
+                    p.dest = Some(host.get());
+                    p.new = L2Entry::data(Some(host), true);
                 }
                 k += n as usize;
             }
@@ -2022,7 +2030,6 @@ impl WritableImage {
     ) -> Result<()> {
         let geo = self.view.geometry();
         let cs = geo.cluster_size();
-        let cb = geo.cluster_bits();
         let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(off)))?;
         let table = self.l2_table(toff)?;
         let mut plans = Vec::new();
@@ -2042,10 +2049,11 @@ impl WritableImage {
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
                 let order = self.view.header().refcount_order;
-                self.w.refcount(tail >> cb)? < strata_format::refcount::max_refcount(order)
+                let ci = geo.cluster_index(HostOffset::new(tail));
+                self.w.refcount(ci)? < strata_format::refcount::max_refcount(order)
             };
             let start = if room {
-                let ci = tail >> cb;
+                let ci = geo.cluster_index(HostOffset::new(tail));
                 self.w.adjust_refcount(ci, 1)?;
                 tail
             } else {
