@@ -81,7 +81,7 @@ struct Plan<'a> {
     old: L2Entry,
     new: L2Entry,
     /// Host cluster to write into; `None`: a new cluster.
-    dest: Option<u64>,
+    dest: Option<HostOffset>,
     /// Bytes to write, at offsets inside the cluster.
     writes: Vec<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
@@ -753,7 +753,7 @@ impl WritableImage {
                     idx,
                     old: e,
                     new: e,
-                    dest: Some(host.get()),
+                    dest: Some(host),
                     writes: vec![(a, Chunk::Borrowed(data))],
                     frees: vec![],
                 });
@@ -767,7 +767,7 @@ impl WritableImage {
                 Chunk::Owned(buf)
             };
             let reuse = match state {
-                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.get()),
+                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h),
                 _ => None,
             };
             let frees = if reuse.is_some() {
@@ -776,7 +776,7 @@ impl WritableImage {
                 self.freed_by(e)
             };
             // The host offset of a new cluster is filled in once allocated.
-            let new = L2Entry::data(reuse.map(HostOffset::new), true);
+            let new = L2Entry::data(reuse, true);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -811,7 +811,7 @@ impl WritableImage {
                 idx,
                 old: e,
                 new,
-                dest: Some(h.get()),
+                dest: Some(h),
                 writes: vec![(start, content)],
                 frees: vec![],
             });
@@ -950,11 +950,9 @@ impl WritableImage {
                         )
                     })?;
                     let (dest, new, frees) = match state {
-                        SubclusterState::Data { host } if e.copied() => {
-                            (Some(host.get()), e, vec![])
-                        }
+                        SubclusterState::Data { host } if e.copied() => (Some(host), e, vec![]),
                         SubclusterState::Zero { host: Some(h) } if e.copied() => {
-                            (Some(h.get()), L2Entry::data(Some(h), true), vec![])
+                            (Some(h), L2Entry::data(Some(h), true), vec![])
                         }
                         _ => (None, L2Entry::data(None, true), self.freed_by(e)),
                     };
@@ -1060,7 +1058,7 @@ impl WritableImage {
                 let (t, i) = need[k + j];
                 let p = &mut tables[t].1[i];
                 let host = geo.cluster_start(first + j as u64);
-                p.dest = Some(host.get());
+                p.dest = Some(host);
                 p.new = p.new.with_host(host);
             }
             k += n as usize;
@@ -1071,7 +1069,7 @@ impl WritableImage {
         let mut moves: Vec<(u64, u64, u64)> = Vec::new();
         for (_, plans) in &tables {
             for p in plans {
-                let dest = p.dest.unwrap_or(0);
+                let dest = p.dest.map_or(0, HostOffset::get);
                 for (at, chunk) in &p.writes {
                     let h = dest + at;
                     if let Chunk::Range(from, n) = chunk {
@@ -1705,7 +1703,7 @@ impl WritableImage {
                 idx,
                 old: e,
                 new,
-                dest: new.host_cluster().map(|h| h.get()),
+                dest: new.host_cluster(),
                 writes: vec![],
                 frees,
             });
@@ -1912,7 +1910,7 @@ impl WritableImage {
                 for j in 0..n as usize {
                     let p = &mut plans[k + j];
                     let host = geo.cluster_start(first + j as u64);
-                    p.dest = Some(host.get());
+                    p.dest = Some(host);
                     p.new = L2Entry::data(Some(host), true);
                 }
                 k += n as usize;
@@ -1926,7 +1924,7 @@ impl WritableImage {
             let zeros = vec![0u8; cs as usize];
             let (mut start, mut end) = (u64::MAX, 0);
             for p in &plans {
-                let dest = p.dest.unwrap_or(0);
+                let dest = p.dest.map_or(0, HostOffset::get);
                 start = start.min(dest);
                 end = end.max(dest + cs);
                 if fill == PreallocFill::Zeros || dest < len {
@@ -2068,13 +2066,13 @@ impl WritableImage {
                 idx,
                 old: e,
                 new,
-                dest: Some(start),
+                dest: Some(HostOffset::new(start)),
                 writes: vec![(0, Chunk::Owned(c))],
                 frees: self.freed_by(e),
             });
         }
         for p in &mut plans {
-            let dest = p.dest.unwrap_or(0);
+            let dest = p.dest.map_or(0, HostOffset::get);
             for (at, bytes) in std::mem::take(&mut p.writes) {
                 self.w
                     .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
