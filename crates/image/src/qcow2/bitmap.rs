@@ -1,6 +1,6 @@
 //! Persistent dirty bitmaps: the bitmap directory and bitmap tables of a
-//! qcow2 image, what a library user reads of them ([`Qcow2Image::bitmaps`],
-//! [`Qcow2Image::dirty_bitmap`]) and how the write path keeps them exact.
+//! qcow2 image, what a library user reads of them ([`Qcow2Image::bitmaps`](crate::Qcow2Image::bitmaps),
+//! [`Qcow2Image::dirty_bitmap`](crate::Qcow2Image::dirty_bitmap)) and how the write path keeps them exact.
 //!
 //! The write path's protocol (docs/crash-consistency.md, "Persistent dirty
 //! bitmaps"): before the first guest change of a session, every enabled

@@ -1,6 +1,6 @@
 //! `resize`: change an image's virtual size as `qemu-img resize` does.
 //!
-//! Growing a qcow2 image is [`Qcow2Image::resize`] (a larger L1 table
+//! Growing a qcow2 image is [`Qcow2Image::resize`](crate::Qcow2Image::resize) (a larger L1 table
 //! when needed, bitmaps grown, the new area unallocated); when the
 //! backing file is longer than the old size, the new area is then made to
 //! read as zeros, as QEMU's `bdrv_co_truncate` does (`BDRV_REQ_ZERO_WRITE`:

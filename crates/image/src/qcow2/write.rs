@@ -47,7 +47,7 @@ const SNAPSHOT_L1_BUDGET: u64 = 32 << 20;
 /// this many bytes of dirty L2 tables are held...
 const MAX_DIRTY_TABLE_BYTES: u64 = 16 << 20;
 
-/// [`Qcow2Image::make_empty`] writes the L1 entries of this many dropped
+/// [`Qcow2Image::make_empty`](crate::Qcow2Image::make_empty) writes the L1 entries of this many dropped
 /// tables, or of the tables holding this many clusters, before freeing
 /// them (bounds its memory and the work a crash may leak).
 const DROP_BATCH_TABLES: usize = 256;
@@ -896,7 +896,7 @@ impl WritableImage {
     /// [`Storage::copy_range_from`] (a clone sharing the filesystem's
     /// extents where it can) instead of through memory. Whole clusters
     /// only (`offset` and `len` cluster-aligned), and not on images with extended L2 entries: callers
-    /// use [`Qcow2Image::write`] for the rest.
+    /// use [`Qcow2Image::write`](crate::Qcow2Image::write) for the rest.
     ///
     /// The protocol is that of `write`: a cluster the image does not own
     /// alone gets a new one, the moved bytes land in clusters nothing
@@ -1252,7 +1252,7 @@ impl WritableImage {
     /// the backing file, which now holds the same data. The guest view
     /// does not change, so the persistent dirty bitmaps are left as they
     /// are (as QEMU's `bdrv_make_empty` leaves them). Only for that case:
-    /// [`Qcow2Image::deallocate`] marks them.
+    /// [`Qcow2Image::deallocate`](crate::Qcow2Image::deallocate) marks them.
     ///
     /// The cost follows what is allocated, not the virtual size: without
     /// internal snapshots (nothing shares the tables) every L2 table is
@@ -1853,7 +1853,7 @@ impl WritableImage {
     }
 }
 
-/// How [`Qcow2Image::preallocate`] provides the data clusters' space
+/// How [`Qcow2Image::preallocate`](crate::Qcow2Image::preallocate) provides the data clusters' space
 /// (qemu-img's `preallocation=metadata|falloc|full`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreallocFill {
@@ -2108,7 +2108,7 @@ impl Drop for WritableImage {
     /// Closing an image flushes it, as QEMU does on close: metadata still
     /// pending in memory is committed in protocol order. A drop cannot
     /// return the error: it is written to standard error; callers who
-    /// care call [`Qcow2Image::close`] (or [`Qcow2Image::flush`]) instead.
+    /// care call [`Qcow2Image::close`](crate::Qcow2Image::close) (or [`Qcow2Image::flush`](crate::Qcow2Image::flush)) instead.
     fn drop(&mut self) {
         if !self.closed && !self.poisoned.is_set() {
             if let Err(e) = self.flush() {
