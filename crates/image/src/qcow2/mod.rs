@@ -574,3 +574,113 @@ impl Qcow2Image {
         writable!(self).edit_bitmap(name, edit)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create_qcow2, CreateOptions};
+    use crate::storage::MemStorage;
+
+    const CS: u64 = 64 << 10;
+
+    fn zeros_below(b: &mut [u8], _: u64) -> Result<()> {
+        b.fill(0);
+        Ok(())
+    }
+
+    /// A 4 MiB image holding one written cluster, and its storage.
+    fn image() -> MemStorage {
+        let disk = MemStorage::new();
+        let opts = CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        };
+        let mut img = create_qcow2(Box::new(disk.clone()), Path::new("t.qcow2"), &opts).unwrap();
+        img.write(CS, &[0xab; 512], &zeros_below).unwrap();
+        img.close().unwrap();
+        disk
+    }
+
+    fn is_read_only(r: Result<impl std::fmt::Debug>) -> bool {
+        matches!(r, Err(Error::ReadOnly { .. }))
+    }
+
+    #[test]
+    fn every_write_method_of_a_read_only_image_fails_and_writes_nothing() {
+        let disk = image();
+        let before = disk.to_bytes();
+        let mut img = Qcow2Image::open(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert!(!img.is_writable());
+        assert!(img.writable().is_err());
+        let sel = SnapshotRef::parse_convert_arg("s").unwrap();
+        let policy = crate::chain::WritePolicy::qemu();
+        assert!(is_read_only(img.set_write_policy(policy)));
+        assert!(is_read_only(img.write(0, &[1; 512], &zeros_below)));
+        assert!(is_read_only(img.write_zeroes(0, CS, true, &zeros_below)));
+        assert!(is_read_only(img.discard(0, CS, false)));
+        assert!(is_read_only(img.deallocate(0, CS)));
+        assert!(is_read_only(img.make_empty()));
+        assert!(is_read_only(img.resize(8 << 20)));
+        assert!(is_read_only(img.set_backing(None)));
+        assert!(is_read_only(img.rebuild_refcounts()));
+        assert!(is_read_only(img.preallocate_metadata()));
+        assert!(is_read_only(img.preallocate(PreallocFill::Zeros)));
+        let cluster = vec![0u8; CS as usize];
+        assert!(is_read_only(img.write_compressed(
+            0,
+            &cluster,
+            &zeros_below
+        )));
+        assert!(is_read_only(img.snapshot_create("s", (0, 0))));
+        assert!(is_read_only(img.snapshot_apply(&sel)));
+        assert!(is_read_only(img.snapshot_delete(&sel)));
+        let add = BitmapEdit::Add {
+            granularity: None,
+            disabled: false,
+        };
+        assert!(is_read_only(img.edit_bitmap("b", add)));
+        assert!(is_read_only(crate::repair::repair(
+            &mut img,
+            crate::repair::RepairMode::All
+        )));
+        // Nothing to do for a read-only image, and nothing done.
+        img.flush().unwrap();
+        assert!(!img.is_poisoned());
+        // Reads still work.
+        let e = img.map(CS, CS).unwrap();
+        assert!(matches!(e.mapping, Mapping::Data { .. }), "{e:?}");
+        img.close().unwrap();
+        assert_eq!(disk.to_bytes(), before);
+    }
+
+    #[test]
+    fn a_writable_image_reads_its_pinned_tables_before_the_flush() {
+        let disk = image();
+        let mut img = Qcow2Image::open_rw(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert!(img.is_writable());
+        // A snapshot is shown only by an image opened read-only.
+        let sel = SnapshotRef::parse_convert_arg("s").unwrap();
+        assert!(matches!(
+            img.load_snapshot(&sel),
+            Err(Error::InvalidArgument(_))
+        ));
+        // A write through the L2 table: its changed entries are pinned in the
+        // writer (not on disk, not in the cache) until the next commit.
+        let g = 3 << 20;
+        img.write(g, &[0xcd; 512], &zeros_below).unwrap();
+        let e = img.map(g, CS).unwrap();
+        assert!(matches!(e.mapping, Mapping::Data { .. }), "{e:?}");
+        let mut buf = [0u8; 512];
+        img.read_mapped(e.mapping, g, &mut buf).unwrap();
+        assert_eq!(buf, [0xcd; 512]);
+        // A read-only image opened now sees what is on disk: not yet it.
+        let ro = Qcow2Image::open(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert_eq!(ro.map(g, CS).unwrap().mapping, Mapping::Unallocated);
+        img.close().unwrap();
+        let ro = Qcow2Image::open(Box::new(disk), Path::new("t.qcow2")).unwrap();
+        assert!(matches!(
+            ro.map(g, CS).unwrap().mapping,
+            Mapping::Data { .. }
+        ));
+    }
+}
