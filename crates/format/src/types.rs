@@ -144,10 +144,41 @@ impl Geometry {
     pub const fn guest_cluster(&self, g: GuestOffset) -> u64 {
         g.0 >> self.cluster_bits
     }
+    /// Guest offset of the first byte of guest cluster `index`.
+    pub const fn guest_cluster_start(&self, index: u64) -> GuestOffset {
+        GuestOffset(index << self.cluster_bits)
+    }
+    /// Bytes in `n` clusters (the length of a run of clusters, or of a
+    /// table counted in clusters).
+    pub const fn clusters_bytes(&self, n: u64) -> u64 {
+        n << self.cluster_bits
+    }
+    /// Indices of the host clusters `[h, h+len)` touches (empty when
+    /// `len` is 0; an end past `u64::MAX` is cut there).
+    pub fn host_clusters(&self, h: HostOffset, len: u64) -> std::ops::Range<u64> {
+        self.cluster_run(h.0, len)
+    }
+    /// Indices of the guest clusters `[g, g+len)` touches (empty when
+    /// `len` is 0).
+    pub fn guest_clusters(&self, g: GuestOffset, len: u64) -> std::ops::Range<u64> {
+        self.cluster_run(g.0, len)
+    }
+    fn cluster_run(&self, start: u64, len: u64) -> std::ops::Range<u64> {
+        let first = start >> self.cluster_bits;
+        if len == 0 {
+            return first..first;
+        }
+        first..(start.saturating_add(len - 1) >> self.cluster_bits) + 1
+    }
     /// Index inside its cluster of the subcluster holding `g` (0 without
     /// extended L2).
     pub const fn subcluster_index(&self, g: GuestOffset) -> u32 {
         (self.in_cluster(g.0) / self.subcluster_size()) as u32
+    }
+    /// Offset of `g` inside its subcluster (inside its cluster without
+    /// extended L2).
+    pub const fn in_subcluster(&self, g: GuestOffset) -> u64 {
+        g.0 & (self.subcluster_size() - 1)
     }
     /// Offset of `g` inside its cluster.
     pub const fn in_cluster(&self, g: u64) -> u64 {
@@ -191,10 +222,37 @@ mod tests {
         assert_eq!(g.in_cluster(guest.get()), 0x1234);
         // 2 KiB subclusters: 0x1234 is in subcluster 2.
         assert_eq!(g.subcluster_index(guest), 2);
+        assert_eq!(g.in_subcluster(guest), 0x1234 - 0x1000);
+        let standard = Geometry::new(16, false).unwrap();
+        assert_eq!(standard.in_subcluster(guest), 0x1234);
         let host = HostOffset::new(0x7_0000 + 17);
         assert_eq!(g.cluster_index(host), 7);
         assert_eq!(g.cluster_start(7), HostOffset::new(0x7_0000));
         assert_eq!(Geometry::new(16, false).unwrap().subcluster_index(guest), 0);
+    }
+
+    #[test]
+    fn cluster_runs_cover_every_cluster_a_range_touches() {
+        let g = Geometry::new(16, false).unwrap();
+        assert_eq!(g.guest_cluster_start(3), GuestOffset::new(3 << 16));
+        assert_eq!(g.clusters_bytes(5), 5 << 16);
+        // One byte at the end of cluster 1, then into cluster 2.
+        assert_eq!(g.host_clusters(HostOffset::new(0x1_ffff), 1), 1..2);
+        assert_eq!(g.host_clusters(HostOffset::new(0x1_ffff), 2), 1..3);
+        // Whole clusters: [2, 4) exactly.
+        assert_eq!(g.guest_clusters(GuestOffset::new(2 << 16), 2 << 16), 2..4);
+        assert!(g.guest_clusters(GuestOffset::new(7 << 16), 0).is_empty());
+        // A hostile length stops at the last cluster of the address space.
+        let last = u64::MAX >> 16;
+        assert_eq!(
+            g.host_clusters(HostOffset::new(1 << 16), u64::MAX),
+            1..last + 1
+        );
+        for c in g.guest_clusters(GuestOffset::new(0x1234), 3 << 16) {
+            let start = g.guest_cluster_start(c);
+            assert_eq!(g.guest_cluster(start), c);
+            assert_eq!(g.in_cluster(start.get()), 0);
+        }
     }
 
     #[test]

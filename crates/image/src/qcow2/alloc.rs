@@ -15,6 +15,7 @@ use std::path::Path;
 
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::decode_u64_table;
+use strata_format::{Geometry, HostOffset};
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -86,9 +87,9 @@ impl Meta {
 /// date by the writer as it allocates, moves and drops tables. Every data
 /// write and every allocation is checked against it before anything is
 /// written (docs/crash-consistency.md, "Metadata overlap protection").
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub(crate) struct MetadataMap {
-    cluster_bits: u32,
+    geo: Geometry,
     clusters: BTreeMap<u64, u16>,
     /// Metadata that could not be located (a snapshot L1 table at an
     /// unaligned offset): nothing can be checked, so every write is
@@ -97,9 +98,9 @@ pub(crate) struct MetadataMap {
 }
 
 impl MetadataMap {
-    pub(crate) fn new(cluster_bits: u32) -> MetadataMap {
+    pub(crate) fn new(geo: Geometry) -> MetadataMap {
         MetadataMap {
-            cluster_bits,
+            geo,
             clusters: BTreeMap::new(),
             unknown: None,
         }
@@ -115,10 +116,8 @@ impl MetadataMap {
     /// be in the file).
     fn span(&self, off: u64, len: u64) -> std::ops::Range<u64> {
         match off.checked_add(len) {
-            Some(end) if len > 0 => {
-                (off >> self.cluster_bits)..((end - 1) >> self.cluster_bits) + 1
-            }
-            _ => 0..0,
+            Some(_) => self.geo.host_clusters(HostOffset::new(off), len),
+            None => 0..0,
         }
     }
 
@@ -149,14 +148,13 @@ impl MetadataMap {
             return None;
         }
         // A range running past 2^64 is checked up to the end (never skipped).
-        let last = off.saturating_add(len - 1) >> self.cluster_bits;
-        let span = (off >> self.cluster_bits)..=last;
+        let span = self.geo.host_clusters(HostOffset::new(off), len);
         self.clusters
             .range(span)
             .find(|(_, bits)| *bits & !mask != 0)
             .and_then(|(ci, bits)| {
                 let kind = ALL_META.into_iter().find(|k| bits & !mask & k.bit() != 0)?;
-                Some((ci << self.cluster_bits, kind))
+                Some((self.geo.cluster_start(*ci).get(), kind))
             })
     }
 
@@ -207,7 +205,7 @@ pub const MAX_RUN_CLUSTERS: u64 = 1 << 16;
 /// In-memory state of an image's refcount structures.
 #[derive(Debug)]
 pub(crate) struct Refcounts {
-    cluster_bits: u32,
+    geo: Geometry,
     order: u32,
     /// Refcount table entries (raw).
     pub(crate) table: Vec<u64>,
@@ -239,12 +237,12 @@ impl Refcounts {
         storage: &dyn Storage,
         path: &Path,
         file_len: u64,
-        cluster_bits: u32,
+        geo: Geometry,
         order: u32,
         table_offset: u64,
         table_clusters: u32,
     ) -> Result<Refcounts> {
-        let bytes = (u64::from(table_clusters) << cluster_bits) as usize;
+        let bytes = geo.clusters_bytes(u64::from(table_clusters)) as usize;
         let mut raw = vec![0u8; bytes];
         let n = storage
             .read_at(&mut raw, table_offset)
@@ -258,7 +256,7 @@ impl Refcounts {
         }
         let table = decode_u64_table(&raw);
         Ok(Refcounts {
-            cluster_bits,
+            geo,
             order,
             table,
             table_offset,
@@ -269,18 +267,23 @@ impl Refcounts {
             table_moved: None,
             old_table: None,
             free_hint: 0,
-            end_hint: file_len.div_ceil(1 << cluster_bits),
-            // Filled by Qcow2Image::load_metadata_map, which knows the rest.
-            meta: MetadataMap::new(cluster_bits),
+            end_hint: geo.clusters_for(file_len),
+            // Filled by WritableImage::load_metadata_map, which knows the rest.
+            meta: MetadataMap::new(geo),
         })
     }
 
     fn per_block(&self) -> u64 {
-        refcount::entries_per_block(self.cluster_bits, self.order)
+        refcount::entries_per_block(self.geo.cluster_bits(), self.order)
     }
 
     fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
+        self.geo.cluster_size()
+    }
+
+    /// Host offset of the first byte of cluster `ci`.
+    fn start(&self, ci: u64) -> u64 {
+        self.geo.cluster_start(ci).get()
     }
 
     /// The refcount block covering block index `bi`, loaded if needed;
@@ -356,7 +359,7 @@ impl Refcounts {
         let per = self.per_block();
         let order = self.order;
         let bi = ci / per;
-        let at = ci << self.cluster_bits;
+        let at = self.start(ci);
         self.block(storage, path, bi)?
             .ok_or_else(|| Error::corrupt(path, at, "no refcount block for cluster"))?;
         if !self.dirty_blocks.contains(&bi) {
@@ -402,12 +405,11 @@ impl Refcounts {
     }
 
     fn guard_alloc_as(&self, path: &Path, first: u64, n: u64, what: &str) -> Result<()> {
-        let cb = self.cluster_bits;
         self.meta.guard(
             path,
             || format!("{what} of {n} cluster(s)"),
-            first << cb,
-            n << cb,
+            self.start(first),
+            self.geo.clusters_bytes(n),
             &[],
         )
     }
@@ -429,7 +431,7 @@ impl Refcounts {
         .ok_or_else(|| {
             Error::corrupt(
                 path,
-                ci << self.cluster_bits,
+                self.start(ci),
                 format!("refcount of cluster {ci} would go below zero"),
             )
         })?;
@@ -463,7 +465,7 @@ impl Refcounts {
         let block_ci = bi * per;
         self.guard_alloc_as(path, block_ci, 1, "placement of a new refcount block")?;
         self.meta.add(
-            block_ci << self.cluster_bits,
+            self.start(block_ci),
             self.cluster_size(),
             Meta::RefcountBlock,
         );
@@ -473,7 +475,7 @@ impl Refcounts {
         self.blocks.insert(bi, b);
         self.dirty_blocks.insert(bi);
         if let Some(e) = usize::try_from(bi).ok().and_then(|i| self.table.get_mut(i)) {
-            *e = block_ci << self.cluster_bits;
+            *e = self.geo.cluster_start(block_ci).get();
         }
         self.dirty_entries.insert(bi);
         Ok(Some(block_ci))
@@ -554,38 +556,29 @@ impl Refcounts {
             self.dirty_entries.extend(old_len..entries);
             if let Some((off, clusters)) = self.table_moved.take() {
                 // A table placed earlier and never pointed at: release it.
-                let first = off >> self.cluster_bits;
+                let first = self.geo.cluster_index(HostOffset::new(off));
                 for ci in first..first + u64::from(clusters) {
                     self.set_existing(storage, path, ci, 0)?;
                 }
-                self.meta.remove(
-                    off,
-                    u64::from(clusters) << self.cluster_bits,
-                    Meta::RefcountTable,
-                );
+                let len = self.geo.clusters_bytes(u64::from(clusters));
+                self.meta.remove(off, len, Meta::RefcountTable);
             } else {
                 self.old_table = Some((self.table_offset, self.table_clusters));
             }
-            self.table_moved = Some(((start + k) << self.cluster_bits, t as u32));
-            self.meta.add(
-                (start + k) << self.cluster_bits,
-                t * cs,
-                Meta::RefcountTable,
-            );
+            let at = self.start(start + k);
+            self.table_moved = Some((at, t as u32));
+            self.meta.add(at, t * cs, Meta::RefcountTable);
         }
         for (j, bi) in blocks.iter().enumerate() {
-            self.meta.add(
-                (start + j as u64) << self.cluster_bits,
-                cs,
-                Meta::RefcountBlock,
-            );
+            let at = self.start(start + j as u64);
+            self.meta.add(at, cs, Meta::RefcountBlock);
             self.blocks.insert(*bi, vec![0u8; cs as usize]);
             self.dirty_blocks.insert(*bi);
             if let Some(e) = usize::try_from(*bi)
                 .ok()
                 .and_then(|i| self.table.get_mut(i))
             {
-                *e = (start + j as u64) << self.cluster_bits;
+                *e = at;
             }
             self.dirty_entries.insert(*bi);
         }
@@ -735,17 +728,11 @@ impl Refcounts {
         }
         let old = self.old_table.take();
         if let Some((off, clusters)) = old {
-            self.meta.remove(
-                off,
-                u64::from(clusters) << self.cluster_bits,
-                Meta::RefcountTable,
-            );
+            let len = self.geo.clusters_bytes(u64::from(clusters));
+            self.meta.remove(off, len, Meta::RefcountTable);
             // The new table may share clusters with nothing else; keep its role.
-            self.meta.add(
-                self.table_offset,
-                u64::from(self.table_clusters) << self.cluster_bits,
-                Meta::RefcountTable,
-            );
+            let len = self.geo.clusters_bytes(u64::from(self.table_clusters));
+            self.meta.add(self.table_offset, len, Meta::RefcountTable);
         }
         old
     }
@@ -756,7 +743,7 @@ mod metadata_map_tests {
     use super::*;
 
     // 64 KiB clusters.
-    const CB: u32 = 16;
+    const CB: Geometry = Geometry::DEFAULT;
 
     #[test]
     fn overlap_reports_the_first_kind_in_qemus_order() {

@@ -44,7 +44,7 @@ use strata_format::{L1Entry, L2Entry, SubclusterState};
 use crate::chain::{Chain, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::Meta;
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::WritableImage;
 use crate::resize::{resize_chain, ResizePrealloc};
 
 /// `compat=`: the qcow2 version.
@@ -230,21 +230,21 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
         img.begin_write_for_amend(&mut report)?;
         if let Some(r) = refusal(img, opts)? {
             return Err(Error::Unsupported {
-                path: img.path.clone(),
+                path: img.view.path().to_path_buf(),
                 what: r.message(),
             });
         }
     }
     if let Some(Compat::V3) = opts.compat {
         let img = top_qcow2(chain)?;
-        if img.header.version < 3 {
+        if img.view.header().version < 3 {
             upgrade(img)?;
             report.upgraded = true;
         }
     }
     if let Some(bits) = opts.refcount_bits {
         let img = top_qcow2(chain)?;
-        let old = img.header.refcount_bits();
+        let old = img.view.header().refcount_bits();
         if bits != old {
             change_refcount_width(img, bits.trailing_zeros())?;
             report.refcount_bits = Some((old, bits));
@@ -252,13 +252,13 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
     }
     if let Some(on) = opts.lazy_refcounts {
         let img = top_qcow2(chain)?;
-        if on != img.header.lazy_refcounts() {
+        if on != img.view.header().lazy_refcounts() {
             // Off on a dirty image: begin_write already rebuilt its
             // refcounts (QEMU's qcow2_mark_clean).
             if on {
-                img.header.compatible_features |= Compatible::LAZY_REFCOUNTS;
+                img.view.header_mut().compatible_features |= Compatible::LAZY_REFCOUNTS;
             } else {
-                img.header.compatible_features &= !Compatible::LAZY_REFCOUNTS;
+                img.view.header_mut().compatible_features &= !Compatible::LAZY_REFCOUNTS;
             }
             img.write_header()?;
             img.sync()?;
@@ -273,7 +273,7 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
     }
     if let Some(Compat::V2) = opts.compat {
         let img = top_qcow2(chain)?;
-        if img.header.version >= 3 {
+        if img.view.header().version >= 3 {
             downgrade(img, &mut report)?;
             report.downgraded = true;
         }
@@ -282,9 +282,9 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
     Ok(report)
 }
 
-fn top_qcow2(chain: &mut Chain) -> Result<&mut Qcow2Image> {
+fn top_qcow2(chain: &mut Chain) -> Result<&mut WritableImage> {
     match chain.layers_mut().first_mut().map(|l| &mut l.image) {
-        Some(Image::Qcow2(q)) => Ok(q),
+        Some(Image::Qcow2(q)) => q.writable(),
         Some(Image::Raw(r)) => Err(Error::Unsupported {
             path: r.path().to_path_buf(),
             what: "amend works on qcow2 images only (this one is raw)".into(),
@@ -293,11 +293,11 @@ fn top_qcow2(chain: &mut Chain) -> Result<&mut Qcow2Image> {
     }
 }
 
-impl Qcow2Image {
+impl WritableImage {
     /// The first-write preparation (a dirty image is repaired, as QEMU
     /// repairs it at open), then a flush so that nothing is pending.
     fn begin_write_for_amend(&mut self, report: &mut AmendReport) -> Result<()> {
-        report.repaired_dirty = self.header.dirty();
+        report.repaired_dirty = self.view.header().dirty();
         self.begin_write()?;
         self.flush()
     }
@@ -305,8 +305,8 @@ impl Qcow2Image {
 
 /// The first refusal QEMU would report, checked before anything is
 /// written (QEMU finds some of them half-way).
-fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefusal>> {
-    let h = &img.header;
+fn refusal(img: &mut WritableImage, opts: &AmendOptions) -> Result<Option<AmendRefusal>> {
+    let h = img.view.header();
     let new_version = opts.compat.map_or(h.version, Compat::version);
     let mut order = h.refcount_order;
     if let Some(bits) = opts.refcount_bits {
@@ -326,7 +326,7 @@ fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefu
             order = new_order;
         }
     }
-    let h = &img.header;
+    let h = img.view.header();
     if opts.backing_file.is_some() || opts.backing_fmt.is_some() {
         let same = opts.backing_file.as_deref() == h.backing_file.as_deref()
             && opts.backing_fmt.as_deref() == h.backing_format();
@@ -347,15 +347,15 @@ fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefu
             size = s;
         }
     }
-    let h = &img.header;
+    let h = img.view.header();
     if new_version < 3 && h.version >= 3 {
         if order != 4 {
             return Ok(Some(AmendRefusal::DowngradeRefcountBits));
         }
-        let bad_snapshot = img
-            .snapshots
-            .iter()
-            .any(|s| s.vm_state_size > u64::from(u32::MAX) || s.disk_size.unwrap_or(size) != size);
+        let bad_snapshot =
+            img.view.snapshots().iter().any(|s| {
+                s.vm_state_size > u64::from(u32::MAX) || s.disk_size.unwrap_or(size) != size
+            });
         if bad_snapshot {
             return Ok(Some(AmendRefusal::DowngradeSnapshots));
         }
@@ -371,14 +371,14 @@ fn refusal(img: &mut Qcow2Image, opts: &AmendOptions) -> Result<Option<AmendRefu
 }
 
 /// The resize checks `strata resize` makes, on the image alone.
-fn resize_refusal_of(img: &Qcow2Image, new_size: u64) -> Option<String> {
+fn resize_refusal_of(img: &WritableImage, new_size: u64) -> Option<String> {
     if new_size == 0 {
         return Some("New image size must be positive".into());
     }
     if !new_size.is_multiple_of(512) {
         return Some("The new size must be a multiple of 512".into());
     }
-    if img.header.version < 3 && !img.snapshots.is_empty() {
+    if img.view.header().version < 3 && !img.view.snapshots().is_empty() {
         return Some("Can't resize a v2 image which has snapshots".into());
     }
     if new_size < img.virtual_size() && img.has_live_bitmaps() {
@@ -403,17 +403,16 @@ fn resize_refusal_of(img: &Qcow2Image, new_size: u64) -> Option<String> {
 
 /// The first cluster whose current refcount exceeds what `order` can
 /// count (QEMU checks the refcounts as stored, leaks included).
-fn refcount_over(img: &mut Qcow2Image, order: u32) -> Result<Option<AmendRefusal>> {
+fn refcount_over(img: &mut WritableImage, order: u32) -> Result<Option<AmendRefusal>> {
     let max = refcount::max_refcount(order);
-    let cb = img.geometry.cluster_bits();
-    let clusters = img.storage_len()?.div_ceil(img.geometry.cluster_size());
-    let ws = img.ws()?;
+    let geo = img.view.geometry();
+    let clusters = geo.clusters_for(img.view.storage_len()?);
     for ci in 0..clusters {
-        let r = ws.refcount(ci)?;
+        let r = img.w.refcount(ci)?;
         if r > max {
             return Ok(Some(AmendRefusal::RefcountTooLarge {
                 bits: 1 << order,
-                offset: ci << cb,
+                offset: geo.cluster_start(ci).get(),
                 refcount: r,
             }));
         }
@@ -423,16 +422,16 @@ fn refcount_over(img: &mut Qcow2Image, order: u32) -> Result<Option<AmendRefusal
 
 /// Whether the guest view of the active L1 table has a compressed
 /// cluster (QEMU's `qcow2_has_compressed_clusters`).
-fn has_compressed_clusters(img: &Qcow2Image) -> Result<bool> {
-    let geo = img.geometry;
-    for e in img.l1.clone() {
+fn has_compressed_clusters(img: &WritableImage) -> Result<bool> {
+    let geo = img.view.geometry();
+    for e in img.view.l1().to_vec() {
         let Some(off) = L1Entry(e).l2_offset() else {
             continue;
         };
         let table = img.l2_table(off.get())?;
         for i in 0..geo.l2_entries() {
             let entry = L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
-                path: img.path.clone(),
+                path: img.view.path().to_path_buf(),
                 source,
             })?;
             if entry.compressed() {
@@ -463,11 +462,13 @@ const V3_SNAPSHOT_EXTRA: usize = 24;
 
 /// Encodes the snapshot table with the v3 extra data in every entry
 /// (extra data past it kept), each entry padded to 8 bytes.
-fn encode_snapshots(img: &Qcow2Image) -> Result<(Vec<u8>, Vec<strata_format::snapshot::Snapshot>)> {
+fn encode_snapshots(
+    img: &WritableImage,
+) -> Result<(Vec<u8>, Vec<strata_format::snapshot::Snapshot>)> {
     let size = img.virtual_size();
     let mut out = Vec::new();
-    let mut snaps = Vec::with_capacity(img.snapshots.len());
-    for s in &img.snapshots {
+    let mut snaps = Vec::with_capacity(img.view.snapshots().len());
+    for s in img.view.snapshots() {
         let mut extra = Vec::with_capacity(V3_SNAPSHOT_EXTRA.max(s.extra.len()));
         extra.extend_from_slice(&s.vm_state_size.to_be_bytes());
         extra.extend_from_slice(&s.disk_size.unwrap_or(size).to_be_bytes());
@@ -480,8 +481,8 @@ fn encode_snapshots(img: &Qcow2Image) -> Result<(Vec<u8>, Vec<strata_format::sna
         let name_len = u16::try_from(name.len()).ok();
         let (Some(id_len), Some(name_len)) = (id_len, name_len) else {
             return Err(Error::corrupt(
-                &img.path,
-                img.header.snapshots_offset,
+                img.view.path(),
+                img.view.header().snapshots_offset,
                 "snapshot id or name too long",
             ));
         };
@@ -510,10 +511,10 @@ fn encode_snapshots(img: &Qcow2Image) -> Result<(Vec<u8>, Vec<strata_format::sna
 }
 
 /// compat=0.10 -> 1.1 (QEMU's `qcow2_upgrade`).
-fn upgrade(img: &mut Qcow2Image) -> Result<()> {
-    let cb = img.geometry.cluster_bits();
-    let cs = img.geometry.cluster_size();
-    let mut h = img.header.clone();
+fn upgrade(img: &mut WritableImage) -> Result<()> {
+    let geo = img.view.geometry();
+    let cs = geo.cluster_size();
+    let mut h = img.view.header().clone();
     h.version = 3;
     h.header_length = 112;
     h.compression_type = CompressionType::Deflate;
@@ -524,7 +525,7 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
     h.refcount_order = 4;
     // QEMU writes the feature name table only with clusters over 4 KiB
     // (in 512-byte clusters it would leave no room for a backing name).
-    if img.geometry.cluster_size() > 4096
+    if img.view.geometry().cluster_size() > 4096
         && !h
             .extensions
             .iter()
@@ -538,42 +539,40 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
         h.extensions.insert(at, feature_table());
     }
     h.layout().map_err(|source| Error::Format {
-        path: img.path.clone(),
+        path: img.view.path().to_path_buf(),
         source,
     })?;
     // v3 requires the 64-bit VM state size and the disk size in every
     // snapshot entry: rewrite the table when one lacks them.
-    let need = img.snapshots.iter().any(|s| s.extra.len() < 16);
+    let need = img.view.snapshots().iter().any(|s| s.extra.len() < 16);
     let mut moved = None;
     if need {
         let (bytes, snaps) = encode_snapshots(img)?;
-        let n = img.geometry.clusters_for(bytes.len() as u64).max(1);
+        let n = img.view.geometry().clusters_for(bytes.len() as u64).max(1);
         let at = img.alloc_contiguous(n, "the snapshot table")?;
         let mut padded = bytes.clone();
         padded.resize((n * cs) as usize, 0);
-        img.writer()?
-            .write_metadata(&padded, at, "write snapshot table")?;
+        img.w.write_metadata(&padded, at, "write snapshot table")?;
         // The new table and the refcounts that count it are durable
         // before the header points at it.
         img.barrier()?;
         let old = (
-            img.header.snapshots_offset,
-            img.snapshot_table_end
-                .saturating_sub(img.header.snapshots_offset),
+            img.view.header().snapshots_offset,
+            img.view
+                .snapshot_table_end()
+                .saturating_sub(img.view.header().snapshots_offset),
         );
         h.snapshots_offset = at;
         moved = Some((old, snaps, at + bytes.len() as u64));
     }
-    img.header = h;
+    *img.view.header_mut() = h;
     img.write_header()?;
     img.sync()?;
     if let Some(((old_off, old_len), snaps, end)) = moved {
-        img.snapshots = snaps;
-        img.snapshot_table_end = end;
+        img.view.set_snapshots(snaps, end);
         if old_len > 0 {
-            let first = old_off >> cb;
-            let last = (old_off + old_len - 1) >> cb;
-            img.ws()?.free_later(first..=last);
+            img.w
+                .free_later(geo.host_clusters(HostOffset::new(old_off), old_len));
         }
         img.load_metadata_map()?;
         // The header switch is durable: the old table's clusters may go.
@@ -585,16 +584,16 @@ fn upgrade(img: &mut Qcow2Image) -> Result<()> {
 /// Rebuilds the refcount structures at `order` (QEMU's
 /// `qcow2_change_refcount_order`): written past the end, synced, then one
 /// header write switches to them.
-fn change_refcount_width(img: &mut Qcow2Image, order: u32) -> Result<()> {
-    let old = img.header.refcount_order;
+fn change_refcount_width(img: &mut WritableImage, order: u32) -> Result<()> {
+    let old = img.view.header().refcount_order;
     // The rebuild writes the structures at the header's width, and then
     // the header itself.
-    img.header.refcount_order = order;
-    let r = crate::repair::rebuild_refcounts(img);
+    img.view.header_mut().refcount_order = order;
+    let r = crate::repair::rebuild_refcounts_of(img);
     if r.is_err() {
         // Failed before the switch (a refusal), or on an I/O error, after
         // which the image takes no more writes.
-        img.header.refcount_order = old;
+        img.view.header_mut().refcount_order = old;
     }
     r
 }
@@ -620,9 +619,9 @@ enum Expand {
 
 /// compat=1.1 -> 0.10 (QEMU's `qcow2_downgrade`); the refusals were
 /// checked before.
-fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
+fn downgrade(img: &mut WritableImage, report: &mut AmendReport) -> Result<()> {
     expand_zero_clusters(img, report)?;
-    let mut h = img.header.clone();
+    let mut h = img.view.header().clone();
     let had_bitmaps = h.bitmaps().is_some();
     if had_bitmaps {
         report.bitmaps_dropped = img.bitmaps()?.into_iter().map(|b| b.name).collect();
@@ -637,18 +636,16 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
     h.extensions
         .retain(|e| !matches!(e, Extension::FeatureTable(_) | Extension::Bitmaps { .. }));
     h.layout().map_err(|source| Error::Format {
-        path: img.path.clone(),
+        path: img.view.path().to_path_buf(),
         source,
     })?;
-    img.header = h;
+    *img.view.header_mut() = h;
     if had_bitmaps {
         // The bitmaps are no longer tracked; the rebuild counts their
         // clusters free and writes the v2 header in the same single
         // header write that switches to the new refcount structures.
-        if let Some(ws) = img.rw.as_deref_mut() {
-            ws.set_bitmaps(None);
-        }
-        crate::repair::rebuild_refcounts(img)?;
+        img.w.set_bitmaps(None);
+        crate::repair::rebuild_refcounts_of(img)?;
     } else {
         img.write_header()?;
         img.sync()?;
@@ -660,7 +657,7 @@ fn downgrade(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
 /// Each distinct snapshot L1 table is read once, one at a time (many
 /// snapshots usually share one table's offset and size); their sizes
 /// were checked against the limit when the image was opened for writing.
-fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
+fn all_l2_tables(img: &WritableImage) -> Result<Vec<u64>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     let mut add = |l1: &[u64]| {
@@ -672,21 +669,29 @@ fn all_l2_tables(img: &Qcow2Image) -> Result<Vec<u64>> {
             }
         }
     };
-    add(&img.l1);
+    add(img.view.l1());
     let mut read = std::collections::HashSet::new();
-    for sn in &img.snapshots {
+    for sn in img.view.snapshots() {
         let bytes = u64::from(sn.l1_size) * 8;
         if !sn.l1_size_is_valid() || !read.insert((sn.l1_table_offset, bytes)) {
             continue;
         }
         let mut raw = vec![0u8; bytes as usize];
         let n = img
-            .storage
+            .view
+            .storage()
             .read_at(&mut raw, sn.l1_table_offset)
-            .map_err(|e| Error::io(&img.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
+            .map_err(|e| {
+                Error::io(
+                    img.view.path(),
+                    "read snapshot L1 table",
+                    sn.l1_table_offset,
+                    e,
+                )
+            })?;
         if n < raw.len() {
             return Err(Error::corrupt(
-                &img.path,
+                img.view.path(),
                 sn.l1_table_offset,
                 format!(
                     "the L1 table of snapshot {:?} extends past the end of the file",
@@ -704,8 +709,8 @@ const ZERO_RUN: u64 = 4 << 20;
 
 /// Writes zeros over the host clusters `fill` (merged into runs of
 /// adjacent clusters, at most [`ZERO_RUN`] bytes a write).
-fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Result<()> {
-    let cs = img.geometry.cluster_size();
+fn write_zero_runs(img: &mut WritableImage, fill: &mut [u64], zeros: &[u8]) -> Result<()> {
+    let cs = img.view.geometry().cluster_size();
     fill.sort_unstable();
     let mut i = 0;
     while i < fill.len() {
@@ -716,7 +721,7 @@ fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Resu
             len += cs;
             i += 1;
         }
-        img.writer()?
+        img.w
             .write_data(&zeros[..len as usize], start, "write zero clusters")?;
     }
     Ok(())
@@ -726,11 +731,12 @@ fn write_zero_runs(img: &mut Qcow2Image, fill: &mut [u64], zeros: &[u8]) -> Resu
 /// zeros (and the refcounts of new clusters) are made durable by a
 /// barrier before the table's entries change; each entry change reads
 /// as zeros before and after.
-fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Result<()> {
-    let geo = img.geometry;
+fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Result<()> {
+    let geo = img.view.geometry();
     let cs = geo.cluster_size();
-    let cb = geo.cluster_bits();
-    let has_backing = img.header.backing_file.is_some();
+    // Index of the host cluster holding host offset `h`.
+    let cluster_of = |h: u64| geo.cluster_index(HostOffset::new(h));
+    let has_backing = img.view.header().backing_file.is_some();
     let tables = all_l2_tables(img)?;
     // Plan first: host clusters that some entry uses as data must never
     // be overwritten with zeros.
@@ -741,15 +747,19 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
         let mut work = Vec::new();
         for i in 0..geo.l2_entries() {
             let e = L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
-                path: img.path.clone(),
+                path: img.view.path().to_path_buf(),
                 source,
             })?;
             let state = e.state(geo, 0).map_err(|what| {
-                Error::corrupt(&img.path, toff + i * 8, format!("L2 entry {i}: {what}"))
+                Error::corrupt(
+                    img.view.path(),
+                    toff + i * 8,
+                    format!("L2 entry {i}: {what}"),
+                )
             })?;
             match state {
                 SubclusterState::Data { host } => {
-                    data_clusters.insert(host.get() >> cb);
+                    data_clusters.insert(geo.cluster_index(host));
                 }
                 SubclusterState::Zero { host: None } if has_backing => work.push((i, Expand::New)),
                 SubclusterState::Zero { host: None } => work.push((i, Expand::Drop)),
@@ -773,16 +783,17 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             let Expand::InPlace(h) = *x else {
                 continue;
             };
-            if !data_clusters.contains(&(h >> cb)) {
+            if !data_clusters.contains(&cluster_of(h)) {
                 continue;
             }
             let data = match holds_data.get(&h) {
                 Some(d) => *d,
                 None => {
                     let n = img
-                        .storage
+                        .view
+                        .storage()
                         .read_at(&mut buf, h)
-                        .map_err(|e| Error::io(&img.path, "read data cluster", h, e))?;
+                        .map_err(|e| Error::io(img.view.path(), "read data cluster", h, e))?;
                     let d = buf.get(..n).is_some_and(|b| b.iter().any(|x| *x != 0));
                     holds_data.insert(h, d);
                     d
@@ -795,7 +806,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
     }
     let zeros = vec![0u8; ZERO_RUN.max(cs) as usize];
     for (toff, work) in plans {
-        let l2_refs = img.ws()?.refcount(toff >> cb)?;
+        let l2_refs = img.w.refcount(cluster_of(toff))?;
         let mut table = img.l2_table(toff)?.as_ref().clone();
         // Host clusters to fill with zeros, written in runs.
         let mut fill = Vec::new();
@@ -805,8 +816,8 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             let x = match x {
                 Expand::Relocate(h) => {
                     // Loaded (and validated) now, before any entry changes.
-                    img.ws()?.refcount(h >> cb)?;
-                    frees.extend(std::iter::repeat_n(h >> cb, l2_refs as usize));
+                    img.w.refcount(cluster_of(h))?;
+                    frees.extend(std::iter::repeat_n(cluster_of(h), l2_refs as usize));
                     report.zero_clusters_moved += 1;
                     if has_backing {
                         Expand::New
@@ -825,7 +836,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                     let at = img.alloc_contiguous(1, "a zero cluster expansion")?;
                     // A shared table's users all reference it.
                     for _ in 1..l2_refs {
-                        img.ws()?.adjust_refcount(at >> cb, 1)?;
+                        img.w.adjust_refcount(cluster_of(at), 1)?;
                     }
                     img.guard_write("zero cluster expansion", at, cs, &[])?;
                     fill.push(at);
@@ -835,7 +846,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
                 Expand::InPlace(h) => {
                     img.guard_write("zero cluster expansion", h, cs, &[])?;
                     fill.push(h);
-                    let r = img.ws()?.refcount(h >> cb)?;
+                    let r = img.w.refcount(cluster_of(h))?;
                     report.zero_clusters_expanded += 1;
                     L2Entry::data(Some(HostOffset::new(h)), r == 1)
                 }
@@ -846,7 +857,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             debug_assert_eq!(e.word & OFLAG_ZERO, 0);
             e.write(&mut table, geo, i)
                 .map_err(|source| Error::Format {
-                    path: img.path.clone(),
+                    path: img.view.path().to_path_buf(),
                     source,
                 })?;
         }
@@ -860,7 +871,7 @@ fn expand_zero_clusters(img: &mut Qcow2Image, report: &mut AmendReport) -> Resul
             &[Meta::ActiveL2, Meta::InactiveL2],
         )?;
         img.write_l2_table(toff, table)?;
-        img.ws()?.free_later(frees);
+        img.w.free_later(frees);
     }
     // The entries are made durable, then the references moved away from
     // are released (step 6 of the write protocol).

@@ -1,6 +1,6 @@
 //! Persistent dirty bitmaps: the bitmap directory and bitmap tables of a
-//! qcow2 image, what a library user reads of them ([`Qcow2Image::bitmaps`],
-//! [`Qcow2Image::dirty_bitmap`]) and how the write path keeps them exact.
+//! qcow2 image, what a library user reads of them ([`Qcow2Image::bitmaps`](crate::Qcow2Image::bitmaps),
+//! [`Qcow2Image::dirty_bitmap`](crate::Qcow2Image::dirty_bitmap)) and how the write path keeps them exact.
 //!
 //! The write path's protocol (docs/crash-consistency.md, "Persistent dirty
 //! bitmaps"): before the first guest change of a session, every enabled
@@ -47,10 +47,11 @@ use strata_format::bitmap::{
     MAX_DIRECTORY_SIZE, MAX_PHYS_SIZE,
 };
 use strata_format::header::Autoclear;
+use strata_format::HostOffset;
 
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::Meta;
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::{View, WritableImage};
 
 /// One persistent dirty bitmap, as the directory describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,11 +175,11 @@ pub(crate) struct BitmapState {
     in_use_on_disk: bool,
 }
 
-impl Qcow2Image {
+impl View {
     /// Whether QEMU would consider the image's bitmaps at all: a v3 image
     /// with the bitmaps extension and the bitmaps autoclear bit set.
-    fn has_bitmaps_ext(&self) -> Option<(u32, u64, u64)> {
-        let h = &self.header;
+    pub(crate) fn has_bitmaps_ext(&self) -> Option<(u32, u64, u64)> {
+        let h = self.header();
         if h.version < 3 || !h.autoclear_features.contains(Autoclear::BITMAPS) {
             return None;
         }
@@ -187,11 +188,11 @@ impl Qcow2Image {
 
     /// Reads and validates the bitmap directory: its raw bytes and
     /// entries, or `None` when the image has no bitmaps.
-    fn read_bitmap_directory(&self) -> Result<Option<(Vec<u8>, Vec<BitmapDirEntry>)>> {
+    pub(crate) fn read_bitmap_directory(&self) -> Result<Option<(Vec<u8>, Vec<BitmapDirEntry>)>> {
         let Some((nb, size, off)) = self.has_bitmaps_ext() else {
             return Ok(None);
         };
-        let corrupt = |what: String| Error::corrupt(&self.path, off, what);
+        let corrupt = |what: String| Error::corrupt(self.path(), off, what);
         if nb > MAX_BITMAPS || size == 0 || size > MAX_DIRECTORY_SIZE {
             return Err(corrupt(format!(
                 "bitmap directory too large ({nb} bitmaps, {size} bytes)"
@@ -204,17 +205,17 @@ impl Qcow2Image {
             ));
         }
         let mut raw = vec![0u8; size as usize];
-        self.storage
+        self.storage()
             .read_at(&mut raw, off)
-            .map_err(|e| Error::io(&self.path, "read bitmap directory", off, e))?;
+            .map_err(|e| Error::io(self.path(), "read bitmap directory", off, e))?;
         let fmt = |source| Error::Format {
-            path: self.path.clone(),
+            path: self.path().to_path_buf(),
             source,
         };
         let entries = parse_directory(&raw, nb, off).map_err(fmt)?;
-        let cs = self.geometry.cluster_size();
+        let cs = self.geometry().cluster_size();
         for e in &entries {
-            e.validate(cs, self.header.size, off).map_err(fmt)?;
+            e.validate(cs, self.header().size, off).map_err(fmt)?;
         }
         Ok(Some((raw, entries)))
     }
@@ -222,8 +223,8 @@ impl Qcow2Image {
     /// The image's persistent dirty bitmaps, in directory order (empty
     /// when it has none, or when QEMU would ignore them: a v2 image, or
     /// the bitmaps autoclear bit cleared).
-    pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
-        let entries = match self.rw.as_deref().and_then(|w| w.bitmaps()) {
+    pub(crate) fn bitmaps(&self, tracked: Option<&BitmapState>) -> Result<Vec<BitmapInfo>> {
+        let entries = match tracked {
             Some(s) => s.entries.clone(),
             None => self
                 .read_bitmap_directory()?
@@ -243,8 +244,12 @@ impl Qcow2Image {
 
     /// Loads bitmap `name`'s dirty bits (as of the last save, or as
     /// tracked in this session).
-    pub fn dirty_bitmap(&self, name: &str) -> Result<DirtyBitmap> {
-        if let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) {
+    pub(crate) fn dirty_bitmap(
+        &self,
+        name: &str,
+        tracked: Option<&BitmapState>,
+    ) -> Result<DirtyBitmap> {
+        if let Some(s) = tracked {
             if let Some(t) = s
                 .tracked
                 .iter()
@@ -252,7 +257,7 @@ impl Qcow2Image {
             {
                 return Ok(DirtyBitmap {
                     granularity_bits: t.granularity_bits,
-                    virtual_size: self.header.size,
+                    virtual_size: self.header().size,
                     bits: t.bits.clone(),
                 });
             }
@@ -270,22 +275,22 @@ impl Qcow2Image {
         let (bits, _) = self.load_bitmap_bits(e)?;
         Ok(DirtyBitmap {
             granularity_bits: e.granularity_bits,
-            virtual_size: self.header.size,
+            virtual_size: self.header().size,
             bits,
         })
     }
 
     /// Reads a (validated, consistent) bitmap's bits and the clusters
     /// its table and data occupy.
-    fn load_bitmap_bits(&self, e: &BitmapDirEntry) -> Result<(Vec<u8>, Vec<u64>)> {
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
-        let len = bits_len(self.header.size, e.granularity_bits);
+    pub(crate) fn load_bitmap_bits(&self, e: &BitmapDirEntry) -> Result<(Vec<u8>, Vec<u64>)> {
+        let cs = self.geometry().cluster_size();
+        let geo = self.geometry();
+        let len = bits_len(self.header().size, e.granularity_bits);
         // validate() checked the table describes at least this much, and
         // at most MAX_PHYS_SIZE bytes.
         if len > MAX_PHYS_SIZE {
             return Err(Error::corrupt(
-                &self.path,
+                self.path(),
                 e.table_offset,
                 format!("bitmap {:?} too large", e.name),
             ));
@@ -299,7 +304,7 @@ impl Qcow2Image {
             || needed > u64::from(e.table_size)
         {
             return Err(Error::corrupt(
-                &self.path,
+                self.path(),
                 e.table_offset,
                 format!(
                     "bitmap table of {:?} extends past the end of the file",
@@ -308,12 +313,12 @@ impl Qcow2Image {
             ));
         }
         let mut raw = vec![0u8; table_bytes as usize];
-        self.storage
+        self.storage()
             .read_at(&mut raw, e.table_offset)
-            .map_err(|err| Error::io(&self.path, "read bitmap table", e.table_offset, err))?;
-        let first = e.table_offset >> cb;
+            .map_err(|err| Error::io(self.path(), "read bitmap table", e.table_offset, err))?;
+        let first = geo.cluster_index(HostOffset::new(e.table_offset));
         let mut clusters: Vec<u64> =
-            (first..first + self.geometry.clusters_for(e.table_bytes())).collect();
+            (first..first + self.geometry().clusters_for(e.table_bytes())).collect();
         let mut bits = vec![0u8; len as usize];
         for (i, raw_e) in strata_format::table::decode_u64_table(&raw)
             .into_iter()
@@ -321,7 +326,7 @@ impl Qcow2Image {
         {
             let at = e.table_offset + i as u64 * 8;
             let entry = BitmapTableEntry::parse(raw_e, cs, at).map_err(|source| Error::Format {
-                path: self.path.clone(),
+                path: self.path().to_path_buf(),
                 source,
             })?;
             let lo = i * cs as usize;
@@ -335,20 +340,20 @@ impl Qcow2Image {
                 BitmapTableEntry::Data(off) => {
                     if off.checked_add(cs).is_none_or(|end| end > file_len) {
                         return Err(Error::corrupt(
-                            &self.path,
+                            self.path(),
                             at,
                             format!("bitmap data cluster {off:#x} past the end of the file"),
                         ));
                     }
-                    self.storage
+                    self.storage()
                         .read_at(chunk, off)
-                        .map_err(|err| Error::io(&self.path, "read bitmap data", off, err))?;
-                    clusters.push(off >> cb);
+                        .map_err(|err| Error::io(self.path(), "read bitmap data", off, err))?;
+                    clusters.push(geo.cluster_index(HostOffset::new(off)));
                 }
             }
         }
         // Bits past the end of the disk are not guest granules.
-        let granules = self.header.size.div_ceil(1u64 << e.granularity_bits);
+        let granules = self.header().size.div_ceil(1u64 << e.granularity_bits);
         if let Some(last) = bits.last_mut() {
             if !granules.is_multiple_of(8) {
                 *last &= (1u8 << (granules % 8)) - 1;
@@ -356,16 +361,18 @@ impl Qcow2Image {
         }
         Ok((bits, clusters))
     }
+}
 
+impl WritableImage {
     /// First-write preparation of the bitmaps: loads the directory and
     /// the bits of every enabled, consistent bitmap. Returns `Some(why)`
     /// when the directory or a table is unusable (damaged); I/O errors are
     /// errors.
     pub(crate) fn bitmaps_prepare(&mut self) -> Result<Option<String>> {
-        let Some((_, _, off)) = self.has_bitmaps_ext() else {
+        let Some((_, _, off)) = self.view.has_bitmaps_ext() else {
             return Ok(None);
         };
-        let (raw_dir, entries) = match self.read_bitmap_directory() {
+        let (raw_dir, entries) = match self.view.read_bitmap_directory() {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(None),
             Err(e @ Error::Io { .. }) => return Err(e),
@@ -376,7 +383,7 @@ impl Qcow2Image {
             if e.in_use() || !e.auto() {
                 continue;
             }
-            let (bits, clusters) = match self.load_bitmap_bits(e) {
+            let (bits, clusters) = match self.view.load_bitmap_bits(e) {
                 Ok(b) => b,
                 Err(err @ Error::Io { .. }) => return Err(err),
                 Err(err) => return Ok(Some(format!("bitmap {:?}: {err}", e.name))),
@@ -389,15 +396,13 @@ impl Qcow2Image {
                 table: (e.table_offset, e.table_bytes()),
             });
         }
-        if let Some(ws) = self.rw.as_deref_mut() {
-            ws.set_bitmaps(Some(BitmapState {
-                raw_dir,
-                entries,
-                dir_offset: off,
-                tracked,
-                in_use_on_disk: false,
-            }));
-        }
+        self.w.set_bitmaps(Some(BitmapState {
+            raw_dir,
+            entries,
+            dir_offset: off,
+            tracked,
+            in_use_on_disk: false,
+        }));
         Ok(None)
     }
 
@@ -405,7 +410,7 @@ impl Qcow2Image {
     /// (the directory rewritten in place, only flags change; synced), so
     /// that a crash from here on leaves it untrusted, never stale.
     pub(crate) fn bitmaps_before_change(&mut self, off: u64, len: u64) -> Result<()> {
-        let Some(s) = self.rw.as_deref_mut().and_then(|w| w.bitmaps_mut()) else {
+        let Some(s) = self.w.bitmaps_mut() else {
             return Ok(());
         };
         if s.tracked.is_empty() {
@@ -434,8 +439,7 @@ impl Qcow2Image {
             raw.len() as u64,
             &[Meta::BitmapDirectory],
         )?;
-        self.writer()?
-            .write_metadata(&raw, at, "write bitmap directory")?;
+        self.w.write_metadata(&raw, at, "write bitmap directory")?;
         self.sync()
     }
 
@@ -444,13 +448,11 @@ impl Qcow2Image {
     /// with in_use cleared, then the header pointing at it, and queues
     /// the old clusters for freeing (the caller frees them).
     pub(crate) fn bitmaps_save(&mut self) -> Result<()> {
-        let Some(mut s) = self.rw.as_deref_mut().and_then(|w| w.take_bitmaps()) else {
+        let Some(mut s) = self.w.take_bitmaps() else {
             return Ok(());
         };
         let r = self.bitmaps_save_inner(&mut s);
-        if let Some(ws) = self.rw.as_deref_mut() {
-            ws.set_bitmaps(Some(s));
-        }
+        self.w.set_bitmaps(Some(s));
         r
     }
 
@@ -458,8 +460,8 @@ impl Qcow2Image {
         if !s.in_use_on_disk {
             return Ok(());
         }
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
+        let cs = self.view.geometry().cluster_size();
+        let geo = self.view.geometry();
         let mut old = Vec::new();
         let mut new_tables = Vec::new();
         for t in &mut s.tracked {
@@ -476,15 +478,15 @@ impl Qcow2Image {
         }
         self.barrier()?;
         let dsize = s.raw_dir.len() as u64;
-        let dclusters = self.geometry.clusters_for(dsize);
+        let dclusters = self.view.geometry().clusters_for(dsize);
         let doff = self.alloc_contiguous(dclusters, "the bitmap directory")?;
         let mut raw = s.raw_dir.clone();
         raw.resize((dclusters * cs) as usize, 0);
-        self.writer()?
+        self.w
             .write_metadata(&raw, doff, "write bitmap directory")?;
         self.barrier()?;
         let old_dir = s.dir_offset;
-        for e in &mut self.header.extensions {
+        for e in &mut self.view.header_mut().extensions {
             if let strata_format::Extension::Bitmaps {
                 directory_offset, ..
             } = e
@@ -498,21 +500,18 @@ impl Qcow2Image {
         s.in_use_on_disk = false;
         // The header points at the new directory: the old one and the
         // replaced tables may go (at the caller's frees, after a barrier).
-        let ws = self
-            .rw
-            .as_deref_mut()
-            .ok_or_else(|| Error::InvalidArgument("image is read-only".into()))?;
-        let meta = ws.meta_mut();
+        let meta = self.w.meta_mut();
         meta.remove(old_dir, dsize, Meta::BitmapDirectory);
         meta.add(doff, dsize, Meta::BitmapDirectory);
-        let first = old_dir >> cb;
-        ws.free_later(first..first + self.geometry.clusters_for(dsize));
+        let first = geo.cluster_index(HostOffset::new(old_dir));
+        self.w
+            .free_later(first..first + self.view.geometry().clusters_for(dsize));
         for ((toff, tbytes), clusters) in old {
-            ws.meta_mut().remove(toff, tbytes, Meta::BitmapTable);
-            ws.free_later(clusters);
+            self.w.meta_mut().remove(toff, tbytes, Meta::BitmapTable);
+            self.w.free_later(clusters);
         }
         for ((toff, tbytes), _) in new_tables {
-            ws.meta_mut().add(toff, tbytes, Meta::BitmapTable);
+            self.w.meta_mut().add(toff, tbytes, Meta::BitmapTable);
         }
         Ok(())
     }
@@ -521,8 +520,8 @@ impl Qcow2Image {
     /// become table entry 0) and a new table; returns the table's offset,
     /// its entry count and every cluster used. Nothing points at them yet.
     fn write_bitmap_bits(&mut self, bits: &[u8]) -> Result<(u64, u64, Vec<u64>)> {
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
+        let cs = self.view.geometry().cluster_size();
+        let geo = self.view.geometry();
         let n = (bits.len() as u64).div_ceil(cs).max(1);
         let mut table = Vec::with_capacity(n as usize);
         let mut clusters = Vec::new();
@@ -534,29 +533,24 @@ impl Qcow2Image {
             let at = self.alloc_contiguous(1, "bitmap data")?;
             let mut buf = chunk.to_vec();
             buf.resize(cs as usize, 0);
-            self.writer()?
-                .write_metadata(&buf, at, "write bitmap data")?;
-            clusters.push(at >> cb);
+            self.w.write_metadata(&buf, at, "write bitmap data")?;
+            clusters.push(geo.cluster_index(HostOffset::new(at)));
             table.push(at);
         }
         table.resize(n as usize, 0);
-        let tclusters = self.geometry.clusters_for(n * 8);
+        let tclusters = self.view.geometry().clusters_for(n * 8);
         let toff = self.alloc_contiguous(tclusters, "a bitmap table")?;
         let mut raw = strata_format::table::encode_u64_table(&table);
         raw.resize((tclusters * cs) as usize, 0);
-        self.writer()?
-            .write_metadata(&raw, toff, "write bitmap table")?;
-        clusters.extend((toff >> cb)..(toff >> cb) + tclusters);
+        self.w.write_metadata(&raw, toff, "write bitmap table")?;
+        clusters.extend(geo.host_clusters(HostOffset::new(toff), geo.clusters_bytes(tclusters)));
         Ok((toff, n, clusters))
     }
 
     /// Whether the image carries bitmaps (tracked or kept as they are):
     /// a resize must grow their tables first.
     pub(crate) fn has_live_bitmaps(&self) -> bool {
-        self.rw
-            .as_deref()
-            .and_then(|w| w.bitmaps())
-            .is_some_and(|s| !s.entries.is_empty())
+        self.w.bitmaps().is_some_and(|s| !s.entries.is_empty())
     }
 }
 
@@ -616,7 +610,7 @@ struct Work {
     old_table: Option<(u64, u64)>,
 }
 
-impl Qcow2Image {
+impl WritableImage {
     /// Applies one `qemu-img bitmap` operation to bitmap `name`, durably:
     /// pending writes are flushed (and the bitmaps saved) first, then the
     /// bitmaps go to new clusters, a new directory is written, the header
@@ -630,17 +624,17 @@ impl Qcow2Image {
             )))
         };
         self.begin_write()?;
-        if self.header.version < 3 {
+        if self.view.header().version < 3 {
             return fail(format!(
                 "Can't make bitmap '{name}' persistent in '{}': Cannot store dirty bitmaps in qcow2 v2 files",
-                self.path.display()
+                self.view.path().display()
             ));
         }
         self.flush()?;
         let (mut works, old_dir) = self.bitmap_works()?;
         let mut removed = None;
         let pos = works.iter().position(|w| w.name == name);
-        let size = self.header.size;
+        let size = self.view.header().size;
         match (edit, pos) {
             (
                 BitmapEdit::Add {
@@ -649,7 +643,7 @@ impl Qcow2Image {
                 },
                 None,
             ) => {
-                let cs = self.geometry.cluster_size();
+                let cs = self.view.geometry().cluster_size();
                 let g = granularity.unwrap_or(cs.clamp(4096, 65536));
                 if !g.is_power_of_two() || g < 512 {
                     return fail("Granularity must be power of 2 and at least 512".into());
@@ -664,7 +658,7 @@ impl Qcow2Image {
                 if name.len() > usize::from(strata_format::bitmap::MAX_NAME_SIZE) {
                     return fail(format!(
                         "Can't make bitmap '{name}' persistent in '{}': Name length exceeds maximum (1023 characters)",
-                        self.path.display()
+                        self.view.path().display()
                     ));
                 }
                 if works.len() >= MAX_BITMAPS as usize {
@@ -743,13 +737,11 @@ impl Qcow2Image {
 
     /// Loads the session's bitmap state again (after a size change).
     pub(crate) fn bitmaps_reload(&mut self) -> Result<()> {
-        if let Some(ws) = self.rw.as_deref_mut() {
-            ws.set_bitmaps(None);
-        }
+        self.w.set_bitmaps(None);
         match self.bitmaps_prepare()? {
             None => Ok(()),
             Some(why) => Err(Error::corrupt(
-                &self.path,
+                self.view.path(),
                 0,
                 format!("the bitmap directory does not read back after the resize: {why}"),
             )),
@@ -760,10 +752,10 @@ impl Qcow2Image {
     /// clusters it occupies. Called after a flush: nothing is in use on
     /// disk because of this session.
     fn bitmap_works(&self) -> Result<(Vec<Work>, Option<HostRange>)> {
-        let Some(s) = self.rw.as_deref().and_then(|w| w.bitmaps()) else {
+        let Some(s) = self.w.bitmaps() else {
             return Ok((Vec::new(), None));
         };
-        let cb = self.geometry.cluster_bits();
+        let geo = self.view.geometry();
         let mut works = Vec::new();
         for (i, e) in s.entries.iter().enumerate() {
             let table = (e.table_offset, e.table_bytes());
@@ -773,15 +765,15 @@ impl Qcow2Image {
             } else if e.in_use() {
                 // Its table stays; when it is removed, only the table
                 // clusters are freed (its data may be garbage: leaked).
-                let first = e.table_offset >> cb;
-                let n = self.geometry.clusters_for(e.table_bytes());
+                let first = geo.cluster_index(HostOffset::new(e.table_offset));
+                let n = self.view.geometry().clusters_for(e.table_bytes());
                 (
                     None,
                     Some((e.table_offset, e.table_size)),
                     (first..first + n).collect(),
                 )
             } else {
-                let (b, c) = self.load_bitmap_bits(e)?;
+                let (b, c) = self.view.load_bitmap_bits(e)?;
                 (Some(b), None, c)
             };
             works.push(Work {
@@ -806,8 +798,8 @@ impl Qcow2Image {
         removed: Option<Work>,
         old_dir: Option<(u64, u64)>,
     ) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
+        let cs = self.view.geometry().cluster_size();
+        let geo = self.view.geometry();
         let mut dir = Vec::new();
         let mut frees = Vec::new();
         let mut tables = Vec::new();
@@ -819,8 +811,8 @@ impl Qcow2Image {
         }
         // The old directory goes once the new one is in place.
         if let Some((o, b)) = old_dir {
-            let first = o >> cb;
-            frees.extend(first..first + self.geometry.clusters_for(b));
+            let first = geo.cluster_index(HostOffset::new(o));
+            frees.extend(first..first + self.view.geometry().clusters_for(b));
         }
         for w in &works {
             let (toff, n) = match (&w.bits, w.kept) {
@@ -852,27 +844,29 @@ impl Qcow2Image {
             ));
         }
         self.barrier()?;
-        self.header
+        self.view
+            .header_mut()
             .extensions
             .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
         let mut new_dir = None;
         if works.is_empty() {
-            self.header.autoclear_features &= !Autoclear::BITMAPS;
+            self.view.header_mut().autoclear_features &= !Autoclear::BITMAPS;
         } else {
-            let n = self.geometry.clusters_for(dir.len() as u64);
+            let n = self.view.geometry().clusters_for(dir.len() as u64);
             let doff = self.alloc_contiguous(n, "the bitmap directory")?;
             let mut raw = dir.clone();
             raw.resize((n * cs) as usize, 0);
-            self.writer()?
+            self.w
                 .write_metadata(&raw, doff, "write bitmap directory")?;
             self.barrier()?;
             let at = self
-                .header
+                .view
+                .header()
                 .extensions
                 .iter()
                 .position(|e| matches!(e, strata_format::Extension::Unknown { .. }))
-                .unwrap_or(self.header.extensions.len());
-            self.header.extensions.insert(
+                .unwrap_or(self.view.header().extensions.len());
+            self.view.header_mut().extensions.insert(
                 at,
                 strata_format::Extension::Bitmaps {
                     nb_bitmaps: works.len() as u32,
@@ -880,36 +874,37 @@ impl Qcow2Image {
                     directory_offset: doff,
                 },
             );
-            self.header.autoclear_features |= Autoclear::BITMAPS;
+            self.view.header_mut().autoclear_features |= Autoclear::BITMAPS;
             new_dir = Some((doff, dir.len() as u64));
         }
-        self.header.layout().map_err(|source| Error::Format {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.view
+            .header()
+            .layout()
+            .map_err(|source| Error::Format {
+                path: self.view.path().to_path_buf(),
+                source,
+            })?;
         self.write_header()?;
         self.sync()?;
-        if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = ws.meta_mut();
-            for (o, b, add) in tables {
-                if add {
-                    meta.add(o, b, Meta::BitmapTable);
-                } else {
-                    meta.remove(o, b, Meta::BitmapTable);
-                }
+        let meta = self.w.meta_mut();
+        for (o, b, add) in tables {
+            if add {
+                meta.add(o, b, Meta::BitmapTable);
+            } else {
+                meta.remove(o, b, Meta::BitmapTable);
             }
-            if let Some((o, b)) = old_dir {
-                meta.remove(o, b, Meta::BitmapDirectory);
-            }
-            if let Some((o, b)) = new_dir {
-                meta.add(o, b, Meta::BitmapDirectory);
-            }
-            ws.free_later(frees);
-            ws.set_bitmaps(None);
         }
+        if let Some((o, b)) = old_dir {
+            meta.remove(o, b, Meta::BitmapDirectory);
+        }
+        if let Some((o, b)) = new_dir {
+            meta.add(o, b, Meta::BitmapDirectory);
+        }
+        self.w.free_later(frees);
+        self.w.set_bitmaps(None);
         if let Some(why) = self.bitmaps_prepare()? {
             return Err(Error::corrupt(
-                &self.path,
+                self.view.path(),
                 0,
                 format!("the bitmap directory just written does not read back: {why}"),
             ));

@@ -36,10 +36,10 @@ use strata_format::table::{
     decode_u64_table, L1_RESERVED_MASK, L2_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO,
 };
-use strata_format::{limits, CompressedDescriptor};
+use strata_format::{limits, CompressedDescriptor, Geometry, HostOffset};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::{Qcow2Image, View};
 
 /// Largest number of host clusters (file length / cluster size) the check
 /// accepts: its reference counts take two bytes per cluster.
@@ -152,13 +152,21 @@ impl CheckReport {
 /// within the memory bound, when its metadata asks for more work than
 /// [`MAX_CHECK_WORK`], or on an I/O error.
 pub fn check(img: &Qcow2Image) -> Result<CheckReport> {
+    check_view(img.view())
+}
+
+/// [`check`] on the metadata view (a writable image's, for repairs).
+pub(crate) fn check_view(img: &View) -> Result<CheckReport> {
     let mut c = Checker::new(img)?;
     if !c.calculate()? {
         return Ok(c.report);
     }
     c.compare()?;
     c.check_oflag_copied()?;
-    c.report.image_end_offset = c.highest_cluster.saturating_add(1) << c.bits;
+    c.report.image_end_offset = c
+        .geo
+        .cluster_start(c.highest_cluster.saturating_add(1))
+        .get();
     Ok(c.report)
 }
 
@@ -168,6 +176,11 @@ pub fn check(img: &Qcow2Image) -> Result<CheckReport> {
 /// cluster just past its end). Problems found on the way are ignored; use
 /// [`check`] to see them. For repairs (`check -r`).
 pub fn compute_refcounts(img: &Qcow2Image) -> Result<Vec<u64>> {
+    compute_refcounts_view(img.view())
+}
+
+/// [`compute_refcounts`] on the metadata view.
+pub(crate) fn compute_refcounts_view(img: &View) -> Result<Vec<u64>> {
     let mut c = Checker::new(img)?;
     c.calculate()?;
     Ok((0..c.refs.len).map(|i| c.refs.get(i)).collect())
@@ -181,19 +194,20 @@ pub fn compute_refcounts(img: &Qcow2Image) -> Result<Vec<u64>> {
 /// reports such ranges as zeros. Any error (an unreadable or misaligned
 /// refcount block) gives `false`, as in QEMU.
 pub fn detect_metadata_preallocation(img: &Qcow2Image) -> bool {
-    detect_preallocation(img).unwrap_or(false)
+    detect_preallocation(img.view()).unwrap_or(false)
 }
 
-fn detect_preallocation(img: &Qcow2Image) -> Option<bool> {
-    let h = &img.header;
-    let bits = h.cluster_bits;
-    let cs = 1u64 << bits;
-    let file_length = img.storage.len().ok()?;
-    let real_clusters = img.storage.allocated_bytes().ok()? / cs;
+fn detect_preallocation(img: &View) -> Option<bool> {
+    let h = img.header();
+    let geo = img.geometry();
+    let bits = geo.cluster_bits();
+    let cs = geo.cluster_size();
+    let file_length = img.storage().len().ok()?;
+    let real_clusters = img.storage().allocated_bytes().ok()? / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let end_cluster = file_length.div_ceil(cs);
     let per_block = refcount::entries_per_block(bits, h.refcount_order);
-    let table_len = (u64::from(h.refcount_table_clusters) << bits) / 8;
+    let table_len = geo.clusters_bytes(u64::from(h.refcount_table_clusters)) / 8;
     let mut count = 0u64;
     let mut block: Option<(u64, Vec<u8>)> = None;
     let mut i = 0u64;
@@ -205,7 +219,7 @@ fn detect_preallocation(img: &Qcow2Image) -> Option<bool> {
         }
         if block.as_ref().is_none_or(|(b, _)| *b != bi) {
             let mut e = [0u8; 8];
-            img.storage
+            img.storage()
                 .read_at(&mut e, h.refcount_table_offset.checked_add(bi * 8)?)
                 .ok()?;
             let off = u64::from_be_bytes(e) & REFTABLE_OFFSET_MASK;
@@ -214,11 +228,11 @@ fn detect_preallocation(img: &Qcow2Image) -> Option<bool> {
                 i = (bi + 1) * per_block;
                 continue;
             }
-            if !img.geometry.is_aligned(off) {
+            if !img.geometry().is_aligned(off) {
                 return None;
             }
             let mut b = vec![0u8; cs as usize];
-            img.storage.read_at(&mut b, off).ok()?;
+            img.storage().read_at(&mut b, off).ok()?;
             if b.iter().all(|x| *x == 0) {
                 // Nothing counted here: skip the block whole (a hostile
                 // table of many empty blocks must not cost 2^35 steps).
@@ -284,8 +298,8 @@ struct L2Effects {
 }
 
 struct Checker<'a> {
-    img: &'a Qcow2Image,
-    bits: u32,
+    img: &'a View,
+    geo: Geometry,
     cs: u64,
     file_len: u64,
     refs: RefArray,
@@ -298,18 +312,18 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
-    fn new(img: &'a Qcow2Image) -> Result<Checker<'a>> {
-        let h = &img.header;
-        let bits = h.cluster_bits;
-        let cs = 1u64 << bits;
+    fn new(img: &'a View) -> Result<Checker<'a>> {
+        let h = img.header();
+        let geo = img.geometry();
+        let cs = geo.cluster_size();
         let file_len = img
-            .storage
+            .storage()
             .len()
-            .map_err(|e| Error::io(&img.path, "stat", 0, e))?;
+            .map_err(|e| Error::io(img.path(), "stat", 0, e))?;
         let nb = file_len.div_ceil(cs);
         if nb > MAX_CHECK_CLUSTERS {
             return Err(Error::Unsupported {
-                path: img.path.clone(),
+                path: img.path().to_path_buf(),
                 what: format!(
                     "the file has {nb} clusters of {cs} bytes; check handles at most \
                      {MAX_CHECK_CLUSTERS}"
@@ -320,21 +334,28 @@ impl<'a> Checker<'a> {
         let small = vec![0u16; (nb + 1) as usize];
         // The refcount table lies inside the file (checked at open) and is
         // at most MAX_REFTABLE_BYTES long (checked by the header parser).
-        let rt_bytes = u64::from(h.refcount_table_clusters) << bits;
+        let rt_bytes = geo.clusters_bytes(u64::from(h.refcount_table_clusters));
         if rt_bytes > limits::MAX_REFTABLE_BYTES.max(cs) {
             return Err(Error::corrupt(
-                &img.path,
+                img.path(),
                 h.refcount_table_offset,
                 "refcount table too large",
             ));
         }
         let mut raw = vec![0u8; rt_bytes as usize];
-        img.storage
+        img.storage()
             .read_at(&mut raw, h.refcount_table_offset)
-            .map_err(|e| Error::io(&img.path, "read refcount table", h.refcount_table_offset, e))?;
+            .map_err(|e| {
+                Error::io(
+                    img.path(),
+                    "read refcount table",
+                    h.refcount_table_offset,
+                    e,
+                )
+            })?;
         Ok(Checker {
             img,
-            bits,
+            geo,
             cs,
             file_len,
             refs: RefArray {
@@ -362,7 +383,7 @@ impl<'a> Checker<'a> {
         self.work = self.work.saturating_add(n);
         if self.work > MAX_CHECK_WORK {
             return Err(Error::Unsupported {
-                path: self.img.path.clone(),
+                path: self.img.path().to_path_buf(),
                 what: format!(
                     "the image's metadata asks the check to examine more than {MAX_CHECK_WORK} \
                      table entries; refusing"
@@ -374,10 +395,10 @@ impl<'a> Checker<'a> {
 
     fn read(&self, buf: &mut [u8], offset: u64, op: &'static str) -> Result<()> {
         self.img
-            .storage
+            .storage()
             .read_at(buf, offset)
             .map(|_| ())
-            .map_err(|e| Error::io(&self.img.path, op, offset, e))
+            .map_err(|e| Error::io(self.img.path(), op, offset, e))
     }
 
     /// QEMU's `qcow2_inc_refcounts_imrt`, `times` times over.
@@ -398,9 +419,10 @@ impl<'a> Checker<'a> {
             );
             return;
         }
-        let first = offset >> self.bits;
-        let last = (end - 1) >> self.bits;
-        for k in first..=last {
+        for k in self
+            .geo
+            .host_clusters(HostOffset::new(offset), end - offset)
+        {
             if k >= self.refs.small.len() as u64 {
                 // Unreachable given the test above; never index past the array.
                 self.report.push(
@@ -419,7 +441,10 @@ impl<'a> Checker<'a> {
                 self.refs.set(k, self.refs.max);
                 self.report.push(
                     ProblemKind::Corruption,
-                    format!("ERROR: overflow cluster offset={:#x}", k << self.bits),
+                    format!(
+                        "ERROR: overflow cluster offset={:#x}",
+                        self.geo.cluster_start(k).get()
+                    ),
                     times - room,
                 );
             }
@@ -430,11 +455,11 @@ impl<'a> Checker<'a> {
     /// stop (QEMU's "Check failed"), with the reason in the report.
     fn calculate(&mut self) -> Result<bool> {
         let img = self.img;
-        let h = &img.header;
+        let h = img.header();
         // QEMU's qcow2_read_snapshots in check mode: a v3 snapshot must
         // record vm_state_size_large and disk_size (16 bytes of extra data).
         if h.version >= 3 {
-            for (i, sn) in img.snapshots.iter().enumerate() {
+            for (i, sn) in img.snapshots().iter().enumerate() {
                 if sn.extra.len() < 16 {
                     self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
                 }
@@ -448,8 +473,8 @@ impl<'a> Checker<'a> {
         let mut order: Vec<u64> = Vec::new();
         let mut visits: HashMap<u64, (u64, u64)> = HashMap::new();
         self.walk_l1(h.l1_table_offset, h.l1_size, true, &mut order, &mut visits)?;
-        for sn in &img.snapshots {
-            if !img.geometry.is_aligned(sn.l1_table_offset) {
+        for sn in img.snapshots() {
+            if !img.geometry().is_aligned(sn.l1_table_offset) {
                 self.corruption(format!(
                     "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; \
                      snapshot table entry corrupted",
@@ -524,7 +549,7 @@ impl<'a> Checker<'a> {
         self.spend(u64::from(l1_size))?;
         let table = if active {
             // The table as opened (what is on disk, for a read-only image).
-            self.img.l1.clone()
+            self.img.l1().to_vec()
         } else {
             let mut raw = vec![0u8; bytes as usize];
             self.read(&mut raw, offset, "read L1 table")?;
@@ -541,7 +566,7 @@ impl<'a> Checker<'a> {
             }
             let l2 = entry & OFFSET_MASK;
             self.inc_refcounts(l2, self.cs, 1);
-            if !self.img.geometry.is_aligned(l2) {
+            if !self.img.geometry().is_aligned(l2) {
                 self.corruption(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
@@ -565,7 +590,7 @@ impl<'a> Checker<'a> {
 
     /// QEMU's `check_refcounts_l2` on the table at `offset`, once.
     fn l2_effects(&mut self, offset: u64) -> Result<L2Effects> {
-        let geo = self.img.geometry;
+        let geo = self.img.geometry();
         self.spend(geo.l2_entries())?;
         let mut table = vec![0u8; self.cs as usize];
         self.read(&mut table, offset, "read L2 table")?;
@@ -580,7 +605,7 @@ impl<'a> Checker<'a> {
             if word & OFLAG_COMPRESSED != 0 {
                 let d = CompressedDescriptor::decode(
                     word & !(OFLAG_COPIED | OFLAG_COMPRESSED),
-                    self.bits,
+                    self.geo.cluster_bits(),
                 );
                 if word & OFLAG_COPIED != 0 {
                     fx.problems.push(format!(
@@ -658,14 +683,14 @@ impl<'a> Checker<'a> {
     /// The snapshot table's length as QEMU computes it: every entry
     /// padded to 8 bytes except the last.
     fn snapshot_table_size(&self) -> Result<u64> {
-        let h = &self.img.header;
+        let h = self.img.header();
         let mut at = h.snapshots_offset;
         let mut end = at;
-        for _ in 0..self.img.snapshots.len() {
+        for _ in 0..self.img.snapshots().len() {
             let mut fixed = [0u8; snapshot::FIXED_LEN];
             self.read(&mut fixed, at, "read snapshot table")?;
             let fmt = |source| Error::Format {
-                path: self.img.path.clone(),
+                path: self.img.path().to_path_buf(),
                 source,
             };
             let data_len = snapshot::entry_data_len(&fixed, at).map_err(fmt)?;
@@ -680,7 +705,7 @@ impl<'a> Checker<'a> {
     /// bitmaps could not be loaded (QEMU then fails the whole check).
     fn bitmaps(&mut self) -> Result<bool> {
         let img = self.img;
-        let h = &img.header;
+        let h = img.header();
         let Some((nb, dir_size, dir_offset)) = h.bitmaps() else {
             return Ok(true);
         };
@@ -696,7 +721,7 @@ impl<'a> Checker<'a> {
             Some(format!(
                 "bitmaps_ext: Image has {nb} bitmaps, exceeding the maximum"
             ))
-        } else if !self.img.geometry.is_aligned(dir_offset) {
+        } else if !self.img.geometry().is_aligned(dir_offset) {
             Some("bitmaps_ext: invalid bitmap directory offset".to_string())
         } else if dir_size > bitmap::MAX_DIRECTORY_SIZE {
             Some(format!(
@@ -777,14 +802,14 @@ impl<'a> Checker<'a> {
                 ));
                 continue;
             }
-            if !self.img.geometry.is_aligned(offset) {
+            if !self.img.geometry().is_aligned(offset) {
                 self.corruption(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry \
                      corrupted"
                 ));
                 continue;
             }
-            let cluster = offset >> self.bits;
+            let cluster = self.geo.cluster_index(HostOffset::new(offset));
             if cluster >= self.refs.len {
                 self.corruption(format!("ERROR refcount block {i} is outside image"));
                 continue;
@@ -804,8 +829,8 @@ impl<'a> Checker<'a> {
     /// cannot be used.
     fn stored_refcount(&mut self, i: u64) -> Result<std::result::Result<u64, String>> {
         let img = self.img;
-        let h = &img.header;
-        let per_block = refcount::entries_per_block(self.bits, h.refcount_order);
+        let h = img.header();
+        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), h.refcount_order);
         let rt_index = i / per_block;
         let Some(&entry) = usize::try_from(rt_index)
             .ok()
@@ -817,7 +842,7 @@ impl<'a> Checker<'a> {
         if block == 0 {
             return Ok(Ok(0));
         }
-        if !self.img.geometry.is_aligned(block) {
+        if !self.img.geometry().is_aligned(block) {
             return Ok(Err("Input/output error".to_string()));
         }
         if !self.blocks.contains_key(&block) {
@@ -870,15 +895,15 @@ impl<'a> Checker<'a> {
     /// table. Each distinct L2 table is examined once; its findings count
     /// once per L1 entry pointing at it.
     fn check_oflag_copied(&mut self) -> Result<()> {
-        let geo = self.img.geometry;
+        let geo = self.img.geometry();
         let mut seen: HashMap<u64, Vec<String>> = HashMap::new();
-        let l1 = self.img.l1.clone();
+        let l1 = self.img.l1().to_vec();
         for (i, &entry) in l1.iter().enumerate() {
             let l2 = entry & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
-            if let Ok(r) = self.stored_refcount(l2 >> self.bits)? {
+            if let Ok(r) = self.stored_refcount(self.geo.cluster_index(HostOffset::new(l2)))? {
                 if (r == 1) != (entry & OFLAG_COPIED != 0) {
                     self.corruption(format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={entry:x} \
@@ -906,7 +931,8 @@ impl<'a> Checker<'a> {
                     if word & OFLAG_COMPRESSED != 0 || host == 0 {
                         continue;
                     }
-                    let Ok(r) = self.stored_refcount(host >> self.bits)? else {
+                    let ci = self.geo.cluster_index(HostOffset::new(host));
+                    let Ok(r) = self.stored_refcount(ci)? else {
                         continue;
                     };
                     if (r == 1) != (word & OFLAG_COPIED != 0) {

@@ -6,49 +6,68 @@
 //!
 //! The module tree:
 //!
-//! - `mod.rs`: [`Qcow2Image`], the read-only metadata view: the header,
-//!   the active L1 table, the L2 cache, the snapshot table, and the reads
-//!   through them (`map`, `read_mapped`, `l2_table`). Its fields are
-//!   private to this module tree; the rest of the crate (chains, create,
-//!   convert) and the other crates use methods only.
-//! - `writer.rs`: the `Writer`, present only when the image was opened
-//!   for writing. It owns everything a writer alone has: the refcount
-//!   structures and the overlap map, the dirty L2 tables (pinned there,
-//!   never in the cache, until their entries are written), the dirty L1
-//!   entries, the clusters to free at the next flush, the persistent
-//!   bitmaps kept up to date, and its own handle on the storage. Its
-//!   fields are private to `writer.rs`: every other module changes that
-//!   state through its methods, and every write of metadata or data to
-//!   the storage goes through `Writer::write_metadata` /
-//!   `Writer::write_data` (`split()`, which lent the storage, the write
-//!   state and the path together past the borrow checker, is gone).
-//! - `write.rs`: the write protocol on top of the two (allocating writes,
-//!   zero writes, discard, barrier, metadata commit, flush, resize,
-//!   preallocation, compressed writes), in the order
+//! - `view.rs`: the `View`, the read-only metadata view every open
+//!   image has: the header and geometry, the active L1 table, the L2
+//!   cache, the snapshot table, the file's length and the storage reads
+//!   go through, and the reads through them (`map`, `read_mapped`,
+//!   `l2_table`, `decompress`, snapshot and bitmap reads). Its fields are
+//!   private to `view.rs`; everything else reads through its methods, and
+//!   the write path changes it through a few setters (`header_mut`,
+//!   `l1_mut`, `set_snapshots`, the L2 cache's `cache_l2` /
+//!   `uncache_l2`).
+//! - `mod.rs`: the two kinds of open image, and the public handle.
+//!   `ReadOnlyImage` is a view (and a memo of the last extent mapped:
+//!   its mappings never change); it has no write methods at all.
+//!   `WritableImage` owns a view and the `Writer`, and the write
+//!   protocol is implemented on it alone, so that a write through an
+//!   image opened read-only does not compile inside the crate. The public
+//!   [`Qcow2Image`] holds one or the other (chosen by `open` or
+//!   `open_rw`) and is the one place the choice is looked at at run time:
+//!   its reads go to the view, its write methods to the writable image or
+//!   fail with `Error::ReadOnly` (`flush` and `close` of a read-only
+//!   image have nothing to do). Chains, `create` and `convert` keep using
+//!   [`Qcow2Image`] (an image in a chain is opened one way or the other);
+//!   free functions that write (`repair`, `rebuild_refcounts`, amend,
+//!   shrink) take the writable image from it once.
+//! - `writer.rs`: the `Writer`, the state only a writable image has: the
+//!   refcount structures and the overlap map, the dirty L2 tables (pinned
+//!   there, never in the cache, until their entries are written), the
+//!   dirty L1 entries, the clusters to free at the next flush, the
+//!   persistent bitmaps kept up to date, the write policy, and its own
+//!   handle on the storage. Its fields are private to `writer.rs`: every
+//!   other module changes that state through its methods, and every write
+//!   of metadata or data to the storage goes through
+//!   `Writer::write_metadata` / `Writer::write_data`. Reads of a writable
+//!   image pass the writer to the view, which looks at its pinned tables
+//!   before the cache.
+//! - `write.rs`: the write protocol on `WritableImage` (allocating
+//!   writes, zero writes, discard, barrier, metadata commit, flush,
+//!   resize, preallocation, compressed writes), in the order
 //!   docs/crash-consistency.md sets: data and new tables, barrier, then
 //!   the pointers, frees only after the next barrier.
 //! - `alloc.rs`: the refcount structures and the metadata (overlap) map,
 //!   owned by the writer.
 //! - `check.rs`: the consistency check, reading through the view only
-//!   (`&Qcow2Image`). `repair.rs`: repairs, writing through the writer
+//!   (`&View`). `repair.rs`: repairs, writing through the writable image
 //!   (rebuilding the refcounts replaces the writer's refcount state with
 //!   `Writer::replace_refcounts`).
 //! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
-//!   other metadata writers, through the same writer.
+//!   other metadata writers, on `WritableImage` too (their reads, such as
+//!   loading a snapshot's L1 table or a bitmap's bits, are the view's).
 //!
 //! Format details come from `strata-format`, typed: L2 entries are built
 //! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
 //! `with_subclusters`, ...), never bit by bit; feature bits are the typed
 //! flags `Incompatible`, `Compatible` and `Autoclear`; `GuestOffset` and
-//! `HostOffset` are opaque, and `Geometry` turns them into indices
-//! (`l1_index`, `l2_index`, `cluster_index`, `subcluster_index`).
+//! `HostOffset` are opaque, and `Geometry` turns them into indices and
+//! back (`l1_index`, `l2_index`, `cluster_index`, `cluster_start`,
+//! `guest_cluster_start`, `host_clusters`, `guest_clusters`,
+//! `subcluster_index`, `in_subcluster`, `clusters_bytes`): no module of
+//! `qcow2` shifts an offset by the cluster bits by hand (the refcount
+//! structures in `alloc.rs` hold a `Geometry` too).
 //!
-//! Not done yet (issue 16): read-only versus writable is still the runtime
-//! `Option<Writer>` inside one type, not two types; the header, L1 and
-//! L2 cache are still fields of the image rather than a separate view
-//! struct the writer borrows (the submodules of `qcow2` see them); the
-//! header's fields are still public (no update methods); most of the
-//! write path still shifts raw `u64` offsets by `cluster_bits` by hand.
+//! Not done yet (issue 16): the header's fields are still public (no
+//! update methods).
 
 pub(crate) mod alloc;
 pub mod amend;
@@ -57,429 +76,78 @@ pub mod check;
 pub mod repair;
 pub mod resize;
 pub mod snapshot_internal;
+mod view;
 pub mod write;
 mod writer;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use strata_format::header::peek_cluster_bits;
-use strata_format::snapshot::{self, Snapshot};
-use strata_format::table::decode_u64_table;
-use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
+use strata_format::snapshot::Snapshot;
+use strata_format::{Geometry, Header};
 
-use crate::compress;
-use crate::error::{Error, Result};
+use crate::error::{Error, Poison, Result};
 use crate::mapping::{Extent, Mapping};
 use crate::storage::Storage;
+use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
+use snapshot_internal::SnapshotRef;
+use view::lock;
+pub(crate) use view::View;
+use write::{BackingRead, CompressedTail, PreallocFill};
 use writer::Writer;
 
-/// Bytes of L2 tables kept in the cache of one image.
-pub const L2_CACHE_BYTES: usize = 4 << 20;
+pub use view::L2_CACHE_BYTES;
 
-/// A bounded cache of L2 tables, keyed by host offset.
-#[derive(Debug, Default)]
-pub(crate) struct L2Cache {
-    tables: HashMap<u64, (Arc<Vec<u8>>, u64)>,
-    tick: u64,
-    bytes: usize,
-}
-
-impl L2Cache {
-    pub(crate) fn get(&mut self, offset: u64) -> Option<Arc<Vec<u8>>> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.tables.get_mut(&offset).map(|(t, used)| {
-            *used = tick;
-            t.clone()
-        })
-    }
-
-    pub(crate) fn insert(&mut self, offset: u64, table: Arc<Vec<u8>>) {
-        self.tick += 1;
-        let len = table.len();
-        if let Some((old, _)) = self.tables.insert(offset, (table, self.tick)) {
-            self.bytes -= old.len();
-        }
-        self.bytes += len;
-        // Always keep at least the newest table, even when it alone is over budget.
-        while self.bytes > L2_CACHE_BYTES && self.tables.len() > 1 {
-            let victim = self
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| *k);
-            match victim.and_then(|k| self.tables.remove(&k)) {
-                Some((t, _)) => self.bytes -= t.len(),
-                None => break,
-            }
-        }
-    }
-
-    pub(crate) fn remove(&mut self, offset: u64) {
-        if let Some((t, _)) = self.tables.remove(&offset) {
-            self.bytes -= t.len();
-        }
-    }
-}
-
-/// The most recently decompressed cluster, keyed by its descriptor offset.
-type DecompressedCache = Option<(u64, Arc<Vec<u8>>)>;
-
-/// An open qcow2 image.
+/// An open qcow2 image, read-only or writable (as it was opened).
+///
+/// The choice is made once, at open ([`Qcow2Image::open`] or
+/// [`Qcow2Image::open_rw`]), and this is the one place it is looked at:
+/// inside, a read-only image and a writable one are two types, and only
+/// the writable one has the write protocol. The write methods of a
+/// read-only image fail with [`Error::ReadOnly`] (and [`Qcow2Image::flush`]
+/// and [`Qcow2Image::close`] have nothing to do).
 #[derive(Debug)]
-pub struct Qcow2Image {
-    path: PathBuf,
-    storage: Arc<dyn Storage>,
-    header: Header,
-    geometry: Geometry,
-    /// The active L1 table (raw entries), `header.l1_size` long.
-    l1: Vec<u64>,
-    l2_cache: Mutex<L2Cache>,
-    decompressed: Mutex<DecompressedCache>,
-    /// The last extent [`Qcow2Image::map`] found, reused while later calls
-    /// start inside it (walks of deep chains ask each layer again and
-    /// again about the same unallocated run). Only for images opened
-    /// read-only: their mappings never change.
+pub struct Qcow2Image(Mode);
+
+#[derive(Debug)]
+enum Mode {
+    ReadOnly(Box<ReadOnlyImage>),
+    Writable(Box<WritableImage>),
+}
+
+/// A qcow2 image opened read-only: the view, and a memo of the last
+/// extent mapped. It has no write methods.
+#[derive(Debug)]
+pub(crate) struct ReadOnlyImage {
+    view: View,
+    /// The last extent [`ReadOnlyImage::map`] found, reused while later
+    /// calls start inside it (walks of deep chains ask each layer again
+    /// and again about the same unallocated run): the mappings of an
+    /// image opened read-only never change.
     last_map: Mutex<Option<Extent>>,
-    snapshots: Vec<Snapshot>,
-    /// Host offset just past the last snapshot table entry (its padding
-    /// included); the table's start when there are none.
-    snapshot_table_end: u64,
-    /// Length of the file when opened (or after the last growth).
-    file_len: u64,
-    /// Write state, when opened for writing.
-    rw: Option<Box<Writer>>,
+}
+
+/// A qcow2 image opened for writing: the view and the [`Writer`], on
+/// which the write protocol (`write.rs`, `repair.rs`, `amend.rs`,
+/// `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`) is implemented.
+#[derive(Debug)]
+pub(crate) struct WritableImage {
+    view: View,
+    w: Writer,
     /// Set by the first I/O error of the write path: no more writes.
-    poisoned: Arc<crate::error::Poison>,
+    poisoned: Arc<Poison>,
     /// Where the next compressed cluster may be packed.
-    compressed_tail: crate::write::CompressedTail,
+    compressed_tail: CompressedTail,
+    /// Set once closed (or once a close failed): the drop does not flush.
+    closed: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Qcow2Image {
-    /// Opens and validates a qcow2 image on `storage`. `path` names it in
-    /// errors. Nothing is written.
-    pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
-        let fmt_err = |source| Error::Format {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file_len = storage.len().map_err(|e| Error::io(path, "stat", 0, e))?;
-        let mut prefix = [0u8; 24];
-        storage
-            .read_at(&mut prefix, 0)
-            .map_err(|e| Error::io(path, "read header", 0, e))?;
-        let cluster_bits = peek_cluster_bits(&prefix).map_err(fmt_err)?;
-        let c0_len = (1u64 << cluster_bits).min(file_len) as usize;
-        let mut c0 = vec![0u8; c0_len];
-        storage
-            .read_at(&mut c0, 0)
-            .map_err(|e| Error::io(path, "read header", 0, e))?;
-        let header = Header::parse(&c0).map_err(fmt_err)?;
-        let geometry = header.geometry();
-
-        // The L1 table must lie inside the file before we allocate for it.
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let l1_end = header.l1_table_offset.saturating_add(l1_bytes);
-        if header.l1_size > 0 && l1_end > file_len {
-            return Err(Error::corrupt(
-                path,
-                header.l1_table_offset,
-                format!(
-                    "L1 table ({} entries) extends past the end of the file ({file_len} bytes)",
-                    header.l1_size
-                ),
-            ));
-        }
-        let mut raw_l1 = vec![0u8; l1_bytes as usize];
-        storage
-            .read_at(&mut raw_l1, header.l1_table_offset)
-            .map_err(|e| Error::io(path, "read L1 table", header.l1_table_offset, e))?;
-        let l1 = decode_u64_table(&raw_l1);
-        let rt_end = header
-            .refcount_table_offset
-            .saturating_add(u64::from(header.refcount_table_clusters) << cluster_bits);
-        if rt_end > file_len {
-            return Err(Error::corrupt(
-                path,
-                header.refcount_table_offset,
-                "refcount table extends past the end of the file",
-            ));
-        }
-        let (snapshots, snapshot_table_end) =
-            read_snapshots(storage.as_ref(), path, &header, file_len)?;
-        Ok(Qcow2Image {
-            path: path.to_path_buf(),
-            storage: Arc::from(storage),
-            header,
-            geometry,
-            l1,
-            l2_cache: Mutex::new(L2Cache::default()),
-            decompressed: Mutex::new(None),
-            last_map: Mutex::new(None),
-            snapshots,
-            snapshot_table_end,
-            file_len,
-            rw: None,
-            poisoned: Default::default(),
-            compressed_tail: Default::default(),
-        })
-    }
-
-    /// Opens a qcow2 image for reading and writing (the storage must be
-    /// writable). Nothing is written until the first write.
-    pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
-        let mut img = Qcow2Image::open(storage, path)?;
-        let h = &img.header;
-        let refcounts = crate::qcow2::alloc::Refcounts::load(
-            img.storage.as_ref(),
-            path,
-            img.file_len,
-            h.cluster_bits,
-            h.refcount_order,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-        )?;
-        img.rw = Some(Box::new(Writer::new(
-            img.storage.clone(),
-            path,
-            img.poisoned.clone(),
-            refcounts,
-        )));
-        img.load_metadata_map()?;
-        Ok(img)
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-    /// The validated header.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-    /// The cluster geometry.
-    pub fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-    /// Virtual size in bytes.
-    pub fn virtual_size(&self) -> u64 {
-        self.header.size
-    }
-    /// The internal snapshots.
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
-    }
-    /// The storage.
-    pub fn storage(&self) -> &dyn Storage {
-        self.storage.as_ref()
-    }
-    /// The active L1 table's raw entries.
-    pub fn l1(&self) -> &[u64] {
-        &self.l1
-    }
-
-    /// Drops every cached table and decompressed cluster (after a commit
-    /// that replaced the tables in use: internal snapshots).
-    pub(crate) fn forget_caches(&mut self) {
-        *lock(&self.l2_cache) = L2Cache::default();
-        *lock(&self.decompressed) = None;
-        *lock(&self.last_map) = None;
-    }
-
-    /// Caches the L2 table at `offset`, as on disk (written, or read).
-    /// Dirty tables are pinned in the writer instead, never cached: the
-    /// write path calls this once their entries are written.
-    pub(crate) fn cache_l2(&self, offset: u64, table: Arc<Vec<u8>>) {
-        lock(&self.l2_cache).insert(offset, table);
-    }
-
-    /// Drops the L2 table at `offset` from the cache (it is about to be
-    /// pinned as dirty, or freed).
-    pub(crate) fn uncache_l2(&self, offset: u64) {
-        lock(&self.l2_cache).remove(offset);
-    }
-
-    /// Reads (through the cache) the L2 table at `offset`.
-    ///
-    /// Tables written by this process are always in the cache, so the
-    /// file-length check below only applies to tables read from disk.
-    pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.rw.as_ref().and_then(|w| w.dirty_table(offset)) {
-            return Ok(d.clone());
-        }
-        if let Some(t) = lock(&self.l2_cache).get(offset) {
-            return Ok(t);
-        }
-        let cs = self.geometry.cluster_size();
-        if !self.geometry.is_aligned(offset) {
-            return Err(Error::corrupt(
-                &self.path,
-                offset,
-                "L2 table offset not cluster-aligned",
-            ));
-        }
-        // A table that starts inside the file but runs past its end reads
-        // as zeros there, as in QEMU (a file qemu-img truncated to the
-        // bytes in use; iotest 060 links an L2 entry onto the L1 table).
-        let past_end = offset >= self.storage_len()?;
-        if past_end && offset != 0 {
-            // A table wholly past the end of the file reads as zeros, as
-            // qemu-img reads it (its check reports the cluster as
-            // "exceeding the end of the file" and unreferenced). Writes
-            // through it are refused (`l2_past_the_end`): its L2 offset
-            // contradicts the refcounts.
-            let t = Arc::new(vec![0u8; cs as usize]);
-            lock(&self.l2_cache).insert(offset, t.clone());
-            return Ok(t);
-        }
-        if offset == 0 || past_end {
-            return Err(Error::corrupt(
-                &self.path,
-                offset,
-                "L2 table outside the file",
-            ));
-        }
-        let mut t = vec![0u8; cs as usize];
-        self.storage
-            .read_at(&mut t, offset)
-            .map_err(|e| Error::io(&self.path, "read L2 table", offset, e))?;
-        let t = Arc::new(t);
-        lock(&self.l2_cache).insert(offset, t.clone());
-        Ok(t)
-    }
-
-    /// Refuses a write through the L2 table at `offset` when the table
-    /// lies past the end of the file (reads see zeros there; QEMU would
-    /// write into a cluster its refcounts call free).
-    pub(crate) fn l2_past_the_end(&self, offset: u64) -> Result<()> {
-        if offset >= self.storage_len()? {
-            return Err(Error::corrupt(
-                &self.path,
-                offset,
-                "L2 table outside the file",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Refuses an image whose refcount table points at a refcount block
-    /// that is not cluster-aligned or not inside the file, naming the
-    /// entry. Shrinking walks the refcount blocks past the new end, where
-    /// QEMU then signals the corruption half-way ("Failed to discard
-    /// unused refblocks", iotest 060); Strata refuses before any change.
-    pub(crate) fn refuse_bad_refblocks(&self) -> Result<()> {
-        let h = &self.header;
-        let cs = self.geometry.cluster_size();
-        let len = u64::from(h.refcount_table_clusters) * cs;
-        let mut table = vec![0u8; len as usize];
-        self.storage
-            .read_at(&mut table, h.refcount_table_offset)
-            .map_err(|e| {
-                Error::io(
-                    &self.path,
-                    "read refcount table",
-                    h.refcount_table_offset,
-                    e,
-                )
-            })?;
-        let file = self.storage_len()?;
-        for (i, entry) in decode_u64_table(&table).into_iter().enumerate() {
-            if entry == 0 {
-                continue;
-            }
-            let at = h.refcount_table_offset + 8 * i as u64;
-            let off = entry & !0x1ff;
-            let what = if !self.geometry.is_aligned(entry) {
-                "is not cluster-aligned"
-            } else if off.checked_add(cs).is_none_or(|e| e > file) {
-                "is outside the file"
-            } else {
-                continue;
-            };
-            return Err(Error::corrupt(
-                &self.path,
-                at,
-                format!(
-                    "refcount block {i} (at {entry:#x}) {what}; repair the image with \
-                     `check -r all` first"
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn storage_len(&self) -> Result<u64> {
-        self.storage
-            .len()
-            .map_err(|e| Error::io(&self.path, "stat", 0, e))
-    }
-
-    /// The L2 table mapping L1 index `l1i` of the active table, if any.
-    pub fn l2_for(&self, l1i: u64) -> Result<Option<(u64, Arc<Vec<u8>>)>> {
-        let entry = usize::try_from(l1i)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-            .unwrap_or(0);
-        match L1Entry(entry).l2_offset() {
-            None => Ok(None),
-            Some(off) => Ok(Some((off.get(), self.l2_table(off.get())?))),
-        }
-    }
-
-    /// The mapping at guest offset `g` from an L2 table (None: no table).
-    fn mapping_in(&self, table: Option<&(u64, Arc<Vec<u8>>)>, g: u64) -> Result<Mapping> {
-        let Some((toff, table)) = table else {
-            return Ok(Mapping::Unallocated);
-        };
-        let guest = GuestOffset::new(g);
-        let idx = self.geometry.l2_index(guest);
-        let entry = L2Entry::read(table, self.geometry, idx).map_err(|source| Error::Format {
-            path: self.path.clone(),
-            source,
-        })?;
-        let sc = self.geometry.subcluster_index(guest);
-        let state = entry.state(self.geometry, sc).map_err(|what| {
-            Error::corrupt(
-                &self.path,
-                toff + idx * self.geometry.l2_entry_size(),
-                format!("L2 entry for guest offset {g:#x}: {what}"),
-            )
-        })?;
-        let m = Mapping::from(state);
-        // Offset of g inside its subcluster.
-        let within = g % self.geometry.subcluster_size();
-        Ok(match m {
-            Mapping::Compressed(_) => m,
-            // A zero entry's host is the start of the whole cluster (data
-            // subclusters already point at their own start): add g's
-            // offset in the cluster, as QEMU reports it.
-            Mapping::Zero { host: Some(_) } => m.advance(self.geometry.in_cluster(g)),
-            m => m.advance(within),
-        })
-    }
-
+impl ReadOnlyImage {
     /// The longest extent starting at `start` (at most `max_len` bytes)
     /// whose bytes have one mapping, contiguous on the host.
-    pub fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
-        let size = self.virtual_size();
-        let end = start.saturating_add(max_len).min(size);
-        if start >= end {
-            return Err(Error::OutOfRange {
-                path: self.path.clone(),
-                offset: start,
-                len: max_len,
-                size,
-            });
-        }
-        let memo = self.rw.is_none();
-        let known = if memo { *lock(&self.last_map) } else { None };
+    pub(crate) fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
+        let end = self.view.map_end(start, max_len)?;
+        let known = *lock(&self.last_map);
         let e = match known.filter(|e| e.start <= start && start < e.end()) {
             Some(e) => {
                 let mut hit = Extent {
@@ -490,7 +158,7 @@ impl Qcow2Image {
                 // The remembered extent may have been cut short by the
                 // length asked for then: look on, as a fresh walk would.
                 if hit.end() < end {
-                    let next = self.map_uncached(hit.end(), end)?;
+                    let next = self.view.map_uncached(hit.end(), end, None)?;
                     if hit.mapping.continues(hit.len, next.mapping) {
                         hit.len += next.len;
                     } else {
@@ -500,170 +168,519 @@ impl Qcow2Image {
                 }
                 hit
             }
-            None => self.map_uncached(start, end)?,
+            None => self.view.map_uncached(start, end, None)?,
         };
-        if memo {
-            self.remember(e);
-        }
+        self.remember(e);
         Ok(e)
     }
 
     fn remember(&self, e: Extent) {
-        if self.rw.is_none() && !matches!(e.mapping, Mapping::Compressed(_)) {
+        if !matches!(e.mapping, Mapping::Compressed(_)) {
             *lock(&self.last_map) = Some(e);
         }
     }
 
-    /// [`Qcow2Image::map`] from the tables, for `[start, end)` (not empty).
-    fn map_uncached(&self, start: u64, end: u64) -> Result<Extent> {
-        let geo = self.geometry;
-        let step = geo.subcluster_size();
-        let mut pos = start;
-        let mut first: Option<Mapping> = None;
-        while pos < end {
-            let l1i = geo.l1_index(GuestOffset::new(pos));
-            let table = self.l2_for(l1i)?;
-            let table_end = ((l1i + 1) * geo.l2_span()).min(end);
-            if table.is_none() {
-                match first {
-                    None => first = Some(Mapping::Unallocated),
-                    Some(Mapping::Unallocated) => {}
-                    Some(_) => break,
-                }
-                pos = table_end;
-                continue;
-            }
-            while pos < table_end {
-                let m = self.mapping_in(table.as_ref(), pos)?;
-                let next = (pos / step + 1) * step;
-                match first {
-                    None => {
-                        first = Some(m);
-                        if let Mapping::Compressed(_) = m {
-                            let cend = geo.align_down(pos) + geo.cluster_size();
-                            return Ok(Extent {
-                                start,
-                                len: cend.min(end) - start,
-                                mapping: m,
-                            });
-                        }
-                    }
-                    Some(f) => {
-                        if !f.continues(pos - start, m) {
-                            return Ok(Extent {
-                                start,
-                                len: pos - start,
-                                mapping: f,
-                            });
-                        }
-                    }
-                }
-                pos = next.min(table_end);
-            }
+    /// Drops every cached table, decompressed cluster and remembered
+    /// extent (the image now shows another L1 table).
+    pub(crate) fn forget_caches(&mut self) {
+        self.view.forget_caches();
+        *lock(&self.last_map) = None;
+    }
+}
+
+impl WritableImage {
+    /// Opens a qcow2 image for reading and writing (the storage must be
+    /// writable). Nothing is written until the first write.
+    fn open(storage: Box<dyn Storage>, path: &Path) -> Result<WritableImage> {
+        let view = View::open(storage, path)?;
+        let h = view.header();
+        let refcounts = crate::qcow2::alloc::Refcounts::load(
+            view.storage(),
+            path,
+            view.file_len(),
+            view.geometry(),
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )?;
+        let poisoned = Arc::<Poison>::default();
+        let w = Writer::new(view.storage_arc(), path, poisoned.clone(), refcounts);
+        let mut img = WritableImage {
+            view,
+            w,
+            poisoned,
+            compressed_tail: CompressedTail::default(),
+            closed: false,
+        };
+        img.load_metadata_map()?;
+        Ok(img)
+    }
+
+    /// Virtual size in bytes.
+    pub(crate) fn virtual_size(&self) -> u64 {
+        self.view.virtual_size()
+    }
+
+    /// The L2 table at `offset`: the writer's pinned copy when it has
+    /// changes not yet written, else through the cache.
+    pub(crate) fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
+        self.view.l2_table(offset, Some(&self.w))
+    }
+
+    /// The image's persistent dirty bitmaps (as tracked in this session
+    /// once loaded).
+    pub(crate) fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        self.view.bitmaps(self.w.bitmaps())
+    }
+
+    /// The longest extent starting at `start` with one mapping, as the
+    /// tables (pinned copies first) say now.
+    pub(crate) fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
+        self.view.map(start, max_len, Some(&self.w))
+    }
+}
+
+/// Forwards a write method of [`Qcow2Image`] to the writable image, or
+/// fails on a read-only one.
+macro_rules! writable {
+    ($self:ident) => {
+        match &mut $self.0 {
+            Mode::Writable(w) => &mut **w,
+            Mode::ReadOnly(r) => return Err(read_only(r.view.path())),
         }
-        Ok(Extent {
-            start,
-            len: pos.min(end) - start,
-            mapping: first.unwrap_or(Mapping::Unallocated),
-        })
+    };
+}
+
+fn read_only(path: &Path) -> Error {
+    Error::ReadOnly {
+        path: path.to_path_buf(),
+        why: "image is open read-only".into(),
+    }
+}
+
+impl Qcow2Image {
+    /// Opens and validates a qcow2 image on `storage`, read-only. `path`
+    /// names it in errors. Nothing is written.
+    pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
+        Ok(Qcow2Image(Mode::ReadOnly(Box::new(ReadOnlyImage {
+            view: View::open(storage, path)?,
+            last_map: Mutex::new(None),
+        }))))
+    }
+
+    /// Opens a qcow2 image for reading and writing (the storage must be
+    /// writable). Nothing is written until the first write.
+    pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
+        Ok(Qcow2Image(Mode::Writable(Box::new(WritableImage::open(
+            storage, path,
+        )?))))
+    }
+
+    /// The metadata view (either kind of image).
+    pub(crate) fn view(&self) -> &View {
+        match &self.0 {
+            Mode::ReadOnly(r) => &r.view,
+            Mode::Writable(w) => &w.view,
+        }
+    }
+
+    /// The writable image, or [`Error::ReadOnly`].
+    pub(crate) fn writable(&mut self) -> Result<&mut WritableImage> {
+        Ok(writable!(self))
+    }
+
+    /// The writer, when opened for writing (its pinned tables).
+    fn pinned(&self) -> Option<&Writer> {
+        match &self.0 {
+            Mode::ReadOnly(_) => None,
+            Mode::Writable(w) => Some(&w.w),
+        }
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        matches!(self.0, Mode::Writable(_))
+    }
+
+    /// Whether the image has a `poisoned` state from an earlier I/O error.
+    pub fn is_poisoned(&self) -> bool {
+        match &self.0 {
+            Mode::ReadOnly(_) => false,
+            Mode::Writable(w) => w.poisoned.is_set(),
+        }
+    }
+
+    // --- reads -----------------------------------------------------------
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        self.view().path()
+    }
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        self.view().header()
+    }
+    /// The cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.view().geometry()
+    }
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.view().virtual_size()
+    }
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        self.view().snapshots()
+    }
+    /// The storage.
+    pub fn storage(&self) -> &dyn Storage {
+        self.view().storage()
+    }
+    /// The active L1 table's raw entries.
+    pub fn l1(&self) -> &[u64] {
+        self.view().l1()
+    }
+
+    /// Reads (through the cache) the L2 table at `offset`.
+    pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u8>>> {
+        self.view().l2_table(offset, self.pinned())
+    }
+
+    /// The L2 table mapping L1 index `l1i` of the active table, if any.
+    pub fn l2_for(&self, l1i: u64) -> Result<Option<(u64, Arc<Vec<u8>>)>> {
+        self.view().l2_for(l1i, self.pinned())
+    }
+
+    /// The longest extent starting at `start` (at most `max_len` bytes)
+    /// whose bytes have one mapping, contiguous on the host.
+    pub fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
+        match &self.0 {
+            Mode::ReadOnly(r) => r.map(start, max_len),
+            Mode::Writable(w) => w.map(start, max_len),
+        }
     }
 
     /// Reads `buf.len()` guest bytes at `guest` that this image maps with
     /// `m` (the mapping of `guest` itself, as [`Qcow2Image::map`] returns
     /// it advanced to `guest`). Unallocated ranges are the caller's.
     pub fn read_mapped(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
-        match m {
-            Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
-            Mapping::Data { host } => {
-                self.storage
-                    .read_at(buf, host.get())
-                    .map_err(|e| Error::io(&self.path, "read data", host.get(), e))?;
-            }
-            Mapping::Compressed(d) => {
-                let cluster = self.decompress(d)?;
-                let at = self.geometry.in_cluster(guest) as usize;
-                let src = cluster.get(at..at + buf.len()).ok_or_else(|| {
-                    Error::InvalidArgument("compressed read crosses a cluster".into())
-                })?;
-                buf.copy_from_slice(src);
-            }
-        }
-        Ok(())
+        self.view().read_mapped(m, guest, buf)
     }
 
     /// Decompresses the cluster `d` describes (cached: the last one).
     pub fn decompress(&self, d: strata_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
-        if let Some((off, data)) = lock(&self.decompressed).as_ref() {
-            if *off == d.offset.get() {
-                return Ok(data.clone());
-            }
+        self.view().decompress(d)
+    }
+
+    /// The image's persistent dirty bitmaps, in directory order (empty
+    /// when it has none, or when QEMU would ignore them: a v2 image, or
+    /// the bitmaps autoclear bit cleared).
+    pub fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        self.view().bitmaps(self.pinned().and_then(Writer::bitmaps))
+    }
+
+    /// Loads bitmap `name`'s dirty bits (as of the last save, or as
+    /// tracked in this session).
+    pub fn dirty_bitmap(&self, name: &str) -> Result<DirtyBitmap> {
+        self.view()
+            .dirty_bitmap(name, self.pinned().and_then(Writer::bitmaps))
+    }
+
+    /// Makes this read-only image show the snapshot `sel` instead of the
+    /// active state (QEMU's `bdrv_snapshot_load_tmp`): its L1 table and
+    /// its virtual size. The backing file stays. Fails on an image opened
+    /// for writing.
+    pub fn load_snapshot(&mut self, sel: &SnapshotRef) -> Result<()> {
+        match &mut self.0 {
+            Mode::ReadOnly(r) => r.load_snapshot(sel),
+            Mode::Writable(w) => Err(Error::InvalidArgument(format!(
+                "{}: a snapshot can only be loaded into an image opened read-only",
+                w.view.path().display()
+            ))),
         }
-        let cs = self.geometry.cluster_size() as usize;
-        // A descriptor names at most 2^(cluster_bits-8) sectors: bounded.
-        let mut input = vec![0u8; d.len as usize];
-        let n = self
-            .storage
-            .read_at(&mut input, d.offset.get())
-            .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.get(), e))?;
-        input.truncate(n);
-        let mut out = vec![0u8; cs];
-        compress::decompress(self.header.compression_type, &input, &mut out)
-            .map_err(|what| Error::corrupt(&self.path, d.offset.get(), what))?;
-        let out = Arc::new(out);
-        *lock(&self.decompressed) = Some((d.offset.get(), out.clone()));
-        Ok(out)
+    }
+
+    // --- writes (an image opened read-only fails with Error::ReadOnly) ---
+
+    /// Sets what the first write does with a dirty image, unreadable
+    /// bitmaps or unknown autoclear bits (default: refuse; see
+    /// [`WritePolicy`](crate::chain::WritePolicy)). Fails on an image
+    /// opened read-only.
+    pub fn set_write_policy(&mut self, policy: crate::chain::WritePolicy) -> Result<()> {
+        writable!(self).set_write_policy(policy);
+        Ok(())
+    }
+
+    /// Writes `data` at guest `offset`. `backing` reads the layers below
+    /// (for copy-on-write of partly written clusters).
+    pub fn write(&mut self, offset: u64, data: &[u8], backing: BackingRead) -> Result<()> {
+        writable!(self).write(offset, data, backing)
+    }
+
+    /// Writes guest `[offset, offset+len)` with the bytes `src` holds at
+    /// `[src_offset, src_offset+len)`, moved by
+    /// [`Storage::copy_range_from`] (a clone sharing the filesystem's
+    /// extents where it can) instead of through memory. Whole clusters
+    /// only (`offset` and `len` cluster-aligned), and not on images with
+    /// extended L2 entries: callers use [`Qcow2Image::write`] for the rest.
+    ///
+    /// The protocol is that of `write`: a cluster the image does not own
+    /// alone gets a new one, the moved bytes land in clusters nothing
+    /// points at yet, and their L2 entries are written after the barrier
+    /// that makes them durable (docs/crash-consistency.md).
+    pub fn write_range_from(
+        &mut self,
+        offset: u64,
+        len: u64,
+        src: &dyn Storage,
+        src_offset: u64,
+    ) -> Result<()> {
+        writable!(self).write_range_from(offset, len, src, src_offset)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. With `unmap`, host
+    /// clusters are released where possible. v2 images (no zero flag)
+    /// get explicit zeros.
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        backing: BackingRead,
+    ) -> Result<()> {
+        writable!(self).write_zeroes(offset, len, unmap, backing)
+    }
+
+    /// Discards `[offset, offset+len)` as QEMU's qcow2 driver does: whole
+    /// clusters only; they then read as zeros on v3 images (when there is
+    /// a backing file or they were allocated) and become unallocated on v2
+    /// images without a backing file. On a v2 image with a backing file
+    /// nothing changes (QEMU 290): there is no zero flag to hide it.
+    pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        writable!(self).discard(offset, len, has_backing)
+    }
+
+    /// Makes the whole clusters in `[offset, offset+len)` unallocated, so
+    /// that they read through to the backing file, and queues their host
+    /// clusters for freeing. Partial clusters at the edges are left as
+    /// they are (except at the end of the disk).
+    pub fn deallocate(&mut self, offset: u64, len: u64) -> Result<()> {
+        writable!(self).deallocate(offset, len)
+    }
+
+    /// Empties the image after a commit: every cluster unallocated, reads
+    /// falling through to the backing file, which now holds the same data
+    /// (the persistent dirty bitmaps are left as they are, as QEMU's
+    /// `bdrv_make_empty` leaves them; [`Qcow2Image::deallocate`] marks
+    /// them). The cost follows what is allocated, not the virtual size.
+    pub fn make_empty(&mut self) -> Result<()> {
+        writable!(self).make_empty()
+    }
+
+    /// Makes every write durable and releases clusters that lost their
+    /// last pointer. Nothing to do on an image opened read-only.
+    pub fn flush(&mut self) -> Result<()> {
+        match &mut self.0 {
+            Mode::ReadOnly(_) => Ok(()),
+            Mode::Writable(w) => w.flush(),
+        }
+    }
+
+    /// Closes the image: flushes it (an image open for writing) and
+    /// returns the flush's error, which a drop could only log.
+    pub fn close(self) -> Result<()> {
+        match self.0 {
+            Mode::ReadOnly(_) => Ok(()),
+            Mode::Writable(mut w) => w.close(),
+        }
+    }
+
+    /// Grows the virtual disk to `new_size` (growing the L1 table when
+    /// needed). Shrinking is refused.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        writable!(self).resize(new_size)
+    }
+
+    /// Rewrites the backing file name and format in the header (nothing
+    /// else: the unsafe `rebase -u`). `None` removes the backing file.
+    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        writable!(self).set_backing(backing)
+    }
+
+    /// Recomputes every refcount from the references and rewrites the
+    /// refcount structures (used for dirty images and `check -r all`).
+    pub fn rebuild_refcounts(&mut self) -> Result<()> {
+        writable!(self).rebuild_refcounts()
+    }
+
+    /// Allocates every L2 table and data cluster of the disk, as qemu-img
+    /// `preallocation=metadata` does (see [`Qcow2Image::preallocate`]).
+    pub fn preallocate_metadata(&mut self) -> Result<()> {
+        writable!(self).preallocate(PreallocFill::Sparse)
+    }
+
+    /// Allocates every L2 table and data cluster of the disk, as qemu-img
+    /// does: the L2 entries are plain data entries (no zero flag: the
+    /// clusters read as zeros because they are holes, reserved or zeroed
+    /// space), and with extended L2 entries every subcluster is left
+    /// unallocated, so that reads still fall through to a backing file
+    /// (qemu-img allows a backing file only then; iotest 271 / issue 15
+    /// defect 4). A cluster the allocator found inside the old end of the
+    /// file (which may hold stale bytes) is written with zeros.
+    pub fn preallocate(&mut self, fill: PreallocFill) -> Result<()> {
+        writable!(self).preallocate(fill)
+    }
+
+    /// Writes whole clusters compressed (with the image's compression
+    /// type) at the cluster-aligned guest offset `offset`; `data` is a
+    /// multiple of the cluster size (the last cluster may reach past the
+    /// end of the disk). Clusters that do not shrink are written plainly.
+    /// Meant for filling new images (`convert -c`): clusters already
+    /// allocated are replaced and their old space released at flush.
+    pub fn write_compressed(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        backing: BackingRead,
+    ) -> Result<()> {
+        writable!(self).write_compressed(offset, data, backing)
+    }
+
+    /// Creates an internal snapshot of the active state named `name`
+    /// (`qemu-img snapshot -c`), dated `date` (seconds, nanoseconds since
+    /// the epoch). Returns the new entry.
+    pub fn snapshot_create(&mut self, name: &str, date: (u32, u32)) -> Result<Snapshot> {
+        writable!(self).snapshot_create(name, date)
+    }
+
+    /// Reverts the active state to the snapshot `sel` (`qemu-img snapshot
+    /// -a`). Returns the snapshot applied.
+    pub fn snapshot_apply(&mut self, sel: &SnapshotRef) -> Result<Snapshot> {
+        writable!(self).snapshot_apply(sel)
+    }
+
+    /// Deletes the snapshot `sel` (`qemu-img snapshot -d`). Returns the
+    /// entry deleted.
+    pub fn snapshot_delete(&mut self, sel: &SnapshotRef) -> Result<Snapshot> {
+        writable!(self).snapshot_delete(sel)
+    }
+
+    /// Applies one `qemu-img bitmap` operation to bitmap `name`, durably:
+    /// pending writes are flushed (and the bitmaps saved) first, then the
+    /// bitmaps go to new clusters, a new directory is written, the header
+    /// points at it, and the old clusters are freed, in the order of
+    /// docs/crash-consistency.md. The errors are QEMU's.
+    pub fn edit_bitmap(&mut self, name: &str, edit: BitmapEdit<'_>) -> Result<()> {
+        writable!(self).edit_bitmap(name, edit)
     }
 }
 
-fn read_snapshots(
-    storage: &dyn Storage,
-    path: &Path,
-    header: &Header,
-    file_len: u64,
-) -> Result<(Vec<Snapshot>, u64)> {
-    let mut out = Vec::new();
-    let mut at = header.snapshots_offset;
-    let end_limit = header
-        .snapshots_offset
-        .saturating_add(limits::MAX_SNAPSHOT_TABLE_BYTES);
-    for _ in 0..header.nb_snapshots {
-        let mut fixed = [0u8; snapshot::FIXED_LEN];
-        let n = storage
-            .read_at(&mut fixed, at)
-            .map_err(|e| Error::io(path, "read snapshot table", at, e))?;
-        if n < fixed.len() {
-            return Err(Error::corrupt(
-                path,
-                at,
-                "snapshot table extends past the end of the file",
-            ));
-        }
-        let len = snapshot::entry_len(&fixed, at).map_err(|source| Error::Format {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let data_len = snapshot::entry_data_len(&fixed, at).map_err(|source| Error::Format {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let end = at.saturating_add(len as u64);
-        // The padding of the last entry may lie past the end of the file.
-        if at.saturating_add(data_len as u64) > file_len || end > end_limit {
-            return Err(Error::corrupt(
-                path,
-                at,
-                "snapshot table extends past the end of the file or its size limit",
-            ));
-        }
-        let mut entry = vec![0u8; len];
-        storage
-            .read_at(&mut entry, at)
-            .map_err(|e| Error::io(path, "read snapshot table", at, e))?;
-        out.push(Snapshot::parse(&entry, at).map_err(|source| Error::Format {
-            path: path.to_path_buf(),
-            source,
-        })?);
-        at = end;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::create::{create_qcow2, CreateOptions};
+    use crate::storage::MemStorage;
+
+    const CS: u64 = 64 << 10;
+
+    fn zeros_below(b: &mut [u8], _: u64) -> Result<()> {
+        b.fill(0);
+        Ok(())
     }
-    Ok((out, at))
+
+    /// A 4 MiB image holding one written cluster, and its storage.
+    fn image() -> MemStorage {
+        let disk = MemStorage::new();
+        let opts = CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        };
+        let mut img = create_qcow2(Box::new(disk.clone()), Path::new("t.qcow2"), &opts).unwrap();
+        img.write(CS, &[0xab; 512], &zeros_below).unwrap();
+        img.close().unwrap();
+        disk
+    }
+
+    fn is_read_only(r: Result<impl std::fmt::Debug>) -> bool {
+        matches!(r, Err(Error::ReadOnly { .. }))
+    }
+
+    #[test]
+    fn every_write_method_of_a_read_only_image_fails_and_writes_nothing() {
+        let disk = image();
+        let before = disk.to_bytes();
+        let mut img = Qcow2Image::open(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert!(!img.is_writable());
+        assert!(img.writable().is_err());
+        let sel = SnapshotRef::parse_convert_arg("s").unwrap();
+        let policy = crate::chain::WritePolicy::qemu();
+        assert!(is_read_only(img.set_write_policy(policy)));
+        assert!(is_read_only(img.write(0, &[1; 512], &zeros_below)));
+        assert!(is_read_only(img.write_zeroes(0, CS, true, &zeros_below)));
+        assert!(is_read_only(img.discard(0, CS, false)));
+        assert!(is_read_only(img.deallocate(0, CS)));
+        assert!(is_read_only(img.make_empty()));
+        assert!(is_read_only(img.resize(8 << 20)));
+        assert!(is_read_only(img.set_backing(None)));
+        assert!(is_read_only(img.rebuild_refcounts()));
+        assert!(is_read_only(img.preallocate_metadata()));
+        assert!(is_read_only(img.preallocate(PreallocFill::Zeros)));
+        let cluster = vec![0u8; CS as usize];
+        assert!(is_read_only(img.write_compressed(
+            0,
+            &cluster,
+            &zeros_below
+        )));
+        assert!(is_read_only(img.snapshot_create("s", (0, 0))));
+        assert!(is_read_only(img.snapshot_apply(&sel)));
+        assert!(is_read_only(img.snapshot_delete(&sel)));
+        let add = BitmapEdit::Add {
+            granularity: None,
+            disabled: false,
+        };
+        assert!(is_read_only(img.edit_bitmap("b", add)));
+        assert!(is_read_only(crate::repair::repair(
+            &mut img,
+            crate::repair::RepairMode::All
+        )));
+        // Nothing to do for a read-only image, and nothing done.
+        img.flush().unwrap();
+        assert!(!img.is_poisoned());
+        // Reads still work.
+        let e = img.map(CS, CS).unwrap();
+        assert!(matches!(e.mapping, Mapping::Data { .. }), "{e:?}");
+        img.close().unwrap();
+        assert_eq!(disk.to_bytes(), before);
+    }
+
+    #[test]
+    fn a_writable_image_reads_its_pinned_tables_before_the_flush() {
+        let disk = image();
+        let mut img = Qcow2Image::open_rw(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert!(img.is_writable());
+        // A snapshot is shown only by an image opened read-only.
+        let sel = SnapshotRef::parse_convert_arg("s").unwrap();
+        assert!(matches!(
+            img.load_snapshot(&sel),
+            Err(Error::InvalidArgument(_))
+        ));
+        // A write through the L2 table: its changed entries are pinned in the
+        // writer (not on disk, not in the cache) until the next commit.
+        let g = 3 << 20;
+        img.write(g, &[0xcd; 512], &zeros_below).unwrap();
+        let e = img.map(g, CS).unwrap();
+        assert!(matches!(e.mapping, Mapping::Data { .. }), "{e:?}");
+        let mut buf = [0u8; 512];
+        img.read_mapped(e.mapping, g, &mut buf).unwrap();
+        assert_eq!(buf, [0xcd; 512]);
+        // A read-only image opened now sees what is on disk: not yet it.
+        let ro = Qcow2Image::open(Box::new(disk.clone()), Path::new("t.qcow2")).unwrap();
+        assert_eq!(ro.map(g, CS).unwrap().mapping, Mapping::Unallocated);
+        img.close().unwrap();
+        let ro = Qcow2Image::open(Box::new(disk), Path::new("t.qcow2")).unwrap();
+        assert!(matches!(
+            ro.map(g, CS).unwrap().mapping,
+            Mapping::Data { .. }
+        ));
+    }
 }

@@ -10,12 +10,12 @@
 use strata_format::header::{Autoclear, Incompatible};
 use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_ZERO};
-use strata_format::{L1Entry, L2Entry};
+use strata_format::{HostOffset, L1Entry, L2Entry};
 
 use crate::check::{self, CheckReport};
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::Refcounts;
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::{Qcow2Image, WritableImage};
 
 /// What `check -r` repairs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,19 +42,24 @@ pub struct RepairReport {
 
 /// Checks `img` and repairs what `mode` covers, then checks again.
 pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
-    if !img.is_writable() {
-        return Err(Error::ReadOnly {
-            path: img.path.clone(),
+    let path = img.path().to_path_buf();
+    match img.writable() {
+        Ok(img) => repair_writable(img, mode),
+        Err(_) => Err(Error::ReadOnly {
+            path,
             why: "repairs need the image open for writing".into(),
-        });
+        }),
     }
+}
+
+fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairReport> {
     img.flush()?;
     // A dirty image's refcounts are stale: lowering the ones above the
     // references cannot fix them. qemu-img check -r leaks fails there
     // ("need to rebuild refcount structures"); so does Strata (039).
-    if mode == RepairMode::Leaks && img.header.dirty() {
+    if mode == RepairMode::Leaks && img.view.header().dirty() {
         return Err(Error::Unsupported {
-            path: img.path.clone(),
+            path: img.view.path().to_path_buf(),
             what: "the image is dirty (lazy refcounts): its refcount structures need a \
                    rebuild, which `check -r all` does"
                 .into(),
@@ -64,16 +69,18 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
     // know are cleared (iotest 036). Known ones (bitmaps, raw external
     // data) are left to the code that maintains what they protect.
     let known = Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW;
-    if !(img.header.autoclear_features & !known).is_empty() {
-        img.header.autoclear_features &= known;
+    if !(img.view.header().autoclear_features & !known).is_empty() {
+        img.view.header_mut().autoclear_features &= known;
         img.write_header()?;
         img.sync()?;
     }
-    let before = check::check(img)?;
+    let before = check::check_view(&img.view)?;
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     let needs = match mode {
         RepairMode::Leaks => before.leaks > 0 || only_copied_flags(&before),
-        RepairMode::All => !before.is_clean() || img.header.dirty() || img.header.corrupt(),
+        RepairMode::All => {
+            !before.is_clean() || img.view.header().dirty() || img.view.header().corrupt()
+        }
     };
     if needs {
         match mode {
@@ -83,17 +90,17 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
                 // flags are repaired when the refcounts are otherwise
                 // right (a leak fixed may have brought a refcount to one;
                 // iotest 112).
-                let mid = check::check(img)?;
+                let mid = check::check_view(&img.view)?;
                 if only_copied_flags(&mid) {
                     corruptions_fixed = fix_copied_flags(img)?;
                 }
             }
             RepairMode::All => {
                 fix_misaligned_zero_clusters(img)?;
-                rebuild_refcounts(img)?;
+                rebuild_refcounts_of(img)?;
                 corruptions_fixed = fix_copied_flags(img)?;
                 img.flush()?;
-                let mid = check::check(img)?;
+                let mid = check::check_view(&img.view)?;
                 leaks_fixed = before.leaks.saturating_sub(mid.leaks);
                 corruptions_fixed += before
                     .corruptions
@@ -103,19 +110,19 @@ pub fn repair(img: &mut Qcow2Image, mode: RepairMode) -> Result<RepairReport> {
             }
         }
     }
-    let mut after = check::check(img)?;
+    let mut after = check::check_view(&img.view)?;
     let flags = Incompatible::CORRUPT | Incompatible::DIRTY;
-    if img.header.incompatible_features.intersects(flags)
+    if img.view.header().incompatible_features.intersects(flags)
         && after.corruptions == 0
         && after.check_errors == 0
     {
         // As QEMU after a repair that left no corruption: the image is
         // clean (refcounts rebuilt: no longer dirty) and consistent (not
         // corrupt) again; iotests 039, 060, 061.
-        img.header.incompatible_features &= !flags;
+        img.view.header_mut().incompatible_features &= !flags;
         img.write_header()?;
         img.sync()?;
-        after = check::check(img)?;
+        after = check::check_view(&img.view)?;
     }
     Ok(RepairReport {
         before,
@@ -140,10 +147,13 @@ fn only_copied_flags(r: &CheckReport) -> bool {
 
 /// Lowers every refcount that exceeds the references to the referenced
 /// count. Returns the number of clusters changed.
-fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
-    let expected = check::compute_refcounts(img)?;
-    let per = refcount::entries_per_block(img.header.cluster_bits, img.header.refcount_order);
-    let ws = img.ws()?;
+fn fix_leaks(img: &mut WritableImage) -> Result<u64> {
+    let expected = check::compute_refcounts_view(&img.view)?;
+    let per = refcount::entries_per_block(
+        img.view.geometry().cluster_bits(),
+        img.view.header().refcount_order,
+    );
+    let ws = &mut img.w;
     let mut fixed = 0;
     // The clusters `check` compares (QEMU's nb_clusters), not every
     // cluster the refcount table could cover: with 1-bit refcounts one
@@ -168,12 +178,17 @@ fn fix_leaks(img: &mut Qcow2Image) -> Result<u64> {
 /// structures; the header is switched to them (and written, with any
 /// change the caller made to it in memory) once they are durable.
 pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
-    let geo = img.geometry;
+    img.writable()?.rebuild_refcounts()
+}
+
+/// [`rebuild_refcounts`] of a writable image.
+pub(crate) fn rebuild_refcounts_of(img: &mut WritableImage) -> Result<()> {
+    let geo = img.view.geometry();
     let cb = geo.cluster_bits();
     let cs = geo.cluster_size();
-    let order = img.header.refcount_order;
+    let order = img.view.header().refcount_order;
     let per = refcount::entries_per_block(cb, order);
-    let mut refs = check::compute_refcounts(img)?;
+    let mut refs = check::compute_refcounts_view(&img.view)?;
     // The old refcount structures are not kept: drop their references.
     let old_table = read_table(img)?;
     let sub = |refs: &mut Vec<u64>, ci: u64| {
@@ -181,20 +196,20 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
             *r = r.saturating_sub(1);
         }
     };
-    let t0 = img.header.refcount_table_offset >> cb;
-    for ci in t0..t0 + u64::from(img.header.refcount_table_clusters) {
+    let t0 = geo.cluster_index(HostOffset::new(img.view.header().refcount_table_offset));
+    for ci in t0..t0 + u64::from(img.view.header().refcount_table_clusters) {
         sub(&mut refs, ci);
     }
     for e in &old_table {
         let off = e & REFTABLE_OFFSET_MASK;
         if off != 0 && geo.is_aligned(off) {
-            sub(&mut refs, off >> cb);
+            sub(&mut refs, geo.cluster_index(HostOffset::new(off)));
         }
     }
     let max = refcount::max_refcount(order);
     if let Some(ci) = refs.iter().position(|r| *r > max) {
         return Err(Error::Unsupported {
-            path: img.path.clone(),
+            path: img.view.path().to_path_buf(),
             what: format!(
                 "cluster {ci} has more references than {}-bit refcounts can count",
                 1u32 << order
@@ -203,10 +218,11 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     }
     // New structures after the last referenced cluster and the file end.
     let file_clusters = img
-        .storage
+        .view
+        .storage()
         .len()
-        .map_err(|e| Error::io(&img.path, "stat", 0, e))?
-        .div_ceil(cs);
+        .map_err(|e| Error::io(img.view.path(), "stat", 0, e))
+        .map(|len| geo.clusters_for(len))?;
     let used = refs
         .iter()
         .rposition(|r| *r != 0)
@@ -224,7 +240,7 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     }
     if t * cs > strata_format::limits::MAX_REFTABLE_BYTES {
         return Err(Error::Unsupported {
-            path: img.path.clone(),
+            path: img.view.path().to_path_buf(),
             what: "refcount table would exceed its size limit".into(),
         });
     }
@@ -248,18 +264,17 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
 /// overlap map are reloaded from the new structures. `refs` must already
 /// count the new structures themselves.
 pub(crate) fn install_refcounts(
-    img: &mut Qcow2Image,
+    img: &mut WritableImage,
     refs: &[u64],
     blocks: &[u64],
     table_at: u64,
     table_clusters: u64,
 ) -> Result<()> {
-    let geo = img.geometry;
-    let cb = geo.cluster_bits();
+    let geo = img.view.geometry();
     let cs = geo.cluster_size();
-    let order = img.header.refcount_order;
-    let per = refcount::entries_per_block(cb, order);
-    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+    let order = img.view.header().refcount_order;
+    let per = refcount::entries_per_block(geo.cluster_bits(), order);
+    let mut table = vec![0u64; (geo.clusters_bytes(table_clusters) / 8) as usize];
     let mut block = vec![0u8; cs as usize];
     for (bi, &at) in blocks.iter().enumerate() {
         block.fill(0);
@@ -272,51 +287,50 @@ pub(crate) fn install_refcounts(
                 refcount::set(&mut block, order, j, r);
             }
         }
-        img.writer()?
-            .write_metadata(&block, at << cb, "write refcount block")?;
-        table[bi] = at << cb;
+        let at = geo.cluster_start(at).get();
+        img.w.write_metadata(&block, at, "write refcount block")?;
+        table[bi] = at;
     }
-    img.writer()?.write_metadata(
-        &encode_u64_table(&table),
-        table_at << cb,
-        "write refcount table",
-    )?;
+    let table_at = geo.cluster_start(table_at).get();
+    img.w
+        .write_metadata(&encode_u64_table(&table), table_at, "write refcount table")?;
     img.sync()?;
-    img.header.refcount_table_offset = table_at << cb;
-    img.header.refcount_table_clusters = table_clusters as u32;
+    img.view.header_mut().refcount_table_offset = table_at;
+    img.view.header_mut().refcount_table_clusters = table_clusters as u32;
     img.write_header()?;
     img.sync()?;
     // Reload the allocator's view of the new structures.
     let len = img
-        .storage
+        .view
+        .storage()
         .len()
-        .map_err(|e| Error::io(&img.path, "stat", 0, e))?;
+        .map_err(|e| Error::io(img.view.path(), "stat", 0, e))?;
     let fresh = Refcounts::load(
-        img.storage.as_ref(),
-        &img.path,
+        img.view.storage(),
+        img.view.path(),
         len,
-        cb,
+        geo,
         order,
-        table_at << cb,
+        table_at,
         table_clusters as u32,
     )?;
-    if let Some(ws) = img.rw.as_deref_mut() {
-        ws.replace_refcounts(fresh);
-    }
+    img.w.replace_refcounts(fresh);
     // The old structures are free now; the overlap check must know.
     img.load_metadata_map()
 }
 
-fn read_table(img: &Qcow2Image) -> Result<Vec<u64>> {
-    let bytes = (u64::from(img.header.refcount_table_clusters) << img.header.cluster_bits) as usize;
+fn read_table(img: &WritableImage) -> Result<Vec<u64>> {
+    let geo = img.view.geometry();
+    let bytes = geo.clusters_bytes(u64::from(img.view.header().refcount_table_clusters)) as usize;
     let mut raw = vec![0u8; bytes];
-    img.storage
-        .read_at(&mut raw, img.header.refcount_table_offset)
+    img.view
+        .storage()
+        .read_at(&mut raw, img.view.header().refcount_table_offset)
         .map_err(|e| {
             Error::io(
-                &img.path,
+                img.view.path(),
                 "read refcount table",
-                img.header.refcount_table_offset,
+                img.view.header().refcount_table_offset,
                 e,
             )
         })?;
@@ -329,16 +343,17 @@ fn read_table(img: &Qcow2Image) -> Result<Vec<u64>> {
 /// host cluster), in the active and the snapshots' L2 tables, before the
 /// refcounts are rebuilt (so the bogus offset is not counted; iotest 060).
 /// Returns the number of entries changed.
-fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
-    let geo = img.geometry;
+fn fix_misaligned_zero_clusters(img: &mut WritableImage) -> Result<u64> {
+    let geo = img.view.geometry();
     let cs = geo.cluster_size();
     let file_len = img
-        .storage
+        .view
+        .storage()
         .len()
-        .map_err(|e| Error::io(&img.path, "stat", 0, e))?;
+        .map_err(|e| Error::io(img.view.path(), "stat", 0, e))?;
     // Every L2 table of every L1 table, each once.
-    let mut l1s = vec![img.l1.clone()];
-    for sn in &img.snapshots {
+    let mut l1s = vec![img.view.l1().to_vec()];
+    for sn in img.view.snapshots() {
         let bytes = u64::from(sn.l1_size) * 8;
         let inside = sn
             .l1_table_offset
@@ -348,9 +363,17 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
             continue;
         }
         let mut raw = vec![0u8; bytes as usize];
-        img.storage
+        img.view
+            .storage()
             .read_at(&mut raw, sn.l1_table_offset)
-            .map_err(|e| Error::io(&img.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
+            .map_err(|e| {
+                Error::io(
+                    img.view.path(),
+                    "read snapshot L1 table",
+                    sn.l1_table_offset,
+                    e,
+                )
+            })?;
         l1s.push(decode_u64_table(&raw));
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -371,7 +394,7 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
             for idx in 0..geo.l2_entries() {
                 let mut entry =
                     L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                        path: img.path.clone(),
+                        path: img.view.path().to_path_buf(),
                         source,
                     })?;
                 let host = entry.word & OFFSET_MASK;
@@ -395,7 +418,7 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
                 entry
                     .write(&mut table, geo, idx)
                     .map_err(|source| Error::Format {
-                        path: img.path.clone(),
+                        path: img.view.path().to_path_buf(),
                         source,
                     })?;
                 changed = true;
@@ -414,22 +437,21 @@ fn fix_misaligned_zero_clusters(img: &mut Qcow2Image) -> Result<u64> {
 
 /// Sets COPIED on active L1 and L2 entries exactly where the refcount is
 /// one. Returns the number of entries changed.
-fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
-    let geo = img.geometry;
-    let cb = geo.cluster_bits();
-    let path = img.path.clone();
+fn fix_copied_flags(img: &mut WritableImage) -> Result<u64> {
+    let geo = img.view.geometry();
+    let path = img.view.path().to_path_buf();
     let mut fixed = 0;
-    for i in 0..img.l1.len() {
-        let e = L1Entry(img.l1[i]);
+    for i in 0..img.view.l1().len() {
+        let e = L1Entry(img.view.l1()[i]);
         let Some(l2) = e.l2_offset() else { continue };
-        let rc = refcount_of(img, l2.get() >> cb)?;
+        let rc = refcount_of(img, geo.cluster_index(l2))?;
         let want = rc == 1;
         if want != e.copied() {
             let v = L1Entry::new(l2, want).0;
-            img.l1[i] = v;
-            img.writer()?.write_metadata(
+            img.view.l1_mut()[i] = v;
+            img.w.write_metadata(
                 &v.to_be_bytes(),
-                img.header.l1_table_offset + 8 * i as u64,
+                img.view.header().l1_table_offset + 8 * i as u64,
                 "write L1 entry",
             )?;
             fixed += 1;
@@ -447,7 +469,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, h.get() >> cb)? == 1;
+            let want = refcount_of(img, geo.cluster_index(h))? == 1;
             if want != entry.copied() {
                 entry = entry.with_copied(want);
                 entry
@@ -468,6 +490,6 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     Ok(fixed)
 }
 
-fn refcount_of(img: &mut Qcow2Image, ci: u64) -> Result<u64> {
-    img.ws()?.refcount(ci)
+fn refcount_of(img: &mut WritableImage, ci: u64) -> Result<u64> {
+    img.w.refcount(ci)
 }

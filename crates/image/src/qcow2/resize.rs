@@ -1,6 +1,6 @@
 //! `resize`: change an image's virtual size as `qemu-img resize` does.
 //!
-//! Growing a qcow2 image is [`Qcow2Image::resize`] (a larger L1 table
+//! Growing a qcow2 image is [`Qcow2Image::resize`](crate::Qcow2Image::resize) (a larger L1 table
 //! when needed, bitmaps grown, the new area unallocated); when the
 //! backing file is longer than the old size, the new area is then made to
 //! read as zeros, as QEMU's `bdrv_co_truncate` does (`BDRV_REQ_ZERO_WRITE`:
@@ -18,7 +18,7 @@
 
 use crate::chain::{Chain, Image};
 use crate::error::{Error, Result};
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::WritableImage;
 
 /// `--preallocation` of the area a resize adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -165,7 +165,7 @@ pub fn resize_chain(
     let qcow2 = matches!(top, Image::Qcow2(_));
     match top {
         Image::Raw(r) => r.truncate(new_size)?,
-        Image::Qcow2(q) if new_size < old => return shrink_qcow2(q, new_size),
+        Image::Qcow2(q) if new_size < old => return shrink_qcow2(q.writable()?, new_size),
         Image::Qcow2(q) => {
             q.resize(new_size)?;
             q.flush()?;
@@ -188,19 +188,19 @@ pub fn resize_chain(
 }
 
 /// Shrinks a qcow2 image to `new_size` (a multiple of 512).
-fn shrink_qcow2(q: &mut Qcow2Image, new_size: u64) -> Result<()> {
-    q.refuse_bad_refblocks()?;
+fn shrink_qcow2(q: &mut WritableImage, new_size: u64) -> Result<()> {
+    q.view.refuse_bad_refblocks()?;
     q.begin_write()?;
     if q.has_live_bitmaps() {
         return Err(Error::Unsupported {
-            path: q.path().to_path_buf(),
+            path: q.view.path().to_path_buf(),
             what: "shrinking an image with persistent bitmaps is not supported by Strata yet \
                    (remove them with `strata bitmap --remove` first)"
                 .into(),
         });
     }
     let old = q.virtual_size();
-    let cs = q.geometry().cluster_size();
+    let cs = q.view.geometry().cluster_size();
     // Whole clusters past the new end go; a partial cluster at the new
     // end keeps its data (the guest no longer sees its tail).
     let first = new_size.div_ceil(cs) * cs;
@@ -208,7 +208,7 @@ fn shrink_qcow2(q: &mut Qcow2Image, new_size: u64) -> Result<()> {
         q.deallocate(first, old - first)?;
     }
     q.flush()?;
-    q.header.size = new_size;
+    q.view.header_mut().size = new_size;
     q.write_header()?;
     q.sync()?;
     q.flush()?;
@@ -219,23 +219,24 @@ fn shrink_qcow2(q: &mut Qcow2Image, new_size: u64) -> Result<()> {
 /// shrink (the freed clusters at the end of the file go back to the file
 /// system). Called after the header and the frees are durable: every
 /// cluster past the cut has refcount 0 and nothing points at it.
-fn truncate_tail(q: &mut Qcow2Image) -> Result<()> {
-    let cs = q.geometry().cluster_size();
-    let path = q.path().to_path_buf();
+fn truncate_tail(q: &mut WritableImage) -> Result<()> {
+    let cs = q.view.geometry().cluster_size();
+    let path = q.view.path().to_path_buf();
     let len = q
+        .view
         .storage()
         .len()
         .map_err(|e| Error::io(&path, "stat", 0, e))?;
     let mut end = len.div_ceil(cs);
     {
-        let ws = q.ws()?;
-        while end > 0 && ws.refcount(end - 1)? == 0 {
+        while end > 0 && q.w.refcount(end - 1)? == 0 {
             end -= 1;
         }
     }
     let cut = end * cs;
     if cut < len {
-        q.storage()
+        q.view
+            .storage()
             .set_len(cut)
             .map_err(|e| Error::io(&path, "truncate the tail", cut, e))?;
         q.sync()?;

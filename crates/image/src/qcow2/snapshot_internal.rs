@@ -25,10 +25,10 @@
 
 use strata_format::snapshot::{self, Snapshot};
 use strata_format::table::{decode_u64_table, encode_u64_table, OFFSET_MASK, OFLAG_COPIED};
-use strata_format::{limits, L1Entry, L2Entry};
+use strata_format::{limits, HostOffset, L1Entry, L2Entry};
 
 use crate::error::{Error, Result};
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::{ReadOnlyImage, View, WritableImage};
 
 /// Most internal snapshots an image may have (QEMU's
 /// `QCOW_MAX_SNAPSHOTS`).
@@ -186,13 +186,13 @@ struct Tail {
 impl Tail {
     /// Writes `bytes` (zero-padded to clusters) to the first hole large
     /// enough, or at the end; returns its offset.
-    fn put(&mut self, img: &Qcow2Image, bytes: &[u8], op: &'static str) -> Result<u64> {
-        let cb = img.geometry.cluster_bits();
-        let cs = img.geometry.cluster_size();
+    fn put(&mut self, img: &WritableImage, bytes: &[u8], op: &'static str) -> Result<u64> {
+        let geo = img.view.geometry();
+        let cs = img.view.geometry().cluster_size();
         let n = (bytes.len() as u64).div_ceil(cs).max(1);
         let at = match self.holes.iter_mut().find(|(_, len)| *len >= n) {
             Some((first, len)) => {
-                let at = *first << cb;
+                let at = geo.cluster_start(*first).get();
                 *first += n;
                 *len -= n;
                 at
@@ -205,7 +205,7 @@ impl Tail {
         };
         let mut buf = bytes.to_vec();
         buf.resize((n * cs) as usize, 0);
-        img.writer()?.write_metadata(&buf, at, op)?;
+        img.w.write_metadata(&buf, at, op)?;
         Ok(at)
     }
 }
@@ -218,22 +218,22 @@ struct Saved {
     snapshot_table_end: u64,
 }
 
-impl Qcow2Image {
+impl View {
     fn not_found(&self, sel: &SnapshotRef) -> Error {
         Error::InvalidArgument(format!(
             "{}: there is no internal snapshot {sel}",
-            self.path.display()
+            self.path().display()
         ))
     }
 
     /// Reads the L1 table of `sn`, after checking it as QEMU's
     /// `qcow2_validate_table` does (size limit, alignment, inside the file).
-    fn snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(crate) fn snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
         let file_len = self.storage_len()?;
         let bad = |what: &str| {
             Error::corrupt(
-                &self.path,
+                self.path(),
                 sn.l1_table_offset,
                 format!("snapshot {:?} (ID {}): {what}", sn.name, sn.id),
             )
@@ -241,7 +241,7 @@ impl Qcow2Image {
         if !sn.l1_size_is_valid() {
             return Err(bad("its L1 table is too large"));
         }
-        if !self.geometry.is_aligned(sn.l1_table_offset) {
+        if !self.geometry().is_aligned(sn.l1_table_offset) {
             return Err(bad("its L1 table is not cluster-aligned"));
         }
         if sn
@@ -252,70 +252,68 @@ impl Qcow2Image {
             return Err(bad("its L1 table lies past the end of the file"));
         }
         let mut raw = vec![0u8; bytes as usize];
-        self.storage
+        self.storage()
             .read_at(&mut raw, sn.l1_table_offset)
-            .map_err(|e| Error::io(&self.path, "read snapshot L1 table", sn.l1_table_offset, e))?;
+            .map_err(|e| Error::io(self.path(), "read snapshot L1 table", sn.l1_table_offset, e))?;
         Ok(decode_u64_table(&raw))
     }
+}
 
+impl ReadOnlyImage {
     /// Makes this read-only image show the snapshot `sel` instead of the
     /// active state (QEMU's `bdrv_snapshot_load_tmp`): its L1 table and
     /// its virtual size. The backing file stays.
-    pub fn load_snapshot(&mut self, sel: &SnapshotRef) -> Result<()> {
-        if self.rw.is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "{}: a snapshot can only be loaded into an image opened read-only",
-                self.path.display()
-            )));
-        }
+    pub(crate) fn load_snapshot(&mut self, sel: &SnapshotRef) -> Result<()> {
         let i = sel
-            .find(&self.snapshots)
-            .ok_or_else(|| self.not_found(sel))?;
-        let sn = self.snapshots[i].clone();
-        let l1 = self.snapshot_l1(&sn)?;
+            .find(self.view.snapshots())
+            .ok_or_else(|| self.view.not_found(sel))?;
+        let sn = self.view.snapshots()[i].clone();
+        let l1 = self.view.snapshot_l1(&sn)?;
         if sn.disk_size.is_some_and(|d| d > limits::MAX_VIRTUAL_SIZE) {
             return Err(Error::corrupt(
-                &self.path,
-                self.header.snapshots_offset,
+                self.view.path(),
+                self.view.header().snapshots_offset,
                 format!(
                     "snapshot {:?} records a virtual size over the limit",
                     sn.name
                 ),
             ));
         }
-        self.header.l1_table_offset = sn.l1_table_offset;
-        self.header.l1_size = sn.l1_size;
+        self.view.header_mut().l1_table_offset = sn.l1_table_offset;
+        self.view.header_mut().l1_size = sn.l1_size;
         if let Some(size) = sn.disk_size {
-            self.header.size = size;
+            self.view.header_mut().size = size;
         }
-        self.l1 = l1;
+        *self.view.l1_mut() = l1;
         self.forget_caches();
         Ok(())
     }
+}
 
+impl WritableImage {
     /// Creates an internal snapshot of the active state named `name`
     /// (`qemu-img snapshot -c`), dated `date` (seconds, nanoseconds since
     /// the epoch). Returns the new entry.
     pub fn snapshot_create(&mut self, name: &str, date: (u32, u32)) -> Result<Snapshot> {
         self.begin_write()?;
         self.flush()?;
-        if self.snapshots.len() >= MAX_SNAPSHOTS {
+        if self.view.snapshots().len() >= MAX_SNAPSHOTS {
             return Err(Error::Unsupported {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 what: format!("too many snapshots (at most {MAX_SNAPSHOTS})"),
             });
         }
-        let id = next_snapshot_id(&self.snapshots);
+        let id = next_snapshot_id(self.view.snapshots());
         let sn = Snapshot {
             l1_table_offset: 0,
-            l1_size: self.header.l1_size,
+            l1_size: self.view.header().l1_size,
             id,
             name: String::from_utf8_lossy(clip(name)).into_owned(),
             date_sec: date.0,
             date_nsec: date.1,
             vm_clock_nsec: 0,
             vm_state_size: 0,
-            disk_size: Some(self.header.size),
+            disk_size: Some(self.view.header().size),
             // qemu-img snapshot -c records 0.
             icount: Some(0),
             extra: Vec::new(),
@@ -329,17 +327,18 @@ impl Qcow2Image {
         let mut tail = self.tail()?;
         // The snapshot's own copy of the active L1 table (COPIED flags
         // dropped: they mean nothing in an inactive table).
-        let copy: Vec<u64> = self.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+        let copy: Vec<u64> = self.view.l1().iter().map(|e| e & !OFLAG_COPIED).collect();
         if !copy.is_empty() {
             sn.l1_table_offset = tail.put(self, &encode_u64_table(&copy), "write snapshot L1")?;
         }
-        let mut list = self.snapshots.clone();
+        let mut list = self.view.snapshots().to_vec();
         list.push(sn);
         self.stage_snapshot_table(&mut tail, list)?;
-        let l1 = self.l1.clone();
-        let size = self.header.size;
+        let l1 = self.view.l1().to_vec();
+        let size = self.view.header().size;
         self.commit_state(&mut tail, l1, size)?;
-        self.snapshots
+        self.view
+            .snapshots()
             .last()
             .cloned()
             .ok_or_else(|| Error::InvalidArgument("snapshot list empty after create".into()))
@@ -352,16 +351,16 @@ impl Qcow2Image {
         self.begin_write()?;
         self.flush()?;
         let i = sel
-            .find(&self.snapshots)
-            .ok_or_else(|| self.not_found(sel))?;
-        let sn = self.snapshots[i].clone();
-        let entries = self.snapshot_l1(&sn)?;
-        let size = sn.disk_size.unwrap_or(self.header.size);
-        if self.header.bitmaps().is_some() {
+            .find(self.view.snapshots())
+            .ok_or_else(|| self.view.not_found(sel))?;
+        let sn = self.view.snapshots()[i].clone();
+        let entries = self.view.snapshot_l1(&sn)?;
+        let size = sn.disk_size.unwrap_or(self.view.header().size);
+        if self.view.header().bitmaps().is_some() {
             // The guest view changes wholesale, and the bitmaps would have
             // to say so (or be dropped): not done by Strata yet.
             return Err(Error::Unsupported {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 what: "applying an internal snapshot to an image with persistent dirty bitmaps \
                        is not supported by Strata yet (their dirty bits would not cover the \
                        change; remove them with `strata bitmap --remove` first)"
@@ -370,8 +369,8 @@ impl Qcow2Image {
         }
         if size > limits::MAX_VIRTUAL_SIZE {
             return Err(Error::corrupt(
-                &self.path,
-                self.header.snapshots_offset,
+                self.view.path(),
+                self.view.header().snapshots_offset,
                 format!(
                     "snapshot {:?} records a virtual size over the limit",
                     sn.name
@@ -380,12 +379,12 @@ impl Qcow2Image {
         }
         // As QEMU: the active table keeps its size when larger, and grows
         // to the snapshot's and to what the size needs.
-        let n = (self.l1.len() as u64)
-            .max(self.geometry.l1_entries_for(size))
+        let n = (self.view.l1().len() as u64)
+            .max(self.view.geometry().l1_entries_for(size))
             .max(u64::from(sn.l1_size));
         if n * 8 > limits::MAX_L1_BYTES {
             return Err(Error::corrupt(
-                &self.path,
+                self.view.path(),
                 sn.l1_table_offset,
                 "the snapshot's L1 table would exceed the size limit",
             ));
@@ -406,19 +405,19 @@ impl Qcow2Image {
         self.begin_write()?;
         self.flush()?;
         let i = sel
-            .find(&self.snapshots)
-            .ok_or_else(|| self.not_found(sel))?;
-        let sn = self.snapshots[i].clone();
+            .find(self.view.snapshots())
+            .ok_or_else(|| self.view.not_found(sel))?;
+        let sn = self.view.snapshots()[i].clone();
         // As QEMU: a snapshot whose L1 table is invalid is not deleted.
-        self.snapshot_l1(&sn)?;
+        self.view.snapshot_l1(&sn)?;
         let saved = self.save_state();
         let r = (|| {
             let mut tail = self.tail()?;
-            let mut list = self.snapshots.clone();
+            let mut list = self.view.snapshots().to_vec();
             list.remove(i);
             self.stage_snapshot_table(&mut tail, list)?;
-            let l1 = self.l1.clone();
-            let size = self.header.size;
+            let l1 = self.view.l1().to_vec();
+            let size = self.view.header().size;
             self.commit_state(&mut tail, l1, size)
         })();
         self.finish(saved, r.map(|()| sn))
@@ -426,10 +425,10 @@ impl Qcow2Image {
 
     fn save_state(&self) -> Saved {
         Saved {
-            header: self.header.clone(),
-            l1: self.l1.clone(),
-            snapshots: self.snapshots.clone(),
-            snapshot_table_end: self.snapshot_table_end,
+            header: self.view.header().clone(),
+            l1: self.view.l1().to_vec(),
+            snapshots: self.view.snapshots().to_vec(),
+            snapshot_table_end: self.view.snapshot_table_end(),
         }
     }
 
@@ -438,11 +437,11 @@ impl Qcow2Image {
     /// nothing counts or points at).
     fn finish<T>(&mut self, saved: Saved, r: Result<T>) -> Result<T> {
         if r.is_err() && !self.poisoned.is_set() {
-            self.header = saved.header;
-            self.l1 = saved.l1;
-            self.snapshots = saved.snapshots;
-            self.snapshot_table_end = saved.snapshot_table_end;
-            self.forget_caches();
+            *self.view.header_mut() = saved.header;
+            *self.view.l1_mut() = saved.l1;
+            self.view
+                .set_snapshots(saved.snapshots, saved.snapshot_table_end);
+            self.view.forget_caches();
             // The metadata map may name the staged tables: rebuild it.
             let _ = self.load_metadata_map();
         }
@@ -451,20 +450,19 @@ impl Qcow2Image {
 
     /// Where new tables go (see [`Tail`]).
     fn tail(&mut self) -> Result<Tail> {
-        let cs = self.geometry.cluster_size();
-        let file = self.storage_len()?.div_ceil(cs);
-        let refs = crate::check::compute_refcounts(self)?;
+        let cs = self.view.geometry().cluster_size();
+        let file = self.view.storage_len()?.div_ceil(cs);
+        let refs = crate::check::compute_refcounts_view(&self.view)?;
         let used = refs
             .iter()
             .rposition(|r| *r != 0)
             .map_or(0, |i| i as u64 + 1);
         let mut holes: Vec<(u64, u64)> = Vec::new();
         {
-            let ws = self.ws()?;
             // Cluster 0 is the header; a hole must be free by both counts.
             for ci in 1..file {
                 let referenced = refs.get(ci as usize).copied().unwrap_or(0) != 0;
-                if referenced || ws.refcount(ci)? != 0 {
+                if referenced || self.w.refcount(ci)? != 0 {
                     continue;
                 }
                 match holes.last_mut() {
@@ -482,20 +480,20 @@ impl Qcow2Image {
     /// Writes the snapshot table `list` past the end and makes it the
     /// in-memory one (the header on disk switches to it at the commit).
     fn stage_snapshot_table(&mut self, tail: &mut Tail, list: Vec<Snapshot>) -> Result<()> {
-        let size = self.header.size;
+        let size = self.view.header().size;
         let mut bytes = Vec::new();
         let mut parsed = Vec::with_capacity(list.len());
         for sn in &list {
             let e = encode_entry(sn, size);
             parsed.push(Snapshot::parse(&e, 0).map_err(|source| Error::Format {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 source,
             })?);
             bytes.extend_from_slice(&e);
         }
         if bytes.len() as u64 > limits::MAX_SNAPSHOT_TABLE_BYTES {
             return Err(Error::Unsupported {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 what: "the snapshot table would exceed its size limit".into(),
             });
         }
@@ -505,10 +503,9 @@ impl Qcow2Image {
             let off = tail.put(self, &bytes, "write snapshot table")?;
             (off, off + bytes.len() as u64)
         };
-        self.header.snapshots_offset = off;
-        self.header.nb_snapshots = parsed.len() as u32;
-        self.snapshots = parsed;
-        self.snapshot_table_end = end;
+        self.view.header_mut().snapshots_offset = off;
+        self.view.header_mut().nb_snapshots = parsed.len() as u32;
+        self.view.set_snapshots(parsed, end);
         Ok(())
     }
 
@@ -523,29 +520,28 @@ impl Qcow2Image {
     /// new refcount structures after them, syncs, and switches the header
     /// to all of it in one write.
     fn commit_state(&mut self, tail: &mut Tail, mut l1: Vec<u64>, size: u64) -> Result<()> {
-        let geo = self.geometry;
-        let cb = geo.cluster_bits();
-        self.header.size = size;
-        self.header.l1_size = l1.len() as u32;
-        self.l1 = l1.clone();
-        self.forget_caches();
-        let refs = crate::check::compute_refcounts(self)?;
-        let max = strata_format::refcount::max_refcount(self.header.refcount_order);
+        let geo = self.view.geometry();
+        self.view.header_mut().size = size;
+        self.view.header_mut().l1_size = l1.len() as u32;
+        *self.view.l1_mut() = l1.clone();
+        self.view.forget_caches();
+        let refs = crate::check::compute_refcounts_view(&self.view)?;
+        let max = strata_format::refcount::max_refcount(self.view.header().refcount_order);
         // The count stops at the largest refcount, reporting the overflow:
         // only then is the full report needed.
         if refs.iter().any(|r| *r >= max) {
-            let report = crate::check::check(self)?;
+            let report = crate::check::check_view(&self.view)?;
             if let Some(p) = report
                 .problems
                 .iter()
                 .find(|p| p.message.contains("overflow"))
             {
                 return Err(Error::Unsupported {
-                    path: self.path.clone(),
+                    path: self.view.path().to_path_buf(),
                     what: format!(
                         "a cluster would have more references than {}-bit refcounts can \
                          count ({})",
-                        1u32 << self.header.refcount_order,
+                        1u32 << self.view.header().refcount_order,
                         p.message
                     ),
                 });
@@ -565,7 +561,7 @@ impl Qcow2Image {
             for idx in 0..geo.l2_entries() {
                 let mut entry =
                     L2Entry::read(&fixed, geo, idx).map_err(|source| Error::Format {
-                        path: self.path.clone(),
+                        path: self.view.path().to_path_buf(),
                         source,
                     })?;
                 if entry.compressed() {
@@ -574,13 +570,13 @@ impl Qcow2Image {
                 let Some(h) = entry.host_cluster() else {
                     continue;
                 };
-                let want = count(h.get() >> cb) == 1;
+                let want = count(geo.cluster_index(h)) == 1;
                 if want != entry.copied() {
                     entry = entry.with_copied(want);
                     entry
                         .write(&mut fixed, geo, idx)
                         .map_err(|source| Error::Format {
-                            path: self.path.clone(),
+                            path: self.view.path().to_path_buf(),
                             source,
                         })?;
                     changed = true;
@@ -590,7 +586,7 @@ impl Qcow2Image {
                 let at = tail.put(self, &fixed, "write L2 table")?;
                 *e = L1Entry::new(strata_format::HostOffset::new(at), true).0;
             } else {
-                let shared = count(l2.get() >> cb) != 1;
+                let shared = count(geo.cluster_index(l2)) != 1;
                 *e = L1Entry::new(
                     strata_format::HostOffset::new(l2.get() & OFFSET_MASK),
                     !shared,
@@ -599,19 +595,19 @@ impl Qcow2Image {
             }
         }
         if !l1.is_empty() {
-            self.header.l1_table_offset =
+            self.view.header_mut().l1_table_offset =
                 tail.put(self, &encode_u64_table(&l1), "write L1 table")?;
         } else {
-            self.header.l1_table_offset = 0;
+            self.view.header_mut().l1_table_offset = 0;
         }
-        self.l1 = l1;
-        self.forget_caches();
+        *self.view.l1_mut() = l1;
+        self.view.forget_caches();
         // Syncs the tables written above, writes the refcount structures,
         // syncs, switches the header (with every change above), syncs.
         if !self.refcounts_in_holes(tail)? {
-            crate::repair::rebuild_refcounts(self)?;
+            crate::repair::rebuild_refcounts_of(self)?;
         }
-        self.forget_caches();
+        self.view.forget_caches();
         Ok(())
     }
 
@@ -622,26 +618,26 @@ impl Qcow2Image {
     /// small; the caller then rebuilds at the end.
     fn refcounts_in_holes(&mut self, tail: &Tail) -> Result<bool> {
         use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
-        let cb = self.geometry.cluster_bits();
-        let cs = self.geometry.cluster_size();
-        let order = self.header.refcount_order;
-        let per = refcount::entries_per_block(cb, order);
-        let mut refs = crate::check::compute_refcounts(self)?;
+        let geo = self.view.geometry();
+        let cs = self.view.geometry().cluster_size();
+        let order = self.view.header().refcount_order;
+        let per = refcount::entries_per_block(geo.cluster_bits(), order);
+        let mut refs = crate::check::compute_refcounts_view(&self.view)?;
         // The old refcount structures are not kept.
-        let old_table = self.ws()?.refcount_table().to_vec();
+        let old_table = self.w.refcount_table().to_vec();
         let mut drop_ref = |ci: u64| {
             if let Some(r) = usize::try_from(ci).ok().and_then(|i| refs.get_mut(i)) {
                 *r = r.saturating_sub(1);
             }
         };
-        let t0 = self.header.refcount_table_offset >> cb;
-        for ci in t0..t0 + u64::from(self.header.refcount_table_clusters) {
+        let t0 = geo.cluster_index(HostOffset::new(self.view.header().refcount_table_offset));
+        for ci in t0..t0 + u64::from(self.view.header().refcount_table_clusters) {
             drop_ref(ci);
         }
         for e in &old_table {
             let off = e & REFTABLE_OFFSET_MASK;
-            if off != 0 && self.geometry.is_aligned(off) {
-                drop_ref(off >> cb);
+            if off != 0 && self.view.geometry().is_aligned(off) {
+                drop_ref(geo.cluster_index(HostOffset::new(off)));
             }
         }
         let used = refs

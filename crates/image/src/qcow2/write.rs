@@ -22,8 +22,8 @@ use strata_format::{GuestOffset, HostOffset, L1Entry, L2Entry, SubclusterState};
 
 use crate::error::{Error, Result};
 use crate::qcow2::alloc::{Meta, MetadataMap};
-use crate::qcow2::writer::{DirtyTable, Writer};
-use crate::qcow2::Qcow2Image;
+use crate::qcow2::writer::DirtyTable;
+use crate::qcow2::WritableImage;
 use crate::storage::Storage;
 use crate::Mapping;
 
@@ -47,7 +47,7 @@ const SNAPSHOT_L1_BUDGET: u64 = 32 << 20;
 /// this many bytes of dirty L2 tables are held...
 const MAX_DIRTY_TABLE_BYTES: u64 = 16 << 20;
 
-/// [`Qcow2Image::make_empty`] writes the L1 entries of this many dropped
+/// [`Qcow2Image::make_empty`](crate::Qcow2Image::make_empty) writes the L1 entries of this many dropped
 /// tables, or of the tables holding this many clusters, before freeing
 /// them (bounds its memory and the work a crash may leak).
 const DROP_BATCH_TABLES: usize = 256;
@@ -81,7 +81,7 @@ struct Plan<'a> {
     old: L2Entry,
     new: L2Entry,
     /// Host cluster to write into; `None`: a new cluster.
-    dest: Option<u64>,
+    dest: Option<HostOffset>,
     /// Bytes to write, at offsets inside the cluster.
     writes: Vec<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
@@ -100,45 +100,25 @@ enum ZeroMode {
     Deallocate,
 }
 
-impl Qcow2Image {
-    /// Whether the image was opened for writing.
-    pub fn is_writable(&self) -> bool {
-        self.rw.is_some()
-    }
-
+impl WritableImage {
     fn io_err(&self, op: &'static str, offset: u64, e: std::io::Error) -> Error {
-        let e = Error::io(&self.path, op, offset, e);
+        let e = Error::io(self.view.path(), op, offset, e);
         self.poisoned.set(&e);
         e
     }
 
-    /// The writer, for writes from `&self` methods.
-    pub(crate) fn writer(&self) -> Result<&Writer> {
-        self.rw.as_deref().ok_or_else(|| Error::ReadOnly {
-            path: self.path.clone(),
-            why: "image is open read-only".into(),
-        })
-    }
-
     pub(crate) fn sync(&self) -> Result<()> {
-        self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
-    }
-
-    pub(crate) fn ws(&mut self) -> Result<&mut Writer> {
-        let path = self.path.clone();
-        self.rw.as_deref_mut().ok_or(Error::ReadOnly {
-            path,
-            why: "image is open read-only".into(),
-        })
+        self.view
+            .storage()
+            .sync()
+            .map_err(|e| self.io_err("sync", 0, e))
     }
 
     /// Sets what the first write does with a dirty image, unreadable
     /// bitmaps or unknown autoclear bits (default: refuse; see
-    /// [`WritePolicy`](crate::chain::WritePolicy)). Fails on an image
-    /// opened read-only.
-    pub fn set_write_policy(&mut self, policy: crate::chain::WritePolicy) -> Result<()> {
-        self.ws()?.set_policy(policy);
-        Ok(())
+    /// [`WritePolicy`](crate::chain::WritePolicy)).
+    pub(crate) fn set_write_policy(&mut self, policy: crate::chain::WritePolicy) {
+        self.w.set_policy(policy);
     }
 
     /// Checks the image may be written, and runs the first-write
@@ -147,36 +127,38 @@ impl Qcow2Image {
     pub(crate) fn begin_write(&mut self) -> Result<()> {
         if self.poisoned.is_set() {
             return Err(Error::Poisoned {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 first: self.poisoned.first(),
             });
         }
         self.refuse_if_halted()?;
-        if self.ws()?.prepared() {
+        if self.w.prepared() {
             return Ok(());
         }
-        if self.header.corrupt() {
+        if self.view.header().corrupt() {
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why:
                     "image is marked corrupt; writes are refused (run `strata check -r all` first)"
                         .into(),
             });
         }
-        if self.header.refcount_table_offset == 0 || self.header.refcount_table_clusters == 0 {
+        if self.view.header().refcount_table_offset == 0
+            || self.view.header().refcount_table_clusters == 0
+        {
             // Opened so that check can report it (as QEMU); nothing can be
             // allocated without a refcount table (iotests 060, 108).
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why: "the refcount table is missing (offset 0 or size 0); writes are refused \
                       (run `strata check -r all` to rebuild it)"
                     .into(),
             });
         }
-        if let Some(sn) = self.snapshots.iter().find(|s| !s.l1_size_is_valid()) {
+        if let Some(sn) = self.view.snapshots().iter().find(|s| !s.l1_size_is_valid()) {
             // QEMU's overlap check refuses such writes too (iotest 080).
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why: format!(
                     "snapshot {:?} names an L1 table of {} entries, more than the limit; \
                      writes are refused",
@@ -185,8 +167,8 @@ impl Qcow2Image {
             });
         }
         use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
-        let policy = self.ws()?.policy();
-        let mut kept = self.header.autoclear_features & Autoclear::BITMAPS;
+        let policy = self.w.policy();
+        let mut kept = self.view.header().autoclear_features & Autoclear::BITMAPS;
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid. A damaged one is refused, as QEMU refuses to open the image
         // read-write: dropping it would make the next incremental backup
@@ -196,7 +178,7 @@ impl Qcow2Image {
             if !kept.is_empty() {
                 if policy.bitmaps == OnBadBitmaps::Refuse {
                     return Err(Error::ReadOnly {
-                        path: self.path.clone(),
+                        path: self.view.path().to_path_buf(),
                         why: format!(
                             "its persistent dirty bitmaps cannot be read ({why}); writing would \
                              have to drop them; writes are refused (`strata convert` copies the \
@@ -208,48 +190,49 @@ impl Qcow2Image {
             }
         }
         // Refusals first: nothing is written before one.
-        if self.header.dirty() && policy.dirty == OnDirty::Refuse {
+        if self.view.header().dirty() && policy.dirty == OnDirty::Refuse {
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why: "the image is dirty (lazy refcounts not repaired after a crash); writes \
                       are refused (repair it with `strata check -r all` first)"
                     .into(),
             });
         }
-        let unknown = (self.header.autoclear_features & !Autoclear::BITMAPS).bits();
+        let unknown = (self.view.header().autoclear_features & !Autoclear::BITMAPS).bits();
         if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why: format!(
                     "unknown autoclear feature bits {unknown:#x} are set; writing would clear \
                      them; writes are refused"
                 ),
             });
         }
-        if self.header.dirty() {
+        if self.view.header().dirty() {
             // A dirty image's refcounts may be stale: rebuild them (the
             // rebuild counts the bitmaps' clusters). The header, with these
             // changes, is written once the new refcounts are durable.
-            self.header
+            self.view
+                .header_mut()
                 .incompatible_features
                 .remove(Incompatible::DIRTY);
-            self.header.autoclear_features = kept;
+            self.view.header_mut().autoclear_features = kept;
             self.rebuild_refcounts()?;
         }
-        if self.header.autoclear_features != kept {
-            self.header.autoclear_features = kept;
+        if self.view.header().autoclear_features != kept {
+            self.view.header_mut().autoclear_features = kept;
             self.write_header()?;
             self.sync()?;
         }
-        self.ws()?.set_prepared();
+        self.w.set_prepared();
         Ok(())
     }
 
     /// Refuses to go on after a write was refused for corrupt metadata.
     fn refuse_if_halted(&self) -> Result<()> {
-        if self.rw.as_ref().is_some_and(|w| w.halted()) {
+        if self.w.halted() {
             return Err(Error::ReadOnly {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 why: "a write was refused because the image's metadata is corrupt; the image \
                       is marked corrupt and takes no more writes (run `strata check -r all`)"
                     .into(),
@@ -264,17 +247,21 @@ impl Qcow2Image {
     /// images have no such bit. Either way the image takes no more writes
     /// in this session. Returns `err`, the corruption found.
     pub(crate) fn fatal_corruption(&mut self, err: Error) -> Error {
-        if let Some(ws) = self.rw.as_deref_mut() {
-            if ws.halt() {
-                return err;
-            }
+        if self.w.halt() {
+            return err;
         }
-        if self.header.version >= 3 {
-            self.header.incompatible_features |= Incompatible::CORRUPT;
-            let bits = self.header.incompatible_features.bits().to_be_bytes();
+        if self.view.header().version >= 3 {
+            self.view.header_mut().incompatible_features |= Incompatible::CORRUPT;
+            let bits = self
+                .view
+                .header()
+                .incompatible_features
+                .bits()
+                .to_be_bytes();
             // Offset 72: incompatible_features, present in every v3 header.
-            let w = self.writer();
-            if w.and_then(|w| w.write_metadata(&bits, 72, "mark image corrupt"))
+            if self
+                .w
+                .write_metadata(&bits, 72, "mark image corrupt")
                 .is_ok()
             {
                 let _ = self.sync();
@@ -328,12 +315,10 @@ impl Qcow2Image {
         len: u64,
         allowed: &[Meta],
     ) -> Result<()> {
-        let Some(ws) = self.rw.as_deref() else {
-            return Ok(());
-        };
-        let r = ws
+        let r = self
+            .w
             .meta()
-            .guard(&self.path, || op.to_string(), off, len, allowed);
+            .guard(self.view.path(), || op.to_string(), off, len, allowed);
         self.on_overlap(r)
     }
 
@@ -344,17 +329,15 @@ impl Qcow2Image {
     /// L1 tables are read (the L2 tables' offsets are in them), so this
     /// costs a few small reads at open.
     pub(crate) fn load_metadata_map(&mut self) -> Result<()> {
-        let cb = self.geometry.cluster_bits();
-        let cs = self.geometry.cluster_size();
-        let Some(ws) = self.rw.as_deref() else {
-            return Ok(());
-        };
-        let mut meta = MetadataMap::new(cb);
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
+        let ws = &self.w;
+        let mut meta = MetadataMap::new(geo);
         // The refcount structures, as the allocator knows them.
         let rc = ws.refcounts();
         meta.add(
             rc.table_offset,
-            u64::from(rc.table_clusters) << cb,
+            geo.clusters_bytes(u64::from(rc.table_clusters)),
             Meta::RefcountTable,
         );
         for e in &rc.table {
@@ -364,39 +347,39 @@ impl Qcow2Image {
             }
         }
         if let Some((off, n)) = rc.table_moved {
-            meta.add(off, u64::from(n) << cb, Meta::RefcountTable);
+            meta.add(off, geo.clusters_bytes(u64::from(n)), Meta::RefcountTable);
         }
         meta.add(0, cs, Meta::Header);
         meta.add(
-            self.header.l1_table_offset,
-            u64::from(self.header.l1_size) * 8,
+            self.view.header().l1_table_offset,
+            u64::from(self.view.header().l1_size) * 8,
             Meta::ActiveL1,
         );
-        for e in &self.l1 {
+        for e in self.view.l1() {
             if let Some(off) = L1Entry(*e).l2_offset() {
                 meta.add(off.get(), cs, Meta::ActiveL2);
             }
         }
-        if self.header.nb_snapshots > 0 {
+        if self.view.header().nb_snapshots > 0 {
             meta.add(
-                self.header.snapshots_offset,
+                self.view.header().snapshots_offset,
                 self.snapshot_table_len(),
                 Meta::SnapshotTable,
             );
         }
-        let file_len = self.storage_len()?;
+        let file_len = self.view.storage_len()?;
         // Snapshots usually share L1 tables' contents, rarely their
         // offsets: read each distinct table once, and at most
         // SNAPSHOT_L1_BUDGET bytes in all (a hostile image could name one
         // 32 MiB table from 65536 snapshots).
         let mut seen = std::collections::HashSet::new();
         let mut budget = SNAPSHOT_L1_BUDGET;
-        for sn in &self.snapshots {
+        for sn in self.view.snapshots() {
             let bytes = u64::from(sn.l1_size) * 8;
             if !seen.insert((sn.l1_table_offset, bytes)) {
                 continue;
             }
-            if !self.geometry.is_aligned(sn.l1_table_offset) {
+            if !self.view.geometry().is_aligned(sn.l1_table_offset) {
                 meta.set_unknown(
                     sn.l1_table_offset,
                     format!(
@@ -429,10 +412,16 @@ impl Qcow2Image {
             };
             budget = left;
             let mut raw = vec![0u8; bytes as usize];
-            self.storage
+            self.view
+                .storage()
                 .read_at(&mut raw, sn.l1_table_offset)
                 .map_err(|e| {
-                    Error::io(&self.path, "read snapshot L1 table", sn.l1_table_offset, e)
+                    Error::io(
+                        self.view.path(),
+                        "read snapshot L1 table",
+                        sn.l1_table_offset,
+                        e,
+                    )
                 })?;
             for e in strata_format::table::decode_u64_table(&raw) {
                 if let Some(off) = L1Entry(e).l2_offset() {
@@ -440,18 +429,21 @@ impl Qcow2Image {
                 }
             }
         }
-        if let Some((nb, dir_size, dir_off)) = self.header.bitmaps() {
+        if let Some((nb, dir_size, dir_off)) = self.view.header().bitmaps() {
             let in_file = dir_off.checked_add(dir_size).is_some_and(|e| e <= file_len);
             if in_file && dir_size > 0 && dir_size <= strata_format::bitmap::MAX_DIRECTORY_SIZE {
                 meta.add(dir_off, dir_size, Meta::BitmapDirectory);
                 let mut dir = vec![0u8; dir_size as usize];
-                self.storage
+                self.view
+                    .storage()
                     .read_at(&mut dir, dir_off)
-                    .map_err(|e| Error::io(&self.path, "read bitmap directory", dir_off, e))?;
+                    .map_err(|e| {
+                        Error::io(self.view.path(), "read bitmap directory", dir_off, e)
+                    })?;
                 if let Ok(entries) = strata_format::bitmap::parse_directory(&dir, nb, dir_off) {
                     for b in entries {
                         let end = b.table_offset.checked_add(b.table_bytes());
-                        let valid = b.validate(cs, self.header.size, dir_off).is_ok()
+                        let valid = b.validate(cs, self.view.header().size, dir_off).is_ok()
                             && b.table_bytes() <= strata_format::limits::MAX_L1_BYTES;
                         if valid && end.is_some_and(|e| e <= file_len) {
                             meta.add(b.table_offset, b.table_bytes(), Meta::BitmapTable);
@@ -460,58 +452,68 @@ impl Qcow2Image {
                 }
             }
         }
-        if let Some(ws) = self.rw.as_deref_mut() {
-            *ws.meta_mut() = meta;
-        }
+        *self.w.meta_mut() = meta;
         Ok(())
     }
 
     /// Bytes from the snapshot table's start to the end of its last entry.
     fn snapshot_table_len(&self) -> u64 {
-        self.snapshot_table_end
-            .saturating_sub(self.header.snapshots_offset)
+        self.view
+            .snapshot_table_end()
+            .saturating_sub(self.view.header().snapshots_offset)
     }
 
     /// Writes the header (with extensions and backing name) to cluster 0.
     pub(crate) fn write_header(&mut self) -> Result<()> {
-        let (off, len) = self.header.layout().map_err(|source| Error::Format {
-            path: self.path.clone(),
-            source,
-        })?;
-        self.header.backing_file_offset = off;
-        self.header.backing_file_size = len;
-        let buf = self.header.encode().map_err(|source| Error::Format {
-            path: self.path.clone(),
-            source,
-        })?;
-        let end = self.header.encoded_len().map_err(|source| Error::Format {
-            path: self.path.clone(),
-            source,
-        })?;
+        let (off, len) = self
+            .view
+            .header()
+            .layout()
+            .map_err(|source| Error::Format {
+                path: self.view.path().to_path_buf(),
+                source,
+            })?;
+        self.view.header_mut().backing_file_offset = off;
+        self.view.header_mut().backing_file_size = len;
+        let buf = self
+            .view
+            .header()
+            .encode()
+            .map_err(|source| Error::Format {
+                path: self.view.path().to_path_buf(),
+                source,
+            })?;
+        let end = self
+            .view
+            .header()
+            .encoded_len()
+            .map_err(|source| Error::Format {
+                path: self.view.path().to_path_buf(),
+                source,
+            })?;
         // Up to the end of the extensions and the name, rounded to a
         // sector (the rest of cluster 0 is unused).
         let n = ((end.div_ceil(512) * 512) as usize).min(buf.len());
-        self.writer()?.write_metadata(&buf[..n], 0, "write header")
+        self.w.write_metadata(&buf[..n], 0, "write header")
     }
 
     /// Makes everything written so far durable, in the order the crash
     /// protocol requires: refcount blocks, then (after a sync) refcount
     /// table entries, then (after a sync) a moved table's header switch.
     pub(crate) fn barrier(&mut self) -> Result<()> {
-        let r = self.ws()?.write_refcount_blocks();
+        let r = self.w.write_refcount_blocks();
         r.inspect_err(|e| self.poisoned.set(e))?;
-        let table_dirty = self.ws()?.refcount_table_dirty();
+        let table_dirty = self.w.refcount_table_dirty();
         if table_dirty {
             self.sync()?;
-            let r = self.ws()?.write_refcount_table();
+            let r = self.w.write_refcount_table();
             let moved = r.inspect_err(|e| self.poisoned.set(e))?;
             if let Some((off, clusters)) = moved {
                 self.sync()?;
-                self.header.refcount_table_offset = off;
-                self.header.refcount_table_clusters = clusters;
+                self.view.header_mut().refcount_table_offset = off;
+                self.view.header_mut().refcount_table_clusters = clusters;
                 self.write_header()?;
-                let cb = self.geometry.cluster_bits();
-                self.ws()?.refcount_table_switched(cb);
+                self.w.refcount_table_switched(self.view.geometry());
             }
         }
         self.sync()
@@ -520,14 +522,14 @@ impl Qcow2Image {
     /// Allocates `n` contiguous clusters for `purpose` ("an L2 table",
     /// named in errors); returns the host offset.
     pub(crate) fn alloc_contiguous(&mut self, n: u64, purpose: &str) -> Result<u64> {
-        let cb = self.geometry.cluster_bits();
-        let r = self.ws()?.alloc_contiguous(n);
-        Ok(self.on_alloc_error(r, purpose)? << cb)
+        let geo = self.view.geometry();
+        let r = self.w.alloc_contiguous(n);
+        Ok(geo.cluster_start(self.on_alloc_error(r, purpose)?).get())
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
     fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
-        let r = self.ws()?.alloc_run(max);
+        let r = self.w.alloc_run(max);
         self.on_alloc_error(r, purpose)
     }
 
@@ -539,19 +541,19 @@ impl Qcow2Image {
     fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
         let i = usize::try_from(l1i)
             .ok()
-            .filter(|i| *i < self.l1.len())
+            .filter(|i| *i < self.view.l1().len())
             .ok_or_else(|| {
                 Error::corrupt(
-                    &self.path,
-                    self.header.l1_table_offset,
+                    self.view.path(),
+                    self.view.header().l1_table_offset,
                     format!("L1 index {l1i} outside the L1 table"),
                 )
             })?;
-        let e = L1Entry(self.l1[i]);
-        let cs = self.geometry.cluster_size();
+        let e = L1Entry(self.view.l1()[i]);
+        let cs = self.view.geometry().cluster_size();
         if let Some(off) = e.l2_offset() {
-            if !self.rw.as_ref().is_some_and(|w| w.is_pinned(off.get())) {
-                self.l2_past_the_end(off.get())?;
+            if !self.w.is_pinned(off.get()) {
+                self.view.l2_past_the_end(off.get())?;
             }
         }
         if let (Some(off), true) = (e.l2_offset(), e.copied()) {
@@ -570,16 +572,14 @@ impl Qcow2Image {
         };
         let new = self.alloc_contiguous(1, "an L2 table")?;
         self.write_l2_table(new, content)?;
-        self.l1[i] = L1Entry::new(strata_format::HostOffset::new(new), true).0;
-        if let Some(ws) = self.rw.as_deref_mut() {
-            let meta = ws.meta_mut();
-            if let Some(old) = e.l2_offset() {
-                meta.remove(old.get(), cs, Meta::ActiveL2);
-            }
-            meta.add(new, cs, Meta::ActiveL2);
+        self.view.l1_mut()[i] = L1Entry::new(strata_format::HostOffset::new(new), true).0;
+        let meta = self.w.meta_mut();
+        if let Some(old) = e.l2_offset() {
+            meta.remove(old.get(), cs, Meta::ActiveL2);
         }
-        let geo = self.geometry;
-        let ws = self.ws()?;
+        meta.add(new, cs, Meta::ActiveL2);
+        let geo = self.view.geometry();
+        let ws = &mut self.w;
         ws.l1_changed([i]);
         if let Some(old) = e.l2_offset() {
             ws.free_later([geo.cluster_index(old)]);
@@ -592,48 +592,46 @@ impl Qcow2Image {
     /// pinned (dirty) table is never written this way: its entries go out
     /// at the next metadata commit.
     pub(crate) fn write_l2_table(&mut self, offset: u64, table: Vec<u8>) -> Result<()> {
-        if self.ws()?.is_pinned(offset) {
+        if self.w.is_pinned(offset) {
             return Err(Error::InvalidArgument(format!(
                 "L2 table at {offset:#x} written whole while it has pending entries"
             )));
         }
-        self.writer()?
-            .write_metadata(&table, offset, "write L2 table")?;
-        self.cache_l2(offset, Arc::new(table));
+        self.w.write_metadata(&table, offset, "write L2 table")?;
+        self.view.cache_l2(offset, Arc::new(table));
         Ok(())
     }
 
     /// Commits metadata: a barrier makes data, new tables and refcounts
     /// durable, then the changed L2 entries and L1 entries are written.
     pub(crate) fn commit_metadata(&mut self) -> Result<()> {
-        let ws = self.ws()?;
+        let ws = &mut self.w;
         if ws.nothing_pending() {
             return Ok(());
         }
         let l1_entries: Vec<usize> = ws.dirty_l1_entries().collect();
         for i in l1_entries {
-            let at = self.header.l1_table_offset + 8 * i as u64;
+            let at = self.view.header().l1_table_offset + 8 * i as u64;
             self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
         }
         self.barrier()?;
-        let es = self.geometry.l2_entry_size();
-        let ws = self.ws()?;
-        let (tables, l1) = ws.take_dirty();
+        let es = self.view.geometry().l2_entry_size();
+        let (tables, l1) = self.w.take_dirty();
         for (toff, d) in tables {
             let (s, e) = ((d.lo * es) as usize, ((d.hi + 1) * es) as usize);
             let bytes = d
                 .table
                 .get(s..e)
                 .ok_or_else(|| Error::InvalidArgument("dirty range outside its table".into()))?;
-            self.writer()?
+            self.w
                 .write_metadata(bytes, toff + d.lo * es, "write L2 entries")?;
             // Written: no longer pinned, it may be cached (and evicted).
-            self.cache_l2(toff, d.table);
+            self.view.cache_l2(toff, d.table);
         }
         for i in l1 {
-            let at = self.header.l1_table_offset + 8 * i as u64;
-            let v = self.l1[i];
-            self.writer()?
+            let at = self.view.header().l1_table_offset + 8 * i as u64;
+            let v = self.view.l1()[i];
+            self.w
                 .write_metadata(&v.to_be_bytes(), at, "write L1 entry")?;
         }
         Ok(())
@@ -641,9 +639,11 @@ impl Qcow2Image {
 
     /// Commits metadata when enough is pending.
     fn maybe_commit_metadata(&mut self) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let ws = self.ws()?;
-        if ws.commit_due(cs, MAX_DIRTY_TABLE_BYTES, MAX_UNSYNCED_BYTES) {
+        let cs = self.view.geometry().cluster_size();
+        if self
+            .w
+            .commit_due(cs, MAX_DIRTY_TABLE_BYTES, MAX_UNSYNCED_BYTES)
+        {
             self.commit_metadata()?;
         }
         Ok(())
@@ -652,28 +652,29 @@ impl Qcow2Image {
     /// The guest view of this image alone at `[guest, guest+buf.len())`
     /// inside one cluster, falling through to `backing` where unallocated.
     fn old_view(&self, e: L2Entry, guest: u64, buf: &mut [u8], backing: BackingRead) -> Result<()> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let scs = geo.subcluster_size();
         let mut done = 0usize;
         while done < buf.len() {
             let g = guest + done as u64;
             let sc = geo.subcluster_index(GuestOffset::new(g));
-            let n = ((scs - g % scs) as usize).min(buf.len() - done);
+            let n = ((scs - geo.in_subcluster(GuestOffset::new(g))) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
             let state = e.state(geo, sc).map_err(|what| {
-                Error::corrupt(&self.path, 0, format!("L2 entry for {g:#x}: {what}"))
+                Error::corrupt(self.view.path(), 0, format!("L2 entry for {g:#x}: {what}"))
             })?;
             match state {
                 SubclusterState::Unallocated => backing(chunk, g)?,
                 SubclusterState::Zero { .. } => chunk.fill(0),
                 SubclusterState::Data { host } => {
-                    let h = host.get() + g % scs;
-                    self.storage
+                    let h = host.get() + geo.in_subcluster(GuestOffset::new(g));
+                    self.view
+                        .storage()
                         .read_at(chunk, h)
-                        .map_err(|e| Error::io(&self.path, "read data", h, e))?;
+                        .map_err(|e| Error::io(self.view.path(), "read data", h, e))?;
                 }
                 SubclusterState::Compressed(d) => {
-                    let c = self.decompress(d)?;
+                    let c = self.view.decompress(d)?;
                     let at = geo.in_cluster(g) as usize;
                     chunk.copy_from_slice(&c[at..at + n]);
                 }
@@ -690,9 +691,9 @@ impl Qcow2Image {
     /// anything of it is written and the image is marked corrupt, as QEMU
     /// does (iotest 271).
     fn entry_for_write(&mut self, table: &[u8], toff: u64, idx: u64) -> Result<L2Entry> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let e = L2Entry::read(table, geo, idx).map_err(|source| Error::Format {
-            path: self.path.clone(),
+            path: self.view.path().to_path_buf(),
             source,
         })?;
         match e.validate(geo) {
@@ -700,7 +701,7 @@ impl Qcow2Image {
             Err(what) => {
                 let at = toff + idx * geo.l2_entry_size();
                 let err = Error::corrupt(
-                    &self.path,
+                    self.view.path(),
                     at,
                     format!(
                         "invalid cluster entry (L2 offset {toff:#x}, L2 index {idx:#x}): {what}"
@@ -712,7 +713,7 @@ impl Qcow2Image {
     }
 
     fn freed_by(&self, e: L2Entry) -> Vec<u64> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         if let Some(d) = e.compressed_descriptor(geo) {
             let (a, b) = d.host_clusters(geo);
             return (a..=b).collect();
@@ -736,19 +737,23 @@ impl Qcow2Image {
         data: &'a [u8],
         backing: BackingRead,
     ) -> Result<Plan<'a>> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let b = a + data.len() as u64;
         if !geo.extended_l2() {
             let state = e.state(geo, 0).map_err(|what| {
-                Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
+                Error::corrupt(
+                    self.view.path(),
+                    0,
+                    format!("L2 entry for {cstart:#x}: {what}"),
+                )
             })?;
             if let (SubclusterState::Data { host }, true) = (state, e.copied()) {
                 return Ok(Plan {
                     idx,
                     old: e,
                     new: e,
-                    dest: Some(host.get()),
+                    dest: Some(host),
                     writes: vec![(a, Chunk::Borrowed(data))],
                     frees: vec![],
                 });
@@ -762,7 +767,7 @@ impl Qcow2Image {
                 Chunk::Owned(buf)
             };
             let reuse = match state {
-                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h.get()),
+                SubclusterState::Zero { host: Some(h) } if e.copied() => Some(h),
                 _ => None,
             };
             let frees = if reuse.is_some() {
@@ -771,7 +776,7 @@ impl Qcow2Image {
                 self.freed_by(e)
             };
             // The host offset of a new cluster is filled in once allocated.
-            let new = L2Entry::data(reuse.map(HostOffset::new), true);
+            let new = L2Entry::data(reuse, true);
             return Ok(Plan {
                 idx,
                 old: e,
@@ -806,7 +811,7 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: Some(h.get()),
+                dest: Some(h),
                 writes: vec![(start, content)],
                 frees: vec![],
             });
@@ -891,7 +896,7 @@ impl Qcow2Image {
     /// [`Storage::copy_range_from`] (a clone sharing the filesystem's
     /// extents where it can) instead of through memory. Whole clusters
     /// only (`offset` and `len` cluster-aligned), and not on images with extended L2 entries: callers
-    /// use [`Qcow2Image::write`] for the rest.
+    /// use [`Qcow2Image::write`](crate::Qcow2Image::write) for the rest.
     ///
     /// The protocol is that of `write`: a cluster the image does not own
     /// alone gets a new one, the moved bytes land in clusters nothing
@@ -905,14 +910,14 @@ impl Qcow2Image {
         src_offset: u64,
     ) -> Result<()> {
         self.check_range(offset, len)?;
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let end = offset + len;
         if geo.extended_l2() || !geo.is_aligned(offset) || !geo.is_aligned(end) {
             return Err(Error::InvalidArgument(format!(
                 "{}: a range write needs whole clusters of an image without subclusters \
                  ({offset:#x}+{len:#x})",
-                self.path.display()
+                self.view.path().display()
             )));
         }
         if len == 0 {
@@ -920,7 +925,6 @@ impl Qcow2Image {
         }
         self.begin_write()?;
         self.bitmaps_before_change(offset, len)?;
-        let cb = geo.cluster_bits();
         let mut pos = offset;
         while pos < end {
             let batch_end = end.min(pos + WRITE_BATCH);
@@ -931,21 +935,24 @@ impl Qcow2Image {
                 let toff = self.l2_for_write(l1i)?;
                 let table = self.l2_table(toff)?;
                 let mut plans = Vec::new();
-                for c in (pos >> cb)..=((table_end - 1) >> cb) {
-                    let cstart = c << cb;
-                    let idx = geo.l2_index(GuestOffset::new(cstart));
+                for c in geo.guest_clusters(GuestOffset::new(pos), table_end - pos) {
+                    let cstart = geo.guest_cluster_start(c);
+                    let idx = geo.l2_index(cstart);
+                    let cstart = cstart.get();
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
                     let state = e.state(geo, 0).map_err(|what| {
-                        Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
+                        Error::corrupt(
+                            self.view.path(),
+                            0,
+                            format!("L2 entry for {cstart:#x}: {what}"),
+                        )
                     })?;
                     let (dest, new, frees) = match state {
-                        SubclusterState::Data { host } if e.copied() => {
-                            (Some(host.get()), e, vec![])
-                        }
+                        SubclusterState::Data { host } if e.copied() => (Some(host), e, vec![]),
                         SubclusterState::Zero { host: Some(h) } if e.copied() => {
-                            (Some(h.get()), L2Entry::data(Some(h), true), vec![])
+                            (Some(h), L2Entry::data(Some(h), true), vec![])
                         }
                         _ => (None, L2Entry::data(None, true), self.freed_by(e)),
                     };
@@ -970,7 +977,7 @@ impl Qcow2Image {
         let size = self.virtual_size();
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 offset,
                 len,
                 size,
@@ -981,20 +988,19 @@ impl Qcow2Image {
 
     /// Length of the next step: within one L2 table and WRITE_CHUNK.
     fn chunk_len(&self, pos: u64, remaining: u64) -> u64 {
-        let span = self.geometry.l2_span();
+        let span = self.view.geometry().l2_span();
         let table_end = (pos / span + 1) * span;
         let chunk_end = (pos / WRITE_CHUNK + 1) * WRITE_CHUNK;
         remaining
             .min(table_end - pos)
-            .min((chunk_end - pos).max(self.geometry.cluster_size()))
+            .min((chunk_end - pos).max(self.view.geometry().cluster_size()))
     }
 
     /// Plans, allocates and writes the data of one batch, then after a
     /// single barrier writes the L2 entries and the L1 entries of new
     /// tables.
     fn write_batch(&mut self, off: u64, data: &[u8], backing: BackingRead) -> Result<()> {
-        let geo = self.geometry;
-        let cb = geo.cluster_bits();
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let end = off + data.len() as u64;
         let mut tables = Vec::new();
@@ -1005,8 +1011,8 @@ impl Qcow2Image {
             let toff = self.l2_for_write(l1i)?;
             let table = self.l2_table(toff)?;
             let mut plans = Vec::new();
-            for c in (pos >> cb)..=((table_end - 1) >> cb) {
-                let cstart = c << cb;
+            for c in geo.guest_clusters(GuestOffset::new(pos), table_end - pos) {
+                let cstart = geo.guest_cluster_start(c).get();
                 let a = pos.max(cstart);
                 let b = table_end.min(cstart + cs);
                 let idx = geo.l2_index(GuestOffset::new(cstart));
@@ -1033,7 +1039,7 @@ impl Qcow2Image {
         mut tables: Vec<(u64, Vec<Plan<'_>>)>,
         src: Option<&dyn Storage>,
     ) -> Result<()> {
-        let cb = self.geometry.cluster_bits();
+        let geo = self.view.geometry();
         // Allocate new clusters, in runs; their entries get the offsets.
         // Only plans that write need one: a plan without writes (a cluster
         // zeroed whole next to partly zeroed ones) only changes its entry.
@@ -1051,9 +1057,9 @@ impl Qcow2Image {
             for j in 0..n as usize {
                 let (t, i) = need[k + j];
                 let p = &mut tables[t].1[i];
-                let host = (first + j as u64) << cb;
+                let host = geo.cluster_start(first + j as u64);
                 p.dest = Some(host);
-                p.new = p.new.with_host(HostOffset::new(host));
+                p.new = p.new.with_host(host);
             }
             k += n as usize;
         }
@@ -1063,7 +1069,7 @@ impl Qcow2Image {
         let mut moves: Vec<(u64, u64, u64)> = Vec::new();
         for (_, plans) in &tables {
             for p in plans {
-                let dest = p.dest.unwrap_or(0);
+                let dest = p.dest.map_or(0, HostOffset::get);
                 for (at, chunk) in &p.writes {
                     let h = dest + at;
                     if let Chunk::Range(from, n) = chunk {
@@ -1095,13 +1101,9 @@ impl Qcow2Image {
             .collect::<Vec<_>>();
         for (h, len) in &spans {
             let r = self
-                .rw
-                .as_deref()
-                .map(|ws| {
-                    ws.meta()
-                        .guard(&self.path, || "data write".into(), *h, *len, &[])
-                })
-                .unwrap_or(Ok(()));
+                .w
+                .meta()
+                .guard(self.view.path(), || "data write".into(), *h, *len, &[]);
             if r.is_err() {
                 drop(runs);
                 return self.on_overlap(r);
@@ -1109,7 +1111,7 @@ impl Qcow2Image {
         }
         let mut written = 0;
         for (h, bufs, len) in &runs {
-            self.writer()?.write_data_vectored(bufs, *h)?;
+            self.w.write_data_vectored(bufs, *h)?;
             written += len;
         }
         drop(runs);
@@ -1118,11 +1120,11 @@ impl Qcow2Image {
                 Error::InvalidArgument("a range write without its source storage".into())
             })?;
             for (h, from, len) in &moves {
-                self.writer()?.copy_data_from(src, *from, *len, *h)?;
+                self.w.copy_data_from(src, *from, *len, *h)?;
                 written += len;
             }
         }
-        self.ws()?.add_unsynced(written.max(1));
+        self.w.add_unsynced(written.max(1));
         for (toff, plans) in &tables {
             self.update_l2(*toff, plans)?;
         }
@@ -1132,7 +1134,7 @@ impl Qcow2Image {
     /// Applies the changed entries of an L2 table in memory (they are
     /// written at the next metadata commit) and queues the frees.
     fn update_l2(&mut self, toff: u64, plans: &[Plan<'_>]) -> Result<()> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         if plans.iter().all(|p| p.new == p.old) {
             return Ok(());
         }
@@ -1146,13 +1148,13 @@ impl Qcow2Image {
             .flat_map(|p| p.frees.iter().copied())
             .collect();
         self.check_freeable(&frees)?;
-        let taken = self.ws()?.unpin(toff);
+        let taken = self.w.unpin(toff);
         let mut d = match taken {
             Some(d) => d,
             None => {
                 let table = self.l2_table(toff)?;
                 // Pinned from here on: out of the cache.
-                self.uncache_l2(toff);
+                self.view.uncache_l2(toff);
                 DirtyTable {
                     table,
                     lo: u64::MAX,
@@ -1166,14 +1168,14 @@ impl Qcow2Image {
             p.new
                 .write(table, geo, p.idx)
                 .map_err(|source| Error::Format {
-                    path: self.path.clone(),
+                    path: self.view.path().to_path_buf(),
                     source,
                 })?;
             d.lo = d.lo.min(p.idx);
             d.hi = d.hi.max(p.idx);
             frees.extend_from_slice(&p.frees);
         }
-        let ws = self.ws()?;
+        let ws = &mut self.w;
         ws.pin(toff, d);
         ws.free_later(frees);
         Ok(())
@@ -1186,10 +1188,9 @@ impl Qcow2Image {
         if clusters.is_empty() {
             return Ok(());
         }
-        let ws = self.ws()?;
         let r = clusters
             .iter()
-            .try_for_each(|ci| ws.refcount(*ci).map(|_| ()));
+            .try_for_each(|ci| self.w.refcount(*ci).map(|_| ()));
         match r {
             Err(e @ Error::Corrupt { .. }) => Err(self.fatal_corruption(e)),
             r => r,
@@ -1215,7 +1216,7 @@ impl Qcow2Image {
     /// images without a backing file. On a v2 image with a backing file
     /// nothing changes (QEMU 290): there is no zero flag to hide it.
     pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
-        if has_backing && self.header.version < 3 {
+        if has_backing && self.view.header().version < 3 {
             // A v2 image has no zero flag: a discarded cluster would
             // expose the backing file's data. QEMU does nothing then
             // (qcow2_co_pdiscard returns ENOTSUP, which discard ignores).
@@ -1251,7 +1252,7 @@ impl Qcow2Image {
     /// the backing file, which now holds the same data. The guest view
     /// does not change, so the persistent dirty bitmaps are left as they
     /// are (as QEMU's `bdrv_make_empty` leaves them). Only for that case:
-    /// [`Qcow2Image::deallocate`] marks them.
+    /// [`Qcow2Image::deallocate`](crate::Qcow2Image::deallocate) marks them.
     ///
     /// The cost follows what is allocated, not the virtual size: without
     /// internal snapshots (nothing shares the tables) every L2 table is
@@ -1266,7 +1267,7 @@ impl Qcow2Image {
         let size = self.virtual_size();
         self.check_range(0, size)?;
         self.begin_write()?;
-        if self.header.nb_snapshots == 0 {
+        if self.view.header().nb_snapshots == 0 {
             return self.drop_tables();
         }
         let zero_backing = |b: &mut [u8], _| {
@@ -1280,16 +1281,15 @@ impl Qcow2Image {
     fn drop_tables(&mut self) -> Result<()> {
         // What is pending first: the tables read below are then final.
         self.flush()?;
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
-        let cb = geo.cluster_bits();
         let mut dropped: Vec<usize> = Vec::new();
         let mut frees: Vec<u64> = Vec::new();
-        for i in 0..self.l1.len() {
-            let Some(off) = L1Entry(self.l1[i]).l2_offset().map(|o| o.get()) else {
+        for i in 0..self.view.l1().len() {
+            let Some(off) = L1Entry(self.view.l1()[i]).l2_offset().map(|o| o.get()) else {
                 continue;
             };
-            self.l2_past_the_end(off)?;
+            self.view.l2_past_the_end(off)?;
             // The table must be only an active L2 table (a corrupt image
             // may point it at other metadata): refuse before any change.
             self.guard_write(
@@ -1302,21 +1302,19 @@ impl Qcow2Image {
             let mut mine = Vec::new();
             for idx in strata_format::table::nonzero_entries(&table, geo) {
                 let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                    path: self.path.clone(),
+                    path: self.view.path().to_path_buf(),
                     source,
                 })?;
                 mine.extend(self.freed_by(e));
             }
             if geo.is_aligned(off) {
-                mine.push(off >> cb);
+                mine.push(geo.cluster_index(HostOffset::new(off)));
             }
             self.check_freeable(&mine)?;
             drop(table);
-            self.uncache_l2(off);
-            if let Some(ws) = self.rw.as_deref_mut() {
-                ws.meta_mut().remove(off, cs, Meta::ActiveL2);
-            }
-            self.l1[i] = 0;
+            self.view.uncache_l2(off);
+            self.w.meta_mut().remove(off, cs, Meta::ActiveL2);
+            self.view.l1_mut()[i] = 0;
             dropped.push(i);
             frees.extend(mine);
             if dropped.len() >= DROP_BATCH_TABLES || frees.len() >= DROP_BATCH_FREES {
@@ -1332,16 +1330,19 @@ impl Qcow2Image {
     /// the clusters cut off are unreferenced: a crash leaves either length.
     /// The scan is proportional to the file's length in clusters.
     fn truncate_free_tail(&mut self) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
-        let len = self.storage_len()?;
-        let n = len.div_ceil(cs);
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
+        let len = self.view.storage_len()?;
+        let n = geo.clusters_for(len);
         let mut last = n;
         {
-            let ws = self.ws()?;
+            let ws = &mut self.w;
             while last > 1
                 && ws.refcount(last - 1)? == 0
-                && ws.meta().overlap((last - 1) << cb, cs, &[]).is_none()
+                && ws
+                    .meta()
+                    .overlap(geo.cluster_start(last - 1).get(), cs, &[])
+                    .is_none()
             {
                 last -= 1;
             }
@@ -1350,8 +1351,13 @@ impl Qcow2Image {
             return Ok(());
         }
         // Advisory, like the punched holes: a longer file is still valid.
-        if self.storage.set_len(last << cb).is_ok() {
-            self.ws()?.truncated(last);
+        if self
+            .view
+            .storage()
+            .set_len(geo.cluster_start(last).get())
+            .is_ok()
+        {
+            self.w.truncated(last);
         }
         Ok(())
     }
@@ -1362,7 +1368,7 @@ impl Qcow2Image {
         if dropped.is_empty() && frees.is_empty() {
             return Ok(());
         }
-        let ws = self.ws()?;
+        let ws = &mut self.w;
         ws.l1_changed(dropped.drain(..));
         ws.free_later(frees.iter().copied());
         // commit_metadata writes the L1 entries; the barrier after it makes
@@ -1370,15 +1376,13 @@ impl Qcow2Image {
         self.flush()?;
         frees.sort_unstable();
         frees.dedup();
-        let cs = self.geometry.cluster_size();
-        let cb = self.geometry.cluster_bits();
+        let geo = self.view.geometry();
+        let cs = geo.cluster_size();
         let mut run: Option<(u64, u64)> = None;
         let mut runs = Vec::new();
         for &ci in frees.iter() {
-            let free = {
-                let ws = self.ws()?;
-                ws.refcount(ci)? == 0 && ws.meta().overlap(ci << cb, cs, &[]).is_none()
-            };
+            let at = geo.cluster_start(ci).get();
+            let free = self.w.refcount(ci)? == 0 && self.w.meta().overlap(at, cs, &[]).is_none();
             if !free {
                 continue;
             }
@@ -1395,7 +1399,10 @@ impl Qcow2Image {
         frees.clear();
         for (a, n) in runs {
             // Space given back is a courtesy: the clusters are free either way.
-            let _ = self.storage.punch_hole(a << cb, n << cb);
+            let _ = self
+                .view
+                .storage()
+                .punch_hole(geo.cluster_start(a).get(), geo.clusters_bytes(n));
         }
         Ok(())
     }
@@ -1425,11 +1432,11 @@ impl Qcow2Image {
         if mark {
             self.bitmaps_before_change(offset, len)?;
         }
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let size = self.virtual_size();
         let end = offset + len;
-        let v3 = self.header.version >= 3;
+        let v3 = self.view.header().version >= 3;
         if let ZeroMode::Zero { .. } = mode {
             if !v3 {
                 // No zero flag: write zeros, in bounded pieces.
@@ -1483,7 +1490,7 @@ impl Qcow2Image {
         mode: ZeroMode,
         backing: BackingRead,
     ) -> Result<()> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let scs = geo.subcluster_size();
         let size = self.virtual_size();
         let mut frags = Vec::new();
@@ -1538,7 +1545,7 @@ impl Qcow2Image {
     /// a compressed cluster, which QEMU's zero_l2_subclusters refuses
     /// (ENOTSUP: the range is then written as zeros).
     fn zeroes_part_of_a_compressed_cluster(&self, a: u64, b: u64) -> Result<bool> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let size = self.virtual_size();
         let mut partial = Vec::new();
@@ -1562,7 +1569,7 @@ impl Qcow2Image {
     /// the block status of the chain; Strata reads what lies below an
     /// unallocated subcluster and looks for zeros.
     fn subcluster_zeroable(&self, a: u64, b: u64, backing: BackingRead) -> Result<bool> {
-        let scs = self.geometry.subcluster_size();
+        let scs = self.view.geometry().subcluster_size();
         let start = a / scs * scs;
         let end = (start + scs).min(self.virtual_size());
         match self.map(start, end - start)?.mapping {
@@ -1591,13 +1598,12 @@ impl Qcow2Image {
         mode: ZeroMode,
         backing: BackingRead,
     ) -> Result<()> {
-        let geo = self.geometry;
-        let cb = geo.cluster_bits();
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         let scs = geo.subcluster_size();
         let l1i = geo.l1_index(GuestOffset::new(start));
         // A discard of a range with no L2 table and no backing changes nothing.
-        let has_table = L1Entry(self.l1.get(l1i as usize).copied().unwrap_or(0))
+        let has_table = L1Entry(self.view.l1().get(l1i as usize).copied().unwrap_or(0))
             .l2_offset()
             .is_some();
         if matches!(
@@ -1617,16 +1623,18 @@ impl Qcow2Image {
             Vec::new()
         };
         let mut plans = Vec::new();
-        for c in (start >> cb)..=((end - 1) >> cb) {
-            let cstart = c << cb;
-            let idx = geo.l2_index(GuestOffset::new(cstart));
+        // `end > start`: the callers' steps are never empty.
+        for c in geo.guest_clusters(GuestOffset::new(start), end - start) {
+            let cstart = geo.guest_cluster_start(c);
+            let idx = geo.l2_index(cstart);
+            let cstart = cstart.get();
             // A discard only drops the entry (an unaligned one leaks its
             // cluster, as in QEMU); zeroing may write through it.
             let e = if let ZeroMode::Zero { .. } = mode {
                 self.entry_for_write(&table, toff, idx)?
             } else {
                 L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                    path: self.path.clone(),
+                    path: self.view.path().to_path_buf(),
                     source,
                 })?
             };
@@ -1637,7 +1645,7 @@ impl Qcow2Image {
                 ZeroMode::Deallocate => L2Entry::default(),
                 ZeroMode::Discard { has_backing } => {
                     let allocated = e.host_cluster().is_some() || e.compressed();
-                    if self.header.version < 3 {
+                    if self.view.header().version < 3 {
                         L2Entry::default()
                     } else if has_backing || allocated {
                         if geo.extended_l2() {
@@ -1695,7 +1703,7 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: new.host_cluster().map(|h| h.get()),
+                dest: new.host_cluster(),
                 writes: vec![],
                 frees,
             });
@@ -1709,12 +1717,9 @@ impl Qcow2Image {
     /// Makes every write durable and releases clusters that lost their
     /// last pointer.
     pub fn flush(&mut self) -> Result<()> {
-        if self.rw.is_none() {
-            return Ok(());
-        }
         if self.poisoned.is_set() {
             return Err(Error::Poisoned {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 first: self.poisoned.first(),
             });
         }
@@ -1726,12 +1731,12 @@ impl Qcow2Image {
         self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
-        let frees = self.ws()?.take_pending_frees();
+        let frees = self.w.take_pending_frees();
         if frees.is_empty() {
             return Ok(());
         }
         let r = {
-            let ws = self.ws()?;
+            let ws = &mut self.w;
             let mut r = Ok(());
             for ci in frees {
                 r = ws.adjust_refcount(ci, -1).map(|_| ());
@@ -1754,7 +1759,7 @@ impl Qcow2Image {
 
         if new_size < old {
             return Err(Error::Unsupported {
-                path: self.path.clone(),
+                path: self.view.path().to_path_buf(),
                 what: "shrinking an image is not supported".into(),
             });
         }
@@ -1763,7 +1768,7 @@ impl Qcow2Image {
                 "size {new_size} is too large"
             )));
         }
-        let need = self.geometry.l1_entries_for(new_size);
+        let need = self.view.geometry().l1_entries_for(new_size);
         if need * 8 > strata_format::limits::MAX_L1_BYTES {
             return Err(Error::InvalidArgument(format!(
                 "size {new_size} needs an L1 table over the limit"
@@ -1775,36 +1780,36 @@ impl Qcow2Image {
         if bitmaps {
             self.bitmaps_grow(new_size)?;
         }
-        if need > self.l1.len() as u64 {
-            let clusters = self.geometry.clusters_for(need * 8);
+        if need > self.view.l1().len() as u64 {
+            let clusters = self.view.geometry().clusters_for(need * 8);
             let new_off = self.alloc_contiguous(clusters, "the L1 table")?;
-            let mut l1 = self.l1.clone();
+            let mut l1 = self.view.l1().to_vec();
             l1.resize(need as usize, 0);
             let mut raw = strata_format::table::encode_u64_table(&l1);
-            raw.resize((clusters * self.geometry.cluster_size()) as usize, 0);
-            self.writer()?
-                .write_metadata(&raw, new_off, "write L1 table")?;
+            raw.resize((clusters * self.view.geometry().cluster_size()) as usize, 0);
+            self.w.write_metadata(&raw, new_off, "write L1 table")?;
             self.barrier()?;
-            let old_l1 = (self.header.l1_table_offset, self.l1.len() as u64);
-            self.header.l1_table_offset = new_off;
-            self.header.l1_size = need as u32;
-            self.header.size = new_size;
+            let old_l1 = (
+                self.view.header().l1_table_offset,
+                self.view.l1().len() as u64,
+            );
+            self.view.header_mut().l1_table_offset = new_off;
+            self.view.header_mut().l1_size = need as u32;
+            self.view.header_mut().size = new_size;
             self.write_header()?;
             self.sync()?;
-            self.l1 = l1;
-            if let Some(ws) = self.rw.as_deref_mut() {
-                let meta = ws.meta_mut();
-                meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
-                meta.add(new_off, need * 8, Meta::ActiveL1);
-            }
+            *self.view.l1_mut() = l1;
+            let meta = self.w.meta_mut();
+            meta.remove(old_l1.0, old_l1.1 * 8, Meta::ActiveL1);
+            meta.add(new_off, need * 8, Meta::ActiveL1);
             if old_l1.1 > 0 {
-                let cb = self.geometry.cluster_bits();
-                let first = old_l1.0 >> cb;
-                let n = self.geometry.clusters_for(old_l1.1 * 8);
-                self.ws()?.free_later(first..first + n);
+                let geo = self.view.geometry();
+                let first = geo.cluster_index(HostOffset::new(old_l1.0));
+                let n = geo.clusters_for(old_l1.1 * 8);
+                self.w.free_later(first..first + n);
             }
         } else {
-            self.header.size = new_size;
+            self.view.header_mut().size = new_size;
             self.write_header()?;
             self.sync()?;
         }
@@ -1821,7 +1826,7 @@ impl Qcow2Image {
         self.begin_write()?;
         // Flush first: it may move the bitmap directory (a header change).
         self.flush()?;
-        let mut h = self.header.clone();
+        let mut h = self.view.header().clone();
         h.extensions
             .retain(|e| !matches!(e, strata_format::Extension::BackingFormat(_)));
         match backing {
@@ -1833,10 +1838,10 @@ impl Qcow2Image {
             None => h.backing_file = None,
         }
         h.layout().map_err(|source| Error::Format {
-            path: self.path.clone(),
+            path: self.view.path().to_path_buf(),
             source,
         })?;
-        self.header = h;
+        *self.view.header_mut() = h;
         self.write_header()?;
         self.sync()
     }
@@ -1844,16 +1849,11 @@ impl Qcow2Image {
     /// Recomputes every refcount from the references and rewrites the
     /// refcount structures (used for dirty images and `check -r all`).
     pub fn rebuild_refcounts(&mut self) -> Result<()> {
-        crate::repair::rebuild_refcounts(self)
-    }
-
-    /// Whether the image has a `poisoned` state from an earlier I/O error.
-    pub fn is_poisoned(&self) -> bool {
-        self.poisoned.is_set()
+        crate::repair::rebuild_refcounts_of(self)
     }
 }
 
-/// How [`Qcow2Image::preallocate`] provides the data clusters' space
+/// How [`Qcow2Image::preallocate`](crate::Qcow2Image::preallocate) provides the data clusters' space
 /// (qemu-img's `preallocation=metadata|falloc|full`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreallocFill {
@@ -1865,13 +1865,7 @@ pub enum PreallocFill {
     Zeros,
 }
 
-impl Qcow2Image {
-    /// Allocates every L2 table and data cluster of the disk, as qemu-img
-    /// `preallocation=metadata` does (see [`Qcow2Image::preallocate`]).
-    pub fn preallocate_metadata(&mut self) -> Result<()> {
-        self.preallocate(PreallocFill::Sparse)
-    }
-
+impl WritableImage {
     /// Allocates every L2 table and data cluster of the disk, as qemu-img
     /// does: the L2 entries are plain data entries (no zero flag: the
     /// clusters read as zeros because they are holes, reserved or zeroed
@@ -1882,21 +1876,20 @@ impl Qcow2Image {
     /// file (which may hold stale bytes) is written with zeros.
     pub fn preallocate(&mut self, fill: PreallocFill) -> Result<()> {
         self.begin_write()?;
-        let geo = self.geometry;
-        let cb = geo.cluster_bits();
+        let geo = self.view.geometry();
         let size = self.virtual_size();
         let clusters = geo.clusters_for(size);
         let mut c = 0u64;
         while c < clusters {
-            let g = c << cb;
+            let g = geo.guest_cluster_start(c).get();
             let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(g)))?;
             let table = self.l2_table(toff)?;
             let in_table = (geo.l2_entries() - geo.l2_index(GuestOffset::new(g))).min(clusters - c);
             let mut plans = Vec::new();
             for j in 0..in_table {
-                let idx = geo.l2_index(GuestOffset::new((c + j) << cb));
+                let idx = geo.l2_index(geo.guest_cluster_start(c + j));
                 let e = L2Entry::read(&table, geo, idx).map_err(|source| Error::Format {
-                    path: self.path.clone(),
+                    path: self.view.path().to_path_buf(),
                     source,
                 })?;
                 if e.host_cluster().is_none() && !e.compressed() {
@@ -1916,32 +1909,34 @@ impl Qcow2Image {
                     self.alloc_run((plans.len() - k) as u64, "preallocated clusters")?;
                 for j in 0..n as usize {
                     let p = &mut plans[k + j];
-                    let host = (first + j as u64) << cb;
+                    let host = geo.cluster_start(first + j as u64);
                     p.dest = Some(host);
-                    p.new = L2Entry::data(Some(HostOffset::new(host)), true);
+                    p.new = L2Entry::data(Some(host), true);
                 }
                 k += n as usize;
             }
             let len = self
-                .storage
+                .view
+                .storage()
                 .len()
-                .map_err(|e| Error::io(&self.path, "stat", 0, e))?;
+                .map_err(|e| Error::io(self.view.path(), "stat", 0, e))?;
             let cs = geo.cluster_size();
             let zeros = vec![0u8; cs as usize];
             let (mut start, mut end) = (u64::MAX, 0);
             for p in &plans {
-                let dest = p.dest.unwrap_or(0);
+                let dest = p.dest.map_or(0, HostOffset::get);
                 start = start.min(dest);
                 end = end.max(dest + cs);
                 if fill == PreallocFill::Zeros || dest < len {
-                    self.writer()?.write_data(&zeros, dest, "write zeros")?;
+                    self.w.write_data(&zeros, dest, "write zeros")?;
                 }
             }
             // The clusters must exist in the file (they read as zeros).
             if end > len {
-                self.storage
+                self.view
+                    .storage()
                     .set_len(end)
-                    .map_err(|e| Error::io(&self.path, "extend file", end, e))?;
+                    .map_err(|e| Error::io(self.view.path(), "extend file", end, e))?;
             }
             if fill == PreallocFill::Fallocate && start < end {
                 self.fallocate(start, end - start)?;
@@ -1954,11 +1949,11 @@ impl Qcow2Image {
     }
 }
 
-impl Qcow2Image {
+impl WritableImage {
     /// Reserves `[offset, offset+len)` of the file (`posix_fallocate`);
     /// storages without a file get zeros written instead.
     fn fallocate(&self, offset: u64, len: u64) -> Result<()> {
-        if let Some(f) = self.storage.file() {
+        if let Some(f) = self.view.storage().file() {
             let (o, l) = (
                 i64::try_from(offset).map_err(|_| Error::InvalidArgument("offset".into()))?,
                 i64::try_from(len).map_err(|_| Error::InvalidArgument("length".into()))?,
@@ -1970,7 +1965,7 @@ impl Qcow2Image {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;
-            self.writer()?
+            self.w
                 .write_data(&chunk[..n], offset + done, "write zeros")?;
             done += n as u64;
         }
@@ -1986,7 +1981,7 @@ pub(crate) struct CompressedTail {
     pub(crate) next: u64,
 }
 
-impl Qcow2Image {
+impl WritableImage {
     /// Writes whole clusters compressed (with the image's compression
     /// type) at the cluster-aligned guest offset `offset`; `data` is a
     /// multiple of the cluster size (the last cluster may reach past the
@@ -1999,7 +1994,7 @@ impl Qcow2Image {
         data: &[u8],
         backing: BackingRead,
     ) -> Result<()> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
         if !geo.is_aligned(offset) || !(data.len() as u64).is_multiple_of(cs) {
             return Err(Error::InvalidArgument(
@@ -2031,9 +2026,8 @@ impl Qcow2Image {
         data: &[u8],
         backing: BackingRead,
     ) -> Result<()> {
-        let geo = self.geometry;
+        let geo = self.view.geometry();
         let cs = geo.cluster_size();
-        let cb = geo.cluster_bits();
         let toff = self.l2_for_write(geo.l1_index(GuestOffset::new(off)))?;
         let table = self.l2_table(toff)?;
         let mut plans = Vec::new();
@@ -2042,7 +2036,8 @@ impl Qcow2Image {
             let g = off + i as u64 * cs;
             let idx = geo.l2_index(GuestOffset::new(g));
             let e = self.entry_for_write(&table, toff, idx)?;
-            let Some(c) = crate::compress::compress(self.header.compression_type, cluster) else {
+            let Some(c) = crate::compress::compress(self.view.header().compression_type, cluster)
+            else {
                 plain.push((g, cluster));
                 continue;
             };
@@ -2051,12 +2046,13 @@ impl Qcow2Image {
             let tail = self.compressed_tail.next;
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
-                let order = self.header.refcount_order;
-                self.ws()?.refcount(tail >> cb)? < strata_format::refcount::max_refcount(order)
+                let order = self.view.header().refcount_order;
+                let ci = geo.cluster_index(HostOffset::new(tail));
+                self.w.refcount(ci)? < strata_format::refcount::max_refcount(order)
             };
             let start = if room {
-                let ci = tail >> cb;
-                self.ws()?.adjust_refcount(ci, 1)?;
+                let ci = geo.cluster_index(HostOffset::new(tail));
+                self.w.adjust_refcount(ci, 1)?;
                 tail
             } else {
                 self.alloc_contiguous(geo.clusters_for(len), "compressed data")?
@@ -2070,15 +2066,15 @@ impl Qcow2Image {
                 idx,
                 old: e,
                 new,
-                dest: Some(start),
+                dest: Some(HostOffset::new(start)),
                 writes: vec![(0, Chunk::Owned(c))],
                 frees: self.freed_by(e),
             });
         }
         for p in &mut plans {
-            let dest = p.dest.unwrap_or(0);
+            let dest = p.dest.map_or(0, HostOffset::get);
             for (at, bytes) in std::mem::take(&mut p.writes) {
-                self.writer()?
+                self.w
                     .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
             }
         }
@@ -2094,31 +2090,32 @@ impl Qcow2Image {
     }
 }
 
-impl Qcow2Image {
+impl WritableImage {
     /// Closes the image: flushes it (an image open for writing) and
     /// returns the flush's error, which a drop could only log.
-    pub fn close(mut self) -> Result<()> {
-        if self.rw.is_none() || self.poisoned.is_set() {
+    pub(crate) fn close(&mut self) -> Result<()> {
+        if self.closed || self.poisoned.is_set() {
             return Ok(());
         }
         let r = self.flush();
-        if r.is_err() {
-            // Reported here: the drop that follows does not try again.
-            self.rw = None;
-        }
+        // Reported here: the drop that follows does not try again.
+        self.closed = true;
         r
     }
 }
 
-impl Drop for Qcow2Image {
+impl Drop for WritableImage {
     /// Closing an image flushes it, as QEMU does on close: metadata still
     /// pending in memory is committed in protocol order. A drop cannot
     /// return the error: it is written to standard error; callers who
-    /// care call [`Qcow2Image::close`] (or [`Qcow2Image::flush`]) instead.
+    /// care call [`Qcow2Image::close`](crate::Qcow2Image::close) (or [`Qcow2Image::flush`](crate::Qcow2Image::flush)) instead.
     fn drop(&mut self) {
-        if self.rw.is_some() && !self.poisoned.is_set() {
+        if !self.closed && !self.poisoned.is_set() {
             if let Err(e) = self.flush() {
-                eprintln!("strata: closing {}: flush failed: {e}", self.path.display());
+                eprintln!(
+                    "strata: closing {}: flush failed: {e}",
+                    self.view.path().display()
+                );
             }
         }
     }

@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use strata_format::{Geometry, HostOffset};
+
 use crate::chain::WritePolicy;
 use crate::error::{Error, Poison, Result};
 use crate::qcow2::alloc::{MetadataMap, Refcounts};
@@ -209,9 +211,9 @@ impl Writer {
     /// Records that the header now points at the moved refcount table
     /// (barrier step 3): the old table's clusters are freed at the next
     /// flush.
-    pub(crate) fn refcount_table_switched(&mut self, cluster_bits: u32) {
+    pub(crate) fn refcount_table_switched(&mut self, geo: Geometry) {
         if let Some((old, n)) = self.refcounts.table_switched() {
-            let first = old >> cluster_bits;
+            let first = geo.cluster_index(HostOffset::new(old));
             self.pending_frees.extend(first..first + u64::from(n));
         }
     }
