@@ -453,7 +453,9 @@ impl Qcow2Image {
     fn tail(&mut self) -> Result<Tail> {
         let cs = self.geometry.cluster_size();
         let file = self.storage_len()?.div_ceil(cs);
-        let refs = crate::check::compute_refcounts(self)?;
+        // Before anything is written: the new refcounts must count every
+        // cluster in use.
+        let refs = crate::check::compute_refcounts_inside_file(self)?;
         let used = refs
             .iter()
             .rposition(|r| *r != 0)
