@@ -1,5 +1,6 @@
 //! The internal-snapshot, amend and `convert -l` steps of QEMU's
-//! qemu-iotests 029, 060, 080 and 112, replayed at the CLI on twin images.
+//! qemu-iotests 029, 060, 061, 080 and 112, and 039's lazy-refcounts
+//! steps, replayed at the CLI on twin images.
 //! Each image is built as the iotest builds it (`qemu-img create`,
 //! `qemu-io` writes, VM state written with `qemu-io write -b`, then the
 //! iotest's `poke_file` patches), copied, and each step runs as
@@ -553,4 +554,246 @@ fn iotest_112_amend_with_a_snapshot() {
     assert_eq!(convert_l("strata", &tw.t, "foo", &b), 0);
     same_bytes(&a, &b);
     same_listings(&tw);
+}
+
+// ---- 061: zero expansion with internal snapshots ------------------------
+
+/// One step of a 061 case.
+enum Step {
+    /// qemu-io commands on both twins (building the image).
+    Io(&'static str),
+    /// `qemu-img snapshot OP foo` on one twin, `strata snapshot-internal
+    /// OP foo` on the other (must succeed).
+    Snap(&'static str),
+    /// `amend -o compat=0.10` by each tool (must succeed).
+    Downgrade,
+    /// Both twins check clean (QEMU's own amend bug aside) and read the
+    /// same; the qemu-io reads given must succeed on both.
+    Verify(&'static [&'static str]),
+}
+
+/// Runs a 061 case on twins of an image of 64 MiB (`compat=1.1`),
+/// over a base holding 0x2a in its first 128 KiB when `backed`.
+fn run_061(what: &str, backed: bool, steps: &[Step]) {
+    let dir = tempdir();
+    let mut tops = Vec::new();
+    for side in ["q", "t"] {
+        let d = dir.path().join(side);
+        std::fs::create_dir(&d).unwrap();
+        let top = d.join("top.qcow2");
+        if backed {
+            let base = d.join("base.qcow2");
+            create(&base, "compat=1.1", "64M");
+            qio_ok(&base, "write -P 0x2a 0 128k");
+            qemu_img_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=1.1",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                s(&top),
+                "64M",
+            ]);
+        } else {
+            create(&top, "compat=1.1", "64M");
+        }
+        tops.push(top);
+    }
+    let (q, t) = (&tops[0], &tops[1]);
+    for (i, step) in steps.iter().enumerate() {
+        let at = format!("{what}, step {i}");
+        match step {
+            Step::Io(cmd) => {
+                qio_ok(q, cmd);
+                qio_ok(t, cmd);
+            }
+            Step::Snap(op) => {
+                qemu_img_ok(&["snapshot", op, "foo", s(q)]);
+                let r = strata(&["snapshot-internal", op, "foo", s(t)]);
+                assert_eq!(r.code, 0, "{at}: {}", r.stderr);
+            }
+            Step::Downgrade => {
+                qemu_img_ok(&["amend", "-o", "compat=0.10", s(q)]);
+                let r = strata(&["amend", "-o", "compat=0.10", s(t)]);
+                assert_eq!(r.code, 0, "{at}: {}", r.stderr);
+                assert_eq!(info(t)["format-specific"]["data"]["compat"], "0.10");
+            }
+            Step::Verify(reads) => {
+                assert_eq!(qemu_img(&["check", "-U", s(q)]).code, 0, "{at}");
+                check_clean(t);
+                assert_eq!(strata_check(t), 0, "{at}");
+                identical(q, t);
+                for r in *reads {
+                    qio_ok(q, r);
+                    qio_ok(t, r);
+                }
+            }
+        }
+    }
+    let ql = qemu_img_ok(&["snapshot", "-l", s(q)]);
+    let sl = strata(&["snapshot-internal", "-l", s(t)]).stdout;
+    assert_eq!(listing(&sl), listing(&ql), "{what}");
+}
+
+/// 061 "zero expansion on inactive clusters", "... on shared L2 table",
+/// "... on backed inactive clusters", "... on backed image with shared
+/// L2 table": the test's writes, with `snapshot -c foo`, `amend -o
+/// compat=0.10` and `snapshot -a foo` done by qemu-img on one twin and by
+/// Strata on the other; after the amend and after the revert both check
+/// clean, read the same and read the test's patterns.
+#[test]
+fn iotest_061_zero_expansion_with_snapshots_taken_and_applied_by_each_tool() {
+    if !qemu_available() {
+        return;
+    }
+    use Step::*;
+    run_061(
+        "inactive clusters",
+        false,
+        &[
+            Io("write -z 0 128k"),
+            Snap("-c"),
+            Io("write -P 0x2a 0 128k"),
+            Downgrade,
+            Verify(&["read -P 0x2a 0 128k"]),
+            Snap("-a"),
+            Verify(&["read -P 0 0 128k"]),
+        ],
+    );
+    run_061(
+        "shared L2 table",
+        false,
+        &[
+            Io("write -z 0 128k"),
+            Snap("-c"),
+            Downgrade,
+            Verify(&["read -P 0 0 128k"]),
+            Snap("-a"),
+            Verify(&["read -P 0 0 128k"]),
+        ],
+    );
+    run_061(
+        "backed inactive clusters",
+        true,
+        &[
+            Io("write -z 0 64k"),
+            Snap("-c"),
+            Io("write -P 0x42 0 128k"),
+            Downgrade,
+            Verify(&["read -P 0x42 0 128k"]),
+            Snap("-a"),
+            Verify(&["read -P 0 0 64k", "read -P 0x2a 64k 64k"]),
+        ],
+    );
+    run_061(
+        "backed image with shared L2 table",
+        true,
+        &[
+            Io("write -z 0 128k"),
+            Snap("-c"),
+            Downgrade,
+            Verify(&["read -P 0 0 128k"]),
+            Snap("-a"),
+            Verify(&["read -P 0 0 128k"]),
+        ],
+    );
+}
+
+// ---- 039: lazy refcounts -------------------------------------------------
+
+/// The dirty bit (incompatible feature bit 0).
+fn dirty_bit(img: &Path) -> bool {
+    let mut b = [0u8; 80];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_be_bytes(b[72..80].try_into().unwrap()) & 1 != 0
+}
+
+/// A lazy-refcounts image whose writer (qemu-io) was killed after its
+/// write: dirty.
+fn dirty_039(img: &Path) {
+    create(img, "compat=1.1,lazy_refcounts=on", "128M");
+    let _ = qio(&["-c", "write -P 0x5a 0 512", "-c", "sigraise 9", s(img)]);
+    assert!(dirty_bit(img), "the image should be dirty");
+}
+
+/// 039 "image is clean on shutdown", "read-only access must still work",
+/// "opening a dirty image read/write should repair it": a write on a
+/// lazy-refcounts image leaves it clean, with `strata io` as with
+/// qemu-io; a read of a dirty image works and leaves it dirty; a write
+/// repairs it (the dirty bit cleared, clean, the same view).
+#[test]
+fn iotest_039_writes_and_reads_of_lazy_refcounts_images_match_qemu_io() {
+    if !qemu_available() {
+        return;
+    }
+    let tw = twins(|img| create(img, "compat=1.1,lazy_refcounts=on", "128M"));
+    qio_ok(&tw.q, "write -P 0x5a 0 512");
+    let r = strata(&["io", "-c", "write -P 0x5a 0 512", s(&tw.t)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!dirty_bit(&tw.q) && !dirty_bit(&tw.t));
+    assert_eq!(checks(&tw), (0, 0));
+    identical(&tw.q, &tw.t);
+
+    let tw = twins(dirty_039);
+    let (ok, said) = qio(&["-r", "-c", "read -P 0x5a 0 512", s(&tw.q)]);
+    assert!(ok, "{said}");
+    let r = strata(&["io", "-c", "read -P 0x5a 0 512", s(&tw.t)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(dirty_bit(&tw.q) && dirty_bit(&tw.t));
+    same_bytes(&tw.t, &tw.orig);
+    qio_ok(&tw.q, "write 0 512");
+    let r = strata(&["io", "-c", "write 0 512", s(&tw.t)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!dirty_bit(&tw.q) && !dirty_bit(&tw.t));
+    assert_eq!(checks(&tw), (0, 0));
+    identical(&tw.q, &tw.t);
+}
+
+/// 039 "committing to a backing file with lazy_refcounts=on": both images
+/// lazy, a write into the top, then `commit` by qemu-img on one pair and
+/// by Strata on the other: neither image is left dirty, all check clean,
+/// the bases read the same.
+#[test]
+fn iotest_039_commit_with_lazy_refcounts_leaves_both_images_clean() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let mut pairs = Vec::new();
+    for side in ["q", "t"] {
+        let d = dir.path().join(side);
+        std::fs::create_dir(&d).unwrap();
+        let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+        create(&base, "compat=1.1,lazy_refcounts=on", "128M");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1,lazy_refcounts=on,backing_file=base.qcow2,backing_fmt=qcow2",
+            s(&top),
+            "128M",
+        ]);
+        qio_ok(&top, "write 0 512");
+        pairs.push((base, top));
+    }
+    qemu_img_ok(&["commit", s(&pairs[0].1)]);
+    let r = strata(&["commit", s(&pairs[1].1)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for (base, top) in &pairs {
+        assert!(!dirty_bit(base) && !dirty_bit(top), "{}", top.display());
+        check_clean(base);
+        check_clean(top);
+    }
+    identical(&pairs[0].0, &pairs[1].0);
+    identical(&pairs[0].1, &pairs[1].1);
 }
