@@ -1,6 +1,7 @@
 //! The internal-snapshot, amend and `convert -l` steps of QEMU's
-//! qemu-iotests 029, 060, 061, 080 and 112, and 039's lazy-refcounts
-//! steps, replayed at the CLI on twin images.
+//! qemu-iotests 029, 060, 061, 080 and 112, 039's lazy-refcounts steps
+//! and 271's creation, resize and measure steps, replayed at the CLI on
+//! twin images.
 //! Each image is built as the iotest builds it (`qemu-img create`,
 //! `qemu-io` writes, VM state written with `qemu-io write -b`, then the
 //! iotest's `poke_file` patches), copied, and each step runs as
@@ -796,4 +797,166 @@ fn iotest_039_commit_with_lazy_refcounts_leaves_both_images_clean() {
     }
     identical(&pairs[0].0, &pairs[1].0);
     identical(&pairs[0].1, &pairs[1].1);
+}
+
+// ---- 271: creation, resize and measure with extended L2 entries --------
+
+/// `qemu-img map --output=json` of `img`, host offsets dropped (the
+/// tools place new clusters differently).
+fn map_shape(img: &Path) -> Vec<serde_json::Value> {
+    let out = qemu_img_ok(&["map", "-U", "--output=json", s(img)]);
+    let mut v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    v
+}
+
+/// stderr without the program's name.
+fn message(stderr: &str) -> String {
+    stderr
+        .trim()
+        .trim_start_matches("strata: ")
+        .trim_start_matches("qemu-img: ")
+        .to_string()
+}
+
+/// 271 "qemu-img measure": the test's sizes and options (one and two L2
+/// tables, full L1 table clusters, 8 KiB clusters refused, the largest
+/// size and one over it): the same output and exit code as qemu-img.
+#[test]
+fn iotest_271_measure_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    for (size, opts) in [
+        ("512M", "extended_l2=off"),
+        ("512M", "extended_l2=on"),
+        ("64G", "cluster_size=16k,extended_l2=off"),
+        ("64G", "cluster_size=16k,extended_l2=on"),
+        ("1M", "cluster_size=8k,extended_l2=on"),
+        ("1024T", "extended_l2=on"),
+        ("1025T", "extended_l2=on"),
+    ] {
+        let args = ["measure", "--size", size, "-O", "qcow2", "-o", opts];
+        let (q, t) = (qemu_img(&args), strata(&args));
+        assert_eq!(
+            (t.code, &t.stdout, message(&t.stderr)),
+            (q.code, &q.stdout, message(&q.stderr)),
+            "{size} {opts}"
+        );
+    }
+}
+
+/// 271 "image creation options": extended L2 entries with 8 KiB clusters
+/// are refused by both tools, and neither leaves a file.
+#[test]
+fn iotest_271_extended_l2_needs_16k_clusters() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let (q, t) = (dir.path().join("q.qcow2"), dir.path().join("t.qcow2"));
+    let o = "extended_l2=on,cluster_size=8k";
+    let qr = qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, s(&q), "1M"]);
+    let sr = strata(&["create", "-f", "qcow2", "-o", o, s(&t), "1M"]);
+    assert_eq!((qr.code, sr.code), (1, 1), "{}", sr.stderr);
+    assert!(sr.stderr.contains("16 KiB"), "{}", sr.stderr);
+    assert!(!q.exists() && !t.exists());
+}
+
+/// A raw base of 1 MiB of 0xff, in `dir`.
+fn raw_base_271(dir: &Path) -> PathBuf {
+    let base = dir.join("base.raw");
+    qemu_img_ok(&["create", "-q", "-f", "raw", s(&base), "1M"]);
+    let (ok, said) = qio(&["-f", "raw", "-c", "write -q -P 0xff 0 1M", s(&base)]);
+    assert!(ok, "{said}");
+    base
+}
+
+/// 271 "backing file and preallocation=metadata|falloc|full": each tool
+/// creates a preallocated extended-L2 image of 512 KiB over the raw base
+/// and grows it to 1 MiB: the base shows in the first half, zeros in
+/// the second, the same map (host offsets aside), both clean.
+#[test]
+fn iotest_271_preallocated_images_over_a_backing_file_grow_like_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    raw_base_271(dir.path());
+    for mode in ["metadata", "falloc", "full"] {
+        let (q, t) = (dir.path().join("q.qcow2"), dir.path().join("t.qcow2"));
+        let o = format!("extended_l2=on,preallocation={mode}");
+        let mut args = vec![
+            "create", "-f", "qcow2", "-o", &o, "-F", "raw", "-b", "base.raw",
+        ];
+        let mut qa = args.clone();
+        qa.extend([s(&q), "512k"]);
+        qemu_img_ok(&qa);
+        args.extend([s(&t), "512k"]);
+        let r = strata(&args);
+        assert_eq!(r.code, 0, "{mode}: {}", r.stderr);
+        qemu_img_ok(&["resize", "-q", s(&q), "1M"]);
+        let r = strata(&["resize", s(&t), "1M"]);
+        assert_eq!(r.code, 0, "{mode}: {}", r.stderr);
+        for img in [&q, &t] {
+            qio_ok(img, "read -P 0xff 0 512k");
+            qio_ok(img, "read -P 0 512k 512k");
+            check_clean(img);
+        }
+        identical(&q, &t);
+        assert_eq!(map_shape(&q), map_shape(&t), "{mode}");
+    }
+}
+
+/// 271 "image resizing with preallocation and backing files" and "...
+/// without backing files": 503 KiB grown to 1013 KiB with
+/// `--preallocation=falloc|full` by each tool: the same view (the base or
+/// the data, then zeros) and clean check. `--preallocation=metadata`
+/// is not implemented by Strata's resize: refused, the file untouched
+/// (docs/qemu-iotests.md, skipped).
+#[test]
+fn iotest_271_resize_with_preallocation_matches_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    raw_base_271(dir.path());
+    for backed in [true, false] {
+        for mode in ["falloc", "full", "metadata"] {
+            let at = format!("{mode}, backed {backed}");
+            let tw = twins(|img| {
+                let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"];
+                let base = dir.path().join("base.raw");
+                if backed {
+                    args.extend(["-F", "raw", "-b", s(&base)]);
+                }
+                args.extend([s(img), "503k"]);
+                qemu_img_ok(&args);
+                if !backed {
+                    qio_ok(img, "write -P 0xff 0 503k");
+                }
+            });
+            let p = format!("--preallocation={mode}");
+            qemu_img_ok(&["resize", "-q", &p, s(&tw.q), "1013k"]);
+            let r = strata(&["resize", &p, s(&tw.t), "1013k"]);
+            if mode == "metadata" {
+                assert_fails_with(&r, 1, &["not supported by Strata"]);
+                same_bytes(&tw.t, &tw.orig);
+                continue;
+            }
+            assert_eq!(r.code, 0, "{at}: {}", r.stderr);
+            for img in [&tw.q, &tw.t] {
+                qio_ok(img, "read -P 0xff 0 503k");
+                qio_ok(img, "read -P 0 503k 510k");
+            }
+            assert_eq!(checks(&tw), (0, 0), "{at}");
+            identical(&tw.q, &tw.t);
+            // Not the maps: QEMU allocates whole clusters from the one
+            // holding the old end (copying the base into it), with other
+            // subcluster bitmaps than the zeros Strata writes
+            // (docs/qemu-iotests.md, 271: not matched yet).
+        }
+    }
 }
