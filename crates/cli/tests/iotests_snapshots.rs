@@ -1,7 +1,7 @@
 //! The internal-snapshot, amend and `convert -l` steps of QEMU's
-//! qemu-iotests 029, 060, 061, 080 and 112, 039's lazy-refcounts steps
-//! and 271's creation, resize and measure steps, replayed at the CLI on
-//! twin images.
+//! qemu-iotests 029, 060, 061, 080 and 112, 039's lazy-refcounts steps,
+//! 271's creation, resize and measure steps and 121 with every step by
+//! each tool, replayed at the CLI on twin images.
 //! Each image is built as the iotest builds it (`qemu-img create`,
 //! `qemu-io` writes, VM state written with `qemu-io write -b`, then the
 //! iotest's `poke_file` patches), copied, and each step runs as
@@ -958,5 +958,45 @@ fn iotest_271_resize_with_preallocation_matches_qemu() {
             // subcluster bitmaps than the zeros Strata writes
             // (docs/qemu-iotests.md, 271: not matched yet).
         }
+    }
+}
+
+// ---- 121: refcount table growth, every step by each tool ----------------
+
+/// 121 tests 1 and 2 with every step done by each tool: `create -o
+/// preallocation=metadata,cluster_size=1k` (64512 KiB, 64513 KiB),
+/// `resize 65M`, then the test's writes (`strata io` on one image,
+/// qemu-io on the other), whose allocations grow the refcount table:
+/// both check clean and read the same. (The port in iotests_cli.rs maps
+/// and checks images qemu-io wrote.) Slow (the preallocated creations
+/// write and sync 64 MiB of metadata each, 10 s on a loaded machine): run
+/// with `STRATA_SLOW_IOTESTS=1`.
+#[test]
+fn iotest_121_refcount_table_growth_with_every_step_by_each_tool() {
+    if std::env::var_os("STRATA_SLOW_IOTESTS").is_none() || !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    for (size, writes) in [
+        ("64512K", &["write 62M 1025K", "write 64M 1M"][..]),
+        ("64513K", &["write 63M 130K"][..]),
+    ] {
+        let (q, t) = (dir.path().join("q.qcow2"), dir.path().join("t.qcow2"));
+        let o = "preallocation=metadata,cluster_size=1k";
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", o, s(&q), size]);
+        let r = strata(&["create", "-f", "qcow2", "-o", o, s(&t), size]);
+        assert_eq!(r.code, 0, "{size}: {}", r.stderr);
+        qemu_img_ok(&["resize", "-q", s(&q), "65M"]);
+        let r = strata(&["resize", s(&t), "65M"]);
+        assert_eq!(r.code, 0, "{size}: {}", r.stderr);
+        for w in writes {
+            qio_ok(&q, w);
+            let r = strata(&["io", "-c", w, s(&t)]);
+            assert_eq!(r.code, 0, "{size} {w}: {}", r.stderr);
+        }
+        check_clean(&q);
+        check_clean(&t);
+        assert_eq!(strata_check(&t), 0, "{size}");
+        identical(&q, &t);
     }
 }
