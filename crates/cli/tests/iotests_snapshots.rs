@@ -968,9 +968,9 @@ fn iotest_271_resize_with_preallocation_matches_qemu() {
 /// `resize 65M`, then the test's writes (`strata io` on one image,
 /// qemu-io on the other), whose allocations grow the refcount table:
 /// both check clean and read the same. (The port in iotests_cli.rs maps
-/// and checks images qemu-io wrote.) Slow (the preallocated creations
-/// write and sync 64 MiB of metadata each, 10 s on a loaded machine): run
-/// with `STRATA_SLOW_IOTESTS=1`.
+/// and checks images qemu-io wrote.) Slow (each preallocated creation
+/// makes a 64 MiB file and syncs it: about 10 s for the test on a loaded
+/// machine): run with `STRATA_SLOW_IOTESTS=1`.
 #[test]
 fn iotest_121_refcount_table_growth_with_every_step_by_each_tool() {
     if std::env::var_os("STRATA_SLOW_IOTESTS").is_none() || !qemu_available() {
