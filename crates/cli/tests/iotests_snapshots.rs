@@ -1071,3 +1071,77 @@ fn iotest_080_invalid_l1_table_with_an_internal_snapshot() {
     assert_eq!(qemu_img(&["check", s(&img)]).code, 1);
     assert_eq!(strata_check(&img), 1);
 }
+
+/// 061 "progress report without snapshot" and "... with snapshot"
+/// (without `-p`: Strata's amend prints no progress): 4 GiB overlays of
+/// an empty base, zero clusters at 0, 1, 2 and 3 GiB, with `snapshot -c
+/// foo` by each tool in the second case, then `amend -o compat=0.10` by
+/// each: clean, the same view, listing and format fields.
+#[test]
+fn iotest_061_downgrades_of_4g_overlays_with_zero_clusters() {
+    if !qemu_available() {
+        return;
+    }
+    for with_snapshot in [false, true] {
+        let dir = tempdir();
+        let base = dir.path().join("base.qcow2");
+        create(&base, "compat=1.1", "4G");
+        let tw = twins(|img| {
+            qemu_img_ok(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=1.1",
+                "-b",
+                s(&base),
+                "-F",
+                "qcow2",
+                s(img),
+                "4G",
+            ]);
+            for at in ["0", "1G", "2G", "3G"] {
+                qio_ok(img, &format!("write -z {at} 64k"));
+            }
+        });
+        if with_snapshot {
+            assert_eq!(snapshot_step(&tw, "-c", "foo"), 0);
+        }
+        let qr = qemu_img(&["amend", "-o", "compat=0.10", s(&tw.q)]);
+        let sr = strata(&["amend", "-o", "compat=0.10", s(&tw.t)]);
+        assert_eq!((qr.code, sr.code), (0, 0), "{}", sr.stderr);
+        assert_eq!(checks(&tw), (0, 0), "snapshot: {with_snapshot}");
+        identical(&tw.q, &tw.t);
+        for at in ["0", "1G", "2G", "3G"] {
+            qio_ok(&tw.t, &format!("read -P 0 {at} 64k"));
+        }
+        assert_eq!(
+            info(&tw.q)["format-specific"],
+            info(&tw.t)["format-specific"]
+        );
+        assert_eq!(same_listings(&tw).len(), usize::from(with_snapshot));
+    }
+}
+
+/// 061 "try changing the external data file", its first case: `amend -o
+/// data_file=foo` on an image without one is refused by both with
+/// qemu-img's words, nothing written. (Its other cases, and "version
+/// downgrade with external data file" and "clearing and setting
+/// data-file-raw", need external data files: the 244 work.)
+#[test]
+fn iotest_061_data_file_cannot_be_set_on_an_image_without_one() {
+    if !qemu_available() {
+        return;
+    }
+    let tw = twins(|img| create(img, "compat=1.1", "64M"));
+    let qr = qemu_img(&["amend", "-o", "data_file=foo", s(&tw.q)]);
+    let sr = strata(&["amend", "-o", "data_file=foo", s(&tw.t)]);
+    assert_eq!(
+        (sr.code, message(&sr.stderr)),
+        (qr.code, message(&qr.stderr))
+    );
+    assert_eq!(sr.code, 1);
+    same_bytes(&tw.q, &tw.orig);
+    same_bytes(&tw.t, &tw.orig);
+}
