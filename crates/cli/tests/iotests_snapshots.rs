@@ -1145,3 +1145,32 @@ fn iotest_061_data_file_cannot_be_set_on_an_image_without_one() {
     same_bytes(&tw.q, &tw.orig);
     same_bytes(&tw.t, &tw.orig);
 }
+
+/// The divergence of the 029 port above, plainly (docs/qemu-img-bugs.md
+/// §11): a snapshot of a 64 MiB disk with data at 48 MiB, the disk then
+/// shrunk to 32 MiB. qemu-img's `convert -l` gives 32 MiB, without the
+/// data; `snapshot -a` gives the 64 MiB back with it, and so does
+/// Strata's `convert -l`.
+#[test]
+fn convert_l_of_a_snapshot_larger_than_the_disk_gives_the_snapshots_disk() {
+    if !qemu_available() {
+        return;
+    }
+    let tw = twins(|img| {
+        create(img, "compat=1.1", "64M");
+        qio_ok(img, "write -P 0x61 48M 64k");
+        qemu_img_ok(&["snapshot", "-c", "s1", s(img)]);
+        qemu_img_ok(&["resize", "-q", "--shrink", s(img), "32M"]);
+    });
+    let d = tw.dir.path();
+    let (a, b) = (d.join("a.raw"), d.join("b.raw"));
+    assert_eq!(convert_l("qemu-img", &tw.q, "s1", &a), 0);
+    assert_eq!(convert_l("strata", &tw.t, "s1", &b), 0);
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 32 << 20);
+    assert_eq!(std::fs::metadata(&b).unwrap().len(), 64 << 20);
+    qemu_img_ok(&["snapshot", "-a", "s1", s(&tw.q)]);
+    let c = d.join("c.raw");
+    qemu_img_ok(&["convert", "-O", "raw", s(&tw.q), s(&c)]);
+    same_bytes(&b, &c);
+    qio_ok(&tw.q, "read -P 0x61 48M 64k");
+}
