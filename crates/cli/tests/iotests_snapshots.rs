@@ -1,6 +1,6 @@
 //! The internal-snapshot, amend and `convert -l` steps of QEMU's
 //! qemu-iotests 029, 060, 061, 080 and 112, and the remaining steps of
-//! 039, 108, 112, 121 and 271, replayed at the CLI on twin images.
+//! 039, 108, 112, 121, 122 and 271, replayed at the CLI on twin images.
 //! Each image is built as the iotest builds it (`qemu-img create`,
 //! `qemu-io` writes, VM state written with `qemu-io write -b`, then the
 //! iotest's `poke_file` patches), copied, and each step runs as
