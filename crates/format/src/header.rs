@@ -498,7 +498,9 @@ impl Header {
         } else {
             c0.len()
         };
-        let extensions = parse_extensions(c0, ext_start, ext_end)?;
+        // The backing file name ends the area where QEMU looks for them.
+        let named_end = backing_file_offset != 0 && backing_file_offset <= c0.len() as u64;
+        let extensions = parse_extensions(c0, ext_start, ext_end, named_end)?;
         let feature_table: Vec<FeatureName> = extensions
             .iter()
             .filter_map(|e| match e {
@@ -871,13 +873,36 @@ impl Header {
     }
 }
 
-fn parse_extensions(c0: &[u8], start: usize, end: usize) -> Result<Vec<Extension>> {
+/// Parses the header extensions in `c0[start..end]`. `named_end`: `end`
+/// is the backing file name's offset (else the end of what was read of
+/// the first cluster).
+fn parse_extensions(
+    c0: &[u8],
+    start: usize,
+    end: usize,
+    named_end: bool,
+) -> Result<Vec<Extension>> {
     let mut exts = Vec::new();
     let mut at = start;
     loop {
+        if at >= end {
+            // An image without extensions (v2 with a backing name right
+            // after the header) is fine.
+            break;
+        }
         if at + 8 > end {
-            // No room for an end marker: an image without extensions
-            // (v2 with a backing name right after the header) is fine.
+            if named_end {
+                // As QEMU's qcow2_read_extensions: an extension header
+                // that does not fit before the backing file name (iotest
+                // 080, "huge unknown header extension").
+                return Err(FormatError::new(
+                    "header extension too large (its type and length reach past the backing \
+                     file name)",
+                    at as u64,
+                ));
+            }
+            // A first cluster cut short by the end of the file: QEMU
+            // reads zeros there, an end marker.
             break;
         }
         let magic =

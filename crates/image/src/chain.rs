@@ -760,41 +760,10 @@ impl Chain {
         let Some(Image::Qcow2(q)) = self.layers.first().map(|l| &l.image) else {
             return Ok(None);
         };
-        let vs = q.virtual_size();
-        let end = match offset.checked_add(len) {
-            Some(e) if self.layers.len() == 1 && q.header().version < 3 && e <= vs => e,
-            _ => return Ok(None),
-        };
-        let cs = q.geometry().cluster_size();
-        let cluster_end = |c: u64| c.saturating_add(cs).min(vs);
-        // Whether the whole cluster at `c` reads as zeros by its mapping
-        // (no data in it), as QEMU's is_zero asks the block status.
-        let unallocated = |c: u64| -> Result<bool> {
-            let mut pos = c;
-            while pos < cluster_end(c) {
-                let e = q.map(pos, cluster_end(c) - pos)?;
-                if matches!(e.mapping, Mapping::Data { .. } | Mapping::Compressed(_)) {
-                    return Ok(false);
-                }
-                pos += e.len.max(1);
-            }
-            Ok(true)
-        };
-        let head = offset / cs * cs;
-        let a = if head == offset || unallocated(head)? {
-            head
-        } else {
-            cluster_end(head).min(end)
-        };
-        let tail = end / cs * cs;
-        let b = if tail == end {
-            end
-        } else if tail >= a && unallocated(tail)? {
-            cluster_end(tail)
-        } else {
-            tail
-        };
-        Ok(Some((a, b.max(a))))
+        if self.layers.len() != 1 {
+            return Ok(None);
+        }
+        v2_deallocatable(q, offset, len)
     }
 
     /// Discards `[offset, offset+len)` in the top image, as QEMU does.
@@ -953,4 +922,50 @@ pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
         read_in(layers, head, offset)?;
     }
     Ok(())
+}
+
+/// [`Chain::write_zeroes`]'s range of whole clusters to deallocate for a
+/// zero write of `[offset, offset+len)` on `q`, a v2 image read without a
+/// backing file (`None` for a v3 image, or a range past the disk). Also
+/// used by `convert -n` into such an image.
+pub(crate) fn v2_deallocatable(
+    q: &Qcow2Image,
+    offset: u64,
+    len: u64,
+) -> Result<Option<(u64, u64)>> {
+    let vs = q.virtual_size();
+    let end = match offset.checked_add(len) {
+        Some(e) if q.header().version < 3 && e <= vs => e,
+        _ => return Ok(None),
+    };
+    let cs = q.geometry().cluster_size();
+    let cluster_end = |c: u64| c.saturating_add(cs).min(vs);
+    // Whether the whole cluster at `c` reads as zeros by its mapping
+    // (no data in it), as QEMU's is_zero asks the block status.
+    let unallocated = |c: u64| -> Result<bool> {
+        let mut pos = c;
+        while pos < cluster_end(c) {
+            let e = q.map(pos, cluster_end(c) - pos)?;
+            if matches!(e.mapping, Mapping::Data { .. } | Mapping::Compressed(_)) {
+                return Ok(false);
+            }
+            pos += e.len.max(1);
+        }
+        Ok(true)
+    };
+    let head = offset / cs * cs;
+    let a = if head == offset || unallocated(head)? {
+        head
+    } else {
+        cluster_end(head).min(end)
+    };
+    let tail = end / cs * cs;
+    let b = if tail == end {
+        end
+    } else if tail >= a && unallocated(tail)? {
+        cluster_end(tail)
+    } else {
+        tail
+    };
+    Ok(Some((a, b.max(a))))
 }

@@ -174,6 +174,14 @@ fn check_options(sources: &[&Chain], opts: &ConvertOptions) -> Result<()> {
     if opts.create.backing.is_some() && opts.format != ImageFormat::Qcow2 {
         return bad("Format driver 'raw' does not support backing files");
     }
+    if opts.create.backing.is_some() && sources.len() > 1 {
+        // qemu-img's refusal (iotest 122, "concatenate multiple source
+        // images").
+        return bad(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        );
+    }
     if opts.bitmaps && sources.len() > 1 {
         return bad("--bitmaps is incompatible with multiple source images");
     }
@@ -539,6 +547,27 @@ impl Target {
             };
             match &mut self.image {
                 Image::Raw(r) => r.write_zeroes(at, len),
+                // As `Chain::write_zeroes`: a v2 image without a backing
+                // file has its whole clusters deallocated (`-n` into such
+                // an image; iotest 122, "-n to an empty image").
+                Image::Qcow2(q) if backing.is_none() => {
+                    match crate::chain::v2_deallocatable(q, at, len)? {
+                        Some((a, b)) => {
+                            let end = at + len;
+                            if a > at {
+                                q.write_zeroes(at, a - at, unmap, &below)?;
+                            }
+                            if b > a {
+                                q.deallocate(a, b - a)?;
+                            }
+                            if end > b {
+                                q.write_zeroes(b, end - b, unmap, &below)?;
+                            }
+                            Ok(())
+                        }
+                        None => q.write_zeroes(at, len, unmap, &below),
+                    }
+                }
                 Image::Qcow2(q) => q.write_zeroes(at, len, unmap, &below),
             }
         };
@@ -592,6 +621,21 @@ fn copy_all(
     let mut base = 0u64;
     let mut buf = Vec::new();
     progress(0, total);
+    // Compressed output goes by whole clusters of the output, which may
+    // take data from more than one source.
+    if opts.compress {
+        let has_backing_target = opts.create.backing.is_some();
+        let fully_allocate = opts.sparse_size == 0;
+        copy_compressed(
+            sources,
+            target,
+            (has_backing_target, fully_allocate),
+            &mut buf,
+            &mut |d| progress(d, total),
+        )?;
+        progress(total, total);
+        return Ok(());
+    }
     for src in sources {
         copy_one(src, base, target, opts, &mut buf, &mut |d| {
             progress(base + d, total)
@@ -650,11 +694,6 @@ fn copy_one(
     };
     let fully_allocate = opts.sparse_size == 0;
     let layers = src.layers().len();
-    // Compressed output goes by whole clusters: pending data is gathered
-    // into cluster-aligned windows.
-    if opts.compress {
-        return copy_compressed(src, base, target, has_backing_target, buf, progress);
-    }
     for s in src.block_status(0, size) {
         let s = s?;
         progress(s.start);
@@ -813,47 +852,56 @@ fn write_sparse(target: &mut Target, at: u64, data: &[u8], sparse: u64, _cs: u64
     Ok(())
 }
 
-/// [`copy_one`] for compressed output: cluster-aligned windows, each
-/// nonzero cluster compressed (all-zero clusters are left out, as
-/// qemu-img does).
+/// [`copy_all`] for compressed output: cluster-aligned windows of the
+/// output, each output cluster gathered from every source it overlaps
+/// (a source may end inside a cluster: qemu-img reads across sources;
+/// iotest 122, "compression with misaligned allocations and image
+/// sizes"), and each nonzero cluster compressed. All-zero clusters are
+/// left out, as qemu-img does, unless `fully_allocate` (`-S 0`: qemu-img
+/// then writes them compressed too, except where `-B`'s backing file
+/// answers).
 fn copy_compressed(
-    src: &Chain,
-    base: u64,
+    sources: &[&Chain],
     target: &mut Target,
-    has_backing_target: bool,
+    (has_backing_target, fully_allocate): (bool, bool),
     buf: &mut Vec<u8>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let size = src.virtual_size();
     let cs = target.cluster_size();
-    if !base.is_multiple_of(cs) {
-        return Err(Error::InvalidArgument(format!(
-            "{}: with -c, every source but the last must be a multiple of the cluster size ({cs} bytes)",
-            target.path.display()
-        )));
+    let mut spans = Vec::with_capacity(sources.len());
+    let mut at = 0u64;
+    for src in sources {
+        spans.push((*src, at));
+        at += src.virtual_size();
     }
-    let layers = src.layers().len();
+    let total = at;
     let mut pos = 0u64;
-    while pos < size {
+    while pos < total {
         progress(pos);
-        let win = (size - pos).min(CONVERT_WINDOW);
-        // What the window's ranges need: (start, length, action).
+        let win = (total - pos).min(CONVERT_WINDOW);
+        let end = pos + win;
+        // Each overlapping source's ranges (in output offsets) and data.
         let mut acts = Vec::new();
-        for st in src.block_status(pos, win) {
-            let st = st?;
-            acts.push((st.start, st.length, action(&st, has_backing_target, layers)));
-        }
-        if !acts.iter().any(|a| matches!(a.2, Action::Data)) {
-            for (a, n, act) in &acts {
-                if matches!(act, Action::Zero) {
-                    target.write_zeroes(base + a, *n, true)?;
-                }
-            }
-            pos += win;
-            continue;
-        }
+        buf.clear();
         buf.resize(win as usize, 0);
-        src.read_at(buf, pos)?;
+        for &(src, s0) in &spans {
+            let s1 = s0 + src.virtual_size();
+            let (a, b) = (pos.max(s0), end.min(s1));
+            if a >= b {
+                continue;
+            }
+            let layers = src.layers().len();
+            let mut data = false;
+            for st in src.block_status(a - s0, b - a) {
+                let st = st?;
+                let act = action(&st, has_backing_target, layers);
+                data |= matches!(act, Action::Data);
+                acts.push((s0 + st.start, st.length, act));
+            }
+            if data {
+                src.read_at(&mut buf[(a - pos) as usize..(b - pos) as usize], a - s0)?;
+            }
+        }
         let mut i = 0u64;
         while i < win {
             let n = cs.min(win - i);
@@ -864,24 +912,28 @@ fn copy_compressed(
                     .any(|(a, len, act)| overlaps(*a, *len) && want(act))
             };
             let chunk = &buf[i as usize..(i + n) as usize];
-            if has(|a| matches!(a, Action::Data)) && chunk.iter().any(|&b| b != 0) {
-                // The whole cluster as the chain shows it.
+            let data = has(|a| matches!(a, Action::Data)) && chunk.iter().any(|&b| b != 0);
+            // (Zeros compressed over a part `-B`'s backing file answers
+            // would hide it: such a cluster gets zero writes instead.)
+            let zeros_as_data = fully_allocate
+                && has(|a| !matches!(a, Action::Skip))
+                && !has(|a| matches!(a, Action::Skip));
+            if data || zeros_as_data {
                 let mut c = chunk.to_vec();
                 c.resize(cs as usize, 0);
-                target.write(base + c0, &c, true)?;
+                target.write(c0, &c, true)?;
             } else if has(|a| !matches!(a, Action::Skip)) {
-                // Zeros, where the sources' top image answers.
                 for (a, len, act) in &acts {
                     if overlaps(*a, *len) && !matches!(act, Action::Skip) {
                         let from = (*a).max(c0);
                         let to = (a + len).min(c1);
-                        target.write_zeroes(base + from, to - from, true)?;
+                        target.write_zeroes(from, to - from, true)?;
                     }
                 }
             }
             i += n;
         }
-        pos += win;
+        pos = end;
     }
     Ok(())
 }

@@ -988,7 +988,11 @@ fn a_downgrade_of_an_unaligned_zero_entry_fails_before_writing() {
             "not aligned"
         };
         assert!(msg.contains(why), "{name}: {msg}");
-        assert!(std::fs::read(&img).unwrap() == before, "{name}: written");
+        // Nothing written but the corrupt bit (byte 79 of the header), as
+        // QEMU marks it (iotest 060, "unaligned pre-allocated zero cluster").
+        let mut want = before;
+        want[79] |= 2;
+        assert!(std::fs::read(&img).unwrap() == want, "{name}: written");
     }
 }
 

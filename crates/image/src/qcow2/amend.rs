@@ -743,20 +743,36 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
     let mut data_clusters = std::collections::HashSet::new();
     let mut plans: Vec<(u64, Vec<(u64, Expand)>)> = Vec::new();
     for &toff in &tables {
-        let table = img.l2_table(toff)?;
+        // As QEMU's qcow2_expand_zero_clusters, before anything is
+        // written: an unaligned L2 table, or a preallocated zero cluster
+        // at an unaligned offset, is a fatal corruption (the corrupt bit
+        // is set; iotest 060, "unaligned L1 entry" and "unaligned
+        // pre-allocated zero cluster").
+        let table = match img.l2_table(toff) {
+            Err(e) if !geo.is_aligned(toff) => return Err(img.fatal_corruption(e)),
+            r => r?,
+        };
         let mut work = Vec::new();
         for i in 0..geo.l2_entries() {
             let e = L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
                 path: img.view.path().to_path_buf(),
                 source,
             })?;
-            let state = e.state(geo, 0).map_err(|what| {
-                Error::corrupt(
-                    img.view.path(),
-                    toff + i * 8,
-                    format!("L2 entry {i}: {what}"),
-                )
-            })?;
+            let state = match e.state(geo, 0) {
+                Ok(s) => s,
+                Err(what) => {
+                    let err =
+                        Error::corrupt(
+                        img.view.path(),
+                        toff + i * 8,
+                        format!("L2 entry {i}: {what}"),
+                    );
+                    if !geo.extended_l2() && e.word & OFLAG_ZERO != 0 {
+                        return Err(img.fatal_corruption(err));
+                    }
+                    return Err(err);
+                }
+            };
             match state {
                 SubclusterState::Data { host } => {
                     data_clusters.insert(geo.cluster_index(host));

@@ -186,6 +186,31 @@ pub(crate) fn compute_refcounts_view(img: &View) -> Result<Vec<u64>> {
     Ok((0..c.refs.len).map(|i| c.refs.get(i)).collect())
 }
 
+/// [`compute_refcounts`] for an operation that replaces every refcount
+/// with the counts computed (internal snapshots): refused when the
+/// metadata references a region a cluster or more past the end of the
+/// file (the problem `check` reports as "counting reference for region
+/// exceeding the end of the file"). Such a cluster is counted in no
+/// refcount, so the new refcounts would call it free while an L2 entry
+/// still uses it. QEMU refuses too, for want of a refcount block covering
+/// it (iotest 080, "invalid L2 entry (huge physical offset)").
+pub(crate) fn compute_refcounts_inside_file(img: &View) -> Result<Vec<u64>> {
+    let mut c = Checker::new(img)?;
+    c.calculate()?;
+    if let Some((offset, size)) = c.outside {
+        return Err(Error::corrupt(
+            img.path(),
+            offset,
+            format!(
+                "the metadata references {size:#x} bytes at {offset:#x}, past the end of the \
+                 file ({} bytes): no refcount can count them",
+                c.file_len
+            ),
+        ));
+    }
+    Ok((0..c.refs.len).map(|i| c.refs.get(i)).collect())
+}
+
 /// QEMU's `qcow2_detect_metadata_preallocation`: whether noticeably more
 /// clusters have a refcount than the file has disk blocks for (an image
 /// made with `preallocation=metadata`, or one whose data clusters were
@@ -309,6 +334,9 @@ struct Checker<'a> {
     blocks: HashMap<u64, Vec<u8>>,
     highest_cluster: u64,
     work: u64,
+    /// The first reference found a cluster or more past the end of the
+    /// file (offset, size): counted in no refcount.
+    outside: Option<(u64, u64)>,
 }
 
 impl<'a> Checker<'a> {
@@ -372,6 +400,7 @@ impl<'a> Checker<'a> {
             blocks: HashMap::new(),
             highest_cluster: 0,
             work: 0,
+            outside: None,
         })
     }
 
@@ -409,6 +438,7 @@ impl<'a> Checker<'a> {
         let end = offset.saturating_add(size);
         // The last cluster may be partly past the end of the file, not more.
         if end.saturating_sub(self.file_len) >= self.cs {
+            self.outside.get_or_insert((offset, size));
             self.report.push(
                 ProblemKind::Corruption,
                 format!(

@@ -78,8 +78,14 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);
     let needs = match mode {
         RepairMode::Leaks => before.leaks > 0 || only_copied_flags(&before),
+        // A refcount overflow alone (more references than the width
+        // counts) is nothing a rebuild can fix: QEMU reports it, says to
+        // widen the refcounts with amend and changes nothing (iotest 112,
+        // "too many references for check").
         RepairMode::All => {
-            !before.is_clean() || img.view.header().dirty() || img.view.header().corrupt()
+            (!before.is_clean() && !only_overflows(&before))
+                || img.view.header().dirty()
+                || img.view.header().corrupt()
         }
     };
     if needs {
@@ -135,6 +141,16 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
 /// Whether the only problems of `r` are COPIED flags that disagree with
 /// the refcounts (no leaks, no other corruption, no check error): then
 /// the refcounts can be trusted to fix them, even under `-r leaks`.
+fn only_overflows(r: &CheckReport) -> bool {
+    r.leaks == 0
+        && r.check_errors == 0
+        && r.corruptions > 0
+        && r.problems_omitted == 0
+        && r.problems
+            .iter()
+            .all(|p| p.message.starts_with("ERROR: overflow"))
+}
+
 fn only_copied_flags(r: &CheckReport) -> bool {
     r.leaks == 0
         && r.check_errors == 0

@@ -452,7 +452,9 @@ impl WritableImage {
     fn tail(&mut self) -> Result<Tail> {
         let cs = self.view.geometry().cluster_size();
         let file = self.view.storage_len()?.div_ceil(cs);
-        let refs = crate::check::compute_refcounts_view(&self.view)?;
+        // Before anything is written: the new refcounts must count every
+        // cluster in use.
+        let refs = crate::check::compute_refcounts_inside_file(&self.view)?;
         let used = refs
             .iter()
             .rposition(|r| *r != 0)
