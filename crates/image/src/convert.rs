@@ -718,8 +718,8 @@ fn offload_range(
     let crate::mapping::Mapping::Data { host } = s.mapping else {
         return Ok(None);
     };
-    let src = image.storage();
-    if opts.offload != Offload::Required && !target.image.storage().clones_from(src) {
+    let src = image.data_storage()?;
+    if opts.offload != Offload::Required && !target.image.data_storage()?.clones_from(src) {
         return Ok(None);
     }
     let (at, end) = (base + s.start, base + s.end());

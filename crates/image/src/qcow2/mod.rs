@@ -54,6 +54,7 @@ pub(crate) mod alloc;
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod data_file;
 pub mod repair;
 pub mod resize;
 pub mod snapshot_internal;
@@ -155,6 +156,8 @@ pub struct Qcow2Image {
     poisoned: Arc<crate::error::Poison>,
     /// Where the next compressed cluster may be packed.
     compressed_tail: crate::write::CompressedTail,
+    /// The external data file, when the header names one (data_file.rs).
+    data: Option<Arc<data_file::DataFile>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -165,6 +168,34 @@ impl Qcow2Image {
     /// Opens and validates a qcow2 image on `storage`. `path` names it in
     /// errors. Nothing is written.
     pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
+        Qcow2Image::open_inner(
+            storage,
+            path,
+            data_file::Source::FileSystem { writable: false },
+        )
+    }
+
+    /// Opens a qcow2 image whose external data file is on `data` (tests,
+    /// in-memory images); `writable` as [`Qcow2Image::open_rw`].
+    pub fn open_with_data_file(
+        storage: Box<dyn Storage>,
+        data: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+    ) -> Result<Qcow2Image> {
+        let img = Qcow2Image::open_inner(storage, path, data_file::Source::Given(Arc::from(data)))?;
+        if writable {
+            img.make_writable()
+        } else {
+            Ok(img)
+        }
+    }
+
+    fn open_inner(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        data: data_file::Source,
+    ) -> Result<Qcow2Image> {
         let fmt_err = |source| Error::Format {
             path: path.to_path_buf(),
             source,
@@ -213,6 +244,7 @@ impl Qcow2Image {
         }
         let (snapshots, snapshot_table_end) =
             read_snapshots(storage.as_ref(), path, &header, file_len)?;
+        let data = data_file::DataFile::open(&header, path, data, storage.file().is_some())?;
         Ok(Qcow2Image {
             path: path.to_path_buf(),
             storage: Arc::from(storage),
@@ -228,13 +260,29 @@ impl Qcow2Image {
             rw: None,
             poisoned: Default::default(),
             compressed_tail: Default::default(),
+            data: data.map(Arc::new),
         })
     }
 
     /// Opens a qcow2 image for reading and writing (the storage must be
     /// writable). Nothing is written until the first write.
     pub fn open_rw(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
-        let mut img = Qcow2Image::open(storage, path)?;
+        Qcow2Image::open_inner(
+            storage,
+            path,
+            data_file::Source::FileSystem { writable: true },
+        )?
+        .make_writable()
+    }
+
+    /// Adds the write state to an image opened by `open_inner`.
+    fn make_writable(mut self) -> Result<Qcow2Image> {
+        let img = &mut self;
+        let path = &img.path.clone();
+        let data = match &img.data {
+            Some(d) => Some((d.clone(), d.storage()?.clone())),
+            None => None,
+        };
         let h = &img.header;
         let refcounts = crate::qcow2::alloc::Refcounts::load(
             img.storage.as_ref(),
@@ -251,8 +299,11 @@ impl Qcow2Image {
             img.poisoned.clone(),
             refcounts,
         )));
+        if let (Some((d, s)), Some(w)) = (data, img.rw.as_deref_mut()) {
+            w.set_data_file(d, s);
+        }
         img.load_metadata_map()?;
-        Ok(img)
+        Ok(self)
     }
 
     /// The file's path.
@@ -282,6 +333,19 @@ impl Qcow2Image {
     /// The active L1 table's raw entries.
     pub fn l1(&self) -> &[u64] {
         &self.l1
+    }
+    /// The external data file, when the image has one.
+    pub fn data_file(&self) -> Option<&data_file::DataFile> {
+        self.data.as_deref()
+    }
+    /// The storage data clusters' host offsets point into: the external
+    /// data file when the image has one (an error when it could not be
+    /// opened), the image's own storage otherwise.
+    pub fn data_storage(&self) -> Result<&dyn Storage> {
+        match &self.data {
+            Some(d) => Ok(d.storage()?.as_ref()),
+            None => Ok(self.storage.as_ref()),
+        }
     }
 
     /// Drops every cached table and decompressed cluster (after a commit
@@ -445,7 +509,7 @@ impl Qcow2Image {
             source,
         })?;
         let sc = self.geometry.subcluster_index(guest);
-        let state = entry.state(self.geometry, sc).map_err(|what| {
+        let state = self.entry_state(&entry, sc).map_err(|what| {
             Error::corrupt(
                 &self.path,
                 toff + idx * self.geometry.l2_entry_size(),
@@ -453,6 +517,14 @@ impl Qcow2Image {
             )
         })?;
         let m = Mapping::from(state);
+        if let (Mapping::Compressed(_), Some(_)) = (m, &self.data) {
+            return Err(data_file::compressed_entry(
+                &self.path,
+                *toff,
+                idx,
+                toff + idx * self.geometry.l2_entry_size(),
+            ));
+        }
         // Offset of g inside its subcluster.
         let within = g % self.geometry.subcluster_size();
         Ok(match m {
@@ -575,7 +647,7 @@ impl Qcow2Image {
         match m {
             Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
             Mapping::Data { host } => {
-                self.storage
+                self.data_storage()?
                     .read_at(buf, host.get())
                     .map_err(|e| Error::io(&self.path, "read data", host.get(), e))?;
             }

@@ -121,6 +121,9 @@ impl Qcow2Image {
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
+        // The external data file first: its data is durable before any
+        // metadata the sync below makes durable points at it.
+        self.sync_data_file()?;
         self.storage.sync().map_err(|e| self.io_err("sync", 0, e))
     }
 
@@ -187,6 +190,8 @@ impl Qcow2Image {
         use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
         let policy = self.ws()?.policy();
         let mut kept = self.header.autoclear_features & Autoclear::BITMAPS;
+        // The raw external data bit is known, with a data file.
+        let raw_data = self.data_file_autoclear();
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid. A damaged one is refused, as QEMU refuses to open the image
         // read-write: dropping it would make the next incremental backup
@@ -207,6 +212,7 @@ impl Qcow2Image {
                 kept = Autoclear::empty();
             }
         }
+        kept |= raw_data;
         // Refusals first: nothing is written before one.
         if self.header.dirty() && policy.dirty == OnDirty::Refuse {
             return Err(Error::ReadOnly {
@@ -216,7 +222,7 @@ impl Qcow2Image {
                     .into(),
             });
         }
-        let unknown = (self.header.autoclear_features & !Autoclear::BITMAPS).bits();
+        let unknown = (self.header.autoclear_features & !(Autoclear::BITMAPS | raw_data)).bits();
         if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
@@ -660,7 +666,7 @@ impl Qcow2Image {
             let sc = geo.subcluster_index(GuestOffset::new(g));
             let n = ((scs - g % scs) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
-            let state = e.state(geo, sc).map_err(|what| {
+            let state = self.entry_state(&e, sc).map_err(|what| {
                 Error::corrupt(&self.path, 0, format!("L2 entry for {g:#x}: {what}"))
             })?;
             match state {
@@ -668,7 +674,7 @@ impl Qcow2Image {
                 SubclusterState::Zero { .. } => chunk.fill(0),
                 SubclusterState::Data { host } => {
                     let h = host.get() + g % scs;
-                    self.storage
+                    self.data_storage()?
                         .read_at(chunk, h)
                         .map_err(|e| Error::io(&self.path, "read data", h, e))?;
                 }
@@ -713,6 +719,11 @@ impl Qcow2Image {
 
     fn freed_by(&self, e: L2Entry) -> Vec<u64> {
         let geo = self.geometry;
+        if self.data.is_some() {
+            // Data clusters live in the data file, unrefcounted: nothing
+            // of the qcow2 file is freed (update_l2 discards them there).
+            return Vec::new();
+        }
         if let Some(d) = e.compressed_descriptor(geo) {
             let (a, b) = d.host_clusters(geo);
             return (a..=b).collect();
@@ -740,7 +751,7 @@ impl Qcow2Image {
         let cs = geo.cluster_size();
         let b = a + data.len() as u64;
         if !geo.extended_l2() {
-            let state = e.state(geo, 0).map_err(|what| {
+            let state = self.entry_state(&e, 0).map_err(|what| {
                 Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
             })?;
             if let (SubclusterState::Data { host }, true) = (state, e.copied()) {
@@ -788,7 +799,7 @@ impl Qcow2Image {
         for sc in sa..=sb {
             touched |= 1 << sc;
         }
-        let host = e.host_cluster();
+        let host = self.entry_host(&e);
         if let (Some(h), true, false) = (host, e.copied(), e.compressed()) {
             let start = sa * scs;
             let end = (sb + 1) * scs;
@@ -937,7 +948,7 @@ impl Qcow2Image {
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
-                    let state = e.state(geo, 0).map_err(|what| {
+                    let state = self.entry_state(&e, 0).map_err(|what| {
                         Error::corrupt(&self.path, 0, format!("L2 entry for {cstart:#x}: {what}"))
                     })?;
                     let (dest, new, frees) = match state {
@@ -1045,6 +1056,18 @@ impl Qcow2Image {
                     .map(|i| (t, i)),
             );
         }
+        if self.data.is_some() {
+            // An external data file: a new cluster's host offset is its
+            // guest offset (QEMU's do_alloc_cluster_offset).
+            for &(t, i) in &need {
+                let base = self.data_file_table_base(tables[t].0)?;
+                let p = &mut tables[t].1[i];
+                let host = base + (p.idx << cb);
+                p.dest = Some(host);
+                p.new = p.new.with_host(HostOffset::new(host));
+            }
+            need.clear();
+        }
         let mut k = 0;
         while k < need.len() {
             let (first, n) = self.alloc_run((need.len() - k) as u64, "data clusters")?;
@@ -1093,7 +1116,9 @@ impl Qcow2Image {
             .map(|(h, _, len)| (*h, *len))
             .chain(moves.iter().map(|(h, _, len)| (*h, *len)))
             .collect::<Vec<_>>();
-        for (h, len) in &spans {
+        // Data in an external data file cannot overlap the qcow2 file's
+        // metadata.
+        for (h, len) in spans.iter().filter(|_| self.data.is_none()) {
             let r = self
                 .rw
                 .as_deref()
@@ -1163,6 +1188,7 @@ impl Qcow2Image {
         let table = Arc::make_mut(&mut d.table);
         let mut frees = Vec::new();
         for p in plans.iter().filter(|p| p.new != p.old) {
+            self.data_file_release(p.old, p.new);
             p.new
                 .write(table, geo, p.idx)
                 .map_err(|source| Error::Format {
@@ -1206,6 +1232,8 @@ impl Qcow2Image {
         unmap: bool,
         backing: BackingRead,
     ) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.zero_raw_data_file(offset, len)?;
         self.zero_range(offset, len, ZeroMode::Zero { unmap }, backing)
     }
 
@@ -1636,7 +1664,7 @@ impl Qcow2Image {
             let new = match mode {
                 ZeroMode::Deallocate => L2Entry::default(),
                 ZeroMode::Discard { has_backing } => {
-                    let allocated = e.host_cluster().is_some() || e.compressed();
+                    let allocated = self.entry_host(&e).is_some() || e.compressed();
                     if self.header.version < 3 {
                         L2Entry::default()
                     } else if has_backing || allocated {
@@ -1655,7 +1683,7 @@ impl Qcow2Image {
                     // QEMU's zero_in_l2_slice: a compressed cluster, or with
                     // `unmap` an allocated one, loses its host cluster; any
                     // other keeps its entry, the zero flag (bits) added.
-                    let drop = e.compressed() || (unmap && e.host_cluster().is_some());
+                    let drop = e.compressed() || (unmap && self.entry_host(&e).is_some());
                     // (A standard entry's bitmap is 0; an extended one's is
                     // replaced below.)
                     let kept = if drop { L2Entry::default() } else { e };
@@ -1726,6 +1754,8 @@ impl Qcow2Image {
         self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
+        // Data file clusters that lost their pointer, now durably.
+        self.run_data_file_discards();
         let frees = self.ws()?.take_pending_frees();
         if frees.is_empty() {
             return Ok(());
@@ -1899,7 +1929,7 @@ impl Qcow2Image {
                     path: self.path.clone(),
                     source,
                 })?;
-                if e.host_cluster().is_none() && !e.compressed() {
+                if self.entry_host(&e).is_none() && !e.compressed() {
                     plans.push(Plan {
                         idx,
                         old: e,
@@ -1909,6 +1939,19 @@ impl Qcow2Image {
                         frees: vec![],
                     });
                 }
+            }
+            if self.data.is_some() {
+                // An external data file: each cluster at its guest offset.
+                self.data_file_prealloc(c << cb, in_table, fill)?;
+                for p in &mut plans {
+                    let host = self.data_file_table_base(toff)? + (p.idx << cb);
+                    p.dest = Some(host);
+                    p.new = L2Entry::data(Some(HostOffset::new(host)), true);
+                }
+                self.barrier()?;
+                self.update_l2(toff, &plans)?;
+                c += in_table;
+                continue;
             }
             let mut k = 0;
             while k < plans.len() {
@@ -1999,6 +2042,7 @@ impl Qcow2Image {
         data: &[u8],
         backing: BackingRead,
     ) -> Result<()> {
+        self.refuse_with_data_file("compressed writes")?;
         let geo = self.geometry;
         let cs = geo.cluster_size();
         if !geo.is_aligned(offset) || !(data.len() as u64).is_multiple_of(cs) {
