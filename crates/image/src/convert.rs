@@ -160,6 +160,13 @@ fn check_options(sources: &[&Chain], opts: &ConvertOptions) -> Result<()> {
              512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
         );
     }
+    if opts.compress && opts.create.data_file.is_some() {
+        // QEMU creates the image, then fails its first write.
+        return bad(
+            "compression (-c) cannot be used with an external data file (data_file): \
+             compressed clusters are invalid there (Operation not supported)",
+        );
+    }
     if opts.offload == Offload::Required && opts.compress {
         return bad("Cannot enable copy offloading when -c is used");
     }

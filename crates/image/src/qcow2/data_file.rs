@@ -73,6 +73,10 @@ pub struct DataFile {
     pending_discards: Mutex<Vec<(u64, u64)>>,
 }
 
+/// QEMU's refusal of an image with the data file bit and no name.
+const NO_NAME: &str = "'data-file' is required for this image (the external data file bit \
+                       is set but the header names no data file)";
+
 /// The data file name the header records, when the external data file bit
 /// is set. `Ok(None)`: no data file. Errors: the bit without a name, the
 /// raw bit without the data file bit, or a name Strata will not open.
@@ -92,11 +96,7 @@ pub fn name_from_header(header: &Header, image: &Path) -> Result<Option<String>>
         _ => None,
     });
     let Some(name) = name else {
-        return Err(unsupported(
-            image,
-            "'data-file' is required for this image (the external data file bit \
-             is set but the header names no data file)",
-        ));
+        return Err(unsupported(image, NO_NAME));
     };
     check_name(name, image)?;
     Ok(Some(name.to_string()))
@@ -169,7 +169,25 @@ impl DataFile {
         source: Source,
         image_on_file: bool,
     ) -> Result<Option<DataFile>> {
-        let Some(name) = name_from_header(header, image)? else {
+        let named = match name_from_header(header, image) {
+            // Without a name only the metadata can be read (qemu-img info
+            // shows such an image): recorded, raised by any data access.
+            Err(Error::Unsupported { what, .. })
+                if what == NO_NAME && matches!(source, Source::FileSystem { .. }) =>
+            {
+                return Ok(Some(DataFile {
+                    image: image.to_path_buf(),
+                    name: String::new(),
+                    path: PathBuf::new(),
+                    storage: Err(NO_NAME.to_string()),
+                    raw: header.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
+                    lock: Mutex::new(None),
+                    pending_discards: Mutex::new(Vec::new()),
+                }));
+            }
+            r => r?,
+        };
+        let Some(name) = named else {
             if let Source::Given(_) = source {
                 return Err(unsupported(
                     image,
@@ -377,6 +395,69 @@ impl Qcow2Image {
             }),
             (false, false) => Ok(SubclusterState::Unallocated),
         }
+    }
+
+    /// Refuses, as `qemu-img amend` does and before any change, the
+    /// external data file options an amend cannot apply: `data_file=` on
+    /// an image without a data file, `data_file_raw=on` on one whose
+    /// data file is not raw, and a downgrade (`compat=0.10`) of an image
+    /// with a data file.
+    pub fn check_data_file_amend(
+        &self,
+        name: Option<&str>,
+        raw: Option<bool>,
+        downgrade: bool,
+    ) -> Result<()> {
+        let bad = |m: &str| Err(unsupported(&self.path, m));
+        if name.is_some() && self.data.is_none() {
+            return bad("data-file can only be set for images that use an external data file");
+        }
+        if raw == Some(true) && !self.data.as_ref().is_some_and(|d| d.is_raw()) {
+            return bad("data-file-raw cannot be set on existing images");
+        }
+        if downgrade && self.data.is_some() {
+            return bad("Cannot downgrade an image with a data file");
+        }
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            check_name(n, &self.path)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `data_file=NAME` (a new name; empty: the name is removed,
+    /// the image then needs one given at open, as in QEMU) and
+    /// `data_file_raw=off` (clears the raw bit) to the header, as
+    /// `qemu-img amend` does. Checked first with
+    /// [`Qcow2Image::check_data_file_amend`].
+    pub fn amend_data_file(&mut self, name: Option<&str>, raw: Option<bool>) -> Result<()> {
+        self.check_data_file_amend(name, raw, false)?;
+        if self.data.is_none() {
+            return Ok(());
+        }
+        self.begin_write()?;
+        self.flush()?;
+        if let Some(n) = name {
+            let exts = &mut self.header.extensions;
+            let at = exts
+                .iter()
+                .position(|e| matches!(e, Extension::DataFile(_)))
+                .unwrap_or_else(|| {
+                    exts.iter()
+                        .position(|e| matches!(e, Extension::BackingFormat(_)))
+                        .map_or(0, |i| i + 1)
+                });
+            exts.retain(|e| !matches!(e, Extension::DataFile(_)));
+            if !n.is_empty() {
+                exts.insert(at.min(exts.len()), Extension::DataFile(n.to_string()));
+            }
+        }
+        if raw == Some(false) {
+            self.header
+                .autoclear_features
+                .remove(Autoclear::DATA_FILE_RAW);
+        }
+        self.write_header()?;
+        self.sync()
     }
 
     /// The raw external data autoclear bit when the image has a raw data
