@@ -144,6 +144,20 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
 /// Returns the number of leaked clusters the check found (harmless).
 pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<u64> {
     if let Image::Qcow2(q) = &layer.image {
+        // The merge walks copy and clone host ranges of the qcow2 file:
+        // refused, before anything is written, for images whose data
+        // lives in an external data file (strata-image qcow2/data_file.rs).
+        if let Some(d) = q.data_file() {
+            return Err(MergeError::Refused {
+                path: layer.path.clone(),
+                op,
+                why: format!(
+                    "it has an external data file ({:?}), which {op} does not support; \
+                     `strata convert` makes an image without one",
+                    d.name()
+                ),
+            });
+        }
         if q.header().corrupt() {
             return Err(MergeError::Refused {
                 path: layer.path.clone(),
