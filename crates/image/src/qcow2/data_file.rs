@@ -460,6 +460,48 @@ impl Qcow2Image {
         self.sync()
     }
 
+    /// The disk was resized from `old` to `new` bytes: as QEMU truncates
+    /// the data file with the image, a growth extends a shorter data file
+    /// to the new size and a shrink cuts it there; with `data_file_raw`
+    /// the new clusters are mapped at once (metadata preallocation, as
+    /// QEMU's truncate of such an image), so the raw file stays the guest
+    /// view.
+    pub(crate) fn data_file_resized(&mut self, old: u64, new: u64) -> Result<()> {
+        let Some(d) = self.data.clone() else {
+            return Ok(());
+        };
+        let storage = d.storage()?;
+        let io = |op, at, e| {
+            let e = Error::io(d.path(), op, at, e);
+            self.poisoned.set(&e);
+            e
+        };
+        let len = storage.len().map_err(|e| io("stat", 0, e))?;
+        if (new > old && len < new) || new < old {
+            storage
+                .set_len(new)
+                .map_err(|e| io("resize data file", new, e))?;
+        }
+        if new > old && d.is_raw() {
+            self.preallocate(crate::write::PreallocFill::Sparse)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a backing file for an image whose data file is raw, as
+    /// QEMU's `qcow2_change_backing_file` does (EINVAL): its data file is
+    /// the whole guest view, nothing can fall through to a backing file.
+    pub(crate) fn refuse_backing_with_raw_data_file(&self, backing: bool) -> Result<()> {
+        if backing && self.data.as_ref().is_some_and(|d| d.is_raw()) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: Could not change the backing file: Invalid argument (a backing file \
+                 and data-file-raw cannot be used at the same time)",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// The raw external data autoclear bit when the image has a raw data
     /// file (a bit the write path knows and keeps), else nothing.
     pub(crate) fn data_file_autoclear(&self) -> Autoclear {

@@ -1842,12 +1842,14 @@ impl Qcow2Image {
             // Track the whole new size from here on.
             self.bitmaps_reload()?;
         }
-        Ok(())
+        // An external data file grows with the disk (qcow2/data_file.rs).
+        self.data_file_resized(old, new_size)
     }
 
     /// Rewrites the backing file name and format in the header (nothing
     /// else: the unsafe `rebase -u`). `None` removes the backing file.
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.refuse_backing_with_raw_data_file(backing.is_some())?;
         self.begin_write()?;
         // Flush first: it may move the bitmap directory (a header change).
         self.flush()?;
