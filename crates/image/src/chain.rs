@@ -341,6 +341,11 @@ impl OpenOptions {
         self.writable = yes;
         self
     }
+    /// Sets [`OpenOptions::without_data_file`].
+    pub fn without_data_file(mut self, yes: bool) -> OpenOptions {
+        self.without_data_file = yes;
+        self
+    }
     /// Sets [`OpenOptions::no_backing`].
     pub fn no_backing(mut self, yes: bool) -> OpenOptions {
         self.no_backing = yes;
