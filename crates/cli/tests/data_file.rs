@@ -1,0 +1,549 @@
+//! Images with an external data file (qcow2 `data_file`) through the
+//! command line, each step on twins against qemu-img / qemu-io: create,
+//! info, map, check, convert, amend, resize, io, and the merges' refusal.
+//! Data file names are opened as QEMU opens them: relative to the current
+//! directory, so these tests run both tools in the images' directory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// Runs `cmd` (the built strata binary when "strata") in `dir`.
+fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> Run {
+    let prog = if cmd == "strata" {
+        env!("CARGO_BIN_EXE_strata").to_string()
+    } else {
+        cmd.to_string()
+    };
+    let o = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run");
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn ok_in(dir: &Path, cmd: &str, args: &[&str]) -> String {
+    let r = run_in(dir, cmd, args);
+    assert_eq!(r.code, 0, "{cmd} {args:?}: {}{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+/// `text` with the twin's names made the same ("s." for "q.").
+fn norm(text: &str) -> String {
+    text.replace("q.qcow2", "s.qcow2")
+        .replace("q.data", "s.data")
+}
+
+/// The same command by both tools, one per twin: same exit code, same
+/// standard output (names aside).
+fn both(dir: &Path, args: &[&str]) -> String {
+    let q: Vec<String> = args.iter().map(|a| a.replace("IMG", "q")).collect();
+    let s: Vec<String> = args.iter().map(|a| a.replace("IMG", "s")).collect();
+    let qr = run_in(
+        dir,
+        "qemu-img",
+        &q.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let sr = run_in(
+        dir,
+        "strata",
+        &s.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        qr.code, sr.code,
+        "{args:?}: qemu-img {}, strata {}",
+        qr.stderr, sr.stderr
+    );
+    assert_eq!(norm(&qr.stdout), sr.stdout, "{args:?}");
+    sr.stdout
+}
+
+fn io_both(dir: &Path, cmds: &[&str]) {
+    for img in ["q.qcow2", "s.qcow2"] {
+        let mut a = Vec::new();
+        for c in cmds {
+            a.extend(["-c", c]);
+        }
+        a.push(img);
+        let tool = if img == "q.qcow2" {
+            "qemu-io"
+        } else {
+            "strata"
+        };
+        let args: Vec<&str> = if tool == "strata" {
+            std::iter::once("io").chain(a.iter().copied()).collect()
+        } else {
+            a.clone()
+        };
+        let r = run_in(dir, tool, &args);
+        assert!(
+            r.code == 0 && !r.stdout.contains("failed"),
+            "{tool}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
+
+/// The twins' data files hold the same bytes; both images check clean and
+/// read the same.
+fn same_data(dir: &Path) {
+    let (q, s) = (
+        std::fs::read(dir.join("q.data")).unwrap(),
+        std::fs::read(dir.join("s.data")).unwrap(),
+    );
+    assert!(q == s, "the data files differ");
+    for img in ["q.qcow2", "s.qcow2"] {
+        let r = run_in(dir, "qemu-img", &["check", img]);
+        assert_eq!(r.code, 0, "{img}: {}", r.stdout);
+    }
+    let r = run_in(dir, "qemu-img", &["compare", "q.qcow2", "s.qcow2"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+}
+
+/// `create -o data_file=NAME[,data_file_raw=on]`: qemu-img's Formatting
+/// line, info (text and JSON: "data file", "data file raw"), the data
+/// file created to the virtual size (an existing one truncated, as
+/// qemu-img does), and the map of a raw one (every cluster mapped).
+#[test]
+fn create_with_a_data_file_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    for opts in ["data_file=IMG.data", "data_file=IMG.data,data_file_raw=on"] {
+        std::fs::write(d.join("s.data"), b"old contents").unwrap();
+        std::fs::write(d.join("q.data"), b"old contents").unwrap();
+        let out = both(
+            d,
+            &["create", "-f", "qcow2", "-o", opts, "IMG.qcow2", "64M"],
+        );
+        assert!(out.contains(" data_file=s.data"), "{out}");
+        for img in ["q.data", "s.data"] {
+            assert_eq!(std::fs::metadata(d.join(img)).unwrap().len(), 64 << 20);
+        }
+        same_data(d);
+        // qemu-img's text info differs in its disk sizes: compare the
+        // lines that matter, and the JSON's format-specific part.
+        let qi = norm(&ok_in(d, "qemu-img", &["info", "q.qcow2"]));
+        let si = ok_in(d, "strata", &["info", "s.qcow2"]);
+        for key in ["data file:", "data file raw:", "compat:", "virtual size:"] {
+            let pick = |t: &str| t.lines().find(|l| l.contains(key)).map(str::to_string);
+            assert_eq!(pick(&qi), pick(&si), "{key}");
+            assert!(pick(&si).is_some(), "{key} missing: {si}");
+        }
+        let json = |t: &str| -> serde_json::Value {
+            let v: serde_json::Value = serde_json::from_str(t).unwrap();
+            v["format-specific"].clone()
+        };
+        let qj = ok_in(d, "qemu-img", &["info", "--output=json", "q.qcow2"]);
+        let sj = ok_in(d, "strata", &["info", "--output", "json", "s.qcow2"]);
+        assert_eq!(json(&norm(&qj)), json(&sj));
+        both(d, &["map", "--output=json", "IMG.qcow2"]);
+    }
+}
+
+/// qemu-img's refusals at creation, with its words: the raw bit without a
+/// data file, a v2 image, a backing file with data_file_raw, a data file
+/// in a directory that does not exist.
+#[test]
+fn create_refusals_match_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::write(d.join("b.qcow2"), b"").unwrap();
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&d.join("b.qcow2")), "1M"]);
+    for (opts, words) in [
+        ("data_file_raw=on", "data-file-raw requires data-file"),
+        (
+            "compat=0.10,data_file=x.data",
+            "External data files are only supported",
+        ),
+        (
+            "data_file=x.data,data_file_raw=on,backing_file=b.qcow2,backing_fmt=qcow2",
+            "Backing file and data-file-raw cannot be used at the same time",
+        ),
+        (
+            "data_file=nowhere/x.data",
+            "Could not create 'nowhere/x.data'",
+        ),
+    ] {
+        let q = run_in(
+            d,
+            "qemu-img",
+            &["create", "-f", "qcow2", "-o", opts, "q.qcow2", "1M"],
+        );
+        let s = run_in(
+            d,
+            "strata",
+            &["create", "-f", "qcow2", "-o", opts, "s.qcow2", "1M"],
+        );
+        assert!(
+            q.code != 0 && q.stderr.contains(words),
+            "qemu-img {opts}: {}",
+            q.stderr
+        );
+        assert!(
+            s.code != 0 && s.stderr.contains(words),
+            "strata {opts}: {}",
+            s.stderr
+        );
+        assert!(!d.join("x.data").exists(), "{opts}: a data file was made");
+    }
+}
+
+/// The name is opened relative to the current directory, as QEMU opens
+/// it (not the image's directory): from elsewhere, both tools fail to
+/// open it, with qemu-img's "Could not open 'NAME'".
+#[test]
+fn data_file_names_are_opened_relative_to_the_current_directory_as_qemu_does() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let sub = d.join("sub");
+    both(
+        &sub,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=IMG.data",
+            "IMG.qcow2",
+            "1M",
+        ],
+    );
+    for (tool, img) in [("qemu-img", "sub/q.qcow2"), ("strata", "sub/s.qcow2")] {
+        let r = run_in(d, tool, &["convert", "-O", "raw", img, "out.raw"]);
+        assert!(
+            r.code != 0,
+            "{tool}: opened {img} from its parent directory"
+        );
+        assert!(
+            r.stderr.contains("Could not open '"),
+            "{tool}: {}",
+            r.stderr
+        );
+    }
+    let r = run_in(
+        &sub,
+        "strata",
+        &["convert", "-O", "raw", "s.qcow2", "out.raw"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// 244's layouts through `strata io` and `qemu-io`: the same map (human:
+/// the data file named in the File column; JSON: data file offsets),
+/// check (text and JSON), guest views and data files; with
+/// `data_file_raw=on` the raw file is the guest view.
+#[test]
+fn io_map_and_check_match_qemu_on_data_file_images() {
+    if !qemu_available() {
+        return;
+    }
+    for raw in ["", ",data_file_raw=on"] {
+        let dir = tempdir();
+        let d = dir.path();
+        both(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file=IMG.data{raw}"),
+                "IMG.qcow2",
+                "64M",
+            ],
+        );
+        io_both(
+            d,
+            &[
+                "write -P 0x11 1M 4M",
+                "discard 2M 2M",
+                "write -z 3M 3M",
+                "write -P 0x22 0 4k",
+            ],
+        );
+        same_data(d);
+        let human = both(d, &["map", "IMG.qcow2"]);
+        assert!(human.contains("s.data"), "{human}");
+        both(d, &["map", "--output=json", "IMG.qcow2"]);
+        both(d, &["check", "IMG.qcow2"]);
+        both(d, &["check", "--output=json", "IMG.qcow2"]);
+        if !raw.is_empty() {
+            let r = run_in(
+                d,
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", "qcow2", "s.data", "s.qcow2"],
+            );
+            assert_eq!(r.code, 0, "raw data file: {}", r.stdout);
+        }
+    }
+}
+
+/// `convert -O qcow2 -o data_file=NAME` from a plain image, and back to
+/// raw and to a plain qcow2 image, as qemu-img converts; `-c` with a data
+/// file refused before anything is made (qemu-img creates the image and
+/// then fails every write); `-n` into an existing data file image.
+#[test]
+fn convert_to_and_from_data_file_images_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    ok_in(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "64M"],
+    );
+    qemu_io(
+        "qcow2",
+        &d.join("src.qcow2"),
+        &["write -P 0x11 0 1M", "write -P 0x22 3M 100k"],
+    );
+    both(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "data_file=IMG.data",
+            "src.qcow2",
+            "IMG.qcow2",
+        ],
+    );
+    same_data(d);
+    both(d, &["map", "--output=json", "IMG.qcow2"]);
+    ok_in(d, "strata", &["convert", "-O", "raw", "s.qcow2", "s.raw"]);
+    ok_in(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "src.qcow2", "src.raw"],
+    );
+    assert!(std::fs::read(d.join("s.raw")).unwrap() == std::fs::read(d.join("src.raw")).unwrap());
+    ok_in(
+        d,
+        "strata",
+        &["convert", "-O", "qcow2", "s.qcow2", "plain.qcow2"],
+    );
+    let info = ok_in(d, "qemu-img", &["info", "plain.qcow2"]);
+    assert!(!info.contains("data file"), "{info}");
+    check_clean(&d.join("plain.qcow2"));
+    identical(&d.join("plain.qcow2"), &d.join("src.qcow2"));
+    let r = run_in(
+        d,
+        "strata",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "data_file=c.data",
+            "src.qcow2",
+            "c.qcow2",
+        ],
+    );
+    assert!(
+        r.code != 0 && r.stderr.contains("external data file"),
+        "{}",
+        r.stderr
+    );
+    assert!(!d.join("c.qcow2").exists() && !d.join("c.data").exists());
+    // 244's "Copy offloading": -n -C into an existing image with a data file.
+    both(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=IMG.data",
+            "IMG.qcow2",
+            "64M",
+        ],
+    );
+    both(
+        d,
+        &[
+            "convert",
+            "-n",
+            "-C",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "IMG.qcow2",
+        ],
+    );
+    same_data(d);
+    let r = run_in(d, "qemu-img", &["compare", "s.qcow2", "src.qcow2"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+}
+
+/// `amend -o data_file=NAME` (renamed), `data_file=` (name removed) and
+/// `data_file_raw=off` give the bytes qemu-img amend gives; its refusals
+/// (data_file on a plain image, data_file_raw=on on a non-raw one, a
+/// downgrade) with its words, nothing changed.
+#[test]
+fn amend_of_data_file_options_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    for (opts, amend) in [
+        ("data_file=x.data", "data_file=y.data"),
+        ("data_file=x.data", "data_file="),
+        ("data_file=x.data,data_file_raw=on", "data_file_raw=off"),
+        ("data_file=x.data,data_file_raw=on", "data_file_raw=on"),
+    ] {
+        // Both images name the same data file: their bytes must match.
+        ok_in(
+            d,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, "q.qcow2", "1M"],
+        );
+        std::fs::copy(d.join("q.qcow2"), d.join("s.qcow2")).unwrap();
+        std::fs::copy(d.join("x.data"), d.join("y.data")).unwrap();
+        ok_in(d, "qemu-img", &["amend", "-o", amend, "q.qcow2"]);
+        ok_in(d, "strata", &["amend", "-o", amend, "s.qcow2"]);
+        assert!(
+            std::fs::read(d.join("q.qcow2")).unwrap() == std::fs::read(d.join("s.qcow2")).unwrap(),
+            "{opts} amended with {amend}"
+        );
+    }
+    ok_in(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "plain.qcow2", "1M"],
+    );
+    ok_in(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=x.data",
+            "df.qcow2",
+            "1M",
+        ],
+    );
+    for (img, amend, words) in [
+        (
+            "plain.qcow2",
+            "data_file=x.data",
+            "data-file can only be set for images that use an external data file",
+        ),
+        (
+            "df.qcow2",
+            "data_file_raw=on",
+            "data-file-raw cannot be set on existing images",
+        ),
+        (
+            "df.qcow2",
+            "compat=0.10",
+            "Cannot downgrade an image with a data file",
+        ),
+    ] {
+        let before = std::fs::read(d.join(img)).unwrap();
+        let q = run_in(d, "qemu-img", &["amend", "-o", amend, img]);
+        assert!(
+            q.code != 0 && q.stderr.contains(words),
+            "qemu-img: {}",
+            q.stderr
+        );
+        let s = run_in(d, "strata", &["amend", "-o", amend, img]);
+        assert!(
+            s.code != 0 && s.stderr.contains(words),
+            "strata: {}",
+            s.stderr
+        );
+        assert!(
+            std::fs::read(d.join(img)).unwrap() == before,
+            "{img} changed"
+        );
+    }
+}
+
+/// commit, pull and rebase refuse an image with an external data file in
+/// the chain, naming it, before anything is written.
+#[test]
+fn merges_refuse_images_with_a_data_file_untouched() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    ok_in(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=b.data",
+            "b.qcow2",
+            "1M",
+        ],
+    );
+    ok_in(d, "qemu-io", &["-c", "write -P 1 0 64k", "b.qcow2"]);
+    ok_in(
+        d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    );
+    ok_in(d, "qemu-io", &["-c", "write -P 2 64k 64k", "t.qcow2"]);
+    let files = ["b.qcow2", "b.data", "t.qcow2"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).unwrap())
+        .collect();
+    for args in [
+        vec!["commit", "t.qcow2"],
+        vec!["pull", "t.qcow2"],
+        vec!["rebase", "-b", "", "t.qcow2"],
+    ] {
+        let r = run_in(d, "strata", &args);
+        assert!(
+            r.code != 0 && r.stderr.contains("external data file") && r.stderr.contains("b.data"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    for (f, b) in files.iter().zip(&before) {
+        assert!(std::fs::read(d.join(f)).unwrap() == *b, "{f} changed");
+    }
+    // Reading through the chain works: the overlay's guest view.
+    let r = run_in(d, "strata", &["convert", "-O", "raw", "t.qcow2", "t.raw"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    ok_in(d, "qemu-img", &["convert", "-O", "raw", "t.qcow2", "q.raw"]);
+    assert!(std::fs::read(d.join("t.raw")).unwrap() == std::fs::read(d.join("q.raw")).unwrap());
+}
