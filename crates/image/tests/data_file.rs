@@ -77,6 +77,10 @@ fn new_image(data: &Path, size: u64, raw: bool) -> (Vec<u8>, Vec<u8>) {
     (m.to_bytes(), d.to_bytes())
 }
 
+/// Makes a chooser of the unsynced writes that reached the disk (one per
+/// file, the same choices for both).
+type KeepFactory = Box<dyn Fn() -> Box<dyn FnMut(usize) -> bool>>;
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -143,7 +147,7 @@ fn crash_everywhere(raw: bool, ops: &[Op], stride: u64) {
         assert!(meta.crashed(), "crash point {n} not reached");
         let allowed = &views[last_flush..=(done + 1).min(ops.len())];
         let seeds = [rng.next() | 1, rng.next() | 1];
-        let subsets: [(&str, Box<dyn Fn() -> Box<dyn FnMut(usize) -> bool>>); 4] = [
+        let subsets: [(&str, KeepFactory); 4] = [
             ("none", Box::new(|| Box::new(|_| false))),
             ("all", Box::new(|| Box::new(|_| true))),
             (

@@ -619,7 +619,7 @@ impl<'a> Checker<'a> {
             let zero_flag = !geo.extended_l2() && word & OFLAG_ZERO != 0;
             // A data file cluster may lie at offset 0 (qcow2/data_file.rs).
             let at_data_start = self.img.entry_host(&e).is_some();
-            if host == 0 && !(at_data_start && !zero_flag) {
+            if host == 0 && (zero_flag || !at_data_start) {
                 // Unallocated, or a plain zero cluster.
                 if !zero_flag && l2_bitmap & L2_BITMAP_ALL_ALLOC != 0 {
                     fx.problems.push(
