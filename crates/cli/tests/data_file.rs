@@ -547,3 +547,75 @@ fn merges_refuse_images_with_a_data_file_untouched() {
     ok_in(d, "qemu-img", &["convert", "-O", "raw", "t.qcow2", "q.raw"]);
     assert!(std::fs::read(d.join("t.raw")).unwrap() == std::fs::read(d.join("q.raw")).unwrap());
 }
+
+/// A data file a running qemu-io holds (through its image) is neither
+/// truncated by `create` nor written by `convert` into a new image naming
+/// it, as qemu-img refuses them (`Failed to get "resize" lock`).
+#[test]
+fn a_data_file_in_use_is_not_truncated_by_create_or_convert() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    let data = d.join("held.data");
+    let img = d.join("held.qcow2");
+    let o = format!("data_file={}", s(&data));
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", &o, s(&img), "1M"]);
+    qemu_io("qcow2", &img, &["write -P 7 0 64k"]);
+    let before = std::fs::read(&data).unwrap();
+    let holds = QemuIoHolds::start(&img);
+    let q = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        &o,
+        s(&d.join("q.qcow2")),
+        "1M",
+    ]);
+    assert!(
+        q.code != 0 && q.stderr.contains("\"resize\" lock"),
+        "{}",
+        q.stderr
+    );
+    let r = strata(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        &o,
+        s(&d.join("n.qcow2")),
+        "1M",
+    ]);
+    assert!(
+        r.code != 0 && r.stderr.contains("\"resize\" lock"),
+        "{}",
+        r.stderr
+    );
+    ok_in(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "1M"],
+    );
+    let r = strata(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        &o,
+        s(&d.join("src.qcow2")),
+        s(&d.join("c.qcow2")),
+    ]);
+    assert!(
+        r.code != 0 && r.stderr.contains("\"resize\" lock"),
+        "{}",
+        r.stderr
+    );
+    drop(holds);
+    assert!(
+        std::fs::read(&data).unwrap() == before,
+        "the data file was changed"
+    );
+    assert!(!d.join("n.qcow2").exists() && !d.join("c.qcow2").exists());
+}

@@ -438,10 +438,12 @@ impl Target {
                     }
                     None => None,
                 };
-                (
-                    Image::Qcow2(create_qcow2(Box::new(storage), dst, c)?),
-                    backing,
-                )
+                let q = create_qcow2(Box::new(storage), dst, c)?;
+                // Its external data file is locked as QEMU locks it.
+                if let Some(d) = q.data_file() {
+                    d.lock(true)?;
+                }
+                (Image::Qcow2(q), backing)
             }
         };
         Ok(Target {
@@ -500,6 +502,10 @@ impl Target {
             ImageFormat::Raw => Image::Raw(RawImage::open(Box::new(storage), dst)?),
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2Image::open_rw(Box::new(storage), dst)?),
         };
+        // Its external data file is locked as QEMU locks it.
+        if let Some(d) = image.as_qcow2().and_then(|q| q.data_file()) {
+            d.lock(true)?;
+        }
         Ok(Target {
             image,
             path: dst.to_path_buf(),

@@ -263,11 +263,7 @@ fn create_qcow2_on(
         (None, _) => None,
         (Some(_), Some(d)) => Some(d),
         (Some(name), None) => {
-            let p = crate::qcow2::data_file::resolve(name);
-            let d = FileStorage::create(&p).map_err(|e| Error::Unsupported {
-                path: path.to_path_buf(),
-                what: format!("Could not create '{name}': {e}"),
-            })?;
+            let d = crate::qcow2::data_file::create_by_name(name, path)?;
             Some(Box::new(d) as Box<dyn Storage>)
         }
     };

@@ -158,6 +158,33 @@ pub(crate) fn compressed_entry(image: &Path, l2_offset: u64, l2_index: u64, at: 
     )
 }
 
+/// Creates (or opens, to truncate) the data file named `name` for a new
+/// image at `image`, as qemu-img create does. An existing file is locked
+/// first, as QEMU locks a data file it writes: one that another process
+/// holds is refused (`Failed to get "resize" lock`) before it is
+/// truncated. The caller truncates it.
+pub fn create_by_name(name: &str, image: &Path) -> Result<FileStorage> {
+    let p = resolve(name);
+    let could_not = |e: std::io::Error| Error::Unsupported {
+        path: image.to_path_buf(),
+        what: format!("Could not create '{name}': {e}"),
+    };
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(could_not)?;
+    crate::storage::check_file_type(&opened).map_err(could_not)?;
+    let storage = FileStorage::from_file(opened, &p);
+    if let Some(f) = storage.file() {
+        // Held only to check: the image's open locks it again.
+        ImageLock::acquire(f, &p, LockMode::DataReadWrite)?;
+    }
+    Ok(storage)
+}
+
 impl DataFile {
     /// The data file of the image `header` describes. `Ok(None)`: the
     /// image has none. A data file that cannot be opened (missing, or the
