@@ -448,3 +448,66 @@ fn compressed_entries_with_a_data_file_are_corrupt() {
         .iter()
         .any(|p| p.message.contains("with data file")));
 }
+
+/// A data cluster not at its guest offset (an L2 entry of a data file
+/// image pointing elsewhere in the data file) is a corruption, as QEMU
+/// signals it ("External data file host cluster offset ... does not match
+/// guest cluster offset"): reads fail in both tools, and a write through
+/// it is refused and marks the image corrupt in both.
+#[test]
+fn a_data_cluster_away_from_its_guest_offset_is_corrupt_as_in_qemu() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut twins = Vec::new();
+    for name in ["q", "s"] {
+        let img = dir.path().join(format!("{name}.qcow2"));
+        let data = dir.path().join(format!("{name}.data"));
+        qemu_create(&[
+            "-o",
+            &format!("data_file={}", data.display()),
+            img.to_str().unwrap(),
+            "1M",
+        ]);
+        qemu_io(&img, &["write -P 7 0 192k"]);
+        // Guest cluster 2 (L2 entry 2 at 0x40010) pointed at 0x50000.
+        let mut b = std::fs::read(&img).unwrap();
+        b[0x40010..0x40018].copy_from_slice(&((1u64 << 63) | 0x50000).to_be_bytes());
+        std::fs::write(&img, &b).unwrap();
+        twins.push(img);
+    }
+    let (q, s) = (&twins[0], &twins[1]);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-c",
+            "read 0x20000 512",
+            "-c",
+            "write 0x20000 512",
+            q.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        said.contains("does not match guest cluster offset"),
+        "{said}"
+    );
+    let chain = Chain::open(s, &OpenOptions::new()).unwrap();
+    let mut buf = [0u8; 512];
+    let e = chain.read_at(&mut buf, 0x20000).unwrap_err().to_string();
+    assert!(
+        e.contains("External data file host cluster offset 0x50000 does not match guest cluster offset: 0x20000"),
+        "{e}"
+    );
+    chain.read_at(&mut buf, 0x10000).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+    drop(chain);
+    let mut chain = Chain::open(s, &OpenOptions::new().writable(true)).unwrap();
+    assert!(chain.write_at(&[1u8; 512], 0x20000).is_err());
+    drop(chain);
+    for img in [q, s] {
+        let info = qemu_img(&["info", img.to_str().unwrap()]);
+        assert!(info.contains("corrupt: true"), "{}: {info}", img.display());
+    }
+}

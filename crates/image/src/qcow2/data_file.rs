@@ -529,6 +529,39 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// With a data file, refuses an entry whose host cluster is not its
+    /// guest cluster, as QEMU (`qcow2_get_host_offset`: "External data
+    /// file host cluster offset ... does not match guest cluster
+    /// offset"): `guest` is the guest offset the entry maps, `at` the
+    /// entry's host offset in the qcow2 file.
+    pub(crate) fn check_data_file_host(
+        &self,
+        e: &L2Entry,
+        guest: u64,
+        idx: u64,
+        at: u64,
+    ) -> Result<()> {
+        if self.data.is_none() || e.compressed() {
+            return Ok(());
+        }
+        let Some(h) = self.entry_host(e) else {
+            return Ok(());
+        };
+        let g = self.geometry.align_down(guest);
+        if h.get() == g {
+            return Ok(());
+        }
+        Err(Error::corrupt(
+            &self.path,
+            at,
+            format!(
+                "External data file host cluster offset {:#x} does not match guest cluster \
+                 offset: {g:#x}, L2 index: {idx:#x}",
+                h.get()
+            ),
+        ))
+    }
+
     /// The raw external data autoclear bit when the image has a raw data
     /// file (a bit the write path knows and keeps), else nothing.
     pub(crate) fn data_file_autoclear(&self) -> Autoclear {

@@ -517,6 +517,7 @@ impl Qcow2Image {
             )
         })?;
         let m = Mapping::from(state);
+        self.check_data_file_host(&entry, g, idx, toff + idx * self.geometry.l2_entry_size())?;
         if let (Mapping::Compressed(_), Some(_)) = (m, &self.data) {
             return Err(data_file::compressed_entry(
                 &self.path,

@@ -447,7 +447,9 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, h.get() >> cb)? == 1;
+            // Clusters of an external data file are unrefcounted and
+            // always COPIED (QEMU counts them as referenced once).
+            let want = img.data_file().is_some() || refcount_of(img, h.get() >> cb)? == 1;
             if want != entry.copied() {
                 entry = entry.with_copied(want);
                 entry

@@ -701,6 +701,16 @@ impl Qcow2Image {
             path: self.path.clone(),
             source,
         })?;
+        if self.data_file().is_some() {
+            // A data file cluster must lie at its guest offset.
+            let r = self.data_file_table_base(toff).and_then(|base| {
+                let at = toff + idx * geo.l2_entry_size();
+                self.check_data_file_host(&e, base + idx * geo.cluster_size(), idx, at)
+            });
+            if let Err(err) = r {
+                return Err(self.fatal_corruption(err));
+            }
+        }
         match e.validate(geo) {
             Ok(()) => Ok(e),
             Err(what) => {
