@@ -71,6 +71,9 @@ pub struct DataFile {
     /// Data-file ranges to discard once the L2 entries that stopped
     /// pointing at them are durable (freed data clusters).
     pending_discards: Mutex<Vec<(u64, u64)>>,
+    /// The L1 index of the last L2 table whose guest offset was looked up
+    /// (`Qcow2Image::data_file_table_base`).
+    table_hint: std::sync::atomic::AtomicUsize,
 }
 
 /// QEMU's refusal of an image with the data file bit and no name.
@@ -210,6 +213,7 @@ impl DataFile {
                     raw: header.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
                     lock: Mutex::new(None),
                     pending_discards: Mutex::new(Vec::new()),
+                    table_hint: Default::default(),
                 }));
             }
             r => r?,
@@ -242,6 +246,7 @@ impl DataFile {
             raw: header.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
             lock: Mutex::new(None),
             pending_discards: Mutex::new(Vec::new()),
+            table_hint: Default::default(),
         }))
     }
 
@@ -583,10 +588,21 @@ impl Qcow2Image {
     /// `toff` maps (its L1 index times the span of a table): with a data
     /// file, a new cluster's host offset is its guest offset.
     pub(crate) fn data_file_table_base(&self, toff: u64) -> Result<u64> {
-        let i = self
-            .l1
-            .iter()
-            .position(|e| L1Entry(*e).l2_offset().map(|o| o.get()) == Some(toff))
+        let is = |i: &usize| {
+            self.l1
+                .get(*i)
+                .and_then(|e| L1Entry(*e).l2_offset())
+                .map(|o| o.get())
+                == Some(toff)
+        };
+        // Writes go forward through the disk: look from the last table
+        // found on, then from the start (one L1 scan at most).
+        let hint = self.data.as_ref().map_or(0, |d| {
+            d.table_hint.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let i = (hint..self.l1.len())
+            .chain(0..hint.min(self.l1.len()))
+            .find(is)
             .ok_or_else(|| {
                 Error::corrupt(
                     &self.path,
@@ -594,6 +610,9 @@ impl Qcow2Image {
                     "L2 table being written is not in the active L1 table",
                 )
             })?;
+        if let Some(d) = &self.data {
+            d.table_hint.store(i, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(i as u64 * self.geometry.l2_span())
     }
 

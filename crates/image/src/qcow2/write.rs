@@ -1955,8 +1955,9 @@ impl Qcow2Image {
             if self.data.is_some() {
                 // An external data file: each cluster at its guest offset.
                 self.data_file_prealloc(c << cb, in_table, fill)?;
+                let base = self.data_file_table_base(toff)?;
                 for p in &mut plans {
-                    let host = self.data_file_table_base(toff)? + (p.idx << cb);
+                    let host = base + (p.idx << cb);
                     p.dest = Some(host);
                     p.new = L2Entry::data(Some(HostOffset::new(host)), true);
                 }
