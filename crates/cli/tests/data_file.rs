@@ -669,3 +669,21 @@ fn check_and_repair_of_copied_flags_in_a_data_file_image_match_qemu_img() {
     );
     both(d, &["check", "IMG.qcow2"]);
 }
+
+/// `measure -o data_file=...`: accepted and the sizes qemu-img gives (it
+/// measures the image as if the data were inside).
+#[test]
+fn measure_with_data_file_options_matches_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    for o in ["data_file=x.data", "data_file=x.data,data_file_raw=on"] {
+        let args = ["measure", "-O", "qcow2", "-o", o, "--size", "1G"];
+        let q = ok_in(d, "qemu-img", &args);
+        let s = ok_in(d, "strata", &args);
+        assert_eq!(q, s, "{o}");
+    }
+    assert!(!d.join("x.data").exists());
+}
