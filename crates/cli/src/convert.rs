@@ -36,7 +36,8 @@ pub struct ConvertArgs {
     #[arg(short = 'c')]
     pub compress: bool,
     /// qcow2 options: cluster_size, compat, refcount_bits, lazy_refcounts,
-    /// extended_l2, compression_type (comma-separated name=value).
+    /// extended_l2, compression_type, data_file, data_file_raw
+    /// (comma-separated name=value).
     #[arg(short = 'o')]
     pub options: Option<String>,
     /// Show progress.

@@ -31,7 +31,9 @@ pub struct CreateArgs {
     pub backing_format: Option<String>,
     /// Options: cluster_size, compat, extended_l2, refcount_bits,
     /// lazy_refcounts, compression_type, preallocation, backing_file,
-    /// backing_fmt (comma-separated name=value).
+    /// backing_fmt, data_file (an external data file, created; a relative
+    /// name is relative to the current directory, as QEMU opens it),
+    /// data_file_raw (comma-separated name=value).
     #[arg(short = 'o')]
     pub options: Vec<String>,
     /// Do not open the backing file (SIZE is then required).
