@@ -35,6 +35,10 @@
 //!   `Writer::replace_refcounts`).
 //! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
 //!   other metadata writers, through the same writer.
+//! - `data_file.rs`: external data files (the `data` field, one handle
+//!   shared with the writer, which sends guest data there): opening and
+//!   locking them, data clusters at their guest offset, unrefcounted,
+//!   discards passed to the data file, `data_file_raw`.
 //!
 //! Format details come from `strata-format`, typed: L2 entries are built
 //! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
