@@ -114,7 +114,7 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
-    } else if !(h.autoclear_features & !strata_format::header::Autoclear::BITMAPS).is_empty() {
+    } else if !(h.autoclear_features & !known_autoclear(q)).is_empty() {
         // The write path's default policy refuses to clear them; say so
         // before anything is written.
         "it has unknown autoclear feature bits, which writing would clear"
@@ -140,24 +140,20 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
     })
 }
 
+/// The autoclear bits the write path knows and keeps: bitmaps, and the
+/// raw external data bit of an image with a data file.
+fn known_autoclear(q: &strata_image::Qcow2Image) -> strata_format::header::Autoclear {
+    use strata_format::header::Autoclear;
+    match q.data_file() {
+        Some(_) => Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW,
+        None => Autoclear::BITMAPS,
+    }
+}
+
 /// Refuses a layer whose header says it is damaged (read, not written).
 /// Returns the number of leaked clusters the check found (harmless).
 pub(crate) fn refuse_damaged(layer: &Layer, op: &'static str) -> Result<u64> {
     if let Image::Qcow2(q) = &layer.image {
-        // The merge walks copy and clone host ranges of the qcow2 file:
-        // refused, before anything is written, for images whose data
-        // lives in an external data file (strata-image qcow2/data_file.rs).
-        if let Some(d) = q.data_file() {
-            return Err(MergeError::Refused {
-                path: layer.path.clone(),
-                op,
-                why: format!(
-                    "it has an external data file ({:?}), which {op} does not support; \
-                     `strata convert` makes an image without one",
-                    d.name()
-                ),
-            });
-        }
         if q.header().corrupt() {
             return Err(MergeError::Refused {
                 path: layer.path.clone(),

@@ -1344,6 +1344,9 @@ impl Qcow2Image {
                     source,
                 })?;
                 mine.extend(self.freed_by(e));
+                // A data file's clusters are discarded there (after the
+                // flush of this batch).
+                self.data_file_release(e, L2Entry::default());
             }
             if geo.is_aligned(off) {
                 mine.push(off >> cb);
