@@ -82,6 +82,11 @@ pub struct Parsed {
     pub opts: AmendOptions,
     /// `-o help` (or `?`) was given.
     pub help: bool,
+    /// `data_file=NAME` (empty: remove the name), for images with an
+    /// external data file.
+    pub data_file: Option<String>,
+    /// `data_file_raw=on|off`.
+    pub data_file_raw: Option<bool>,
 }
 
 /// Splits `a=b,c=d` at commas not doubled (`,,` is a comma in a value).
@@ -154,14 +159,9 @@ pub fn parse_options(specs: &[String]) -> Result<Parsed> {
                 }
                 "backing_file" => o.backing_file = Some(v),
                 "backing_fmt" => o.backing_fmt = Some(v),
-                "data_file" => {
-                    bail!("data-file can only be set for images that use an external data file")
-                }
-                "data_file_raw" => {
-                    if on_off(&k, &v)? {
-                        bail!("data-file-raw cannot be set on existing images");
-                    }
-                }
+                // Checked against the image (strata-image qcow2/data_file.rs).
+                "data_file" => p.data_file = Some(v),
+                "data_file_raw" => p.data_file_raw = Some(on_off(&k, &v)?),
                 k if ENCRYPT_AMEND.contains(&k) => {
                     bail!("Can't amend encryption options - encryption not present")
                 }
@@ -206,7 +206,25 @@ pub fn run(args: &AmendArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     opts.write_policy = strata_image::WritePolicy::qemu();
     let file = args.file.display().to_string();
     let mut chain = Chain::open(&args.file, &opts).name_file(&file)?;
+    // External data file options: refused (as qemu-img) before any change.
+    let data_file_opts = parsed.data_file.is_some() || parsed.data_file_raw.is_some();
+    if let Some(q) = chain.layers().first().and_then(|l| l.image.as_qcow2()) {
+        q.check_data_file_amend(
+            parsed.data_file.as_deref(),
+            parsed.data_file_raw,
+            parsed.opts.compat == Some(Compat::V2),
+        )
+        .name_file(&file)?;
+    }
     let report = amend_chain(&mut chain, &parsed.opts).name_file(&file)?;
+    if data_file_opts {
+        if let Some(strata_image::Image::Qcow2(q)) =
+            chain.layers_mut().first_mut().map(|l| &mut l.image)
+        {
+            q.amend_data_file(parsed.data_file.as_deref(), parsed.data_file_raw)
+                .name_file(&file)?;
+        }
+    }
     if !args.quiet && !report.bitmaps_dropped.is_empty() {
         writeln!(
             err,
@@ -261,10 +279,10 @@ mod tests {
             msg("cluster_size=4k"),
             "Invalid parameter 'cluster_size'\nThis option is only supported for image creation"
         );
-        assert_eq!(
-            msg("data_file_raw=on"),
-            "data-file-raw cannot be set on existing images"
-        );
-        assert!(parse(&["data_file_raw=off"]).is_ok());
+        // The data file options are checked against the image
+        // (crates/cli/tests/amend.rs, crates/cli/tests/data_file.rs).
+        let p = parse(&["data_file_raw=off,data_file=x.data"]).unwrap();
+        assert_eq!(p.data_file_raw, Some(false));
+        assert_eq!(p.data_file.as_deref(), Some("x.data"));
     }
 }

@@ -36,7 +36,8 @@ pub struct ConvertArgs {
     #[arg(short = 'c')]
     pub compress: bool,
     /// qcow2 options: cluster_size, compat, refcount_bits, lazy_refcounts,
-    /// extended_l2, compression_type (comma-separated name=value).
+    /// extended_l2, compression_type, data_file, data_file_raw
+    /// (comma-separated name=value).
     #[arg(short = 'o')]
     pub options: Option<String>,
     /// Show progress.
@@ -144,9 +145,12 @@ pub fn parse_create_options(spec: Option<&str>) -> Result<CreateOptions> {
                 }
             }
             "preallocation" if v == "off" => {}
+            // External data files (strata-image qcow2/data_file.rs).
+            "data_file" => o.data_file = Some(v.to_string()),
+            "data_file_raw" => o.data_file_raw = on_off(k, v)?,
             _ => bail!(
                 "unsupported option {k:?} (supported: cluster_size, compat, refcount_bits, \
-                 lazy_refcounts, extended_l2, compression_type)"
+                 lazy_refcounts, extended_l2, compression_type, data_file, data_file_raw)"
             ),
         }
     }

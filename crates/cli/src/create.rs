@@ -31,7 +31,9 @@ pub struct CreateArgs {
     pub backing_format: Option<String>,
     /// Options: cluster_size, compat, extended_l2, refcount_bits,
     /// lazy_refcounts, compression_type, preallocation, backing_file,
-    /// backing_fmt (comma-separated name=value).
+    /// backing_fmt, data_file (an external data file, created; a relative
+    /// name is relative to the current directory, as QEMU opens it),
+    /// data_file_raw (comma-separated name=value).
     #[arg(short = 'o')]
     pub options: Vec<String>,
     /// Do not open the backing file (SIZE is then required).
@@ -56,6 +58,7 @@ struct Parsed {
     given_prealloc: Option<String>,
     backing: Option<String>,
     backing_fmt: Option<String>,
+    given_data_file_raw: Option<String>,
     size: Option<u64>,
 }
 
@@ -110,11 +113,16 @@ fn parse_options(specs: &[String], p: &mut Parsed) -> Result<()> {
                 }
                 "backing_file" => p.backing = Some(v.to_string()),
                 "backing_fmt" => p.backing_fmt = Some(v.to_string()),
+                "data_file" => o.data_file = Some(v.to_string()),
+                "data_file_raw" => {
+                    o.data_file_raw = on_off(k, v)?;
+                    p.given_data_file_raw = Some(v.to_string());
+                }
                 "size" => p.size = Some(parse_size(v)?),
                 _ => bail!(
                     "invalid option {k:?} (supported: cluster_size, compat, extended_l2, \
                      refcount_bits, lazy_refcounts, compression_type, preallocation, \
-                     backing_file, backing_fmt, size)"
+                     backing_file, backing_fmt, data_file, data_file_raw, size)"
                 ),
             }
         }
@@ -155,6 +163,12 @@ fn formatting_line(file: &str, p: &Parsed, size: u64, format: ImageFormat) -> St
     }
     if let Some(c) = &p.given_compat {
         s.push_str(&format!(" compat={c}"));
+    }
+    if let Some(d) = &o.data_file {
+        s.push_str(&format!(" data_file={d}"));
+    }
+    if let Some(r) = &p.given_data_file_raw {
+        s.push_str(&format!(" data_file_raw={r}"));
     }
     s.push_str(&format!(
         " lazy_refcounts={} refcount_bits={}",
@@ -278,6 +292,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32> {
         || p.opts.extended_l2
         || p.opts.lazy_refcounts
         || p.opts.cluster_size != CreateOptions::default().cluster_size
+        || p.opts.data_file.is_some()
     {
         bail!("{file}: qcow2 options given for a raw image");
     }

@@ -377,6 +377,8 @@ pub fn run_noting(args: &InfoArgs, out: &mut dyn Write, err: &mut dyn Write) -> 
     opts.no_backing = !args.backing_chain;
     // --backing-chain reads every layer's header: as deep as qemu-img goes.
     opts.depth_limit = Some(strata_image::READ_CHAIN_DEPTH);
+    // As qemu-img info: an external data file is not needed.
+    opts.without_data_file = true;
     let chain = Chain::open(&args.file, &opts)?;
     for (name, real) in members_outside_top_tree(&chain) {
         writeln!(

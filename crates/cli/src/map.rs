@@ -169,6 +169,17 @@ fn layer_names(args: &MapArgs, chain: &Chain) -> Vec<String> {
     names
 }
 
+/// The files the human map names for data: a layer's external data file
+/// (as it was opened, as qemu-img shows it) in place of the layer.
+fn data_file_names(mut names: Vec<String>, chain: &Chain) -> Vec<String> {
+    for (name, l) in names.iter_mut().zip(chain.layers()) {
+        if let Some(d) = l.image.as_qcow2().and_then(|q| q.data_file()) {
+            *name = d.path().to_string_lossy().into_owned();
+        }
+    }
+    names
+}
+
 /// Runs `strata map`.
 pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
     let mut opts = open_options(args.format.as_deref(), args.force_share)?;
@@ -182,7 +193,7 @@ pub fn run(args: &MapArgs, out: &mut dyn Write) -> Result<i32> {
             crate::svg::render(&chain, &layer_names(args, &chain), &entries)?.as_bytes(),
         )?,
         MapOutput::Human => {
-            let names = layer_names(args, &chain);
+            let names = data_file_names(layer_names(args, &chain), &chain);
             let mut s = format!(
                 "{:<16}{:<16}{:<16}{}\n",
                 "Offset", "Length", "Mapped to", "File"

@@ -216,6 +216,12 @@ fn parse_options(specs: &[String], qcow2: bool) -> Result<OutOptions> {
             }
             ("backing_file", true) => o.has_backing = true,
             ("backing_fmt" | "compression_type", true) => {}
+            // Accepted and ignored, as qemu-img measure does: the sizes
+            // are those of an image without a data file.
+            ("data_file", true) => {}
+            ("data_file_raw", true) => {
+                on_off()?;
+            }
             _ => {
                 let fmt = if qcow2 { "qcow2" } else { "raw" };
                 bail!("Invalid parameter '{k}': Invalid options for file format '{fmt}'")

@@ -390,8 +390,8 @@ impl Header {
     /// Parses and validates the header from the bytes of cluster 0 (or of
     /// the whole file when it is shorter than a cluster).
     ///
-    /// Checks every field against the limits; refuses encrypted images,
-    /// external data files and unknown incompatible feature bits (naming
+    /// Checks every field against the limits; refuses encrypted images
+    /// and unknown incompatible feature bits (naming
     /// them from the image's feature name table when it has one).
     pub fn parse(cluster0: &[u8]) -> Result<Header> {
         let cluster_bits = peek_cluster_bits(cluster0)?;
@@ -518,12 +518,8 @@ impl Header {
                 bit_names(unknown, FeatureKind::Incompatible, &feature_table),
             ));
         }
-        if incompat & Incompatible::EXTERNAL_DATA.bits() != 0 {
-            return Err(FormatError::new(
-                "images with an external data file are not supported",
-                72,
-            ));
-        }
+        // External data files (bit 2) are opened by strata-image
+        // (qcow2/data_file.rs): the name is the DataFile extension.
         let compression_type = match compression_byte {
             0 => CompressionType::Deflate,
             1 => CompressionType::Zstd,

@@ -213,7 +213,7 @@ impl BlockStatusIter<'_> {
                 if prealloc {
                     let (data, run) = layer
                         .image
-                        .storage()
+                        .data_storage()?
                         .data_run(host.get(), len)
                         .map_err(|e| Error::io(&layer.path, "seek data/hole", host.get(), e))?;
                     length = run.clamp(1, len);

@@ -103,6 +103,14 @@ impl Image {
             Image::Raw(r) => r.storage(),
         }
     }
+    /// The storage data clusters' host offsets point into: a qcow2
+    /// image's external data file when it has one, else [`Image::storage`].
+    pub fn data_storage(&self) -> Result<&dyn Storage> {
+        match self {
+            Image::Qcow2(q) => q.data_storage(),
+            Image::Raw(r) => Ok(r.storage()),
+        }
+    }
     /// The extent of this image alone at `start`.
     pub fn map(&self, start: u64, max_len: u64) -> Result<Extent> {
         match self {
@@ -130,7 +138,7 @@ impl Image {
         let Mapping::Data { host } = m else {
             return Ok(None);
         };
-        self.storage()
+        self.data_storage()?
             .mapped(host.get(), len)
             .map_err(|e| Error::io(self.path(), "map data", host.get(), e))
     }
@@ -306,6 +314,10 @@ pub struct OpenOptions {
     /// [`READ_CHAIN_DEPTH`], as qemu-img opens such chains; deeper than
     /// the limit is refused, or stubbed with `stub_beyond_limit`.
     pub depth_limit: Option<usize>,
+    /// Open qcow2 images whose external data file is missing (their
+    /// metadata only, as `qemu-img info` opens them: it never opens the
+    /// data file). Reads of their data then fail, naming the data file.
+    pub without_data_file: bool,
 }
 
 impl OpenOptions {
@@ -327,6 +339,11 @@ impl OpenOptions {
     /// Sets [`OpenOptions::writable`].
     pub fn writable(mut self, yes: bool) -> OpenOptions {
         self.writable = yes;
+        self
+    }
+    /// Sets [`OpenOptions::without_data_file`].
+    pub fn without_data_file(mut self, yes: bool) -> OpenOptions {
+        self.without_data_file = yes;
         self
     }
     /// Sets [`OpenOptions::no_backing`].
@@ -473,6 +490,19 @@ impl Chain {
                 }
                 _ => Image::open(Box::new(storage), p, format)?,
             };
+            // An external data file is opened with the image, and locked
+            // as QEMU locks it (qcow2/data_file.rs).
+            if let Image::Qcow2(q) = &image {
+                if let Some(d) = q.data_file() {
+                    let open = d.storage().map(|_| ());
+                    if !opts.without_data_file || open.is_ok() {
+                        open?;
+                        if !opts.force_share {
+                            d.lock(writable)?;
+                        }
+                    }
+                }
+            }
             Ok(Layer {
                 path: p.to_path_buf(),
                 named_as,
@@ -715,7 +745,13 @@ impl Chain {
             .checked_sub(1)
             .and_then(|d| rest.get(d))
             .ok_or_else(|| Error::InvalidArgument(format!("no layer {depth} below the top")))?;
-        write_range_into(&mut top.image, offset, len, src.image.storage(), src_offset)
+        write_range_into(
+            &mut top.image,
+            offset,
+            len,
+            src.image.data_storage()?,
+            src_offset,
+        )
     }
 
     /// Makes `[offset, offset+len)` read as zeros in the top image.

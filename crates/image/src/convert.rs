@@ -160,6 +160,13 @@ fn check_options(sources: &[&Chain], opts: &ConvertOptions) -> Result<()> {
              512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
         );
     }
+    if opts.compress && opts.create.data_file.is_some() {
+        // QEMU creates the image, then fails its first write.
+        return bad(
+            "compression (-c) cannot be used with an external data file (data_file): \
+             compressed clusters are invalid there (Operation not supported)",
+        );
+    }
     if opts.offload == Offload::Required && opts.compress {
         return bad("Cannot enable copy offloading when -c is used");
     }
@@ -439,10 +446,12 @@ impl Target {
                     }
                     None => None,
                 };
-                (
-                    Image::Qcow2(create_qcow2(Box::new(storage), dst, c)?),
-                    backing,
-                )
+                let q = create_qcow2(Box::new(storage), dst, c)?;
+                // Its external data file is locked as QEMU locks it.
+                if let Some(d) = q.data_file() {
+                    d.lock(true)?;
+                }
+                (Image::Qcow2(q), backing)
             }
         };
         Ok(Target {
@@ -501,6 +510,10 @@ impl Target {
             ImageFormat::Raw => Image::Raw(RawImage::open(Box::new(storage), dst)?),
             ImageFormat::Qcow2 => Image::Qcow2(Qcow2Image::open_rw(Box::new(storage), dst)?),
         };
+        // Its external data file is locked as QEMU locks it.
+        if let Some(d) = image.as_qcow2().and_then(|q| q.data_file()) {
+            d.lock(true)?;
+        }
         Ok(Target {
             image,
             path: dst.to_path_buf(),
@@ -757,8 +770,8 @@ fn offload_range(
     let crate::mapping::Mapping::Data { host } = s.mapping else {
         return Ok(None);
     };
-    let src = image.storage();
-    if opts.offload != Offload::Required && !target.image.storage().clones_from(src) {
+    let src = image.data_storage()?;
+    if opts.offload != Offload::Required && !target.image.data_storage()?.clones_from(src) {
         return Ok(None);
     }
     let (at, end) = (base + s.start, base + s.end());

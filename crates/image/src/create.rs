@@ -75,6 +75,13 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// Backing file name (stored as given) and format.
     pub backing: Option<(String, ImageFormat)>,
+    /// External data file name (`data_file=`), stored as given and
+    /// opened as QEMU opens it (qcow2/data_file.rs); created (or
+    /// truncated) to the virtual size by [`create_qcow2`].
+    pub data_file: Option<String>,
+    /// The data file stays valid as a raw image (`data_file_raw=on`):
+    /// forces at least metadata preallocation, as qemu-img does.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -89,6 +96,8 @@ impl Default for CreateOptions {
             compression_type: CompressionType::Deflate,
             preallocation: Preallocation::Off,
             backing: None,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -165,6 +174,26 @@ impl CreateOptions {
                 );
             }
         }
+        // External data files, in qemu-img's words.
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data-file-raw requires data-file".into());
+        }
+        if let Some(name) = &self.data_file {
+            if self.compat_v2 {
+                return bad(
+                    "External data files are only supported with compatibility level \
+                            1.1 and above (use version=v3 or greater)"
+                        .into(),
+                );
+            }
+            if self.backing.is_some() && self.data_file_raw {
+                return bad(
+                    "Backing file and data-file-raw cannot be used at the same time".into(),
+                );
+            }
+            crate::qcow2::data_file::check_name(name, Path::new(""))
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        }
         let geo = Geometry::new(bits, self.extended_l2)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         // The L1 table the size needs (checked again, later, by resize):
@@ -205,19 +234,64 @@ pub fn create_qcow2(
     path: &Path,
     opts: &CreateOptions,
 ) -> Result<Qcow2Image> {
+    create_qcow2_on(storage, None, path, opts)
+}
+
+/// [`create_qcow2`] for an image with an external data file on `data`
+/// (tests, in-memory images), which is truncated to the virtual size.
+pub fn create_qcow2_with_data_file(
+    storage: Box<dyn Storage>,
+    data: Box<dyn Storage>,
+    path: &Path,
+    opts: &CreateOptions,
+) -> Result<Qcow2Image> {
+    create_qcow2_on(storage, Some(data), path, opts)
+}
+
+fn create_qcow2_on(
+    storage: Box<dyn Storage>,
+    data: Option<Box<dyn Storage>>,
+    path: &Path,
+    opts: &CreateOptions,
+) -> Result<Qcow2Image> {
     let buf = initial_clusters(path, opts)?;
     let io = |op, e| Error::io(path, op, 0, e);
+    let given = data.is_some();
+    // The data file first, created (or truncated) to the virtual size, as
+    // qemu-img creates it (by its name, as it is opened).
+    let data = match (&opts.data_file, data) {
+        (None, _) => None,
+        (Some(_), Some(d)) => Some(d),
+        (Some(name), None) => {
+            let d = crate::qcow2::data_file::create_by_name(name, path)?;
+            Some(Box::new(d) as Box<dyn Storage>)
+        }
+    };
+    if let Some(d) = &data {
+        let dio = |op, e| Error::io(Path::new(opts.data_file.as_deref().unwrap_or("")), op, 0, e);
+        d.set_len(0).map_err(|e| dio("truncate", e))?;
+        d.set_len(round_up_to_sector(opts.size))
+            .map_err(|e| dio("resize", e))?;
+    }
     storage.set_len(0).map_err(|e| io("truncate", e))?;
     storage
         .write_at(&buf, 0)
         .map_err(|e| io("write new image", e))?;
     storage.sync().map_err(|e| io("sync", e))?;
-    let mut img = Qcow2Image::open_rw(storage, path)?;
+    let mut img = match data {
+        // Opened by its name: the data file just created.
+        Some(_) if !given => Qcow2Image::open_rw(storage, path)?,
+        Some(d) => Qcow2Image::open_with_data_file(storage, d, path, true)?,
+        None => Qcow2Image::open_rw(storage, path)?,
+    };
     let size = round_up_to_sector(opts.size);
     if size > 0 {
         img.resize(size)?;
     }
     let fill = match opts.preallocation {
+        // data_file_raw: every cluster mapped, so the raw file is the
+        // guest view (qemu-img forces metadata preallocation).
+        Preallocation::Off if opts.data_file_raw => Some(PreallocFill::Sparse),
         Preallocation::Off => None,
         Preallocation::Metadata => Some(PreallocFill::Sparse),
         Preallocation::Falloc => Some(PreallocFill::Fallocate),
@@ -254,6 +328,14 @@ fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<Vec<u8>> {
     if let Some((_, fmt)) = &opts.backing {
         extensions.push(Extension::BackingFormat(fmt.name().to_string()));
     }
+    let mut autoclear = Autoclear::empty();
+    if let Some(name) = &opts.data_file {
+        incompat |= Incompatible::EXTERNAL_DATA;
+        extensions.push(Extension::DataFile(name.clone()));
+        if opts.data_file_raw {
+            autoclear |= Autoclear::DATA_FILE_RAW;
+        }
+    }
     if !opts.compat_v2 {
         extensions.push(feature_table());
     }
@@ -276,7 +358,7 @@ fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<Vec<u8>> {
         } else {
             Compatible::empty()
         },
-        autoclear_features: Autoclear::empty(),
+        autoclear_features: autoclear,
         refcount_order: order,
         header_length: if opts.compat_v2 {
             limits::V2_HEADER_LEN

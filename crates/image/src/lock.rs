@@ -90,14 +90,26 @@ pub enum LockMode {
     /// QEMU). Takes only `consistent read` (byte 100), so it succeeds even
     /// while a VM writes the image; the data read may then be inconsistent.
     ForceShare,
+    /// The external data file of an image opened read-only (QEMU's data
+    /// child): takes `consistent read` and refuses to share only
+    /// `resize` (bytes 100, 203), as `qemu-io -r` on such an image.
+    DataReadOnly,
+    /// The external data file of an image opened read-write: takes
+    /// `consistent read`, `write` and `resize` and refuses to share only
+    /// `resize` (bytes 100, 101, 103, 203), as `qemu-io` on such an image.
+    DataReadWrite,
 }
 
 impl LockMode {
     /// Permissions used in this mode (QEMU `perm`).
     fn perm(self) -> u8 {
         match self {
-            LockMode::ReadOnly | LockMode::ForceShare => PERM_CONSISTENT_READ,
-            LockMode::ReadWrite => PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+            LockMode::ReadOnly | LockMode::ForceShare | LockMode::DataReadOnly => {
+                PERM_CONSISTENT_READ
+            }
+            LockMode::ReadWrite | LockMode::DataReadWrite => {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
+            }
         }
     }
 
@@ -109,6 +121,9 @@ impl LockMode {
             LockMode::ForceShare => {
                 PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
             }
+            LockMode::DataReadOnly | LockMode::DataReadWrite => {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED
+            }
         }
     }
 }
@@ -119,6 +134,8 @@ impl fmt::Display for LockMode {
             LockMode::ReadOnly => "read-only",
             LockMode::ReadWrite => "read-write",
             LockMode::ForceShare => "force-share",
+            LockMode::DataReadOnly => "data file read-only",
+            LockMode::DataReadWrite => "data file read-write",
         })
     }
 }

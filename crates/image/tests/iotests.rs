@@ -2193,52 +2193,389 @@ fn iotest_060_shrink_over_bad_refblocks_is_refused_then_done_after_repair() {
 
 // ---- 244: external data files -------------------------------------------
 
-/// 244's images with an external data file (`data_file=`, with and
-/// without `data_file_raw=on`), written by qemu-io: Strata does not
-/// implement external data files and refuses to open them, naming the
-/// feature, without touching the image or its data file (QEMU reads
-/// them). Where QEMU itself refuses — the data-file bit set without a
-/// data file name ("'data-file' is required"), the data file missing —
-/// Strata refuses as well.
+/// Twin images with an external data file each (`data_file=` with an
+/// absolute name, as 244's `$TEST_IMG.data`; data file names are opened
+/// as QEMU opens them, relative to the current directory), created by
+/// qemu-img with `opts` added.
+struct DataTwin {
+    _dir: tempfile::TempDir,
+    qemu: PathBuf,
+    qemu_data: PathBuf,
+    strata: PathBuf,
+    strata_data: PathBuf,
+}
+
+fn data_twin(opts: &str, size: &str) -> DataTwin {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let (qemu, qemu_data, strata, strata_data) =
+        (p("q.qcow2"), p("q.data"), p("s.qcow2"), p("s.data"));
+    for (img, data) in [(&qemu, &qemu_data), (&strata, &strata_data)] {
+        create(img, &format!("data_file={}{opts}", arg(data)), size);
+    }
+    DataTwin {
+        _dir: dir,
+        qemu,
+        qemu_data,
+        strata,
+        strata_data,
+    }
+}
+
+impl DataTwin {
+    /// Applies `ops` with qemu-io on one twin and Strata on the other.
+    fn apply(&self, ops: &[Op]) {
+        let mut args = Vec::new();
+        for op in ops {
+            args.push("-c".to_string());
+            args.push(op.qemu_io());
+        }
+        args.push(arg(&self.qemu).to_string());
+        let (ok, said) = try_run(
+            "qemu-io",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        assert!(ok && !said.contains("failed"), "{said}");
+        for op in ops {
+            op.strata(&self.strata).unwrap();
+        }
+    }
+
+    /// Both check clean, map alike (same offsets: in the data file), read
+    /// alike, and their data files hold the same bytes.
+    fn assert_same(&self, what: &str) {
+        for img in [&self.qemu, &self.strata] {
+            assert_eq!(check_code(img), 0, "{what}: {}", img.display());
+        }
+        assert_eq!(map_json(&self.qemu), map_json(&self.strata), "{what}: map");
+        let (same, said) = try_run("qemu-img", &["compare", arg(&self.qemu), arg(&self.strata)]);
+        assert!(same, "{what}: {said}");
+        let (q, s) = (
+            std::fs::read(&self.qemu_data).unwrap(),
+            std::fs::read(&self.strata_data).unwrap(),
+        );
+        assert!(q == s, "{what}: the data files differ");
+    }
+}
+
+/// Strata's guest view of `img`.
+fn strata_view(img: &Path) -> Vec<u8> {
+    let chain = Chain::open(img, &OpenOptions::new()).unwrap();
+    let mut v = vec![0u8; chain.virtual_size() as usize];
+    chain.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// "Create and open image with external data file": an image Strata
+/// creates with `data_file=` (the data file created to the virtual size)
+/// checks clean with qemu-img, shows qemu-img's info, and reads as zeros
+/// through both tools; QEMU's image opens in Strata.
 #[test]
-fn iotest_244_external_data_files_are_refused() {
+fn iotest_244_create_and_open_with_the_data_file_named_in_the_image() {
     if skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let refused = |img: &Path| -> String {
-        let opts = OpenOptions::new().writable(true);
-        match Chain::open(img, &opts) {
-            Ok(_) => panic!("{}: Strata opened it", img.display()),
-            Err(e) => e.to_string(),
-        }
+    let (img, data) = (dir.path().join("s.qcow2"), dir.path().join("s.data"));
+    let opts = strata_image::create::CreateOptions {
+        size: 64 << 20,
+        data_file: Some(arg(&data).to_string()),
+        ..Default::default()
     };
-    for raw in ["off", "on"] {
-        let img = dir.path().join(format!("raw-{raw}.qcow2"));
-        let data = dir.path().join(format!("raw-{raw}.data"));
-        let o = format!("data_file={},data_file_raw={raw}", arg(&data));
-        create(&img, &o, "1M");
-        qio(&img, "write -P 0x11 0 64k");
-        let (ok, said) = try_run("qemu-io", &["-c", "read -P 0x11 0 64k", arg(&img)]);
-        assert!(ok && !said.contains("failed"), "{said}");
-        let (i, d) = (std::fs::read(&img).unwrap(), std::fs::read(&data).unwrap());
-        let e = refused(&img);
-        assert!(e.contains("external data file"), "{e}");
-        assert!(std::fs::read(&img).unwrap() == i && std::fs::read(&data).unwrap() == d);
+    strata_image::create::create_qcow2(Box::new(FileStorage::create(&img).unwrap()), &img, &opts)
+        .unwrap()
+        .close()
+        .unwrap();
+    assert_eq!(check_code(&img), 0);
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), 64 << 20);
+    let (qimg, qdata) = (dir.path().join("q.qcow2"), dir.path().join("q.data"));
+    create(&qimg, &format!("data_file={}", arg(&qdata)), "64M");
+    let info = |p: &Path| {
+        let v: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", arg(p)])).unwrap();
+        v["format-specific"]["data"].clone()
+    };
+    let (mut a, b) = (info(&img), info(&qimg));
+    assert_eq!(a["data-file"], arg(&data));
+    a["data-file"] = b["data-file"].clone();
+    assert_eq!(a, b);
+    let (ok, said) = try_run("qemu-io", &["-c", "read -P 0 0 64k", arg(&img)]);
+    assert!(ok && !said.contains("failed"), "{said}");
+    qio(&qimg, "write -P 0x5a 64k 64k");
+    let v = strata_view(&qimg);
+    assert!(v[..65536].iter().all(|&b| b == 0) && v[65536..131072].iter().all(|&b| b == 0x5a));
+}
+
+/// "Data file required, but without data file name in the image"
+/// (`amend -o data_file=`): QEMU refuses to open it ("'data-file' is
+/// required for this image"), and so does Strata, read-only and
+/// read-write; `qemu-img info` shows its metadata, and so does Strata's
+/// metadata-only open.
+#[test]
+fn iotest_244_data_file_required_but_not_named_is_refused_as_qemu_refuses_it() {
+    if skip() {
+        return;
     }
-    // The data file gone: QEMU cannot open the image either.
-    let img = dir.path().join("raw-off.qcow2");
-    std::fs::remove_file(dir.path().join("raw-off.data")).unwrap();
-    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(&img)]);
-    assert!(!ok, "{said}");
-    assert!(refused(&img).contains("external data file"));
-    // The incompatible bit 2 without a data file extension.
-    let img = dir.path().join("bit.qcow2");
-    create(&img, "compat=1.1", "1M");
-    poke(&img, 79, b"\x04");
-    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(&img)]);
-    assert!(!ok && said.contains("'data-file' is required"), "{said}");
-    assert!(refused(&img).contains("external data file"));
+    let t = data_twin("", "64M");
+    qemu_img(&["amend", "-o", "data_file=", arg(&t.strata)]);
+    let (ok, said) = try_run("qemu-io", &["-c", "read -P 0 0 64k", arg(&t.strata)]);
+    assert!(
+        !ok && said.contains("'data-file' is required for this image"),
+        "{said}"
+    );
+    for writable in [false, true] {
+        let e = Chain::open(&t.strata, &OpenOptions::new().writable(writable)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'data-file' is required for this image"),
+            "{e}"
+        );
+    }
+    let chain = Chain::open(&t.strata, &OpenOptions::new().without_data_file(true)).unwrap();
+    let mut buf = [0u8; 512];
+    // Reads of unallocated ranges need no data; a data read would fail.
+    chain.read_at(&mut buf, 0).unwrap();
+}
+
+/// A data file that is not there: QEMU cannot open the image ("Could not
+/// open 'NAME': No such file or directory"), nor can Strata, with QEMU's
+/// words and the name; nothing is written.
+#[test]
+fn iotest_244_missing_data_file_is_refused_naming_it() {
+    if skip() {
+        return;
+    }
+    let t = data_twin("", "1M");
+    std::fs::remove_file(&t.strata_data).unwrap();
+    let before = std::fs::read(&t.strata).unwrap();
+    let (ok, said) = try_run("qemu-io", &["-c", "read 0 512", arg(&t.strata)]);
+    assert!(!ok && said.contains("No such file or directory"), "{said}");
+    for writable in [false, true] {
+        let e = Chain::open(&t.strata, &OpenOptions::new().writable(writable)).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("Could not open '{}'", arg(&t.strata_data)))
+                && e.contains("No such file or directory"),
+            "{e}"
+        );
+    }
+    assert!(std::fs::read(&t.strata).unwrap() == before);
+    assert!(!t.strata_data.exists());
+}
+
+/// "Conflicting features": compressed writes into an image with a data
+/// file fail in QEMU ("Operation not supported") and are refused by
+/// Strata, as internal snapshots are; nothing changes and both check
+/// clean.
+#[test]
+fn iotest_244_compressed_writes_and_internal_snapshots_are_refused() {
+    if skip() {
+        return;
+    }
+    let t = data_twin("", "64M");
+    t.apply(&[Op::Write(0, 1 << 20)]);
+    let (ok, said) = try_run("qemu-io", &["-c", "write -c -P 0x22 0 1M", arg(&t.qemu)]);
+    assert!(!ok || said.contains("Operation not supported"), "{said}");
+    let (img, data) = (
+        std::fs::read(&t.strata).unwrap(),
+        std::fs::read(&t.strata_data).unwrap(),
+    );
+    let e = Op::WriteCompressed(0, 1 << 20)
+        .strata(&t.strata)
+        .unwrap_err();
+    assert!(
+        e.contains("compressed writes with an external data file"),
+        "{e}"
+    );
+    let (ok, said) = try_run("qemu-img", &["snapshot", "-c", "test", arg(&t.qemu)]);
+    assert!(!ok && said.contains("Operation not supported"), "{said}");
+    let mut chain = Chain::open(&t.strata, &OpenOptions::new().writable(true)).unwrap();
+    let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
+        panic!("not qcow2")
+    };
+    let e = q.snapshot_create("test", (0, 0)).unwrap_err().to_string();
+    assert!(e.contains("Operation not supported"), "{e}");
+    chain.close().unwrap();
+    assert!(std::fs::read(&t.strata).unwrap() == img);
+    assert!(std::fs::read(&t.strata_data).unwrap() == data);
+    t.assert_same("after the refusals");
+}
+
+/// "Standalone image with external data file (efficient)" and "(valid
+/// raw)": 1-2 MB written, 2-3 MB discarded, 3-4 MB zeroed over the
+/// discarded space, 4-5 MB over written space, 5-6 MB over unallocated
+/// space; then a partial write at guest 0 (host offset 0 of the data
+/// file), a partial rewrite of it, a discard of it. The same map (the
+/// zero cluster over written space keeps its data file offset), reads,
+/// `qemu-img check`, and data files: with `data_file_raw=on` the zeroed
+/// ranges are zeros in the raw file too, and the raw file reads as the
+/// image.
+#[test]
+fn iotest_244_standalone_images_with_external_data_files_match_qemu() {
+    if skip() {
+        return;
+    }
+    const M: u64 = 1 << 20;
+    for raw in ["", ",data_file_raw=on"] {
+        let t = data_twin(raw, "64M");
+        t.assert_same(&format!("created{raw}"));
+        t.apply(&[
+            Op::Write(M, 4 * M),
+            Op::Discard(2 * M, 2 * M),
+            Op::Zero(3 * M, 3 * M),
+        ]);
+        t.assert_same(&format!("244's layout{raw}"));
+        let v = strata_view(&t.strata);
+        assert!(v[..M as usize].iter().all(|&b| b == 0));
+        assert!(v[M as usize..2 * M as usize].iter().all(|&b| b == 0x2a));
+        assert!(v[2 * M as usize..6 * M as usize].iter().all(|&b| b == 0));
+        let d = std::fs::read(&t.strata_data).unwrap();
+        assert!(d[M as usize..2 * M as usize].iter().all(|&b| b == 0x2a));
+        if raw.is_empty() {
+            // Zero clusters are only marked in the metadata: stale data
+            // stays in the data file.
+            assert!(d[4 * M as usize..5 * M as usize].iter().all(|&b| b == 0x2a));
+        } else {
+            assert!(d[3 * M as usize..6 * M as usize].iter().all(|&b| b == 0));
+            let (same, said) = try_run(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "qcow2",
+                    arg(&t.strata_data),
+                    arg(&t.strata),
+                ],
+            );
+            assert!(same, "the raw data file is not the guest view: {said}");
+        }
+        t.apply(&[
+            Op::Write(512, 4096),
+            Op::Write(1024, 512),
+            Op::Discard(0, 65536),
+            Op::Write(0, 512),
+        ]);
+        t.assert_same(&format!("guest cluster 0{raw}"));
+    }
+}
+
+/// "bdrv_co_block_status test for file and offset=0": data written at
+/// guest 0 lies at offset 0 of the data file, which the map shows
+/// (present, offset 0), as qemu-img shows it.
+#[test]
+fn iotest_244_block_status_at_offset_zero_of_the_data_file() {
+    if skip() {
+        return;
+    }
+    let t = data_twin("", "64M");
+    t.apply(&[Op::Write(0, 1 << 20)]);
+    t.assert_same("written at 0");
+    let m: serde_json::Value = serde_json::from_str(&map_json(&t.strata)).unwrap();
+    assert_eq!(m[0]["offset"], 0);
+    assert_eq!(m[0]["length"], 1 << 20);
+    assert_eq!(m[0]["data"], true);
+}
+
+/// "Truncation (growing)" with `data_file_raw`: new data appended to the
+/// raw file, then the image grown over it: both tools show it through the
+/// image (Strata maps the new clusters as QEMU does), and the raw file
+/// and the image read the same. A plain data file grows and shrinks with
+/// the image, as QEMU's does.
+#[test]
+fn iotest_244_growing_an_image_over_its_raw_data_file_shows_the_new_data() {
+    if skip() {
+        return;
+    }
+    use strata_image::resize::{resize_chain, ResizePrealloc};
+    let resize = |img: &Path, size: u64, shrink: bool| {
+        let mut c = Chain::open(img, &OpenOptions::new().writable(true)).unwrap();
+        resize_chain(&mut c, size, shrink, ResizePrealloc::Off).unwrap();
+        c.close().unwrap();
+    };
+    let t = data_twin(",data_file_raw=on", "1M");
+    t.apply(&[Op::Write(0, 1 << 20)]);
+    for data in [&t.qemu_data, &t.strata_data] {
+        // `truncate -s 2M`, then `write -P 84 1M 1M` into the raw file.
+        poke(data, 1 << 20, &[84u8; 1 << 20]);
+    }
+    qemu_img(&["resize", arg(&t.qemu), "2M"]);
+    resize(&t.strata, 2 << 20, false);
+    t.assert_same("grown over the raw file");
+    let (same, said) = try_run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            arg(&t.strata_data),
+            arg(&t.strata),
+        ],
+    );
+    assert!(same, "{said}");
+    let t = data_twin("", "1M");
+    t.apply(&[Op::Write(0, 65536)]);
+    qemu_img(&["resize", arg(&t.qemu), "3M"]);
+    resize(&t.strata, 3 << 20, false);
+    t.assert_same("grown");
+    assert_eq!(std::fs::metadata(&t.strata_data).unwrap().len(), 3 << 20);
+    qemu_img(&["resize", "--shrink", arg(&t.qemu), "1M"]);
+    resize(&t.strata, 1 << 20, true);
+    t.assert_same("shrunk");
+    assert_eq!(std::fs::metadata(&t.strata_data).unwrap().len(), 1 << 20);
+}
+
+/// A backing file and `data_file_raw` cannot go together: refused at
+/// creation with qemu-img's words, and `rebase -u` onto a backing file is
+/// refused as QEMU refuses it (EINVAL), the image untouched.
+#[test]
+fn iotest_244_a_backing_file_with_data_file_raw_is_refused() {
+    if skip() {
+        return;
+    }
+    let opts = strata_image::create::CreateOptions {
+        size: 1 << 20,
+        data_file: Some("x.data".into()),
+        data_file_raw: true,
+        backing: Some(("b.qcow2".into(), strata_image::ImageFormat::Qcow2)),
+        ..Default::default()
+    };
+    let e = opts.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("Backing file and data-file-raw cannot be used at the same time"),
+        "{e}"
+    );
+    let t = data_twin(",data_file_raw=on", "1M");
+    let base = t.strata.with_file_name("base.qcow2");
+    create(&base, "compat=1.1", "1M");
+    let (ok, _) = try_run(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            arg(&base),
+            "-F",
+            "qcow2",
+            arg(&t.qemu),
+        ],
+    );
+    assert!(!ok);
+    let before = std::fs::read(&t.strata).unwrap();
+    let mut chain = Chain::open(&t.strata, &OpenOptions::new().writable(true)).unwrap();
+    let Image::Qcow2(q) = &mut chain.layers_mut()[0].image else {
+        panic!("not qcow2")
+    };
+    let e = q
+        .set_backing(Some((arg(&base), "qcow2")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Invalid argument"), "{e}");
+    drop(chain);
+    assert!(std::fs::read(&t.strata).unwrap() == before);
 }
 
 // ---- 029: refcount table growth in an image with a snapshot -------------

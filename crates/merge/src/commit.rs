@@ -212,7 +212,7 @@ impl Job for CommitJob<'_> {
         })?;
         Ok(self
             .base
-            .write_range_from(at, len, layer.image.storage(), host)?)
+            .write_range_from(at, len, layer.image.data_storage()?, host)?)
     }
 }
 
@@ -223,13 +223,15 @@ pub(crate) fn cluster_of(image: &Image) -> u64 {
     }
 }
 
-/// The sizes of the files of `layers` (to check data pointers against).
+/// The sizes of the files of `layers` (to check data pointers against):
+/// a qcow2 layer's external data file, where its data lies, when it has
+/// one.
 pub(crate) fn file_lens(layers: &[Layer]) -> Result<Vec<u64>> {
     layers
         .iter()
         .map(|l| {
             l.image
-                .storage()
+                .data_storage()?
                 .len()
                 .map_err(|e| MergeError::io(&l.path, "stat", e))
         })

@@ -114,7 +114,7 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
-    } else if !(h.autoclear_features & !strata_format::header::Autoclear::BITMAPS).is_empty() {
+    } else if !(h.autoclear_features & !known_autoclear(q)).is_empty() {
         // The write path's default policy refuses to clear them; say so
         // before anything is written.
         "it has unknown autoclear feature bits, which writing would clear"
@@ -138,6 +138,16 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         op,
         why: why.into(),
     })
+}
+
+/// The autoclear bits the write path knows and keeps: bitmaps, and the
+/// raw external data bit of an image with a data file.
+fn known_autoclear(q: &strata_image::Qcow2Image) -> strata_format::header::Autoclear {
+    use strata_format::header::Autoclear;
+    match q.data_file() {
+        Some(_) => Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW,
+        None => Autoclear::BITMAPS,
+    }
 }
 
 /// Refuses a layer whose header says it is damaged (read, not written).

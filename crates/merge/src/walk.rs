@@ -121,7 +121,9 @@ const CLONE_BYTES: u64 = 64 << 20;
 /// the usual way.
 pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usize, u64, u64)>> {
     let dest = job.destination();
-    let dst = dest.image.storage();
+    // Data goes to, and comes from, a layer's external data file when it
+    // has one.
+    let dst = dest.image.data_storage()?;
     let g = dst.clone_granule();
     if g == 0 {
         return Ok(None);
@@ -147,7 +149,7 @@ pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usi
         return Ok(None);
     };
     let n = r.extent.len.min(want) / unit * unit;
-    if n == 0 || !host.get().is_multiple_of(g) || !dst.clones_from(layer.image.storage()) {
+    if n == 0 || !host.get().is_multiple_of(g) || !dst.clones_from(layer.image.data_storage()?) {
         return Ok(None);
     }
     Ok(Some((r.depth, host.get(), n)))

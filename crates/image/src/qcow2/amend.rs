@@ -761,8 +761,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
             let state = match e.state(geo, 0) {
                 Ok(s) => s,
                 Err(what) => {
-                    let err =
-                        Error::corrupt(
+                    let err = Error::corrupt(
                         img.view.path(),
                         toff + i * 8,
                         format!("L2 entry {i}: {what}"),

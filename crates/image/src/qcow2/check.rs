@@ -652,6 +652,13 @@ impl<'a> Checker<'a> {
                     ));
                     continue;
                 }
+                // Invalid with an external data file (qcow2/data_file.rs).
+                if self.img.data_ref().is_some() {
+                    fx.problems.push(format!(
+                        "ERROR compressed cluster {i} with data file, entry={word:#x}"
+                    ));
+                    continue;
+                }
                 fx.refs.push((d.offset.get(), d.len));
                 fx.allocated += 1;
                 fx.compressed += 1;
@@ -665,7 +672,9 @@ impl<'a> Checker<'a> {
             }
             let host = word & OFFSET_MASK;
             let zero_flag = !geo.extended_l2() && word & OFLAG_ZERO != 0;
-            if host == 0 {
+            // A data file cluster may lie at offset 0 (qcow2/data_file.rs).
+            let at_data_start = self.img.entry_host(&e).is_some();
+            if host == 0 && (zero_flag || !at_data_start) {
                 // Unallocated, or a plain zero cluster.
                 if !zero_flag && l2_bitmap & L2_BITMAP_ALL_ALLOC != 0 {
                     fx.problems.push(
@@ -705,7 +714,10 @@ impl<'a> Checker<'a> {
                 fx.fragmented += 1;
             }
             next_contiguous = host.saturating_add(self.cs);
-            fx.refs.push((host, self.cs));
+            // Data clusters in an external data file are not refcounted.
+            if self.img.data_ref().is_none() {
+                fx.refs.push((host, self.cs));
+            }
         }
         Ok(fx)
     }
@@ -961,9 +973,15 @@ impl<'a> Checker<'a> {
                     if word & OFLAG_COMPRESSED != 0 || host == 0 {
                         continue;
                     }
-                    let ci = self.geo.cluster_index(HostOffset::new(host));
-                    let Ok(r) = self.stored_refcount(ci)? else {
-                        continue;
+                    // A data file's clusters count as referenced once.
+                    let r = if self.img.data_file().is_some() {
+                        1
+                    } else {
+                        let ci = self.geo.cluster_index(HostOffset::new(host));
+                        let Ok(r) = self.stored_refcount(ci)? else {
+                            continue;
+                        };
+                        r
                     };
                     if (r == 1) != (word & OFLAG_COPIED != 0) {
                         found.push(format!(

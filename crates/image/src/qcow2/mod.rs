@@ -54,6 +54,10 @@
 //! - `amend.rs`, `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`: the
 //!   other metadata writers, on `WritableImage` too (their reads, such as
 //!   loading a snapshot's L1 table or a bitmap's bits, are the view's).
+//! - `data_file.rs`: external data files (the view's `data`, one handle
+//!   shared with the writer, which sends guest data there): opening and
+//!   locking them, data clusters at their guest offset, unrefcounted,
+//!   discards passed to the data file, `data_file_raw`.
 //!
 //! Format details come from `strata-format`, typed: L2 entries are built
 //! with its `L2Entry` constructors (`data`, `zero`, `compressed_at`,
@@ -73,6 +77,7 @@ pub(crate) mod alloc;
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod data_file;
 pub mod repair;
 pub mod resize;
 pub mod snapshot_internal;
@@ -192,7 +197,21 @@ impl WritableImage {
     /// Opens a qcow2 image for reading and writing (the storage must be
     /// writable). Nothing is written until the first write.
     fn open(storage: Box<dyn Storage>, path: &Path) -> Result<WritableImage> {
-        let view = View::open(storage, path)?;
+        let view = View::open(
+            storage,
+            path,
+            data_file::Source::FileSystem { writable: true },
+        )?;
+        WritableImage::from_view(view)
+    }
+
+    /// Adds the write state to a view opened for writing.
+    fn from_view(view: View) -> Result<WritableImage> {
+        let path = &view.path().to_path_buf();
+        let data = match view.data_ref() {
+            Some(d) => Some((d.clone(), d.storage()?.clone())),
+            None => None,
+        };
         let h = view.header();
         let refcounts = crate::qcow2::alloc::Refcounts::load(
             view.storage(),
@@ -204,7 +223,10 @@ impl WritableImage {
             h.refcount_table_clusters,
         )?;
         let poisoned = Arc::<Poison>::default();
-        let w = Writer::new(view.storage_arc(), path, poisoned.clone(), refcounts);
+        let mut w = Writer::new(view.storage_arc(), path, poisoned.clone(), refcounts);
+        if let Some((d, s)) = data {
+            w.set_data_file(d, s);
+        }
         let mut img = WritableImage {
             view,
             w,
@@ -262,10 +284,35 @@ impl Qcow2Image {
     /// Opens and validates a qcow2 image on `storage`, read-only. `path`
     /// names it in errors. Nothing is written.
     pub fn open(storage: Box<dyn Storage>, path: &Path) -> Result<Qcow2Image> {
-        Ok(Qcow2Image(Mode::ReadOnly(Box::new(ReadOnlyImage {
-            view: View::open(storage, path)?,
+        let view = View::open(
+            storage,
+            path,
+            data_file::Source::FileSystem { writable: false },
+        )?;
+        Ok(Qcow2Image::read_only(view))
+    }
+
+    fn read_only(view: View) -> Qcow2Image {
+        Qcow2Image(Mode::ReadOnly(Box::new(ReadOnlyImage {
+            view,
             last_map: Mutex::new(None),
-        }))))
+        })))
+    }
+
+    /// Opens a qcow2 image whose external data file is on `data` (tests,
+    /// in-memory images); `writable` as [`Qcow2Image::open_rw`].
+    pub fn open_with_data_file(
+        storage: Box<dyn Storage>,
+        data: Box<dyn Storage>,
+        path: &Path,
+        writable: bool,
+    ) -> Result<Qcow2Image> {
+        let view = View::open(storage, path, data_file::Source::Given(Arc::from(data)))?;
+        Ok(if writable {
+            Qcow2Image(Mode::Writable(Box::new(WritableImage::from_view(view)?)))
+        } else {
+            Qcow2Image::read_only(view)
+        })
     }
 
     /// Opens a qcow2 image for reading and writing (the storage must be
@@ -339,6 +386,37 @@ impl Qcow2Image {
     /// The active L1 table's raw entries.
     pub fn l1(&self) -> &[u64] {
         self.view().l1()
+    }
+    /// The external data file, when the image has one.
+    pub fn data_file(&self) -> Option<&data_file::DataFile> {
+        self.view().data_file()
+    }
+    /// The storage data clusters' host offsets point into: the external
+    /// data file when the image has one (an error when it could not be
+    /// opened), the image's own storage otherwise.
+    pub fn data_storage(&self) -> Result<&dyn Storage> {
+        self.view().data_storage()
+    }
+    /// Refuses, as `qemu-img amend` does and before any change, the
+    /// external data file options an amend cannot apply: `data_file=` on
+    /// an image without a data file, `data_file_raw=on` on one whose
+    /// data file is not raw, and a downgrade (`compat=0.10`) of an image
+    /// with a data file.
+    pub fn check_data_file_amend(
+        &self,
+        name: Option<&str>,
+        raw: Option<bool>,
+        downgrade: bool,
+    ) -> Result<()> {
+        self.view().check_data_file_amend(name, raw, downgrade)
+    }
+    /// Applies `data_file=NAME` (a new name; empty: the name is removed,
+    /// the image then needs one given at open, as in QEMU) and
+    /// `data_file_raw=off` (clears the raw bit) to the header, as
+    /// `qemu-img amend` does. Checked first with
+    /// [`Qcow2Image::check_data_file_amend`].
+    pub fn amend_data_file(&mut self, name: Option<&str>, raw: Option<bool>) -> Result<()> {
+        writable!(self).amend_data_file(name, raw)
     }
 
     /// Reads (through the cache) the L2 table at `offset`.

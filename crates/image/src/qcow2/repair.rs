@@ -485,7 +485,10 @@ fn fix_copied_flags(img: &mut WritableImage) -> Result<u64> {
             let Some(h) = entry.host_cluster() else {
                 continue;
             };
-            let want = refcount_of(img, geo.cluster_index(h))? == 1;
+            // Clusters of an external data file are unrefcounted and
+            // always COPIED (QEMU counts them as referenced once).
+            let want =
+                img.view.data_file().is_some() || refcount_of(img, geo.cluster_index(h))? == 1;
             if want != entry.copied() {
                 entry = entry.with_copied(want);
                 entry

@@ -212,7 +212,9 @@ fn shrink_qcow2(q: &mut WritableImage, new_size: u64) -> Result<()> {
     q.write_header()?;
     q.sync()?;
     q.flush()?;
-    truncate_tail(q)
+    truncate_tail(q)?;
+    // An external data file shrinks with the disk (qcow2/data_file.rs).
+    q.data_file_resized(old, new_size)
 }
 
 /// Cuts the file after its last cluster in use, as QEMU does after a

@@ -295,6 +295,7 @@ impl WritableImage {
     /// (`qemu-img snapshot -c`), dated `date` (seconds, nanoseconds since
     /// the epoch). Returns the new entry.
     pub fn snapshot_create(&mut self, name: &str, date: (u32, u32)) -> Result<Snapshot> {
+        self.view.refuse_with_data_file("internal snapshots")?;
         self.begin_write()?;
         self.flush()?;
         if self.view.snapshots().len() >= MAX_SNAPSHOTS {

@@ -24,6 +24,7 @@ use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
 use crate::compress;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, Mapping};
+use crate::qcow2::data_file::{self, DataFile, Source};
 use crate::qcow2::writer::Writer;
 use crate::storage::Storage;
 
@@ -100,6 +101,8 @@ pub(crate) struct View {
     snapshot_table_end: u64,
     /// Length of the file when opened (or after the last growth).
     file_len: u64,
+    /// The external data file, when the header names one (data_file.rs).
+    data: Option<Arc<DataFile>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,7 +112,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl View {
     /// Opens and validates a qcow2 image on `storage`. `path` names it in
     /// errors. Nothing is written.
-    pub(crate) fn open(storage: Box<dyn Storage>, path: &Path) -> Result<View> {
+    /// `data`: where the external data file is, if the image has one.
+    pub(crate) fn open(storage: Box<dyn Storage>, path: &Path, data: Source) -> Result<View> {
         let fmt_err = |source| Error::Format {
             path: path.to_path_buf(),
             source,
@@ -158,6 +162,7 @@ impl View {
         }
         let (snapshots, snapshot_table_end) =
             read_snapshots(storage.as_ref(), path, &header, file_len)?;
+        let data = DataFile::open(&header, path, data, storage.file().is_some())?;
         Ok(View {
             path: path.to_path_buf(),
             storage: Arc::from(storage),
@@ -169,7 +174,28 @@ impl View {
             snapshots,
             snapshot_table_end,
             file_len,
+            data: data.map(Arc::new),
         })
+    }
+
+    /// The external data file, when the image has one.
+    pub(crate) fn data_file(&self) -> Option<&DataFile> {
+        self.data.as_deref()
+    }
+
+    /// The external data file's shared handle (the writer's too).
+    pub(crate) fn data_ref(&self) -> &Option<Arc<DataFile>> {
+        &self.data
+    }
+
+    /// The storage data clusters' host offsets point into: the external
+    /// data file when the image has one (an error when it could not be
+    /// opened), the image's own storage otherwise.
+    pub(crate) fn data_storage(&self) -> Result<&dyn Storage> {
+        match &self.data {
+            Some(d) => Ok(d.storage()?.as_ref()),
+            None => Ok(self.storage.as_ref()),
+        }
     }
 
     /// The file's path.
@@ -393,7 +419,7 @@ impl View {
             source,
         })?;
         let sc = self.geometry.subcluster_index(guest);
-        let state = entry.state(self.geometry, sc).map_err(|what| {
+        let state = self.entry_state(&entry, sc).map_err(|what| {
             Error::corrupt(
                 &self.path,
                 toff + idx * self.geometry.l2_entry_size(),
@@ -401,6 +427,15 @@ impl View {
             )
         })?;
         let m = Mapping::from(state);
+        self.check_data_file_host(&entry, g, idx, toff + idx * self.geometry.l2_entry_size())?;
+        if let (Mapping::Compressed(_), Some(_)) = (m, &self.data) {
+            return Err(data_file::compressed_entry(
+                &self.path,
+                *toff,
+                idx,
+                toff + idx * self.geometry.l2_entry_size(),
+            ));
+        }
         // Offset of g inside its subcluster.
         let within = self.geometry.in_subcluster(guest);
         Ok(match m {
@@ -497,7 +532,7 @@ impl View {
         match m {
             Mapping::Unallocated | Mapping::Zero { .. } => buf.fill(0),
             Mapping::Data { host } => {
-                self.storage
+                self.data_storage()?
                     .read_at(buf, host.get())
                     .map_err(|e| Error::io(&self.path, "read data", host.get(), e))?;
             }

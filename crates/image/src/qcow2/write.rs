@@ -108,6 +108,9 @@ impl WritableImage {
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
+        // The external data file first: its data is durable before any
+        // metadata the sync below makes durable points at it.
+        self.sync_data_file()?;
         self.view
             .storage()
             .sync()
@@ -169,6 +172,8 @@ impl WritableImage {
         use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
         let policy = self.w.policy();
         let mut kept = self.view.header().autoclear_features & Autoclear::BITMAPS;
+        // The raw external data bit is known, with a data file.
+        let raw_data = self.view.data_file_autoclear();
         // Bitmaps are kept (and kept up to date) when their directory is
         // valid. A damaged one is refused, as QEMU refuses to open the image
         // read-write: dropping it would make the next incremental backup
@@ -189,6 +194,7 @@ impl WritableImage {
                 kept = Autoclear::empty();
             }
         }
+        kept |= raw_data;
         // Refusals first: nothing is written before one.
         if self.view.header().dirty() && policy.dirty == OnDirty::Refuse {
             return Err(Error::ReadOnly {
@@ -198,7 +204,8 @@ impl WritableImage {
                     .into(),
             });
         }
-        let unknown = (self.view.header().autoclear_features & !Autoclear::BITMAPS).bits();
+        let unknown =
+            (self.view.header().autoclear_features & !(Autoclear::BITMAPS | raw_data)).bits();
         if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
             return Err(Error::ReadOnly {
                 path: self.view.path().to_path_buf(),
@@ -660,7 +667,7 @@ impl WritableImage {
             let sc = geo.subcluster_index(GuestOffset::new(g));
             let n = ((scs - geo.in_subcluster(GuestOffset::new(g))) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
-            let state = e.state(geo, sc).map_err(|what| {
+            let state = self.view.entry_state(&e, sc).map_err(|what| {
                 Error::corrupt(self.view.path(), 0, format!("L2 entry for {g:#x}: {what}"))
             })?;
             match state {
@@ -669,7 +676,7 @@ impl WritableImage {
                 SubclusterState::Data { host } => {
                     let h = host.get() + geo.in_subcluster(GuestOffset::new(g));
                     self.view
-                        .storage()
+                        .data_storage()?
                         .read_at(chunk, h)
                         .map_err(|e| Error::io(self.view.path(), "read data", h, e))?;
                 }
@@ -696,6 +703,17 @@ impl WritableImage {
             path: self.view.path().to_path_buf(),
             source,
         })?;
+        if self.view.data_file().is_some() {
+            // A data file cluster must lie at its guest offset.
+            let r = self.view.data_file_table_base(toff).and_then(|base| {
+                let at = toff + idx * geo.l2_entry_size();
+                self.view
+                    .check_data_file_host(&e, base + idx * geo.cluster_size(), idx, at)
+            });
+            if let Err(err) = r {
+                return Err(self.fatal_corruption(err));
+            }
+        }
         match e.validate(geo) {
             Ok(()) => Ok(e),
             Err(what) => {
@@ -714,6 +732,11 @@ impl WritableImage {
 
     fn freed_by(&self, e: L2Entry) -> Vec<u64> {
         let geo = self.view.geometry();
+        if self.view.data_file().is_some() {
+            // Data clusters live in the data file, unrefcounted: nothing
+            // of the qcow2 file is freed (update_l2 discards them there).
+            return Vec::new();
+        }
         if let Some(d) = e.compressed_descriptor(geo) {
             let (a, b) = d.host_clusters(geo);
             return (a..=b).collect();
@@ -741,7 +764,7 @@ impl WritableImage {
         let cs = geo.cluster_size();
         let b = a + data.len() as u64;
         if !geo.extended_l2() {
-            let state = e.state(geo, 0).map_err(|what| {
+            let state = self.view.entry_state(&e, 0).map_err(|what| {
                 Error::corrupt(
                     self.view.path(),
                     0,
@@ -793,7 +816,7 @@ impl WritableImage {
         for sc in sa..=sb {
             touched |= 1 << sc;
         }
-        let host = e.host_cluster();
+        let host = self.view.entry_host(&e);
         if let (Some(h), true, false) = (host, e.copied(), e.compressed()) {
             let start = sa * scs;
             let end = (sb + 1) * scs;
@@ -942,7 +965,7 @@ impl WritableImage {
                     let e = self.entry_for_write(&table, toff, idx)?;
                     let n = cs.min(end - cstart);
                     let chunk = Chunk::Range(src_offset + (cstart - offset), n);
-                    let state = e.state(geo, 0).map_err(|what| {
+                    let state = self.view.entry_state(&e, 0).map_err(|what| {
                         Error::corrupt(
                             self.view.path(),
                             0,
@@ -1051,6 +1074,18 @@ impl WritableImage {
                     .map(|i| (t, i)),
             );
         }
+        if self.view.data_ref().is_some() {
+            // An external data file: a new cluster's host offset is its
+            // guest offset (QEMU's do_alloc_cluster_offset).
+            for &(t, i) in &need {
+                let base = self.view.data_file_table_base(tables[t].0)?;
+                let p = &mut tables[t].1[i];
+                let host = HostOffset::new(base + geo.clusters_bytes(p.idx));
+                p.dest = Some(host);
+                p.new = p.new.with_host(host);
+            }
+            need.clear();
+        }
         let mut k = 0;
         while k < need.len() {
             let (first, n) = self.alloc_run((need.len() - k) as u64, "data clusters")?;
@@ -1099,7 +1134,9 @@ impl WritableImage {
             .map(|(h, _, len)| (*h, *len))
             .chain(moves.iter().map(|(h, _, len)| (*h, *len)))
             .collect::<Vec<_>>();
-        for (h, len) in &spans {
+        // Data in an external data file cannot overlap the qcow2 file's
+        // metadata.
+        for (h, len) in spans.iter().filter(|_| self.view.data_ref().is_none()) {
             let r = self
                 .w
                 .meta()
@@ -1165,6 +1202,7 @@ impl WritableImage {
         let table = Arc::make_mut(&mut d.table);
         let mut frees = Vec::new();
         for p in plans.iter().filter(|p| p.new != p.old) {
+            self.view.data_file_release(p.old, p.new);
             p.new
                 .write(table, geo, p.idx)
                 .map_err(|source| Error::Format {
@@ -1207,6 +1245,8 @@ impl WritableImage {
         unmap: bool,
         backing: BackingRead,
     ) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.zero_raw_data_file(offset, len)?;
         self.zero_range(offset, len, ZeroMode::Zero { unmap }, backing)
     }
 
@@ -1306,6 +1346,9 @@ impl WritableImage {
                     source,
                 })?;
                 mine.extend(self.freed_by(e));
+                // A data file's clusters are discarded there (after the
+                // flush of this batch).
+                self.view.data_file_release(e, L2Entry::default());
             }
             if geo.is_aligned(off) {
                 mine.push(geo.cluster_index(HostOffset::new(off)));
@@ -1644,7 +1687,7 @@ impl WritableImage {
             let new = match mode {
                 ZeroMode::Deallocate => L2Entry::default(),
                 ZeroMode::Discard { has_backing } => {
-                    let allocated = e.host_cluster().is_some() || e.compressed();
+                    let allocated = self.view.entry_host(&e).is_some() || e.compressed();
                     if self.view.header().version < 3 {
                         L2Entry::default()
                     } else if has_backing || allocated {
@@ -1663,7 +1706,7 @@ impl WritableImage {
                     // QEMU's zero_in_l2_slice: a compressed cluster, or with
                     // `unmap` an allocated one, loses its host cluster; any
                     // other keeps its entry, the zero flag (bits) added.
-                    let drop = e.compressed() || (unmap && e.host_cluster().is_some());
+                    let drop = e.compressed() || (unmap && self.view.entry_host(&e).is_some());
                     // (A standard entry's bitmap is 0; an extended one's is
                     // replaced below.)
                     let kept = if drop { L2Entry::default() } else { e };
@@ -1731,6 +1774,8 @@ impl WritableImage {
         self.bitmaps_save()?;
         // Space released below may be reused: stop packing into it.
         self.compressed_tail = CompressedTail::default();
+        // Data file clusters that lost their pointer, now durably.
+        self.view.run_data_file_discards();
         let frees = self.w.take_pending_frees();
         if frees.is_empty() {
             return Ok(());
@@ -1817,12 +1862,15 @@ impl WritableImage {
             // Track the whole new size from here on.
             self.bitmaps_reload()?;
         }
-        Ok(())
+        // An external data file grows with the disk (qcow2/data_file.rs).
+        self.data_file_resized(old, new_size)
     }
 
     /// Rewrites the backing file name and format in the header (nothing
     /// else: the unsafe `rebase -u`). `None` removes the backing file.
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.view
+            .refuse_backing_with_raw_data_file(backing.is_some())?;
         self.begin_write()?;
         // Flush first: it may move the bitmap directory (a header change).
         self.flush()?;
@@ -1892,7 +1940,7 @@ impl WritableImage {
                     path: self.view.path().to_path_buf(),
                     source,
                 })?;
-                if e.host_cluster().is_none() && !e.compressed() {
+                if self.view.entry_host(&e).is_none() && !e.compressed() {
                     plans.push(Plan {
                         idx,
                         old: e,
@@ -1902,6 +1950,20 @@ impl WritableImage {
                         frees: vec![],
                     });
                 }
+            }
+            if self.view.data_ref().is_some() {
+                // An external data file: each cluster at its guest offset.
+                self.data_file_prealloc(geo.clusters_bytes(c), in_table, fill)?;
+                let base = self.view.data_file_table_base(toff)?;
+                for p in &mut plans {
+                    let host = HostOffset::new(base + geo.clusters_bytes(p.idx));
+                    p.dest = Some(host);
+                    p.new = L2Entry::data(Some(host), true);
+                }
+                self.barrier()?;
+                self.update_l2(toff, &plans)?;
+                c += in_table;
+                continue;
             }
             let mut k = 0;
             while k < plans.len() {
@@ -1994,6 +2056,7 @@ impl WritableImage {
         data: &[u8],
         backing: BackingRead,
     ) -> Result<()> {
+        self.view.refuse_with_data_file("compressed writes")?;
         let geo = self.view.geometry();
         let cs = geo.cluster_size();
         if !geo.is_aligned(offset) || !(data.len() as u64).is_multiple_of(cs) {

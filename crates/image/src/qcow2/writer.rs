@@ -30,6 +30,7 @@ use crate::chain::WritePolicy;
 use crate::error::{Error, Poison, Result};
 use crate::qcow2::alloc::{MetadataMap, Refcounts};
 use crate::qcow2::bitmap::BitmapState;
+use crate::qcow2::data_file::DataFile;
 use crate::storage::{RangeCopy, Storage};
 
 /// An L2 table with entries not yet on disk, and the changed entry range.
@@ -71,6 +72,9 @@ pub(crate) struct Writer {
     /// What the first write does with a dirty image, unreadable bitmaps
     /// or unknown autoclear bits.
     policy: WritePolicy,
+    /// The external data file and its storage: guest data goes there
+    /// (qcow2/data_file.rs).
+    data: Option<(Arc<DataFile>, Arc<dyn Storage>)>,
 }
 
 impl Writer {
@@ -95,6 +99,24 @@ impl Writer {
             halted: false,
             bitmaps: None,
             policy: WritePolicy::default(),
+            data: None,
+        }
+    }
+
+    /// Sends guest data to the external data file `storage` from now on.
+    pub(crate) fn set_data_file(&mut self, file: Arc<DataFile>, storage: Arc<dyn Storage>) {
+        self.data = Some((file, storage));
+    }
+
+    /// Where guest data goes: the data file, or the image's storage. A
+    /// write there cancels the data file's queued discards it overlaps.
+    fn data_sink(&self, offset: u64, len: u64) -> &dyn Storage {
+        match &self.data {
+            Some((file, storage)) => {
+                file.cancel_discards(offset, len);
+                storage.as_ref()
+            }
+            None => self.storage.as_ref(),
         }
     }
 
@@ -120,14 +142,15 @@ impl Writer {
 
     /// Writes guest data (or zeros) into host clusters at `offset`.
     pub(crate) fn write_data(&self, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
-        self.storage
+        self.data_sink(offset, buf.len() as u64)
             .write_at(buf, offset)
             .map_err(|e| self.io_err(op, offset, e))
     }
 
     /// Writes guest data from several buffers, contiguous on the host.
     pub(crate) fn write_data_vectored(&self, bufs: &[&[u8]], offset: u64) -> Result<()> {
-        self.storage
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        self.data_sink(offset, len)
             .write_vectored_at(bufs, offset)
             .map_err(|e| self.io_err("write data", offset, e))
     }
@@ -142,7 +165,7 @@ impl Writer {
         len: u64,
         offset: u64,
     ) -> Result<RangeCopy> {
-        self.storage
+        self.data_sink(offset, len)
             .copy_range_from(src, from, len, offset)
             .map_err(|e| self.io_err("move data", offset, e))
     }
