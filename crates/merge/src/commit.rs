@@ -360,9 +360,16 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     }
     let upper = probe.layers().get(..k).unwrap_or(&[]);
 
-    // Refuse damaged or unwritable images before anything is written.
-    for l in upper {
-        open::refuse_damaged(l, OP)?;
+    // Refuse damaged or unwritable images before anything is written (the
+    // checks side by side; the refusals in this order: the layers above
+    // the base, the top unwritable, the base unwritable, the base).
+    let mut checked: Vec<&Layer> = upper.iter().collect();
+    if writable {
+        checked.push(base.top());
+    }
+    let mut results = open::refuse_damaged_each(&checked, OP).into_iter();
+    for _ in upper {
+        results.next().transpose()?;
     }
     if write_top {
         open::refuse_unwritable(top_chain.top(), OP)?;
@@ -370,7 +377,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, hooks: &mut Hooks<'_>) -> Result
     let mut base_leaks = 0;
     if writable {
         open::refuse_unwritable(base.top(), OP)?;
-        base_leaks = open::refuse_damaged(base.top(), OP)?;
+        base_leaks = results.next().transpose()?.unwrap_or(0);
     }
     // The guard: nobody else may read through the base, unless the commit
     // leaves what the base reads as it is (the rerun of a commit stopped

@@ -479,13 +479,11 @@ fn pull_stage(
     // The stand-in past the limit is layer n - 1: keep the one above it.
     let staged = k == n && n > limits::MAX_CHAIN_DEPTH;
     let k = if staged { n - 2 } else { k };
-    let mut top_leaks = 0;
-    for (i, l) in chain.layers().get(..k).unwrap_or(&[]).iter().enumerate() {
-        let leaks = open::refuse_damaged(l, OP)?;
-        if i == 0 {
-            top_leaks = leaks;
-        }
-    }
+    let checked: Vec<&Layer> = chain.layers().get(..k).unwrap_or(&[]).iter().collect();
+    let top_leaks = open::refuse_damaged_all(&checked, OP)?
+        .first()
+        .copied()
+        .unwrap_or(0);
     if !opts.dry_run && k > 1 {
         open::refuse_unwritable(chain.top(), OP)?;
     }
