@@ -140,7 +140,7 @@ fn amend_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> PathBuf {
     let (q, s) = twins(img);
     let (code, err) = qemu_amend(&q, qopts);
     assert_eq!(code, 0, "qemu-img amend -o {qopts} failed: {err}");
-    amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
+    let _ = amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
     assert_eq!(check_code(&s), 0, "strata's image does not check clean");
     assert!(
         qemu_check_clean_but_for_its_copied_bug(&q),
@@ -664,7 +664,7 @@ fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOpt
     let snap_views: Vec<Vec<u8>> = snaps.iter().map(|n| raw_of(top, Some(n), dir)).collect();
     let reference = FaultStorage::new(initial.clone());
     let mut chain = chain_on(&reference, base_ref);
-    amend_chain(&mut chain, opts).unwrap();
+    let _ = amend_chain(&mut chain, opts).unwrap();
     // The amend's own operations (closing the image may sync once more).
     let total = reference.ops();
     drop(chain);
@@ -709,7 +709,7 @@ fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOpt
             if keep > 1 {
                 // Running the same amend again finishes the job.
                 let again = FaultStorage::new(bytes.clone());
-                amend_chain(&mut chain_on(&again, base_ref), opts)
+                let _ = amend_chain(&mut chain_on(&again, base_ref), opts)
                     .unwrap_or_else(|e| panic!("{label}: the rerun failed: {e}"));
                 let done = again.current();
                 assert!(

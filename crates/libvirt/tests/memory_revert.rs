@@ -178,10 +178,7 @@ fn reverting_a_memory_snapshot_restores_the_running_guest_at_that_moment() {
         &conn,
         DOM,
         "take-m",
-        &RevertOptions {
-            force: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_force(true),
     )
     .unwrap();
     eprintln!("revert --force of take-m: {r:?}");
@@ -228,11 +225,7 @@ fn reverting_a_memory_snapshot_restores_the_running_guest_at_that_moment() {
         &conn,
         DOM,
         "take-m",
-        &RevertOptions {
-            force: true,
-            paused: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_force(true).with_paused(true),
     )
     .unwrap();
     assert!(r.stopped && r.restored.is_some(), "{r:?}");

@@ -29,10 +29,10 @@ fn child_entry() {
 fn run_op(op: &str, top: &Path) {
     match op {
         "commit" => {
-            commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+            let _ = commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
         }
         "pull" => {
-            pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+            let _ = pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
         }
         _ => panic!("unknown op {op}"),
     }

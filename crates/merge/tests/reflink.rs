@@ -227,10 +227,7 @@ fn pull_b_on_xfs_keeps_the_base_and_clones_the_middle() {
     for (cluster, clones) in [(65536, true), (512, false)] {
         let top = make_chain(&work, cluster);
         let twin = twin_of(&top, &format!("twin{cluster}"));
-        let opts = PullOptions {
-            base: Some(work.join("base.qcow2")),
-            ..PullOptions::default()
-        };
+        let opts = PullOptions::default().with_base(work.join("base.qcow2"));
         let report = pull(&top, &opts, &mut Hooks::default()).unwrap();
         qemu_img(&["rebase", "-q", "-b", "base.qcow2", "-F", "qcow2", s(&twin)]);
         assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
@@ -259,10 +256,7 @@ fn commit_on_xfs_and_btrfs_clones_into_the_base_without_growing_it_twice() {
             let before = view(&top);
             let mid_before = allocated(&mid);
 
-            let opts = CommitOptions {
-                keep_top,
-                ..CommitOptions::default()
-            };
+            let opts = CommitOptions::default().with_keep_top(keep_top);
             let report = commit(&top, &opts, &mut Hooks::default()).unwrap();
             let mut args = vec!["commit", "-q"];
             if keep_top {
@@ -353,10 +347,10 @@ fn child_entry() {
 fn run_op(op: &str, top: &Path) {
     match op {
         "commit" => {
-            commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+            let _ = commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
         }
         _ => {
-            pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+            let _ = pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
         }
     }
 }
