@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use strata_image::storage::Storage;
+use strata_image::Storage;
 use strata_image::{Chain, FaultStorage, Image, ImageFormat, Layer, Qcow2Image};
 use strata_merge::{
     commit, commit_open, pull, pull_confined, pull_open, rebase, CommitOptions, CommitParts, Hooks,
