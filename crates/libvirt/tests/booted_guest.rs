@@ -11,7 +11,7 @@
 
 mod guest;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use guest::*;
 use strata_libvirt::{
@@ -63,10 +63,6 @@ fn assert_guest_sees(
         "{what}: guest sees the expected {disk} ({:.1?})",
         boot.elapsed
     );
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 #[test]

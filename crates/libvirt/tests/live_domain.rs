@@ -16,7 +16,7 @@
 mod guest;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use guest::*;
@@ -28,10 +28,6 @@ use strata_libvirt::{
 use strata_merge::Hooks;
 
 const DOM: &str = "live";
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 struct T {
     lv: Libvirtd,
@@ -505,25 +501,6 @@ fn the_seed_workflow_on_a_running_domain() {
     assert_eq!(boot.sums["vda"], want, "the guest reads what it wrote");
     assert_eq!(boot.opened_files(), files, "QEMU opened the headers' chain");
     t.conn.close().unwrap();
-}
-
-/// The guest view of `img` as raw bytes.
-fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("view.raw");
-    qemu_img(&["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
-    let v = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    v
-}
-
-/// The number of the guest's write at 8 MiB (0: none).
-fn counter(view: &[u8]) -> u64 {
-    let b = &view[8 << 20..(8 << 20) + 18];
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|t| t.strip_prefix("STRATA-W "))
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl T {

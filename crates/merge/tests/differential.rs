@@ -181,28 +181,8 @@ fn commit_b_with_a_name_relative_to_the_chain_matches_qemu_img() {
             d.join("t.qcow2"),
         );
         qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "b.qcow2",
-            "-F",
-            "qcow2",
-            s(&mid),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/m.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ]);
+        qemu_overlay(&mid, "b.qcow2");
+        qemu_overlay(&top, "sub/m.qcow2");
         qemu_io(&base, &["write -P 1 0 64k"]);
         qemu_io(&mid, &["write -P 2 64k 64k"]);
         qemu_io(&top, &["write -P 3 128k 64k"]);

@@ -84,17 +84,7 @@ fn build_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&base, &["write -P 0x11 0 2M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(
         &top,
         &[
@@ -399,29 +389,9 @@ fn shared_base(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let sibling = elsewhere.join("sibling.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io(&base, &["write -P 0x11 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(&top, &["write -P 0x22 0 64k"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../images/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&sibling),
-    ]);
+    qemu_overlay(&sibling, "../images/base.qcow2");
     (base, top, sibling)
 }
 
@@ -471,17 +441,7 @@ fn the_guard_finds_a_user_of_the_base_in_the_tops_directory() {
     let top = tops.join("top.qcow2");
     let other = tops.join("other.qcow2");
     for t in [&top, &other] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../images/base.qcow2",
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        qemu_overlay(t, "../images/base.qcow2");
     }
     qemu_io(&top, &["write -P 0x22 0 64k"]);
     let e = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
@@ -504,17 +464,7 @@ fn climbing_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let top = jail.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io(&base, &["write -P 0x11 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../outside/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "../outside/base.qcow2");
     qemu_io(&top, &["write -P 0x22 0 64k"]);
     (jail, base)
 }
@@ -666,17 +616,7 @@ fn a_source_truncated_under_a_commit_fails_it_before_the_top_is_emptied() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(&top, &["write -P 0x66 0 8M"]);
     let top_len = std::fs::metadata(&top).unwrap().len();
     let mut truncated = false;

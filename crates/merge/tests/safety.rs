@@ -24,17 +24,7 @@ fn commit_refuses_when_a_sibling_overlay_uses_the_base_and_force_overrides() {
     let top = twin("cluster64k", dir.path(), "t");
     let base = top.with_file_name("base.qcow2");
     let sibling = top.with_file_name("sibling.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&sibling),
-    ]);
+    qemu_overlay(&sibling, "base.qcow2");
     let (base_before, top_before) = (bytes(&base), bytes(&top));
 
     let err = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
@@ -57,17 +47,7 @@ fn commit_refuses_when_an_image_named_by_the_caller_uses_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let top = twin("cluster64k", dir.path(), "t");
     let elsewhere = dir.path().join("elsewhere.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "t/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&elsewhere),
-    ]);
+    qemu_overlay(&elsewhere, "t/base.qcow2");
     let opts = CommitOptions::default().with_also_check(vec![elsewhere.clone()]);
     let err = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(matches!(err, MergeError::BaseInUse { .. }), "{err}");
@@ -302,17 +282,7 @@ fn three_layer_chain(dir: &Path) -> std::path::PathBuf {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&base, &["write -P 0xb1 0 2M"]);
     for (img, below) in [(&mid, "base.qcow2"), (&top, "mid.qcow2")] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            below,
-            "-F",
-            "qcow2",
-            s(img),
-        ]);
+        qemu_overlay(img, below);
     }
     qemu_io(&mid, &["write -P 0xc1 512k 512k", "write -z 1536k 256k"]);
     qemu_io(&top, &["write -P 0xd1 768k 128k", "write -P 0xd2 3M 64k"]);
