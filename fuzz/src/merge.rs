@@ -106,17 +106,10 @@ pub fn merge(data: &[u8]) {
     // A dry run changes nothing.
     let before = (bytes(&top_path), bytes(&base_path));
     if pulling {
-        let opts = PullOptions {
-            dry_run: true,
-            ..Default::default()
-        };
+        let opts = PullOptions::default().with_dry_run(true);
         let _ = pull(&top_path, &opts, &mut Hooks::default());
     } else {
-        let opts = CommitOptions {
-            dry_run: true,
-            force: true,
-            ..Default::default()
-        };
+        let opts = CommitOptions::default().with_dry_run(true).with_force(true);
         let _ = commit(&top_path, &opts, &mut Hooks::default());
     }
     assert!(
@@ -132,11 +125,9 @@ pub fn merge(data: &[u8]) {
         );
         r.is_ok()
     } else {
-        let opts = CommitOptions {
-            force: true,
-            keep_top: input.flags & 8 != 0,
-            ..Default::default()
-        };
+        let opts = CommitOptions::default()
+            .with_force(true)
+            .with_keep_top(input.flags & 8 != 0);
         let r = commit(&top_path, &opts, &mut Hooks::default());
         if let Err(e) = &r {
             assert!(

@@ -163,22 +163,17 @@ pub fn print_plan(out: &mut dyn Write, what: &str, plan: &Plan) -> Result<()> {
 
 /// Runs `strata commit`.
 pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
-    let opts = CommitOptions {
-        base: args.base.clone(),
-        keep_top: args.keep_top,
-        shorten_chain: args.shorten_chain,
-        force: args.force,
-        dry_run: args.dry_run,
-        also_check: Vec::new(),
-        users_in: args.users_in.clone(),
-        confine_to: args.confine.clone(),
-    };
+    let mut opts = CommitOptions::default()
+        .with_keep_top(args.keep_top)
+        .with_shorten_chain(args.shorten_chain)
+        .with_force(args.force)
+        .with_dry_run(args.dry_run)
+        .with_users_in(args.users_in.clone());
+    opts.base = args.base.clone();
+    opts.confine_to = args.confine.clone();
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let r = strata_merge::commit(&args.file, &opts, &mut hooks);
     bar.finish();
     let r = r.name_file(&args.file)?;
@@ -210,17 +205,12 @@ pub fn commit(args: &CommitArgs, out: &mut dyn Write) -> Result<i32> {
 
 /// Runs `strata pull`.
 pub fn pull(args: &PullArgs, out: &mut dyn Write) -> Result<i32> {
-    let opts = PullOptions {
-        base: args.base.clone(),
-        dry_run: args.dry_run,
-    };
+    let mut opts = PullOptions::default().with_dry_run(args.dry_run);
+    opts.base = args.base.clone();
     let confine = args.confine.clone();
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let r = strata_merge::pull_confined(&args.file, &opts, confine.as_deref(), &mut hooks);
     bar.finish();
     let r = r.name_file(&args.file)?;
@@ -316,14 +306,9 @@ pub fn rebase(args: &RebaseArgs, out: &mut dyn Write) -> Result<i32> {
     }
     let bar = Bar::new(args.progress && !args.dry_run);
     let mut cb = |p: Progress| bar.update(p);
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
-    let opts = RebaseOptions {
-        dry_run: args.dry_run,
-        confine_to: args.confine.clone(),
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
+    let mut opts = RebaseOptions::default().with_dry_run(args.dry_run);
+    opts.confine_to = args.confine.clone();
     let r = strata_merge::rebase(path, new, &opts, &mut hooks);
     bar.finish();
     let r = r.name_file(file)?;

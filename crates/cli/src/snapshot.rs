@@ -351,11 +351,7 @@ pub fn parse_diskspec(text: &str) -> Result<DiskSpec> {
     let Some(disk) = disk else {
         bail!("--diskspec {text:?}: no disk name");
     };
-    let mut spec = DiskSpec {
-        disk,
-        external: true,
-        file: None,
-    };
+    let mut spec = DiskSpec::new(disk);
     for f in it {
         let (k, v) = f.split_once('=').unwrap_or((f.as_str(), ""));
         match (k, v) {
@@ -633,10 +629,7 @@ fn with_bar<T>(label: &'static str, verbose: bool, f: impl FnOnce(&mut Hooks<'_>
     let mut bar = Bar::new(label, verbose);
     let mut cb = |p: strata_merge::Progress| bar.update(p);
     ARMED.store(true, Ordering::SeqCst);
-    let r = f(&mut Hooks {
-        progress: Some(&mut cb),
-        cancel: Some(&CANCEL),
-    });
+    let r = f(&mut Hooks::new().with_progress(&mut cb).with_cancel(&CANCEL));
     ARMED.store(false, Ordering::SeqCst);
     bar.done();
     r
@@ -680,15 +673,14 @@ pub fn run_on(conn: &Connect, cmd: &LibvirtCommand, out: &mut dyn Write) -> Resu
         LibvirtCommand::Blockcommit(a) => {
             let domain = a.target.domain()?;
             let disk = one_name(&a.path_pos, &a.path)?;
-            let opts = BlockCommitOptions {
-                disk,
-                base: a.base.clone(),
-                delete_snapshots: a.delete_snapshots,
-                delete_merged: a.delete,
-                top: a.top.clone(),
-                shallow: a.shallow,
-                bandwidth: bandwidth(a.bandwidth, a.bytes),
-            };
+            let mut opts = BlockCommitOptions::default()
+                .with_delete_snapshots(a.delete_snapshots)
+                .with_delete_merged(a.delete)
+                .with_shallow(a.shallow)
+                .with_bandwidth(bandwidth(a.bandwidth, a.bytes));
+            opts.disk = disk;
+            opts.base = a.base.clone();
+            opts.top = a.top.clone();
             let r = with_bar("Block commit", a.verbose, |h| {
                 strata_libvirt::blockcommit(conn, &domain, &opts, h)
             })
@@ -702,11 +694,10 @@ pub fn run_on(conn: &Connect, cmd: &LibvirtCommand, out: &mut dyn Write) -> Resu
         }
         LibvirtCommand::Blockpull(a) => {
             let domain = a.target.domain()?;
-            let opts = BlockPullOptions {
-                disk: one_name(&a.path_pos, &a.path)?,
-                base: a.base.clone(),
-                bandwidth: bandwidth(a.bandwidth, a.bytes),
-            };
+            let mut opts =
+                BlockPullOptions::default().with_bandwidth(bandwidth(a.bandwidth, a.bytes));
+            opts.disk = one_name(&a.path_pos, &a.path)?;
+            opts.base = a.base.clone();
             let r = with_bar("Block Pull", a.verbose, |h| {
                 strata_libvirt::blockpull(conn, &domain, &opts, h)
             })
@@ -736,17 +727,17 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                     .map(|d| d.as_secs().to_string())
                     .unwrap_or_else(|_| "snapshot".into()),
             };
-            let opts = SnapshotCreateOptions {
-                disks: (!a.disks.is_empty()).then(|| a.disks.clone()),
-                diskspecs: a
-                    .diskspecs
-                    .iter()
-                    .map(|d| parse_diskspec(d))
-                    .collect::<Result<_>>()?,
-                file: a.file.clone(),
-                description: a.description.clone(),
-                quiesce: a.quiesce,
-            };
+            let mut opts = SnapshotCreateOptions::default()
+                .with_diskspecs(
+                    a.diskspecs
+                        .iter()
+                        .map(|d| parse_diskspec(d))
+                        .collect::<Result<_>>()?,
+                )
+                .with_quiesce(a.quiesce);
+            opts.disks = (!a.disks.is_empty()).then(|| a.disks.clone());
+            opts.file = a.file.clone();
+            opts.description = a.description.clone();
             let r = strata_libvirt::snapshot_create(conn, &domain, &name, &opts)
                 .with_context(|| format!("{domain}: snapshot create {name}"))?;
             writeln!(out, "Domain snapshot {name} created")?;
@@ -841,12 +832,11 @@ fn snapshot_on(conn: &Connect, action: &SnapshotAction, out: &mut dyn Write) -> 
                 conn,
                 &domain,
                 &name,
-                &RevertOptions {
-                    disks_only: a.disks_only,
-                    force: a.force,
-                    running: a.running,
-                    paused: a.paused,
-                },
+                &RevertOptions::default()
+                    .with_disks_only(a.disks_only)
+                    .with_force(a.force)
+                    .with_running(a.running)
+                    .with_paused(a.paused),
             )
             .with_context(|| format!("{domain}: snapshot revert {name}"))?;
             if r.stopped {

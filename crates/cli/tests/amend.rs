@@ -74,17 +74,7 @@ fn chain(dir: &Path) -> PathBuf {
     let top = dir.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io("qcow2", &base, &["write -P 0xaa 0 1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(
         "qcow2",
         &top,

@@ -23,17 +23,7 @@ fn chain(dir: &Path) -> (PathBuf, PathBuf) {
         &base,
         &["write -P 1 0 1M", "write -P 2 2M 512k", "write -P 0 3M 64k"],
     );
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(
         "qcow2",
         &top,
@@ -365,17 +355,7 @@ fn a_depth_200_chain_maps_lists_and_converts_as_with_qemu_img() {
     qemu_io("qcow2", &p(0), &["write -P 1 0 1M"]);
     for i in 1..200 {
         let below = format!("l{}.qcow2", i - 1);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &below,
-            "-F",
-            "qcow2",
-            s(&p(i)),
-        ]);
+        qemu_overlay(&p(i), &below);
         if i % 50 == 0 {
             qemu_io(
                 "qcow2",

@@ -15,17 +15,7 @@ fn check_of_the_top_of_a_200_deep_chain_matches_qemu_img() {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&p(0)), "1M"]);
     for i in 1..200 {
         let below = format!("l{}.qcow2", i - 1);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &below,
-            "-F",
-            "qcow2",
-            s(&p(i)),
-        ]);
+        qemu_overlay(&p(i), &below);
     }
     let top = p(199);
     qemu_io("qcow2", &top, &["write -P 9 0 64k"]);

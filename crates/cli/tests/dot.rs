@@ -228,18 +228,7 @@ fn test_domain(dir: &Path) -> String {
     let dir = std::fs::canonicalize(dir).unwrap();
     let disk = dir.join("vm.qcow2");
     strata_ok(&["create", "-q", s(&disk), "4M"]);
-    let node = format!(
-        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-         <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
-         <memory>65536</memory><os><type>hvm</type></os><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-         </devices><test:runstate>5</test:runstate></domain></node>",
-        disk.display()
-    );
-    let path = dir.join("node.xml");
-    std::fs::write(&path, node).unwrap();
-    format!("test://{}", path.display())
+    test_driver_uri(&dir, &qcow2_disk_xml(&disk, "vda"))
 }
 
 #[cfg(feature = "libvirt")]

@@ -25,24 +25,16 @@ fn test_domain(dir: &Path) -> (String, std::path::PathBuf) {
     strata_ok(&["io", "-c", "write -P 0x11 0 1M", s(&disk)]);
     let data = dir.join("data.raw");
     std::fs::write(&data, vec![0u8; 1 << 20]).unwrap();
-    let node = format!(
-        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-         <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
-         <memory>65536</memory><os><type>hvm</type></os><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+    let devices = format!(
+        "{}<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
          <source file='{}'/><target dev='vdb' bus='virtio'/></disk>\
          <disk type='file' device='cdrom'><driver name='qemu' type='raw'/>\
-         <target dev='hdc' bus='ide'/><readonly/></disk>\
-         </devices><test:runstate>5</test:runstate></domain></node>",
-        disk.display(),
+         <target dev='hdc' bus='ide'/><readonly/></disk>",
+        qcow2_disk_xml(&disk, "vda"),
         data.display()
     );
     // The URI cannot have a space: node.xml goes one level up.
-    let path = dir.parent().unwrap().join("node.xml");
-    std::fs::write(&path, node).unwrap();
-    (format!("test://{}", path.display()), dir)
+    (test_driver_uri(dir.parent().unwrap(), &devices), dir)
 }
 
 #[test]

@@ -20,29 +20,9 @@ fn shared_base(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let sibling = elsewhere.join("sibling.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io("qcow2", &base, &["write -P 0x11 0 1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io("qcow2", &top, &["write -P 0x22 0 64k"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../images/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&sibling),
-    ]);
+    qemu_overlay(&sibling, "../images/base.qcow2");
     (base, top, sibling)
 }
 
@@ -126,17 +106,7 @@ fn climbing_chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let top = jail.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io("qcow2", &base, &["write -P 0x11 0 1M"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../outside/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "../outside/base.qcow2");
     qemu_io("qcow2", &top, &["write -P 0x22 0 64k"]);
     (jail, top, base)
 }

@@ -234,17 +234,7 @@ fn resize_of_an_overlay_leaves_its_backing_file_alone() {
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
     for t in [&a, &b] {
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        qemu_overlay(t, "base.qcow2");
     }
     qemu_io("qcow2", &a, &["write -P 6 0 64k"]);
     qemu_io("qcow2", &b, &["write -P 6 0 64k"]);
@@ -491,17 +481,7 @@ fn resize_shrink_then_grow_of_an_overlay_matches_qemu_img() {
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
     for t in [&a, &b] {
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        qemu_overlay(t, "base.qcow2");
         qemu_io("qcow2", t, &["write -P 6 512k 1M"]);
     }
     resize_both(&a, &b, &["--shrink", "700k"]);

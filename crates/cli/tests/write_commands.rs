@@ -468,18 +468,7 @@ mod libvirt {
         let disk = dir.join("vm.qcow2");
         strata_ok(&["create", "-q", s(&disk), "16M"]);
         strata_ok(&["io", "-c", "write -P 0x11 0 1M", s(&disk)]);
-        let node = format!(
-            "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
-             <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
-             <memory>65536</memory><os><type>hvm</type></os><devices>\
-             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-             </devices><test:runstate>5</test:runstate></domain></node>",
-            disk.display()
-        );
-        let path = dir.join("node.xml");
-        std::fs::write(&path, node).unwrap();
-        format!("test://{}", path.display())
+        test_driver_uri(&dir, &qcow2_disk_xml(&disk, "vda"))
     }
 
     #[test]
@@ -614,17 +603,7 @@ fn every_writing_command_is_refused_while_qemu_io_holds_the_image_and_changes_no
     let src = dir.join("src.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "2M"]);
     qemu_io_ok(&base, &["write -P 0x11 0 64k"]);
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io_ok(&top, &["write -P 0x22 64k 64k"]);
     qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&src), "1M"]);
     // qemu-img itself refuses to replace a held image.
@@ -696,17 +675,7 @@ fn create_refuses_an_image_backed_by_itself_by_name_symlink_or_hard_link() {
     }
     // A backing file whose own chain holds the image would make a loop.
     let y = d.path().join("y.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "x.qcow2",
-        "-F",
-        "qcow2",
-        s(&y),
-    ]);
+    qemu_overlay(&y, "x.qcow2");
     let r = strata(&["create", "-b", "y.qcow2", "-F", "qcow2", s(&x)]);
     assert_fails_with(&r, 1, &["x.qcow2", "loop"]);
     assert_eq!(read_file(&x), before);

@@ -30,7 +30,7 @@
 
 use strata_format::{GuestOffset, L1Entry, L2Entry};
 
-use crate::chain::{Chain, Image, Layer};
+use crate::chain::{resolve_in, Chain, Image, Layer};
 use crate::check;
 use crate::error::{Error, Result};
 use crate::mapping::Mapping;
@@ -100,12 +100,14 @@ impl BlockStatus {
     }
 }
 
-/// The iterator [`Chain::block_status`] returns.
-#[derive(Debug)]
-pub struct BlockStatusIter<'a> {
-    chain: &'a Chain,
-    pos: u64,
-    end: u64,
+/// What block status remembers about each layer between extents, so that
+/// a walk that asks extent by extent (with writes in between, as a merge
+/// does) pays for it once: whether QEMU would ask a layer's file about
+/// holes, and the last run of empty L1 entries seen. One cache belongs to
+/// one list of layers (it starts over when given a list of another
+/// length).
+#[derive(Debug, Clone, Default)]
+pub struct StatusCache {
     /// Per layer: whether QEMU would ask its file about holes (decided once
     /// per layer, as QEMU does).
     prealloc: Vec<Option<bool>>,
@@ -113,6 +115,29 @@ pub struct BlockStatusIter<'a> {
     /// `[from, next)` points at a table (so a long empty run is scanned
     /// once, not once per extent).
     l1_scans: Vec<(usize, usize)>,
+}
+
+impl StatusCache {
+    /// An empty cache.
+    pub fn new() -> StatusCache {
+        StatusCache::default()
+    }
+
+    fn fit(&mut self, layers: usize) {
+        if self.prealloc.len() != layers {
+            self.prealloc = vec![None; layers];
+            self.l1_scans = vec![(0, 0); layers];
+        }
+    }
+}
+
+/// The iterator [`Chain::block_status`] and [`block_status_in`] return.
+#[derive(Debug)]
+pub struct BlockStatusIter<'a> {
+    layers: &'a [Layer],
+    pos: u64,
+    end: u64,
+    cache: StatusCache,
     failed: bool,
 }
 
@@ -122,16 +147,54 @@ impl Chain {
     /// Neighbouring extents may have the same answer; merge them with
     /// [`BlockStatus::mergeable`] where that matters.
     pub fn block_status(&self, start: u64, len: u64) -> BlockStatusIter<'_> {
-        let end = start.saturating_add(len).min(self.virtual_size());
-        BlockStatusIter {
-            chain: self,
-            pos: start.min(end),
-            end,
-            prealloc: vec![None; self.layers().len()],
-            l1_scans: vec![(0, 0); self.layers().len()],
-            failed: false,
-        }
+        block_status_in(self.layers(), start, len)
     }
+}
+
+/// [`Chain::block_status`] of the view `layers` show (top first; e.g. the
+/// layers below an image: the view it has of its backing chain), clipped
+/// to the first layer's virtual size. Depths and `layer` index `layers`.
+pub fn block_status_in(layers: &[Layer], start: u64, len: u64) -> BlockStatusIter<'_> {
+    let size = layers.first().map_or(0, |l| l.image.virtual_size());
+    let end = start.saturating_add(len).min(size);
+    BlockStatusIter {
+        layers,
+        pos: start.min(end),
+        end,
+        cache: StatusCache::default(),
+        failed: false,
+    }
+}
+
+/// The extent of [`block_status_in`]`(layers, start, max)` at `start` (at
+/// most `max` bytes, at least one when `max` is not 0), with the per-layer
+/// answers kept in `cache` between calls. At or past the end of the first
+/// layer (a view shorter than the walk over it), the extent reads as
+/// zeros: `depth` 0, no `layer`, `past_end`, `max` bytes long.
+pub fn block_status_at(
+    layers: &[Layer],
+    cache: &mut StatusCache,
+    start: u64,
+    max: u64,
+) -> Result<BlockStatus> {
+    cache.fit(layers.len());
+    let size = layers.first().map_or(0, |l| l.image.virtual_size());
+    if start >= size || max == 0 {
+        return Ok(BlockStatus {
+            start,
+            length: max,
+            depth: 0,
+            layer: None,
+            allocated: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            offset: None,
+            past_end: start >= size,
+            mapping: Mapping::Unallocated,
+        });
+    }
+    step(layers, cache, start, max.min(size - start))
 }
 
 impl Iterator for BlockStatusIter<'_> {
@@ -141,7 +204,8 @@ impl Iterator for BlockStatusIter<'_> {
         if self.failed || self.pos >= self.end {
             return None;
         }
-        match self.step() {
+        self.cache.fit(self.layers.len());
+        match step(self.layers, &mut self.cache, self.pos, self.end - self.pos) {
             Ok(s) => {
                 self.pos = s.end();
                 Some(Ok(s))
@@ -154,86 +218,79 @@ impl Iterator for BlockStatusIter<'_> {
     }
 }
 
-impl BlockStatusIter<'_> {
-    /// The next extent, at `self.pos`.
-    fn step(&mut self) -> Result<BlockStatus> {
-        let chain = self.chain;
-        let layers = chain.layers();
-        let pos = self.pos;
-        let max = self.end - pos;
-        let bottom = layers.len() - 1;
-        if let Some(n) = empty_l1_run(layers, &mut self.l1_scans, pos, max) {
-            return unallocated_zero(&layers[bottom], bottom, pos, n, false);
-        }
-        let r = chain.resolve(pos, max)?;
-        let len = r.extent.len.min(max);
-        if len == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "{}: internal error: empty extent at guest offset {pos:#x}",
-                layers[0].path.display()
-            )));
-        }
-        let base = BlockStatus {
-            start: pos,
-            length: len,
-            depth: r.depth,
-            layer: Some(r.depth),
-            allocated: true,
-            zero: false,
-            data: false,
-            compressed: false,
-            offset: None,
-            past_end: false,
-            mapping: r.extent.mapping,
-        };
-        if r.past_end {
-            // The layer above the short one answers "zeros".
-            let d = r.depth.saturating_sub(1);
-            return unallocated_zero(&layers[d], d, pos, len, true);
-        }
-        Ok(match r.extent.mapping {
-            Mapping::Unallocated => {
-                return unallocated_zero(&layers[bottom], bottom, pos, len, false)
-            }
-            Mapping::Zero { host } => BlockStatus {
-                zero: true,
-                offset: host.map(|h| h.get()),
-                ..base
-            },
-            Mapping::Data { host } => {
-                let layer = &layers[r.depth];
-                let prealloc = *self.prealloc[r.depth].get_or_insert_with(|| {
-                    layer
-                        .image
-                        .as_qcow2()
-                        .is_some_and(check::detect_metadata_preallocation)
-                });
-                let mut length = len;
-                let mut zero = false;
-                if prealloc {
-                    let (data, run) = layer
-                        .image
-                        .data_storage()?
-                        .data_run(host.get(), len)
-                        .map_err(|e| Error::io(&layer.path, "seek data/hole", host.get(), e))?;
-                    length = run.clamp(1, len);
-                    zero = !data;
-                }
-                BlockStatus {
-                    length,
-                    zero,
-                    data: true,
-                    offset: Some(host.get()),
-                    ..base
-                }
-            }
-            Mapping::Compressed(_) => BlockStatus {
-                data: true,
-                compressed: true,
-                ..base
-            },
-        })
+/// The extent at `pos` (at most `max` bytes; `[pos, pos+max)` inside the
+/// first layer, `cache` fitted to `layers`).
+fn step(layers: &[Layer], cache: &mut StatusCache, pos: u64, max: u64) -> Result<BlockStatus> {
+    let bottom = layers.len() - 1;
+    if let Some(n) = empty_l1_run(layers, &mut cache.l1_scans, pos, max) {
+        return unallocated_zero(&layers[bottom], bottom, pos, n, false);
     }
+    let r = resolve_in(layers, pos, max)?;
+    let len = r.extent.len.min(max);
+    if len == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{}: internal error: empty extent at guest offset {pos:#x}",
+            layers[0].path.display()
+        )));
+    }
+    let base = BlockStatus {
+        start: pos,
+        length: len,
+        depth: r.depth,
+        layer: Some(r.depth),
+        allocated: true,
+        zero: false,
+        data: false,
+        compressed: false,
+        offset: None,
+        past_end: false,
+        mapping: r.extent.mapping,
+    };
+    if r.past_end {
+        // The layer above the short one answers "zeros".
+        let d = r.depth.saturating_sub(1);
+        return unallocated_zero(&layers[d], d, pos, len, true);
+    }
+    Ok(match r.extent.mapping {
+        Mapping::Unallocated => return unallocated_zero(&layers[bottom], bottom, pos, len, false),
+        Mapping::Zero { host } => BlockStatus {
+            zero: true,
+            offset: host.map(|h| h.get()),
+            ..base
+        },
+        Mapping::Data { host } => {
+            let layer = &layers[r.depth];
+            let prealloc = *cache.prealloc[r.depth].get_or_insert_with(|| {
+                layer
+                    .image
+                    .as_qcow2()
+                    .is_some_and(check::detect_metadata_preallocation)
+            });
+            let mut length = len;
+            let mut zero = false;
+            if prealloc {
+                let (data, run) = layer
+                    .image
+                    .data_storage()?
+                    .data_run(host.get(), len)
+                    .map_err(|e| Error::io(&layer.path, "seek data/hole", host.get(), e))?;
+                length = run.clamp(1, len);
+                zero = !data;
+            }
+            BlockStatus {
+                length,
+                zero,
+                data: true,
+                offset: Some(host.get()),
+                ..base
+            }
+        }
+        Mapping::Compressed(_) => BlockStatus {
+            data: true,
+            compressed: true,
+            ..base
+        },
+    })
 }
 
 /// When `pos` lies in an L1 range that is empty in every layer (all qcow2

@@ -920,33 +920,6 @@ fn read_in(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
-/// The start of what [`read_below`] would read at `offset` (at most `len`
-/// bytes), mapped in place instead of copied, when one layer stores at
-/// least `min` bytes of it uncompressed on a storage that can map (see
-/// [`Storage::mapped`]). The bytes may be fewer than `len`; `None` means:
-/// read instead.
-pub fn mapped_below(
-    layers: &[Layer],
-    offset: u64,
-    len: u64,
-    min: u64,
-) -> Result<Option<MappedBytes>> {
-    let size = layers.first().map_or(0, |l| l.image.virtual_size());
-    let n = size.saturating_sub(offset).min(len);
-    if n == 0 || n < min {
-        return Ok(None);
-    }
-    let r = resolve_in(layers, offset, n)?;
-    let n = r.extent.len.min(n);
-    match layers.get(r.depth) {
-        Some(layer) if !r.past_end && r.extent.mapping.is_allocated() && n >= min => {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            layer.image.mapped_data(r.extent.mapping, n)
-        }
-        _ => Ok(None),
-    }
-}
-
 /// Reads what `layers` show at `offset`, zeros past the end of the first
 /// (the view an image has of its backing chain).
 pub fn read_below(layers: &[Layer], buf: &mut [u8], offset: u64) -> Result<()> {

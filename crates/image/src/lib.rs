@@ -126,34 +126,48 @@
 //! # Test hooks
 //!
 //! The `testing` feature adds `FaultStorage` (a storage that crashes and
-//! fails on request, for crash-consistency tests); it is not part of the
-//! default API.
+//! fails on request, for crash-consistency tests) and the `lock` module
+//! (QEMU's image locks taken by hand, for the interoperability tests);
+//! they are not part of the default API. Without it, locks are taken by
+//! [`Chain::open`] and [`create`] and reported as [`LockError`].
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backing;
 pub mod block_status;
 pub mod chain;
-pub mod compress;
+mod compress;
 pub mod convert;
 pub mod create;
-pub mod error;
+mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod lock;
-pub mod mapping;
-pub mod qcow2;
-pub use qcow2::{amend, bitmap, check, repair, resize, snapshot_internal, write};
-pub mod raw;
+// Without `testing`, the lock functions the QEMU interoperability tests
+// call directly (lock_file, ImageLock::set_mode, ...) have no user.
+#[cfg(not(any(test, feature = "testing")))]
+#[allow(dead_code)]
+mod lock;
+mod mapping;
+mod qcow2;
+pub use qcow2::{amend, bitmap, check, repair, resize, snapshot_internal};
+// The write path's own items, for the crate (`crate::write::...`).
+use qcow2::write;
+mod raw;
 pub mod storage;
 
 pub use backing::{set_backing_file, FileId};
 pub use bitmap::{BitmapEdit, BitmapInfo, DirtyBitmap};
-pub use block_status::{BlockStatus, BlockStatusIter};
+pub use block_status::{
+    block_status_at, block_status_in, BlockStatus, BlockStatusIter, StatusCache,
+};
 pub use chain::{
     Chain, Image, ImageFormat, Layer, OnBadBitmaps, OnDirty, OnUnknownAutoclear, OpenOptions,
     Resolved, WritePolicy, READ_CHAIN_DEPTH,
 };
-pub use error::{Error, Result};
+pub use error::{Error, FirstError, Result};
+pub use lock::{LockError, LockMode};
 pub use mapping::{Extent, Mapping};
+pub use qcow2::data_file::DataFile;
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 pub use snapshot_internal::SnapshotRef;

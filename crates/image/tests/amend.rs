@@ -140,7 +140,7 @@ fn amend_like_qemu(img: &Path, qopts: &str, opts: &AmendOptions) -> PathBuf {
     let (q, s) = twins(img);
     let (code, err) = qemu_amend(&q, qopts);
     assert_eq!(code, 0, "qemu-img amend -o {qopts} failed: {err}");
-    amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
+    let _ = amend(&s, opts).unwrap_or_else(|e| panic!("strata amend {qopts}: {e}"));
     assert_eq!(check_code(&s), 0, "strata's image does not check clean");
     assert!(
         qemu_check_clean_but_for_its_copied_bug(&q),
@@ -598,24 +598,6 @@ fn amending_nothing_changes_nothing() {
 
 // ---- crashes ----------------------------------------------------------
 
-fn chain_on(top: &FaultStorage, base: Option<&[u8]>) -> Chain {
-    let img = Qcow2Image::open_rw(Box::new(top.clone()), Path::new("top.qcow2")).unwrap();
-    let mut layers = vec![Layer::new("top.qcow2".into(), None, Image::Qcow2(img))];
-    if let Some(b) = base {
-        let bi = Qcow2Image::open(
-            Box::new(MemStorage::from_bytes(b.to_vec())),
-            Path::new("base.qcow2"),
-        )
-        .unwrap();
-        layers.push(Layer::new(
-            "base.qcow2".into(),
-            Some("base.qcow2".into()),
-            Image::Qcow2(bi),
-        ));
-    }
-    Chain::from_layers(layers).unwrap()
-}
-
 fn view_of(bytes: &[u8], base: Option<&[u8]>, label: &str) -> Vec<u8> {
     let img = Qcow2Image::open(
         Box::new(MemStorage::from_bytes(bytes.to_vec())),
@@ -641,16 +623,6 @@ fn view_of(bytes: &[u8], base: Option<&[u8]>, label: &str) -> Vec<u8> {
     v
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Amends `top` (with optional backing `base`, both in `dir`) on a
 /// FaultStorage crashing at every operation; every durable state must
 /// open, read the original guest data (active and every snapshot, as
@@ -663,8 +635,8 @@ fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOpt
     let snaps = snapshot_names(top);
     let snap_views: Vec<Vec<u8>> = snaps.iter().map(|n| raw_of(top, Some(n), dir)).collect();
     let reference = FaultStorage::new(initial.clone());
-    let mut chain = chain_on(&reference, base_ref);
-    amend_chain(&mut chain, opts).unwrap();
+    let mut chain = fault_chain(&reference, base_ref);
+    let _ = amend_chain(&mut chain, opts).unwrap();
     // The amend's own operations (closing the image may sync once more).
     let total = reference.ops();
     drop(chain);
@@ -679,7 +651,7 @@ fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOpt
     for n in 0..total {
         let st = FaultStorage::new(initial.clone());
         st.crash_at(n);
-        let r = amend_chain(&mut chain_on(&st, base_ref), opts);
+        let r = amend_chain(&mut fault_chain(&st, base_ref), opts);
         assert!(r.is_err(), "crash point {n} not reached");
         let seed = rng.next() | 1;
         for (label, keep) in [("none", 0u64), ("all", 1), ("random", seed)] {
@@ -709,7 +681,7 @@ fn crash_everywhere(dir: &Path, top: &Path, base: Option<&Path>, opts: &AmendOpt
             if keep > 1 {
                 // Running the same amend again finishes the job.
                 let again = FaultStorage::new(bytes.clone());
-                amend_chain(&mut chain_on(&again, base_ref), opts)
+                let _ = amend_chain(&mut fault_chain(&again, base_ref), opts)
                     .unwrap_or_else(|e| panic!("{label}: the rerun failed: {e}"));
                 let done = again.current();
                 assert!(

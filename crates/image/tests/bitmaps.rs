@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{qemu_create, qemu_img, qemu_io, run, skip};
+use common::{qemu_create, qemu_img, qemu_io, run, skip, Keep, Rng};
 use strata_image::{Chain, FileStorage, OpenOptions, Qcow2Image};
 
 fn arg(p: &Path) -> &str {
@@ -302,19 +302,6 @@ fn v2_images_have_no_bitmaps() {
 // ---------------------------------------------------------------------
 
 use strata_image::{FaultStorage, Image, Layer, MemStorage};
-
-/// Chooses which unsynced writes reached the disk.
-type Keep = Box<dyn FnMut(usize) -> bool>;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn mem_image(bytes: Vec<u8>) -> Qcow2Image {
     Qcow2Image::open(

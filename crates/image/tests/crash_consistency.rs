@@ -23,24 +23,6 @@ enum Op {
     Flush,
 }
 
-fn chain_on(top: &FaultStorage, base: Option<&[u8]>) -> Chain {
-    let img = Qcow2Image::open_rw(Box::new(top.clone()), Path::new("top.qcow2")).unwrap();
-    let mut layers = vec![Layer::new("top.qcow2".into(), None, Image::Qcow2(img))];
-    if let Some(b) = base {
-        let bi = Qcow2Image::open(
-            Box::new(MemStorage::from_bytes(b.to_vec())),
-            Path::new("base.qcow2"),
-        )
-        .unwrap();
-        layers.push(Layer::new(
-            "base.qcow2".into(),
-            Some("base.qcow2".into()),
-            Image::Qcow2(bi),
-        ));
-    }
-    Chain::from_layers(layers).unwrap()
-}
-
 fn view(chain: &Chain) -> Vec<u8> {
     let mut v = vec![0u8; chain.virtual_size() as usize];
     chain.read_at(&mut v, 0).unwrap();
@@ -54,19 +36,6 @@ fn apply(chain: &mut Chain, op: Op) -> strata_image::Result<()> {
         Op::Zero(off, len, unmap) => chain.write_zeroes(off, len, unmap),
         Op::Discard(off, len) => chain.discard(off, len),
         Op::Flush => chain.flush(),
-    }
-}
-
-/// Chooses which unsynced writes reached the disk.
-type Keep = Box<dyn FnMut(usize) -> bool>;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 
@@ -101,7 +70,7 @@ fn crash_everywhere(
     }
     // Reference run: the view after each op, and flush points.
     let reference = FaultStorage::new(initial.clone());
-    let mut chain = chain_on(&reference, base.as_deref());
+    let mut chain = fault_chain(&reference, base.as_deref());
     let mut views = vec![view(&chain)];
     for op in ops {
         apply(&mut chain, *op).unwrap();
@@ -115,7 +84,7 @@ fn crash_everywhere(
     for n in (0..total).filter(|n| n % stride == 0 || *n + 1 == total) {
         let st = FaultStorage::new(initial.clone());
         st.crash_at(n);
-        let mut chain = chain_on(&st, base.as_deref());
+        let mut chain = fault_chain(&st, base.as_deref());
         let mut done = 0;
         let mut last_flush = 0;
         for (i, op) in ops.iter().enumerate() {

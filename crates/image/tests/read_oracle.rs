@@ -185,17 +185,28 @@ fn map_answers_do_not_depend_on_the_order_of_questions() {
 }
 
 /// Walks the view of `img` in odd-sized steps, mapping what can be mapped
-/// (`chain::mapped_below`) and checking it against a copying read of the
-/// same bytes. Returns the bytes that came mapped.
+/// (block status, then `Image::mapped_data` of the layer holding the
+/// data, as the merge walk does) and checking it against a copying read of
+/// the same bytes. Returns the bytes that came mapped.
 fn mapped_bytes_equal_read_bytes(img: &Path) -> u64 {
-    use strata_image::chain::{mapped_below, read_below};
+    use strata_image::block_status::{block_status_at, StatusCache};
+    use strata_image::chain::read_below;
     let chain = Chain::open(img, &OpenOptions::default()).unwrap();
     let layers = chain.layers();
     let size = chain.virtual_size();
     let (mut pos, mut mapped) = (0u64, 0u64);
     let step = 100_003u64;
+    let mut cache = StatusCache::new();
     while pos < size + step {
-        match mapped_below(layers, pos, step, 1).unwrap() {
+        let s = block_status_at(layers, &mut cache, pos, step).unwrap();
+        let m = match s.layer {
+            Some(d) if s.reads_data() => {
+                let n = usize::try_from(s.length).unwrap();
+                layers[d].image.mapped_data(s.mapping, n).unwrap()
+            }
+            _ => None,
+        };
+        match m {
             Some(m) => {
                 assert!(!m.is_empty() && m.len() as u64 <= step.min(size - pos));
                 let mut want = vec![0u8; m.len()];

@@ -50,20 +50,6 @@ fn apply_to_twins(ops: &[Op], q: &Path, s: &Path) {
     chain.flush().unwrap();
 }
 
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_ops(seed: u64, size: u64, n: usize, align: u64) -> Vec<Op> {
     let mut r = Rng(seed | 1);
     (0..n)

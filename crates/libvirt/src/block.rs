@@ -15,7 +15,10 @@ use crate::snapshot::{commit_guarded, garbage, Gc, Report};
 use crate::xml;
 
 /// Options of [`blockcommit`] (`virsh blockcommit --active --pivot`).
+/// `#[non_exhaustive]`: start from `default()` and use the `with_*`
+/// methods (or assign the fields of a value you hold).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct BlockCommitOptions {
     /// Disk target; `None`: the domain's only file-backed disk.
     pub disk: Option<String>,
@@ -41,8 +44,10 @@ pub struct BlockCommitOptions {
     pub bandwidth: u64,
 }
 
-/// Options of [`blockpull`] (`virsh blockpull`).
+/// Options of [`blockpull`] (`virsh blockpull`). `#[non_exhaustive]`:
+/// start from `default()` and use the `with_*` methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct BlockPullOptions {
     /// Disk target; `None`: the domain's only file-backed disk.
     pub disk: Option<String>,
@@ -53,6 +58,63 @@ pub struct BlockPullOptions {
     /// Bandwidth limit of a live job, bytes per second (0: none; offline
     /// merges ignore it).
     pub bandwidth: u64,
+}
+
+impl BlockCommitOptions {
+    /// Commits the disk `disk` (target or source file; see
+    /// [`BlockCommitOptions::disk`]).
+    pub fn with_disk(mut self, disk: impl Into<String>) -> BlockCommitOptions {
+        self.disk = Some(disk.into());
+        self
+    }
+    /// Commits into `base` ([`BlockCommitOptions::base`]).
+    pub fn with_base(mut self, base: impl Into<PathBuf>) -> BlockCommitOptions {
+        self.base = Some(base.into());
+        self
+    }
+    /// Sets [`BlockCommitOptions::delete_snapshots`].
+    pub fn with_delete_snapshots(mut self, yes: bool) -> BlockCommitOptions {
+        self.delete_snapshots = yes;
+        self
+    }
+    /// Sets [`BlockCommitOptions::delete_merged`] (`--delete`).
+    pub fn with_delete_merged(mut self, yes: bool) -> BlockCommitOptions {
+        self.delete_merged = yes;
+        self
+    }
+    /// Commits from `top` (`--top`; [`BlockCommitOptions::top`]).
+    pub fn with_top(mut self, top: impl Into<PathBuf>) -> BlockCommitOptions {
+        self.top = Some(top.into());
+        self
+    }
+    /// Sets [`BlockCommitOptions::shallow`] (`--shallow`).
+    pub fn with_shallow(mut self, yes: bool) -> BlockCommitOptions {
+        self.shallow = yes;
+        self
+    }
+    /// Sets [`BlockCommitOptions::bandwidth`], bytes per second.
+    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> BlockCommitOptions {
+        self.bandwidth = bytes_per_second;
+        self
+    }
+}
+
+impl BlockPullOptions {
+    /// Pulls into the disk `disk` ([`BlockPullOptions::disk`]).
+    pub fn with_disk(mut self, disk: impl Into<String>) -> BlockPullOptions {
+        self.disk = Some(disk.into());
+        self
+    }
+    /// Keeps `base` as the backing file ([`BlockPullOptions::base`]).
+    pub fn with_base(mut self, base: impl Into<PathBuf>) -> BlockPullOptions {
+        self.base = Some(base.into());
+        self
+    }
+    /// Sets [`BlockPullOptions::bandwidth`], bytes per second.
+    pub fn with_bandwidth(mut self, bytes_per_second: u64) -> BlockPullOptions {
+        self.bandwidth = bytes_per_second;
+        self
+    }
 }
 
 /// The active chain of a disk, canonical paths, top first.
@@ -314,15 +376,9 @@ pub fn blockpull(
         return live_pull(ctx, &disk.target, &chain, base, opts, hooks);
     }
     let top = canon(&src);
-    let pr = strata_merge::pull(
-        &top,
-        &PullOptions {
-            base: base.clone(),
-            dry_run: false,
-        },
-        hooks,
-    )
-    .map_err(|e| Error::MergeFailed {
+    let mut opts = PullOptions::default();
+    opts.base = base.clone();
+    let pr = strata_merge::pull(&top, &opts, hooks).map_err(|e| Error::MergeFailed {
         op: format!("pull into {}", top.display()),
         state: format!(
             "{} may be partly written but reads the same, its backing files are unchanged, \

@@ -80,6 +80,19 @@
 //! The `testing` feature adds the module `testing` (fail points, holding a
 //! domain's lock), for this workspace's tests; it is not part of the
 //! default API.
+//!
+//! # Options and threads
+//!
+//! The option structs ([`BlockCommitOptions`], [`BlockPullOptions`],
+//! [`SnapshotCreateOptions`], [`DiskSpec`], [`RevertOptions`]) are
+//! `#[non_exhaustive]`: start from `default()` (or [`DiskSpec::new`]) and
+//! set what you need with their `with_*` methods. [`Report`] is
+//! `#[must_use]`: it says what changed (files created and removed, disks
+//! skipped).
+//!
+//! The operations run on the caller's thread, on the caller's
+//! [`Connect`]. Options, reports and errors are `Send + Sync` (checked at
+//! compile time), so they cross threads.
 #![deny(missing_docs)]
 // Only jobs.rs (libvirt's block-job calls, which `virt` 0.4 does not wrap)
 // is allowed unsafe code.
@@ -109,3 +122,17 @@ pub use snapshot::{
 };
 pub use tree::render_tree;
 pub use virt::connect::Connect;
+
+// What the crate documentation promises about threads, checked.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Error>();
+    send_sync::<Report>();
+    send_sync::<BlockCommitOptions>();
+    send_sync::<BlockPullOptions>();
+    send_sync::<SnapshotCreateOptions>();
+    send_sync::<DiskSpec>();
+    send_sync::<RevertOptions>();
+    send_sync::<SnapshotInfo>();
+    send_sync::<DiskInfo>();
+};

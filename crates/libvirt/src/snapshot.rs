@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 use crate::xml::{self, DomainDisk, NewSnapshot, OwnedFile};
 
 /// One `--diskspec` of `virsh snapshot-create-as`: what to do with a disk.
+/// `#[non_exhaustive]`: built with [`DiskSpec::new`] and the `with_*`
+/// methods.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskSpec {
     /// Disk target (`vda`) or its source file.
     pub disk: String,
@@ -28,7 +31,10 @@ pub struct DiskSpec {
 }
 
 /// Options of [`snapshot_create`] (`virsh snapshot-create-as --disk-only`).
+/// `#[non_exhaustive]`: start from `default()` and use the `with_*`
+/// methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct SnapshotCreateOptions {
     /// Disk targets to snapshot (`vda`, ...), and only those; `None`: the
     /// disks `virsh snapshot-create-as --disk-only` takes (see
@@ -49,6 +55,57 @@ pub struct SnapshotCreateOptions {
     /// running domains only, through the QEMU guest agent; an error when
     /// it does not answer (nothing is changed then).
     pub quiesce: bool,
+}
+
+impl DiskSpec {
+    /// `disk` (target or source file) taken by an external snapshot, the
+    /// overlay at libvirt's default path.
+    pub fn new(disk: impl Into<String>) -> DiskSpec {
+        DiskSpec {
+            disk: disk.into(),
+            external: true,
+            file: None,
+        }
+    }
+    /// `false`: `snapshot=no` (the disk is left out); `true`:
+    /// `snapshot=external`.
+    pub fn with_external(mut self, yes: bool) -> DiskSpec {
+        self.external = yes;
+        self
+    }
+    /// The overlay's path (`file=`).
+    pub fn with_file(mut self, file: impl Into<PathBuf>) -> DiskSpec {
+        self.file = Some(file.into());
+        self
+    }
+}
+
+impl SnapshotCreateOptions {
+    /// Snapshots these disks only ([`SnapshotCreateOptions::disks`]).
+    pub fn with_disks(mut self, disks: Vec<String>) -> SnapshotCreateOptions {
+        self.disks = Some(disks);
+        self
+    }
+    /// Sets [`SnapshotCreateOptions::diskspecs`].
+    pub fn with_diskspecs(mut self, specs: Vec<DiskSpec>) -> SnapshotCreateOptions {
+        self.diskspecs = specs;
+        self
+    }
+    /// The overlay's path ([`SnapshotCreateOptions::file`]).
+    pub fn with_file(mut self, file: impl Into<PathBuf>) -> SnapshotCreateOptions {
+        self.file = Some(file.into());
+        self
+    }
+    /// The snapshot's description.
+    pub fn with_description(mut self, text: impl Into<String>) -> SnapshotCreateOptions {
+        self.description = Some(text.into());
+        self
+    }
+    /// Sets [`SnapshotCreateOptions::quiesce`] (`--quiesce`).
+    pub fn with_quiesce(mut self, yes: bool) -> SnapshotCreateOptions {
+        self.quiesce = yes;
+        self
+    }
 }
 
 /// One disk of a snapshot.
@@ -93,6 +150,7 @@ pub struct SnapshotInfo {
 /// What an operation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct Report {
     /// Disks whose source changed: (target, the file the domain now uses).
     pub swapped: Vec<(String, PathBuf)>,
@@ -612,8 +670,10 @@ fn owned_minus(ctx: &Ctx<'_>, gone: &[PathBuf]) -> Vec<OwnedFile> {
         .collect()
 }
 
-/// Options of [`snapshot_revert_with`].
+/// Options of [`snapshot_revert_with`]. `#[non_exhaustive]`: start from
+/// `default()` and use the `with_*` methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RevertOptions {
     /// Revert only the disks of a snapshot that also saved the memory
     /// state (`--memspec`), dropping that state: the domain then starts
@@ -631,6 +691,29 @@ pub struct RevertOptions {
     /// (`virDomainDestroy`; its current state is what the revert discards
     /// anyway). Without it such a revert is refused.
     pub force: bool,
+}
+
+impl RevertOptions {
+    /// Sets [`RevertOptions::disks_only`].
+    pub fn with_disks_only(mut self, yes: bool) -> RevertOptions {
+        self.disks_only = yes;
+        self
+    }
+    /// Sets [`RevertOptions::running`].
+    pub fn with_running(mut self, yes: bool) -> RevertOptions {
+        self.running = yes;
+        self
+    }
+    /// Sets [`RevertOptions::paused`].
+    pub fn with_paused(mut self, yes: bool) -> RevertOptions {
+        self.paused = yes;
+        self
+    }
+    /// Sets [`RevertOptions::force`].
+    pub fn with_force(mut self, yes: bool) -> RevertOptions {
+        self.force = yes;
+        self
+    }
 }
 
 /// [`snapshot_revert_with`] with the default options.
@@ -910,14 +993,12 @@ pub(crate) fn commit_guarded(
     removable: &HashSet<PathBuf>,
     hooks: &mut Hooks<'_>,
 ) -> Result<strata_merge::CommitReport> {
-    let mut opts = CommitOptions {
-        base: Some(base.to_path_buf()),
-        // The disk's chain becomes top -> base, the top emptied (not
-        // qemu-img's -b, which writes the base alone).
-        shorten_chain: true,
-        dry_run: true,
-        ..CommitOptions::default()
-    };
+    // The disk's chain becomes top -> base, the top emptied (not
+    // qemu-img's -b, which writes the base alone).
+    let mut opts = CommitOptions::default()
+        .with_base(base)
+        .with_shorten_chain(true)
+        .with_dry_run(true);
     match strata_merge::commit(top, &opts, &mut Hooks::default()) {
         Ok(_) => {}
         Err(MergeError::BaseInUse { users, .. })
@@ -1102,17 +1183,21 @@ pub fn snapshot_delete(
             }
             Merge::Commit { top, base, disk } => {
                 rechained.push(disk.clone());
-                commit_guarded(top, base, &removable, hooks).map_err(|e| Error::MergeFailed {
-                    op: format!("commit {} into {}", top.display(), base.display()),
-                    state: format!(
-                        "{} is unchanged; {} may be partly written, but only {} reads it and \
+                // What the commit did is in `report` below; its own report
+                // adds nothing the caller sees.
+                let _ = commit_guarded(top, base, &removable, hooks).map_err(|e| {
+                    Error::MergeFailed {
+                        op: format!("commit {} into {}", top.display(), base.display()),
+                        state: format!(
+                            "{} is unchanged; {} may be partly written, but only {} reads it and \
                          still reads the same; libvirt's metadata is unchanged: fix the cause \
                          and run the same delete again",
-                        top.display(),
-                        base.display(),
-                        top.display()
-                    ),
-                    cause: Box::new(e),
+                            top.display(),
+                            base.display(),
+                            top.display()
+                        ),
+                        cause: Box::new(e),
+                    }
                 })?;
                 let node = graph
                     .node(base)
@@ -1131,15 +1216,9 @@ pub fn snapshot_delete(
             Merge::Pull { top, base, disk } => {
                 rechained.push(disk.clone());
                 let below = graph.node(base).and_then(|n| n.backing.clone());
-                strata_merge::pull(
-                    top,
-                    &PullOptions {
-                        base: below.map(|b| b.0),
-                        dry_run: false,
-                    },
-                    hooks,
-                )
-                .map_err(|e| Error::MergeFailed {
+                let mut opts = PullOptions::default();
+                opts.base = below.map(|b| b.0);
+                let _ = strata_merge::pull(top, &opts, hooks).map_err(|e| Error::MergeFailed {
                     op: format!("pull {} into {}", base.display(), top.display()),
                     state: format!(
                         "{} may be partly written but reads the same; {} is unchanged; \

@@ -11,7 +11,7 @@
 
 mod guest;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use guest::*;
 use strata_libvirt::{
@@ -63,10 +63,6 @@ fn assert_guest_sees(
         "{what}: guest sees the expected {disk} ({:.1?})",
         boot.elapsed
     );
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 #[test]
@@ -255,27 +251,24 @@ fn active(lv: &Libvirtd) -> PathBuf {
 // The Strata operations, as `strata snapshot ...` / `strata blockcommit` /
 // `strata blockpull` run them (the CLI calls these functions).
 fn revert(t: &Seed, name: &str) {
-    snapshot_revert(&t.conn, DOM, name).unwrap();
+    let _ = snapshot_revert(&t.conn, DOM, name).unwrap();
 }
 
 fn create(t: &Seed, name: &str) {
-    snapshot_create(&t.conn, DOM, name, &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, name, &SnapshotCreateOptions::default()).unwrap();
 }
 
 fn delete(t: &Seed, name: &str) {
-    snapshot_delete(&t.conn, DOM, name, &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&t.conn, DOM, name, &mut Hooks::default()).unwrap();
 }
 
 fn commit(t: &Seed) {
-    let opts = BlockCommitOptions {
-        delete_snapshots: true,
-        ..BlockCommitOptions::default()
-    };
-    blockcommit(&t.conn, DOM, &opts, &mut Hooks::default()).unwrap();
+    let opts = BlockCommitOptions::default().with_delete_snapshots(true);
+    let _ = blockcommit(&t.conn, DOM, &opts, &mut Hooks::default()).unwrap();
 }
 
 fn pull(t: &Seed) {
-    blockpull(
+    let _ = blockpull(
         &t.conn,
         DOM,
         &BlockPullOptions::default(),
@@ -361,7 +354,7 @@ fn create_on_a_disk_with_empty_backing_store_keeps_the_data() {
     );
     let want = sha256_view(&base, &dir);
     let mut conn = Connect::open(Some(&lv.uri)).unwrap();
-    snapshot_create(&conn, DOM, "take-1", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&conn, DOM, "take-1", &SnapshotCreateOptions::default()).unwrap();
     let top = active(&lv);
     assert_ne!(top, base);
     assert_eq!(

@@ -16,7 +16,7 @@
 mod guest;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use guest::*;
@@ -28,10 +28,6 @@ use strata_libvirt::{
 use strata_merge::Hooks;
 
 const DOM: &str = "live";
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 struct T {
     lv: Libvirtd,
@@ -205,10 +201,7 @@ fn the_seed_workflow_on_a_running_domain() {
         &t.conn,
         DOM,
         "take-q",
-        &SnapshotCreateOptions {
-            quiesce: true,
-            ..Default::default()
-        },
+        &SnapshotCreateOptions::default().with_quiesce(true),
     );
     let e = q.unwrap_err().to_string();
     assert!(
@@ -216,25 +209,19 @@ fn the_seed_workflow_on_a_running_domain() {
         "{e}"
     );
     assert!(!kvm.join("test.take-q").exists());
-    snapshot_create(&t.conn, DOM, "take-1", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-1", &SnapshotCreateOptions::default()).unwrap();
     t.states.insert("take-1".into(), v0);
     let o1 = kvm.join("test.take-1");
     assert_eq!(t.agree("create take-1"), o1);
     t.write(0x22, "2M");
     let v1 = t.view();
     let o2 = kvm.join("test/test.take-2");
-    snapshot_create(
+    let _ = snapshot_create(
         &t.conn,
         DOM,
         "take-2",
-        &SnapshotCreateOptions {
-            diskspecs: vec![DiskSpec {
-                disk: "vda".into(),
-                external: true,
-                file: Some(o2.clone()),
-            }],
-            ..Default::default()
-        },
+        &SnapshotCreateOptions::default()
+            .with_diskspecs(vec![DiskSpec::new("vda").with_file(o2.clone())]),
     )
     .unwrap();
     t.states.insert("take-2".into(), v1);
@@ -259,15 +246,10 @@ fn the_seed_workflow_on_a_running_domain() {
     let e = blockcommit(
         &t.conn,
         DOM,
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            bandwidth: 64 << 10,
-            ..Default::default()
-        },
-        &mut Hooks {
-            progress: Some(&mut cb),
-            cancel: Some(&cancel),
-        },
+        &BlockCommitOptions::default()
+            .with_delete_snapshots(true)
+            .with_bandwidth(64 << 10),
+        &mut Hooks::new().with_progress(&mut cb).with_cancel(&cancel),
     );
     let e = e.unwrap_err();
     assert!(
@@ -280,7 +262,7 @@ fn the_seed_workflow_on_a_running_domain() {
 
     // 3. delete take-1: its overlay (take-2's state) committed into the
     //    base by libvirt's commit of an inner layer.
-    snapshot_delete(&t.conn, DOM, "take-1", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&t.conn, DOM, "take-1", &mut Hooks::default()).unwrap();
     t.states.remove("take-1");
     assert_eq!(t.agree("delete take-1"), o2);
     assert_eq!(chain_files(&o2), {
@@ -293,18 +275,15 @@ fn the_seed_workflow_on_a_running_domain() {
     t.states_hold("after delete take-1");
 
     // 4. blockpull --base test.qcow2 after a third snapshot.
-    snapshot_create(&t.conn, DOM, "take-3", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-3", &SnapshotCreateOptions::default()).unwrap();
     t.states.insert("take-3".into(), v2.clone());
     let o3 = t.agree("create take-3");
     t.write(0x44, "4M");
     let v3 = t.view();
-    blockpull(
+    let _ = blockpull(
         &t.conn,
         DOM,
-        &BlockPullOptions {
-            base: Some(base.clone()),
-            ..Default::default()
-        },
+        &BlockPullOptions::default().with_base(base.clone()),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -321,7 +300,7 @@ fn the_seed_workflow_on_a_running_domain() {
     //     state is the base since take-1's delete) and take-3 (reads
     //     through the base) go; take-5's state (the top) and
     //     the domain's view stay.
-    snapshot_create(&t.conn, DOM, "take-5", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-5", &SnapshotCreateOptions::default()).unwrap();
     t.states.insert("take-5".into(), v3.clone());
     let o5 = t.agree("create take-5");
     t.write(0x66, "6M");
@@ -329,11 +308,9 @@ fn the_seed_workflow_on_a_running_domain() {
     let refused = blockcommit(
         &t.conn,
         DOM,
-        &BlockCommitOptions {
-            top: Some(o3.clone()),
-            base: Some(base.clone()),
-            ..Default::default()
-        },
+        &BlockCommitOptions::default()
+            .with_top(o3.clone())
+            .with_base(base.clone()),
         &mut Hooks::default(),
     );
     assert!(
@@ -343,12 +320,10 @@ fn the_seed_workflow_on_a_running_domain() {
     let r = blockcommit(
         &t.conn,
         DOM,
-        &BlockCommitOptions {
-            top: Some(o3.clone()),
-            shallow: true,
-            delete_snapshots: true,
-            ..Default::default()
-        },
+        &BlockCommitOptions::default()
+            .with_top(o3.clone())
+            .with_shallow(true)
+            .with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -366,13 +341,10 @@ fn the_seed_workflow_on_a_running_domain() {
     let v3 = v5;
 
     // 5. blockcommit --active --pivot into the base, snapshots deleted.
-    blockcommit(
+    let _ = blockcommit(
         &t.conn,
         DOM,
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            ..Default::default()
-        },
+        &BlockCommitOptions::default().with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -382,7 +354,7 @@ fn the_seed_workflow_on_a_running_domain() {
     assert!(snapshot_list(&t.conn, DOM).unwrap().is_empty());
 
     // 6. revert: refused while running, done with force.
-    snapshot_create(&t.conn, DOM, "take-4", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-4", &SnapshotCreateOptions::default()).unwrap();
     t.states.insert("take-4".into(), v3.clone());
     t.agree("create take-4");
     t.write(0x55, "5M");
@@ -390,7 +362,7 @@ fn the_seed_workflow_on_a_running_domain() {
     //     pulled into the active image by libvirt's pull job.
     let o4 = t.persistent_source();
     let v4 = t.view();
-    snapshot_create(&t.conn, DOM, "take-4b", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-4b", &SnapshotCreateOptions::default()).unwrap();
     t.states.insert("take-4b".into(), v4);
     let o4b = t.agree("create take-4b");
     t.write(0x77, "7M");
@@ -413,10 +385,7 @@ fn the_seed_workflow_on_a_running_domain() {
         &t.conn,
         DOM,
         "take-4",
-        &RevertOptions {
-            force: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_force(true),
     )
     .unwrap();
     assert!(r.stopped);
@@ -440,10 +409,7 @@ fn the_seed_workflow_on_a_running_domain() {
         &t.conn,
         DOM,
         "take-q2",
-        &SnapshotCreateOptions {
-            quiesce: true,
-            ..Default::default()
-        },
+        &SnapshotCreateOptions::default().with_quiesce(true),
     )
     .unwrap_err()
     .to_string();
@@ -462,25 +428,22 @@ fn the_seed_workflow_on_a_running_domain() {
         .unwrap()
         .iter()
         .all(|s| s.name != "take-q2"));
-    snapshot_create(&t.conn, DOM, "take-w1", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-w1", &SnapshotCreateOptions::default()).unwrap();
     t.agree("create while the guest writes");
     n = t.wait_wrote(n + 3);
-    blockcommit(
+    let _ = blockcommit(
         &t.conn,
         DOM,
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            ..Default::default()
-        },
+        &BlockCommitOptions::default().with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
     assert_eq!(t.agree("blockcommit while the guest writes"), base);
     n = t.wait_wrote(n + 3);
-    snapshot_create(&t.conn, DOM, "take-w2", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&t.conn, DOM, "take-w2", &SnapshotCreateOptions::default()).unwrap();
     let ow2 = t.agree("create take-w2 while the guest writes");
     n = t.wait_wrote(n + 3);
-    blockpull(
+    let _ = blockpull(
         &t.conn,
         DOM,
         &BlockPullOptions::default(),
@@ -538,25 +501,6 @@ fn the_seed_workflow_on_a_running_domain() {
     assert_eq!(boot.sums["vda"], want, "the guest reads what it wrote");
     assert_eq!(boot.opened_files(), files, "QEMU opened the headers' chain");
     t.conn.close().unwrap();
-}
-
-/// The guest view of `img` as raw bytes.
-fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("view.raw");
-    qemu_img(&["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
-    let v = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    v
-}
-
-/// The number of the guest's write at 8 MiB (0: none).
-fn counter(view: &[u8]) -> u64 {
-    let b = &view[8 << 20..(8 << 20) + 18];
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|t| t.strip_prefix("STRATA-W "))
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl T {

@@ -26,29 +26,6 @@ use strata_libvirt::{snapshot_list, snapshot_revert_with, Connect, RevertOptions
 
 const DOM: &str = "mem";
 
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// The guest view of `img` as raw bytes (`-U`: QEMU may have it open).
-fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("view.raw");
-    qemu_img(&["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
-    let v = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    v
-}
-
-/// The number of the guest's write at 8 MiB (0: none).
-fn counter(view: &[u8]) -> u64 {
-    let b = &view[8 << 20..(8 << 20) + 18];
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|t| t.strip_prefix("STRATA-W "))
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The numbers the guest said were durable, in the order of the console.
 fn said(serial: &Path) -> Vec<u64> {
     let log = std::fs::read_to_string(serial).unwrap_or_default();
@@ -178,10 +155,7 @@ fn reverting_a_memory_snapshot_restores_the_running_guest_at_that_moment() {
         &conn,
         DOM,
         "take-m",
-        &RevertOptions {
-            force: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_force(true),
     )
     .unwrap();
     eprintln!("revert --force of take-m: {r:?}");
@@ -228,11 +202,7 @@ fn reverting_a_memory_snapshot_restores_the_running_guest_at_that_moment() {
         &conn,
         DOM,
         "take-m",
-        &RevertOptions {
-            force: true,
-            paused: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_force(true).with_paused(true),
     )
     .unwrap();
     assert!(r.stopped && r.restored.is_some(), "{r:?}");

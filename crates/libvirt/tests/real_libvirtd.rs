@@ -193,14 +193,11 @@ fn the_seed_walk_through(d: &Libvirtd) {
     // snapshot-create-as --disk-only take-1 (default file name)
     let state0 = work.path().join("state0.raw");
     snapshot_view(&base, &state0);
-    snapshot_create(
+    let _ = snapshot_create(
         &conn,
         "test",
         "take-1",
-        &SnapshotCreateOptions {
-            description: Some("first snapshot".into()),
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_description("first snapshot"),
     )
     .unwrap();
     let o1 = kvm.join("test.take-1");
@@ -216,14 +213,11 @@ fn the_seed_walk_through(d: &Libvirtd) {
 
     // take-2 with --diskspec file=... into a subdirectory
     let o2 = kvm.join("test/test.take-2");
-    snapshot_create(
+    let _ = snapshot_create(
         &conn,
         "test",
         "take-2",
-        &SnapshotCreateOptions {
-            file: Some(o2.clone()),
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_file(o2.clone()),
     )
     .unwrap();
     assert_eq!(blklist_source(d), o2.display().to_string());
@@ -242,7 +236,7 @@ fn the_seed_walk_through(d: &Libvirtd) {
     write(&o2, 3 * MIB, 4096, 0x33);
 
     // revert to take-1: the guest sees the state at take-1
-    snapshot_revert(&conn, "test", "take-1").unwrap();
+    let _ = snapshot_revert(&conn, "test", "take-1").unwrap();
     let a = PathBuf::from(blklist_source(d));
     assert!(
         compare(&a, &state0),
@@ -254,7 +248,7 @@ fn the_seed_walk_through(d: &Libvirtd) {
     assert!(!o2.exists());
 
     // revert to take-2
-    snapshot_revert(&conn, "test", "take-2").unwrap();
+    let _ = snapshot_revert(&conn, "test", "take-2").unwrap();
     assert_eq!(blklist_source(d), o2.display().to_string());
     assert!(compare(&o2, &state1));
     assert!(!a.exists());
@@ -263,7 +257,7 @@ fn the_seed_walk_through(d: &Libvirtd) {
     snapshot_view(&o2, &now);
 
     // delete take-1: the current view and take-2's state are unchanged
-    snapshot_delete(&conn, "test", "take-1", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&conn, "test", "take-1", &mut Hooks::default()).unwrap();
     assert!(compare(&o2, &now));
     let l = snapshot_list(&conn, "test").unwrap();
     assert_eq!(l.len(), 1);
@@ -281,12 +275,12 @@ fn the_seed_walk_through(d: &Libvirtd) {
             .contains(STRATA_NS),
         "control: Strata's metadata is there"
     );
-    snapshot_delete(&conn, "test", "take-2", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&conn, "test", "take-2", &mut Hooks::default()).unwrap();
     assert!(compare(&o2, &now));
     assert!(!d.virsh(&["snapshot-list", "test"]).contains("take-"));
 
     // blockcommit --active --pivot: back on the base, data kept
-    blockcommit(
+    let _ = blockcommit(
         &conn,
         "test",
         &BlockCommitOptions::default(),
@@ -319,7 +313,8 @@ fn the_seed_walk_through(d: &Libvirtd) {
     match vm2.create() {
         Ok(_) => {
             // Live: libvirt's own snapshot; a revert without force is refused.
-            snapshot_create(&conn, "tiny", "take-1", &SnapshotCreateOptions::default()).unwrap();
+            let _ = snapshot_create(&conn, "tiny", "take-1", &SnapshotCreateOptions::default())
+                .unwrap();
             assert!(kvm.join("tiny.take-1").exists());
             let e = snapshot_revert(&conn, "tiny", "take-1");
             assert!(matches!(e, Err(Error::RevertRunning { .. })), "{e:?}");
@@ -539,7 +534,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     );
 
     // create on libvirt's chain: QEMU must not skip s2's overlay.
-    snapshot_create(&conn, "multi", "take-3", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&conn, "multi", "take-3", &SnapshotCreateOptions::default()).unwrap();
     let o3 = dir.join("s2 vda.take-3");
     let seen = qemu_sees(d, "multi", "vda", &root);
     assert_eq!(
@@ -562,7 +557,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     write(&o3, 4 * MIB, 4096, 0x44);
 
     // revert to s1: the guest sees s1's state, not a later one.
-    snapshot_revert(&conn, "multi", "s1").unwrap();
+    let _ = snapshot_revert(&conn, "multi", "s1").unwrap();
     let seen = qemu_sees(d, "multi", "vda", &root);
     assert_eq!(seen.chain.len(), 2, "{:?}", seen.chain);
     assert_eq!(seen.chain[1], base);
@@ -573,7 +568,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     assert_eq!(raw_view(&nosnap)[0], 0x5a, "vdc keeps its data");
 
     // revert to take-3 (Strata's snapshot on libvirt's chain).
-    snapshot_revert(&conn, "multi", "take-3").unwrap();
+    let _ = snapshot_revert(&conn, "multi", "take-3").unwrap();
     let seen = qemu_sees(d, "multi", "vda", &root);
     assert_eq!(&seen.chain[1..], &[o2.clone(), o1.clone(), base.clone()]);
     assert!(
@@ -594,14 +589,12 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     assert!(raw_view(s2_vda.state_file.as_ref().unwrap()) == at_s2);
 
     // blockcommit: QEMU starts on the base (no chain looping back to it).
-    blockcommit(
+    let _ = blockcommit(
         &conn,
         "multi",
-        &BlockCommitOptions {
-            disk: Some("vda".into()),
-            delete_snapshots: true,
-            ..BlockCommitOptions::default()
-        },
+        &BlockCommitOptions::default()
+            .with_disk("vda")
+            .with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -644,10 +637,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
         &conn,
         "multi",
         "m1",
-        &strata_libvirt::RevertOptions {
-            disks_only: true,
-            ..Default::default()
-        },
+        &strata_libvirt::RevertOptions::default().with_disks_only(true),
     )
     .unwrap();
     assert!(r.kept.iter().any(|k| k.0 == mem), "{r:?}");
@@ -657,13 +647,10 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     assert!(seen.view == at_m1, "the disks are back at m1");
 
     // blockpull: the active image stands alone, QEMU opens it alone.
-    strata_libvirt::blockpull(
+    let _ = strata_libvirt::blockpull(
         &conn,
         "multi",
-        &strata_libvirt::BlockPullOptions {
-            disk: Some("vda".into()),
-            ..Default::default()
-        },
+        &strata_libvirt::BlockPullOptions::default().with_disk("vda"),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -694,7 +681,7 @@ fn libvirt_made_chains_give_qemu_the_right_disk(d: &Libvirtd) {
     let xml =
         domain_xml("eb", &eb).replace("<target dev='vda'", "<backingStore/><target dev='vda'");
     Domain::define_xml(&conn, &xml).unwrap();
-    snapshot_create(&conn, "eb", "take-1", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&conn, "eb", "take-1", &SnapshotCreateOptions::default()).unwrap();
     let seen = qemu_sees(d, "eb", "vda", &root);
     assert_eq!(seen.chain, vec![dir.join("eb.take-1"), eb.clone()]);
     assert!(seen.view == raw_view(&eb), "not an all-zero disk");

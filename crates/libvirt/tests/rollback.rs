@@ -98,7 +98,7 @@ fn a_create_that_cannot_make_the_second_overlay_changes_nothing() {
 #[test]
 fn a_revert_that_cannot_make_the_second_overlay_changes_nothing() {
     let vm = two_disk_vm();
-    snapshot_create(&vm.conn, "vm", "take-1", &SnapshotCreateOptions::default()).unwrap();
+    let _ = snapshot_create(&vm.conn, "vm", "take-1", &SnapshotCreateOptions::default()).unwrap();
     write(&vm.active(), 0, 4096, 0x22);
     write(&vm.active_of("vdb"), 0, 4096, 0x22);
     let xml = vm.xml();

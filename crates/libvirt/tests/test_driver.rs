@@ -13,14 +13,14 @@ use strata_libvirt::{
 use strata_merge::Hooks;
 
 fn create(vm: &TestVm, name: &str, file: Option<PathBuf>) {
-    snapshot_create(
+    let opts = SnapshotCreateOptions::default().with_description(format!("snapshot {name}"));
+    let _ = snapshot_create(
         &vm.conn,
         "vm",
         name,
-        &SnapshotCreateOptions {
-            file,
-            description: Some(format!("snapshot {name}")),
-            ..SnapshotCreateOptions::default()
+        &match file {
+            Some(f) => opts.with_file(f),
+            None => opts,
         },
     )
     .unwrap();
@@ -147,7 +147,7 @@ fn revert_goes_back_to_each_state_without_touching_the_others() {
     write(&a, 0, 4096, 0x44);
     assert_eq!(view(&vm.base)[..4096], at1[..4096]);
 
-    snapshot_revert(&vm.conn, "vm", "take-2").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-2").unwrap();
     assert_eq!(vm.active(), o2, "take-2's overlay name is reused");
     assert_eq!(view(&o2), at2);
     assert!(!a.exists(), "the revert overlay of take-1 is gone");
@@ -161,7 +161,7 @@ fn revert_to_the_current_snapshot_discards_the_writes_since() {
     create(&vm, "take-1", None);
     let at1 = view(&vm.active());
     write(&vm.active(), 0, 4096, 0x55);
-    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
     assert_eq!(vm.active(), vm.root().join("test.take-1"));
     assert_eq!(view(&vm.active()), at1);
     assert_eq!(
@@ -205,7 +205,7 @@ fn deleting_the_leaf_snapshot_keeps_the_domain_on_its_overlay() {
     let o1 = vm.root().join("test.take-1");
     let o2 = vm.root().join("test/test.take-2");
 
-    snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
 
     assert_eq!(vm.active(), o2);
     assert_eq!(view(&o2), now);
@@ -225,12 +225,12 @@ fn deleting_the_leaf_snapshot_keeps_the_domain_on_its_overlay() {
 fn deleting_a_snapshot_reverted_away_from_removes_its_files() {
     let vm = TestVm::new();
     let (at1, _, _) = seed(&vm);
-    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
     let a = vm.active();
     write(&a, 5 * MIB, 4096, 0x66);
     let now = view(&a);
 
-    snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
 
     assert_eq!(vm.active(), a);
     assert_eq!(view(&a), now);
@@ -247,16 +247,16 @@ fn deleting_a_snapshot_reverted_away_from_removes_its_files() {
 fn the_seed_sequence_ends_with_blockcommit_on_the_base() {
     let vm = TestVm::new();
     seed(&vm);
-    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
-    snapshot_revert(&vm.conn, "vm", "take-2").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-2").unwrap();
     write(&vm.active(), 6 * MIB, 4096, 0x77);
     let now = view(&vm.active());
     assert!(
         vm.xml().contains(STRATA_NS),
         "control: Strata's metadata is there"
     );
-    snapshot_delete(&vm.conn, "vm", "take-1", &mut Hooks::default()).unwrap();
-    snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&vm.conn, "vm", "take-1", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&vm.conn, "vm", "take-2", &mut Hooks::default()).unwrap();
     assert!(vm.snapshot_names().is_empty());
     assert_eq!(view(&vm.active()), now);
 
@@ -296,10 +296,7 @@ fn blockcommit_refuses_to_destroy_snapshots_unless_asked() {
     let r = blockcommit(
         &vm.conn,
         "vm",
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            ..BlockCommitOptions::default()
-        },
+        &BlockCommitOptions::default().with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -319,11 +316,9 @@ fn blockcommit_into_an_intermediate_base_keeps_older_snapshots() {
     let r = blockcommit(
         &vm.conn,
         "vm",
-        &BlockCommitOptions {
-            base: Some(o1.clone()),
-            delete_snapshots: true,
-            ..BlockCommitOptions::default()
-        },
+        &BlockCommitOptions::default()
+            .with_base(o1.clone())
+            .with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -342,7 +337,7 @@ fn blockpull_makes_the_active_image_stand_alone_and_keeps_snapshots() {
     let vm = TestVm::new();
     let (at1, at2, now) = seed(&vm);
     let o2 = vm.root().join("test/test.take-2");
-    blockpull(
+    let _ = blockpull(
         &vm.conn,
         "vm",
         &BlockPullOptions::default(),
@@ -459,10 +454,7 @@ fn a_failure_part_way_rolls_everything_back() {
         &vm.conn,
         "vm",
         "take-3",
-        &SnapshotCreateOptions {
-            file: Some(vm.root().join("missing/dir.qcow2")),
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_file(vm.root().join("missing/dir.qcow2")),
     );
     assert!(e.is_err());
     assert_eq!(vm.xml(), xml);
@@ -473,14 +465,11 @@ fn a_failure_part_way_rolls_everything_back() {
 fn only_chosen_disks_are_snapshotted() {
     let vm = TestVm::with_disks(&["vda", "vdb"]);
     let vdb = vm.active_of("vdb");
-    snapshot_create(
+    let _ = snapshot_create(
         &vm.conn,
         "vm",
         "take-1",
-        &SnapshotCreateOptions {
-            disks: Some(vec!["vda".into()]),
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_disks(vec!["vda".into()]),
     )
     .unwrap();
     assert_eq!(vm.active_of("vda"), vm.root().join("test.take-1"));
@@ -489,15 +478,12 @@ fn only_chosen_disks_are_snapshotted() {
         &vm.conn,
         "vm",
         "take-2",
-        &SnapshotCreateOptions {
-            file: Some(vm.root().join("x.qcow2")),
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_file(vm.root().join("x.qcow2")),
     );
     assert!(matches!(both, Err(Error::InvalidArgument(_))));
     create(&vm, "take-2", None);
     assert_eq!(vm.active_of("vdb"), vm.root().join("test-vdb.take-2"));
-    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
     // take-1 did not cover vdb: it stays where it is.
     assert_eq!(vm.active_of("vdb"), vm.root().join("test-vdb.take-2"));
     all_clean(&vm);
@@ -580,7 +566,7 @@ fn revert_leaves_disks_the_snapshot_does_not_cover_with_their_writes() {
     write(&vm.active(), 0, 4096, 0x22);
     let data_now = view(&nosnap);
 
-    snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "take-1").unwrap();
 
     assert_eq!(vm.active_of("vdc"), nosnap, "vdc is not switched");
     assert_eq!(view(&nosnap), data_now, "vdc keeps what was written since");
@@ -597,26 +583,11 @@ fn diskspecs_choose_files_and_leave_disks_out_as_virsh_does() {
         &vm.conn,
         "vm",
         "take-1",
-        &SnapshotCreateOptions {
-            diskspecs: vec![
-                DiskSpec {
-                    disk: "vda".into(),
-                    external: true,
-                    file: Some(file.clone()),
-                },
-                DiskSpec {
-                    disk: "vdb".into(),
-                    external: false,
-                    file: None,
-                },
-                DiskSpec {
-                    disk: "vdc".into(),
-                    external: true,
-                    file: None,
-                },
-            ],
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_diskspecs(vec![
+            DiskSpec::new("vda").with_file(file.clone()),
+            DiskSpec::new("vdb").with_external(false),
+            DiskSpec::new("vdc"),
+        ]),
     )
     .unwrap();
     assert_eq!(vm.active(), file);
@@ -635,14 +606,7 @@ fn diskspecs_choose_files_and_leave_disks_out_as_virsh_does() {
         &vm.conn,
         "vm",
         "take-2",
-        &SnapshotCreateOptions {
-            diskspecs: vec![DiskSpec {
-                disk: "vdd".into(),
-                external: true,
-                file: None,
-            }],
-            ..SnapshotCreateOptions::default()
-        },
+        &SnapshotCreateOptions::default().with_diskspecs(vec![DiskSpec::new("vdd")]),
     );
     assert!(
         matches!(&e, Err(Error::NoSuchDisk { why, .. }) if why.contains("read-only")),
@@ -688,7 +652,7 @@ fn every_operation_on_a_libvirt_made_chain_drops_the_stale_backing_store() {
     );
 
     // revert
-    snapshot_revert(&vm.conn, "vm", "s1").unwrap();
+    let _ = snapshot_revert(&vm.conn, "vm", "s1").unwrap();
     assert_eq!(vm.backing_stores("vda"), 0, "revert: {}", vm.xml());
     let s1 = vm.active();
 
@@ -704,7 +668,7 @@ fn every_operation_on_a_libvirt_made_chain_drops_the_stale_backing_store() {
 
     // delete (merges change the chain under an unchanged source)
     vm.libvirt_snapshot("s5", &["vda"]);
-    snapshot_delete(&vm.conn, "vm", "s5", &mut Hooks::default()).unwrap();
+    let _ = snapshot_delete(&vm.conn, "vm", "s5", &mut Hooks::default()).unwrap();
     assert_eq!(vm.backing_stores("vda"), 0, "delete: {}", vm.xml());
     for s in vm.dom().list_all_snapshots(0).unwrap() {
         let x = s.get_xml_desc(0).unwrap();
@@ -715,25 +679,19 @@ fn every_operation_on_a_libvirt_made_chain_drops_the_stale_backing_store() {
     // blockpull, blockcommit
     vm.libvirt_snapshot("s6", &["vda"]);
     let base = chain(&vm.active())[2].clone();
-    blockpull(
+    let _ = blockpull(
         &vm.conn,
         "vm",
-        &BlockPullOptions {
-            base: Some(base),
-            ..BlockPullOptions::default()
-        },
+        &BlockPullOptions::default().with_base(base),
         &mut Hooks::default(),
     )
     .unwrap();
     assert_eq!(vm.backing_stores("vda"), 0, "blockpull: {}", vm.xml());
     vm.libvirt_snapshot("s7", &["vda"]);
-    blockcommit(
+    let _ = blockcommit(
         &vm.conn,
         "vm",
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            ..BlockCommitOptions::default()
-        },
+        &BlockCommitOptions::default().with_delete_snapshots(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -795,17 +753,11 @@ fn a_second_operation_on_the_domain_is_refused_while_one_runs() {
             ));
         }
     };
-    blockcommit(
+    let _ = blockcommit(
         &vm.conn,
         "vm",
-        &BlockCommitOptions {
-            delete_snapshots: true,
-            ..BlockCommitOptions::default()
-        },
-        &mut Hooks {
-            progress: Some(&mut during),
-            ..Hooks::default()
-        },
+        &BlockCommitOptions::default().with_delete_snapshots(true),
+        &mut Hooks::new().with_progress(&mut during),
     )
     .unwrap();
     let second = second.expect("the commit reported progress");
@@ -888,10 +840,7 @@ fn reverting_a_snapshot_with_an_unusable_memory_state_changes_nothing_and_disks_
         &vm.conn,
         "vm",
         "take-1",
-        &RevertOptions {
-            disks_only: true,
-            ..Default::default()
-        },
+        &RevertOptions::default().with_disks_only(true),
     )
     .unwrap();
     assert!(
@@ -944,10 +893,7 @@ fn blockcommit_keeps_a_merged_image_it_did_not_make_unless_asked_to_delete_it() 
         let r = blockcommit(
             &vm.conn,
             "vm",
-            &BlockCommitOptions {
-                delete_merged,
-                ..BlockCommitOptions::default()
-            },
+            &BlockCommitOptions::default().with_delete_merged(delete_merged),
             &mut Hooks::default(),
         )
         .unwrap();

@@ -25,25 +25,10 @@ fn main() -> ExitCode {
     let extra = args.get(2).map(PathBuf::from);
     let mut hooks = Hooks::default();
     let result = match op.as_str() {
-        "commit" => commit(
-            &top,
-            &CommitOptions {
-                base: extra,
-                dry_run,
-                ..CommitOptions::default()
-            },
-            &mut hooks,
-        )
-        .map(|r| format!("{r:#?}")),
-        "pull" => pull(
-            &top,
-            &PullOptions {
-                base: extra,
-                dry_run,
-            },
-            &mut hooks,
-        )
-        .map(|r| format!("{r:#?}")),
+        "commit" => {
+            commit(&top, &commit_options(extra, dry_run), &mut hooks).map(|r| format!("{r:#?}"))
+        }
+        "pull" => pull(&top, &pull_options(extra, dry_run), &mut hooks).map(|r| format!("{r:#?}")),
         "rebase" => {
             let new = args.get(2).map(String::as_str).unwrap_or("");
             let fmt = args
@@ -54,10 +39,7 @@ fn main() -> ExitCode {
             rebase(
                 &top,
                 nb,
-                &RebaseOptions {
-                    dry_run,
-                    ..RebaseOptions::default()
-                },
+                &RebaseOptions::default().with_dry_run(dry_run),
                 &mut hooks,
             )
             .map(|r| format!("{r:#?}"))
@@ -76,5 +58,23 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Commit options: into `base` when given, else the top's backing file.
+fn commit_options(base: Option<PathBuf>, dry_run: bool) -> CommitOptions {
+    let o = CommitOptions::default().with_dry_run(dry_run);
+    match base {
+        Some(b) => o.with_base(b),
+        None => o,
+    }
+}
+
+/// Pull options: keep `base` below the top when given, else pull all.
+fn pull_options(base: Option<PathBuf>, dry_run: bool) -> PullOptions {
+    let o = PullOptions::default().with_dry_run(dry_run);
+    match base {
+        Some(b) => o.with_base(b),
+        None => o,
     }
 }

@@ -30,6 +30,7 @@ use crate::walk::{self, Job, Kind, Plan, Seg, Stats};
 /// Options of [`commit`] (qemu-img commit's `-b`, `-d`, plus Strata's
 /// guard and dry run).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct CommitOptions {
     /// The image to commit into (`-b`): a file of the top's backing chain.
     /// A relative path is resolved as qemu-img resolves it: equal to a
@@ -65,6 +66,7 @@ pub struct CommitOptions {
 /// What [`commit`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct CommitReport {
     /// The top image.
     pub top: PathBuf,

@@ -40,7 +40,7 @@
 //! let cancel = AtomicBool::new(false);
 //! let mut seen = Vec::new();
 //! let mut on_progress = |p: Progress| seen.push(p);
-//! let mut hooks = Hooks { progress: Some(&mut on_progress), cancel: Some(&cancel) };
+//! let mut hooks = Hooks::new().with_progress(&mut on_progress).with_cancel(&cancel);
 //! let report = commit(&top, &CommitOptions::default(), &mut hooks)?;
 //! assert_eq!(report.layers_merged, 1);
 //! assert!(report.top_emptied);
@@ -75,7 +75,7 @@
 //! # o.backing = Some(("base.qcow2".into(), ImageFormat::Qcow2));
 //! # create_qcow2(Box::new(FileStorage::create(&top)?), &top, &o)?.close()?;
 //! let cancel = AtomicBool::new(true);
-//! let mut hooks = Hooks { progress: None, cancel: Some(&cancel) };
+//! let mut hooks = Hooks::new().with_cancel(&cancel);
 //! let err = pull(&top, &PullOptions::default(), &mut hooks).unwrap_err();
 //! assert!(matches!(err, MergeError::Cancelled), "{err}");
 //! // The rerun, not cancelled, completes the pull.
@@ -90,11 +90,20 @@
 //! the files it commits are the same files), and [`commit_open`] commits
 //! images the caller opened itself ([`CommitParts`]).
 //!
+//! # Options
+//!
+//! [`CommitOptions`], [`PullOptions`], [`RebaseOptions`] and [`Hooks`] are
+//! `#[non_exhaustive]`: start from `default()` (or [`Hooks::new`]) and set
+//! what you need with their `with_*` methods. Reports are `#[must_use]`:
+//! they say what was done (layers merged, whether the top was emptied,
+//! images that use the base).
+//!
 //! # Threads
 //!
 //! The operations run on the caller's thread; [`Hooks`] borrow the
 //! callback and the flag for the call (the flag is an `AtomicBool`, so
-//! another thread may set it). Reports and errors are `Send + Sync`.
+//! another thread may set it: `Hooks` is `Send` when its callback is, and
+//! not `Sync`). Options, reports, plans and errors are `Send + Sync`.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -102,6 +111,7 @@
 pub mod commit;
 pub mod error;
 mod open;
+mod options;
 pub mod progress;
 pub mod pull;
 pub mod walk;
@@ -122,4 +132,10 @@ const _: () = {
     send_sync::<CommitReport>();
     send_sync::<PullReport>();
     send_sync::<RebaseReport>();
+    send_sync::<CommitOptions>();
+    send_sync::<PullOptions>();
+    send_sync::<RebaseOptions>();
+    send_sync::<Plan>();
+    send_sync::<Stats>();
+    send_sync::<Progress>();
 };

@@ -15,7 +15,21 @@ pub struct Progress {
 
 /// The caller's hooks into a running merge: a progress callback and a
 /// cancellation flag. Both optional; `Hooks::default()` has neither.
+/// Built with [`Hooks::new`] and the `with_*` methods (the struct is
+/// `#[non_exhaustive]`: more hooks may come).
+///
+/// ```
+/// use std::sync::atomic::AtomicBool;
+/// use strata_merge::{Hooks, Progress};
+///
+/// let cancel = AtomicBool::new(false);
+/// let mut last = Progress::default();
+/// let mut on_progress = |p: Progress| last = p;
+/// let hooks = Hooks::new().with_progress(&mut on_progress).with_cancel(&cancel);
+/// assert!(hooks.progress.is_some() && hooks.cancel.is_some());
+/// ```
 #[derive(Default)]
+#[non_exhaustive]
 pub struct Hooks<'a> {
     /// Called after every step (at most a few MiB of work apart) and once
     /// at the end with `done_bytes == total_bytes`.
@@ -31,6 +45,23 @@ impl fmt::Debug for Hooks<'_> {
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel.map(|c| c.load(Ordering::Relaxed)))
             .finish()
+    }
+}
+
+impl<'a> Hooks<'a> {
+    /// No progress callback, no cancellation flag.
+    pub fn new() -> Hooks<'a> {
+        Hooks::default()
+    }
+    /// Calls `f` with the progress ([`Hooks::progress`]).
+    pub fn with_progress(mut self, f: &'a mut dyn FnMut(Progress)) -> Hooks<'a> {
+        self.progress = Some(f);
+        self
+    }
+    /// Stops the merge when `flag` becomes true ([`Hooks::cancel`]).
+    pub fn with_cancel(mut self, flag: &'a AtomicBool) -> Hooks<'a> {
+        self.cancel = Some(flag);
+        self
     }
 }
 

@@ -24,6 +24,7 @@ use crate::walk::{self, Job, Kind, Plan, Seg, Stats};
 
 /// Options of [`pull`] (`strata pull [-b BASE]`).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct PullOptions {
     /// Keep this file of the chain (and what is below it) as the top's
     /// backing file; pull only the layers above it. A path relative to the
@@ -37,6 +38,7 @@ pub struct PullOptions {
 /// What [`pull`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct PullReport {
     /// The top image.
     pub top: PathBuf,
@@ -57,6 +59,7 @@ pub struct PullReport {
 
 /// Options of [`rebase`] (safe mode: `strata rebase -b NEW -F FMT`).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RebaseOptions {
     /// Plan only: change nothing.
     pub dry_run: bool,
@@ -68,6 +71,7 @@ pub struct RebaseOptions {
 /// What [`rebase`] did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct RebaseReport {
     /// The top image.
     pub top: PathBuf,

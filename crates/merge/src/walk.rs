@@ -15,11 +15,17 @@
 //! Memory is bounded by two buffers of [`BUF_BYTES`] (or one cluster, when
 //! that is larger), one mapped window of at most as much, and the image
 //! engine's L2 caches, whatever the image size.
+//!
+//! What the source layers hold at an extent (which layer stores it, where,
+//! compressed or not, or zeros) comes from strata-image's block status
+//! ([`block_status_at`], QEMU's rules in one place), with its per-layer
+//! answers kept for the whole walk ([`StatusCache`]).
 
 use std::path::PathBuf;
 
-use strata_image::chain::{mapped_below, read_below, resolve_in, Resolved};
-use strata_image::{Image, Layer, Mapping};
+use strata_image::block_status::{block_status_at, StatusCache};
+use strata_image::chain::{read_below, Resolved};
+use strata_image::{BlockStatus, Image, Layer, MappedBytes, Mapping};
 
 use crate::error::{MergeError, Result};
 use crate::progress::{Hooks, Progress};
@@ -119,7 +125,12 @@ const CLONE_BYTES: u64 = 64 << 20;
 /// A destination with subclusters (extended L2) is never cloned into.
 /// Compressed clusters, zeros, holes and runs shorter than a cluster go
 /// the usual way.
-pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usize, u64, u64)>> {
+pub(crate) fn clone_run(
+    job: &dyn Job,
+    cache: &mut StatusCache,
+    at: u64,
+    want: u64,
+) -> Result<Option<(usize, u64, u64)>> {
     let dest = job.destination();
     // Data goes to, and comes from, a layer's external data file when it
     // has one.
@@ -142,17 +153,46 @@ pub(crate) fn clone_run(job: &dyn Job, at: u64, want: u64) -> Result<Option<(usi
         return Ok(None);
     }
     let layers = job.source_layers();
-    let r = resolve_in(layers, at, want)?;
-    let (Some(layer), false, Mapping::Data { host }) =
-        (layers.get(r.depth), r.past_end, r.extent.mapping)
-    else {
+    let s = block_status_at(layers, cache, at, want)?;
+    let (Some((d, layer)), Mapping::Data { host }) = (stored_in(layers, &s), s.mapping) else {
         return Ok(None);
     };
-    let n = r.extent.len.min(want) / unit * unit;
+    let n = s.length.min(want) / unit * unit;
     if n == 0 || !host.get().is_multiple_of(g) || !dst.clones_from(layer.image.data_storage()?) {
         return Ok(None);
     }
-    Ok(Some((r.depth, host.get(), n)))
+    Ok(Some((d, host.get(), n)))
+}
+
+/// The layer of `layers` (and its index) whose mapping holds the bytes of
+/// extent `s` (none when it reads as zeros for want of one).
+fn stored_in<'l>(layers: &'l [Layer], s: &BlockStatus) -> Option<(usize, &'l Layer)> {
+    let d = s.layer?;
+    layers.get(d).map(|l| (d, l))
+}
+
+/// The start of what [`read_below`] would read at `at` from `layers` (at
+/// most `len` bytes), mapped in place instead of copied, when one layer
+/// stores at least [`MIN_MAPPED`] bytes of it uncompressed on a storage
+/// that can map ([`Image::mapped_data`]). The bytes may be fewer than
+/// `len`; `None`: read instead.
+fn mapped_source(
+    layers: &[Layer],
+    cache: &mut StatusCache,
+    at: u64,
+    len: u64,
+) -> Result<Option<MappedBytes>> {
+    if len < MIN_MAPPED {
+        return Ok(None);
+    }
+    let s = block_status_at(layers, cache, at, len)?;
+    match stored_in(layers, &s) {
+        Some((_, layer)) if s.reads_data() && s.length >= MIN_MAPPED => {
+            let n = usize::try_from(s.length).unwrap_or(usize::MAX);
+            Ok(layer.image.mapped_data(s.mapping, n)?)
+        }
+        _ => Ok(None),
+    }
 }
 
 /// How much a file is expected to grow.
@@ -220,6 +260,7 @@ pub(crate) fn plan(job: &mut dyn Job, cluster: u64) -> Result<Plan> {
     };
     let mut growth = 0u64;
     let mut last_cluster: Option<u64> = None;
+    let mut cache = StatusCache::new();
     let mut pos = 0u64;
     while pos < size {
         let seg = job.next(pos, size - pos)?;
@@ -248,7 +289,7 @@ pub(crate) fn plan(job: &mut dyn Job, cluster: u64) -> Result<Plan> {
                 last_cluster = Some(last);
                 growth += job.growth(pos, len)?;
                 if !seg.kind.source_zero() {
-                    check_compressed(job.source_layers(), pos, len)?;
+                    check_compressed(job.source_layers(), &mut cache, pos, len)?;
                 }
             }
         }
@@ -275,6 +316,8 @@ struct Runner<'j, 'h, 'a> {
     reference: Vec<u8>,
     batch: Option<Batch>,
     zero_run: Option<(u64, u64)>,
+    /// Block status of the source layers, kept between extents.
+    status: StatusCache,
     stats: Stats,
     progress: Progress,
 }
@@ -291,6 +334,7 @@ pub(crate) fn execute(job: &mut dyn Job, total: u64, hooks: &mut Hooks<'_>) -> R
         reference: Vec::new(),
         batch: None,
         zero_run: None,
+        status: StatusCache::new(),
         stats: Stats::default(),
         progress: Progress {
             done_bytes: 0,
@@ -345,7 +389,9 @@ impl Runner<'_, '_, '_> {
                             // Whole clusters stored uncompressed, on a
                             // filesystem that shares extents: cloned.
                             let want = (len - done).min(CLONE_BYTES);
-                            if let Some((d, host, n)) = clone_run(&*self.job, at, want)? {
+                            if let Some((d, host, n)) =
+                                clone_run(&*self.job, &mut self.status, at, want)?
+                            {
                                 self.flush_batch()?;
                                 self.job.write_range(at, n, d, host)?;
                                 self.stats.copied_bytes += n;
@@ -360,7 +406,7 @@ impl Runner<'_, '_, '_> {
                             // are read and batched: fewer writes).
                             let want = (len - done).min(cap as u64);
                             let layers = self.job.source_layers();
-                            if let Some(m) = mapped_below(layers, at, want, MIN_MAPPED)? {
+                            if let Some(m) = mapped_source(layers, &mut self.status, at, want)? {
                                 self.flush_batch()?;
                                 self.write_source(seg.kind, &m, at)?;
                                 done += m.len() as u64;
@@ -565,20 +611,23 @@ pub(crate) fn check_inside(
 /// cluster that does not decompress is refused here, in the plan pass,
 /// so that a merge never stops part-way through (with its destination
 /// half written) on damage it could have seen before writing.
-pub(crate) fn check_compressed(layers: &[Layer], pos: u64, len: u64) -> Result<()> {
+pub(crate) fn check_compressed(
+    layers: &[Layer],
+    cache: &mut StatusCache,
+    pos: u64,
+    len: u64,
+) -> Result<()> {
     let end = pos.saturating_add(len);
     let mut at = pos;
     let mut buf = Vec::new();
     while at < end {
-        let r = resolve_in(layers, at, end - at)?;
-        let n = r.extent.len.clamp(1, end - at);
-        if let (Mapping::Compressed(_), Some(layer), false) =
-            (r.extent.mapping, layers.get(r.depth), r.past_end)
-        {
+        let s = block_status_at(layers, cache, at, end - at)?;
+        let n = s.length.clamp(1, end - at);
+        if let (true, Some((_, layer))) = (s.compressed, stored_in(layers, &s)) {
             // A compressed extent never spans more than one cluster (at
             // most 2 MiB, under BUF_BYTES); reading it decompresses it.
             buf.resize(n.min(BUF_BYTES as u64) as usize, 0);
-            layer.image.read_mapped(r.extent.mapping, at, &mut buf)?;
+            layer.image.read_mapped(s.mapping, at, &mut buf)?;
         }
         at += n;
     }

@@ -26,10 +26,7 @@ fn committing_a_held_chain_matches_qemu_img_commit() {
         let base_s = chain.layers()[1].path.clone();
         let mut done = 0;
         let mut progress = |p: strata_merge::Progress| done = p.done_bytes;
-        let mut hooks = Hooks {
-            progress: Some(&mut progress),
-            cancel: None,
-        };
+        let mut hooks = Hooks::new().with_progress(&mut progress);
         let r = commit_chain(chain, &CommitOptions::default(), &mut hooks).unwrap();
         assert_eq!(r.layers_merged, 1, "{shape}");
         assert!(done > 0, "{shape}: progress reported");

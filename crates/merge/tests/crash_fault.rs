@@ -161,7 +161,7 @@ fn run_merge(op: Op, disks: &Disks, returned: &mut dyn FnMut()) -> strata_merge:
                 &mut hooks,
             );
             returned();
-            res?;
+            let _ = res?;
         }
         Op::Pull { keep } => {
             let mut chain = chain_of(disks, TOP, true)?;
@@ -179,7 +179,7 @@ fn run_merge(op: Op, disks: &Disks, returned: &mut dyn FnMut()) -> strata_merge:
                 &mut hooks,
             );
             returned();
-            res?;
+            let _ = res?;
         }
     }
     Ok(())
@@ -191,20 +191,15 @@ fn run_on_files(op: Op, dir: &Path) -> strata_merge::Result<()> {
     let mut hooks = Hooks::default();
     match op {
         Op::Commit { base, dash_b } => {
-            let opts = CommitOptions {
-                base: dash_b.then(|| dir.join(base)),
-                // The protocol under test re-points and empties the top.
-                shorten_chain: dash_b,
-                ..CommitOptions::default()
-            };
-            commit(&top, &opts, &mut hooks)?;
+            // The protocol under test re-points and empties the top.
+            let mut opts = CommitOptions::default().with_shorten_chain(dash_b);
+            opts.base = dash_b.then(|| dir.join(base));
+            let _ = commit(&top, &opts, &mut hooks)?;
         }
         Op::Pull { keep } => {
-            let opts = PullOptions {
-                base: keep.map(|k| dir.join(k)),
-                ..PullOptions::default()
-            };
-            pull(&top, &opts, &mut hooks)?;
+            let mut opts = PullOptions::default();
+            opts.base = keep.map(|k| dir.join(k));
+            let _ = pull(&top, &opts, &mut hooks)?;
         }
     }
     Ok(())

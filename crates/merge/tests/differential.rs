@@ -111,10 +111,7 @@ fn commit_with_deep_base_matches_qemu_img_commit_b() {
         .collect();
 
     qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
-    let opts = CommitOptions {
-        base: Some(s_base.clone()),
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_base(s_base.clone());
     let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
 
     assert_eq!(r.layers_merged, 7);
@@ -151,11 +148,9 @@ fn commit_shorten_chain_repoints_and_empties_the_top() {
     let before = view(&s_top);
 
     qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
-    let opts = CommitOptions {
-        base: Some(s_base.clone()),
-        shorten_chain: true,
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default()
+        .with_base(s_base.clone())
+        .with_shorten_chain(true);
     let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
 
     assert_eq!(r.layers_merged, 7);
@@ -186,28 +181,8 @@ fn commit_b_with_a_name_relative_to_the_chain_matches_qemu_img() {
             d.join("t.qcow2"),
         );
         qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "b.qcow2",
-            "-F",
-            "qcow2",
-            s(&mid),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/m.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ]);
+        qemu_overlay(&mid, "b.qcow2");
+        qemu_overlay(&top, "sub/m.qcow2");
         qemu_io(&base, &["write -P 1 0 64k"]);
         qemu_io(&mid, &["write -P 2 64k 64k"]);
         qemu_io(&top, &["write -P 3 128k 64k"]);
@@ -216,10 +191,7 @@ fn commit_b_with_a_name_relative_to_the_chain_matches_qemu_img() {
     let before = view(&tops[1]);
     // The working directory is the test's, where no b.qcow2 exists.
     qemu_img(&["commit", "-q", "-b", "b.qcow2", s(&tops[0])]);
-    let opts = CommitOptions {
-        base: Some(PathBuf::from("b.qcow2")),
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_base(PathBuf::from("b.qcow2"));
     let r = commit(&tops[1], &opts, &mut Hooks::default()).unwrap();
     assert_eq!(r.layers_merged, 2);
     for rel in ["sub/b.qcow2", "sub/m.qcow2", "t.qcow2"] {
@@ -250,10 +222,7 @@ fn pull_with_deep_base_matches_qemu_img_rebase_b() {
         "qcow2",
         s(&q_top),
     ]);
-    let opts = PullOptions {
-        base: Some(PathBuf::from("layer3.qcow2")),
-        ..PullOptions::default()
-    };
+    let opts = PullOptions::default().with_base(PathBuf::from("layer3.qcow2"));
     let r = pull(&s_top, &opts, &mut Hooks::default()).unwrap();
 
     assert_eq!(r.layers_pulled, 7);
@@ -315,7 +284,7 @@ fn safe_rebase_onto_a_lower_layer_matches_qemu_img_rebase() {
         "qcow2",
         s(&q_top),
     ]);
-    rebase(
+    let _ = rebase(
         &s_top,
         Some(("layer2.qcow2", ImageFormat::Qcow2)),
         &RebaseOptions::default(),
@@ -346,10 +315,7 @@ fn commit_keep_top_leaves_the_top_allocated() {
     let top = twin("cluster64k", dir.path(), "t");
     let own = own_allocated(&top);
     let before = view(&top);
-    let opts = CommitOptions {
-        keep_top: true,
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_keep_top(true);
     let r = commit(&top, &opts, &mut Hooks::default()).unwrap();
     assert!(!r.top_emptied);
     assert_eq!(own_allocated(&top), own);
@@ -515,7 +481,7 @@ fn iotest_024_rebase_onto_another_backing_file_matches_qemu_img() {
         "qcow2",
         s(&tops[0]),
     ]);
-    rebase(
+    let _ = rebase(
         &tops[1],
         Some(("t.qcow2.base_new", ImageFormat::Qcow2)),
         &RebaseOptions::default(),
@@ -608,7 +574,7 @@ fn iotest_024_rebase_in_a_subdirectory_matches_qemu_img() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    rebase(
+    let _ = rebase(
         &tops[1],
         Some(("t.qcow2.base_new", ImageFormat::Qcow2)),
         &RebaseOptions::default(),
@@ -683,7 +649,7 @@ fn iotest_028_backing_file_smaller_than_the_image_matches_qemu_img() {
         "qcow2",
         s(&tops[0]),
     ]);
-    rebase(
+    let _ = rebase(
         &tops[1],
         Some(("t.qcow2.base", ImageFormat::Qcow2)),
         &RebaseOptions::default(),
@@ -726,10 +692,7 @@ fn commit_b_naming_the_backing_file_keeps_the_top_unless_the_chain_is_shortened(
     assert!(own > 0);
 
     qemu_img(&["commit", "-q", "-b", s(&q_base), s(&q_top)]);
-    let opts = CommitOptions {
-        base: Some(s_base.clone()),
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_base(s_base.clone());
     let r = commit(&s_top, &opts, &mut Hooks::default()).unwrap();
     assert!(!r.top_emptied);
     assert_eq!(own_allocated(&q_top), own, "qemu-img keeps the top");
@@ -737,11 +700,9 @@ fn commit_b_naming_the_backing_file_keeps_the_top_unless_the_chain_is_shortened(
     assert_same(&q_base, &s_base);
     assert_same(&q_top, &s_top);
 
-    let shorten = CommitOptions {
-        base: Some(l_base.clone()),
-        shorten_chain: true,
-        ..CommitOptions::default()
-    };
+    let shorten = CommitOptions::default()
+        .with_base(l_base.clone())
+        .with_shorten_chain(true);
     let r = commit(&l_top, &shorten, &mut Hooks::default()).unwrap();
     assert!(r.top_emptied);
     assert_eq!(own_allocated(&l_top), 0);
@@ -802,7 +763,7 @@ fn commit_gives_the_emptied_tops_clusters_back_as_qemu_img_does() {
     let s_top = sparse_pair(dir.path(), "strata", false);
     let before = view(&s_top);
     qemu_img(&["commit", "-q", s(&q_top)]);
-    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
 
     assert_eq!(view(&s_top), before, "the emptied top reads as before");
     assert_same(&q_top, &s_top);
@@ -831,7 +792,7 @@ fn commit_empties_a_top_with_internal_snapshots_keeping_them() {
     let dir = tempfile::tempdir().unwrap();
     let s_top = sparse_pair(dir.path(), "strata", true);
     let before = view(&s_top);
-    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(view(&s_top), before);
     assert_eq!(own_allocated(&s_top), 0);
     assert_clean(&s_top);
@@ -886,7 +847,7 @@ fn commit_into_the_parent_of_a_200_deep_chain_matches_qemu_img() {
     run("cp", &["-a", s(&qd), s(&sd)]);
     let s_top = sd.join("l199.qcow2");
     qemu_img(&["commit", "-q", s(&q_top)]);
-    commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&s_top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
     assert_same(&q_top, &s_top);
     assert_same(&qd.join("l198.qcow2"), &sd.join("l198.qcow2"));
     assert_eq!(own_allocated(&s_top), 0);
@@ -932,10 +893,7 @@ fn pull_b_of_a_200_deep_chain_matches_qemu_img_rebase() {
     let s_top = sd.join("l199.qcow2");
     let before = view(&s_top);
     qemu_img(&["rebase", "-q", "-b", "l100.qcow2", "-F", "qcow2", s(&q_top)]);
-    let opts = PullOptions {
-        base: Some(sd.join("l100.qcow2")),
-        ..PullOptions::default()
-    };
+    let opts = PullOptions::default().with_base(sd.join("l100.qcow2"));
     let r = pull(&s_top, &opts, &mut Hooks::default()).unwrap();
     assert_eq!(r.layers_pulled, 98);
     assert_eq!(backing_of(&s_top).as_deref(), Some("l100.qcow2"));
@@ -983,10 +941,7 @@ fn a_pull_keeping_a_layer_past_the_open_limit_is_refused_and_changes_nothing() {
     qemu_io(&dir.path().join("l0.qcow2"), &["write -P 1 0 64k"]);
     qemu_io(&top, &["write -P 9 64k 64k"]);
     let before = std::fs::read(&top).unwrap();
-    let opts = PullOptions {
-        base: Some(dir.path().join("l10.qcow2")),
-        ..PullOptions::default()
-    };
+    let opts = PullOptions::default().with_base(dir.path().join("l10.qcow2"));
     let e = pull(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(e.to_string().contains("first 128 images"), "{e}");
     assert!(

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use strata_image::storage::Storage;
+use strata_image::Storage;
 use strata_image::{Chain, FaultStorage, Image, ImageFormat, Layer, Qcow2Image};
 use strata_merge::{
     commit, commit_open, pull, pull_confined, pull_open, rebase, CommitOptions, CommitParts, Hooks,
@@ -84,17 +84,7 @@ fn build_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&base, &["write -P 0x11 0 2M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(
         &top,
         &[
@@ -338,10 +328,7 @@ fn a_source_truncated_under_a_pull_fails_it_and_keeps_the_backing_file() {
             f.set_len(1 << 20).unwrap();
         }
     };
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let r = pull(&top, &PullOptions::default(), &mut hooks);
     assert!(truncated, "the hook never ran");
     let e = r.expect_err("pull must fail when its source was truncated");
@@ -362,7 +349,7 @@ fn a_source_truncated_under_a_pull_fails_it_and_keeps_the_backing_file() {
     assert_eq!(view(&top), before);
     assert_clean(&top);
     // And the pull then finishes.
-    pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(backing_of(&top), None);
     assert_eq!(view(&top), before);
 }
@@ -380,10 +367,7 @@ fn a_source_replaced_under_a_pull_fails_it_and_keeps_the_backing_file() {
             std::fs::rename(&other, &base).unwrap();
         }
     };
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let e = pull(&top, &PullOptions::default(), &mut hooks).unwrap_err();
     assert!(
         e.to_string().contains("was replaced by another file"),
@@ -405,29 +389,9 @@ fn shared_base(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let sibling = elsewhere.join("sibling.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io(&base, &["write -P 0x11 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(&top, &["write -P 0x22 0 64k"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../images/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&sibling),
-    ]);
+    qemu_overlay(&sibling, "../images/base.qcow2");
     (base, top, sibling)
 }
 
@@ -437,10 +401,7 @@ fn the_guard_finds_a_user_of_the_base_in_a_users_in_directory_and_says_where_it_
     let (base, top, sibling) = shared_base(dir.path());
     let before = std::fs::read(&base).unwrap();
     let elsewhere = sibling.parent().unwrap().to_path_buf();
-    let opts = CommitOptions {
-        users_in: vec![elsewhere.clone()],
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_users_in(vec![elsewhere.clone()]);
     let e = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     match &e {
         MergeError::BaseInUse {
@@ -462,10 +423,7 @@ fn the_guard_finds_a_user_of_the_base_in_a_users_in_directory_and_says_where_it_
     assert_eq!(std::fs::read(&base).unwrap(), before);
 
     // A dry run shows the plan and the user instead of being refused.
-    let dry = CommitOptions {
-        dry_run: true,
-        ..opts.clone()
-    };
+    let dry = opts.clone().with_dry_run(true);
     let r = commit(&top, &dry, &mut Hooks::default()).unwrap();
     assert!(r.dry_run);
     assert_eq!(r.base_users, vec![sibling.canonicalize().unwrap()]);
@@ -483,17 +441,7 @@ fn the_guard_finds_a_user_of_the_base_in_the_tops_directory() {
     let top = tops.join("top.qcow2");
     let other = tops.join("other.qcow2");
     for t in [&top, &other] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../images/base.qcow2",
-            "-F",
-            "qcow2",
-            s(t),
-        ]);
+        qemu_overlay(t, "../images/base.qcow2");
     }
     qemu_io(&top, &["write -P 0x22 0 64k"]);
     let e = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
@@ -516,17 +464,7 @@ fn climbing_chain(dir: &Path) -> (PathBuf, PathBuf) {
     let top = jail.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io(&base, &["write -P 0x11 0 1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../outside/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "../outside/base.qcow2");
     qemu_io(&top, &["write -P 0x22 0 64k"]);
     (jail, base)
 }
@@ -539,10 +477,7 @@ fn confinement_refuses_a_chain_member_outside_the_directory_before_writing() {
     let (top0, base0) = (std::fs::read(&top).unwrap(), std::fs::read(&base).unwrap());
     let outside_msg = "is outside the allowed directory";
 
-    let opts = CommitOptions {
-        confine_to: Some(jail.clone()),
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_confine_to(jail.clone());
     let e = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(e.to_string().contains(outside_msg), "{e}");
     let e = pull_confined(
@@ -556,10 +491,7 @@ fn confinement_refuses_a_chain_member_outside_the_directory_before_writing() {
     let e = rebase(
         &top,
         None,
-        &RebaseOptions {
-            confine_to: Some(jail.clone()),
-            ..RebaseOptions::default()
-        },
+        &RebaseOptions::default().with_confine_to(jail.clone()),
         &mut Hooks::default(),
     )
     .unwrap_err();
@@ -568,11 +500,8 @@ fn confinement_refuses_a_chain_member_outside_the_directory_before_writing() {
     assert_eq!(std::fs::read(&base).unwrap(), base0);
 
     // Confined to a directory that holds the whole chain: allowed.
-    let opts = CommitOptions {
-        confine_to: Some(dir.path().to_path_buf()),
-        ..CommitOptions::default()
-    };
-    commit(&top, &opts, &mut Hooks::default()).unwrap();
+    let opts = CommitOptions::default().with_confine_to(dir.path().to_path_buf());
+    let _ = commit(&top, &opts, &mut Hooks::default()).unwrap();
 }
 
 #[test]
@@ -687,17 +616,7 @@ fn a_source_truncated_under_a_commit_fails_it_before_the_top_is_emptied() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_overlay(&top, "base.qcow2");
     qemu_io(&top, &["write -P 0x66 0 8M"]);
     let top_len = std::fs::metadata(&top).unwrap().len();
     let mut truncated = false;
@@ -708,10 +627,7 @@ fn a_source_truncated_under_a_commit_fails_it_before_the_top_is_emptied() {
             f.set_len(top_len / 2).unwrap();
         }
     };
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let e = commit(&top, &CommitOptions::default(), &mut hooks)
         .expect_err("commit must fail when its source was truncated");
     let msg = e.to_string();
@@ -741,10 +657,7 @@ fn a_new_backing_file_truncated_under_a_rebase_fails_it_and_keeps_the_old_one() 
             f.set_len(1 << 20).unwrap();
         }
     };
-    let mut hooks = Hooks {
-        progress: Some(&mut cb),
-        cancel: None,
-    };
+    let mut hooks = Hooks::new().with_progress(&mut cb);
     let e = rebase(
         &top,
         Some(("new.raw", ImageFormat::Raw)),

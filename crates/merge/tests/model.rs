@@ -90,20 +90,20 @@ proptest! {
         let h = &mut Hooks::default();
         match merge {
             Merge::Commit => {
-                commit(&top, &CommitOptions::default(), h).unwrap();
+                let _ = commit(&top, &CommitOptions::default(), h).unwrap();
                 prop_assert!(read_all(&mid) == model, "mid holds the view");
             }
             Merge::CommitIntoBase => {
-                let o = CommitOptions { base: Some(base.clone()), ..CommitOptions::default() };
-                commit(&top, &o, h).unwrap();
+                let o = CommitOptions::default().with_base(base.clone());
+                let _ = commit(&top, &o, h).unwrap();
                 prop_assert!(read_all(&base) == model, "base holds the view");
             }
             Merge::Pull => {
-                pull(&top, &PullOptions::default(), h).unwrap();
+                let _ = pull(&top, &PullOptions::default(), h).unwrap();
             }
             Merge::PullToBase => {
-                let o = PullOptions { base: Some(base.clone()), ..PullOptions::default() };
-                pull(&top, &o, h).unwrap();
+                let o = PullOptions::default().with_base(base.clone());
+                let _ = pull(&top, &o, h).unwrap();
             }
         }
         prop_assert!(read_all(&top) == model, "top reads the model");

@@ -24,17 +24,7 @@ fn commit_refuses_when_a_sibling_overlay_uses_the_base_and_force_overrides() {
     let top = twin("cluster64k", dir.path(), "t");
     let base = top.with_file_name("base.qcow2");
     let sibling = top.with_file_name("sibling.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&sibling),
-    ]);
+    qemu_overlay(&sibling, "base.qcow2");
     let (base_before, top_before) = (bytes(&base), bytes(&top));
 
     let err = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap_err();
@@ -47,11 +37,8 @@ fn commit_refuses_when_a_sibling_overlay_uses_the_base_and_force_overrides() {
     assert_eq!(bytes(&base), base_before, "base unchanged");
     assert_eq!(bytes(&top), top_before, "top unchanged");
 
-    let forced = CommitOptions {
-        force: true,
-        ..CommitOptions::default()
-    };
-    commit(&top, &forced, &mut Hooks::default()).unwrap();
+    let forced = CommitOptions::default().with_force(true);
+    let _ = commit(&top, &forced, &mut Hooks::default()).unwrap();
     assert_ne!(bytes(&base), base_before);
 }
 
@@ -60,36 +47,20 @@ fn commit_refuses_when_an_image_named_by_the_caller_uses_the_base() {
     let dir = tempfile::tempdir().unwrap();
     let top = twin("cluster64k", dir.path(), "t");
     let elsewhere = dir.path().join("elsewhere.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "t/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&elsewhere),
-    ]);
-    let opts = CommitOptions {
-        also_check: vec![elsewhere.clone()],
-        ..CommitOptions::default()
-    };
+    qemu_overlay(&elsewhere, "t/base.qcow2");
+    let opts = CommitOptions::default().with_also_check(vec![elsewhere.clone()]);
     let err = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(matches!(err, MergeError::BaseInUse { .. }), "{err}");
     // Without naming it, the image outside the base's directory is not seen.
-    commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
 }
 
 #[test]
 fn commit_ignores_the_layers_of_its_own_chain_in_the_guard() {
     let dir = tempfile::tempdir().unwrap();
     let top = twin("depth12", dir.path(), "t");
-    let opts = CommitOptions {
-        base: Some(top.with_file_name("layer8.qcow2")),
-        ..CommitOptions::default()
-    };
-    commit(&top, &opts, &mut Hooks::default()).unwrap();
+    let opts = CommitOptions::default().with_base(top.with_file_name("layer8.qcow2"));
+    let _ = commit(&top, &opts, &mut Hooks::default()).unwrap();
 }
 
 #[test]
@@ -171,19 +142,13 @@ fn dry_run_plans_and_changes_nothing() {
 
     let c = commit(
         &top,
-        &CommitOptions {
-            dry_run: true,
-            ..CommitOptions::default()
-        },
+        &CommitOptions::default().with_dry_run(true),
         &mut Hooks::default(),
     )
     .unwrap();
     let p = pull(
         &top,
-        &PullOptions {
-            dry_run: true,
-            ..PullOptions::default()
-        },
+        &PullOptions::default().with_dry_run(true),
         &mut Hooks::default(),
     )
     .unwrap();
@@ -213,10 +178,7 @@ fn commit_reports_progress_up_to_the_planned_total() {
     let r = commit(
         &top,
         &CommitOptions::default(),
-        &mut Hooks {
-            progress: Some(&mut cb),
-            cancel: None,
-        },
+        &mut Hooks::new().with_progress(&mut cb),
     )
     .unwrap();
     let total = r.plan.total_bytes();
@@ -245,10 +207,7 @@ fn a_cancelled_commit_leaves_the_top_intact_and_a_rerun_finishes() {
     let err = commit(
         &top,
         &CommitOptions::default(),
-        &mut Hooks {
-            progress: Some(&mut cb),
-            cancel: Some(&cancel),
-        },
+        &mut Hooks::new().with_progress(&mut cb).with_cancel(&cancel),
     )
     .unwrap_err();
     assert!(matches!(err, MergeError::Cancelled), "{err}");
@@ -256,7 +215,7 @@ fn a_cancelled_commit_leaves_the_top_intact_and_a_rerun_finishes() {
     assert_clean(&top);
     assert_clean(&base);
 
-    commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(view(&top), before);
     assert_eq!(view(&base), before);
     assert_eq!(own_allocated(&top), 0);
@@ -272,10 +231,7 @@ fn a_cancelled_pull_keeps_the_backing_file_and_a_rerun_finishes() {
     let err = pull(
         &top,
         &PullOptions::default(),
-        &mut Hooks {
-            progress: Some(&mut cb),
-            cancel: Some(&cancel),
-        },
+        &mut Hooks::new().with_progress(&mut cb).with_cancel(&cancel),
     )
     .unwrap_err();
     assert!(matches!(err, MergeError::Cancelled), "{err}");
@@ -283,7 +239,7 @@ fn a_cancelled_pull_keeps_the_backing_file_and_a_rerun_finishes() {
     assert_eq!(view(&top), before);
     assert_clean(&top);
 
-    pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(backing_of(&top), None);
     assert_eq!(view(&top), before);
 }
@@ -294,11 +250,11 @@ fn rerunning_a_finished_commit_or_pull_changes_nothing_visible() {
     let top = twin("cluster64k", dir.path(), "t");
     let base = top.with_file_name("base.qcow2");
     let before = view(&top);
-    commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
     let again = commit(&top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(again.stats.copied_bytes, 0);
     assert_eq!(view(&base), before);
-    pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+    let _ = pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
     let again = pull(&top, &PullOptions::default(), &mut Hooks::default()).unwrap();
     assert_eq!(again.plan.total_bytes(), 0);
     assert_eq!(view(&top), before);
@@ -311,10 +267,7 @@ fn commit_refuses_a_base_outside_the_chain() {
     let top = twin("cluster64k", dir.path(), "t");
     let other = dir.path().join("other.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "1M"]);
-    let opts = CommitOptions {
-        base: Some(other),
-        ..CommitOptions::default()
-    };
+    let opts = CommitOptions::default().with_base(other);
     let err = commit(&top, &opts, &mut Hooks::default()).unwrap_err();
     assert!(matches!(err, MergeError::NotInChain { .. }), "{err}");
 }
@@ -329,17 +282,7 @@ fn three_layer_chain(dir: &Path) -> std::path::PathBuf {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_io(&base, &["write -P 0xb1 0 2M"]);
     for (img, below) in [(&mid, "base.qcow2"), (&top, "mid.qcow2")] {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            below,
-            "-F",
-            "qcow2",
-            s(img),
-        ]);
+        qemu_overlay(img, below);
     }
     qemu_io(&mid, &["write -P 0xc1 512k 512k", "write -z 1536k 256k"]);
     qemu_io(&top, &["write -P 0xd1 768k 128k", "write -P 0xd2 3M 64k"]);
@@ -356,16 +299,11 @@ fn the_rerun_of_a_commit_b_stopped_after_the_repoint_is_not_refused_by_the_guard
     let top = three_layer_chain(dir.path());
     let (base, mid) = (dir.path().join("base.qcow2"), dir.path().join("mid.qcow2"));
     let before = view(&top);
-    let opts = CommitOptions {
-        base: Some(base.clone()),
-        shorten_chain: true,
-        ..CommitOptions::default()
-    };
-    let stopped = CommitOptions {
-        keep_top: true,
-        ..opts.clone()
-    };
-    commit(&top, &stopped, &mut Hooks::default()).unwrap();
+    let opts = CommitOptions::default()
+        .with_base(base.clone())
+        .with_shorten_chain(true);
+    let stopped = opts.clone().with_keep_top(true);
+    let _ = commit(&top, &stopped, &mut Hooks::default()).unwrap();
     assert_eq!(backing_of(&top).as_deref(), Some("base.qcow2"));
     assert!(own_allocated(&top) > 0);
 
@@ -375,7 +313,7 @@ fn the_rerun_of_a_commit_b_stopped_after_the_repoint_is_not_refused_by_the_guard
     assert_eq!(view(&top), before);
     assert_eq!(view(&base), before);
     // Finished: the same command again.
-    commit(&top, &opts, &mut Hooks::default()).unwrap();
+    let _ = commit(&top, &opts, &mut Hooks::default()).unwrap();
 
     // New data in the top would change what mid reads: refused.
     qemu_io(&top, &["write -P 0xe1 0 4k"]);

@@ -84,6 +84,23 @@ pub fn qemu_img_ok(args: &[&str]) -> String {
     r.stdout
 }
 
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 OVERLAY`, insisting on
+/// success: a qcow2 overlay of `backing` (the name recorded, as qemu-img
+/// resolves it: relative to the overlay's directory), as large as it.
+pub fn qemu_overlay(overlay: &Path, backing: &str) {
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        "qcow2",
+        s(overlay),
+    ]);
+}
+
 /// Runs qemu-io commands on an image (format qcow2 unless `fmt` says).
 pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
@@ -224,4 +241,28 @@ impl Drop for QemuIoHolds {
         }
         let _ = self.child.wait();
     }
+}
+
+/// The `<disk>` element of a qcow2 file disk `dev` (virtio) on `file`.
+pub fn qcow2_disk_xml(file: &Path, dev: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='{dev}' bus='virtio'/></disk>",
+        file.display()
+    )
+}
+
+/// Writes `dir`/node.xml, the node file of libvirt's test driver with one
+/// shut-off domain "vm" whose devices are `devices` (XML elements), and
+/// returns its URI (`test://...`; `dir` must have no space in its path).
+pub fn test_driver_uri(dir: &Path, devices: &str) -> String {
+    let node = format!(
+        "<node><domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\
+         <name>vm</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>\
+         <memory>65536</memory><os><type>hvm</type></os><devices>{devices}</devices>\
+         <test:runstate>5</test:runstate></domain></node>"
+    );
+    let path = dir.join("node.xml");
+    std::fs::write(&path, node).unwrap();
+    format!("test://{}", path.display())
 }

@@ -182,6 +182,7 @@ impl AmendRefusal {
 /// What an amend did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct AmendReport {
     /// The image was dirty (lazy refcounts) and its refcounts were
     /// rebuilt first.

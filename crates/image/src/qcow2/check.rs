@@ -76,6 +76,7 @@ pub struct Problem {
 
 /// The result of a check, with the numbers `qemu-img check` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
 pub struct CheckReport {
     /// Corruptions found (QEMU's `corruptions`).
     pub corruptions: u64,

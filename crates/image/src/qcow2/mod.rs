@@ -101,8 +101,6 @@ pub(crate) use view::View;
 use write::{BackingRead, CompressedTail, PreallocFill};
 use writer::Writer;
 
-pub use view::L2_CACHE_BYTES;
-
 /// An open qcow2 image, read-only or writable (as it was opened).
 ///
 /// The choice is made once, at open ([`Qcow2Image::open`] or

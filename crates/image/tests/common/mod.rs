@@ -65,3 +65,46 @@ pub fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {
     ]);
     std::fs::read(out).unwrap()
 }
+
+/// A xorshift generator: the tests' reproducible randomness.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number (never 0 when the seed is not).
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Chooses which unsynced writes reached the disk (for
+/// `FaultStorage::durable_image`).
+pub type Keep = Box<dyn FnMut(usize) -> bool>;
+
+/// A writable chain whose top ("top.qcow2") lives on the fault-injecting
+/// storage `top`, above an in-memory qcow2 base ("base.qcow2") holding
+/// `base` when given.
+pub fn fault_chain(top: &strata_image::FaultStorage, base: Option<&[u8]>) -> strata_image::Chain {
+    use strata_image::{Chain, Image, Layer, MemStorage, Qcow2Image};
+    let img = Qcow2Image::open_rw(Box::new(top.clone()), Path::new("top.qcow2")).unwrap();
+    let mut layers = vec![Layer::new("top.qcow2".into(), None, Image::Qcow2(img))];
+    if let Some(b) = base {
+        let bi = Qcow2Image::open(
+            Box::new(MemStorage::from_bytes(b.to_vec())),
+            Path::new("base.qcow2"),
+        )
+        .unwrap();
+        layers.push(Layer::new(
+            "base.qcow2".into(),
+            Some("base.qcow2".into()),
+            Image::Qcow2(bi),
+        ));
+    }
+    Chain::from_layers(layers).unwrap()
+}

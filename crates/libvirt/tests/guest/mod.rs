@@ -490,3 +490,28 @@ pub fn sha256_view(path: &Path, scratch: &Path) -> String {
     std::fs::remove_file(&raw).unwrap();
     sum
 }
+
+/// A path as a `String` (for argument lists).
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The guest view of `img` as raw bytes (`-U`: QEMU may have it open).
+pub fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
+    let raw = dir.join("view.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", &s(img), &s(&raw)]);
+    let v = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    v
+}
+
+/// The number of the guest's write at 8 MiB (0: none): the counter the
+/// writing guest's /init stamps there (`STRATA-W <n>`).
+pub fn counter(view: &[u8]) -> u64 {
+    let b = &view[8 << 20..(8 << 20) + 18];
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|t| t.strip_prefix("STRATA-W "))
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}

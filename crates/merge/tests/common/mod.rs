@@ -44,6 +44,23 @@ pub fn qemu_io(img: &Path, cmds: &[&str]) {
     run("qemu-io", &args);
 }
 
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 OVERLAY`: a qcow2 overlay
+/// of `backing` (the name recorded, as qemu-img resolves it: relative to the
+/// overlay's directory), as large as it.
+pub fn qemu_overlay(overlay: &Path, backing: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        "qcow2",
+        s(overlay),
+    ]);
+}
+
 /// The chain shapes of testdata/make-chains.sh, made once per test run and
 /// shared by every test process (testdata/shared-chains.sh). Read-only:
 /// tests work on twins.
@@ -150,4 +167,66 @@ pub fn kill_after(mut child: std::process::Child, at: std::time::Duration) -> bo
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
     !finished
+}
+
+/// `qemu-img check -U -q`'s exit code (0 clean, 3 leaks only, 2 corrupt).
+pub fn check_exit(img: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", "-U", "-q", s(img)])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// Whether qcow2 `img` reads as the raw file `raw` (`qemu-img compare`).
+pub fn same_as_raw(img: &Path, raw: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "raw", s(img), s(raw)])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// After a merge was killed at `at`: every image of `imgs` is consistent
+/// (`qemu-img check` finds no corruption; leaks are allowed).
+pub fn assert_no_corruption_after_kill(op: &str, at: std::time::Duration, imgs: &[&Path]) {
+    for img in imgs {
+        let rc = check_exit(img);
+        assert!(
+            rc == 0 || rc == 3,
+            "{op} killed at {at:?}: qemu-img check {} exited {rc}",
+            img.display()
+        );
+    }
+}
+
+/// Runs `op` ("commit" or "pull", default options) on `top`, insisting on
+/// success: what the SIGKILL tests' children run, and their reruns.
+pub fn run_op(op: &str, top: &Path) {
+    use strata_merge::{commit, pull, CommitOptions, Hooks, PullOptions};
+    match op {
+        "commit" => {
+            let _ = commit(top, &CommitOptions::default(), &mut Hooks::default()).unwrap();
+        }
+        "pull" => {
+            let _ = pull(top, &PullOptions::default(), &mut Hooks::default()).unwrap();
+        }
+        _ => panic!("unknown op {op}"),
+    }
+}
+
+/// Starts this test binary again as a child running only its
+/// `child_entry` test, with `env` set to `OP:TOP` (the child runs
+/// [`run_op`] and exits), its output discarded.
+pub fn spawn_child(env: &str, op: &str, top: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, format!("{op}:{}", top.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
