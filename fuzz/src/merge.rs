@@ -31,11 +31,12 @@ pub fn repoint_top(top: &[u8], fmt: &str) -> Option<Vec<u8>> {
     let bits = peek_cluster_bits(top).ok()?;
     let c0_len = (1usize << bits).min(top.len());
     let mut h = Header::parse(top.get(..c0_len)?).ok()?;
-    h.size = h.size.min(MERGE_SIZE_CAP);
-    h.backing_file = Some("base.img".into());
-    h.extensions
+    h.set_size(h.size().min(MERGE_SIZE_CAP));
+    h.set_backing_file(Some("base.img".into()));
+    h.extensions_mut()
         .retain(|e| !matches!(e, Extension::BackingFormat(_)));
-    h.extensions.insert(0, Extension::BackingFormat(fmt.into()));
+    h.extensions_mut()
+        .insert(0, Extension::BackingFormat(fmt.into()));
     let c0 = h.encode().ok()?;
     let mut out = top.to_vec();
     if out.len() < c0.len() {

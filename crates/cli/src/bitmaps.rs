@@ -25,7 +25,7 @@ pub fn bitmap_infos(q: &Qcow2Image) -> Result<Option<Vec<BitmapInfo>>> {
     let Some((nb, dir_size, dir_offset)) = h.bitmaps() else {
         return Ok(None);
     };
-    if !h.autoclear_features.contains(Autoclear::BITMAPS) || nb == 0 {
+    if !h.autoclear_features().contains(Autoclear::BITMAPS) || nb == 0 {
         return Ok(None);
     }
     let path = q.path().display();

@@ -79,23 +79,23 @@ fn file_child(filename: &str, image: &Image) -> Result<QValue> {
 fn qcow2_specific(q: &strata_image::Qcow2Image) -> Result<QDict> {
     let h = q.header();
     let mut data = QDict::new();
-    if h.version == 2 {
+    if h.version() == 2 {
         data.put("compat", "0.10");
         data.put("refcount-bits", h.refcount_bits());
     } else {
         data.put("compat", "1.1");
-        if let Some(name) = h.extensions.iter().find_map(|e| match e {
+        if let Some(name) = h.extensions().iter().find_map(|e| match e {
             Extension::DataFile(n) => Some(n.clone()),
             _ => None,
         }) {
             data.put("data-file", name);
         }
-        if h.incompatible_features
+        if h.incompatible_features()
             .contains(Incompatible::EXTERNAL_DATA)
         {
             data.put(
                 "data-file-raw",
-                h.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
+                h.autoclear_features().contains(Autoclear::DATA_FILE_RAW),
             );
         }
         data.put("extended-l2", h.extended_l2());
@@ -120,7 +120,7 @@ fn qcow2_specific(q: &strata_image::Qcow2Image) -> Result<QDict> {
         }
     }
     // compression_type is not optional in QAPI: v2 images show "zlib" too.
-    data.put("compression-type", h.compression_type.name());
+    data.put("compression-type", h.compression_type().name());
     let mut spec = QDict::new();
     spec.put("type", "qcow2");
     spec.put("data", data);

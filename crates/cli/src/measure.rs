@@ -311,7 +311,7 @@ pub fn measure(args: &MeasureArgs) -> Result<Measure> {
     let required = fully_allocated - virtual_size + required;
     let bitmaps = match &chain {
         Some(c) if g.version >= 3 => match &c.top().image {
-            Image::Qcow2(q) if q.header().version >= 3 => {
+            Image::Qcow2(q) if q.header().version() >= 3 => {
                 let list: Vec<(usize, u64)> = q
                     .bitmaps()?
                     .iter()

@@ -291,49 +291,53 @@ impl Extension {
 }
 
 /// A validated qcow2 header.
+///
+/// The fields are private: read them with the getters of the same name;
+/// change them with the `set_*` methods, which keep what belongs together
+/// (a table's offset and size) in one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// Version (2 or 3).
-    pub version: u32,
+    version: u32,
     /// Offset of the backing file name in the image file (0: none).
-    pub backing_file_offset: u64,
+    backing_file_offset: u64,
     /// Length of the backing file name.
-    pub backing_file_size: u32,
+    backing_file_size: u32,
     /// The backing file name, when there is one (must be UTF-8 here).
-    pub backing_file: Option<String>,
+    backing_file: Option<String>,
     /// log2 of the cluster size.
-    pub cluster_bits: u32,
+    cluster_bits: u32,
     /// Virtual disk size in bytes.
-    pub size: u64,
+    size: u64,
     /// Number of entries in the active L1 table.
-    pub l1_size: u32,
+    l1_size: u32,
     /// Offset of the active L1 table (cluster-aligned).
-    pub l1_table_offset: u64,
+    l1_table_offset: u64,
     /// Offset of the refcount table (cluster-aligned).
-    pub refcount_table_offset: u64,
+    refcount_table_offset: u64,
     /// Number of clusters the refcount table occupies.
-    pub refcount_table_clusters: u32,
+    refcount_table_clusters: u32,
     /// Number of internal snapshots.
-    pub nb_snapshots: u32,
+    nb_snapshots: u32,
     /// Offset of the snapshot table (cluster-aligned).
-    pub snapshots_offset: u64,
+    snapshots_offset: u64,
     /// Incompatible feature bits.
-    pub incompatible_features: Incompatible,
+    incompatible_features: Incompatible,
     /// Compatible feature bits.
-    pub compatible_features: Compatible,
+    compatible_features: Compatible,
     /// Auto-clear feature bits.
-    pub autoclear_features: Autoclear,
+    autoclear_features: Autoclear,
     /// refcount_bits = 1 << refcount_order.
-    pub refcount_order: u32,
+    refcount_order: u32,
     /// Length of the header structure (72 for v2).
-    pub header_length: u32,
+    header_length: u32,
     /// Compression type of compressed clusters.
-    pub compression_type: CompressionType,
+    compression_type: CompressionType,
     /// Header bytes after the compression type byte (offsets 105 to
     /// header_length), kept so that a rewrite preserves them.
-    pub extra: Vec<u8>,
+    extra: Vec<u8>,
     /// Header extensions in on-disk order (the end marker excluded).
-    pub extensions: Vec<Extension>,
+    extensions: Vec<Extension>,
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
@@ -387,6 +391,191 @@ fn bit_names(bits: u64, kind: FeatureKind, table: &[FeatureName]) -> String {
 }
 
 impl Header {
+    /// A header of `version` (2 or 3) with no tables, no backing file, no
+    /// feature bits and no extensions: what `create` starts from. Its
+    /// header length is the version's (72, or 112 with the compression
+    /// type and its padding).
+    pub fn new(
+        version: u32,
+        cluster_bits: u32,
+        refcount_order: u32,
+        compression_type: CompressionType,
+    ) -> Header {
+        let v2 = version < 3;
+        Header {
+            version,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            backing_file: None,
+            cluster_bits,
+            size: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: Incompatible::empty(),
+            compatible_features: Compatible::empty(),
+            autoclear_features: Autoclear::empty(),
+            refcount_order,
+            header_length: if v2 { limits::V2_HEADER_LEN } else { 112 },
+            compression_type,
+            extra: if v2 { Vec::new() } else { vec![0; 7] },
+            extensions: Vec::new(),
+        }
+    }
+
+    /// Version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Offset of the backing file name in the image file (0: none).
+    pub fn backing_file_offset(&self) -> u64 {
+        self.backing_file_offset
+    }
+    /// Length of the backing file name.
+    pub fn backing_file_size(&self) -> u32 {
+        self.backing_file_size
+    }
+    /// The backing file name, when there is one.
+    pub fn backing_file(&self) -> Option<&str> {
+        self.backing_file.as_deref()
+    }
+    /// log2 of the cluster size.
+    pub fn cluster_bits(&self) -> u32 {
+        self.cluster_bits
+    }
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Number of entries in the active L1 table.
+    pub fn l1_size(&self) -> u32 {
+        self.l1_size
+    }
+    /// Offset of the active L1 table.
+    pub fn l1_table_offset(&self) -> u64 {
+        self.l1_table_offset
+    }
+    /// Offset of the refcount table.
+    pub fn refcount_table_offset(&self) -> u64 {
+        self.refcount_table_offset
+    }
+    /// Number of clusters the refcount table occupies.
+    pub fn refcount_table_clusters(&self) -> u32 {
+        self.refcount_table_clusters
+    }
+    /// Number of internal snapshots.
+    pub fn nb_snapshots(&self) -> u32 {
+        self.nb_snapshots
+    }
+    /// Offset of the snapshot table.
+    pub fn snapshots_offset(&self) -> u64 {
+        self.snapshots_offset
+    }
+    /// Incompatible feature bits.
+    pub fn incompatible_features(&self) -> Incompatible {
+        self.incompatible_features
+    }
+    /// Compatible feature bits.
+    pub fn compatible_features(&self) -> Compatible {
+        self.compatible_features
+    }
+    /// Auto-clear feature bits.
+    pub fn autoclear_features(&self) -> Autoclear {
+        self.autoclear_features
+    }
+    /// refcount_bits = 1 << refcount_order.
+    pub fn refcount_order(&self) -> u32 {
+        self.refcount_order
+    }
+    /// Length of the header structure (72 for v2).
+    pub fn header_length(&self) -> u32 {
+        self.header_length
+    }
+    /// Compression type of compressed clusters.
+    pub fn compression_type(&self) -> CompressionType {
+        self.compression_type
+    }
+    /// Header bytes after the compression type byte (offsets 105 to
+    /// `header_length`), kept so that a rewrite preserves them.
+    pub fn extra(&self) -> &[u8] {
+        &self.extra
+    }
+    /// Header extensions in on-disk order (the end marker excluded).
+    pub fn extensions(&self) -> &[Extension] {
+        &self.extensions
+    }
+
+    /// Points the header at an active L1 table of `size` entries at
+    /// `offset`.
+    pub fn set_l1_table(&mut self, offset: u64, size: u32) {
+        self.l1_table_offset = offset;
+        self.l1_size = size;
+    }
+    /// Points the header at a refcount table of `clusters` clusters at
+    /// `offset`.
+    pub fn set_refcount_table(&mut self, offset: u64, clusters: u32) {
+        self.refcount_table_offset = offset;
+        self.refcount_table_clusters = clusters;
+    }
+    /// Points the header at a snapshot table of `count` entries at
+    /// `offset`.
+    pub fn set_snapshot_table(&mut self, offset: u64, count: u32) {
+        self.snapshots_offset = offset;
+        self.nb_snapshots = count;
+    }
+    /// Sets the backing file name (`None`: no backing file). Where it is
+    /// stored is [`Header::set_backing_file_location`]'s (or
+    /// [`Header::encode`]'s) business.
+    pub fn set_backing_file(&mut self, name: Option<String>) {
+        self.backing_file = name;
+    }
+    /// Records where the backing file name lies in the file.
+    pub fn set_backing_file_location(&mut self, offset: u64, size: u32) {
+        self.backing_file_offset = offset;
+        self.backing_file_size = size;
+    }
+    /// Sets the virtual disk size.
+    pub fn set_size(&mut self, size: u64) {
+        self.size = size;
+    }
+    /// Sets the version (2 or 3).
+    pub fn set_version(&mut self, version: u32) {
+        self.version = version;
+    }
+    /// Sets the incompatible feature bits.
+    pub fn set_incompatible(&mut self, bits: Incompatible) {
+        self.incompatible_features = bits;
+    }
+    /// Sets the compatible feature bits.
+    pub fn set_compatible(&mut self, bits: Compatible) {
+        self.compatible_features = bits;
+    }
+    /// Sets the auto-clear feature bits.
+    pub fn set_autoclear(&mut self, bits: Autoclear) {
+        self.autoclear_features = bits;
+    }
+    /// Sets refcount_order (refcount_bits = 1 << it).
+    pub fn set_refcount_order(&mut self, order: u32) {
+        self.refcount_order = order;
+    }
+    /// Sets the header length, and the bytes kept after the compression
+    /// type byte (`extra`).
+    pub fn set_header_length(&mut self, length: u32, extra: Vec<u8>) {
+        self.header_length = length;
+        self.extra = extra;
+    }
+    /// Sets the compression type.
+    pub fn set_compression_type(&mut self, kind: CompressionType) {
+        self.compression_type = kind;
+    }
+    /// The header extensions, to change.
+    pub fn extensions_mut(&mut self) -> &mut Vec<Extension> {
+        &mut self.extensions
+    }
+
     /// Parses and validates the header from the bytes of cluster 0 (or of
     /// the whole file when it is shorter than a cluster).
     ///

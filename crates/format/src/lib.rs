@@ -28,8 +28,8 @@
 //! c0[96..100].copy_from_slice(&4u32.to_be_bytes()); // refcount_order
 //! c0[100..104].copy_from_slice(&104u32.to_be_bytes()); // header_length
 //! let h = Header::parse(&c0)?;
-//! assert_eq!((h.version, h.size, h.cluster_size()), (3, 1 << 30, 65536));
-//! assert_eq!(h.backing_file, None);
+//! assert_eq!((h.version(), h.size(), h.cluster_size()), (3, 1 << 30, 65536));
+//! assert_eq!(h.backing_file(), None);
 //!
 //! c0[4..8].copy_from_slice(&9u32.to_be_bytes());
 //! assert!(Header::parse(&c0).is_err()); // version 9: refused, not a panic

@@ -162,8 +162,7 @@ pub fn peek(path: &Path, format: Option<ImageFormat>) -> Result<Peek> {
         .map_err(|e| Error::io(path, "read header", 0, e))?;
     let h = Header::parse(&c0).map_err(fmt_err)?;
     let backing = h
-        .backing_file
-        .as_deref()
+        .backing_file()
         .filter(|n| !n.is_empty())
         .map(|n| BackingRef {
             name: n.to_string(),
@@ -171,7 +170,7 @@ pub fn peek(path: &Path, format: Option<ImageFormat>) -> Result<Peek> {
         });
     Ok(Peek {
         format,
-        virtual_size: h.size,
+        virtual_size: h.size(),
         backing,
     })
 }

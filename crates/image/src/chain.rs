@@ -146,7 +146,7 @@ impl Image {
     pub fn backing(&self) -> (Option<&str>, Option<&str>) {
         match self {
             Image::Qcow2(q) => (
-                q.header().backing_file.as_deref().filter(|n| !n.is_empty()),
+                q.header().backing_file().filter(|n| !n.is_empty()),
                 q.header().backing_format(),
             ),
             Image::Raw(_) => (None, None),
@@ -944,7 +944,7 @@ pub(crate) fn v2_deallocatable(
 ) -> Result<Option<(u64, u64)>> {
     let vs = q.virtual_size();
     let end = match offset.checked_add(len) {
-        Some(e) if q.header().version < 3 && e <= vs => e,
+        Some(e) if q.header().version() < 3 && e <= vs => e,
         _ => return Ok(None),
     };
     let cs = q.geometry().cluster_size();

@@ -339,46 +339,27 @@ fn initial_clusters(path: &Path, opts: &CreateOptions) -> Result<Vec<u8>> {
     if !opts.compat_v2 {
         extensions.push(feature_table());
     }
-    let header = Header {
-        version: if opts.compat_v2 { 2 } else { 3 },
-        backing_file_offset: 0,
-        backing_file_size: 0,
-        backing_file: opts.backing.as_ref().map(|(n, _)| n.clone()),
-        cluster_bits: geo.cluster_bits(),
-        size: 0,
-        l1_size: 0,
-        l1_table_offset: 0,
-        refcount_table_offset: cs,
-        refcount_table_clusters: 1,
-        nb_snapshots: 0,
-        snapshots_offset: 0,
-        incompatible_features: incompat,
-        compatible_features: if opts.lazy_refcounts {
-            Compatible::LAZY_REFCOUNTS
-        } else {
-            Compatible::empty()
-        },
-        autoclear_features: autoclear,
-        refcount_order: order,
-        header_length: if opts.compat_v2 {
-            limits::V2_HEADER_LEN
-        } else {
-            112
-        },
-        compression_type: opts.compression_type,
-        extra: if opts.compat_v2 {
-            Vec::new()
-        } else {
-            vec![0; 7]
-        },
-        extensions,
-    };
-    let mut header = header;
+    let mut header = Header::new(
+        if opts.compat_v2 { 2 } else { 3 },
+        geo.cluster_bits(),
+        order,
+        opts.compression_type,
+    );
+    header.set_backing_file(opts.backing.as_ref().map(|(n, _)| n.clone()));
+    header.set_refcount_table(cs, 1);
+    header.set_incompatible(incompat);
+    header.set_compatible(if opts.lazy_refcounts {
+        Compatible::LAZY_REFCOUNTS
+    } else {
+        Compatible::empty()
+    });
+    header.set_autoclear(autoclear);
+    *header.extensions_mut() = extensions;
     if header.layout().is_err() {
         // Small clusters: the optional feature name table does not fit (QEMU
         // leaves it out too).
         header
-            .extensions
+            .extensions_mut()
             .retain(|e| !matches!(e, Extension::FeatureTable(_)));
     }
     let c0 = header.encode().map_err(|source| Error::Format {

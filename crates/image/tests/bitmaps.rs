@@ -267,7 +267,7 @@ fn an_image_written_by_strata_keeps_autoclear_and_no_bitmap_in_use() {
         assert!(!b["flags"].as_array().unwrap().iter().any(|f| f == "in-use"));
     }
     let q = Qcow2Image::open(Box::new(FileStorage::open(&s, false).unwrap()), &s).unwrap();
-    assert_eq!(q.header().autoclear_features.bits() & 1, 1);
+    assert_eq!(q.header().autoclear_features().bits() & 1, 1);
     let names: Vec<_> = q
         .bitmaps()
         .unwrap()

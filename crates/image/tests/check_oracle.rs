@@ -196,8 +196,8 @@ fn set_refcount(img: &Path, ci: u64, value: u64) {
     use std::os::unix::fs::FileExt;
     let q = open(img);
     let h = q.header().clone();
-    let per_block = refcount::entries_per_block(h.cluster_bits, h.refcount_order);
-    let rt_entry = read_u64(img, h.refcount_table_offset + (ci / per_block) * 8);
+    let per_block = refcount::entries_per_block(h.cluster_bits(), h.refcount_order());
+    let rt_entry = read_u64(img, h.refcount_table_offset() + (ci / per_block) * 8);
     let block_off = rt_entry & !0x1ff;
     assert_ne!(block_off, 0, "no refcount block for cluster {ci}");
     let cs = h.cluster_size() as usize;
@@ -210,7 +210,7 @@ fn set_refcount(img: &Path, ci: u64, value: u64) {
     f.read_exact_at(&mut block, block_off).unwrap();
     assert!(refcount::set(
         &mut block,
-        h.refcount_order,
+        h.refcount_order(),
         ci % per_block,
         value
     ));
@@ -411,7 +411,7 @@ fn a_wrong_copied_flag_is_a_corruption() {
     let e = read_u64(&img, at);
     write_u64(&img, at, e & !OFLAG_COPIED);
     // And on the L1 entry.
-    let l1 = open(&img).header().l1_table_offset;
+    let l1 = open(&img).header().l1_table_offset();
     let e1 = read_u64(&img, l1);
     write_u64(&img, l1, e1 & !OFLAG_COPIED);
     let (s, _) = assert_same(&img);
@@ -442,7 +442,7 @@ fn a_refcount_block_outside_the_file_is_a_corruption() {
     scribble(&img);
     let h = open(&img).header().clone();
     // A second refcount table entry pointing far past the end.
-    write_u64(&img, h.refcount_table_offset + 8, 1 << 40);
+    write_u64(&img, h.refcount_table_offset() + 8, 1 << 40);
     let _ = assert_same(&img);
 }
 
@@ -468,7 +468,7 @@ fn an_unaligned_refcount_block_gives_check_errors_like_qemu() {
     let Some(lab) = Lab::new() else { return };
     let img = lab.create("rbalign.qcow2", "cluster_size=4k", "4M");
     common::qemu_io(&img, &["write -P 1 0 64k"]);
-    let rt = open(&img).header().refcount_table_offset;
+    let rt = open(&img).header().refcount_table_offset();
     let e = read_u64(&img, rt);
     write_u64(&img, rt, e + 0x200);
     let (s, q) = assert_same(&img);

@@ -235,7 +235,8 @@ fn refcount_blocks_and_table_growth_survive_a_crash_at_every_step() {
     let last = crash_everywhere(top, None, &ops, 10, 2);
     let h = strata_format::Header::parse(&last[..512]).unwrap();
     assert_ne!(
-        h.refcount_table_offset, 512,
+        h.refcount_table_offset(),
+        512,
         "the workload should have moved the refcount table"
     );
 }

@@ -227,7 +227,7 @@ fn delete_frees_what_only_the_snapshot_held_like_qemu_img_snapshot_d() {
         check_clean(&s);
         assert!(qemu_list(&s).is_empty());
         let h = strata_format::Header::parse(&std::fs::read(&s).unwrap()[..4096]).unwrap();
-        assert_eq!((h.nb_snapshots, h.snapshots_offset), (0, 0));
+        assert_eq!((h.nb_snapshots(), h.snapshots_offset()), (0, 0));
     }
 }
 
@@ -379,7 +379,7 @@ fn a_snapshot_that_does_not_exist_is_an_error_naming_the_file() {
     drop(img);
     let mut bytes = m.to_bytes();
     let h = strata_format::Header::parse(&bytes[..512]).unwrap();
-    let at = h.snapshots_offset as usize + 40 + 8;
+    let at = h.snapshots_offset() as usize + 40 + 8;
     bytes[at..at + 8].copy_from_slice(&u64::MAX.to_be_bytes());
     let mut ro = Qcow2Image::open(
         Box::new(MemStorage::from_bytes(bytes)),
@@ -404,7 +404,7 @@ fn a_damaged_snapshot_table_refuses_snapshot_writes() {
     // Give the snapshot an L1 table of 2^30 entries (iotest 080).
     let mut bytes = std::fs::read(&p).unwrap();
     let h = strata_format::Header::parse(&bytes[..4096]).unwrap();
-    let at = h.snapshots_offset as usize + 8;
+    let at = h.snapshots_offset() as usize + 8;
     bytes[at..at + 4].copy_from_slice(&(1u32 << 30).to_be_bytes());
     std::fs::write(&p, &bytes).unwrap();
     let st = FileStorage::open(&p, true).unwrap();
@@ -484,7 +484,7 @@ fn unknown_extra_data_of_existing_snapshots_is_kept() {
     // Grow the entry's extra data from 24 to 32 bytes (0xab each).
     let mut bytes = std::fs::read(&p).unwrap();
     let h = strata_format::Header::parse(&bytes[..4096]).unwrap();
-    let at = h.snapshots_offset as usize;
+    let at = h.snapshots_offset() as usize;
     let extra_len = u32::from_be_bytes(bytes[at + 36..at + 40].try_into().unwrap()) as usize;
     assert_eq!(extra_len, 24);
     let id_len = u16::from_be_bytes(bytes[at + 12..at + 14].try_into().unwrap()) as usize;
@@ -527,9 +527,9 @@ fn damaged_images_never_panic_snapshot_operations() {
     let h = strata_format::Header::parse(&good[..4096]).unwrap();
     let regions = [
         (0u64, 104u64),
-        (h.l1_table_offset, 64),
-        (h.snapshots_offset, 80),
-        (h.refcount_table_offset, 64),
+        (h.l1_table_offset(), 64),
+        (h.snapshots_offset(), 80),
+        (h.refcount_table_offset(), 64),
     ];
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {

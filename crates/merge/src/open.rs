@@ -114,7 +114,7 @@ pub(crate) fn refuse_unwritable(layer: &Layer, op: &'static str) -> Result<()> {
         "the image is marked corrupt (run `strata check -r all` first)"
     } else if h.dirty() {
         "the image is dirty (lazy refcounts); repair it first (`strata check -r all` or `qemu-img check -r all`)"
-    } else if !(h.autoclear_features & !known_autoclear(q)).is_empty() {
+    } else if !(h.autoclear_features() & !known_autoclear(q)).is_empty() {
         // The write path's default policy refuses to clear them; say so
         // before anything is written.
         "it has unknown autoclear feature bits, which writing would clear"

@@ -246,7 +246,10 @@ fn backing_name(files: &Files) -> Option<String> {
         Path::new(TOP),
     )
     .unwrap();
-    img.header().backing_file.clone().filter(|n| !n.is_empty())
+    img.header()
+        .backing_file()
+        .map(str::to_owned)
+        .filter(|n| !n.is_empty())
 }
 
 /// The top's chain as its header names it reads `orig`.

@@ -238,7 +238,7 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
     }
     if let Some(Compat::V3) = opts.compat {
         let img = top_qcow2(chain)?;
-        if img.view.header().version < 3 {
+        if img.view.header().version() < 3 {
             upgrade(img)?;
             report.upgraded = true;
         }
@@ -257,9 +257,11 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
             // Off on a dirty image: begin_write already rebuilt its
             // refcounts (QEMU's qcow2_mark_clean).
             if on {
-                img.view.header_mut().compatible_features |= Compatible::LAZY_REFCOUNTS;
+                let v = img.view.header().compatible_features() | Compatible::LAZY_REFCOUNTS;
+                img.view.header_mut().set_compatible(v);
             } else {
-                img.view.header_mut().compatible_features &= !Compatible::LAZY_REFCOUNTS;
+                let v = img.view.header().compatible_features() & !Compatible::LAZY_REFCOUNTS;
+                img.view.header_mut().set_compatible(v);
             }
             img.write_header()?;
             img.sync()?;
@@ -274,7 +276,7 @@ pub fn amend_chain(chain: &mut Chain, opts: &AmendOptions) -> Result<AmendReport
     }
     if let Some(Compat::V2) = opts.compat {
         let img = top_qcow2(chain)?;
-        if img.view.header().version >= 3 {
+        if img.view.header().version() >= 3 {
             downgrade(img, &mut report)?;
             report.downgraded = true;
         }
@@ -308,8 +310,8 @@ impl WritableImage {
 /// written (QEMU finds some of them half-way).
 fn refusal(img: &mut WritableImage, opts: &AmendOptions) -> Result<Option<AmendRefusal>> {
     let h = img.view.header();
-    let new_version = opts.compat.map_or(h.version, Compat::version);
-    let mut order = h.refcount_order;
+    let new_version = opts.compat.map_or(h.version(), Compat::version);
+    let mut order = h.refcount_order();
     if let Some(bits) = opts.refcount_bits {
         if bits == 0 || bits > 64 || !bits.is_power_of_two() {
             return Ok(Some(AmendRefusal::RefcountWidthInvalid));
@@ -329,7 +331,7 @@ fn refusal(img: &mut WritableImage, opts: &AmendOptions) -> Result<Option<AmendR
     }
     let h = img.view.header();
     if opts.backing_file.is_some() || opts.backing_fmt.is_some() {
-        let same = opts.backing_file.as_deref() == h.backing_file.as_deref()
+        let same = opts.backing_file.as_deref() == h.backing_file()
             && opts.backing_fmt.as_deref() == h.backing_format();
         if !same {
             return Ok(Some(AmendRefusal::BackingFile));
@@ -349,7 +351,7 @@ fn refusal(img: &mut WritableImage, opts: &AmendOptions) -> Result<Option<AmendR
         }
     }
     let h = img.view.header();
-    if new_version < 3 && h.version >= 3 {
+    if new_version < 3 && h.version() >= 3 {
         if order != 4 {
             return Ok(Some(AmendRefusal::DowngradeRefcountBits));
         }
@@ -360,11 +362,11 @@ fn refusal(img: &mut WritableImage, opts: &AmendOptions) -> Result<Option<AmendR
         if bad_snapshot {
             return Ok(Some(AmendRefusal::DowngradeSnapshots));
         }
-        let left = h.incompatible_features & !(Incompatible::DIRTY | Incompatible::COMPRESSION);
+        let left = h.incompatible_features() & !(Incompatible::DIRTY | Incompatible::COMPRESSION);
         if !left.is_empty() {
             return Ok(Some(AmendRefusal::DowngradeIncompatible(left.bits())));
         }
-        if h.compression_type != CompressionType::Deflate && has_compressed_clusters(img)? {
+        if h.compression_type() != CompressionType::Deflate && has_compressed_clusters(img)? {
             return Ok(Some(AmendRefusal::DowngradeZstd));
         }
     }
@@ -379,7 +381,7 @@ fn resize_refusal_of(img: &WritableImage, new_size: u64) -> Option<String> {
     if !new_size.is_multiple_of(512) {
         return Some("The new size must be a multiple of 512".into());
     }
-    if img.view.header().version < 3 && !img.view.snapshots().is_empty() {
+    if img.view.header().version() < 3 && !img.view.snapshots().is_empty() {
         return Some("Can't resize a v2 image which has snapshots".into());
     }
     if new_size < img.virtual_size() && img.has_live_bitmaps() {
@@ -483,7 +485,7 @@ fn encode_snapshots(
         let (Some(id_len), Some(name_len)) = (id_len, name_len) else {
             return Err(Error::corrupt(
                 img.view.path(),
-                img.view.header().snapshots_offset,
+                img.view.header().snapshots_offset(),
                 "snapshot id or name too long",
             ));
         };
@@ -516,28 +518,27 @@ fn upgrade(img: &mut WritableImage) -> Result<()> {
     let geo = img.view.geometry();
     let cs = geo.cluster_size();
     let mut h = img.view.header().clone();
-    h.version = 3;
-    h.header_length = 112;
-    h.compression_type = CompressionType::Deflate;
-    h.extra = vec![0; 112 - 105];
-    h.incompatible_features = Incompatible::empty();
-    h.compatible_features = Compatible::empty();
-    h.autoclear_features = Autoclear::empty();
-    h.refcount_order = 4;
+    h.set_version(3);
+    h.set_compression_type(CompressionType::Deflate);
+    h.set_header_length(112, vec![0; 112 - 105]);
+    h.set_incompatible(Incompatible::empty());
+    h.set_compatible(Compatible::empty());
+    h.set_autoclear(Autoclear::empty());
+    h.set_refcount_order(4);
     // QEMU writes the feature name table only with clusters over 4 KiB
     // (in 512-byte clusters it would leave no room for a backing name).
     if img.view.geometry().cluster_size() > 4096
         && !h
-            .extensions
+            .extensions()
             .iter()
             .any(|e| matches!(e, Extension::FeatureTable(_)))
     {
         let at = h
-            .extensions
+            .extensions()
             .iter()
             .position(|e| !matches!(e, Extension::BackingFormat(_)))
-            .unwrap_or(h.extensions.len());
-        h.extensions.insert(at, feature_table());
+            .unwrap_or(h.extensions().len());
+        h.extensions_mut().insert(at, feature_table());
     }
     h.layout().map_err(|source| Error::Format {
         path: img.view.path().to_path_buf(),
@@ -558,12 +559,12 @@ fn upgrade(img: &mut WritableImage) -> Result<()> {
         // before the header points at it.
         img.barrier()?;
         let old = (
-            img.view.header().snapshots_offset,
+            img.view.header().snapshots_offset(),
             img.view
                 .snapshot_table_end()
-                .saturating_sub(img.view.header().snapshots_offset),
+                .saturating_sub(img.view.header().snapshots_offset()),
         );
-        h.snapshots_offset = at;
+        h.set_snapshot_table(at, h.nb_snapshots());
         moved = Some((old, snaps, at + bytes.len() as u64));
     }
     *img.view.header_mut() = h;
@@ -586,15 +587,15 @@ fn upgrade(img: &mut WritableImage) -> Result<()> {
 /// `qcow2_change_refcount_order`): written past the end, synced, then one
 /// header write switches to them.
 fn change_refcount_width(img: &mut WritableImage, order: u32) -> Result<()> {
-    let old = img.view.header().refcount_order;
+    let old = img.view.header().refcount_order();
     // The rebuild writes the structures at the header's width, and then
     // the header itself.
-    img.view.header_mut().refcount_order = order;
+    img.view.header_mut().set_refcount_order(order);
     let r = crate::repair::rebuild_refcounts_of(img);
     if r.is_err() {
         // Failed before the switch (a refusal), or on an I/O error, after
         // which the image takes no more writes.
-        img.view.header_mut().refcount_order = old;
+        img.view.header_mut().set_refcount_order(old);
     }
     r
 }
@@ -627,14 +628,13 @@ fn downgrade(img: &mut WritableImage, report: &mut AmendReport) -> Result<()> {
     if had_bitmaps {
         report.bitmaps_dropped = img.bitmaps()?.into_iter().map(|b| b.name).collect();
     }
-    h.version = 2;
-    h.header_length = strata_format::limits::V2_HEADER_LEN;
-    h.incompatible_features = Incompatible::empty();
-    h.compatible_features = Compatible::empty();
-    h.autoclear_features = Autoclear::empty();
-    h.compression_type = CompressionType::Deflate;
-    h.extra = Vec::new();
-    h.extensions
+    h.set_version(2);
+    h.set_incompatible(Incompatible::empty());
+    h.set_compatible(Compatible::empty());
+    h.set_autoclear(Autoclear::empty());
+    h.set_compression_type(CompressionType::Deflate);
+    h.set_header_length(strata_format::limits::V2_HEADER_LEN, Vec::new());
+    h.extensions_mut()
         .retain(|e| !matches!(e, Extension::FeatureTable(_) | Extension::Bitmaps { .. }));
     h.layout().map_err(|source| Error::Format {
         path: img.view.path().to_path_buf(),
@@ -737,7 +737,7 @@ fn expand_zero_clusters(img: &mut WritableImage, report: &mut AmendReport) -> Re
     let cs = geo.cluster_size();
     // Index of the host cluster holding host offset `h`.
     let cluster_of = |h: u64| geo.cluster_index(HostOffset::new(h));
-    let has_backing = img.view.header().backing_file.is_some();
+    let has_backing = img.view.header().backing_file().is_some();
     let tables = all_l2_tables(img)?;
     // Plan first: host clusters that some entry uses as data must never
     // be overwritten with zeros.

@@ -180,7 +180,7 @@ impl View {
     /// with the bitmaps extension and the bitmaps autoclear bit set.
     pub(crate) fn has_bitmaps_ext(&self) -> Option<(u32, u64, u64)> {
         let h = self.header();
-        if h.version < 3 || !h.autoclear_features.contains(Autoclear::BITMAPS) {
+        if h.version() < 3 || !h.autoclear_features().contains(Autoclear::BITMAPS) {
             return None;
         }
         h.bitmaps().filter(|(nb, _, _)| *nb > 0)
@@ -215,7 +215,7 @@ impl View {
         let entries = parse_directory(&raw, nb, off).map_err(fmt)?;
         let cs = self.geometry().cluster_size();
         for e in &entries {
-            e.validate(cs, self.header().size, off).map_err(fmt)?;
+            e.validate(cs, self.header().size(), off).map_err(fmt)?;
         }
         Ok(Some((raw, entries)))
     }
@@ -257,7 +257,7 @@ impl View {
             {
                 return Ok(DirtyBitmap {
                     granularity_bits: t.granularity_bits,
-                    virtual_size: self.header().size,
+                    virtual_size: self.header().size(),
                     bits: t.bits.clone(),
                 });
             }
@@ -275,7 +275,7 @@ impl View {
         let (bits, _) = self.load_bitmap_bits(e)?;
         Ok(DirtyBitmap {
             granularity_bits: e.granularity_bits,
-            virtual_size: self.header().size,
+            virtual_size: self.header().size(),
             bits,
         })
     }
@@ -285,7 +285,7 @@ impl View {
     pub(crate) fn load_bitmap_bits(&self, e: &BitmapDirEntry) -> Result<(Vec<u8>, Vec<u64>)> {
         let cs = self.geometry().cluster_size();
         let geo = self.geometry();
-        let len = bits_len(self.header().size, e.granularity_bits);
+        let len = bits_len(self.header().size(), e.granularity_bits);
         // validate() checked the table describes at least this much, and
         // at most MAX_PHYS_SIZE bytes.
         if len > MAX_PHYS_SIZE {
@@ -353,7 +353,7 @@ impl View {
             }
         }
         // Bits past the end of the disk are not guest granules.
-        let granules = self.header().size.div_ceil(1u64 << e.granularity_bits);
+        let granules = self.header().size().div_ceil(1u64 << e.granularity_bits);
         if let Some(last) = bits.last_mut() {
             if !granules.is_multiple_of(8) {
                 *last &= (1u8 << (granules % 8)) - 1;
@@ -486,7 +486,7 @@ impl WritableImage {
             .write_metadata(&raw, doff, "write bitmap directory")?;
         self.barrier()?;
         let old_dir = s.dir_offset;
-        for e in &mut self.view.header_mut().extensions {
+        for e in self.view.header_mut().extensions_mut().iter_mut() {
             if let strata_format::Extension::Bitmaps {
                 directory_offset, ..
             } = e
@@ -624,7 +624,7 @@ impl WritableImage {
             )))
         };
         self.begin_write()?;
-        if self.view.header().version < 3 {
+        if self.view.header().version() < 3 {
             return fail(format!(
                 "Can't make bitmap '{name}' persistent in '{}': Cannot store dirty bitmaps in qcow2 v2 files",
                 self.view.path().display()
@@ -634,7 +634,7 @@ impl WritableImage {
         let (mut works, old_dir) = self.bitmap_works()?;
         let mut removed = None;
         let pos = works.iter().position(|w| w.name == name);
-        let size = self.view.header().size;
+        let size = self.view.header().size();
         match (edit, pos) {
             (
                 BitmapEdit::Add {
@@ -846,11 +846,12 @@ impl WritableImage {
         self.barrier()?;
         self.view
             .header_mut()
-            .extensions
+            .extensions_mut()
             .retain(|e| !matches!(e, strata_format::Extension::Bitmaps { .. }));
         let mut new_dir = None;
         if works.is_empty() {
-            self.view.header_mut().autoclear_features &= !Autoclear::BITMAPS;
+            let v = self.view.header().autoclear_features() & !Autoclear::BITMAPS;
+            self.view.header_mut().set_autoclear(v);
         } else {
             let n = self.view.geometry().clusters_for(dir.len() as u64);
             let doff = self.alloc_contiguous(n, "the bitmap directory")?;
@@ -862,11 +863,11 @@ impl WritableImage {
             let at = self
                 .view
                 .header()
-                .extensions
+                .extensions()
                 .iter()
                 .position(|e| matches!(e, strata_format::Extension::Unknown { .. }))
-                .unwrap_or(self.view.header().extensions.len());
-            self.view.header_mut().extensions.insert(
+                .unwrap_or(self.view.header().extensions().len());
+            self.view.header_mut().extensions_mut().insert(
                 at,
                 strata_format::Extension::Bitmaps {
                     nb_bitmaps: works.len() as u32,
@@ -874,7 +875,8 @@ impl WritableImage {
                     directory_offset: doff,
                 },
             );
-            self.view.header_mut().autoclear_features |= Autoclear::BITMAPS;
+            let v = self.view.header().autoclear_features() | Autoclear::BITMAPS;
+            self.view.header_mut().set_autoclear(v);
             new_dir = Some((doff, dir.len() as u64));
         }
         self.view

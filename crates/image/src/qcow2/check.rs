@@ -232,8 +232,8 @@ fn detect_preallocation(img: &View) -> Option<bool> {
     let real_clusters = img.storage().allocated_bytes().ok()? / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let end_cluster = file_length.div_ceil(cs);
-    let per_block = refcount::entries_per_block(bits, h.refcount_order);
-    let table_len = geo.clusters_bytes(u64::from(h.refcount_table_clusters)) / 8;
+    let per_block = refcount::entries_per_block(bits, h.refcount_order());
+    let table_len = geo.clusters_bytes(u64::from(h.refcount_table_clusters())) / 8;
     let mut count = 0u64;
     let mut block: Option<(u64, Vec<u8>)> = None;
     let mut i = 0u64;
@@ -246,7 +246,7 @@ fn detect_preallocation(img: &View) -> Option<bool> {
         if block.as_ref().is_none_or(|(b, _)| *b != bi) {
             let mut e = [0u8; 8];
             img.storage()
-                .read_at(&mut e, h.refcount_table_offset.checked_add(bi * 8)?)
+                .read_at(&mut e, h.refcount_table_offset().checked_add(bi * 8)?)
                 .ok()?;
             let off = u64::from_be_bytes(e) & REFTABLE_OFFSET_MASK;
             if off == 0 {
@@ -268,7 +268,7 @@ fn detect_preallocation(img: &View) -> Option<bool> {
             block = Some((bi, b));
         }
         let b = block.as_ref().map(|(_, b)| b.as_slice()).unwrap_or(&[]);
-        if refcount::get(b, h.refcount_order, i % per_block).unwrap_or(0) != 0 {
+        if refcount::get(b, h.refcount_order(), i % per_block).unwrap_or(0) != 0 {
             count += 1;
         }
         i += 1;
@@ -363,22 +363,22 @@ impl<'a> Checker<'a> {
         let small = vec![0u16; (nb + 1) as usize];
         // The refcount table lies inside the file (checked at open) and is
         // at most MAX_REFTABLE_BYTES long (checked by the header parser).
-        let rt_bytes = geo.clusters_bytes(u64::from(h.refcount_table_clusters));
+        let rt_bytes = geo.clusters_bytes(u64::from(h.refcount_table_clusters()));
         if rt_bytes > limits::MAX_REFTABLE_BYTES.max(cs) {
             return Err(Error::corrupt(
                 img.path(),
-                h.refcount_table_offset,
+                h.refcount_table_offset(),
                 "refcount table too large",
             ));
         }
         let mut raw = vec![0u8; rt_bytes as usize];
         img.storage()
-            .read_at(&mut raw, h.refcount_table_offset)
+            .read_at(&mut raw, h.refcount_table_offset())
             .map_err(|e| {
                 Error::io(
                     img.path(),
                     "read refcount table",
-                    h.refcount_table_offset,
+                    h.refcount_table_offset(),
                     e,
                 )
             })?;
@@ -391,10 +391,10 @@ impl<'a> Checker<'a> {
                 small,
                 big: HashMap::new(),
                 len: nb,
-                max: refcount::max_refcount(h.refcount_order),
+                max: refcount::max_refcount(h.refcount_order()),
             },
             report: CheckReport {
-                total_clusters: h.size.div_ceil(cs),
+                total_clusters: h.size().div_ceil(cs),
                 ..CheckReport::default()
             },
             reftable: decode_u64_table(&raw),
@@ -489,7 +489,7 @@ impl<'a> Checker<'a> {
         let h = img.header();
         // QEMU's qcow2_read_snapshots in check mode: a v3 snapshot must
         // record vm_state_size_large and disk_size (16 bytes of extra data).
-        if h.version >= 3 {
+        if h.version() >= 3 {
             for (i, sn) in img.snapshots().iter().enumerate() {
                 if sn.extra.len() < 16 {
                     self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
@@ -503,7 +503,13 @@ impl<'a> Checker<'a> {
         // how often from the active one (which also gives the statistics).
         let mut order: Vec<u64> = Vec::new();
         let mut visits: HashMap<u64, (u64, u64)> = HashMap::new();
-        self.walk_l1(h.l1_table_offset, h.l1_size, true, &mut order, &mut visits)?;
+        self.walk_l1(
+            h.l1_table_offset(),
+            h.l1_size(),
+            true,
+            &mut order,
+            &mut visits,
+        )?;
         for sn in img.snapshots() {
             if !img.geometry().is_aligned(sn.l1_table_offset) {
                 self.corruption(format!(
@@ -547,10 +553,10 @@ impl<'a> Checker<'a> {
 
         // The snapshot table.
         let sn_size = self.snapshot_table_size()?;
-        self.inc_refcounts(h.snapshots_offset, sn_size, 1);
+        self.inc_refcounts(h.snapshots_offset(), sn_size, 1);
 
         // The refcount table.
-        self.inc_refcounts(h.refcount_table_offset, self.reftable.len() as u64 * 8, 1);
+        self.inc_refcounts(h.refcount_table_offset(), self.reftable.len() as u64 * 8, 1);
 
         // Bitmaps.
         if !self.bitmaps()? {
@@ -727,7 +733,7 @@ impl<'a> Checker<'a> {
     /// padded to 8 bytes except the last.
     fn snapshot_table_size(&self) -> Result<u64> {
         let h = self.img.header();
-        let mut at = h.snapshots_offset;
+        let mut at = h.snapshots_offset();
         let mut end = at;
         for _ in 0..self.img.snapshots().len() {
             let mut fixed = [0u8; snapshot::FIXED_LEN];
@@ -741,7 +747,7 @@ impl<'a> Checker<'a> {
             end = at.saturating_add(data_len as u64);
             at = at.saturating_add(len as u64);
         }
-        Ok(end - h.snapshots_offset)
+        Ok(end - h.snapshots_offset())
     }
 
     /// QEMU's `qcow2_check_bitmaps_refcounts`. Returns `false` when the
@@ -754,7 +760,7 @@ impl<'a> Checker<'a> {
         };
         // Without the autoclear bit QEMU ignores the extension (the
         // bitmaps' clusters then show up as leaks).
-        if !h.autoclear_features.contains(Autoclear::BITMAPS) {
+        if !h.autoclear_features().contains(Autoclear::BITMAPS) {
             return Ok(true);
         }
         // QEMU refuses to open such an image at all.
@@ -785,7 +791,7 @@ impl<'a> Checker<'a> {
         let cs = self.cs;
         let entries = bitmap::parse_directory(&dir, nb, dir_offset).and_then(|es| {
             for e in &es {
-                e.validate(cs, h.size, dir_offset)?;
+                e.validate(cs, h.size(), dir_offset)?;
             }
             Ok(es)
         });
@@ -873,7 +879,7 @@ impl<'a> Checker<'a> {
     fn stored_refcount(&mut self, i: u64) -> Result<std::result::Result<u64, String>> {
         let img = self.img;
         let h = img.header();
-        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), h.refcount_order);
+        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), h.refcount_order());
         let rt_index = i / per_block;
         let Some(&entry) = usize::try_from(rt_index)
             .ok()
@@ -898,7 +904,7 @@ impl<'a> Checker<'a> {
         }
         let b = self.blocks.get(&block).map(Vec::as_slice).unwrap_or(&[]);
         Ok(Ok(
-            refcount::get(b, h.refcount_order, i % per_block).unwrap_or(0)
+            refcount::get(b, h.refcount_order(), i % per_block).unwrap_or(0)
         ))
     }
 

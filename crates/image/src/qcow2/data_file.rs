@@ -85,16 +85,18 @@ const NO_NAME: &str = "'data-file' is required for this image (the external data
 /// raw bit without the data file bit, or a name Strata will not open.
 pub fn name_from_header(header: &Header, image: &Path) -> Result<Option<String>> {
     let has_bit = header
-        .incompatible_features
+        .incompatible_features()
         .contains(Incompatible::EXTERNAL_DATA);
-    let raw = header.autoclear_features.contains(Autoclear::DATA_FILE_RAW);
+    let raw = header
+        .autoclear_features()
+        .contains(Autoclear::DATA_FILE_RAW);
     if !has_bit {
         if raw {
             return Err(unsupported(image, "data-file-raw requires a data file"));
         }
         return Ok(None);
     }
-    let name = header.extensions.iter().find_map(|e| match e {
+    let name = header.extensions().iter().find_map(|e| match e {
         Extension::DataFile(n) => Some(n.as_str()),
         _ => None,
     });
@@ -210,7 +212,9 @@ impl DataFile {
                     name: String::new(),
                     path: PathBuf::new(),
                     storage: Err(NO_NAME.to_string()),
-                    raw: header.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
+                    raw: header
+                        .autoclear_features()
+                        .contains(Autoclear::DATA_FILE_RAW),
                     lock: Mutex::new(None),
                     pending_discards: Mutex::new(Vec::new()),
                     table_hint: Default::default(),
@@ -243,7 +247,9 @@ impl DataFile {
             name,
             path,
             storage,
-            raw: header.autoclear_features.contains(Autoclear::DATA_FILE_RAW),
+            raw: header
+                .autoclear_features()
+                .contains(Autoclear::DATA_FILE_RAW),
             lock: Mutex::new(None),
             pending_discards: Mutex::new(Vec::new()),
             table_hint: Default::default(),
@@ -599,7 +605,7 @@ impl WritableImage {
         self.begin_write()?;
         self.flush()?;
         if let Some(n) = name {
-            let exts = &mut self.view.header_mut().extensions;
+            let exts = &mut self.view.header_mut().extensions_mut();
             let at = exts
                 .iter()
                 .position(|e| matches!(e, Extension::DataFile(_)))
@@ -614,10 +620,8 @@ impl WritableImage {
             }
         }
         if raw == Some(false) {
-            self.view
-                .header_mut()
-                .autoclear_features
-                .remove(Autoclear::DATA_FILE_RAW);
+            let v = self.view.header().autoclear_features() - Autoclear::DATA_FILE_RAW;
+            self.view.header_mut().set_autoclear(v);
         }
         self.write_header()?;
         self.sync()

@@ -70,8 +70,10 @@
 //! `qcow2` shifts an offset by the cluster bits by hand (the refcount
 //! structures in `alloc.rs` hold a `Geometry` too).
 //!
-//! Not done yet (issue 16): the header's fields are still public (no
-//! update methods).
+//! The header's fields are private to `strata-format`: it is read through
+//! getters and changed through its update methods (`set_l1_table`,
+//! `set_refcount_table`, `set_snapshot_table`, `set_size`, ...), in the
+//! write path only (`View::header_mut`).
 
 pub(crate) mod alloc;
 pub mod amend;
@@ -216,9 +218,9 @@ impl WritableImage {
             path,
             view.file_len(),
             view.geometry(),
-            h.refcount_order,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
+            h.refcount_order(),
+            h.refcount_table_offset(),
+            h.refcount_table_clusters(),
         )?;
         let poisoned = Arc::<Poison>::default();
         let mut w = Writer::new(view.storage_arc(), path, poisoned.clone(), refcounts);

@@ -69,8 +69,9 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
     // know are cleared (iotest 036). Known ones (bitmaps, raw external
     // data) are left to the code that maintains what they protect.
     let known = Autoclear::BITMAPS | Autoclear::DATA_FILE_RAW;
-    if !(img.view.header().autoclear_features & !known).is_empty() {
-        img.view.header_mut().autoclear_features &= known;
+    if !(img.view.header().autoclear_features() & !known).is_empty() {
+        let v = img.view.header().autoclear_features() & known;
+        img.view.header_mut().set_autoclear(v);
         img.write_header()?;
         img.sync()?;
     }
@@ -118,14 +119,15 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
     }
     let mut after = check::check_view(&img.view)?;
     let flags = Incompatible::CORRUPT | Incompatible::DIRTY;
-    if img.view.header().incompatible_features.intersects(flags)
+    if img.view.header().incompatible_features().intersects(flags)
         && after.corruptions == 0
         && after.check_errors == 0
     {
         // As QEMU after a repair that left no corruption: the image is
         // clean (refcounts rebuilt: no longer dirty) and consistent (not
         // corrupt) again; iotests 039, 060, 061.
-        img.view.header_mut().incompatible_features &= !flags;
+        let v = img.view.header().incompatible_features() & !flags;
+        img.view.header_mut().set_incompatible(v);
         img.write_header()?;
         img.sync()?;
         after = check::check_view(&img.view)?;
@@ -167,7 +169,7 @@ fn fix_leaks(img: &mut WritableImage) -> Result<u64> {
     let expected = check::compute_refcounts_view(&img.view)?;
     let per = refcount::entries_per_block(
         img.view.geometry().cluster_bits(),
-        img.view.header().refcount_order,
+        img.view.header().refcount_order(),
     );
     let ws = &mut img.w;
     let mut fixed = 0;
@@ -202,7 +204,7 @@ pub(crate) fn rebuild_refcounts_of(img: &mut WritableImage) -> Result<()> {
     let geo = img.view.geometry();
     let cb = geo.cluster_bits();
     let cs = geo.cluster_size();
-    let order = img.view.header().refcount_order;
+    let order = img.view.header().refcount_order();
     let per = refcount::entries_per_block(cb, order);
     let mut refs = check::compute_refcounts_view(&img.view)?;
     // The old refcount structures are not kept: drop their references.
@@ -212,8 +214,8 @@ pub(crate) fn rebuild_refcounts_of(img: &mut WritableImage) -> Result<()> {
             *r = r.saturating_sub(1);
         }
     };
-    let t0 = geo.cluster_index(HostOffset::new(img.view.header().refcount_table_offset));
-    for ci in t0..t0 + u64::from(img.view.header().refcount_table_clusters) {
+    let t0 = geo.cluster_index(HostOffset::new(img.view.header().refcount_table_offset()));
+    for ci in t0..t0 + u64::from(img.view.header().refcount_table_clusters()) {
         sub(&mut refs, ci);
     }
     for e in &old_table {
@@ -288,7 +290,7 @@ pub(crate) fn install_refcounts(
 ) -> Result<()> {
     let geo = img.view.geometry();
     let cs = geo.cluster_size();
-    let order = img.view.header().refcount_order;
+    let order = img.view.header().refcount_order();
     let per = refcount::entries_per_block(geo.cluster_bits(), order);
     let mut table = vec![0u64; (geo.clusters_bytes(table_clusters) / 8) as usize];
     let mut block = vec![0u8; cs as usize];
@@ -311,8 +313,9 @@ pub(crate) fn install_refcounts(
     img.w
         .write_metadata(&encode_u64_table(&table), table_at, "write refcount table")?;
     img.sync()?;
-    img.view.header_mut().refcount_table_offset = table_at;
-    img.view.header_mut().refcount_table_clusters = table_clusters as u32;
+    img.view
+        .header_mut()
+        .set_refcount_table(table_at, table_clusters as u32);
     img.write_header()?;
     img.sync()?;
     // Reload the allocator's view of the new structures.
@@ -337,16 +340,16 @@ pub(crate) fn install_refcounts(
 
 fn read_table(img: &WritableImage) -> Result<Vec<u64>> {
     let geo = img.view.geometry();
-    let bytes = geo.clusters_bytes(u64::from(img.view.header().refcount_table_clusters)) as usize;
+    let bytes = geo.clusters_bytes(u64::from(img.view.header().refcount_table_clusters())) as usize;
     let mut raw = vec![0u8; bytes];
     img.view
         .storage()
-        .read_at(&mut raw, img.view.header().refcount_table_offset)
+        .read_at(&mut raw, img.view.header().refcount_table_offset())
         .map_err(|e| {
             Error::io(
                 img.view.path(),
                 "read refcount table",
-                img.view.header().refcount_table_offset,
+                img.view.header().refcount_table_offset(),
                 e,
             )
         })?;
@@ -467,7 +470,7 @@ fn fix_copied_flags(img: &mut WritableImage) -> Result<u64> {
             img.view.l1_mut()[i] = v;
             img.w.write_metadata(
                 &v.to_be_bytes(),
-                img.view.header().l1_table_offset + 8 * i as u64,
+                img.view.header().l1_table_offset() + 8 * i as u64,
                 "write L1 entry",
             )?;
             fixed += 1;

@@ -108,7 +108,7 @@ pub fn resize_refusal(
         return Some(ResizeRefusal::NotSectorMultiple);
     }
     if let Image::Qcow2(q) = top {
-        if q.header().version < 3 && !q.snapshots().is_empty() {
+        if q.header().version() < 3 && !q.snapshots().is_empty() {
             return Some(ResizeRefusal::V2Snapshots);
         }
         // An unreadable directory is left to the write path to judge.
@@ -208,7 +208,7 @@ fn shrink_qcow2(q: &mut WritableImage, new_size: u64) -> Result<()> {
         q.deallocate(first, old - first)?;
     }
     q.flush()?;
-    q.view.header_mut().size = new_size;
+    q.view.header_mut().set_size(new_size);
     q.write_header()?;
     q.sync()?;
     q.flush()?;

@@ -272,17 +272,18 @@ impl ReadOnlyImage {
         if sn.disk_size.is_some_and(|d| d > limits::MAX_VIRTUAL_SIZE) {
             return Err(Error::corrupt(
                 self.view.path(),
-                self.view.header().snapshots_offset,
+                self.view.header().snapshots_offset(),
                 format!(
                     "snapshot {:?} records a virtual size over the limit",
                     sn.name
                 ),
             ));
         }
-        self.view.header_mut().l1_table_offset = sn.l1_table_offset;
-        self.view.header_mut().l1_size = sn.l1_size;
+        self.view
+            .header_mut()
+            .set_l1_table(sn.l1_table_offset, sn.l1_size);
         if let Some(size) = sn.disk_size {
-            self.view.header_mut().size = size;
+            self.view.header_mut().set_size(size);
         }
         *self.view.l1_mut() = l1;
         self.forget_caches();
@@ -307,14 +308,14 @@ impl WritableImage {
         let id = next_snapshot_id(self.view.snapshots());
         let sn = Snapshot {
             l1_table_offset: 0,
-            l1_size: self.view.header().l1_size,
+            l1_size: self.view.header().l1_size(),
             id,
             name: String::from_utf8_lossy(clip(name)).into_owned(),
             date_sec: date.0,
             date_nsec: date.1,
             vm_clock_nsec: 0,
             vm_state_size: 0,
-            disk_size: Some(self.view.header().size),
+            disk_size: Some(self.view.header().size()),
             // qemu-img snapshot -c records 0.
             icount: Some(0),
             extra: Vec::new(),
@@ -336,7 +337,7 @@ impl WritableImage {
         list.push(sn);
         self.stage_snapshot_table(&mut tail, list)?;
         let l1 = self.view.l1().to_vec();
-        let size = self.view.header().size;
+        let size = self.view.header().size();
         self.commit_state(&mut tail, l1, size)?;
         self.view
             .snapshots()
@@ -356,7 +357,7 @@ impl WritableImage {
             .ok_or_else(|| self.view.not_found(sel))?;
         let sn = self.view.snapshots()[i].clone();
         let entries = self.view.snapshot_l1(&sn)?;
-        let size = sn.disk_size.unwrap_or(self.view.header().size);
+        let size = sn.disk_size.unwrap_or(self.view.header().size());
         if self.view.header().bitmaps().is_some() {
             // The guest view changes wholesale, and the bitmaps would have
             // to say so (or be dropped): not done by Strata yet.
@@ -371,7 +372,7 @@ impl WritableImage {
         if size > limits::MAX_VIRTUAL_SIZE {
             return Err(Error::corrupt(
                 self.view.path(),
-                self.view.header().snapshots_offset,
+                self.view.header().snapshots_offset(),
                 format!(
                     "snapshot {:?} records a virtual size over the limit",
                     sn.name
@@ -418,7 +419,7 @@ impl WritableImage {
             list.remove(i);
             self.stage_snapshot_table(&mut tail, list)?;
             let l1 = self.view.l1().to_vec();
-            let size = self.view.header().size;
+            let size = self.view.header().size();
             self.commit_state(&mut tail, l1, size)
         })();
         self.finish(saved, r.map(|()| sn))
@@ -483,7 +484,7 @@ impl WritableImage {
     /// Writes the snapshot table `list` past the end and makes it the
     /// in-memory one (the header on disk switches to it at the commit).
     fn stage_snapshot_table(&mut self, tail: &mut Tail, list: Vec<Snapshot>) -> Result<()> {
-        let size = self.view.header().size;
+        let size = self.view.header().size();
         let mut bytes = Vec::new();
         let mut parsed = Vec::with_capacity(list.len());
         for sn in &list {
@@ -506,8 +507,9 @@ impl WritableImage {
             let off = tail.put(self, &bytes, "write snapshot table")?;
             (off, off + bytes.len() as u64)
         };
-        self.view.header_mut().snapshots_offset = off;
-        self.view.header_mut().nb_snapshots = parsed.len() as u32;
+        self.view
+            .header_mut()
+            .set_snapshot_table(off, parsed.len() as u32);
         self.view.set_snapshots(parsed, end);
         Ok(())
     }
@@ -524,12 +526,13 @@ impl WritableImage {
     /// to all of it in one write.
     fn commit_state(&mut self, tail: &mut Tail, mut l1: Vec<u64>, size: u64) -> Result<()> {
         let geo = self.view.geometry();
-        self.view.header_mut().size = size;
-        self.view.header_mut().l1_size = l1.len() as u32;
+        self.view.header_mut().set_size(size);
+        let l1_at = self.view.header().l1_table_offset();
+        self.view.header_mut().set_l1_table(l1_at, l1.len() as u32);
         *self.view.l1_mut() = l1.clone();
         self.view.forget_caches();
         let refs = crate::check::compute_refcounts_view(&self.view)?;
-        let max = strata_format::refcount::max_refcount(self.view.header().refcount_order);
+        let max = strata_format::refcount::max_refcount(self.view.header().refcount_order());
         // The count stops at the largest refcount, reporting the overflow:
         // only then is the full report needed.
         if refs.iter().any(|r| *r >= max) {
@@ -544,7 +547,7 @@ impl WritableImage {
                     what: format!(
                         "a cluster would have more references than {}-bit refcounts can \
                          count ({})",
-                        1u32 << self.view.header().refcount_order,
+                        1u32 << self.view.header().refcount_order(),
                         p.message
                     ),
                 });
@@ -597,12 +600,13 @@ impl WritableImage {
                 .0;
             }
         }
-        if !l1.is_empty() {
-            self.view.header_mut().l1_table_offset =
-                tail.put(self, &encode_u64_table(&l1), "write L1 table")?;
+        let l1_at = if !l1.is_empty() {
+            tail.put(self, &encode_u64_table(&l1), "write L1 table")?
         } else {
-            self.view.header_mut().l1_table_offset = 0;
-        }
+            0
+        };
+        let l1_size = self.view.header().l1_size();
+        self.view.header_mut().set_l1_table(l1_at, l1_size);
         *self.view.l1_mut() = l1;
         self.view.forget_caches();
         // Syncs the tables written above, writes the refcount structures,
@@ -623,7 +627,7 @@ impl WritableImage {
         use strata_format::refcount::{self, REFTABLE_OFFSET_MASK};
         let geo = self.view.geometry();
         let cs = self.view.geometry().cluster_size();
-        let order = self.view.header().refcount_order;
+        let order = self.view.header().refcount_order();
         let per = refcount::entries_per_block(geo.cluster_bits(), order);
         let mut refs = crate::check::compute_refcounts_view(&self.view)?;
         // The old refcount structures are not kept.
@@ -633,8 +637,8 @@ impl WritableImage {
                 *r = r.saturating_sub(1);
             }
         };
-        let t0 = geo.cluster_index(HostOffset::new(self.view.header().refcount_table_offset));
-        for ci in t0..t0 + u64::from(self.view.header().refcount_table_clusters) {
+        let t0 = geo.cluster_index(HostOffset::new(self.view.header().refcount_table_offset()));
+        for ci in t0..t0 + u64::from(self.view.header().refcount_table_clusters()) {
             drop_ref(ci);
         }
         for e in &old_table {

@@ -133,30 +133,30 @@ impl View {
         let geometry = header.geometry();
 
         // The L1 table must lie inside the file before we allocate for it.
-        let l1_bytes = u64::from(header.l1_size) * 8;
-        let l1_end = header.l1_table_offset.saturating_add(l1_bytes);
-        if header.l1_size > 0 && l1_end > file_len {
+        let l1_bytes = u64::from(header.l1_size()) * 8;
+        let l1_end = header.l1_table_offset().saturating_add(l1_bytes);
+        if header.l1_size() > 0 && l1_end > file_len {
             return Err(Error::corrupt(
                 path,
-                header.l1_table_offset,
+                header.l1_table_offset(),
                 format!(
                     "L1 table ({} entries) extends past the end of the file ({file_len} bytes)",
-                    header.l1_size
+                    header.l1_size()
                 ),
             ));
         }
         let mut raw_l1 = vec![0u8; l1_bytes as usize];
         storage
-            .read_at(&mut raw_l1, header.l1_table_offset)
-            .map_err(|e| Error::io(path, "read L1 table", header.l1_table_offset, e))?;
+            .read_at(&mut raw_l1, header.l1_table_offset())
+            .map_err(|e| Error::io(path, "read L1 table", header.l1_table_offset(), e))?;
         let l1 = decode_u64_table(&raw_l1);
         let rt_end = header
-            .refcount_table_offset
-            .saturating_add(geometry.clusters_bytes(u64::from(header.refcount_table_clusters)));
+            .refcount_table_offset()
+            .saturating_add(geometry.clusters_bytes(u64::from(header.refcount_table_clusters())));
         if rt_end > file_len {
             return Err(Error::corrupt(
                 path,
-                header.refcount_table_offset,
+                header.refcount_table_offset(),
                 "refcount table extends past the end of the file",
             ));
         }
@@ -219,7 +219,7 @@ impl View {
     }
     /// Virtual size in bytes.
     pub(crate) fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.header.size()
     }
     /// The internal snapshots.
     pub(crate) fn snapshots(&self) -> &[Snapshot] {
@@ -350,15 +350,15 @@ impl View {
     pub(crate) fn refuse_bad_refblocks(&self) -> Result<()> {
         let h = &self.header;
         let cs = self.geometry.cluster_size();
-        let len = u64::from(h.refcount_table_clusters) * cs;
+        let len = u64::from(h.refcount_table_clusters()) * cs;
         let mut table = vec![0u8; len as usize];
         self.storage
-            .read_at(&mut table, h.refcount_table_offset)
+            .read_at(&mut table, h.refcount_table_offset())
             .map_err(|e| {
                 Error::io(
                     &self.path,
                     "read refcount table",
-                    h.refcount_table_offset,
+                    h.refcount_table_offset(),
                     e,
                 )
             })?;
@@ -367,7 +367,7 @@ impl View {
             if entry == 0 {
                 continue;
             }
-            let at = h.refcount_table_offset + 8 * i as u64;
+            let at = h.refcount_table_offset() + 8 * i as u64;
             let off = entry & !0x1ff;
             let what = if !self.geometry.is_aligned(entry) {
                 "is not cluster-aligned"
@@ -567,7 +567,7 @@ impl View {
             .map_err(|e| Error::io(&self.path, "read compressed cluster", d.offset.get(), e))?;
         input.truncate(n);
         let mut out = vec![0u8; cs];
-        compress::decompress(self.header.compression_type, &input, &mut out)
+        compress::decompress(self.header.compression_type(), &input, &mut out)
             .map_err(|what| Error::corrupt(&self.path, d.offset.get(), what))?;
         let out = Arc::new(out);
         *lock(&self.decompressed) = Some((d.offset.get(), out.clone()));
@@ -582,11 +582,11 @@ fn read_snapshots(
     file_len: u64,
 ) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::new();
-    let mut at = header.snapshots_offset;
+    let mut at = header.snapshots_offset();
     let end_limit = header
-        .snapshots_offset
+        .snapshots_offset()
         .saturating_add(limits::MAX_SNAPSHOT_TABLE_BYTES);
-    for _ in 0..header.nb_snapshots {
+    for _ in 0..header.nb_snapshots() {
         let mut fixed = [0u8; snapshot::FIXED_LEN];
         let n = storage
             .read_at(&mut fixed, at)

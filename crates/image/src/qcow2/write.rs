@@ -147,8 +147,8 @@ impl WritableImage {
                         .into(),
             });
         }
-        if self.view.header().refcount_table_offset == 0
-            || self.view.header().refcount_table_clusters == 0
+        if self.view.header().refcount_table_offset() == 0
+            || self.view.header().refcount_table_clusters() == 0
         {
             // Opened so that check can report it (as QEMU); nothing can be
             // allocated without a refcount table (iotests 060, 108).
@@ -172,7 +172,7 @@ impl WritableImage {
         }
         use crate::chain::{OnBadBitmaps, OnDirty, OnUnknownAutoclear};
         let policy = self.w.policy();
-        let mut kept = self.view.header().autoclear_features & Autoclear::BITMAPS;
+        let mut kept = self.view.header().autoclear_features() & Autoclear::BITMAPS;
         // The raw external data bit is known, with a data file.
         let raw_data = self.view.data_file_autoclear();
         // Bitmaps are kept (and kept up to date) when their directory is
@@ -206,7 +206,7 @@ impl WritableImage {
             });
         }
         let unknown =
-            (self.view.header().autoclear_features & !(Autoclear::BITMAPS | raw_data)).bits();
+            (self.view.header().autoclear_features() & !(Autoclear::BITMAPS | raw_data)).bits();
         if unknown != 0 && policy.unknown_autoclear == OnUnknownAutoclear::Refuse {
             return Err(Error::ReadOnly {
                 path: self.view.path().to_path_buf(),
@@ -220,15 +220,13 @@ impl WritableImage {
             // A dirty image's refcounts may be stale: rebuild them (the
             // rebuild counts the bitmaps' clusters). The header, with these
             // changes, is written once the new refcounts are durable.
-            self.view
-                .header_mut()
-                .incompatible_features
-                .remove(Incompatible::DIRTY);
-            self.view.header_mut().autoclear_features = kept;
+            let v = self.view.header().incompatible_features() - Incompatible::DIRTY;
+            self.view.header_mut().set_incompatible(v);
+            self.view.header_mut().set_autoclear(kept);
             self.rebuild_refcounts()?;
         }
-        if self.view.header().autoclear_features != kept {
-            self.view.header_mut().autoclear_features = kept;
+        if self.view.header().autoclear_features() != kept {
+            self.view.header_mut().set_autoclear(kept);
             self.write_header()?;
             self.sync()?;
         }
@@ -258,12 +256,13 @@ impl WritableImage {
         if self.w.halt() {
             return err;
         }
-        if self.view.header().version >= 3 {
-            self.view.header_mut().incompatible_features |= Incompatible::CORRUPT;
+        if self.view.header().version() >= 3 {
+            let v = self.view.header().incompatible_features() | Incompatible::CORRUPT;
+            self.view.header_mut().set_incompatible(v);
             let bits = self
                 .view
                 .header()
-                .incompatible_features
+                .incompatible_features()
                 .bits()
                 .to_be_bytes();
             // Offset 72: incompatible_features, present in every v3 header.
@@ -359,8 +358,8 @@ impl WritableImage {
         }
         meta.add(0, cs, Meta::Header);
         meta.add(
-            self.view.header().l1_table_offset,
-            u64::from(self.view.header().l1_size) * 8,
+            self.view.header().l1_table_offset(),
+            u64::from(self.view.header().l1_size()) * 8,
             Meta::ActiveL1,
         );
         for e in self.view.l1() {
@@ -368,9 +367,9 @@ impl WritableImage {
                 meta.add(off.get(), cs, Meta::ActiveL2);
             }
         }
-        if self.view.header().nb_snapshots > 0 {
+        if self.view.header().nb_snapshots() > 0 {
             meta.add(
-                self.view.header().snapshots_offset,
+                self.view.header().snapshots_offset(),
                 self.snapshot_table_len(),
                 Meta::SnapshotTable,
             );
@@ -451,7 +450,7 @@ impl WritableImage {
                 if let Ok(entries) = strata_format::bitmap::parse_directory(&dir, nb, dir_off) {
                     for b in entries {
                         let end = b.table_offset.checked_add(b.table_bytes());
-                        let valid = b.validate(cs, self.view.header().size, dir_off).is_ok()
+                        let valid = b.validate(cs, self.view.header().size(), dir_off).is_ok()
                             && b.table_bytes() <= strata_format::limits::MAX_L1_BYTES;
                         if valid && end.is_some_and(|e| e <= file_len) {
                             meta.add(b.table_offset, b.table_bytes(), Meta::BitmapTable);
@@ -468,7 +467,7 @@ impl WritableImage {
     fn snapshot_table_len(&self) -> u64 {
         self.view
             .snapshot_table_end()
-            .saturating_sub(self.view.header().snapshots_offset)
+            .saturating_sub(self.view.header().snapshots_offset())
     }
 
     /// Writes the header (with extensions and backing name) to cluster 0.
@@ -481,8 +480,7 @@ impl WritableImage {
                 path: self.view.path().to_path_buf(),
                 source,
             })?;
-        self.view.header_mut().backing_file_offset = off;
-        self.view.header_mut().backing_file_size = len;
+        self.view.header_mut().set_backing_file_location(off, len);
         let buf = self
             .view
             .header()
@@ -518,8 +516,7 @@ impl WritableImage {
             let moved = r.inspect_err(|e| self.poisoned.set(e))?;
             if let Some((off, clusters)) = moved {
                 self.sync()?;
-                self.view.header_mut().refcount_table_offset = off;
-                self.view.header_mut().refcount_table_clusters = clusters;
+                self.view.header_mut().set_refcount_table(off, clusters);
                 self.write_header()?;
                 self.w.refcount_table_switched(self.view.geometry());
             }
@@ -553,7 +550,7 @@ impl WritableImage {
             .ok_or_else(|| {
                 Error::corrupt(
                     self.view.path(),
-                    self.view.header().l1_table_offset,
+                    self.view.header().l1_table_offset(),
                     format!("L1 index {l1i} outside the L1 table"),
                 )
             })?;
@@ -619,7 +616,7 @@ impl WritableImage {
         }
         let l1_entries: Vec<usize> = ws.dirty_l1_entries().collect();
         for i in l1_entries {
-            let at = self.view.header().l1_table_offset + 8 * i as u64;
+            let at = self.view.header().l1_table_offset() + 8 * i as u64;
             self.guard_write("L1 entry write", at, 8, &[Meta::ActiveL1])?;
         }
         self.barrier()?;
@@ -637,7 +634,7 @@ impl WritableImage {
             self.view.cache_l2(toff, d.table);
         }
         for i in l1 {
-            let at = self.view.header().l1_table_offset + 8 * i as u64;
+            let at = self.view.header().l1_table_offset() + 8 * i as u64;
             let v = self.view.l1()[i];
             self.w
                 .write_metadata(&v.to_be_bytes(), at, "write L1 entry")?;
@@ -1262,7 +1259,7 @@ impl WritableImage {
     /// images without a backing file. On a v2 image with a backing file
     /// nothing changes (QEMU 290): there is no zero flag to hide it.
     pub fn discard(&mut self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
-        if has_backing && self.view.header().version < 3 {
+        if has_backing && self.view.header().version() < 3 {
             // A v2 image has no zero flag: a discarded cluster would
             // expose the backing file's data. QEMU does nothing then
             // (qcow2_co_pdiscard returns ENOTSUP, which discard ignores).
@@ -1313,7 +1310,7 @@ impl WritableImage {
         let size = self.virtual_size();
         self.check_range(0, size)?;
         self.begin_write()?;
-        if self.view.header().nb_snapshots == 0 {
+        if self.view.header().nb_snapshots() == 0 {
             return self.drop_tables();
         }
         let zero_backing = |b: &mut [u8], _| {
@@ -1485,7 +1482,7 @@ impl WritableImage {
         let cs = geo.cluster_size();
         let size = self.virtual_size();
         let end = offset + len;
-        let v3 = self.view.header().version >= 3;
+        let v3 = self.view.header().version() >= 3;
         if let ZeroMode::Zero { .. } = mode {
             if !v3 {
                 // No zero flag: write zeros, in bounded pieces.
@@ -1694,7 +1691,7 @@ impl WritableImage {
                 ZeroMode::Deallocate => L2Entry::default(),
                 ZeroMode::Discard { has_backing } => {
                     let allocated = self.view.entry_host(&e).is_some() || e.compressed();
-                    if self.view.header().version < 3 {
+                    if self.view.header().version() < 3 {
                         L2Entry::default()
                     } else if has_backing || allocated {
                         if geo.extended_l2() {
@@ -1841,12 +1838,11 @@ impl WritableImage {
             self.w.write_metadata(&raw, new_off, "write L1 table")?;
             self.barrier()?;
             let old_l1 = (
-                self.view.header().l1_table_offset,
+                self.view.header().l1_table_offset(),
                 self.view.l1().len() as u64,
             );
-            self.view.header_mut().l1_table_offset = new_off;
-            self.view.header_mut().l1_size = need as u32;
-            self.view.header_mut().size = new_size;
+            self.view.header_mut().set_l1_table(new_off, need as u32);
+            self.view.header_mut().set_size(new_size);
             self.write_header()?;
             self.sync()?;
             *self.view.l1_mut() = l1;
@@ -1860,7 +1856,7 @@ impl WritableImage {
                 self.w.free_later(first..first + n);
             }
         } else {
-            self.view.header_mut().size = new_size;
+            self.view.header_mut().set_size(new_size);
             self.write_header()?;
             self.sync()?;
         }
@@ -1881,15 +1877,15 @@ impl WritableImage {
         // Flush first: it may move the bitmap directory (a header change).
         self.flush()?;
         let mut h = self.view.header().clone();
-        h.extensions
+        h.extensions_mut()
             .retain(|e| !matches!(e, strata_format::Extension::BackingFormat(_)));
         match backing {
             Some((name, fmt)) => {
-                h.backing_file = Some(name.to_string());
-                h.extensions
+                h.set_backing_file(Some(name.to_string()));
+                h.extensions_mut()
                     .insert(0, strata_format::Extension::BackingFormat(fmt.to_string()));
             }
-            None => h.backing_file = None,
+            None => h.set_backing_file(None),
         }
         h.layout().map_err(|source| Error::Format {
             path: self.view.path().to_path_buf(),
@@ -2105,7 +2101,7 @@ impl WritableImage {
             let g = off + i as u64 * cs;
             let idx = geo.l2_index(GuestOffset::new(g));
             let e = self.entry_for_write(&table, toff, idx)?;
-            let Some(c) = crate::compress::compress(self.view.header().compression_type, cluster)
+            let Some(c) = crate::compress::compress(self.view.header().compression_type(), cluster)
             else {
                 plain.push((g, cluster));
                 continue;
@@ -2115,7 +2111,7 @@ impl WritableImage {
             let tail = self.compressed_tail.next;
             let fits = tail != 0 && geo.in_cluster(tail) != 0 && geo.in_cluster(tail) + len <= cs;
             let room = fits && {
-                let order = self.view.header().refcount_order;
+                let order = self.view.header().refcount_order();
                 let ci = geo.cluster_index(HostOffset::new(tail));
                 self.w.refcount(ci)? < strata_format::refcount::max_refcount(order)
             };

@@ -144,7 +144,7 @@ fn header_check(data: &[u8]) {
     // offset and length may change.
     let mut want = h.clone();
     let Ok((off, len)) = h.layout() else { return };
-    (want.backing_file_offset, want.backing_file_size) = (off, len);
+    want.set_backing_file_location(off, len);
 
     assert_eq!(again, want, "encode -> parse changed the header");
 }
