@@ -2100,13 +2100,23 @@ impl WritableImage {
     /// Closes the image: flushes it (an image open for writing) and
     /// returns the flush's error, which a drop could only log.
     pub(crate) fn close(&mut self) -> Result<()> {
-        if self.closed || self.poisoned.is_set() {
+        if self.closed || self.poisoned.is_set() || self.refusal_already_reported() {
             return Ok(());
         }
         let r = self.flush();
         // Reported here: the drop that follows does not try again.
         self.closed = true;
         r
+    }
+
+    /// Whether a flush at close would only repeat an error the caller
+    /// already got: a write was refused for corrupt metadata (the image
+    /// takes no more writes) and nothing written before it waits for the
+    /// flush (no L2 or L1 entries, unsynced data or frees), so closing
+    /// loses nothing. With something pending the flush's failure is
+    /// reported: that is lost.
+    fn refusal_already_reported(&self) -> bool {
+        self.w.halted() && self.w.nothing_pending() && !self.w.has_pending_frees()
     }
 }
 
@@ -2116,10 +2126,16 @@ impl Drop for WritableImage {
     /// return the error: it is written to standard error; callers who
     /// care call [`Qcow2Image::close`](crate::Qcow2Image::close) (or [`Qcow2Image::flush`](crate::Qcow2Image::flush)) instead.
     fn drop(&mut self) {
-        if !self.closed && !self.poisoned.is_set() {
+        if !self.closed && !self.poisoned.is_set() && !self.refusal_already_reported() {
             if let Err(e) = self.flush() {
+                // After a refusal the flush cannot run: say what that costs.
+                let lost = if self.w.halted() {
+                    " (the writes not flushed before the refused one are lost)"
+                } else {
+                    ""
+                };
                 eprintln!(
-                    "strata: closing {}: flush failed: {e}",
+                    "strata: closing {}: flush failed{lost}: {e}",
                     self.view.path().display()
                 );
             }
