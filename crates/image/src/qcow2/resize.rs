@@ -7,7 +7,7 @@
 //! explicit zeros for the partial cluster at the old end, zero clusters
 //! after it), so that the backing file's tail does not show through.
 //! `--preallocation=metadata|falloc|full` allocates the new area as
-//! QEMU's `qcow2_co_truncate` does (see [`preallocate_growth`]); for raw,
+//! QEMU's `qcow2_co_truncate` does (see `preallocate_growth`); for raw,
 //! `falloc`/`full` write zeros and `metadata` is refused (raw has no
 //! metadata, as in QEMU). Shrinking is
 //! done here: the whole clusters past the new end are deallocated (their
