@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use strata_image::check::{check, CheckReport};
-use strata_image::repair::{repair, RepairMode};
+use strata_image::check::{check, CheckReport, Problem};
+use strata_image::repair::{repair, RepairMode, RepairReport};
 use strata_image::{Chain, ImageFormat};
 
 use crate::qjson::{to_json_pretty, QDict, QValue};
@@ -150,14 +150,19 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result
     print_report(args, &report, out, err)
 }
 
-fn print_report(
-    args: &CheckArgs,
-    report: &CheckReport,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> Result<i32> {
+/// qemu-img's advice after each refcount overflow (`inc_refcounts`),
+/// naming Strata's commands: `strata amend -o refcount_bits=N` and
+/// `strata convert` are what a Strata user runs.
+pub const OVERFLOW_HINT: &str = "Use strata amend to increase the refcount entry width or \
+     strata convert to create a clean copy if the image cannot be opened for writing";
+
+/// The problem lines of a check, to stderr as qemu-img prints them.
+fn print_problems(report: &CheckReport, err: &mut dyn Write) -> Result<()> {
     for p in &report.problems {
         writeln!(err, "{}", p.message)?;
+        if p.message.starts_with("ERROR: overflow cluster offset=") {
+            writeln!(err, "{OVERFLOW_HINT}")?;
+        }
     }
     if report.problems_omitted > 0 {
         writeln!(
@@ -166,6 +171,69 @@ fn print_report(
             report.problems_omitted
         )?;
     }
+    Ok(())
+}
+
+/// The problem lines of `check -r`, in qemu-img's order and words: the
+/// check's lines, then "Repairing cluster ..." for each leak fixed
+/// (compare_refcounts), then the COPIED flags as QEMU checks them after
+/// the refcounts were fixed (check_oflag_copied): one the leak fixes made
+/// right is not reported, one repaired says "Repairing".
+fn print_repair_problems(r: &RepairReport, rebuild: bool, err: &mut dyn Write) -> Result<()> {
+    let copied = copied_flag;
+    let still = |p: &Problem| r.after.problems.iter().any(|a| a.message == p.message);
+    let mut first = r.before.clone();
+    first.problems.retain(|p| !copied(p));
+    print_problems(&first, err)?;
+    if rebuild {
+        writeln!(err, "Rebuilding refcount structure")?;
+    }
+    if r.leaks_fixed > 0 {
+        for p in &r.before.problems {
+            if let Some(rest) = p.message.strip_prefix("Leaked cluster ") {
+                if !still(p) {
+                    writeln!(err, "Repairing cluster {rest}")?;
+                }
+            }
+        }
+    }
+    for p in r.before.problems.iter().filter(|p| copied(p)) {
+        if still(p) || r.leaks_fixed == 0 && r.corruptions_fixed == 0 {
+            writeln!(err, "{}", p.message)?;
+        } else if r.corruptions_fixed > 0 {
+            let rest = p.message.trim_start_matches("ERROR ");
+            writeln!(err, "Repairing {rest}")?;
+        }
+    }
+    Ok(())
+}
+
+/// A COPIED flag that disagrees with the refcount.
+fn copied_flag(p: &Problem) -> bool {
+    p.message.starts_with("ERROR OFLAG_COPIED ")
+}
+
+/// `ERROR cluster N refcount=R reference=F` with R < F: what makes
+/// qemu-img's check -r rebuild the refcount structures.
+fn refcount_too_low(p: &Problem) -> bool {
+    let Some(rest) = p.message.strip_prefix("ERROR cluster ") else {
+        return false;
+    };
+    let num = |key: &str| {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    matches!((num("refcount="), num("reference=")), (Some(r), Some(f)) if r < f)
+}
+
+fn print_report(
+    args: &CheckArgs,
+    report: &CheckReport,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32> {
+    print_problems(report, err)?;
     if !args.quiet {
         match args.output {
             OutputFormat::Json => {
@@ -210,10 +278,36 @@ fn run_repair(
         strata_image::Image::Qcow2(q) => q,
         other => return not_supported(args, other.format(), err),
     };
-    let r = repair(q, mode).with_context(|| format!("{}: repair failed", args.file.display()))?;
-    for p in &r.before.problems {
-        writeln!(err, "{}", p.message)?;
+    if mode == RepairMode::Leaks {
+        // A refcount below the references needs a rebuild, which -r leaks
+        // does not do: qemu-img prints compare_refcounts' lines and fails
+        // before fixing anything.
+        let mut first = check(q)?;
+        if first.problems.iter().any(refcount_too_low) {
+            first.problems.retain(|p| !copied_flag(p));
+            print_problems(&first, err)?;
+            writeln!(err, "ERROR need to rebuild refcount structures")?;
+            bail!("Check failed: Input/output error");
+        }
     }
+    let mut r =
+        repair(q, mode).with_context(|| format!("{}: repair failed", args.file.display()))?;
+    let rebuild = r.before.problems.iter().any(refcount_too_low);
+    if rebuild {
+        // QEMU checks the COPIED flags after its rebuild: those the
+        // rebuilt refcounts made right are neither printed nor counted.
+        let resolved = r
+            .before
+            .problems
+            .iter()
+            .filter(|p| copied_flag(p) && !r.after.problems.iter().any(|a| a.message == p.message))
+            .count() as u64;
+        r.before
+            .problems
+            .retain(|p| !copied_flag(p) || r.after.problems.contains(p));
+        r.corruptions_fixed = r.corruptions_fixed.saturating_sub(resolved);
+    }
+    print_repair_problems(&r, rebuild, err)?;
     let fixed = r.leaks_fixed > 0 || r.corruptions_fixed > 0;
     if fixed && args.output == OutputFormat::Human && !args.quiet {
         writeln!(
@@ -227,6 +321,12 @@ fn run_repair(
     let mut after = r.after;
     after.leaks_fixed = r.leaks_fixed;
     after.corruptions_fixed = r.corruptions_fixed;
+    if !fixed {
+        // qemu-img checks once when nothing was repaired: its problems
+        // were printed above.
+        after.problems.clear();
+        after.problems_omitted = 0;
+    }
     print_report(args, &after, out, err)
 }
 

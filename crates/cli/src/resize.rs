@@ -24,8 +24,8 @@ pub struct ResizeArgs {
     /// Allow the image to shrink (data past the new end is lost).
     #[arg(long = "shrink")]
     pub shrink: bool,
-    /// Preallocation of the new area: off, falloc or full (metadata is
-    /// refused: raw has none, and Strata does not do it for qcow2 yet).
+    /// Preallocation of the new area: off, metadata (qcow2 only), falloc
+    /// or full, as qemu-img allocates it.
     #[arg(long = "preallocation", value_name = "MODE")]
     pub preallocation: Option<String>,
     /// Quiet: do not print `Image resized.`.

@@ -909,57 +909,6 @@ fn iotest_271_preallocated_images_over_a_backing_file_grow_like_qemu() {
     }
 }
 
-/// 271 "image resizing with preallocation and backing files" and "...
-/// without backing files": 503 KiB grown to 1013 KiB with
-/// `--preallocation=falloc|full` by each tool: the same view (the base or
-/// the data, then zeros) and clean check. `--preallocation=metadata`
-/// is not implemented by Strata's resize: refused, the file untouched
-/// (docs/qemu-iotests.md, skipped).
-#[test]
-fn iotest_271_resize_with_preallocation_matches_qemu() {
-    if !qemu_available() {
-        return;
-    }
-    let dir = tempdir();
-    raw_base_271(dir.path());
-    for backed in [true, false] {
-        for mode in ["falloc", "full", "metadata"] {
-            let at = format!("{mode}, backed {backed}");
-            let tw = twins(|img| {
-                let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"];
-                let base = dir.path().join("base.raw");
-                if backed {
-                    args.extend(["-F", "raw", "-b", s(&base)]);
-                }
-                args.extend([s(img), "503k"]);
-                qemu_img_ok(&args);
-                if !backed {
-                    qio_ok(img, "write -P 0xff 0 503k");
-                }
-            });
-            let p = format!("--preallocation={mode}");
-            qemu_img_ok(&["resize", "-q", &p, s(&tw.q), "1013k"]);
-            let r = strata(&["resize", &p, s(&tw.t), "1013k"]);
-            if mode == "metadata" {
-                assert_fails_with(&r, 1, &["not supported by Strata"]);
-                same_bytes(&tw.t, &tw.orig);
-                continue;
-            }
-            assert_eq!(r.code, 0, "{at}: {}", r.stderr);
-            for img in [&tw.q, &tw.t] {
-                qio_ok(img, "read -P 0xff 0 503k");
-                qio_ok(img, "read -P 0 503k 510k");
-            }
-            assert_eq!(checks(&tw), (0, 0), "{at}");
-            identical(&tw.q, &tw.t);
-            // Not the maps: QEMU allocates whole clusters from the one
-            // holding the old end (copying the base into it), with other
-            // subcluster bitmaps than the zeros Strata writes
-            // (docs/qemu-iotests.md, 271: not matched yet).
-        }
-    }
-}
-
 // ---- 121: refcount table growth, every step by each tool ----------------
 
 /// 121 tests 1 and 2 with every step done by each tool: `create -o

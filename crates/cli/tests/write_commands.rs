@@ -341,8 +341,12 @@ fn check_r_leaks_and_all_repair_what_qemu_img_check_finds() {
     set_refcount(&img, 0, 0);
     assert_eq!(qemu_img(&["check", s(&img)]).code, 2);
     assert_eq!(strata(&["check", s(&img)]).code, 2);
-    // -r leaks does not fix it; -r all does.
-    assert_eq!(strata(&["check", "-r", "leaks", s(&img)]).code, 2);
+    // -r leaks does not fix it (it fails as qemu-img's: "need to rebuild
+    // refcount structures", on a copy); -r all does.
+    let copy = d.path().join("copy.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    assert_eq!(qemu_img(&["check", "-r", "leaks", s(&copy)]).code, 1);
+    assert_eq!(strata(&["check", "-r", "leaks", s(&img)]).code, 1);
     let r = strata(&["check", "-r", "all", s(&img)]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("corruptions"), "{}", r.stdout);

@@ -89,6 +89,13 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
                 || img.view.header().corrupt()
         }
     };
+    // Leaks (and the COPIED flags they make wrong) are fixed in place by
+    // QEMU's -r all too: its rebuild is for refcount errors.
+    let mode = if mode == RepairMode::All && leaks_only(&before) && !header_flagged(img) {
+        RepairMode::Leaks
+    } else {
+        mode
+    };
     if needs {
         match mode {
             RepairMode::Leaks => {
@@ -138,6 +145,22 @@ fn repair_writable(img: &mut WritableImage, mode: RepairMode) -> Result<RepairRe
         leaks_fixed,
         corruptions_fixed,
     })
+}
+
+/// Whether `r` found leaks and no other problem than COPIED flags (which
+/// a leak's refcount makes wrong).
+fn leaks_only(r: &CheckReport) -> bool {
+    r.leaks > 0
+        && r.check_errors == 0
+        && r.problems_omitted == 0
+        && r.problems.iter().all(|p| {
+            p.message.starts_with("Leaked cluster ") || p.message.starts_with("ERROR OFLAG_COPIED")
+        })
+}
+
+/// Whether the header says dirty or corrupt (a rebuild's business).
+fn header_flagged(img: &WritableImage) -> bool {
+    img.view.header().dirty() || img.view.header().corrupt()
 }
 
 /// Whether the only problems of `r` are COPIED flags that disagree with

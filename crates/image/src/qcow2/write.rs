@@ -59,7 +59,7 @@ const MAX_UNSYNCED_BYTES: u64 = 256 << 20;
 /// Bytes to write: the caller's, a copy-on-write buffer, or a run of
 /// another storage moved by [`Storage::copy_range_from`] (offset there,
 /// length).
-enum Chunk<'a> {
+pub(super) enum Chunk<'a> {
     Borrowed(&'a [u8]),
     Owned(Vec<u8>),
     Range(u64, u64),
@@ -76,17 +76,17 @@ impl Chunk<'_> {
 }
 
 /// What a write does to one cluster.
-struct Plan<'a> {
+pub(super) struct Plan<'a> {
     /// Index of the entry in its L2 table.
-    idx: u64,
-    old: L2Entry,
-    new: L2Entry,
+    pub(super) idx: u64,
+    pub(super) old: L2Entry,
+    pub(super) new: L2Entry,
     /// Host cluster to write into; `None`: a new cluster.
-    dest: Option<HostOffset>,
+    pub(super) dest: Option<HostOffset>,
     /// Bytes to write, at offsets inside the cluster.
-    writes: Vec<(u64, Chunk<'a>)>,
+    pub(super) writes: Vec<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
-    frees: Vec<u64>,
+    pub(super) frees: Vec<u64>,
 }
 
 /// How a range becomes zeros.
@@ -533,7 +533,7 @@ impl WritableImage {
     }
 
     /// Allocates up to `max` contiguous clusters (at least one).
-    fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
+    pub(super) fn alloc_run(&mut self, max: u64, purpose: &str) -> Result<(u64, u64)> {
         let r = self.w.alloc_run(max);
         self.on_alloc_error(r, purpose)
     }
@@ -543,7 +543,7 @@ impl WritableImage {
     /// A new table's content is written now; its L1 entry is changed in
     /// memory and written at the next metadata commit, after the barrier
     /// that makes the table durable.
-    fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+    pub(super) fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
         let i = usize::try_from(l1i)
             .ok()
             .filter(|i| *i < self.view.l1().len())
@@ -656,7 +656,13 @@ impl WritableImage {
 
     /// The guest view of this image alone at `[guest, guest+buf.len())`
     /// inside one cluster, falling through to `backing` where unallocated.
-    fn old_view(&self, e: L2Entry, guest: u64, buf: &mut [u8], backing: BackingRead) -> Result<()> {
+    pub(super) fn old_view(
+        &self,
+        e: L2Entry,
+        guest: u64,
+        buf: &mut [u8],
+        backing: BackingRead,
+    ) -> Result<()> {
         let geo = self.view.geometry();
         let scs = geo.subcluster_size();
         let mut done = 0usize;
@@ -695,7 +701,7 @@ impl WritableImage {
     /// host offset) is a fatal corruption: the write is refused before
     /// anything of it is written and the image is marked corrupt, as QEMU
     /// does (iotest 271).
-    fn entry_for_write(&mut self, table: &[u8], toff: u64, idx: u64) -> Result<L2Entry> {
+    pub(super) fn entry_for_write(&mut self, table: &[u8], toff: u64, idx: u64) -> Result<L2Entry> {
         let geo = self.view.geometry();
         let e = L2Entry::read(table, geo, idx).map_err(|source| Error::Format {
             path: self.view.path().to_path_buf(),
@@ -728,7 +734,7 @@ impl WritableImage {
         }
     }
 
-    fn freed_by(&self, e: L2Entry) -> Vec<u64> {
+    pub(super) fn freed_by(&self, e: L2Entry) -> Vec<u64> {
         let geo = self.view.geometry();
         if self.view.data_file().is_some() {
             // Data clusters live in the data file, unrefcounted: nothing
@@ -1173,7 +1179,7 @@ impl WritableImage {
 
     /// Applies the changed entries of an L2 table in memory (they are
     /// written at the next metadata commit) and queues the frees.
-    fn update_l2(&mut self, toff: u64, plans: &[Plan<'_>]) -> Result<()> {
+    pub(super) fn update_l2(&mut self, toff: u64, plans: &[Plan<'_>]) -> Result<()> {
         let geo = self.view.geometry();
         if plans.iter().all(|p| p.new == p.old) {
             return Ok(());
@@ -2016,7 +2022,7 @@ impl WritableImage {
 impl WritableImage {
     /// Reserves `[offset, offset+len)` of the file (`posix_fallocate`);
     /// storages without a file get zeros written instead.
-    fn fallocate(&self, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn fallocate(&self, offset: u64, len: u64) -> Result<()> {
         if let Some(f) = self.view.storage().file() {
             let (o, l) = (
                 i64::try_from(offset).map_err(|_| Error::InvalidArgument("offset".into()))?,
@@ -2159,13 +2165,23 @@ impl WritableImage {
     /// Closes the image: flushes it (an image open for writing) and
     /// returns the flush's error, which a drop could only log.
     pub(crate) fn close(&mut self) -> Result<()> {
-        if self.closed || self.poisoned.is_set() {
+        if self.closed || self.poisoned.is_set() || self.refusal_already_reported() {
             return Ok(());
         }
         let r = self.flush();
         // Reported here: the drop that follows does not try again.
         self.closed = true;
         r
+    }
+
+    /// Whether a flush at close would only repeat an error the caller
+    /// already got: a write was refused for corrupt metadata (the image
+    /// takes no more writes) and nothing written before it waits for the
+    /// flush (no L2 or L1 entries, unsynced data or frees), so closing
+    /// loses nothing. With something pending the flush's failure is
+    /// reported: that is lost.
+    fn refusal_already_reported(&self) -> bool {
+        self.w.halted() && self.w.nothing_pending() && !self.w.has_pending_frees()
     }
 }
 
@@ -2175,10 +2191,16 @@ impl Drop for WritableImage {
     /// return the error: it is written to standard error; callers who
     /// care call [`Qcow2Image::close`](crate::Qcow2Image::close) (or [`Qcow2Image::flush`](crate::Qcow2Image::flush)) instead.
     fn drop(&mut self) {
-        if !self.closed && !self.poisoned.is_set() {
+        if !self.closed && !self.poisoned.is_set() && !self.refusal_already_reported() {
             if let Err(e) = self.flush() {
+                // After a refusal the flush cannot run: say what that costs.
+                let lost = if self.w.halted() {
+                    " (the writes not flushed before the refused one are lost)"
+                } else {
+                    ""
+                };
                 eprintln!(
-                    "strata: closing {}: flush failed: {e}",
+                    "strata: closing {}: flush failed{lost}: {e}",
                     self.view.path().display()
                 );
             }

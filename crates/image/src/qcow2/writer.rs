@@ -277,6 +277,11 @@ impl Writer {
         self.pending_frees.extend(clusters);
     }
 
+    /// Whether reference drops wait for the next flush.
+    pub(crate) fn has_pending_frees(&self) -> bool {
+        !self.pending_frees.is_empty()
+    }
+
     /// The queued reference drops (the flush releases them).
     pub(crate) fn take_pending_frees(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.pending_frees)
