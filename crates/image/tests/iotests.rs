@@ -219,7 +219,7 @@ fn repair_both(t: &Twin) {
         &t.strata,
     )
     .unwrap();
-    repair(&mut img, RepairMode::All).unwrap();
+    let _ = repair(&mut img, RepairMode::All).unwrap();
     drop(img);
     assert_eq!(check_code(&t.strata), 0);
     assert_eq!(corrupt_bit(&t.qemu), corrupt_bit(&t.strata));
@@ -951,7 +951,7 @@ fn iotest_039_repair(qemu_mode: &str, mode: RepairMode) {
         &t.strata,
     )
     .unwrap();
-    repair(&mut img, mode).unwrap();
+    let _ = repair(&mut img, mode).unwrap();
     drop(img);
     assert_eq!(
         incompatible(&t.qemu),
@@ -1400,7 +1400,7 @@ fn iotest_036_unknown_autoclear_bit_is_cleared_by_repair() {
         &t.strata,
     )
     .unwrap();
-    repair(&mut img, RepairMode::All).unwrap();
+    let _ = repair(&mut img, RepairMode::All).unwrap();
     drop(img);
     let autoclear = |p: &Path| {
         let b = std::fs::read(p).unwrap();
@@ -2177,7 +2177,7 @@ fn iotest_060_shrink_over_bad_refblocks_is_refused_then_done_after_repair() {
             &t.strata,
         )
         .unwrap();
-        repair(&mut img, RepairMode::All).unwrap();
+        let _ = repair(&mut img, RepairMode::All).unwrap();
         drop(img);
         let (ok, said) = try_run("qemu-img", &["resize", "--shrink", arg(&t.qemu), "32M"]);
         assert!(ok, "{what}: {said}");

@@ -29,6 +29,7 @@ pub enum RepairMode {
 
 /// The result of a repair: the check before, and the check after.
 #[derive(Debug)]
+#[must_use = "the report says whether the repair left the image clean"]
 pub struct RepairReport {
     /// What the check found before repairing.
     pub before: CheckReport,
