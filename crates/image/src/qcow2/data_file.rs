@@ -207,18 +207,13 @@ impl DataFile {
             Err(Error::Unsupported { what, .. })
                 if what == NO_NAME && matches!(source, Source::FileSystem { .. }) =>
             {
-                return Ok(Some(DataFile {
-                    image: image.to_path_buf(),
-                    name: String::new(),
-                    path: PathBuf::new(),
-                    storage: Err(NO_NAME.to_string()),
-                    raw: header
-                        .autoclear_features()
-                        .contains(Autoclear::DATA_FILE_RAW),
-                    lock: Mutex::new(None),
-                    pending_discards: Mutex::new(Vec::new()),
-                    table_hint: Default::default(),
-                }));
+                return Ok(Some(DataFile::new(
+                    header,
+                    image,
+                    String::new(),
+                    PathBuf::new(),
+                    Err(NO_NAME.to_string()),
+                )));
             }
             r => r?,
         };
@@ -242,7 +237,17 @@ impl DataFile {
                 .map(|s| Arc::new(s) as Arc<dyn Storage>)
                 .map_err(|e| format!("Could not open '{name}': {e}")),
         };
-        Ok(Some(DataFile {
+        Ok(Some(DataFile::new(header, image, name, path, storage)))
+    }
+
+    fn new(
+        header: &Header,
+        image: &Path,
+        name: String,
+        path: PathBuf,
+        storage: std::result::Result<Arc<dyn Storage>, String>,
+    ) -> DataFile {
+        DataFile {
             image: image.to_path_buf(),
             name,
             path,
@@ -253,7 +258,7 @@ impl DataFile {
             lock: Mutex::new(None),
             pending_discards: Mutex::new(Vec::new()),
             table_hint: Default::default(),
-        }))
+        }
     }
 
     /// The name the header records.
