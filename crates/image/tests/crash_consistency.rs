@@ -23,12 +23,6 @@ enum Op {
     Flush,
 }
 
-fn view(chain: &Chain) -> Vec<u8> {
-    let mut v = vec![0u8; chain.virtual_size() as usize];
-    chain.read_at(&mut v, 0).unwrap();
-    v
-}
-
 /// Applies one op; the error of a crashed storage is returned.
 fn apply(chain: &mut Chain, op: Op) -> strata_image::Result<()> {
     match op {
@@ -37,22 +31,6 @@ fn apply(chain: &mut Chain, op: Op) -> strata_image::Result<()> {
         Op::Discard(off, len) => chain.discard(off, len),
         Op::Flush => chain.flush(),
     }
-}
-
-fn qemu_check_no_corruption(dir: &Path, top: &[u8], label: &str) {
-    let p = dir.join("top.qcow2");
-    std::fs::write(&p, top).unwrap();
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-U", p.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{label}: qemu-img check exit {code}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs `ops` on `initial` (with optional backing `base`) crashing at every

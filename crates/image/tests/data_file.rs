@@ -35,12 +35,6 @@ fn apply(chain: &mut Chain, op: Op) -> strata_image::Result<()> {
     }
 }
 
-fn view(chain: &Chain) -> Vec<u8> {
-    let mut v = vec![0u8; chain.virtual_size() as usize];
-    chain.read_at(&mut v, 0).unwrap();
-    v
-}
-
 fn chain_of(img: Qcow2Image) -> Chain {
     Chain::from_layers(vec![Layer::new(
         "img.qcow2".into(),

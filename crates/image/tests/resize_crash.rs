@@ -98,28 +98,6 @@ fn chain_of(top: Box<dyn strata_image::Storage>, base: Option<&[u8]>, rw: bool) 
     Chain::from_layers(layers).unwrap()
 }
 
-fn view(chain: &Chain) -> Vec<u8> {
-    let mut v = vec![0u8; chain.virtual_size() as usize];
-    chain.read_at(&mut v, 0).unwrap();
-    v
-}
-
-fn qemu_check_no_corruption(dir: &Path, top: &[u8], label: &str) {
-    let p = dir.join("top.qcow2");
-    std::fs::write(&p, top).unwrap();
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-U", p.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(
-        code == 0 || code == 3,
-        "{label}: qemu-img check exit {code}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {

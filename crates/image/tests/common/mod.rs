@@ -108,3 +108,29 @@ pub fn fault_chain(top: &strata_image::FaultStorage, base: Option<&[u8]>) -> str
     }
     Chain::from_layers(layers).unwrap()
 }
+
+/// The whole guest view of `chain`.
+pub fn view(chain: &strata_image::Chain) -> Vec<u8> {
+    let mut v = vec![0u8; chain.virtual_size() as usize];
+    chain.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// Writes `top` (an image's bytes after a simulated crash) into `dir` and
+/// insists that `qemu-img check` finds no corruption (leaks, exit 3, are
+/// allowed: a crash may leak clusters).
+pub fn qemu_check_no_corruption(dir: &Path, top: &[u8], label: &str) {
+    let p = dir.join("top.qcow2");
+    std::fs::write(&p, top).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-U", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "{label}: qemu-img check exit {code}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
