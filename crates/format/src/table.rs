@@ -296,6 +296,24 @@ impl L2Entry {
         Ok(())
     }
 
+    /// How many subclusters from `sc` on, to the end of the cluster, have
+    /// the bits of `sc` (so the same state, contiguous on the host): at
+    /// least 1; 1 for a standard entry, whose one subcluster is the
+    /// cluster.
+    pub fn same_state_run(&self, geometry: Geometry, sc: u32) -> u32 {
+        if !geometry.extended_l2() || sc >= 32 {
+            return 1;
+        }
+        let alloc = (self.bitmap as u32) >> sc;
+        let zero = ((self.bitmap >> 32) as u32) >> sc;
+        // Bits that differ from those of `sc` (the ones past the cluster's
+        // end differ whenever `sc`'s bit is set; they are cut off below).
+        let differ = |bits: u32| if bits & 1 != 0 { !bits } else { bits };
+        (differ(alloc) | differ(zero))
+            .trailing_zeros()
+            .clamp(1, 32 - sc)
+    }
+
     /// The state of subcluster `sc` (always 0 for standard entries).
     /// Combinations the spec forbids are errors (with `sc` as the offset;
     /// the caller adds the location).
@@ -390,6 +408,46 @@ mod tests {
 
     fn g(bits: u32, ext: bool) -> Geometry {
         Geometry::new(bits, ext).unwrap()
+    }
+
+    #[test]
+    fn same_state_run_counts_subclusters_with_the_bits_of_the_first() {
+        let ext = g(16, true);
+        let e = |bitmap: u64| L2Entry {
+            word: 0x50000,
+            bitmap,
+        };
+        // Unallocated throughout: the rest of the cluster from any start.
+        assert_eq!(e(0).same_state_run(ext, 0), 32);
+        assert_eq!(e(0).same_state_run(ext, 31), 1);
+        assert_eq!(e(0).same_state_run(ext, 7), 25);
+        // Subclusters 0-3 allocated, 4-5 zero, the rest unallocated.
+        let m = e(0b1111 | (0b11 << 36));
+        assert_eq!(m.same_state_run(ext, 0), 4);
+        assert_eq!(m.same_state_run(ext, 2), 2);
+        assert_eq!(m.same_state_run(ext, 4), 2);
+        assert_eq!(m.same_state_run(ext, 6), 26);
+        // All allocated; the last one alone.
+        let all = e(u64::from(u32::MAX));
+        assert_eq!(all.same_state_run(ext, 0), 32);
+        assert_eq!(all.same_state_run(ext, 31), 1);
+        // Each run agrees with the states of the subclusters it covers.
+        for bitmap in [
+            0u64,
+            0b1111 | (0b11 << 36),
+            0xF0F0_F0F0,
+            0xFFFF_0000_0000_FFFF,
+        ] {
+            let x = e(bitmap);
+            for sc in 0..32 {
+                let run = x.same_state_run(ext, sc);
+                let bits = |i: u32| ((bitmap >> i) & 1, (bitmap >> (32 + i)) & 1);
+                assert!((sc..sc + run).all(|i| bits(i) == bits(sc)));
+                assert!(sc + run == 32 || bits(sc + run) != bits(sc));
+            }
+        }
+        // Standard entries: one subcluster, the cluster.
+        assert_eq!(e(0).same_state_run(g(16, false), 0), 1);
     }
 
     #[test]

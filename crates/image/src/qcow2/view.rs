@@ -408,9 +408,13 @@ impl View {
     }
 
     /// The mapping at guest offset `g` from an L2 table (None: no table).
-    fn mapping_in(&self, table: Option<&(u64, Arc<Vec<u8>>)>, g: u64) -> Result<Mapping> {
+    /// The mapping of guest offset `g` from its L2 table (none: no table),
+    /// and the end of the run of subclusters from `g`'s on, in its cluster,
+    /// that have the same state (each continues the one before it).
+    fn mapping_in(&self, table: Option<&(u64, Arc<Vec<u8>>)>, g: u64) -> Result<(Mapping, u64)> {
+        let step = self.geometry.subcluster_size();
         let Some((toff, table)) = table else {
-            return Ok(Mapping::Unallocated);
+            return Ok((Mapping::Unallocated, (g / step + 1) * step));
         };
         let guest = GuestOffset::new(g);
         let idx = self.geometry.l2_index(guest);
@@ -419,6 +423,8 @@ impl View {
             source,
         })?;
         let sc = self.geometry.subcluster_index(guest);
+        let run = u64::from(entry.same_state_run(self.geometry, sc));
+        let run_end = self.geometry.align_down(g) + (u64::from(sc) + run) * step;
         let state = self.entry_state(&entry, sc).map_err(|what| {
             Error::corrupt(
                 &self.path,
@@ -438,14 +444,15 @@ impl View {
         }
         // Offset of g inside its subcluster.
         let within = self.geometry.in_subcluster(guest);
-        Ok(match m {
+        let m = match m {
             Mapping::Compressed(_) => m,
             // A zero entry's host is the start of the whole cluster (data
             // subclusters already point at their own start): add g's
             // offset in the cluster, as QEMU reports it.
             Mapping::Zero { host: Some(_) } => m.advance(self.geometry.in_cluster(g)),
             m => m.advance(within),
-        })
+        };
+        Ok((m, run_end))
     }
 
     /// The end of the extent [`View::map`] looks at from `start` (at most
@@ -474,7 +481,6 @@ impl View {
     /// [`View::map`] from the tables, for `[start, end)` (not empty).
     pub(crate) fn map_uncached(&self, start: u64, end: u64, pinned: Pinned) -> Result<Extent> {
         let geo = self.geometry;
-        let step = geo.subcluster_size();
         let mut pos = start;
         let mut first: Option<Mapping> = None;
         while pos < end {
@@ -491,8 +497,7 @@ impl View {
                 continue;
             }
             while pos < table_end {
-                let m = self.mapping_in(table.as_ref(), pos)?;
-                let next = (pos / step + 1) * step;
+                let (m, next) = self.mapping_in(table.as_ref(), pos)?;
                 match first {
                     None => {
                         first = Some(m);
