@@ -123,6 +123,13 @@ impl StatusCache {
         StatusCache::default()
     }
 
+    /// Forgets the L1 scans (keeps the per-layer decisions): call it after
+    /// writing to one of the layers, whose write may have given an L2
+    /// table to a range the cache remembers as empty.
+    pub fn forget_tables(&mut self) {
+        self.l1_scans.iter_mut().for_each(|s| *s = (0, 0));
+    }
+
     fn fit(&mut self, layers: usize) {
         if self.prealloc.len() != layers {
             self.prealloc = vec![None; layers];
@@ -314,11 +321,15 @@ fn empty_l1_run(layers: &[Layer], scans: &mut [(usize, usize)], pos: u64, max: u
         let next = if scan.0 <= first && first < scan.1 {
             scan.1
         } else {
+            // Look no further than the range asked about: a caller that
+            // forgets the scans between questions pays for what it asks.
+            let last = usize::try_from(geo.l1_index(GuestOffset::new(pos + max - 1)))
+                .map_or(l1.len(), |i| i.saturating_add(1).min(l1.len()));
             let next = l1
-                .get(first..)?
+                .get(first..last.max(first))?
                 .iter()
                 .position(|&e| L1Entry(e).l2_offset().is_some())
-                .map_or(l1.len(), |i| first + i);
+                .map_or(last.max(first), |i| first + i);
             *scan = (first, next);
             next
         };
@@ -331,25 +342,42 @@ fn empty_l1_run(layers: &[Layer], scans: &mut [(usize, usize)], pos: u64, max: u
     (run > 0).then_some(run)
 }
 
-/// The host cluster behind guest offset `g` in `layer` (a qcow2 image with
-/// an uncompressed L2 entry pointing at a cluster), plus `g`'s offset in
-/// it; and the end of the L1 span `g` lies in when there is no L2 table.
-fn host_in_cluster(layer: &Layer, g: u64) -> Result<(Option<u64>, Option<u64>)> {
+/// Where the "unallocated" answer of `layer` at guest offset `g` keeps
+/// one host offset (a qcow2 image): `(offset, end)`. When the cluster of
+/// `g` has an uncompressed host cluster (an extended L2 entry with some
+/// subclusters unallocated), `offset` is `g`'s place in it and `end` the
+/// end of the cluster. Otherwise `offset` is `None` and `end` the end of
+/// the run of clusters without one from `g` on (at most `limit`, within
+/// one L2 table span), so that a long unallocated range of an extended-L2
+/// image is one step, not one per cluster.
+fn host_run(layer: &Layer, g: u64, limit: u64) -> Result<(Option<u64>, u64)> {
     let Some(q) = layer.image.as_qcow2() else {
-        return Ok((None, None));
+        return Ok((None, limit));
     };
     let geo = q.geometry();
     let l1i = geo.l1_index(GuestOffset::new(g));
+    let span_end = (l1i + 1).saturating_mul(geo.l2_span());
     let Some((_, table)) = q.l2_for(l1i)? else {
-        return Ok((None, Some((l1i + 1).saturating_mul(geo.l2_span()))));
+        return Ok((None, span_end.min(limit)));
     };
-    let e = L2Entry::read(&table, geo, geo.l2_index(GuestOffset::new(g))).map_err(|source| {
-        Error::Format {
+    let entry = |i: u64| {
+        L2Entry::read(&table, geo, i).map_err(|source| Error::Format {
             path: layer.path.clone(),
             source,
-        }
-    })?;
-    Ok((e.host_cluster().map(|h| h.get() + geo.in_cluster(g)), None))
+        })
+    };
+    let first = geo.l2_index(GuestOffset::new(g));
+    let cluster_end = geo.align_down(g).saturating_add(geo.cluster_size());
+    if let Some(h) = entry(first)?.host_cluster() {
+        return Ok((Some(h.get() + geo.in_cluster(g)), cluster_end));
+    }
+    let mut end = cluster_end;
+    let mut i = first + 1;
+    while i < geo.l2_entries() && end < limit && entry(i)?.host_cluster().is_none() {
+        end = end.saturating_add(geo.cluster_size());
+        i += 1;
+    }
+    Ok((None, end.min(limit)))
 }
 
 /// The extent at `start` (at most `len` bytes) that `layer` at `depth`
@@ -376,19 +404,18 @@ fn unallocated_zero(
         mapping: Mapping::Unallocated,
     };
     // Only extended L2 entries can leave part of an allocated cluster
-    // unallocated; such a range goes cluster by cluster, for host offsets.
+    // unallocated; such a cluster answers with its host offset, one
+    // cluster at a time, and the clusters between them in one step.
     let extended = layer
         .image
         .as_qcow2()
-        .map(|q| q.geometry())
-        .filter(|g| g.extended_l2());
-    let Some(geo) = extended else {
+        .is_some_and(|q| q.geometry().extended_l2());
+    if !extended {
         return Ok(base);
-    };
-    let (offset, table_end) = host_in_cluster(layer, start)?;
-    let next = table_end.unwrap_or(geo.align_down(start) + geo.cluster_size());
+    }
+    let (offset, end) = host_run(layer, start, start.saturating_add(len))?;
     Ok(BlockStatus {
-        length: (next - start).min(len),
+        length: (end - start).clamp(1, len),
         offset,
         ..base
     })
