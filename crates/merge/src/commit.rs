@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use strata_image::chain::resolve_in;
+use strata_image::block_status::StatusCache;
 use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
 
 use crate::error::{MergeError, Result};
@@ -109,6 +109,10 @@ struct CommitJob<'a> {
     size: u64,
     base_cluster: u64,
     last_grown: Option<u64>,
+    /// Block status of the layers above the base (not written).
+    upper_status: StatusCache,
+    /// Block status of the base's chain (written by the walk).
+    base_status: StatusCache,
 }
 
 impl Job for CommitJob<'_> {
@@ -117,32 +121,29 @@ impl Job for CommitJob<'_> {
     }
 
     fn next(&mut self, pos: u64, max: u64) -> Result<Seg> {
-        let r = resolve_in(self.upper, pos, max)?;
-        let len = r.extent.len.min(max);
-        let Some(layer) = self.upper.get(r.depth) else {
+        let a = walk::answer(self.upper, &mut self.upper_status, pos, max)?;
+        let len = a.len();
+        let Some(layer) = self.upper.get(a.depth) else {
             return Ok(Seg {
                 len,
                 kind: Kind::Skip,
             });
         };
-        if !walk::reads_zero(&r) {
-            let flen = self.upper_lens.get(r.depth).copied().unwrap_or(0);
-            walk::check_inside(layer, &r, flen, "commit")?;
+        if !a.zero {
+            let flen = self.upper_lens.get(a.depth).copied().unwrap_or(0);
+            walk::check_inside(layer, &a.status, flen, "commit")?;
             return Ok(Seg {
                 len,
                 kind: Kind::Copy,
             });
         }
         // Zeros above the base: write them only where the base does not
-        // already read zeros.
-        let b = self.base.resolve(pos, len)?;
-        let len = b.extent.len.clamp(1, len);
-        let kind = if walk::reads_zero(&b) {
-            Kind::Skip
-        } else {
-            Kind::Zero
-        };
-        Ok(Seg { len, kind })
+        // already read zeros. The walk writes the base between two
+        // questions: what its tables held may have changed.
+        self.base_status.forget_tables();
+        let b = walk::answer(self.base.layers(), &mut self.base_status, pos, len)?;
+        let kind = if b.zero { Kind::Skip } else { Kind::Zero };
+        Ok(Seg { len: b.len(), kind })
     }
 
     fn read_reference(&self, buf: &mut [u8], _at: u64) -> Result<()> {
@@ -253,6 +254,8 @@ fn changes_base_view(upper: &[Layer], base: &mut Chain, size: u64) -> Result<boo
         size,
         base_cluster,
         last_grown: None,
+        upper_status: StatusCache::new(),
+        base_status: StatusCache::new(),
     };
     let (mut new, mut old) = (Vec::new(), Vec::new());
     let mut pos = 0u64;
@@ -537,6 +540,8 @@ fn commit_parts(
         size,
         base_cluster,
         last_grown: None,
+        upper_status: StatusCache::new(),
+        base_status: StatusCache::new(),
     };
     // What each source is before anything is read from it, to insist on
     // the same files, no shorter, before the top is changed.

@@ -13,7 +13,8 @@
 use std::path::{Path, PathBuf};
 
 use strata_format::limits;
-use strata_image::chain::{is_protocol_name, read_below, resolve_backing_path, resolve_in};
+use strata_image::block_status::StatusCache;
+use strata_image::chain::{is_protocol_name, read_below, resolve_backing_path};
 use strata_image::{Chain, Image, ImageFormat, Layer, OpenOptions};
 
 use crate::commit::cluster_of;
@@ -104,6 +105,10 @@ struct BackingJob<'a> {
     cluster: u64,
     last_grown: Option<u64>,
     op: &'static str,
+    /// Block status of the view below the top now (not written).
+    old_status: StatusCache,
+    /// Block status of the view below it afterwards (not written).
+    new_status: StatusCache,
 }
 
 impl BackingJob<'_> {
@@ -131,8 +136,8 @@ impl Job for BackingJob<'_> {
             });
         }
         let below = layers.get(1..).unwrap_or(&[]);
-        let old = resolve_in(below, pos, len)?;
-        let len = old.extent.len.clamp(1, len);
+        let old = walk::answer(below, &mut self.old_status, pos, len)?;
+        let len = old.len();
         if let Reference::Shared(k) = self.reference {
             if old.depth + 1 >= k {
                 // The same layers answer before and after.
@@ -142,13 +147,19 @@ impl Job for BackingJob<'_> {
                 });
             }
         }
-        let source_zero = walk::reads_zero(&old);
+        let source_zero = old.zero;
         if let (false, Some(layer)) = (source_zero, below.get(old.depth)) {
             let flen = self.lens.get(old.depth + 1).copied().unwrap_or(0);
-            walk::check_inside(layer, &old, flen, self.op)?;
+            walk::check_inside(layer, &old.status, flen, self.op)?;
         }
-        let new = resolve_in(self.new_layers(), pos, len)?;
-        let len = new.extent.len.clamp(1, len);
+        let new = match &self.reference {
+            Reference::Shared(k) => {
+                let new_layers = self.chain.layers().get(*k..).unwrap_or(&[]);
+                walk::answer(new_layers, &mut self.new_status, pos, len)?
+            }
+            Reference::Separate(c) => walk::answer(c.layers(), &mut self.new_status, pos, len)?,
+        };
+        let len = new.len();
         if let Reference::Shared(k) = self.reference {
             let n = self.chain.layers().len();
             if n > limits::MAX_CHAIN_DEPTH && k + new.depth + 1 == n {
@@ -159,7 +170,7 @@ impl Job for BackingJob<'_> {
                 return Ok(Seg { len, kind });
             }
         }
-        let reference_zero = walk::reads_zero(&new);
+        let reference_zero = new.zero;
         let kind = if source_zero && reference_zero {
             Kind::Skip
         } else {
@@ -260,6 +271,8 @@ fn run_backing_job(
         cluster,
         last_grown: None,
         op,
+        old_status: StatusCache::new(),
+        new_status: StatusCache::new(),
     };
     // What each source is before anything is read from it, to insist on
     // the same files, no shorter, before the header switch.

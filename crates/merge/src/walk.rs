@@ -24,7 +24,7 @@
 use std::path::PathBuf;
 
 use strata_image::block_status::{block_status_at, StatusCache};
-use strata_image::chain::{read_below, Resolved};
+use strata_image::chain::read_below;
 use strata_image::{BlockStatus, Image, Layer, MappedBytes, Mapping};
 
 use crate::error::{MergeError, Result};
@@ -576,28 +576,78 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
     chunks.remainder().iter().all(|x| *x == 0)
 }
 
-/// Whether a resolved extent reads as zeros (past the end of the layer
-/// answering, a zero mapping, or unallocated in every layer).
-pub(crate) fn reads_zero(r: &Resolved) -> bool {
-    r.past_end || !r.extent.mapping.is_allocated() || r.extent.mapping.is_zero()
+/// What a view reads at one extent, as the merge jobs classify it: one
+/// [`block_status_at`] answer, with the layer that answers counted the way
+/// the jobs compare views.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answer {
+    /// The extent (`length` at least 1).
+    pub status: BlockStatus,
+    /// Index in the layers of the one that answers: the layer holding
+    /// the bytes; for a range past the end of a short layer, that layer
+    /// (its end is part of the view); when no layer allocates the range,
+    /// the number of layers (below them all).
+    pub depth: usize,
+    /// Whether the range reads as zeros: past the end of a layer, a zero
+    /// mapping, or unallocated in every layer (a data mapping in a hole of
+    /// a preallocated file is data: it is copied as stored).
+    pub zero: bool,
+}
+
+impl Answer {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.status.length
+    }
+}
+
+/// The [`Answer`] of the view of `layers` at `pos` (at most `max` bytes,
+/// `max` not 0). `cache` must belong to `layers`; call
+/// [`StatusCache::forget_tables`] first when one of them was written since
+/// it was last asked.
+pub(crate) fn answer(
+    layers: &[Layer],
+    cache: &mut StatusCache,
+    pos: u64,
+    max: u64,
+) -> Result<Answer> {
+    let status = block_status_at(layers, cache, pos, max)?;
+    let depth = match (status.layer, layers.first()) {
+        (Some(d), _) => d,
+        (None, None) => 0,
+        // Past the end of the first layer: it is the short one.
+        (None, Some(top)) if status.past_end && pos >= top.image.virtual_size() => 0,
+        // Block status names the image above the short backing file.
+        (None, Some(_)) if status.past_end => status.depth + 1,
+        (None, Some(_)) => layers.len(),
+    };
+    let zero = status.layer.is_none() || status.mapping.is_zero();
+    Ok(Answer {
+        status: BlockStatus {
+            length: status.length.clamp(1, max),
+            ..status
+        },
+        depth,
+        zero,
+    })
 }
 
 /// Checks that a data extent of `layer` lies inside its file (a pointer
 /// past the end is corruption: refuse before writing anything).
 pub(crate) fn check_inside(
     layer: &Layer,
-    r: &Resolved,
+    s: &BlockStatus,
     file_len: u64,
     op: &'static str,
 ) -> Result<()> {
-    if let Mapping::Data { host } = r.extent.mapping {
-        if host.get().saturating_add(r.extent.len) > file_len {
+    if let Mapping::Data { host } = s.mapping {
+        if host.get().saturating_add(s.length) > file_len {
             return Err(MergeError::Refused {
                 path: layer.path.clone(),
                 op,
                 why: format!(
                     "damaged image: guest range {:#x}+{:#x} points at host offset {:#x}, past the end of the file ({file_len} bytes); run `strata check`",
-                    r.extent.start, r.extent.len, host.get()
+                    s.start, s.length, host.get()
                 ),
             });
         }
