@@ -16,7 +16,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use strata_image::{Chain, Image, Mapping};
+use strata_image::block_status::{block_status_at, StatusCache};
+use strata_image::{Chain, Image};
 
 use crate::size::parse_size;
 use crate::{open_options, NameFile, OutputFormat};
@@ -136,21 +137,17 @@ pub fn bitmaps_size(bitmaps: &[(usize, u64)], virtual_size: u64, cluster_size: u
 }
 
 /// Bytes of the chain that QEMU's measure counts as data, in whole
-/// clusters of `cluster_size` (its block status walk).
+/// clusters of `cluster_size` (its block status walk: allocated data that
+/// does not read as zeros).
 pub fn data_bytes(chain: &Chain, cluster_size: u64) -> Result<u64> {
     let size = chain.virtual_size();
     let mut required = 0;
     let mut offset = 0;
+    let mut cache = StatusCache::new();
     while offset < size {
-        let r = chain.resolve(offset, size - offset)?;
-        let len = r.extent.len.max(1);
-        let data = !r.past_end
-            && r.depth < chain.layers().len()
-            && matches!(
-                r.extent.mapping,
-                Mapping::Data { .. } | Mapping::Compressed(_)
-            );
-        if data {
+        let s = block_status_at(chain.layers(), &mut cache, offset, size - offset)?;
+        let len = s.length.max(1);
+        if s.allocated && s.data && !s.zero {
             let end = round_up(offset + len, cluster_size).min(round_up(size, cluster_size));
             required += offset % cluster_size + (end - offset);
             offset = end;

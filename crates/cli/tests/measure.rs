@@ -249,3 +249,31 @@ fn measure_refuses_what_qemu_img_refuses() {
         assert_fails_with(&strata(&qa), 1, &[msg]);
     }
 }
+
+#[test]
+fn measure_a_metadata_preallocated_input_skips_its_holes_like_qemu_img() {
+    if !qemu_available() {
+        return;
+    }
+    // Every cluster is allocated, but only the written ones hold data in
+    // the file: QEMU's block status reports the rest as zeros, which
+    // measure does not count.
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("pre.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        s(&img),
+        "64M",
+    ]);
+    qemu_io("qcow2", &img, &["write -P 7 1M 128k", "write -P 8 40M 64k"]);
+    let out = same_as_qemu(&["-O", "qcow2", "--output", "json", s(&img)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Far less than the 64 MiB every cluster would count for.
+    assert!(v["required"].as_u64().unwrap() < 8 << 20, "{out}");
+    measure_each_way(&img, &[]);
+}
