@@ -79,14 +79,18 @@ pub fn read_all(top: &Path) -> u64 {
     sum
 }
 
-/// Walks the resolved extents of `top` (what `map` prints); returns their number.
+/// Walks the block status extents of `top` (what `map` merges into its
+/// lines); returns their number.
 pub fn map_all(top: &Path) -> usize {
     let c = Chain::open(top, &OpenOptions::new().force_share(true)).expect("open");
     let mut n = 0;
     let mut off = 0;
     while off < c.virtual_size() {
-        let r = c.resolve(off, c.virtual_size() - off).expect("resolve");
-        off += r.extent.len;
+        let s = c
+            .block_status(off, c.virtual_size() - off)
+            .next()
+            .expect("an extent");
+        off += s.expect("block status").length;
         n += 1;
     }
     n

@@ -423,10 +423,10 @@ impl Storage for NotOpened {
     }
 }
 
-/// Where a guest range is resolved to.
+/// Where a guest range is resolved to: the first layer that allocates it
+/// (block status derives QEMU's answers from it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Resolved {
+pub(crate) struct Resolved {
     /// The extent, in the layer that answers for it.
     pub extent: Extent,
     /// Index of that layer (0 = top). Equal to the number of layers when no
@@ -654,20 +654,6 @@ impl Chain {
         self.top().image.virtual_size()
     }
 
-    /// Resolves the guest range at `start` (at most `max_len` bytes) down
-    /// the chain, starting at layer `from`: the first layer that allocates
-    /// it, and the longest extent with one answer.
-    pub fn resolve_from(&self, from: usize, start: u64, max_len: u64) -> Result<Resolved> {
-        let mut r = resolve_in(self.layers.get(from..).unwrap_or(&[]), start, max_len)?;
-        r.depth += from;
-        Ok(r)
-    }
-
-    /// [`Chain::resolve_from`] from the top.
-    pub fn resolve(&self, start: u64, max_len: u64) -> Result<Resolved> {
-        self.resolve_from(0, start, max_len)
-    }
-
     /// Reads the guest view at `offset` into `buf`, from layer `from`
     /// downwards (0: the whole chain). The range must lie inside layer
     /// `from`'s virtual disk.
@@ -863,8 +849,9 @@ fn write_range_into(
     }
 }
 
-/// Resolves a guest range down `layers` (depth relative to the slice).
-pub fn resolve_in(layers: &[Layer], start: u64, max_len: u64) -> Result<Resolved> {
+/// Resolves a guest range down `layers` (depth relative to the slice): the
+/// first layer that allocates it, and the longest extent with one answer.
+pub(crate) fn resolve_in(layers: &[Layer], start: u64, max_len: u64) -> Result<Resolved> {
     let mut len = max_len;
     for (depth, layer) in layers.iter().enumerate() {
         let vs = layer.image.virtual_size();

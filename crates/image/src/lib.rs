@@ -162,7 +162,7 @@ pub use block_status::{
 };
 pub use chain::{
     Chain, Image, ImageFormat, Layer, OnBadBitmaps, OnDirty, OnUnknownAutoclear, OpenOptions,
-    Resolved, WritePolicy, READ_CHAIN_DEPTH,
+    WritePolicy, READ_CHAIN_DEPTH,
 };
 pub use error::{Error, FirstError, Result};
 pub use lock::{LockError, LockMode};

@@ -386,16 +386,20 @@ pub fn map_view(chain: &Chain) {
             break;
         }
         let want = size - pos;
-        match chain.resolve(pos, want) {
-            Ok(r) => {
-                assert_eq!(r.extent.start, pos, "extent does not start where asked");
+        match chain.block_status(pos, want).next().expect("an extent") {
+            Ok(s) => {
+                assert_eq!(s.start, pos, "extent does not start where asked");
                 assert!(
-                    r.extent.len > 0,
+                    s.length > 0,
                     "zero-length extent at {pos:#x}: reads would loop"
                 );
-                assert!(r.extent.len <= want, "extent longer than asked at {pos:#x}");
-                assert!(r.depth <= layers, "depth {} of {layers} layers", r.depth);
-                pos += r.extent.len;
+                assert!(s.length <= want, "extent longer than asked at {pos:#x}");
+                assert!(s.depth < layers, "depth {} of {layers} layers", s.depth);
+                assert!(
+                    s.layer.is_none_or(|l| l < layers),
+                    "layer of {layers}: {s:?}"
+                );
+                pos += s.length;
             }
             Err(e) => {
                 assert_names_any(&e);
