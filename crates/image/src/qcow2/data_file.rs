@@ -372,7 +372,7 @@ impl DataFile {
 }
 
 /// The data file's side of the reads and of the write path's decisions
-/// (the few touch points in view.rs and write.rs call these).
+/// (the few touch points in view.rs and write/ call these).
 impl View {
     /// Whether `e` is a data cluster at host offset 0 of the data file:
     /// offset 0 means "unallocated" in a qcow2 file, but is a valid data
@@ -601,7 +601,7 @@ impl WritableImage {
     /// the image then needs one given at open, as in QEMU) and
     /// `data_file_raw=off` (clears the raw bit) to the header, as
     /// `qemu-img amend` does. Checked first with
-    /// [`Qcow2Image::check_data_file_amend`].
+    /// [`Qcow2Image::check_data_file_amend`](crate::Qcow2Image::check_data_file_amend).
     pub(crate) fn amend_data_file(&mut self, name: Option<&str>, raw: Option<bool>) -> Result<()> {
         self.view.check_data_file_amend(name, raw, false)?;
         if self.view.data_ref().is_none() {

@@ -40,11 +40,15 @@
 //!   `Writer::write_metadata` / `Writer::write_data`. Reads of a writable
 //!   image pass the writer to the view, which looks at its pinned tables
 //!   before the cache.
-//! - `write.rs`: the write protocol on `WritableImage` (allocating
-//!   writes, zero writes, discard, barrier, metadata commit, flush,
-//!   resize, preallocation, compressed writes), in the order
+//! - `write/`: the write protocol on `WritableImage`, in the order
 //!   docs/crash-consistency.md sets: data and new tables, barrier, then
-//!   the pointers, frees only after the next barrier.
+//!   the pointers, frees only after the next barrier. `write/mod.rs` is
+//!   the protocol itself (begin, overlap guard, barrier, metadata commit,
+//!   flush, header, growing resize, close); the writes built on it are
+//!   `write/data.rs` (allocating writes with copy-on-write: a plan per
+//!   cluster, then its execution), `write/zero.rs` (zero writes,
+//!   discards, deallocation, emptying), `write/prealloc.rs` and
+//!   `write/compressed.rs`.
 //! - `alloc.rs`: the refcount structures and the metadata (overlap) map,
 //!   owned by the writer.
 //! - `check.rs`: the consistency check, reading through the view only
@@ -133,7 +137,7 @@ pub(crate) struct ReadOnlyImage {
 }
 
 /// A qcow2 image opened for writing: the view and the [`Writer`], on
-/// which the write protocol (`write.rs`, `repair.rs`, `amend.rs`,
+/// which the write protocol (`write/`, `repair.rs`, `amend.rs`,
 /// `snapshot_internal.rs`, `bitmap.rs`, `resize.rs`) is implemented.
 #[derive(Debug)]
 pub(crate) struct WritableImage {
