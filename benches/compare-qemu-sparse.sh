@@ -7,6 +7,10 @@
 # commit256t: a 256 TiB image with 2 MiB clusters, 512 scattered 2 MiB writes
 #   (1 GiB of data, one per 512 GiB L2 table span), committed into its base.
 # check256t: check of that top (before the commit).
+# pull256t, pull256t-ext (not in the default OPS): the same 512 writes in a
+#   base (2 MiB clusters; extended_l2=off / on), an empty overlay pulled:
+#   `qemu-img rebase -b ''` (stopped after QEMU_TIMEOUT seconds, 300 by
+#   default: exit status 124) against `strata pull`.
 # deep200: a chain of 200 images (64 MiB, 64 KiB written in the top):
 #   check of the top alone, and commit of the top into its parent.
 # Everything generated is removed at the end (the images are sparse files).
@@ -18,7 +22,7 @@ OPS=${OPS:-"commit256t check256t deep200"}
 STRATA=$(realpath "${STRATA:-target/release/strata}")
 [ -x "$STRATA" ] || { cargo build --release -p strata-cli >&2; STRATA=$(realpath target/release/strata); }
 mkdir -p "$W"; W=$(cd "$W" && pwd)
-trap 'rm -rf "$W/img256" "$W/deep" "$W/run"' EXIT
+trap 'rm -rf "$W/img256" "$W/pull256-off" "$W/pull256-on" "$W/qemu-pull.sh" "$W/deep" "$W/run"' EXIT
 
 gen256() {
   mkdir -p "$W/img256"; cd "$W/img256"
@@ -34,6 +38,27 @@ for i in range(512):
 PY
   qemu-io top.qcow2 < writes.txt > /dev/null
   touch .done; cd - > /dev/null
+}
+
+# gen256pull EXT: $W/pull256-EXT, the writes in the base, an empty top.
+gen256pull() {
+  local ext=$1
+  mkdir -p "$W/pull256-$ext"; cd "$W/pull256-$ext"
+  [ -f .done ] && { cd - > /dev/null; return; }
+  qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2="$ext" base.qcow2 256T
+  python3 - <<'PY' > writes.txt
+import random
+random.seed(1)
+span, c = 512 << 30, 2 << 20
+for i in range(512):
+    print(f"write -P {i % 255 + 1} {i * span + random.randrange(span // c) * c} 2M")
+PY
+  qemu-io base.qcow2 < writes.txt > /dev/null
+  qemu-img create -q -f qcow2 -o cluster_size=2M,extended_l2="$ext" -b base.qcow2 -F qcow2 top.qcow2
+  touch .done; cd - > /dev/null
+  # The empty backing name cannot pass through pair's word splitting.
+  printf '#!/bin/sh\nexec qemu-img rebase -q -f qcow2 -b "" "$@"\n' > "$W/qemu-pull.sh"
+  chmod +x "$W/qemu-pull.sh"
 }
 
 gendeep() {
@@ -107,6 +132,12 @@ for op in $OPS; do
       gen256
       pair "check of the 256 TiB top (512 L2 tables of 2 MiB)" "$W/img256" "" \
         "qemu-img check top.qcow2" "check top.qcow2" ;;
+    pull256t|pull256t-ext)
+      ext=off; [ "$op" = pull256t-ext ] && ext=on
+      gen256pull "$ext"
+      pair "pull, 256 TiB, 2 MiB clusters, extended_l2=$ext, 1 GiB scattered in the base" \
+        "$W/pull256-$ext" "top.qcow2" \
+        "timeout ${QEMU_TIMEOUT:-300} $W/qemu-pull.sh top.qcow2" "pull top.qcow2" top_usage ;;
     deep200)
       gendeep
       pair "check of the top of a depth-200 chain" "$W/deep" "" \
