@@ -276,6 +276,9 @@ fn detect_preallocation(img: &View) -> Option<bool> {
     Some(count >= threshold)
 }
 
+/// Refcount blocks [`Checker::stored_refcount`] keeps read at a time.
+const CACHED_REFBLOCKS: usize = 64;
+
 /// Expected refcounts: a `u16` per cluster, wider counts in a side map.
 struct RefArray {
     small: Vec<u16>,
@@ -331,8 +334,12 @@ struct Checker<'a> {
     refs: RefArray,
     report: CheckReport,
     reftable: Vec<u64>,
-    /// Refcount blocks read for [`Checker::stored_refcount`].
-    blocks: HashMap<u64, Vec<u8>>,
+    /// Refcount blocks read for [`Checker::stored_refcount`] (host
+    /// offset, bytes), at most [`CACHED_REFBLOCKS`].
+    blocks: Vec<(u64, Vec<u8>)>,
+    /// The entry of `blocks` the last lookup found: consecutive clusters
+    /// share a block, so most lookups end there.
+    last_block: usize,
     highest_cluster: u64,
     work: u64,
     /// The first reference found a cluster or more past the end of the
@@ -398,7 +405,8 @@ impl<'a> Checker<'a> {
                 ..CheckReport::default()
             },
             reftable: decode_u64_table(&raw),
-            blocks: HashMap::new(),
+            blocks: Vec::new(),
+            last_block: 0,
             highest_cluster: 0,
             work: 0,
             outside: None,
@@ -894,15 +902,24 @@ impl<'a> Checker<'a> {
         if !self.img.geometry().is_aligned(block) {
             return Ok(Err("Input/output error".to_string()));
         }
-        if !self.blocks.contains_key(&block) {
-            if self.blocks.len() >= 64 {
-                self.blocks.clear();
+        let hit = match self.blocks.get(self.last_block) {
+            Some((off, _)) if *off == block => Some(self.last_block),
+            _ => self.blocks.iter().position(|(off, _)| *off == block),
+        };
+        let at = match hit {
+            Some(at) => at,
+            None => {
+                if self.blocks.len() >= CACHED_REFBLOCKS {
+                    self.blocks.clear();
+                }
+                let mut b = vec![0u8; self.cs as usize];
+                self.read(&mut b, block, "read refcount block")?;
+                self.blocks.push((block, b));
+                self.blocks.len() - 1
             }
-            let mut b = vec![0u8; self.cs as usize];
-            self.read(&mut b, block, "read refcount block")?;
-            self.blocks.insert(block, b);
-        }
-        let b = self.blocks.get(&block).map(Vec::as_slice).unwrap_or(&[]);
+        };
+        self.last_block = at;
+        let b = &self.blocks[at].1;
         Ok(Ok(
             refcount::get(b, h.refcount_order(), i % per_block).unwrap_or(0)
         ))
