@@ -112,10 +112,7 @@ impl WritableImage {
         // The external data file first: its data is durable before any
         // metadata the sync below makes durable points at it.
         self.sync_data_file()?;
-        self.view
-            .storage()
-            .sync()
-            .map_err(|e| self.io_err("sync", 0, e))
+        self.w.sync().map(|_| ())
     }
 
     /// Sets what the first write does with a dirty image, unreadable
