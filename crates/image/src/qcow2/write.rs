@@ -83,8 +83,9 @@ pub(super) struct Plan<'a> {
     pub(super) new: L2Entry,
     /// Host cluster to write into; `None`: a new cluster.
     pub(super) dest: Option<HostOffset>,
-    /// Bytes to write, at offsets inside the cluster.
-    pub(super) writes: Vec<(u64, Chunk<'a>)>,
+    /// Bytes to write, at an offset inside the cluster (one run at most:
+    /// no allocation per cluster).
+    pub(super) writes: Option<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
     pub(super) frees: Vec<u64>,
 }
@@ -778,7 +779,7 @@ impl WritableImage {
                     old: e,
                     new: e,
                     dest: Some(host),
-                    writes: vec![(a, Chunk::Borrowed(data))],
+                    writes: Some((a, Chunk::Borrowed(data))),
                     frees: vec![],
                 });
             }
@@ -806,7 +807,7 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: reuse,
-                writes: vec![(0, content)],
+                writes: Some((0, content)),
                 frees,
             });
         }
@@ -836,7 +837,7 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: Some(h),
-                writes: vec![(start, content)],
+                writes: Some((start, content)),
                 frees: vec![],
             });
         }
@@ -847,7 +848,7 @@ impl WritableImage {
                 old: e,
                 new: L2Entry::data(None, true).with_subclusters(u32::MAX, 0),
                 dest: None,
-                writes: vec![(0, Chunk::Borrowed(data))],
+                writes: Some((0, Chunk::Borrowed(data))),
                 frees: self.freed_by(e),
             });
         }
@@ -891,7 +892,7 @@ impl WritableImage {
             old: e,
             new,
             dest: None,
-            writes: vec![(0, Chunk::Owned(buf))],
+            writes: Some((0, Chunk::Owned(buf))),
             frees: self.freed_by(e),
         })
     }
@@ -985,7 +986,7 @@ impl WritableImage {
                         old: e,
                         new,
                         dest,
-                        writes: vec![(0, chunk)],
+                        writes: Some((0, chunk)),
                         frees,
                     });
                 }
@@ -1071,7 +1072,7 @@ impl WritableImage {
         for (t, (_, plans)) in tables.iter().enumerate() {
             need.extend(
                 (0..plans.len())
-                    .filter(|i| plans[*i].dest.is_none() && !plans[*i].writes.is_empty())
+                    .filter(|i| plans[*i].dest.is_none() && plans[*i].writes.is_some())
                     .map(|i| (t, i)),
             );
         }
@@ -1106,7 +1107,7 @@ impl WritableImage {
         for (_, plans) in &tables {
             for p in plans {
                 let dest = p.dest.map_or(0, HostOffset::get);
-                for (at, chunk) in &p.writes {
+                if let Some((at, chunk)) = &p.writes {
                     let h = dest + at;
                     if let Chunk::Range(from, n) = chunk {
                         match moves.last_mut() {
@@ -1753,11 +1754,11 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: new.host_cluster(),
-                writes: vec![],
+                writes: None,
                 frees,
             });
         }
-        if plans.iter().any(|p| !p.writes.is_empty()) {
+        if plans.iter().any(|p| p.writes.is_some()) {
             return self.execute(vec![(toff, plans)]);
         }
         self.update_l2(toff, &plans)
@@ -1951,7 +1952,7 @@ impl WritableImage {
                         old: e,
                         new: e,
                         dest: None,
-                        writes: vec![],
+                        writes: None,
                         frees: vec![],
                     });
                 }
@@ -2135,13 +2136,13 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: Some(HostOffset::new(start)),
-                writes: vec![(0, Chunk::Owned(c))],
+                writes: Some((0, Chunk::Owned(c))),
                 frees: self.freed_by(e),
             });
         }
         for p in &mut plans {
             let dest = p.dest.map_or(0, HostOffset::get);
-            for (at, bytes) in std::mem::take(&mut p.writes) {
+            if let Some((at, bytes)) = p.writes.take() {
                 self.w
                     .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
             }
