@@ -57,6 +57,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let _ = offset;
         Ok((true, len))
     }
+    /// A hint that `[offset, offset+len)` will be read soon: a file starts
+    /// reading it in now (`posix_fadvise(WILLNEED)`), without waiting, so
+    /// that several cold reads are in flight at once instead of one after
+    /// the other. Changes nothing; errors are ignored. The default does
+    /// nothing.
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// Bytes the storage occupies on disk (st_blocks * 512 for a file).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
@@ -810,6 +818,16 @@ impl Storage for FileStorage {
             // Filesystems without SEEK_DATA: everything up to the end is
             // data.
             Err(_) => Ok((true, (size - offset).min(len))),
+        }
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        if let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) {
+            let _ = nix::fcntl::posix_fadvise(
+                &self.file,
+                off,
+                n,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
         }
     }
     fn allocated_bytes(&self) -> io::Result<u64> {
