@@ -10,6 +10,9 @@ use strata_image::create::{create_qcow2, CreateOptions};
 use strata_image::{Extent, MemStorage, Qcow2Image, Storage};
 
 const CS: u64 = 64 << 10;
+
+/// A change of L2 entry `i`'s word.
+type Patch = Box<dyn Fn(u64, u64) -> u64>;
 const N: u64 = 40;
 
 /// An image with `N` data clusters written at once (contiguous on the
@@ -72,7 +75,7 @@ fn both(img: &Qcow2Image, start: u64, end: u64) -> (Vec<Extent>, Vec<Extent>) {
 fn a_run_of_data_maps_as_cluster_by_cluster_and_stops_where_it_changes() {
     const COPIED: u64 = 1 << 63;
     const ZERO: u64 = 1;
-    let cases: Vec<(&str, Box<dyn Fn(u64, u64) -> u64>)> = vec![
+    let cases: Vec<(&str, Patch)> = vec![
         ("untouched", Box::new(|_, w| w)),
         // The flags change, the host run does not: one extent still.
         (
