@@ -39,11 +39,31 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn sync(&self) -> io::Result<()>;
+    /// Whether a [`Storage::sync`] now may have anything to make durable:
+    /// `false` only when the backend knows that nothing was written,
+    /// cloned, copied, punched or resized through it, and nothing could
+    /// have been written through its file ([`Storage::file`]), since its
+    /// last successful `sync`. The default, `true`, is for backends that
+    /// cannot tell (a wrapper writing through descriptors of its own, as
+    /// convert's `O_DIRECT` target does). The qcow2 writer skips a barrier
+    /// that would find nothing to write (docs/crash-consistency.md,
+    /// "Barriers with nothing to write").
+    fn unsynced(&self) -> bool {
+        true
+    }
     /// Whether `offset` starts a run of data (`true`) or of a hole that
     /// reads as zeros (`false`), and the run's length, at most `len`.
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         let _ = offset;
         Ok((true, len))
+    }
+    /// A hint that `[offset, offset+len)` will be read soon: a file starts
+    /// reading it in now (`posix_fadvise(WILLNEED)`), without waiting, so
+    /// that several cold reads are in flight at once instead of one after
+    /// the other. Changes nothing; errors are ignored. The default does
+    /// nothing.
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
     }
     /// Bytes the storage occupies on disk (st_blocks * 512 for a file).
     fn allocated_bytes(&self) -> io::Result<u64> {
@@ -258,6 +278,14 @@ pub struct FileStorage {
     known_len: std::sync::atomic::AtomicU64,
     /// Held while a write, clone or copy may extend the file (XFS).
     grow: Mutex<()>,
+    /// Whether anything may have changed the file since the last
+    /// successful sync through this storage ([`Storage::unsynced`]): set
+    /// by every write, clone, copy, punch and length change (after it, so
+    /// that a sync running meanwhile cannot clear it too early) and by
+    /// every handout of the file; cleared just before each `fdatasync`.
+    /// Set at open: whatever was written before (by anyone) is not known
+    /// to be durable until the first sync.
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 /// The filesystem of a file storage, read once at open.
@@ -554,6 +582,7 @@ impl FileStorage {
             clone_probes: Mutex::new(Vec::new()),
             known_len: std::sync::atomic::AtomicU64::new(0),
             grow: Mutex::new(()),
+            unsynced: std::sync::atomic::AtomicBool::new(true),
         }
     }
 }
@@ -607,6 +636,12 @@ fn file_len(file: &File) -> io::Result<u64> {
 }
 
 impl FileStorage {
+    /// Records that the file may have changed since the last sync.
+    fn changed(&self) {
+        self.unsynced
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// `pwritev` of all of `bufs` at `offset` (in groups of up to 1024
     /// buffers, resuming after short writes).
     fn pwritev_all(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
@@ -712,14 +747,18 @@ impl Storage for FileStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
-        self.growing(end, true, || self.file.write_all_at(buf, offset))?;
+        let r = self.growing(end, true, || self.file.write_all_at(buf, offset));
+        self.changed();
+        r?;
         self.writeback.wrote(&self.file, offset, buf.len() as u64);
         Ok(())
     }
     fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         let end = offset.saturating_add(total);
-        self.growing(end, true, || self.pwritev_all(bufs, offset))?;
+        let r = self.growing(end, true, || self.pwritev_all(bufs, offset));
+        self.changed();
+        r?;
         self.writeback.wrote(&self.file, offset, total);
         Ok(())
     }
@@ -728,21 +767,34 @@ impl Storage for FileStorage {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         if self.fs.kind != FsKind::Xfs {
-            return self.file.set_len(len);
+            let r = self.file.set_len(len);
+            self.changed();
+            return r;
         }
         let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.file.set_len(len);
+        self.changed();
         let known = if r.is_ok() { len } else { 0 };
         self.known_len
             .store(known, std::sync::atomic::Ordering::Relaxed);
         r
     }
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()?;
+        use std::sync::atomic::Ordering;
+        // Cleared before the fdatasync: a change made while it runs sets
+        // it again (the next sync then runs); a failed sync leaves it set.
+        self.unsynced.store(false, Ordering::SeqCst);
+        if let Err(e) = self.file.sync_data() {
+            self.changed();
+            return Err(e);
+        }
         if self.fs.kind == FsKind::Xfs {
             self.trim_preallocation();
         }
         Ok(())
+    }
+    fn unsynced(&self) -> bool {
+        self.unsynced.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn data_run(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         use nix::unistd::{lseek, Whence};
@@ -768,15 +820,32 @@ impl Storage for FileStorage {
             Err(_) => Ok((true, (size - offset).min(len))),
         }
     }
+    fn will_need(&self, offset: u64, len: u64) {
+        if let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) {
+            let _ = nix::fcntl::posix_fadvise(
+                &self.file,
+                off,
+                n,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
     fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
     }
+    /// The file; handing it out counts as a change ([`Storage::unsynced`]):
+    /// what the caller does with it (`posix_fallocate`, a descriptor of
+    /// its own) is out of this storage's sight.
     fn file(&self) -> Option<&File> {
+        self.changed();
         Some(&self.file)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
+        // Before and after: the punch may be under way when a sync runs.
+        self.changed();
+        let _after = ChangedOnDrop(self);
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
@@ -809,6 +878,9 @@ impl Storage for FileStorage {
         let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "offset overflows");
         src_offset.checked_add(len).ok_or_else(overflow)?;
         dst_offset.checked_add(len).ok_or_else(overflow)?;
+        // A clone or copy changes the file: marked once it is over,
+        // whichever way it ends.
+        let _after = ChangedOnDrop(self);
         let Some(from) = src.file() else {
             copy_by_reading(src, self, src_offset, len, dst_offset)?;
             return Ok(RangeCopy::ReadWrite);
@@ -897,6 +969,16 @@ impl Storage for FileStorage {
     }
     fn device(&self) -> Option<u64> {
         self.fs.dev
+    }
+}
+
+/// Marks its storage changed when dropped: at the end of an operation
+/// whichever way it leaves.
+struct ChangedOnDrop<'a>(&'a FileStorage);
+
+impl Drop for ChangedOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.changed();
     }
 }
 
@@ -1172,6 +1254,53 @@ mod tests {
         assert_eq!(len, 512 << 10);
         let (data, _) = s.data_run(512 << 10, 4096).unwrap();
         assert!(data);
+    }
+
+    #[test]
+    fn unsynced_counts_every_change_and_every_handout_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [5u8; 8192]).unwrap();
+        let s = FileStorage::open(&p, true).unwrap();
+        // Just opened: whatever was written before is not known durable.
+        assert!(s.unsynced());
+        s.sync().unwrap();
+        assert!(!s.unsynced());
+        // Reads, lengths and maps change nothing.
+        let mut b = [0u8; 16];
+        s.read_at(&mut b, 0).unwrap();
+        s.len().unwrap();
+        s.data_run(0, 8192).unwrap();
+        drop(s.mapped(0, 4096).unwrap());
+        assert!(!s.unsynced());
+        let changes: [&dyn Fn(&FileStorage); 6] = [
+            &|s| s.write_at(&[1; 10], 100).unwrap(),
+            &|s| s.write_vectored_at(&[&[1; 10], &[2; 10]], 200).unwrap(),
+            &|s| s.set_len(16384).unwrap(),
+            &|s| s.punch_hole(0, 4096).unwrap(),
+            &|s| {
+                let src = MemStorage::from_bytes(vec![9; 4096]);
+                s.copy_range_from(&src, 0, 4096, 4096).unwrap();
+            },
+            // What a caller does with the file is out of sight: e.g. a
+            // write through it (or posix_fallocate, or an O_DIRECT
+            // descriptor opened from it).
+            &|s| s.file().unwrap().write_all_at(&[7; 10], 300).unwrap(),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            change(&s);
+            assert!(s.unsynced(), "change {i} not seen");
+            s.sync().unwrap();
+            assert!(!s.unsynced(), "change {i}: the sync did not count");
+        }
+        // A failed operation counts too (it may have written part).
+        let e = s.write_at(&[1], u64::MAX).unwrap_err();
+        let _ = e;
+        assert!(s.unsynced());
+        // Backends that cannot tell always say a sync may be needed.
+        let m = MemStorage::new();
+        m.sync().unwrap();
+        assert!(m.unsynced());
     }
 
     #[test]
@@ -1671,6 +1800,10 @@ struct FaultState {
     clone_fails: bool,
     /// Range copies done.
     range_copies: u64,
+    /// Whether the last sync succeeded and nothing was written, copied,
+    /// punched or resized since ([`Storage::unsynced`] is its negation;
+    /// `false` at first, as for a file just opened).
+    synced_clean: bool,
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -1811,8 +1944,10 @@ impl FaultStorage {
         self.lock().current.clone()
     }
     /// Counts one operation on the clock; fails from the crash point on.
+    /// Any operation but a sync leaves something to sync.
     fn op(&self, st: &mut FaultState) -> io::Result<()> {
         st.own_ops += 1;
+        st.synced_clean = false;
         let mut clock = lock_clock(&st.clock);
         let n = clock.ops;
         clock.ops += 1;
@@ -1956,6 +2091,10 @@ impl Storage for FaultStorage {
         st.durable = st.current.clone();
         st.pending.clear();
         st.syncs += 1;
+        st.synced_clean = true;
         Ok(())
+    }
+    fn unsynced(&self) -> bool {
+        !self.lock().synced_clean
     }
 }

@@ -132,7 +132,9 @@ fn crash_everywhere(extended_l2: bool, backed: bool, prealloc: ResizePrealloc) {
     assert!(after[OLD as usize..].iter().all(|b| *b == 0), "{what}");
     drop(chain);
     let total = reference.ops();
-    assert!(total > 10, "{what}: workload too small: {total} operations");
+    // At least 8 (a metadata preallocation of a bare image; 12 before the
+    // barriers that found nothing to write were skipped).
+    assert!(total > 6, "{what}: workload too small: {total} operations");
     eprintln!("{what}: {total} storage operations to crash at");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for n in 0..total {

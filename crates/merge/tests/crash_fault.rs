@@ -628,7 +628,9 @@ fn crash_everywhere(name: &str, files: Files, op: Op, stride: u64) -> Tally {
         &orig,
         &format!("{name}: reference run"),
     );
-    assert!(total > 10, "{name}: only {total} operations");
+    // The smallest merge here, a pull by clones that keeps a backing
+    // file, makes 9: fewer means the workload did not run.
+    assert!(total > 8, "{name}: only {total} operations");
 
     let mut ck = Checker {
         op,
@@ -1105,7 +1107,10 @@ fn pull_by_clones_survives_a_crash_at_every_operation() {
         },
         1,
     );
-    assert_covered_few(&t, 10);
+    // 9 operations (11 before the barriers that found nothing to write
+    // were skipped): the clone, the tables and entries, the header and
+    // the 3 barriers between them.
+    assert_covered_few(&t, 9);
 }
 
 #[test]

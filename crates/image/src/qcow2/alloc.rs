@@ -388,6 +388,72 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Sets the refcounts of clusters `[first, first+n)` to `value`, as
+    /// [`Refcounts::set_existing`] on each in turn would (the blocks must
+    /// exist), with one block lookup (and one overlap check of a block
+    /// not yet dirty) per refcount block instead of per cluster.
+    fn set_run(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        first: u64,
+        n: u64,
+        value: u64,
+    ) -> Result<()> {
+        let per = self.per_block();
+        let order = self.order;
+        let end = first.saturating_add(n);
+        let mut ci = first;
+        while ci < end {
+            let bi = ci / per;
+            let stop = bi.saturating_add(1).saturating_mul(per).min(end);
+            // The first cluster of the segment stands for all of it: same
+            // block, same errors.
+            self.set_existing(storage, path, ci, value)?;
+            let b = self.blocks.get_mut(&bi).ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    self.geo.cluster_start(ci).get(),
+                    "no refcount block for cluster",
+                )
+            })?;
+            for c in ci + 1..stop {
+                if !refcount::set(b, order, c % per, value) {
+                    return Err(Error::Unsupported {
+                        path: path.to_path_buf(),
+                        what: format!("refcount {value} does not fit in {} bits", 1u32 << order),
+                    });
+                }
+            }
+            ci = stop;
+        }
+        Ok(())
+    }
+
+    /// The first cluster in `[from, to)` (all in one refcount block's
+    /// range, its block loaded or absent) whose refcount is `zero` (0) or
+    /// not (`!zero`); `to` when there is none. An absent block reads as
+    /// all zeros.
+    fn scan_block(
+        &mut self,
+        storage: &dyn Storage,
+        path: &Path,
+        from: u64,
+        to: u64,
+        zero: bool,
+    ) -> Result<u64> {
+        let per = self.per_block();
+        let order = self.order;
+        let Some(b) = self.block(storage, path, from / per)? else {
+            return Ok(if zero { from } else { to });
+        };
+        let mut c = from;
+        while c < to && (refcount::get(b, order, c % per).unwrap_or(0) == 0) != zero {
+            c += 1;
+        }
+        Ok(c)
+    }
+
     /// Host offset of refcount block `bi` as the table records it (0: none).
     fn block_offset(&self, bi: u64) -> u64 {
         usize::try_from(bi)
@@ -557,9 +623,7 @@ impl Refcounts {
             if let Some((off, clusters)) = self.table_moved.take() {
                 // A table placed earlier and never pointed at: release it.
                 let first = self.geo.cluster_index(HostOffset::new(off));
-                for ci in first..first + u64::from(clusters) {
-                    self.set_existing(storage, path, ci, 0)?;
-                }
+                self.set_run(storage, path, first, u64::from(clusters), 0)?;
                 let len = self.geo.clusters_bytes(u64::from(clusters));
                 self.meta.remove(off, len, Meta::RefcountTable);
             } else {
@@ -583,9 +647,7 @@ impl Refcounts {
             self.dirty_entries.insert(*bi);
         }
         let total = k + t + n;
-        for ci in start..start + total {
-            self.set_existing(storage, path, ci, 1)?;
-        }
+        self.set_run(storage, path, start, total, 1)?;
         self.end_hint = start + total;
         Ok(start + k + t)
     }
@@ -602,32 +664,46 @@ impl Refcounts {
         let max = max.clamp(1, MAX_RUN_CLUSTERS);
         let per = self.per_block();
         let mut ci = self.free_hint;
-        // Find the first free cluster.
+        // Find the first free cluster, a refcount block at a time (each
+        // block created first if missing, as the allocation needs it).
         loop {
             self.ensure_block(storage, path, ci)?;
-            if self.get(storage, path, ci)? == 0 {
+            let block_end = (ci / per + 1) * per;
+            ci = self.scan_block(storage, path, ci, block_end, true)?;
+            if ci < block_end {
                 break;
             }
-            ci += 1;
         }
         self.guard_alloc(path, ci, 1)?;
         let first = ci;
-        let mut n = 0;
-        while n < max {
-            let c = first + n;
-            if c.is_multiple_of(per) && c != first {
-                // Crossing into another block's range: its block may need
-                // to be created at this very cluster; stop the run here.
-                if self.block(storage, path, c / per)?.is_none() {
-                    break;
-                }
-            }
-            if self.get(storage, path, c)? != 0 || self.guard_alloc(path, c, 1).is_err() {
+        // The run stops before the first cluster holding metadata (its
+        // refcount said free: the next allocation reports it).
+        let limit = self
+            .meta
+            .overlap(self.start(first), self.geo.clusters_bytes(max), &[])
+            .map_or(first + max, |(at, _)| {
+                self.geo.cluster_index(HostOffset::new(at))
+            });
+        // Then the free clusters after it, a block at a time; crossing into
+        // another block's range stops the run when that block is missing
+        // (it may need to be created at this very cluster).
+        let mut end = first;
+        while end < limit {
+            if end.is_multiple_of(per)
+                && end != first
+                && self.block(storage, path, end / per)?.is_none()
+            {
                 break;
             }
-            self.set_existing(storage, path, c, 1)?;
-            n += 1;
+            let block_end = ((end / per + 1) * per).min(limit);
+            let stop = self.scan_block(storage, path, end, block_end, false)?;
+            end = stop;
+            if stop < block_end {
+                break;
+            }
         }
+        let n = end - first;
+        self.set_run(storage, path, first, n, 1)?;
         self.free_hint = first + n;
         self.end_hint = self.end_hint.max(first + n);
         Ok((first, n))

@@ -267,13 +267,73 @@ fn detect_preallocation(img: &View) -> Option<bool> {
             }
             block = Some((bi, b));
         }
+        // The rest of this block's range (up to the end of the file),
+        // counted at once: the result only asks whether the count reaches
+        // the threshold, which counting further cannot undo.
         let b = block.as_ref().map(|(_, b)| b.as_slice()).unwrap_or(&[]);
-        if refcount::get(b, h.refcount_order(), i % per_block).unwrap_or(0) != 0 {
-            count += 1;
-        }
-        i += 1;
+        let to = ((bi + 1) * per_block).min(end_cluster);
+        count += count_nonzero(b, h.refcount_order(), i % per_block, to - bi * per_block);
+        i = to;
     }
     Some(count >= threshold)
+}
+
+/// Refcount `index` of refcount block `b` (0 when outside it): the
+/// common 16-bit width read directly, the others by
+/// [`refcount::get`].
+#[inline]
+fn refcount_at(b: &[u8], order: u32, index: u64) -> u64 {
+    if order == 4 {
+        let at = (index as usize).wrapping_mul(2);
+        return match b.get(at..at.wrapping_add(2)) {
+            Some(w) => u64::from(u16::from_be_bytes([w[0], w[1]])),
+            None => 0,
+        };
+    }
+    refcount::get(b, order, index).unwrap_or(0)
+}
+
+/// How many of the refcounts `[from, to)` of refcount block `b` are not
+/// zero (entries outside the block count as zero).
+fn count_nonzero(b: &[u8], order: u32, from: u64, to: u64) -> u64 {
+    if (3..=6).contains(&order) {
+        // Whole bytes per entry: an entry is non-zero when a byte is.
+        let w = 1usize << (order - 3);
+        let lo = usize::try_from(from)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(w)
+            .min(b.len());
+        let hi = usize::try_from(to)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(w)
+            .min(b.len());
+        if lo >= hi {
+            return 0;
+        }
+        return b[lo..hi]
+            .chunks_exact(w)
+            .filter(|e| e.iter().any(|x| *x != 0))
+            .count() as u64;
+    }
+    (from..to)
+        .filter(|i| refcount::get(b, order, *i).unwrap_or(0) != 0)
+        .count() as u64
+}
+
+/// Bytes of tables [`Checker::prefetch`] asks to be read ahead.
+const PREFETCH_BYTES: u64 = 64 << 20;
+
+/// Refcount blocks [`Checker::stored_refcount`] keeps read at a time.
+const CACHED_REFBLOCKS: usize = 64;
+
+/// Where the refcounts of a range of clusters are (one refcount block's).
+enum RefBlock {
+    /// No block: all zero.
+    Zeros,
+    /// The block cannot be used (why, as QEMU says it).
+    Unusable(String),
+    /// Read, at this index of the checker's blocks.
+    Cached(usize),
 }
 
 /// Expected refcounts: a `u16` per cluster, wider counts in a side map.
@@ -304,8 +364,11 @@ impl RefArray {
             *slot = u16::MAX;
             self.big.insert(i, v);
         } else {
+            // Only a slot at u16::MAX has a wide count in the side map.
+            if *slot == u16::MAX {
+                self.big.remove(&i);
+            }
             *slot = v as u16;
-            self.big.remove(&i);
         }
     }
 }
@@ -331,8 +394,12 @@ struct Checker<'a> {
     refs: RefArray,
     report: CheckReport,
     reftable: Vec<u64>,
-    /// Refcount blocks read for [`Checker::stored_refcount`].
-    blocks: HashMap<u64, Vec<u8>>,
+    /// Refcount blocks read for [`Checker::stored_refcount`] (host
+    /// offset, bytes), at most [`CACHED_REFBLOCKS`].
+    blocks: Vec<(u64, Vec<u8>)>,
+    /// The entry of `blocks` the last lookup found: consecutive clusters
+    /// share a block, so most lookups end there.
+    last_block: usize,
     highest_cluster: u64,
     work: u64,
     /// The first reference found a cluster or more past the end of the
@@ -398,7 +465,8 @@ impl<'a> Checker<'a> {
                 ..CheckReport::default()
             },
             reftable: decode_u64_table(&raw),
-            blocks: HashMap::new(),
+            blocks: Vec::new(),
+            last_block: 0,
             highest_cluster: 0,
             work: 0,
             outside: None,
@@ -535,6 +603,7 @@ impl<'a> Checker<'a> {
                 &mut visits,
             )?;
         }
+        self.prefetch(&order);
         for off in order {
             let Some(&(n, active)) = visits.get(&off) else {
                 continue;
@@ -566,6 +635,29 @@ impl<'a> Checker<'a> {
         // Refcount blocks.
         self.check_refblocks();
         Ok(true)
+    }
+
+    /// Starts reading, all at once, the L2 tables at `tables` and the
+    /// refcount blocks that the check reads next one after the other
+    /// ([`crate::storage::Storage::will_need`]: on a cold page cache each
+    /// read would otherwise wait for the disk in turn). At most
+    /// [`PREFETCH_BYTES`]: the first tables the check reads anyway.
+    fn prefetch(&self, tables: &[u64]) {
+        let storage = self.img.storage();
+        let blocks = self
+            .reftable
+            .iter()
+            .map(|e| e & REFTABLE_OFFSET_MASK)
+            .filter(|o| *o != 0 && self.geo.is_aligned(*o));
+        for off in tables
+            .iter()
+            .copied()
+            .chain(blocks)
+            .filter(|o| *o < self.file_len)
+            .take((PREFETCH_BYTES / self.cs).max(1) as usize)
+        {
+            storage.will_need(off, self.cs);
+        }
     }
 
     /// QEMU's `check_refcounts_l1`, up to reading the L2 tables: those
@@ -873,69 +965,100 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// The refcount stored on disk for cluster `i` (QEMU's
-    /// `qcow2_get_refcount`); `Err` with a message when its refcount block
-    /// cannot be used.
-    fn stored_refcount(&mut self, i: u64) -> Result<std::result::Result<u64, String>> {
-        let img = self.img;
-        let h = img.header();
+    /// The refcount block holding the refcount of cluster `i`.
+    fn refblock_of(&mut self, i: u64) -> Result<RefBlock> {
+        let h = self.img.header();
         let per_block = refcount::entries_per_block(self.geo.cluster_bits(), h.refcount_order());
         let rt_index = i / per_block;
         let Some(&entry) = usize::try_from(rt_index)
             .ok()
             .and_then(|x| self.reftable.get(x))
         else {
-            return Ok(Ok(0));
+            return Ok(RefBlock::Zeros);
         };
         let block = entry & REFTABLE_OFFSET_MASK;
         if block == 0 {
-            return Ok(Ok(0));
+            return Ok(RefBlock::Zeros);
         }
         if !self.img.geometry().is_aligned(block) {
-            return Ok(Err("Input/output error".to_string()));
+            return Ok(RefBlock::Unusable("Input/output error".to_string()));
         }
-        if !self.blocks.contains_key(&block) {
-            if self.blocks.len() >= 64 {
-                self.blocks.clear();
+        let hit = match self.blocks.get(self.last_block) {
+            Some((off, _)) if *off == block => Some(self.last_block),
+            _ => self.blocks.iter().position(|(off, _)| *off == block),
+        };
+        let at = match hit {
+            Some(at) => at,
+            None => {
+                if self.blocks.len() >= CACHED_REFBLOCKS {
+                    self.blocks.clear();
+                }
+                let mut b = vec![0u8; self.cs as usize];
+                self.read(&mut b, block, "read refcount block")?;
+                self.blocks.push((block, b));
+                self.blocks.len() - 1
             }
-            let mut b = vec![0u8; self.cs as usize];
-            self.read(&mut b, block, "read refcount block")?;
-            self.blocks.insert(block, b);
-        }
-        let b = self.blocks.get(&block).map(Vec::as_slice).unwrap_or(&[]);
-        Ok(Ok(
-            refcount::get(b, h.refcount_order(), i % per_block).unwrap_or(0)
-        ))
+        };
+        self.last_block = at;
+        Ok(RefBlock::Cached(at))
     }
 
-    /// QEMU's `compare_refcounts` (without repairs).
+    /// The refcount stored on disk for cluster `i` (QEMU's
+    /// `qcow2_get_refcount`); `Err` with a message when its refcount block
+    /// cannot be used.
+    fn stored_refcount(&mut self, i: u64) -> Result<std::result::Result<u64, String>> {
+        let order = self.img.header().refcount_order();
+        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), order);
+        Ok(match self.refblock_of(i)? {
+            RefBlock::Zeros => Ok(0),
+            RefBlock::Unusable(why) => Err(why),
+            RefBlock::Cached(at) => Ok(refcount_at(&self.blocks[at].1, order, i % per_block)),
+        })
+    }
+
+    /// QEMU's `compare_refcounts` (without repairs), a refcount block at
+    /// a time: each block looked up once, its clusters compared in order.
     fn compare(&mut self) -> Result<()> {
         self.highest_cluster = 0;
-        for i in 0..self.refs.len {
-            let r1 = match self.stored_refcount(i)? {
-                Ok(r) => r,
-                Err(why) => {
+        let order = self.img.header().refcount_order();
+        let per_block = refcount::entries_per_block(self.geo.cluster_bits(), order);
+        let mut i = 0;
+        while i < self.refs.len {
+            let stop = (i / per_block + 1)
+                .saturating_mul(per_block)
+                .min(self.refs.len);
+            let block = self.refblock_of(i)?;
+            if let RefBlock::Unusable(why) = &block {
+                for c in i..stop {
                     self.report.push(
                         ProblemKind::CheckError,
-                        format!("Can't get refcount for cluster {i}: {why}"),
+                        format!("Can't get refcount for cluster {c}: {why}"),
                         1,
                     );
-                    continue;
                 }
-            };
-            let r2 = self.refs.get(i);
-            if r1 > 0 || r2 > 0 {
-                self.highest_cluster = i;
+                i = stop;
+                continue;
             }
-            if r1 < r2 {
-                self.corruption(format!("ERROR cluster {i} refcount={r1} reference={r2}"));
-            } else if r1 > r2 {
-                self.report.push(
-                    ProblemKind::Leak,
-                    format!("Leaked cluster {i} refcount={r1} reference={r2}"),
-                    1,
-                );
+            for c in i..stop {
+                let r1 = match &block {
+                    RefBlock::Cached(at) => refcount_at(&self.blocks[*at].1, order, c % per_block),
+                    _ => 0,
+                };
+                let r2 = self.refs.get(c);
+                if r1 > 0 || r2 > 0 {
+                    self.highest_cluster = c;
+                }
+                if r1 < r2 {
+                    self.corruption(format!("ERROR cluster {c} refcount={r1} reference={r2}"));
+                } else if r1 > r2 {
+                    self.report.push(
+                        ProblemKind::Leak,
+                        format!("Leaked cluster {c} refcount={r1} reference={r2}"),
+                        1,
+                    );
+                }
             }
+            i = stop;
         }
         Ok(())
     }

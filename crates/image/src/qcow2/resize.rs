@@ -290,7 +290,7 @@ pub(crate) fn preallocate_growth(
                 old: e,
                 new: new_e,
                 dest: None,
-                writes: vec![],
+                writes: None,
                 // The old cluster's reference goes (a shared one keeps
                 // the others').
                 frees: if keep { vec![] } else { q.freed_by(e) },

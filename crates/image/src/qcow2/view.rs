@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use strata_format::header::peek_cluster_bits;
 use strata_format::snapshot::{self, Snapshot};
-use strata_format::table::decode_u64_table;
+use strata_format::table::{decode_u64_table, OFFSET_MASK};
 use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
 
 use crate::compress;
@@ -455,6 +455,47 @@ impl View {
         Ok((m, run_end))
     }
 
+    /// Where a run of data clusters that continues the data cluster just
+    /// before `pos` (cluster-aligned, not the first of its table) ends,
+    /// at most `end`; `pos` itself when the next cluster does not simply
+    /// continue it, or when this image needs more than its raw words to
+    /// tell (extended L2 entries, an external data file). A cluster
+    /// continues the run when its L2 entry is the previous one with the
+    /// host offset one cluster further and the same flags: then
+    /// [`View::mapping_in`] maps it as data right after the previous
+    /// cluster's (no flag changed, the offset is aligned and not 0), which
+    /// is what a merge's walk looks for, cluster by cluster, in every run
+    /// of a layer's data.
+    fn data_run_in(&self, table: &[u8], pos: u64, end: u64) -> u64 {
+        let geo = self.geometry;
+        if geo.extended_l2() || self.data.is_some() || !geo.is_aligned(pos) {
+            return pos;
+        }
+        let cs = geo.cluster_size();
+        let word = |i: u64| -> Option<u64> {
+            let at = usize::try_from(i).ok()?.checked_mul(8)?;
+            let b = table.get(at..at.checked_add(8)?)?;
+            Some(u64::from_be_bytes(b.try_into().ok()?))
+        };
+        let mut idx = geo.l2_index(GuestOffset::new(pos));
+        let Some(mut prev) = idx.checked_sub(1).and_then(word) else {
+            return pos;
+        };
+        let mut at = pos;
+        while at < end {
+            let Some(w) = word(idx) else { break };
+            let continues = w & !OFFSET_MASK == prev & !OFFSET_MASK
+                && (prev & OFFSET_MASK).checked_add(cs) == Some(w & OFFSET_MASK);
+            if !continues {
+                break;
+            }
+            prev = w;
+            idx += 1;
+            at = (at + cs).min(end);
+        }
+        at
+    }
+
     /// The end of the extent [`View::map`] looks at from `start` (at most
     /// `max_len` bytes, not past the disk); an empty one is out of range.
     pub(crate) fn map_end(&self, start: u64, max_len: u64) -> Result<u64> {
@@ -497,6 +538,14 @@ impl View {
                 continue;
             }
             while pos < table_end {
+                if let (Some(Mapping::Data { .. }), Some((_, t))) = (first, table.as_ref()) {
+                    // Data contiguous on the host, read from the raw words.
+                    let run = self.data_run_in(t, pos, table_end);
+                    if run > pos {
+                        pos = run;
+                        continue;
+                    }
+                }
                 let (m, next) = self.mapping_in(table.as_ref(), pos)?;
                 match first {
                     None => {

@@ -170,6 +170,20 @@ impl Writer {
             .map_err(|e| self.io_err("move data", offset, e))
     }
 
+    /// The barrier: makes everything written to the image's file durable
+    /// (`fdatasync`), unless its storage knows that nothing changed it
+    /// since its last successful sync ([`Storage::unsynced`]): then every
+    /// write before is durable already and the sync would order nothing
+    /// (docs/crash-consistency.md, "Barriers with nothing to write").
+    /// Returns whether it synced. An I/O error poisons the image.
+    pub(crate) fn sync(&self) -> Result<bool> {
+        if !self.storage.unsynced() {
+            return Ok(false);
+        }
+        self.storage.sync().map_err(|e| self.io_err("sync", 0, e))?;
+        Ok(true)
+    }
+
     // --- refcounts -------------------------------------------------------
 
     /// The refcount of cluster `ci`.

@@ -103,13 +103,13 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: Some(HostOffset::new(start)),
-                writes: vec![(0, Chunk::Owned(c))],
+                writes: Some((0, Chunk::Owned(c))),
                 frees: self.freed_by(e),
             });
         }
         for p in &mut plans {
             let dest = p.dest.map_or(0, HostOffset::get);
-            for (at, bytes) in std::mem::take(&mut p.writes) {
+            if let Some((at, bytes)) = p.writes.take() {
                 self.w
                     .write_data(bytes.bytes(), dest + at, "write compressed cluster")?;
             }

@@ -146,7 +146,7 @@ impl WritableImage {
                     old: e,
                     new: e,
                     dest: Some(host),
-                    writes: vec![(a, Chunk::Borrowed(data))],
+                    writes: Some((a, Chunk::Borrowed(data))),
                     frees: vec![],
                 });
             }
@@ -174,7 +174,7 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: reuse,
-                writes: vec![(0, content)],
+                writes: Some((0, content)),
                 frees,
             });
         }
@@ -204,7 +204,7 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: Some(h),
-                writes: vec![(start, content)],
+                writes: Some((start, content)),
                 frees: vec![],
             });
         }
@@ -215,7 +215,7 @@ impl WritableImage {
                 old: e,
                 new: L2Entry::data(None, true).with_subclusters(u32::MAX, 0),
                 dest: None,
-                writes: vec![(0, Chunk::Borrowed(data))],
+                writes: Some((0, Chunk::Borrowed(data))),
                 frees: self.freed_by(e),
             });
         }
@@ -259,7 +259,7 @@ impl WritableImage {
             old: e,
             new,
             dest: None,
-            writes: vec![(0, Chunk::Owned(buf))],
+            writes: Some((0, Chunk::Owned(buf))),
             frees: self.freed_by(e),
         })
     }
@@ -353,7 +353,7 @@ impl WritableImage {
                         old: e,
                         new,
                         dest,
-                        writes: vec![(0, chunk)],
+                        writes: Some((0, chunk)),
                         frees,
                     });
                 }
@@ -439,7 +439,7 @@ impl WritableImage {
         for (t, (_, plans)) in tables.iter().enumerate() {
             need.extend(
                 (0..plans.len())
-                    .filter(|i| plans[*i].dest.is_none() && !plans[*i].writes.is_empty())
+                    .filter(|i| plans[*i].dest.is_none() && plans[*i].writes.is_some())
                     .map(|i| (t, i)),
             );
         }
@@ -474,7 +474,7 @@ impl WritableImage {
         for (_, plans) in &tables {
             for p in plans {
                 let dest = p.dest.map_or(0, HostOffset::get);
-                for (at, chunk) in &p.writes {
+                if let Some((at, chunk)) = &p.writes {
                     let h = dest + at;
                     if let Chunk::Range(from, n) = chunk {
                         match moves.last_mut() {

@@ -94,8 +94,9 @@ pub(in crate::qcow2) struct Plan<'a> {
     pub(super) new: L2Entry,
     /// Host cluster to write into; `None`: a new cluster.
     pub(super) dest: Option<HostOffset>,
-    /// Bytes to write, at offsets inside the cluster.
-    pub(super) writes: Vec<(u64, Chunk<'a>)>,
+    /// Bytes to write, at an offset inside the cluster (one run at most:
+    /// no allocation per cluster).
+    pub(super) writes: Option<(u64, Chunk<'a>)>,
     /// Clusters whose refcount drops once the new entry is durable.
     pub(super) frees: Vec<u64>,
 }
@@ -111,10 +112,7 @@ impl WritableImage {
         // The external data file first: its data is durable before any
         // metadata the sync below makes durable points at it.
         self.sync_data_file()?;
-        self.view
-            .storage()
-            .sync()
-            .map_err(|e| self.io_err("sync", 0, e))
+        self.w.sync().map(|_| ())
     }
 
     /// Sets what the first write does with a dirty image, unreadable

@@ -53,7 +53,7 @@ impl WritableImage {
                         old: e,
                         new: e,
                         dest: None,
-                        writes: vec![],
+                        writes: None,
                         frees: vec![],
                     });
                 }

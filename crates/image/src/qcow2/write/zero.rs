@@ -552,11 +552,11 @@ impl WritableImage {
                 old: e,
                 new,
                 dest: new.host_cluster(),
-                writes: vec![],
+                writes: None,
                 frees,
             });
         }
-        if plans.iter().any(|p| !p.writes.is_empty()) {
+        if plans.iter().any(|p| p.writes.is_some()) {
             return self.execute(vec![(toff, plans)]);
         }
         self.update_l2(toff, &plans)
