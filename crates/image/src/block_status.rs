@@ -102,15 +102,12 @@ impl BlockStatus {
 
 /// What block status remembers about each layer between extents, so that
 /// a walk that asks extent by extent (with writes in between, as a merge
-/// does) pays for it once: whether QEMU would ask a layer's file about
-/// holes, and the last run of empty L1 entries seen. One cache belongs to
-/// one list of layers (it starts over when given a list of another
-/// length).
+/// does) pays for it once: the last run of empty L1 entries seen. (Whether
+/// QEMU would ask a layer's file about holes is decided once by the image
+/// itself.) One cache belongs to one list of layers (it starts over when
+/// given a list of another length).
 #[derive(Debug, Clone, Default)]
 pub struct StatusCache {
-    /// Per layer: whether QEMU would ask its file about holes (decided once
-    /// per layer, as QEMU does).
-    prealloc: Vec<Option<bool>>,
     /// Per layer: the last L1 scan, `(from, next)`: no L1 entry in
     /// `[from, next)` points at a table (so a long empty run is scanned
     /// once, not once per extent).
@@ -123,16 +120,15 @@ impl StatusCache {
         StatusCache::default()
     }
 
-    /// Forgets the L1 scans (keeps the per-layer decisions): call it after
-    /// writing to one of the layers, whose write may have given an L2
-    /// table to a range the cache remembers as empty.
+    /// Forgets the L1 scans: call it after writing to one of the layers,
+    /// whose write may have given an L2 table to a range the cache
+    /// remembers as empty.
     pub fn forget_tables(&mut self) {
         self.l1_scans.iter_mut().for_each(|s| *s = (0, 0));
     }
 
     fn fit(&mut self, layers: usize) {
-        if self.prealloc.len() != layers {
-            self.prealloc = vec![None; layers];
+        if self.l1_scans.len() != layers {
             self.l1_scans = vec![(0, 0); layers];
         }
     }
@@ -267,12 +263,10 @@ fn step(layers: &[Layer], cache: &mut StatusCache, pos: u64, max: u64) -> Result
         },
         Mapping::Data { host } => {
             let layer = &layers[r.depth];
-            let prealloc = *cache.prealloc[r.depth].get_or_insert_with(|| {
-                layer
-                    .image
-                    .as_qcow2()
-                    .is_some_and(check::detect_metadata_preallocation)
-            });
+            let prealloc = layer
+                .image
+                .as_qcow2()
+                .is_some_and(check::detect_metadata_preallocation);
             let mut length = len;
             let mut zero = false;
             if prealloc {

@@ -218,12 +218,13 @@ pub(crate) fn compute_refcounts_inside_file(img: &View) -> Result<Vec<u64>> {
 /// punched or truncated away). QEMU's block status then asks the file
 /// whether a data cluster is a hole (or past its end), and `qemu-img map`
 /// reports such ranges as zeros. Any error (an unreadable or misaligned
-/// refcount block) gives `false`, as in QEMU.
+/// refcount block) gives `false`, as in QEMU. Decided once per open image,
+/// at the first call (as QEMU decides at its first block status).
 pub fn detect_metadata_preallocation(img: &Qcow2Image) -> bool {
-    detect_preallocation(img.view()).unwrap_or(false)
+    img.view().metadata_preallocated()
 }
 
-fn detect_preallocation(img: &View) -> Option<bool> {
+pub(crate) fn detect_preallocation(img: &View) -> Option<bool> {
     let h = img.header();
     let geo = img.geometry();
     let bits = geo.cluster_bits();

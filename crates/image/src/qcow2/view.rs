@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use strata_format::header::peek_cluster_bits;
 use strata_format::snapshot::{self, Snapshot};
@@ -24,6 +24,7 @@ use strata_format::{limits, Geometry, GuestOffset, Header, L1Entry, L2Entry};
 use crate::compress;
 use crate::error::{Error, Result};
 use crate::mapping::{Extent, Mapping};
+use crate::qcow2::check;
 use crate::qcow2::data_file::{self, DataFile, Source};
 use crate::qcow2::writer::Writer;
 use crate::storage::Storage;
@@ -103,6 +104,9 @@ pub(crate) struct View {
     file_len: u64,
     /// The external data file, when the header names one (data_file.rs).
     data: Option<Arc<DataFile>>,
+    /// Whether QEMU would take the image for metadata-preallocated,
+    /// decided at the first question (as QEMU does, once per open).
+    metadata_preallocated: OnceLock<bool>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,7 +179,16 @@ impl View {
             snapshot_table_end,
             file_len,
             data: data.map(Arc::new),
+            metadata_preallocated: OnceLock::new(),
         })
+    }
+
+    /// QEMU's `qcow2_detect_metadata_preallocation` for this image, run
+    /// once (see [`check::detect_metadata_preallocation`]).
+    pub(crate) fn metadata_preallocated(&self) -> bool {
+        *self
+            .metadata_preallocated
+            .get_or_init(|| check::detect_preallocation(self).unwrap_or(false))
     }
 
     /// The external data file, when the image has one.
