@@ -124,14 +124,14 @@ for fs in $FSES; do
 
   # Physical limits, measured now, on this filesystem: the clone floor,
   # alone and made durable (interleaved).
+  # Timed like the tools (`timed`: the same subshell and /usr/bin/time
+  # around the command), so that the ratios compare like with like.
   floor=(); dfloor=()
   for r in $(seq 1 $((clones * RUNS))); do
     rm -f "$mnt/clone"; sync
-    t0=$(now); cp --reflink=always "$P/base.qcow2" "$mnt/clone"; t1=$(now)
-    floor+=("$(python3 -c "print(f'{$t1 - $t0:.4f}')")")
+    floor+=("$(timed "$mnt" cp --reflink=always "$P/base.qcow2" "$mnt/clone" | cut -d' ' -f1)")
     rm -f "$mnt/clone"; sync
-    t0=$(now); cp --reflink=always "$P/base.qcow2" "$mnt/clone"; sync -d "$mnt/clone"; t1=$(now)
-    dfloor+=("$(python3 -c "print(f'{$t1 - $t0:.4f}')")")
+    dfloor+=("$(timed "$mnt" sh -c 'cp --reflink=always "$1" "$2" && sync -d "$2"' sh "$P/base.qcow2" "$mnt/clone" | cut -d' ' -f1)")
   done
   rm -f "$mnt/clone"
   dd_out=$(dd if=/dev/zero of="$mnt/dd" bs=4M count=512 conv=fdatasync 2>&1 | tail -1); rm -f "$mnt/dd"
