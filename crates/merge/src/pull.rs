@@ -113,10 +113,15 @@ struct BackingJob<'a> {
 
 impl BackingJob<'_> {
     fn new_layers(&self) -> &[Layer] {
-        match &self.reference {
-            Reference::Shared(k) => self.chain.layers().get(*k..).unwrap_or(&[]),
-            Reference::Separate(c) => c.layers(),
-        }
+        view_after(self.chain, &self.reference)
+    }
+}
+
+/// The layers of the view the top will have below it afterwards.
+fn view_after<'a>(chain: &'a Chain, reference: &'a Reference<'_>) -> &'a [Layer] {
+    match reference {
+        Reference::Shared(k) => chain.layers().get(*k..).unwrap_or(&[]),
+        Reference::Separate(c) => c.layers(),
     }
 }
 
@@ -152,13 +157,8 @@ impl Job for BackingJob<'_> {
             let flen = self.lens.get(old.depth + 1).copied().unwrap_or(0);
             walk::check_inside(layer, &old.status, flen, self.op)?;
         }
-        let new = match &self.reference {
-            Reference::Shared(k) => {
-                let new_layers = self.chain.layers().get(*k..).unwrap_or(&[]);
-                walk::answer(new_layers, &mut self.new_status, pos, len)?
-            }
-            Reference::Separate(c) => walk::answer(c.layers(), &mut self.new_status, pos, len)?,
-        };
+        let after = view_after(self.chain, &self.reference);
+        let new = walk::answer(after, &mut self.new_status, pos, len)?;
         let len = new.len();
         if let Reference::Shared(k) = self.reference {
             let n = self.chain.layers().len();
